@@ -1,0 +1,12 @@
+//! keepd: a zero-knowledge sync service that owns a hardened PostgreSQL
+//! instance end to end. See docs/ARCHITECTURE.md for the map of modules.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod fsutil;
+pub mod identity;
+pub mod logging;
+pub mod postgres;
+pub mod secret;
+pub mod state;

@@ -1,0 +1,70 @@
+//! Applies the rendered `initdb/` scripts: creates keepd's database if it is
+//! missing and runs every script, each idempotent, at every start.
+
+use tracing::info;
+
+use super::DATABASE;
+use super::render::RenderedConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("cannot connect to Postgres as the bootstrap superuser: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("creating database {DATABASE} failed: {0}")]
+    CreateDatabase(#[source] tokio_postgres::Error),
+    #[error("initdb script {script} failed: {source}")]
+    Script {
+        script: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, BootstrapError> {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(BootstrapError::Connect)?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// `maintenance` reaches the `postgres` database, `keepd_db` keepd's own; both
+/// as the superuser.
+pub async fn apply(
+    maintenance: &tokio_postgres::Config,
+    keepd_db: &tokio_postgres::Config,
+    rendered: &RenderedConfig,
+) -> Result<(), BootstrapError> {
+    let admin = connect(maintenance).await?;
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DATABASE])
+        .await
+        .map_err(BootstrapError::CreateDatabase)?
+        .is_some();
+    if !exists {
+        info!(database = DATABASE, "creating database");
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {DATABASE} TEMPLATE template0 ENCODING 'UTF8'"
+            ))
+            .await
+            .map_err(BootstrapError::CreateDatabase)?;
+    }
+    drop(admin);
+    let client = connect(keepd_db).await?;
+    for script in &rendered.initdb {
+        // One simple-query batch: the whole script commits or none of it.
+        client
+            .batch_execute(&script.sql)
+            .await
+            .map_err(|source| BootstrapError::Script {
+                script: script.name,
+                source,
+            })?;
+        info!(script = script.name, "applied initdb script");
+    }
+    Ok(())
+}

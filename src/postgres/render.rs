@@ -1,0 +1,548 @@
+//! Hardened Postgres configuration as a pure function of keepd's config.
+//!
+//! Nothing here touches the file system: `keepd render` writes the result
+//! out, the provisioners install it. The settings follow `004_*` and the CIS
+//! PostgreSQL benchmark where they apply to the chosen mode.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::{DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
+use crate::config::{Config, Provider};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error(
+        "`{key}` = {value:?} cannot be written into postgresql.conf: {reason}; choose another value"
+    )]
+    Unquotable {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error(
+        "the Postgres socket path {path} is {len} bytes, over the {max}-byte limit of Unix sockets; \
+         choose a shorter node.runtime_dir"
+    )]
+    SocketPathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// One bootstrap script of the `initdb/` directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitdbScript {
+    pub name: &'static str,
+    pub sql: String,
+}
+
+/// Every file keepd installs into a Postgres data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedConfig {
+    pub postgresql_conf: String,
+    pub pg_hba_conf: String,
+    pub pg_ident_conf: String,
+    pub initdb: Vec<InitdbScript>,
+}
+
+impl RenderedConfig {
+    /// A short fingerprint of everything rendered: a changed configuration
+    /// changes it, so a provisioner can tell when to re-apply.
+    pub fn fingerprint(&self) -> String {
+        let mut hash = Sha256::new();
+        for part in [
+            &self.postgresql_conf,
+            &self.pg_hba_conf,
+            &self.pg_ident_conf,
+        ] {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        for script in &self.initdb {
+            hash.update(script.name.as_bytes());
+            hash.update(script.sql.as_bytes());
+            hash.update([0]);
+        }
+        hex::encode(&hash.finalize()[..8])
+    }
+
+    /// The files with their relative paths, as `keepd render` writes them.
+    pub fn files(&self) -> Vec<(String, &str)> {
+        let mut files = vec![
+            ("postgresql.conf".to_string(), self.postgresql_conf.as_str()),
+            ("pg_hba.conf".to_string(), self.pg_hba_conf.as_str()),
+            ("pg_ident.conf".to_string(), self.pg_ident_conf.as_str()),
+        ];
+        for script in &self.initdb {
+            files.push((format!("initdb/{}", script.name), script.sql.as_str()));
+        }
+        files
+    }
+}
+
+/// Where Postgres puts its Unix socket for this configuration.
+pub fn socket_dir(config: &Config) -> PathBuf {
+    match config.database.postgres.provider {
+        Provider::Docker => PathBuf::from("/var/run/postgresql"),
+        Provider::Native | Provider::External => config.node.runtime_dir.join("postgres"),
+    }
+}
+
+/// The largest `sun_path` Linux accepts, less its terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+pub fn render(config: &Config) -> Result<RenderedConfig, RenderError> {
+    Ok(RenderedConfig {
+        postgresql_conf: postgresql_conf(config)?,
+        pg_hba_conf: pg_hba_conf(config),
+        pg_ident_conf: pg_ident_conf(),
+        initdb: initdb_scripts(),
+    })
+}
+
+const HEADER: &str =
+    "# Rendered by keepd. Do not edit: change keepd's configuration and restart keepd.\n";
+
+fn quote(key: &'static str, value: &str) -> Result<String, RenderError> {
+    if value.contains(['\n', '\r', '\0']) {
+        return Err(RenderError::Unquotable {
+            key,
+            value: value.into(),
+            reason: "it contains a line break or NUL",
+        });
+    }
+    Ok(format!(
+        "'{}'",
+        value.replace('\\', "\\\\").replace('\'', "''")
+    ))
+}
+
+fn path_str(key: &'static str, path: &Path) -> Result<String, RenderError> {
+    let text = path.to_str().ok_or_else(|| RenderError::Unquotable {
+        key,
+        value: path.display().to_string(),
+        reason: "it is not valid UTF-8",
+    })?;
+    quote(key, text)
+}
+
+fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
+    let pg = &config.database.postgres;
+    let net = &config.network;
+    let unix = net.use_unix_socket;
+    let mut out = String::from(HEADER);
+    let mut set = |name: &str, value: String| {
+        let _ = writeln!(out, "{name} = {value}");
+    };
+
+    // Connections: a Unix socket only, or one TLS-only TCP address.
+    if unix {
+        let dir = socket_dir(config);
+        let socket = dir.join(format!(".s.PGSQL.{}", net.port));
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(RenderError::SocketPathTooLong {
+                path: socket,
+                len,
+                max: MAX_SOCKET_PATH,
+            });
+        }
+        set("listen_addresses", "''".into());
+        set(
+            "unix_socket_directories",
+            path_str("node.runtime_dir", &dir)?,
+        );
+        set("unix_socket_permissions", "0700".into());
+    } else {
+        let bind = match (pg.provider, net.bind_address) {
+            // Inside a container on an internal network: its only interface.
+            (Provider::Docker, _) => "*".to_string(),
+            (_, addr) => addr.to_string(),
+        };
+        set("listen_addresses", quote("network.bind_address", &bind)?);
+        set("unix_socket_directories", "''".into());
+    }
+    set("port", net.port.to_string());
+    set("max_connections", pg.max_connections.to_string());
+    set("superuser_reserved_connections", "3".into());
+    set("authentication_timeout", "'10s'".into());
+    set("password_encryption", "'scram-sha-256'".into());
+    set("ssl", if unix { "off" } else { "on" }.into());
+    if !unix {
+        set("ssl_cert_file", "'server.crt'".into());
+        set("ssl_key_file", "'server.key'".into());
+        set("ssl_ca_file", "'ca.crt'".into());
+        set("ssl_min_protocol_version", "'TLSv1.3'".into());
+        set("ssl_prefer_server_ciphers", "on".into());
+        set("ssl_ciphers", "'HIGH:!aNULL:!MD5:!3DES:!RC4'".into());
+    }
+
+    // Logging: to 0600 files under the data directory, one prefix that names
+    // who did what from where.
+    set("logging_collector", "on".into());
+    set("log_destination", "'stderr'".into());
+    set("log_directory", "'log'".into());
+    set("log_filename", "'postgresql-%Y-%m-%d.log'".into());
+    set("log_file_mode", "0600".into());
+    set("log_rotation_age", "'1d'".into());
+    set("log_rotation_size", "'100MB'".into());
+    set("log_truncate_on_rotation", "off".into());
+    set("log_connections", "on".into());
+    set("log_disconnections", "on".into());
+    set("log_hostname", "off".into());
+    set(
+        "log_line_prefix",
+        "'%m [%p] user=%u,db=%d,app=%a,client=%h '".into(),
+    );
+    set("log_statement", format!("'{}'", pg.log_statement.as_str()));
+    set("log_min_messages", "'warning'".into());
+    set("log_min_error_statement", "'error'".into());
+    set("log_checkpoints", "on".into());
+    set("log_lock_waits", "on".into());
+    set("log_timezone", "'UTC'".into());
+    set("timezone", "'UTC'".into());
+
+    // Security and durability: never relaxed outside tests.
+    set("row_security", "on".into());
+    set("fsync", "on".into());
+    set("full_page_writes", "on".into());
+    set("synchronous_commit", "on".into());
+    set("shared_preload_libraries", "'pg_stat_statements'".into());
+    // Utility statements would include ALTER ROLE ... PASSWORD.
+    set("pg_stat_statements.track_utility", "off".into());
+    Ok(out)
+}
+
+fn pg_hba_conf(config: &Config) -> String {
+    let net = &config.network;
+    let security = &config.security;
+    let mut out = String::from(HEADER);
+    out.push_str("# TYPE   DATABASE  USER  ADDRESS      METHOD\n");
+    if net.use_unix_socket {
+        out.push_str("local    all       all                scram-sha-256\n");
+    } else {
+        let client_cert = if security.require_client_cert && !security.allow_client_cert_fallback {
+            " clientcert=verify-full map=keepd"
+        } else {
+            ""
+        };
+        let address = match (config.database.postgres.provider, net.bind_address) {
+            (Provider::Docker, _) => "samenet".to_string(),
+            (_, std::net::IpAddr::V4(a)) => format!("{a}/32"),
+            (_, std::net::IpAddr::V6(a)) => format!("{a}/128"),
+        };
+        let _ = writeln!(
+            out,
+            "hostssl  all       all   {address}  scram-sha-256{client_cert}"
+        );
+        out.push_str("local    all       all                reject\n");
+    }
+    out.push_str("# Everything else is rejected, TLS or not.\n");
+    out.push_str("host     all       all   0.0.0.0/0    reject\n");
+    out.push_str("host     all       all   ::/0         reject\n");
+    out
+}
+
+fn pg_ident_conf() -> String {
+    let mut out = String::from(HEADER);
+    out.push_str("# MAPNAME  SYSTEM-USERNAME  PG-USERNAME\n");
+    out.push_str("# Client certificate names are mapped only in TCP mode.\n");
+    out
+}
+
+fn initdb_scripts() -> Vec<InitdbScript> {
+    let intro = format!(
+        "-- Rendered by keepd. Run by keepd as {SUPERUSER} in database {DATABASE} at every start;\n\
+         -- every statement is idempotent so a restart reconciles drift.\n"
+    );
+    let mut roles = intro.clone();
+    roles.push_str(
+        "-- Group roles own nothing and cannot log in; login roles are created by keepd\n",
+    );
+    roles.push_str("-- at run time from sealed credentials, so no password is ever in a file.\n");
+    roles.push_str("DO $$\nBEGIN\n");
+    for role in std::iter::once(OWNER_ROLE).chain(GROUP_ROLES) {
+        let _ = writeln!(
+            roles,
+            "  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN\n    \
+             CREATE ROLE {role} NOLOGIN;\n  END IF;"
+        );
+    }
+    roles.push_str("END\n$$;\n");
+    for role in std::iter::once(OWNER_ROLE).chain(GROUP_ROLES) {
+        let _ = writeln!(
+            roles,
+            "ALTER ROLE {role} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
+             CONNECTION LIMIT 0;"
+        );
+    }
+    let _ = writeln!(roles, "ALTER DATABASE {DATABASE} OWNER TO {OWNER_ROLE};");
+
+    let schema = format!(
+        "{intro}-- keepd's objects live in one schema owned by {OWNER_ROLE}; the tables themselves\n\
+         -- come from versioned migrations applied as {OWNER_ROLE}.\n\
+         CREATE SCHEMA IF NOT EXISTS keepd AUTHORIZATION {OWNER_ROLE};\n\
+         ALTER SCHEMA keepd OWNER TO {OWNER_ROLE};\n\
+         ALTER DATABASE {DATABASE} SET search_path = keepd;\n"
+    );
+    let audit = format!(
+        "{intro}-- The audit trail has a schema of its own so its privileges are granted apart\n\
+         -- from the data's: only keepd_audit writes there, and nobody updates or deletes.\n\
+         CREATE SCHEMA IF NOT EXISTS keepd_audit AUTHORIZATION {OWNER_ROLE};\n\
+         ALTER SCHEMA keepd_audit OWNER TO {OWNER_ROLE};\n"
+    );
+    let hardening = format!(
+        "{intro}REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC;\n\
+         REVOKE ALL ON DATABASE postgres FROM PUBLIC;\n\
+         REVOKE ALL ON SCHEMA public FROM PUBLIC;\n\
+         REVOKE ALL ON SCHEMA keepd FROM PUBLIC;\n\
+         REVOKE ALL ON SCHEMA keepd_audit FROM PUBLIC;\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE {OWNER_ROLE} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE {OWNER_ROLE} REVOKE ALL ON TABLES FROM PUBLIC;\n\
+         ALTER DEFAULT PRIVILEGES FOR ROLE {OWNER_ROLE} REVOKE ALL ON SEQUENCES FROM PUBLIC;\n"
+    );
+    vec![
+        InitdbScript {
+            name: "00-extensions.sql",
+            sql: format!(
+                "{intro}-- Query statistics for operators; utility statements are not tracked.\n\
+                 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;\n"
+            ),
+        },
+        InitdbScript {
+            name: "01-roles.sql",
+            sql: roles,
+        },
+        InitdbScript {
+            name: "02-schema.sql",
+            sql: schema,
+        },
+        InitdbScript {
+            name: "03-audit.sql",
+            sql: audit,
+        },
+        InitdbScript {
+            name: "04-hardening.sql",
+            sql: hardening,
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml(yaml, Path::new("t.yaml"), Path::new("/srv")).unwrap()
+    }
+
+    fn unix() -> RenderedConfig {
+        render(&config("node:\n  runtime_dir: /run/keepd\n")).unwrap()
+    }
+
+    fn tcp() -> RenderedConfig {
+        render(&config("network:\n  use_unix_socket: false\n")).unwrap()
+    }
+
+    /// The value of `name` in a rendered postgresql.conf; each is set once.
+    fn setting<'a>(conf: &'a str, name: &str) -> &'a str {
+        let mut found = conf.lines().filter_map(|l| {
+            let (k, v) = l.split_once(" = ")?;
+            (k == name).then_some(v)
+        });
+        let value = found.next().unwrap_or_else(|| panic!("{name} not set"));
+        assert!(found.next().is_none(), "{name} set twice");
+        value
+    }
+
+    /// pg_hba.conf as (type, database, user, rest) rows, comments dropped.
+    fn hba_rows(hba: &str) -> Vec<Vec<&str>> {
+        hba.lines()
+            .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split_whitespace().collect())
+            .collect()
+    }
+
+    #[test]
+    fn unix_mode_listens_on_the_socket_only() {
+        let c = unix().postgresql_conf;
+        assert_eq!(setting(&c, "listen_addresses"), "''");
+        assert_eq!(
+            setting(&c, "unix_socket_directories"),
+            "'/run/keepd/postgres'"
+        );
+        assert_eq!(setting(&c, "unix_socket_permissions"), "0700");
+        assert_eq!(setting(&c, "ssl"), "off");
+    }
+
+    #[test]
+    fn hardening_settings_present() {
+        for c in [unix().postgresql_conf, tcp().postgresql_conf] {
+            assert_eq!(setting(&c, "password_encryption"), "'scram-sha-256'");
+            assert_eq!(setting(&c, "log_connections"), "on");
+            assert_eq!(setting(&c, "log_disconnections"), "on");
+            let prefix = setting(&c, "log_line_prefix");
+            for escape in ["%u", "%d", "%a", "%h", "%m", "%p"] {
+                assert!(prefix.contains(escape), "log_line_prefix lacks {escape}");
+            }
+            assert_eq!(setting(&c, "row_security"), "on");
+            assert_eq!(setting(&c, "logging_collector"), "on");
+            assert_eq!(setting(&c, "log_file_mode"), "0600");
+            assert_eq!(setting(&c, "fsync"), "on");
+            assert_eq!(setting(&c, "full_page_writes"), "on");
+            assert_eq!(setting(&c, "synchronous_commit"), "on");
+            assert_eq!(setting(&c, "log_statement"), "'ddl'");
+            assert_eq!(setting(&c, "pg_stat_statements.track_utility"), "off");
+        }
+    }
+
+    #[test]
+    fn tcp_mode_requires_tls13_on_the_bind_address() {
+        let c = tcp().postgresql_conf;
+        assert_eq!(setting(&c, "listen_addresses"), "'127.0.0.1'");
+        assert_eq!(setting(&c, "ssl"), "on");
+        assert_eq!(setting(&c, "ssl_min_protocol_version"), "'TLSv1.3'");
+        assert_eq!(setting(&c, "unix_socket_directories"), "''");
+    }
+
+    #[test]
+    fn hba_has_no_weak_methods_and_rejects_the_rest() {
+        for hba in [unix().pg_hba_conf, tcp().pg_hba_conf] {
+            let rows = hba_rows(&hba);
+            for row in &rows {
+                let method = row.iter().find(|w| {
+                    [
+                        "trust",
+                        "password",
+                        "md5",
+                        "ident",
+                        "peer",
+                        "scram-sha-256",
+                        "reject",
+                    ]
+                    .contains(w)
+                });
+                let method = method.unwrap_or_else(|| panic!("no method in {row:?}"));
+                assert!(
+                    ["scram-sha-256", "reject"].contains(method),
+                    "weak method in {row:?}"
+                );
+            }
+            let last_two: Vec<_> = rows[rows.len() - 2..].to_vec();
+            assert_eq!(last_two[0], ["host", "all", "all", "0.0.0.0/0", "reject"]);
+            assert_eq!(last_two[1], ["host", "all", "all", "::/0", "reject"]);
+        }
+    }
+
+    #[test]
+    fn unix_hba_allows_only_local_scram() {
+        let rows = hba_rows(&unix().pg_hba_conf);
+        let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
+        assert_eq!(allowing, [&vec!["local", "all", "all", "scram-sha-256"]]);
+    }
+
+    #[test]
+    fn tcp_hba_requires_client_certificates() {
+        let rows = hba_rows(&tcp().pg_hba_conf);
+        let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
+        assert_eq!(
+            allowing,
+            [&vec![
+                "hostssl",
+                "all",
+                "all",
+                "127.0.0.1/32",
+                "scram-sha-256",
+                "clientcert=verify-full",
+                "map=keepd"
+            ]]
+        );
+        assert!(rows.contains(&vec!["local", "all", "all", "reject"]));
+    }
+
+    #[test]
+    fn initdb_scripts_in_order_and_passwordless() {
+        let r = unix();
+        let names: Vec<_> = r.initdb.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            [
+                "00-extensions.sql",
+                "01-roles.sql",
+                "02-schema.sql",
+                "03-audit.sql",
+                "04-hardening.sql"
+            ]
+        );
+        for script in &r.initdb {
+            let upper = script.sql.to_uppercase();
+            assert!(
+                !upper.contains("PASSWORD"),
+                "{} mentions a password",
+                script.name
+            );
+            assert!(
+                !upper.contains(" LOGIN;") && !upper.contains(" LOGIN "),
+                "{}",
+                script.name
+            );
+        }
+        let roles = &r.initdb[1].sql;
+        for role in [
+            "keepd_owner",
+            "keepd_sync",
+            "keepd_query",
+            "keepd_auth",
+            "keepd_audit",
+            "keepd_readonly",
+        ] {
+            assert!(
+                roles.contains(&format!("CREATE ROLE {role} NOLOGIN;")),
+                "{role}"
+            );
+        }
+        assert!(
+            r.initdb[4]
+                .sql
+                .contains("REVOKE ALL ON DATABASE keepd FROM PUBLIC;")
+        );
+        assert!(
+            r.initdb[4]
+                .sql
+                .contains("REVOKE ALL ON SCHEMA public FROM PUBLIC;")
+        );
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_fingerprint_tracks_changes() {
+        assert_eq!(unix(), unix());
+        assert_eq!(unix().fingerprint(), unix().fingerprint());
+        assert_ne!(unix().fingerprint(), tcp().fingerprint());
+    }
+
+    #[test]
+    fn hostile_paths_are_quoted_or_refused() {
+        let r = render(&config("node:\n  runtime_dir: \"/run/it's\"\n")).unwrap();
+        assert_eq!(
+            setting(&r.postgresql_conf, "unix_socket_directories"),
+            "'/run/it''s/postgres'"
+        );
+        let err = render(&config("node:\n  runtime_dir: \"/run/a\\nb\"\n")).unwrap_err();
+        assert!(err.to_string().contains("node.runtime_dir"), "{err}");
+    }
+
+    #[test]
+    fn overlong_socket_path_is_refused() {
+        let long = "/run/".to_string() + &"x".repeat(100);
+        let err = render(&config(&format!("node:\n  runtime_dir: {long}\n"))).unwrap_err();
+        assert!(
+            matches!(err, RenderError::SocketPathTooLong { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("node.runtime_dir"), "{err}");
+    }
+}
