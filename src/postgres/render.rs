@@ -440,14 +440,16 @@ mod tests {
 
     #[test]
     fn unix_hba_allows_only_local_scram() {
-        let rows = hba_rows(&unix().pg_hba_conf);
+        let hba = unix().pg_hba_conf;
+        let rows = hba_rows(&hba);
         let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
         assert_eq!(allowing, [&vec!["local", "all", "all", "scram-sha-256"]]);
     }
 
     #[test]
     fn tcp_hba_requires_client_certificates() {
-        let rows = hba_rows(&tcp().pg_hba_conf);
+        let hba = tcp().pg_hba_conf;
+        let rows = hba_rows(&hba);
         let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
         assert_eq!(
             allowing,
@@ -479,7 +481,12 @@ mod tests {
             ]
         );
         for script in &r.initdb {
-            let upper = script.sql.to_uppercase();
+            let statements: String = script
+                .sql
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect();
+            let upper = statements.to_uppercase();
             assert!(
                 !upper.contains("PASSWORD"),
                 "{} mentions a password",

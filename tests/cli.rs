@@ -1,0 +1,149 @@
+//! The command line from a user's side: help, version, configuration errors.
+
+mod common;
+
+use std::process::Output;
+
+use common::{TestNode, keepd_bin};
+
+fn keepd(args: &[&str]) -> Output {
+    std::process::Command::new(keepd_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn version_and_help() {
+    let out = keepd(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("keepd {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = keepd(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["run", "render", "--config"] {
+        assert!(help.contains(word), "help lacks {word}: {help}");
+    }
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    let out = keepd(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let out = keepd(&[
+        "render",
+        "--config",
+        "/nonexistent/keepd.yaml",
+        "--out",
+        "/tmp/x",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/keepd.yaml"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn with_config(yaml: &str, args: &[&str]) -> Output {
+    let node = TestNode::with_extra(yaml);
+    node.command(args).output().unwrap()
+}
+
+#[test]
+fn bad_config_exits_2_naming_key_value_and_choices() {
+    let cases = [
+        (
+            "credentials:\n  rotation_interval: soon\n",
+            &["credentials.rotation_interval", "soon", "168h"][..],
+        ),
+        (
+            "database:\n  postgres:\n    provider: podman\n",
+            &["database.postgres.provider", "podman", "native"],
+        ),
+        (
+            "credentials:\n  password_length: 8\n",
+            &["credentials.password_length", "8", "at least 32"],
+        ),
+        (
+            "security:\n  fallback_mod: warn\n",
+            &["fallback_mod", "fallback_mode"],
+        ),
+    ];
+    for (yaml, expected) in cases {
+        for args in [&["run"][..], &["render", "--out", "/tmp/keepd-never"]] {
+            let out = with_config(yaml, args);
+            assert_eq!(out.status.code(), Some(2), "{yaml}");
+            let msg = stderr(&out);
+            assert_eq!(msg.lines().count(), 1, "one message: {msg}");
+            for word in expected {
+                assert!(msg.contains(word), "{yaml}: message lacks {word}: {msg}");
+            }
+        }
+    }
+    assert!(!std::path::Path::new("/tmp/keepd-never").exists());
+}
+
+#[test]
+fn corrupted_identity_refuses_to_start_and_keeps_the_file() {
+    let node = TestNode::new();
+    std::fs::create_dir_all(node.state_dir()).unwrap();
+    let key = node.state_dir().join("identity.key");
+    std::fs::write(&key, "keepd-identity: v1\nalgorithm: ed25519\nseed: AAAA\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = node.command(&["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("corrupted") && msg.contains("identity.key"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        "keepd-identity: v1\nalgorithm: ed25519\nseed: AAAA\n"
+    );
+}
+
+#[test]
+fn foreign_identity_file_is_refused() {
+    let node = TestNode::new();
+    std::fs::create_dir_all(node.state_dir()).unwrap();
+    let key = node.state_dir().join("identity.key");
+    std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = node.command(&["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is not a keepd identity key"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn render_writes_every_file_without_touching_state() {
+    let node = TestNode::new();
+    let out_dir = node.dir.path().join("out");
+    let out = node
+        .command(&["render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let conf = std::fs::read_to_string(out_dir.join("postgresql.conf")).unwrap();
+    assert!(conf.contains("listen_addresses = ''"));
+    assert!(out_dir.join("initdb/04-hardening.sql").exists());
+    assert!(!node.state_dir().exists(), "render created state");
+}

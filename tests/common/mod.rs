@@ -1,0 +1,277 @@
+//! Helpers for tests that drive the real keepd binary against a real Postgres.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+
+pub fn keepd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keepd")
+}
+
+/// A keepd configuration in its own temporary directory.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl TestNode {
+    pub fn new() -> TestNode {
+        Self::with_extra("")
+    }
+
+    /// `extra` is appended to the YAML (top-level sections not set here).
+    pub fn with_extra(extra: &str) -> TestNode {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Postgres may run as another user: let it traverse to its directories.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("keepd.yaml");
+        let yaml = format!(
+            "node:\n  state_dir: {0}/state\n  runtime_dir: {0}/run\n\
+             api:\n  listen: 127.0.0.1:0\n\
+             log:\n  format: json\n  level: info\n{extra}",
+            dir.path().display()
+        );
+        std::fs::write(&config, yaml).unwrap();
+        TestNode { dir, config }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.state_dir().join("pgdata")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(keepd_bin());
+        cmd.args(args).arg("--config").arg(&self.config);
+        cmd
+    }
+
+    /// Starts `keepd run` and waits until its API listens.
+    pub fn start(&self) -> Daemon {
+        let mut daemon = self.spawn();
+        let addr = daemon
+            .wait_for_addr(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("keepd did not start:\n{}", daemon.log()));
+        daemon.addr = Some(addr);
+        daemon
+    }
+
+    /// Starts `keepd run` without waiting.
+    pub fn spawn(&self) -> Daemon {
+        let mut child = self
+            .command(&["run"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keepd");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            addr: None,
+            data_dir: self.data_dir(),
+        }
+    }
+}
+
+/// A running `keepd run`; killed (-9) when dropped if still running.
+pub struct Daemon {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    addr: Option<SocketAddr>,
+    data_dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.expect("daemon started with start()")
+    }
+
+    fn wait_for_addr(&self, timeout: Duration) -> Option<SocketAddr> {
+        wait_until(timeout, || {
+            self.lines.lock().unwrap().iter().find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                (event["message"] == "api listening")
+                    .then(|| event["addr"].as_str()?.parse().ok())?
+            })
+        })
+    }
+
+    /// Waits for the log line with this message; returns the whole event.
+    pub fn wait_for_log(&self, message: &str, timeout: Duration) -> Option<serde_json::Value> {
+        wait_until(timeout, || {
+            self.lines.lock().unwrap().iter().find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                (event["message"] == message).then_some(event)
+            })
+        })
+    }
+
+    pub fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
+        http_get(self.addr(), path)
+    }
+
+    pub fn health(&self) -> Option<u16> {
+        self.get("/health").map(|(status, _)| status)
+    }
+
+    /// Waits until /health answers `status`; false on timeout.
+    pub fn wait_health(&self, status: u16, timeout: Duration) -> bool {
+        wait_until(timeout, || (self.health() == Some(status)).then_some(())).is_some()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.child.id() as i32, signal);
+    }
+
+    /// Waits for keepd to exit; None on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.child.try_wait().ok().flatten())
+    }
+
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        postmaster_pid(&self.data_dir)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The parent-death signal takes the server down; wait so the next
+        // test does not see it.
+        wait_until(Duration::from_secs(15), || {
+            postgres_pids(&self.data_dir).is_empty().then_some(())
+        });
+    }
+}
+
+pub fn kill(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("kill({pid}, {signal}) failed: {e}"));
+}
+
+pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain HTTP/1.1 GET; None when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Every process whose working directory is `data_dir`: Postgres chdirs
+/// into its data directory, so this finds the postmaster and all children.
+pub fn postgres_pids(data_dir: &Path) -> Vec<i32> {
+    let Ok(target) = std::fs::canonicalize(data_dir) else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == target) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Inodes of listening TCP sockets (IPv4 and IPv6) on this machine.
+pub fn listening_tcp_inodes() -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // st == 0A is LISTEN; field 9 is the inode.
+            if fields.get(3) == Some(&"0A")
+                && let Some(inode) = fields.get(9).and_then(|i| i.parse().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}
+
+/// Socket inodes a process holds open.
+pub fn socket_inodes(pid: i32) -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return inodes;
+    };
+    for fd in fds.flatten() {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let target = target.to_string_lossy().into_owned();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok())
+            {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}

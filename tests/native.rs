@@ -1,0 +1,250 @@
+//! keepd with the native provider, driven from outside: real binary, real
+//! Postgres, real signals.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Signal, TestNode, kill, postgres_pids, wait_until};
+
+#[test]
+fn serves_health_survives_postmaster_kill_and_stops_cleanly() {
+    let node = TestNode::new();
+    let mut daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    let (_, body) = daemon.get("/health").unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["postgres"], "up");
+
+    // Postgres listens on no TCP port at all: only its Unix socket.
+    let pids = postgres_pids(&node.data_dir());
+    assert!(!pids.is_empty(), "no postgres found on the data directory");
+    let listening = common::listening_tcp_inodes();
+    for pid in &pids {
+        let open_listeners: Vec<_> = common::socket_inodes(*pid)
+            .intersection(&listening)
+            .copied()
+            .collect();
+        assert!(
+            open_listeners.is_empty(),
+            "postgres pid {pid} listens on TCP"
+        );
+    }
+    assert!(
+        node.dir.path().join("run/postgres/.s.PGSQL.5432").exists(),
+        "the Unix socket is where the config says"
+    );
+
+    // kill -9 of the postmaster: restarted, and healthy again within 15 s.
+    let first = daemon.postmaster_pid().expect("postmaster.pid");
+    kill(first, Signal::SIGKILL);
+    let killed_at = Instant::now();
+    let recovered = wait_until(Duration::from_secs(15), || {
+        let pid = daemon.postmaster_pid()?;
+        (pid != first && daemon.health() == Some(200)).then_some(pid)
+    });
+    assert!(
+        recovered.is_some(),
+        "not healthy again within 15 s of kill -9:\n{}",
+        daemon.log()
+    );
+    eprintln!("recovered in {:?}", killed_at.elapsed());
+    assert!(
+        daemon
+            .wait_for_log("postgres exited unexpectedly", Duration::ZERO)
+            .is_some()
+    );
+
+    // SIGTERM: exit 0 within 20 s, no postgres left behind.
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("keepd did not exit in 20 s");
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert!(
+        postgres_pids(&node.data_dir()).is_empty(),
+        "postgres outlived keepd"
+    );
+    assert!(!node.data_dir().join("postmaster.pid").exists());
+}
+
+#[test]
+fn health_is_503_while_postgres_does_not_answer() {
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(10)));
+    // A frozen (not dead) server answers nothing: the probe must time out
+    // into a 503 rather than hang or report success.
+    let pids = postgres_pids(&node.data_dir());
+    for pid in &pids {
+        kill(*pid, Signal::SIGSTOP);
+    }
+    let outage = wait_until(Duration::from_secs(10), || {
+        daemon.get("/health").filter(|(status, _)| *status == 503)
+    });
+    for pid in &pids {
+        kill(*pid, Signal::SIGCONT);
+    }
+    let (_, body) = outage.expect("/health never reported the outage");
+    assert_eq!(body["status"], "unavailable");
+    assert!(daemon.wait_health(200, Duration::from_secs(15)));
+}
+
+#[test]
+fn postgres_dies_with_keepd_and_a_restart_recovers() {
+    let node = TestNode::new();
+    let mut daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(10)));
+    let node_id = daemon.get("/health").unwrap().1["nodeId"].clone();
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5)).unwrap();
+    let gone = wait_until(Duration::from_secs(10), || {
+        postgres_pids(&node.data_dir()).is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "postgres outlived kill -9 of keepd");
+    drop(daemon);
+
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        daemon.get("/health").unwrap().1["nodeId"],
+        node_id,
+        "the identity key was reused, not replaced"
+    );
+    assert!(
+        daemon
+            .wait_for_log("initdb: done", Duration::ZERO)
+            .is_none(),
+        "the existing cluster was reused"
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let node = TestNode::new();
+    let first = node.start();
+    assert!(first.wait_health(200, Duration::from_secs(10)));
+    let out = node.command(&["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another keepd"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", first.child.id())),
+        "{stderr}"
+    );
+    assert_eq!(first.health(), Some(200), "the first one is untouched");
+}
+
+#[test]
+fn a_stale_postmaster_pid_naming_another_process_is_removed() {
+    let node = TestNode::new();
+    let mut daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(10)));
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    drop(daemon);
+
+    // A live process that is not postgres holds the PID in the file, as
+    // after a crash and PID reuse; Postgres alone would refuse to start.
+    let mut impostor = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid_file = node.data_dir().join("postmaster.pid");
+    std::fs::write(
+        &pid_file,
+        format!("{}\n{}\n", impostor.id(), node.data_dir().display()),
+    )
+    .unwrap();
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log(
+                "removing a stale postmaster.pid: that process is not a postgres on this data directory",
+                Duration::ZERO
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        impostor.try_wait().unwrap().is_none(),
+        "the impostor was not touched"
+    );
+    impostor.kill().unwrap();
+    impostor.wait().unwrap();
+}
+
+#[test]
+fn installed_configuration_is_exactly_what_render_writes() {
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(10)));
+    let out_dir = node.dir.path().join("rendered");
+    let out = node
+        .command(&["render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+        let rendered = std::fs::read_to_string(out_dir.join(name)).unwrap();
+        let installed = std::fs::read_to_string(node.data_dir().join(name)).unwrap();
+        assert_eq!(rendered, installed, "{name} differs");
+    }
+    for name in [
+        "00-extensions.sql",
+        "01-roles.sql",
+        "02-schema.sql",
+        "03-audit.sql",
+        "04-hardening.sql",
+    ] {
+        assert!(out_dir.join("initdb").join(name).exists(), "{name}");
+    }
+}
+
+#[test]
+fn private_files_and_directories_have_tight_modes() {
+    use std::os::unix::fs::MetadataExt;
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(10)));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&node.state_dir().join("identity.key")), 0o600);
+    assert_eq!(mode(&node.data_dir()), 0o700);
+    assert_eq!(mode(&node.dir.path().join("run/postgres")), 0o700);
+    // Nobody but keepd may list or write them; Postgres's account may at
+    // most traverse (0710) when it is a different user.
+    for dir in [node.state_dir(), node.dir.path().join("run")] {
+        assert!(
+            [0o700, 0o710].contains(&mode(&dir)),
+            "{} is {:o}",
+            dir.display(),
+            mode(&dir)
+        );
+    }
+    let logs: Vec<_> = std::fs::read_dir(node.data_dir().join("log"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(!logs.is_empty(), "the logging collector writes files");
+    for log in logs {
+        assert_eq!(mode(&log.path()), 0o600, "{}", log.path().display());
+    }
+}
