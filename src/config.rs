@@ -906,6 +906,22 @@ security:
     }
 
     #[test]
+    fn shipped_example_sets_every_default() {
+        let text = include_str!("../config/keepd.example.yaml");
+        let example = Config::from_yaml(text, Path::new("keepd.example.yaml"), Path::new("/"))
+            .unwrap();
+        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn shipped_dev_config_loads() {
+        let text = include_str!("../config/dev.yaml");
+        let dev = Config::from_yaml(text, Path::new("dev.yaml"), Path::new("/w")).unwrap();
+        assert_eq!(dev.node.state_dir, PathBuf::from("/w/.keepd/state"));
+        assert_eq!(dev.node.runtime_dir, PathBuf::from("/w/.keepd/run"));
+    }
+
+    #[test]
     fn durations_parse() {
         let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.get());
         assert_eq!(d("30s"), Ok(Duration::from_secs(30)));

@@ -525,6 +525,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_initdb_directory_matches_the_renderer() {
+        let shipped = [
+            include_str!("../../initdb/00-extensions.sql"),
+            include_str!("../../initdb/01-roles.sql"),
+            include_str!("../../initdb/02-schema.sql"),
+            include_str!("../../initdb/03-audit.sql"),
+            include_str!("../../initdb/04-hardening.sql"),
+        ];
+        let rendered = render(&Config::default()).unwrap();
+        for (script, text) in rendered.initdb.iter().zip(shipped) {
+            assert_eq!(script.sql, text, "initdb/{} is stale: run `keepd render`", script.name);
+        }
+    }
+
+    #[test]
     fn rendering_is_deterministic_and_fingerprint_tracks_changes() {
         assert_eq!(unix(), unix());
         assert_eq!(unix().fingerprint(), unix().fingerprint());
