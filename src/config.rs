@@ -908,8 +908,8 @@ security:
     #[test]
     fn shipped_example_sets_every_default() {
         let text = include_str!("../config/keepd.example.yaml");
-        let example = Config::from_yaml(text, Path::new("keepd.example.yaml"), Path::new("/"))
-            .unwrap();
+        let example =
+            Config::from_yaml(text, Path::new("keepd.example.yaml"), Path::new("/")).unwrap();
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
     }
 

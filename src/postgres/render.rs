@@ -535,7 +535,11 @@ mod tests {
         ];
         let rendered = render(&Config::default()).unwrap();
         for (script, text) in rendered.initdb.iter().zip(shipped) {
-            assert_eq!(script.sql, text, "initdb/{} is stale: run `keepd render`", script.name);
+            assert_eq!(
+                script.sql, text,
+                "initdb/{} is stale: run `keepd render`",
+                script.name
+            );
         }
     }
 
