@@ -263,6 +263,17 @@ impl NodeIdentity {
         Zeroizing::new(self.signing.to_bytes())
     }
 
+    /// The X25519 static secret paired with this Ed25519 key (the standard
+    /// birational map), for sealing secrets to this node.
+    pub fn x25519_secret(&self) -> x25519_dalek::StaticSecret {
+        x25519_dalek::StaticSecret::from(self.signing.to_scalar_bytes())
+    }
+
+    /// The X25519 public key matching `x25519_secret`.
+    pub fn x25519_public(&self) -> x25519_dalek::PublicKey {
+        x25519_dalek::PublicKey::from(self.signing.verifying_key().to_montgomery().to_bytes())
+    }
+
     pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
         use ed25519_dalek::Signer;
         self.signing.sign(message)
@@ -391,6 +402,14 @@ mod tests {
         let err = NodeIdentity::load(&path).unwrap_err().to_string();
         assert!(!err.contains(&seed_b64), "{err}");
         assert!(!err.contains(&seed_b64[..6]), "{err}");
+    }
+
+    #[test]
+    fn x25519_pair_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, _) = NodeIdentity::load_or_create(&key_path(&dir)).unwrap();
+        let derived = x25519_dalek::PublicKey::from(&id.x25519_secret());
+        assert_eq!(derived.as_bytes(), id.x25519_public().as_bytes());
     }
 
     #[test]

@@ -9,4 +9,5 @@ pub mod identity;
 pub mod logging;
 pub mod postgres;
 pub mod secret;
+pub mod secrets;
 pub mod state;

@@ -26,6 +26,18 @@ impl fmt::Debug for SecretString {
     }
 }
 
+impl serde::Serialize for SecretString {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SecretString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SecretString::new)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("the operating system's random number generator failed: {0}")]
 pub struct EntropyError(String);

@@ -1,0 +1,7 @@
+//! Credentials sealed to the node identity: the only module that reads or
+//! writes `db.enc`. `seal` is the pure cryptography, `store` the file, and
+//! `rotation` the pure state machine of a credential rotation.
+
+pub mod rotation;
+pub mod seal;
+pub mod store;
