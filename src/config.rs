@@ -92,6 +92,25 @@ pub enum LogFormat {
 pub struct DatabaseConfig {
     pub backend: Backend,
     pub postgres: PostgresConfig,
+    pub pool: PoolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Connections keepd keeps to Postgres; also the login role's limit.
+    pub max_size: u32,
+    /// How long a request waits for a connection before failing with 503.
+    pub acquire_timeout: HumanDuration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            acquire_timeout: HumanDuration(Duration::from_secs(5)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -644,6 +663,25 @@ impl Config {
                 "database.postgres.max_connections",
                 pg.max_connections.to_string(),
                 "5 to 10000".into(),
+            ));
+        }
+        let pool = &self.database.pool;
+        if pool.max_size == 0 || pool.max_size + 5 > pg.max_connections {
+            return Err(invalid(
+                "database.pool.max_size",
+                pool.max_size.to_string(),
+                format!(
+                    "1 to database.postgres.max_connections - 5 ({}), leaving room for \
+                     rotation and administration",
+                    pg.max_connections.saturating_sub(5)
+                ),
+            ));
+        }
+        if pool.acquire_timeout.get() < Duration::from_millis(100) {
+            return Err(invalid(
+                "database.pool.acquire_timeout",
+                pool.acquire_timeout.to_string(),
+                "at least 100ms".into(),
             ));
         }
         if let Some(v) = pg.version

@@ -8,6 +8,8 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod postgres;
+pub mod psql;
 pub mod secret;
 pub mod secrets;
+pub mod shutdown;
 pub mod state;

@@ -41,6 +41,19 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Ask the running daemon to rotate its database credentials now.
+    Rotate,
+    /// Open psql on keepd's database; credentials are unsealed in memory and
+    /// passed through the environment, never the command line.
+    Psql {
+        /// `superuser` (default), `login` (the active login role) or a login
+        /// role name.
+        #[arg(long, value_name = "ROLE")]
+        role: Option<String>,
+        /// Arguments for psql, after `--`.
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +69,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run => run(&cli.config, config),
         Command::Render { out } => write_rendered(&config, &out),
+        Command::Rotate => rotate(&config),
+        Command::Psql { role, args } => match keepd::psql::run(&config, role.as_deref(), &args) {
+            Ok(status) => return ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,19 +81,47 @@ fn main() -> ExitCode {
             let usage = e
                 .chain()
                 .any(|c| c.is::<ConfigError>() || c.is::<RenderError>());
-            tracing::error!("{e:#}");
-            eprintln!("keepd: {e:#}");
+            eprintln!("keepd: {}", describe(&e));
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
-fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The error and its causes, skipping causes a message already quotes
+/// (most of keepd's errors name their cause inline).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(keepd::daemon::run(config_path, config))?;
+        .context("cannot start the async runtime")
+}
+
+fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
+    runtime()?.block_on(keepd::daemon::run(config_path, config))?;
+    Ok(())
+}
+
+fn rotate(config: &Config) -> anyhow::Result<()> {
+    let request = keepd::daemon::control::Request::Rotate;
+    let message = runtime()?.block_on(keepd::daemon::control::request(
+        &config.node.runtime_dir,
+        &request,
+    ))?;
+    println!("{message}");
     Ok(())
 }
 

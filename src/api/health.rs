@@ -1,4 +1,5 @@
-//! `GET /health`: 200 only while Postgres answers a query, 503 otherwise.
+//! `GET /health`: 200 only while Postgres answers a query through the pool
+//! (as the node's login role), 503 otherwise.
 
 use std::time::Duration;
 
@@ -6,27 +7,22 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::watch;
 
 use super::ApiState;
+use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool};
 use crate::postgres::supervise::PgState;
 
-/// Asks Postgres itself, over one reused connection, whether it answers.
 pub struct HealthProbe {
     state: watch::Receiver<PgState>,
-    config: tokio_postgres::Config,
-    client: Mutex<Option<tokio_postgres::Client>>,
+    pool: RoleAwarePool,
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl HealthProbe {
-    pub fn new(state: watch::Receiver<PgState>, config: tokio_postgres::Config) -> HealthProbe {
-        HealthProbe {
-            state,
-            config,
-            client: Mutex::new(None),
-        }
+    pub fn new(state: watch::Receiver<PgState>, pool: RoleAwarePool) -> HealthProbe {
+        HealthProbe { state, pool }
     }
 
     /// The supervisor's view when Postgres is not up, else a live query.
@@ -35,46 +31,31 @@ impl HealthProbe {
         if state != PgState::Ready {
             return Err(state.as_str());
         }
-        let mut slot = self.client.lock().await;
         let attempt = async {
-            if slot.as_ref().is_none_or(|c| c.is_closed()) {
-                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(connection);
-                *slot = Some(client);
-            }
-            let client = slot.as_ref().expect("connected above");
-            client.simple_query("SELECT 1").await.map(|_| ())
+            let tx = self
+                .pool
+                .begin(&OperationContext::system(GroupRole::Readonly))
+                .await?;
+            tx.query_one("SELECT 1", &[]).await?;
+            tx.commit().await
         };
         match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
             Ok(Ok(())) => Ok(()),
-            _ => {
-                // A broken or slow connection is replaced on the next probe.
-                *slot = None;
-                Err("unreachable")
-            }
+            _ => Err("unreachable"),
         }
     }
 }
 
 pub(super) async fn health(State(api): State<ApiState>) -> (StatusCode, Json<Value>) {
-    match api.health.check().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({
-                "status": "ok",
-                "postgres": "up",
-                "nodeId": api.node_id,
-                "version": env!("CARGO_PKG_VERSION"),
-            })),
-        ),
+    let (status, body) = match api.health.check().await {
+        Ok(()) => (StatusCode::OK, json!({"status": "ok", "postgres": "up"})),
         Err(postgres) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unavailable",
-                "postgres": postgres,
-                "nodeId": api.node_id,
-                "version": env!("CARGO_PKG_VERSION"),
-            })),
+            json!({"status": "unavailable", "postgres": postgres}),
         ),
-    }
+    };
+    let mut body = body;
+    body["nodeId"] = json!(api.node_id);
+    body["version"] = json!(env!("CARGO_PKG_VERSION"));
+    (status, Json(body))
 }

@@ -4,7 +4,9 @@
 pub mod bootstrap;
 pub mod child;
 pub mod native;
+pub mod pool;
 pub mod render;
+pub mod roles;
 pub mod supervise;
 
 /// The database keepd's own data lives in.

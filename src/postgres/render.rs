@@ -223,7 +223,14 @@ fn pg_hba_conf(config: &Config) -> String {
     let mut out = String::from(HEADER);
     out.push_str("# TYPE   DATABASE  USER  ADDRESS      METHOD\n");
     if net.use_unix_socket {
-        out.push_str("local    all       all                scram-sha-256\n");
+        // The superuser administers every database; login roles reach
+        // keepd's database only.
+        let _ = writeln!(out, "local    all       {SUPERUSER}  scram-sha-256");
+        let _ = writeln!(
+            out,
+            "local    {DATABASE}     all              scram-sha-256"
+        );
+        out.push_str("local    all       all                reject\n");
     } else {
         let client_cert = if security.require_client_cert && !security.allow_client_cert_fallback {
             " clientcert=verify-full map=keepd"
@@ -443,7 +450,14 @@ mod tests {
         let hba = unix().pg_hba_conf;
         let rows = hba_rows(&hba);
         let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
-        assert_eq!(allowing, [&vec!["local", "all", "all", "scram-sha-256"]]);
+        assert_eq!(
+            allowing,
+            [
+                &vec!["local", "all", "keepd_superuser", "scram-sha-256"],
+                &vec!["local", "keepd", "all", "scram-sha-256"]
+            ]
+        );
+        assert!(rows.contains(&vec!["local", "all", "all", "reject"]));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::child::ChildLauncher;
 use super::native::NativeCluster;
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// What the supervised server is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ impl PgState {
 /// `stop` does (and keepd's death does, through the parent-death signal).
 pub struct Supervisor {
     state: watch::Receiver<PgState>,
-    stop: watch::Sender<bool>,
+    stop: ShutdownTrigger,
     task: JoinHandle<()>,
 }
 
@@ -54,8 +55,8 @@ impl Supervisor {
     /// Starts supervising; `probe` is how readiness is tested (a login).
     pub fn start(cluster: Arc<NativeCluster>, probe: tokio_postgres::Config) -> Supervisor {
         let (state_tx, state) = watch::channel(PgState::Starting);
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(supervise(cluster, probe, state_tx, stop_rx));
+        let (stop, shutdown) = shutdown::channel();
+        let task = tokio::spawn(supervise(cluster, probe, state_tx, shutdown));
         Supervisor { state, stop, task }
     }
 
@@ -73,7 +74,7 @@ impl Supervisor {
 
     /// Fast shutdown of Postgres; returns once it has exited.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         let _ = self.task.await;
     }
 }
@@ -87,7 +88,7 @@ async fn supervise(
     cluster: Arc<NativeCluster>,
     probe: tokio_postgres::Config,
     state: watch::Sender<PgState>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -104,7 +105,7 @@ async fn supervise(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(&mut stop) => break,
+                    _ = stop.requested() => break,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -117,7 +118,7 @@ async fn run_once(
     cluster: &Arc<NativeCluster>,
     probe: &tokio_postgres::Config,
     state: &watch::Sender<PgState>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Shutdown,
 ) -> Outcome {
     let started = Instant::now();
     let died = |status: Option<ExitStatus>| {
@@ -173,7 +174,7 @@ async fn run_once(
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
-            _ = stopped(stop) => {
+            _ = stop.requested() => {
                 postmaster.stop(cluster.shutdown_timeout).await;
                 return Outcome::Stopped;
             }
@@ -193,7 +194,7 @@ async fn run_once(
                     return died(Some(status));
                 }
             }
-            _ = stopped(stop) => {
+            _ = stop.requested() => {
                 info!(pid = postmaster.pid, "stopping postgres (fast shutdown)");
                 postmaster.stop(cluster.shutdown_timeout).await;
                 info!("postgres stopped");
@@ -201,11 +202,6 @@ async fn run_once(
             }
         }
     }
-}
-
-/// Resolves once a stop has been requested.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn accepts_login(probe: &tokio_postgres::Config) -> bool {

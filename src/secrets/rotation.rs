@@ -33,6 +33,28 @@ pub enum Phase {
     Idle,
 }
 
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Activate { version } => write!(f, "v{version} is being activated"),
+            Phase::Retire {
+                version,
+                not_before,
+            } => {
+                let left = not_before.saturating_sub(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                );
+                write!(f, "v{version} retires in {left}s")
+            }
+            Phase::Audit { version } => write!(f, "the retirement of v{version} is being recorded"),
+            Phase::Idle => f.write_str("idle"),
+        }
+    }
+}
+
 pub fn next_phase(credentials: &Credentials, grace: Duration) -> Phase {
     let with = |status: CredentialStatus| {
         credentials

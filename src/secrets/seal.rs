@@ -38,7 +38,9 @@ pub enum SealError {
          identity.key is not the one these secrets belong to"
     )]
     WrongNode { sealed_for: String, this: String },
-    #[error("the {part} part fails authentication: the file was altered or sealed with another key")]
+    #[error(
+        "the {part} part fails authentication: the file was altered or sealed with another key"
+    )]
     Tampered { part: &'static str },
     #[error("the parts of the hybrid envelope disagree: the file was altered")]
     Disagree,
@@ -93,7 +95,11 @@ fn derive(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; 32]> {
 }
 
 /// Seals `plaintext` so that only `identity` can open it.
-pub fn seal(identity: &NodeIdentity, method: SealMethod, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+pub fn seal(
+    identity: &NodeIdentity,
+    method: SealMethod,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
     let name = method_name(method);
     let node_id = identity.node_id().as_str();
     let mut parts = Vec::new();
@@ -122,7 +128,11 @@ fn seal_x25519(identity: &NodeIdentity, method: &str, plaintext: &[u8]) -> Resul
     let recipient = identity.x25519_public();
     let shared = ephemeral.diffie_hellman(&recipient);
     let salt = [ephemeral_public.as_bytes().as_slice(), recipient.as_bytes()].concat();
-    let key = derive(&salt, shared.as_bytes(), &label(X25519_ALG, method, identity.node_id().as_str()));
+    let key = derive(
+        &salt,
+        shared.as_bytes(),
+        &label(X25519_ALG, method, identity.node_id().as_str()),
+    );
     let nonce = random::<24>()?;
     let cipher = crypto_secretbox::XSalsa20Poly1305::new(key.as_ref().into());
     let ciphertext = cipher
@@ -139,7 +149,11 @@ fn seal_x25519(identity: &NodeIdentity, method: &str, plaintext: &[u8]) -> Resul
 fn seal_hkdf(identity: &NodeIdentity, method: &str, plaintext: &[u8]) -> Result<Part, SealError> {
     use aes_gcm::aead::{Aead, KeyInit};
     let salt = random::<32>()?;
-    let key = derive(&salt, identity.seed().as_ref(), &label(HKDF_ALG, method, identity.node_id().as_str()));
+    let key = derive(
+        &salt,
+        identity.seed().as_ref(),
+        &label(HKDF_ALG, method, identity.node_id().as_str()),
+    );
     let nonce = random::<12>()?;
     let cipher = aes_gcm::Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key");
     let ciphertext = cipher
@@ -154,7 +168,10 @@ fn seal_hkdf(identity: &NodeIdentity, method: &str, plaintext: &[u8]) -> Result<
 }
 
 /// Opens an envelope sealed to `identity`; returns the method it used.
-pub fn open(identity: &NodeIdentity, sealed: &[u8]) -> Result<(SealMethod, Zeroizing<Vec<u8>>), SealError> {
+pub fn open(
+    identity: &NodeIdentity,
+    sealed: &[u8],
+) -> Result<(SealMethod, Zeroizing<Vec<u8>>), SealError> {
     let value: serde_json::Value = serde_json::from_slice(sealed).map_err(|e| {
         if sealed.first() == Some(&b'{') {
             SealError::Malformed(e.to_string())
@@ -199,7 +216,9 @@ pub fn open(identity: &NodeIdentity, sealed: &[u8]) -> Result<(SealMethod, Zeroi
     for part in &envelope.parts {
         let plaintext = open_part(identity, &envelope.method, part)?;
         match &opened {
-            Some(first) if first.as_slice() != plaintext.as_slice() => return Err(SealError::Disagree),
+            Some(first) if first.as_slice() != plaintext.as_slice() => {
+                return Err(SealError::Disagree);
+            }
             Some(_) => {}
             None => opened = Some(plaintext),
         }
@@ -216,18 +235,31 @@ fn decode<const N: usize>(field: &'static str, text: &str) -> Result<[u8; N], Se
         .map_err(|_| SealError::Malformed(format!("{field} has the wrong length")))
 }
 
-fn open_part(identity: &NodeIdentity, method: &str, part: &Part) -> Result<Zeroizing<Vec<u8>>, SealError> {
+fn open_part(
+    identity: &NodeIdentity,
+    method: &str,
+    part: &Part,
+) -> Result<Zeroizing<Vec<u8>>, SealError> {
     let ciphertext = BASE64
         .decode(&part.ciphertext)
         .map_err(|_| SealError::Malformed("ciphertext is not base64".into()))?;
     let node_id = identity.node_id().as_str();
     if part.alg == X25519_ALG {
         use crypto_secretbox::aead::{Aead, KeyInit};
-        let ephemeral_public = x25519_dalek::PublicKey::from(decode::<32>("ephemeral key", &part.key_material)?);
+        let ephemeral_public =
+            x25519_dalek::PublicKey::from(decode::<32>("ephemeral key", &part.key_material)?);
         let nonce = decode::<24>("nonce", &part.nonce)?;
         let shared = identity.x25519_secret().diffie_hellman(&ephemeral_public);
-        let salt = [ephemeral_public.as_bytes().as_slice(), identity.x25519_public().as_bytes()].concat();
-        let key = derive(&salt, shared.as_bytes(), &label(X25519_ALG, method, node_id));
+        let salt = [
+            ephemeral_public.as_bytes().as_slice(),
+            identity.x25519_public().as_bytes(),
+        ]
+        .concat();
+        let key = derive(
+            &salt,
+            shared.as_bytes(),
+            &label(X25519_ALG, method, node_id),
+        );
         let cipher = crypto_secretbox::XSalsa20Poly1305::new(key.as_ref().into());
         cipher
             .decrypt(&nonce.into(), ciphertext.as_slice())
@@ -237,7 +269,11 @@ fn open_part(identity: &NodeIdentity, method: &str, part: &Part) -> Result<Zeroi
         use aes_gcm::aead::{Aead, KeyInit};
         let salt = decode::<32>("salt", &part.key_material)?;
         let nonce = decode::<12>("nonce", &part.nonce)?;
-        let key = derive(&salt, identity.seed().as_ref(), &label(HKDF_ALG, method, node_id));
+        let key = derive(
+            &salt,
+            identity.seed().as_ref(),
+            &label(HKDF_ALG, method, node_id),
+        );
         let cipher = aes_gcm::Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key");
         cipher
             .decrypt(&nonce.into(), ciphertext.as_slice())
@@ -284,7 +320,10 @@ mod tests {
     fn sealing_twice_differs() {
         let (_d, id) = identity();
         for method in METHODS {
-            assert_ne!(seal(&id, method, b"x").unwrap(), seal(&id, method, b"x").unwrap());
+            assert_ne!(
+                seal(&id, method, b"x").unwrap(),
+                seal(&id, method, b"x").unwrap()
+            );
         }
     }
 
@@ -329,10 +368,19 @@ mod tests {
         let sealed = seal(&id, SealMethod::Hybrid, b"x").unwrap();
         for cut in [1, sealed.len() / 2, sealed.len() - 3] {
             let err = open(&id, &sealed[..cut]).unwrap_err();
-            assert!(matches!(err, SealError::Malformed(_)), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, SealError::Malformed(_)),
+                "cut at {cut}: {err}"
+            );
         }
-        assert!(matches!(open(&id, b"PGDMP binary"), Err(SealError::Foreign)));
-        assert!(matches!(open(&id, b"{\"format\":\"other\"}"), Err(SealError::Foreign)));
+        assert!(matches!(
+            open(&id, b"PGDMP binary"),
+            Err(SealError::Foreign)
+        ));
+        assert!(matches!(
+            open(&id, b"{\"format\":\"other\"}"),
+            Err(SealError::Foreign)
+        ));
     }
 
     #[test]

@@ -153,7 +153,10 @@ impl CredentialStore {
     }
 
     /// None when no file exists yet (first start).
-    pub fn load(&self, identity: &NodeIdentity) -> Result<Option<(Credentials, SealMethod)>, StoreError> {
+    pub fn load(
+        &self,
+        identity: &NodeIdentity,
+    ) -> Result<Option<(Credentials, SealMethod)>, StoreError> {
         let read_err = |source| StoreError::Read {
             path: self.path.clone(),
             source,
@@ -171,10 +174,11 @@ impl CredentialStore {
             });
         }
         let sealed = std::fs::read(&self.path).map_err(read_err)?;
-        let (method, plaintext) = seal::open(identity, &sealed).map_err(|source| StoreError::Open {
-            path: self.path.clone(),
-            source,
-        })?;
+        let (method, plaintext) =
+            seal::open(identity, &sealed).map_err(|source| StoreError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
         let payload_err = |reason: String| StoreError::Payload {
             path: self.path.clone(),
             reason,
@@ -196,11 +200,13 @@ impl CredentialStore {
             path: self.path.clone(),
             source,
         };
-        let plaintext = Zeroizing::new(serde_json::to_vec(credentials).expect("credentials serialise"));
-        let sealed = seal::seal(identity, method, &plaintext).map_err(|source| StoreError::Open {
-            path: self.path.clone(),
-            source,
-        })?;
+        let plaintext =
+            Zeroizing::new(serde_json::to_vec(credentials).expect("credentials serialise"));
+        let sealed =
+            seal::seal(identity, method, &plaintext).map_err(|source| StoreError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fsutil::ensure_private_dir(dir).map_err(write_err)?;
         let file_name = self
@@ -278,7 +284,11 @@ mod tests {
     fn damage_is_an_error_and_the_file_is_kept() {
         let (_d, id, store) = setup();
         store
-            .save(&id, SealMethod::Hybrid, &Credentials::generate(64, 1).unwrap())
+            .save(
+                &id,
+                SealMethod::Hybrid,
+                &Credentials::generate(64, 1).unwrap(),
+            )
             .unwrap();
         let good = std::fs::read(store.path()).unwrap();
         // A flipped byte inside a base64 ciphertext, a truncation, garbage.
@@ -286,7 +296,11 @@ mod tests {
         let at = text.find("\"ciphertext\": \"").unwrap() + 20;
         let mut flipped = good.clone();
         flipped[at] = if flipped[at] == b'A' { b'B' } else { b'A' };
-        for damaged in [flipped, good[..good.len() / 2].to_vec(), b"\x00\x01garbage".to_vec()] {
+        for damaged in [
+            flipped,
+            good[..good.len() / 2].to_vec(),
+            b"\x00\x01garbage".to_vec(),
+        ] {
             std::fs::write(store.path(), &damaged).unwrap();
             let err = store.load(&id).unwrap_err();
             assert!(matches!(err, StoreError::Open { .. }), "{err}");
@@ -299,7 +313,11 @@ mod tests {
     fn another_identity_cannot_open_it() {
         let (_d, id, store) = setup();
         store
-            .save(&id, SealMethod::Hybrid, &Credentials::generate(64, 1).unwrap())
+            .save(
+                &id,
+                SealMethod::Hybrid,
+                &Credentials::generate(64, 1).unwrap(),
+            )
             .unwrap();
         let other_dir = tempfile::tempdir().unwrap();
         let (other, _) = NodeIdentity::load_or_create(&other_dir.path().join("k")).unwrap();
@@ -311,10 +329,17 @@ mod tests {
     fn readable_file_is_refused() {
         let (_d, id, store) = setup();
         store
-            .save(&id, SealMethod::Hkdf, &Credentials::generate(32, 1).unwrap())
+            .save(
+                &id,
+                SealMethod::Hkdf,
+                &Credentials::generate(32, 1).unwrap(),
+            )
             .unwrap();
         std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(store.load(&id), Err(StoreError::Exposed { mode: 0o640, .. })));
+        assert!(matches!(
+            store.load(&id),
+            Err(StoreError::Exposed { mode: 0o640, .. })
+        ));
     }
 
     #[test]

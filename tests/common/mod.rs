@@ -53,24 +53,39 @@ impl TestNode {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(keepd_bin());
-        cmd.args(args).arg("--config").arg(&self.config);
+        cmd.arg("--config").arg(&self.config).args(args);
         cmd
     }
 
     /// Starts `keepd run` and waits until its API listens.
     pub fn start(&self) -> Daemon {
-        let mut daemon = self.spawn();
-        let addr = daemon
-            .wait_for_addr(Duration::from_secs(60))
-            .unwrap_or_else(|| panic!("keepd did not start:\n{}", daemon.log()));
-        daemon.addr = Some(addr);
+        let daemon = self.spawn();
+        assert!(
+            daemon.addr.is_some(),
+            "keepd did not start:\n{}",
+            daemon.log()
+        );
         daemon
     }
 
-    /// Starts `keepd run` without waiting.
+    /// Starts `keepd run` and waits until its API listens or it exits.
     pub fn spawn(&self) -> Daemon {
-        let mut child = self
-            .command(&["run"])
+        Daemon::spawn_with(self.command(&["run"]), self.data_dir())
+    }
+}
+
+/// A running `keepd run`; killed (-9) when dropped if still running.
+pub struct Daemon {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    addr: Option<SocketAddr>,
+    data_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` (a `keepd run`) and waits until its API listens or it exits.
+    pub fn spawn_with(mut cmd: Command, data_dir: PathBuf) -> Daemon {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -84,24 +99,16 @@ impl TestNode {
                 sink.lock().unwrap().push(line);
             }
         });
-        Daemon {
+        let mut daemon = Daemon {
             child,
             lines,
             addr: None,
-            data_dir: self.data_dir(),
-        }
+            data_dir,
+        };
+        daemon.addr = daemon.wait_for_addr(Duration::from_secs(60));
+        daemon
     }
-}
 
-/// A running `keepd run`; killed (-9) when dropped if still running.
-pub struct Daemon {
-    pub child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    addr: Option<SocketAddr>,
-    data_dir: PathBuf,
-}
-
-impl Daemon {
     pub fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
@@ -110,14 +117,20 @@ impl Daemon {
         self.addr.expect("daemon started with start()")
     }
 
-    fn wait_for_addr(&self, timeout: Duration) -> Option<SocketAddr> {
+    fn wait_for_addr(&mut self, timeout: Duration) -> Option<SocketAddr> {
         wait_until(timeout, || {
-            self.lines.lock().unwrap().iter().find_map(|line| {
+            let addr = self.lines.lock().unwrap().iter().find_map(|line| {
                 let event: serde_json::Value = serde_json::from_str(line).ok()?;
                 (event["message"] == "api listening")
                     .then(|| event["addr"].as_str()?.parse().ok())?
-            })
+            });
+            if addr.is_some() {
+                return Some(addr);
+            }
+            // Exited without listening: stop waiting.
+            self.child.try_wait().ok().flatten().map(|_| None)
         })
+        .flatten()
     }
 
     /// Waits for the log line with this message; returns the whole event.
@@ -274,4 +287,57 @@ pub fn socket_inodes(pid: i32) -> HashSet<u64> {
         }
     }
     inodes
+}
+
+impl TestNode {
+    /// Runs one SQL statement through `keepd psql` and returns its rows,
+    /// one line each, fields separated by `|`.
+    pub fn psql(&self, role: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .command(&[
+                "psql",
+                "--role",
+                role,
+                "--",
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run keepd psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// This node's login roles that exist in Postgres, sorted.
+    pub fn login_roles(&self) -> Vec<String> {
+        let rows = self
+            .psql("superuser", r"SELECT rolname FROM pg_roles WHERE rolname ~ '^keepd_[0-9a-f]{16}_v[0-9]+$' ORDER BY 1")
+            .expect("list login roles");
+        rows.lines().map(str::to_string).collect()
+    }
+
+    /// The sealed credentials, opened with the node's identity.
+    pub fn credentials(&self) -> keepd::secrets::store::Credentials {
+        let identity =
+            keepd::identity::NodeIdentity::load(&self.state_dir().join("identity.key")).unwrap();
+        keepd::secrets::store::CredentialStore::new(self.state_dir().join("secrets/db.enc"))
+            .load(&identity)
+            .unwrap()
+            .expect("db.enc exists")
+            .0
+    }
+
+    /// `keepd rotate`: (success, message).
+    pub fn rotate(&self) -> (bool, String) {
+        let out = self.command(&["rotate"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
 }

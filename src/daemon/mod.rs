@@ -1,9 +1,13 @@
 //! `keepd run`: wires the modules together in the one direction data flows
-//! (config → render → provision → bootstrap → api) and handles signals.
+//! (config → render → provision → roles → pool → api) and handles signals.
+
+pub mod control;
+pub mod rotator;
 
 use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -14,10 +18,14 @@ use crate::identity::{IdentityError, NodeIdentity};
 use crate::postgres::DATABASE;
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::native::{NativeCluster, NativeError};
+use crate::postgres::pool::{PoolSettings, RoleAwarePool};
 use crate::postgres::render::{self, RenderError};
 use crate::postgres::supervise::Supervisor;
-use crate::secret::{self, EntropyError, ScramVerifier};
+use crate::secret::{EntropyError, ScramVerifier};
+use crate::secrets::store::{CredentialStore, Credentials, StoreError};
+use crate::shutdown;
 use crate::state::{StateError, StateLock};
+use rotator::{RotationError, RotationSettings, Rotator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -26,11 +34,15 @@ pub enum DaemonError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
     Render(#[from] RenderError),
     #[error(transparent)]
     Native(#[from] NativeError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Rotation(#[from] RotationError),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
     #[error(
@@ -44,13 +56,19 @@ pub enum DaemonError {
     )]
     TcpUnavailable,
     #[error(
+        "the sealed credentials {path} are missing but the cluster in {data_dir} exists; keepd \
+         will not reset them: restore db.enc from the backup taken with identity.key"
+    )]
+    CredentialsMissing { path: PathBuf, data_dir: PathBuf },
+    #[error(
         "Postgres did not accept connections within {seconds}s; its log is in {log_dir}, and \
          database.postgres.native.start_timeout sets the limit"
     )]
     StartTimeout { seconds: u64, log_dir: PathBuf },
-    #[error("cannot listen on api.listen = {addr}: {source}; choose a free address and port")]
+    #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
-        addr: std::net::SocketAddr,
+        what: &'static str,
+        addr: String,
         source: std::io::Error,
     },
     #[error("cannot install signal handlers: {0}")]
@@ -59,6 +77,40 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The sealed credentials, created on first start (before the cluster, so
+/// a cluster without credentials means they were lost, not never made).
+fn load_credentials(
+    config: &Config,
+    identity: &NodeIdentity,
+    store: &CredentialStore,
+) -> Result<Credentials, DaemonError> {
+    if let Some((credentials, method)) = store.load(identity)? {
+        if method != config.credentials.encryption_method {
+            info!(?method, wanted = ?config.credentials.encryption_method, "resealing db.enc");
+            store.save(identity, config.credentials.encryption_method, &credentials)?;
+        }
+        return Ok(credentials);
+    }
+    let data_dir = config.node.state_dir.join("pgdata");
+    if data_dir.join("PG_VERSION").exists() {
+        return Err(DaemonError::CredentialsMissing {
+            path: store.path().to_owned(),
+            data_dir,
+        });
+    }
+    let credentials = Credentials::generate(config.credentials.password_length, unix_now())?;
+    store.save(identity, config.credentials.encryption_method, &credentials)?;
+    info!(path = %store.path().display(), "generated and sealed the database credentials");
+    Ok(credentials)
 }
 
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
@@ -75,13 +127,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let _lock = StateLock::acquire(&config.node.state_dir)?;
     let identity_path = config.node.state_dir.join("identity.key");
     let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
+    let identity = Arc::new(identity);
     let node_id = identity.node_id().to_string();
-    info!(
-        node_id,
-        created,
-        path = %identity_path.display(),
-        "node identity loaded"
-    );
+    info!(node_id, created, path = %identity_path.display(), "node identity loaded");
+    let store = CredentialStore::new(config.credentials_path());
+    let credentials = load_credentials(&config, &identity, &store)?;
 
     let rendered = render::render(&config)?;
     let cluster = {
@@ -90,21 +140,22 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     };
     let cluster = Arc::new(cluster);
 
-    // A fresh superuser password every start, known only to this process;
-    // Postgres receives its SCRAM verifier, never the password.
-    let password = secret::generate_password(config.credentials.password_length)?;
+    // The cluster is brought in line with db.enc before it accepts a
+    // connection; Postgres receives the superuser's verifier, never the
+    // password.
     {
         let cluster = cluster.clone();
-        let verifier = ScramVerifier::of(&password);
+        let verifier = ScramVerifier::of(&credentials.superuser);
         tokio::task::spawn_blocking(move || {
             cluster.clear_stale_pid()?;
             cluster.set_superuser_verifier(&verifier)
         })
         .await??;
     }
-    let maintenance = cluster.superuser_config(&password, "postgres");
-    let keepd_db = cluster.superuser_config(&password, DATABASE);
+    let maintenance = cluster.superuser_config(&credentials.superuser, "postgres");
+    let superuser = cluster.superuser_config(&credentials.superuser, DATABASE);
     let supervisor = Supervisor::start(cluster.clone(), maintenance.clone());
+    let (stop, shutdown) = shutdown::channel();
 
     let started = async {
         if !supervisor.wait_ready(cluster.start_timeout).await {
@@ -113,47 +164,80 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 log_dir: cluster.data_dir().join("log"),
             });
         }
-        bootstrap::apply(&maintenance, &keepd_db, &rendered).await?;
+        bootstrap::apply(&maintenance, &superuser, &rendered).await?;
+        let login =
+            rotator::login_credential(&identity, &credentials).ok_or(RotationError::NoActive)?;
+        let mut base = superuser.clone();
+        base.application_name("keepd-pool");
+        let pool_settings = PoolSettings {
+            max_size: config.database.pool.max_size as usize,
+            acquire_timeout: config.database.pool.acquire_timeout.get(),
+        };
+        let pool = RoleAwarePool::new(base, login, pool_settings);
+        let rotator = Arc::new(Rotator::new(
+            identity.clone(),
+            store.clone(),
+            RotationSettings {
+                method: config.credentials.encryption_method,
+                password_length: config.credentials.password_length,
+                interval: config.credentials.rotation_interval.get(),
+                grace: config.credentials.rotation_grace_period.get(),
+                connection_limit: config.database.pool.max_size as i32 + 2,
+            },
+            credentials.clone(),
+            superuser.clone(),
+            pool.clone(),
+        ));
+        rotator.reconcile().await?;
+        let control_path = control::socket_path(&config.node.runtime_dir);
+        let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
+            what: "the control socket",
+            addr: control_path.display().to_string(),
+            source,
+        })?;
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| DaemonError::Listen {
-                addr: config.api.listen,
+                what: "api.listen",
+                addr: config.api.listen.to_string(),
                 source,
             })?;
-        Ok(listener)
+        Ok((pool, rotator, control, listener))
     };
-    let listener = match started.await {
-        Ok(listener) => listener,
+    let (pool, rotator, control, listener) = match started.await {
+        Ok(parts) => parts,
         Err(e) => {
             supervisor.stop().await;
             return Err(e);
         }
     };
+    let rotation_task = tokio::spawn(rotator.clone().run(shutdown.clone()));
+    let control_task = tokio::spawn(control::serve(control, rotator, shutdown.clone()));
+
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let health = Arc::new(HealthProbe::new(supervisor.state(), keepd_db));
+    let health = Arc::new(HealthProbe::new(supervisor.state(), pool));
     let app = api::router(ApiState {
         health,
         node_id: node_id.clone(),
     });
     info!(%addr, node_id, "api listening");
-
-    let (shutdown_tx, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut api_shutdown = shutdown.clone();
     let server = tokio::spawn(
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|s| *s).await;
-            })
+            .with_graceful_shutdown(async move { api_shutdown.requested().await })
             .into_future(),
     );
 
     let outcome = wait_for_shutdown(config_path).await;
     info!("shutting down");
-    let _ = shutdown_tx.send(true);
+    stop.trigger();
     match server.await {
         Ok(Err(e)) => error!(error = %e, "api server failed"),
         Err(e) => error!(error = %e, "api server task failed"),
         Ok(Ok(())) => {}
     }
+    let _ = tokio::join!(rotation_task, control_task);
+    let _ = std::fs::remove_file(control::socket_path(&config.node.runtime_dir));
     supervisor.stop().await;
     info!("keepd stopped");
     outcome

@@ -1,0 +1,358 @@
+//! Carries out credential rotations: the pure state machine of
+//! `secrets::rotation` applied to `db.enc` (through `secrets::store`), to
+//! Postgres (through `postgres::roles`) and to the pool. One at a time.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Mutex, Notify};
+use tracing::{error, info, warn};
+
+use crate::config::SealMethod;
+use crate::identity::NodeIdentity;
+use crate::postgres::pool::{LoginCredential, RoleAwarePool};
+use crate::postgres::roles::{self, RoleAdmin, RoleError};
+use crate::secret::{self, EntropyError, ScramVerifier};
+use crate::secrets::rotation::{self, Phase};
+use crate::secrets::store::{CredentialStatus, CredentialStore, Credentials, StoreError};
+use crate::shutdown::Shutdown;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("a credential rotation is already under way ({0}); try again when it has finished")]
+    Busy(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    #[error(transparent)]
+    Entropy(#[from] EntropyError),
+    #[error("cannot connect to Postgres as the superuser: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("db.enc has no active login credential")]
+    NoActive,
+}
+
+/// Settings of a rotation, from `credentials.*` and `database.pool.*`.
+#[derive(Debug, Clone, Copy)]
+pub struct RotationSettings {
+    pub method: SealMethod,
+    pub password_length: usize,
+    pub interval: Duration,
+    pub grace: Duration,
+    pub connection_limit: i32,
+}
+
+/// Environment variable naming a rotation step (1-9) after which keepd
+/// kills itself with SIGKILL: a fault point for crash-convergence tests.
+pub const FAULT_STEP_ENV: &str = "KEEPD_FAULT_ROTATION_STEP";
+
+pub struct Rotator {
+    identity: Arc<NodeIdentity>,
+    store: CredentialStore,
+    settings: RotationSettings,
+    credentials: Mutex<Credentials>,
+    superuser: tokio_postgres::Config,
+    pool: RoleAwarePool,
+    wake: Notify,
+    fault_step: Option<u8>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The pool's view of one stored credential.
+pub fn login_credential(
+    identity: &NodeIdentity,
+    credentials: &Credentials,
+) -> Option<LoginCredential> {
+    let active = credentials.active()?;
+    Some(LoginCredential {
+        role: roles::login_role_name(identity.node_id(), active.version),
+        version: active.version,
+        password: active.password.clone()?,
+    })
+}
+
+impl Rotator {
+    pub fn new(
+        identity: Arc<NodeIdentity>,
+        store: CredentialStore,
+        settings: RotationSettings,
+        credentials: Credentials,
+        superuser: tokio_postgres::Config,
+        pool: RoleAwarePool,
+    ) -> Rotator {
+        let fault_step = std::env::var(FAULT_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Rotator {
+            identity,
+            store,
+            settings,
+            credentials: Mutex::new(credentials),
+            superuser,
+            pool,
+            wake: Notify::new(),
+            fault_step,
+        }
+    }
+
+    fn role_name(&self, version: u32) -> String {
+        roles::login_role_name(self.identity.node_id(), version)
+    }
+
+    fn fault_point(&self, step: u8) {
+        if self.fault_step == Some(step) {
+            error!(step, "fault injection: killing keepd after rotation step");
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    async fn admin(&self) -> Result<tokio_postgres::Client, RotationError> {
+        let (client, connection) = self
+            .superuser
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(RotationError::Connect)?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    fn save(&self, credentials: &Credentials) -> Result<(), RotationError> {
+        Ok(self
+            .store
+            .save(&self.identity, self.settings.method, credentials)?)
+    }
+
+    /// At start: every active or pending credential has its role with its
+    /// verifier; any other login role of this node that is not retiring is
+    /// an orphan and is dropped.
+    pub async fn reconcile(&self) -> Result<(), RotationError> {
+        let credentials = self.credentials.lock().await;
+        let mut client = self.admin().await?;
+        let mut admin = RoleAdmin::new(&mut client);
+        let mut keep = Vec::new();
+        for c in credentials.live() {
+            keep.push(c.version);
+            if c.status == CredentialStatus::Retiring {
+                continue;
+            }
+            let password = c.password.as_ref().ok_or(RotationError::NoActive)?;
+            admin
+                .ensure_login_role(
+                    &self.role_name(c.version),
+                    &ScramVerifier::of(password),
+                    self.settings.connection_limit,
+                )
+                .await?;
+        }
+        for version in admin.node_role_versions(self.identity.node_id()).await? {
+            if !keep.contains(&version) {
+                let name = self.role_name(version);
+                warn!(role = name, "dropping an orphaned login role");
+                admin.terminate_sessions(&name).await?;
+                admin.drop_role(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 1-4 now; the old credential retires in the background after
+    /// the grace period. Returns a one-line summary.
+    pub async fn rotate_now(&self) -> Result<String, RotationError> {
+        let mut credentials = self.credentials.lock().await;
+        let phase = rotation::next_phase(&credentials, self.settings.grace);
+        if phase != Phase::Idle {
+            return Err(RotationError::Busy(phase.to_string()));
+        }
+        let old = credentials.active().ok_or(RotationError::NoActive)?.version;
+        let password = secret::generate_password(self.settings.password_length)?;
+        let version = rotation::begin(&mut credentials, password, now());
+        self.save(&credentials)?;
+        info!(
+            version,
+            step = 1,
+            "rotation: new credential generated and sealed"
+        );
+        self.fault_point(1);
+        self.activate(&mut credentials, version).await?;
+        self.wake.notify_one();
+        Ok(format!(
+            "login role v{version} is active; v{old} keeps working for the {}s grace period, then is dropped",
+            self.settings.grace.as_secs()
+        ))
+    }
+
+    /// Steps 2-4 for a pending version.
+    async fn activate(
+        &self,
+        credentials: &mut Credentials,
+        version: u32,
+    ) -> Result<(), RotationError> {
+        let password = credentials
+            .get(version)
+            .and_then(|c| c.password.clone())
+            .ok_or(RotationError::NoActive)?;
+        let name = self.role_name(version);
+        let mut client = self.admin().await?;
+        RoleAdmin::new(&mut client)
+            .ensure_login_role(
+                &name,
+                &ScramVerifier::of(&password),
+                self.settings.connection_limit,
+            )
+            .await?;
+        info!(role = name, step = 2, "rotation: new login role created");
+        self.fault_point(2);
+        rotation::activate(credentials, version, now());
+        self.save(credentials)?;
+        info!(
+            version,
+            step = 3,
+            "rotation: new credential active, previous one retiring"
+        );
+        self.fault_point(3);
+        let login = login_credential(&self.identity, credentials).ok_or(RotationError::NoActive)?;
+        self.pool.switch_credential(login);
+        info!(
+            version,
+            step = 4,
+            "rotation: pool switched to the new credential"
+        );
+        self.fault_point(4);
+        Ok(())
+    }
+
+    /// Steps 6-8 for a retiring version whose grace period is over.
+    async fn retire(&self, version: u32) -> Result<(), RotationError> {
+        self.fault_point(5);
+        let name = self.role_name(version);
+        let mut client = self.admin().await?;
+        let mut admin = RoleAdmin::new(&mut client);
+        let left = admin.sessions(&name).await?;
+        if left > 0 {
+            let ended = admin.terminate_sessions(&name).await?;
+            warn!(
+                role = name,
+                sessions = ended,
+                "rotation: ended sessions still using the retired credential"
+            );
+        }
+        info!(
+            role = name,
+            step = 6,
+            "rotation: no session uses the retired credential"
+        );
+        self.fault_point(6);
+        admin.drop_role(&name).await?;
+        info!(
+            role = name,
+            step = 7,
+            "rotation: retired login role dropped"
+        );
+        self.fault_point(7);
+        let mut credentials = self.credentials.lock().await;
+        rotation::expire(&mut credentials, version, now());
+        self.save(&credentials)?;
+        info!(
+            version,
+            step = 8,
+            "rotation: retired credential marked expired"
+        );
+        self.fault_point(8);
+        Ok(())
+    }
+
+    /// Step 9.
+    async fn audit(&self, version: u32) -> Result<(), RotationError> {
+        let mut credentials = self.credentials.lock().await;
+        let active = credentials.active().map(|c| c.version).unwrap_or(0);
+        info!(
+            target: "keepd::audit",
+            event = "credential_rotation",
+            retired = version,
+            active,
+            step = 9,
+            "credential rotation complete"
+        );
+        rotation::mark_audited(&mut credentials, version);
+        self.save(&credentials)?;
+        self.fault_point(9);
+        Ok(())
+    }
+
+    /// Finishes any rotation under way, then rotates on schedule, until `stop`.
+    pub async fn run(self: Arc<Self>, mut stop: Shutdown) {
+        loop {
+            let result = self.step(&mut stop).await;
+            match result {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    error!(error = %e, "credential rotation step failed; retrying in 5s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = stop.requested() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One move of the driver; false when stopped.
+    async fn step(&self, stop: &mut Shutdown) -> Result<bool, RotationError> {
+        let (phase, due_at) = {
+            let credentials = self.credentials.lock().await;
+            let due_at = credentials.active().map(|a| {
+                a.status_since
+                    .saturating_add(self.settings.interval.as_secs())
+            });
+            (
+                rotation::next_phase(&credentials, self.settings.grace),
+                due_at,
+            )
+        };
+        let wait_until = |at: u64| Duration::from_secs(at.saturating_sub(now()));
+        let sleep = match phase {
+            Phase::Activate { version } => {
+                let mut credentials = self.credentials.lock().await;
+                self.activate(&mut credentials, version).await?;
+                return Ok(true);
+            }
+            Phase::Retire {
+                version,
+                not_before,
+            } if now() >= not_before => {
+                self.retire(version).await?;
+                return Ok(true);
+            }
+            Phase::Retire { not_before, .. } => wait_until(not_before),
+            Phase::Audit { version } => {
+                self.audit(version).await?;
+                return Ok(true);
+            }
+            Phase::Idle => match due_at {
+                Some(at) if now() >= at => {
+                    info!("scheduled credential rotation");
+                    match self.rotate_now().await {
+                        Ok(_) | Err(RotationError::Busy(_)) => return Ok(true),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(at) => wait_until(at),
+                None => return Err(RotationError::NoActive),
+            },
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep.max(Duration::from_millis(200))) => Ok(true),
+            _ = self.wake.notified() => Ok(true),
+            _ = stop.requested() => Ok(false),
+        }
+    }
+}

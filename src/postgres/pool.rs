@@ -1,0 +1,239 @@
+//! `RoleAwarePool`: connections as the node's current login role, handed
+//! out only as role-scoped transactions.
+//!
+//! Every unit of work is one transaction that starts with one parameterised
+//! statement setting the group role and the tenant for that transaction
+//! only (`set_config(..., true)`); both vanish at commit or rollback. There
+//! is no way to run SQL outside such a transaction.
+//!
+//! Credentials rotate underneath: new connections log in with whatever
+//! credential is current, and a connection of an older version is discarded
+//! when it comes back instead of being reused.
+
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row};
+
+use crate::secret::SecretString;
+
+/// The login credential new connections use.
+#[derive(Clone, Debug)]
+pub struct LoginCredential {
+    pub role: String,
+    pub version: u32,
+    pub password: SecretString,
+}
+
+/// The group role a unit of work runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupRole {
+    Sync,
+    Query,
+    Auth,
+    Audit,
+    Readonly,
+}
+
+impl GroupRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupRole::Sync => "keepd_sync",
+            GroupRole::Query => "keepd_query",
+            GroupRole::Auth => "keepd_auth",
+            GroupRole::Audit => "keepd_audit",
+            GroupRole::Readonly => "keepd_readonly",
+        }
+    }
+}
+
+/// Who a unit of work runs for: the group role and, for tenant data, the
+/// user whose rows it may see.
+#[derive(Debug, Clone)]
+pub struct OperationContext {
+    pub role: GroupRole,
+    pub user_id: Option<String>,
+}
+
+impl OperationContext {
+    pub fn system(role: GroupRole) -> OperationContext {
+        OperationContext {
+            role,
+            user_id: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no database connection available within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(String),
+    #[error(transparent)]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// Pool size and timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub acquire_timeout: Duration,
+}
+
+pub struct Connection {
+    client: Client,
+    version: u32,
+    /// Given back inside a transaction (an error path): roll back on recycle.
+    in_transaction: bool,
+}
+
+pub struct Manager {
+    base: tokio_postgres::Config,
+    credential: watch::Receiver<LoginCredential>,
+}
+
+impl managed::Manager for Manager {
+    type Type = Connection;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<Connection, tokio_postgres::Error> {
+        let credential = self.credential.borrow().clone();
+        let mut config = self.base.clone();
+        config
+            .user(&credential.role)
+            .password(credential.password.expose());
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(Connection {
+            client,
+            version: credential.version,
+            in_transaction: false,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Connection,
+        _: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
+        if conn.client.is_closed() {
+            return Err(RecycleError::message("connection closed"));
+        }
+        if conn.version != self.credential.borrow().version {
+            return Err(RecycleError::message("login credential rotated"));
+        }
+        if conn.in_transaction {
+            conn.client.batch_execute("ROLLBACK").await?;
+            conn.in_transaction = false;
+        }
+        Ok(())
+    }
+}
+
+/// The pool. Cloning shares it.
+#[derive(Clone)]
+pub struct RoleAwarePool {
+    pool: managed::Pool<Manager>,
+    credential: std::sync::Arc<watch::Sender<LoginCredential>>,
+    acquire_timeout: Duration,
+}
+
+impl RoleAwarePool {
+    /// `base` names the server and database; the login comes from `credential`.
+    pub fn new(
+        base: tokio_postgres::Config,
+        credential: LoginCredential,
+        settings: PoolSettings,
+    ) -> RoleAwarePool {
+        let (sender, receiver) = watch::channel(credential);
+        let manager = Manager {
+            base,
+            credential: receiver,
+        };
+        let pool = managed::Pool::builder(manager)
+            .max_size(settings.max_size)
+            .wait_timeout(Some(settings.acquire_timeout))
+            .create_timeout(Some(settings.acquire_timeout))
+            .recycle_timeout(Some(settings.acquire_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .expect("timeouts are set together with the runtime");
+        RoleAwarePool {
+            pool,
+            credential: std::sync::Arc::new(sender),
+            acquire_timeout: settings.acquire_timeout,
+        }
+    }
+
+    /// New connections use `credential` from now on (rotation step 4);
+    /// idle connections of older versions are closed.
+    pub fn switch_credential(&self, credential: LoginCredential) {
+        let version = credential.version;
+        self.credential.send_replace(credential);
+        self.pool.retain(|conn, _| conn.version == version);
+    }
+
+    pub fn credential_version(&self) -> u32 {
+        self.credential.borrow().version
+    }
+
+    /// Opens a transaction as `ctx.role` for `ctx.user_id`.
+    pub async fn begin(&self, ctx: &OperationContext) -> Result<ScopedTransaction, PoolError> {
+        let mut conn = self.pool.get().await.map_err(|e| match e {
+            managed::PoolError::Timeout(_) => PoolError::Timeout(self.acquire_timeout),
+            managed::PoolError::Backend(e) => PoolError::Sql(e),
+            other => PoolError::Connect(other.to_string()),
+        })?;
+        conn.in_transaction = true;
+        conn.client.batch_execute("BEGIN").await?;
+        let user = ctx.user_id.as_deref().unwrap_or("");
+        conn.client
+            .query_one(
+                "SELECT set_config('role', $1, true), set_config('keepd.user_id', $2, true)",
+                &[&ctx.role.name(), &user],
+            )
+            .await?;
+        Ok(ScopedTransaction { conn })
+    }
+}
+
+/// One open transaction with its role and tenant set. Dropped without
+/// `commit`, it is rolled back before its connection is reused.
+pub struct ScopedTransaction {
+    conn: managed::Object<Manager>,
+}
+
+impl ScopedTransaction {
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, PoolError> {
+        Ok(self.conn.client.query(sql, params).await?)
+    }
+
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, PoolError> {
+        Ok(self.conn.client.query_one(sql, params).await?)
+    }
+
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, PoolError> {
+        Ok(self.conn.client.execute(sql, params).await?)
+    }
+
+    pub async fn commit(mut self) -> Result<(), PoolError> {
+        self.conn.client.batch_execute("COMMIT").await?;
+        self.conn.in_transaction = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,483 @@
+//! Sealed credentials, least-privilege roles and rotation, tested from the
+//! outside: through `keepd psql`, `keepd rotate`, the HTTP API, the files
+//! and the process table.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Daemon, Signal, TestNode, postgres_pids, wait_until};
+use keepd::secrets::store::CredentialStatus;
+
+const FAST_ROTATION: &str = "credentials:\n  rotation_grace_period: 2s\n";
+
+fn started(node: &TestNode) -> Daemon {
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    daemon
+}
+
+/// Waits until the rotation has finished: one login role, the active one,
+/// and db.enc records every retired credential as expired and audited.
+fn wait_converged(node: &TestNode, daemon: &Daemon, version: u32) {
+    let expected = vec![format!("keepd_{}_v{version}", node_id(daemon))];
+    let done = wait_until(Duration::from_secs(30), || {
+        let creds = node.credentials();
+        let settled = creds.login_roles.iter().all(|c| {
+            (c.version == version && c.status == CredentialStatus::Active)
+                || (c.status == CredentialStatus::Expired && c.audited)
+        });
+        (settled && node.login_roles() == expected).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "rotation did not converge on v{version}: roles {:?}\n{}",
+        node.login_roles(),
+        daemon.log()
+    );
+}
+
+fn node_id(daemon: &Daemon) -> String {
+    daemon.get("/health").unwrap().1["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn sealed_file_and_role_model_are_as_specified() {
+    use std::os::unix::fs::MetadataExt;
+    let node = TestNode::new();
+    let daemon = started(&node);
+    let id = node_id(&daemon);
+    let secrets = node.state_dir().join("secrets");
+    assert_eq!(std::fs::metadata(&secrets).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(secrets.join("db.enc")).unwrap().mode() & 0o777,
+        0o600
+    );
+    let creds = node.credentials();
+    assert_eq!(creds.superuser.expose().len(), 64);
+    assert_eq!(creds.active().unwrap().version, 1);
+
+    let login = format!("keepd_{id}_v1");
+    let attrs = node
+        .psql(
+            "superuser",
+            &format!(
+                "SELECT rolcanlogin, rolinherit, rolsuper, rolcreaterole, rolcreatedb, rolreplication, \
+                 rolbypassrls, rolconnlimit FROM pg_roles WHERE rolname = '{login}'"
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        attrs, "t|f|f|f|f|f|f|18",
+        "LOGIN NOINHERIT, nothing else, limit = pool + 2"
+    );
+    let groups = node
+        .psql(
+            "superuser",
+            &format!(
+                "SELECT string_agg(g.rolname, ',' ORDER BY g.rolname) FROM pg_auth_members m \
+                 JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
+                 WHERE u.rolname = '{login}'"
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        groups,
+        "keepd_audit,keepd_auth,keepd_query,keepd_readonly,keepd_sync"
+    );
+    let nologin = node
+        .psql(
+            "superuser",
+            "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles \
+             WHERE rolname IN ('keepd_owner','keepd_sync','keepd_query','keepd_auth','keepd_audit','keepd_readonly') \
+             AND NOT rolcanlogin AND NOT rolsuper",
+        )
+        .unwrap();
+    assert_eq!(nologin.split(',').count(), 6, "{nologin}");
+    let owned = node
+        .psql(
+            "superuser",
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_class WHERE relowner = r.oid) + \
+                 (SELECT count(*) FROM pg_namespace WHERE nspowner = r.oid) \
+                 FROM pg_roles r WHERE rolname = '{login}'"
+            ),
+        )
+        .unwrap();
+    assert_eq!(owned, "0", "the login role owns nothing");
+    // PUBLIC has no right on the database or the public schema.
+    let acl = node
+        .psql(
+            "superuser",
+            "SELECT coalesce(datacl::text, '') || ' ' || \
+             (SELECT coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'public') \
+             FROM pg_database WHERE datname = 'keepd'",
+        )
+        .unwrap();
+    assert!(
+        !acl.contains("{=") && !acl.contains(",="),
+        "PUBLIC privileges left: {acl}"
+    );
+
+    // Denied for real, as the login role itself.
+    let denied = node
+        .psql("login", "CREATE TABLE public.intruder (x int)")
+        .unwrap_err();
+    assert!(denied.contains("permission denied"), "{denied}");
+    let denied = node.psql("login", "SET ROLE keepd_superuser").unwrap_err();
+    assert!(denied.contains("permission denied"), "{denied}");
+    let denied = node
+        .psql("login", "SELECT pg_read_file('PG_VERSION')")
+        .unwrap_err();
+    assert!(denied.contains("permission denied"), "{denied}");
+    assert_eq!(node.psql("login", "SELECT current_user").unwrap(), login);
+}
+
+#[test]
+fn unknown_psql_role_is_refused_with_choices() {
+    let node = TestNode::new();
+    let _daemon = started(&node);
+    let err = node.psql("postgres", "SELECT 1").unwrap_err();
+    assert!(
+        err.contains("--role postgres") && err.contains("superuser"),
+        "{err}"
+    );
+}
+
+#[test]
+fn damaged_or_foreign_db_enc_stops_keepd_and_is_kept() {
+    let node = TestNode::new();
+    let mut daemon = started(&node);
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    drop(daemon);
+    let path = node.state_dir().join("secrets/db.enc");
+    let good = std::fs::read(&path).unwrap();
+
+    let mut flipped = good.clone();
+    let at = String::from_utf8_lossy(&good)
+        .find("\"ciphertext\": \"")
+        .unwrap()
+        + 30;
+    flipped[at] = if flipped[at] == b'A' { b'B' } else { b'A' };
+    let other = TestNode::new();
+    drop(started(&other));
+    let foreign = std::fs::read(other.state_dir().join("secrets/db.enc")).unwrap();
+    for (what, damaged) in [
+        ("flipped byte", flipped),
+        ("truncated", good[..good.len() / 3].to_vec()),
+        ("another node's", foreign),
+    ] {
+        std::fs::write(&path, &damaged).unwrap();
+        let out = node.command(&["run"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            msg.contains("db.enc") && msg.contains("will not replace"),
+            "{what}: {msg}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            damaged,
+            "{what}: file changed"
+        );
+        assert!(
+            postgres_pids(&node.data_dir()).is_empty(),
+            "{what}: postgres started"
+        );
+    }
+    std::fs::write(&path, &good).unwrap();
+    drop(started(&node));
+}
+
+#[test]
+fn rotation_under_continuous_load_fails_nothing() {
+    let node = TestNode::with_extra(FAST_ROTATION);
+    let daemon = Arc::new(started(&node));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (daemon, stop, ok, failed) =
+                (daemon.clone(), stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // Every /health is a transaction through the pool as the login role.
+                    match daemon.health() {
+                        Some(200) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for version in [2, 3] {
+        let (success, message) = node.rotate();
+        assert!(success, "{message}");
+        assert!(
+            message.contains(&format!("v{version} is active")),
+            "{message}"
+        );
+        let id = node_id(&daemon);
+        let converged = wait_until(Duration::from_secs(30), || {
+            (node.login_roles() == vec![format!("keepd_{id}_v{version}")]).then_some(())
+        });
+        assert!(converged.is_some(), "{:?}", node.login_roles());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} requests succeeded, {failed} failed across two rotations");
+    assert!(ok > 100, "the load ran ({ok})");
+    assert_eq!(failed, 0, "requests failed during rotation");
+    assert_eq!(node.credentials().active().unwrap().version, 3);
+}
+
+#[test]
+fn a_second_rotation_request_while_one_runs_is_refused() {
+    let node = TestNode::with_extra("credentials:\n  rotation_grace_period: 30s\n");
+    let _daemon = started(&node);
+    assert!(node.rotate().0);
+    let (success, message) = node.rotate();
+    assert!(!success);
+    assert!(
+        message.contains("already under way") && message.contains("v1 retires"),
+        "{message}"
+    );
+}
+
+#[test]
+fn rotate_without_a_daemon_says_so() {
+    let node = TestNode::new();
+    let (success, message) = node.rotate();
+    assert!(!success);
+    assert!(
+        message.contains("does not appear to be running"),
+        "{message}"
+    );
+}
+
+#[test]
+fn no_password_or_verifier_in_logs_argv_or_files() {
+    let node = TestNode::with_extra(
+        "credentials:\n  rotation_grace_period: 2s\n\
+         database:\n  postgres:\n    log_statement: all\n",
+    );
+    let daemon = started(&node);
+    let verifiers = |node: &TestNode| -> Vec<String> {
+        node.psql(
+            "superuser",
+            "SELECT rolpassword FROM pg_authid WHERE rolpassword IS NOT NULL",
+        )
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+    };
+    let mut secrets: Vec<String> = verifiers(&node);
+    let before = node.credentials();
+    secrets.push(before.superuser.expose().to_string());
+    secrets.push(
+        before
+            .active()
+            .unwrap()
+            .password
+            .as_ref()
+            .unwrap()
+            .expose()
+            .to_string(),
+    );
+
+    // Watch every process's argv while a rotation runs.
+    let watching = Arc::new(AtomicBool::new(true));
+    let argv_hits = {
+        let (watching, secrets) = (watching.clone(), secrets.clone());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(argv) = std::fs::read(entry.path().join("cmdline")) {
+                        let argv = String::from_utf8_lossy(&argv).into_owned();
+                        seen.extend(
+                            secrets
+                                .iter()
+                                .filter(|s| argv.contains(s.as_str()))
+                                .cloned(),
+                        );
+                    }
+                }
+            }
+            seen
+        })
+    };
+    assert!(node.rotate().0);
+    wait_converged(&node, &daemon, 2);
+    watching.store(false, Ordering::Relaxed);
+    assert!(
+        argv_hits.join().unwrap().is_empty(),
+        "a secret appeared in a process's argv"
+    );
+    let after = node.credentials();
+    secrets.push(
+        after
+            .active()
+            .unwrap()
+            .password
+            .as_ref()
+            .unwrap()
+            .expose()
+            .to_string(),
+    );
+    secrets.extend(verifiers(&node));
+    // SCRAM verifiers are `SCRAM-SHA-256$iter:salt$stored:server`; match
+    // their key parts too, in case a log quoted them partially.
+    let needles: Vec<String> = secrets
+        .iter()
+        .flat_map(|s| {
+            let mut v = vec![s.clone()];
+            if let Some((_, keys)) = s.rsplit_once('$') {
+                v.extend(keys.split(':').map(str::to_string));
+            }
+            v
+        })
+        .collect();
+
+    let mut scanned = Vec::new();
+    let mut hits = Vec::new();
+    let mut scan = |name: String, text: Vec<u8>| {
+        let text = String::from_utf8_lossy(&text);
+        for needle in &needles {
+            if text.contains(needle.as_str()) {
+                hits.push(name.clone());
+            }
+        }
+        scanned.push(name);
+    };
+    scan("keepd's log".into(), daemon.log().into_bytes());
+    // Every file keepd or Postgres writes outside the relation and WAL
+    // storage (where Postgres keeps pg_authid itself), and outside db.enc.
+    let mut stack = vec![node.dir.path().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if ![
+                    "base",
+                    "global",
+                    "pg_wal",
+                    "pg_xact",
+                    "pg_multixact",
+                    "pg_subtrans",
+                ]
+                .contains(&name.as_str())
+                {
+                    stack.push(path);
+                }
+            } else if path.is_file() && name != "db.enc" {
+                scan(
+                    path.display().to_string(),
+                    std::fs::read(&path).unwrap_or_default(),
+                );
+            }
+        }
+    }
+    assert!(
+        scanned.iter().any(|n| n.contains("/pgdata/log/")),
+        "the Postgres log was scanned: {scanned:?}"
+    );
+    assert!(hits.is_empty(), "secrets found in {hits:?}");
+    // log_statement = all really was on: the log has statements.
+    let log_dir = node.data_dir().join("log");
+    let pg_log: String = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        pg_log.contains("statement: "),
+        "log_statement=all logged nothing"
+    );
+}
+
+fn crash_at(step: u8) {
+    let node = TestNode::with_extra("credentials:\n  rotation_grace_period: 1s\n");
+    let mut daemon = {
+        let mut cmd = node.command(&["run"]);
+        cmd.env("KEEPD_FAULT_ROTATION_STEP", step.to_string());
+        common::Daemon::spawn_with(cmd, node.data_dir())
+    };
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    let id = node_id(&daemon);
+    let _ = node.rotate();
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some(),
+        "keepd did not stop at step {step}:\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log(
+                "fault injection: killing keepd after rotation step",
+                Duration::ZERO
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    drop(daemon);
+    assert!(
+        postgres_pids(&node.data_dir()).is_empty(),
+        "orphan postgres after the crash"
+    );
+
+    let daemon = started(&node);
+    wait_converged(&node, &daemon, 2);
+    assert_eq!(node.login_roles(), vec![format!("keepd_{id}_v2")]);
+    let creds = node.credentials();
+    assert_eq!(creds.active().unwrap().version, 2);
+    assert_eq!(
+        creds.live().count(),
+        1,
+        "no pending or retiring credential left"
+    );
+    assert_eq!(
+        node.psql("login", "SELECT current_user").unwrap(),
+        format!("keepd_{id}_v2")
+    );
+    assert_eq!(daemon.health(), Some(200));
+}
+
+macro_rules! crash_tests {
+    ($($name:ident => $step:expr),* $(,)?) => {
+        $(#[test] fn $name() { crash_at($step); })*
+    };
+}
+
+crash_tests! {
+    crash_after_rotation_step_1_converges => 1,
+    crash_after_rotation_step_2_converges => 2,
+    crash_after_rotation_step_3_converges => 3,
+    crash_after_rotation_step_4_converges => 4,
+    crash_after_rotation_step_5_converges => 5,
+    crash_after_rotation_step_6_converges => 6,
+    crash_after_rotation_step_7_converges => 7,
+    crash_after_rotation_step_8_converges => 8,
+    crash_after_rotation_step_9_converges => 9,
+}
