@@ -55,6 +55,38 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Replaces `path` atomically with `bytes` (mode 0600, optionally handed to
+/// `owner` uid/gid): a temporary file beside it, fsync, rename, fsync of the
+/// directory. A crash leaves the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8], owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// The permission bits of a path, for messages and checks.
 pub fn mode_of(path: &Path) -> io::Result<u32> {
     Ok(std::fs::metadata(path)?.mode() & 0o7777)
@@ -74,6 +106,17 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         ensure_private_dir(&dir).unwrap();
         assert_eq!(mode_of(&dir).unwrap(), 0o700);
+    }
+
+    #[test]
+    fn atomic_write_replaces_with_mode_0600_and_leaves_no_temp() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("f");
+        write_atomic(&path, b"one", None).unwrap();
+        write_atomic(&path, b"two", None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(mode_of(&path).unwrap(), 0o600);
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! keepd: a zero-knowledge sync service that owns a hardened PostgreSQL
 //! instance end to end. See docs/ARCHITECTURE.md for the map of modules.
 
+pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod postgres;
-pub mod psql;
 pub mod secret;
 pub mod secrets;
 pub mod shutdown;

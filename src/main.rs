@@ -43,6 +43,11 @@ enum Command {
     },
     /// Ask the running daemon to rotate its database credentials now.
     Rotate,
+    /// Work with the hash-chained audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Open psql on keepd's database; credentials are unsealed in memory and
     /// passed through the environment, never the command line.
     Psql {
@@ -54,6 +59,13 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the chain and check the signed checkpoint: exit 0 when
+    /// intact, 1 naming the first bad entry.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -70,7 +82,20 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config, config),
         Command::Render { out } => write_rendered(&config, &out),
         Command::Rotate => rotate(&config),
-        Command::Psql { role, args } => match keepd::psql::run(&config, role.as_deref(), &args) {
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::audit_verify(&config))?)) {
+            Ok(verdict @ keepd::audit::Verdict::Intact { .. }) => {
+                println!("{verdict}");
+                Ok(())
+            }
+            Ok(verdict) => {
+                eprintln!("keepd: {verdict}");
+                return ExitCode::from(1);
+            }
+            Err(e) => Err(e),
+        },
+        Command::Psql { role, args } => match keepd::admin::psql(&config, role.as_deref(), &args) {
             Ok(status) => return ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
             Err(e) => Err(e.into()),
         },

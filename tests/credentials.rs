@@ -435,7 +435,8 @@ fn crash_at(step: u8) {
         daemon
             .wait_for_log(
                 "fault injection: killing keepd after rotation step",
-                Duration::ZERO
+                // The reader thread may still be draining the dead process's pipe.
+                Duration::from_secs(5)
             )
             .is_some(),
         "{}",

@@ -7,20 +7,22 @@ pub mod rotator;
 use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiState, HealthProbe};
+use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, Provider};
 use crate::identity::{IdentityError, NodeIdentity};
-use crate::postgres::DATABASE;
 use crate::postgres::bootstrap::{self, BootstrapError};
+use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::native::{NativeCluster, NativeError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
 use crate::postgres::render::{self, RenderError};
 use crate::postgres::supervise::Supervisor;
+use crate::postgres::{DATABASE, describe_error};
 use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 use crate::shutdown;
@@ -43,6 +45,10 @@ pub enum DaemonError {
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
     Rotation(#[from] RotationError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("cannot connect to Postgres as the superuser: {}", describe_error(.0))]
+    Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
     #[error(
@@ -165,6 +171,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             });
         }
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;
+        let (mut client, connection) = superuser
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(DaemonError::Connect)?;
+        tokio::spawn(connection);
+        let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
+        info!(applied = ?applied, "schema up to date");
+        drop(client);
         let login =
             rotator::login_credential(&identity, &credentials).ok_or(RotationError::NoActive)?;
         let mut base = superuser.clone();
@@ -188,7 +202,25 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             superuser.clone(),
             pool.clone(),
         ));
+        let keys = Arc::new(AuditKeys::new(&identity));
+        let sealer = AuditSealer::new(
+            pool.clone(),
+            identity.clone(),
+            keys,
+            audit::checkpoint_path(&config.node.state_dir),
+        );
         rotator.reconcile().await?;
+        let started_entry = audit::AuditEntry {
+            action: "NODE_START",
+            table_name: "-",
+            rows_affected: 0,
+            duration: Duration::ZERO,
+            source_component: "daemon",
+            metadata: serde_json::json!({"version": env!("CARGO_PKG_VERSION")}),
+        };
+        audit::record_alone(&pool, &node_id, &started_entry)
+            .await
+            .map_err(RotationError::from)?;
         let control_path = control::socket_path(&config.node.runtime_dir);
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
@@ -202,9 +234,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 addr: config.api.listen.to_string(),
                 source,
             })?;
-        Ok((pool, rotator, control, listener))
+        Ok((pool, rotator, sealer, control, listener))
     };
-    let (pool, rotator, control, listener) = match started.await {
+    let (pool, rotator, sealer, control, listener) = match started.await {
         Ok(parts) => parts,
         Err(e) => {
             supervisor.stop().await;
@@ -213,6 +245,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     };
     let rotation_task = tokio::spawn(rotator.clone().run(shutdown.clone()));
     let control_task = tokio::spawn(control::serve(control, rotator, shutdown.clone()));
+    let sealer_task = tokio::spawn(sealer.run(shutdown.clone()));
 
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     let health = Arc::new(HealthProbe::new(supervisor.state(), pool));
@@ -236,7 +269,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         Err(e) => error!(error = %e, "api server task failed"),
         Ok(Ok(())) => {}
     }
-    let _ = tokio::join!(rotation_task, control_task);
+    let _ = tokio::join!(rotation_task, control_task, sealer_task);
     let _ = std::fs::remove_file(control::socket_path(&config.node.runtime_dir));
     supervisor.stop().await;
     info!("keepd stopped");

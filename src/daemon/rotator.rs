@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::config::SealMethod;
 use crate::identity::NodeIdentity;
+use crate::postgres::describe_error;
 use crate::postgres::pool::{LoginCredential, RoleAwarePool};
 use crate::postgres::roles::{self, RoleAdmin, RoleError};
 use crate::secret::{self, EntropyError, ScramVerifier};
@@ -27,10 +28,12 @@ pub enum RotationError {
     Role(#[from] RoleError),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
-    #[error("cannot connect to Postgres as the superuser: {0}")]
+    #[error("cannot connect to Postgres as the superuser: {}", describe_error(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error("db.enc has no active login credential")]
     NoActive,
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Settings of a rotation, from `credentials.*` and `database.pool.*`.
@@ -106,6 +109,27 @@ impl Rotator {
         roles::login_role_name(self.identity.node_id(), version)
     }
 
+    /// Records a rotation step in the audit trail, then passes the step's
+    /// fault point.
+    async fn step_done(
+        &self,
+        step: u8,
+        version: u32,
+        started: std::time::Instant,
+    ) -> Result<(), RotationError> {
+        let entry = crate::audit::AuditEntry {
+            action: "CREDENTIAL_ROTATION",
+            table_name: "pg_authid",
+            rows_affected: 1,
+            duration: started.elapsed(),
+            source_component: "rotation",
+            metadata: serde_json::json!({"step": step, "version": version}),
+        };
+        crate::audit::record_alone(&self.pool, self.identity.node_id().as_str(), &entry).await?;
+        self.fault_point(step);
+        Ok(())
+    }
+
     fn fault_point(&self, step: u8) {
         if self.fault_step == Some(step) {
             error!(step, "fault injection: killing keepd after rotation step");
@@ -166,6 +190,7 @@ impl Rotator {
     /// Steps 1-4 now; the old credential retires in the background after
     /// the grace period. Returns a one-line summary.
     pub async fn rotate_now(&self) -> Result<String, RotationError> {
+        let started = std::time::Instant::now();
         let mut credentials = self.credentials.lock().await;
         let phase = rotation::next_phase(&credentials, self.settings.grace);
         if phase != Phase::Idle {
@@ -180,7 +205,7 @@ impl Rotator {
             step = 1,
             "rotation: new credential generated and sealed"
         );
-        self.fault_point(1);
+        self.step_done(1, version, started).await?;
         self.activate(&mut credentials, version).await?;
         self.wake.notify_one();
         Ok(format!(
@@ -195,6 +220,7 @@ impl Rotator {
         credentials: &mut Credentials,
         version: u32,
     ) -> Result<(), RotationError> {
+        let started = std::time::Instant::now();
         let password = credentials
             .get(version)
             .and_then(|c| c.password.clone())
@@ -209,7 +235,7 @@ impl Rotator {
             )
             .await?;
         info!(role = name, step = 2, "rotation: new login role created");
-        self.fault_point(2);
+        self.step_done(2, version, started).await?;
         rotation::activate(credentials, version, now());
         self.save(credentials)?;
         info!(
@@ -217,7 +243,7 @@ impl Rotator {
             step = 3,
             "rotation: new credential active, previous one retiring"
         );
-        self.fault_point(3);
+        self.step_done(3, version, started).await?;
         let login = login_credential(&self.identity, credentials).ok_or(RotationError::NoActive)?;
         self.pool.switch_credential(login);
         info!(
@@ -225,13 +251,15 @@ impl Rotator {
             step = 4,
             "rotation: pool switched to the new credential"
         );
-        self.fault_point(4);
+        self.step_done(4, version, started).await?;
         Ok(())
     }
 
     /// Steps 6-8 for a retiring version whose grace period is over.
     async fn retire(&self, version: u32) -> Result<(), RotationError> {
-        self.fault_point(5);
+        let started = std::time::Instant::now();
+        info!(version, step = 5, "rotation: grace period over");
+        self.step_done(5, version, started).await?;
         let name = self.role_name(version);
         let mut client = self.admin().await?;
         let mut admin = RoleAdmin::new(&mut client);
@@ -249,14 +277,14 @@ impl Rotator {
             step = 6,
             "rotation: no session uses the retired credential"
         );
-        self.fault_point(6);
+        self.step_done(6, version, started).await?;
         admin.drop_role(&name).await?;
         info!(
             role = name,
             step = 7,
             "rotation: retired login role dropped"
         );
-        self.fault_point(7);
+        self.step_done(7, version, started).await?;
         let mut credentials = self.credentials.lock().await;
         rotation::expire(&mut credentials, version, now());
         self.save(&credentials)?;
@@ -265,17 +293,26 @@ impl Rotator {
             step = 8,
             "rotation: retired credential marked expired"
         );
-        self.fault_point(8);
+        drop(credentials);
+        self.step_done(8, version, started).await?;
         Ok(())
     }
 
-    /// Step 9.
+    /// Step 9: the completed rotation goes into the audit trail.
     async fn audit(&self, version: u32) -> Result<(), RotationError> {
+        let started = std::time::Instant::now();
         let mut credentials = self.credentials.lock().await;
         let active = credentials.active().map(|c| c.version).unwrap_or(0);
+        let entry = crate::audit::AuditEntry {
+            action: "CREDENTIAL_ROTATION_COMPLETE",
+            table_name: "pg_authid",
+            rows_affected: 2,
+            duration: started.elapsed(),
+            source_component: "rotation",
+            metadata: serde_json::json!({"step": 9, "retired": version, "active": active}),
+        };
+        crate::audit::record_alone(&self.pool, self.identity.node_id().as_str(), &entry).await?;
         info!(
-            target: "keepd::audit",
-            event = "credential_rotation",
             retired = version,
             active,
             step = 9,

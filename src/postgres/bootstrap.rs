@@ -3,16 +3,16 @@
 
 use tracing::info;
 
-use super::DATABASE;
 use super::render::RenderedConfig;
+use super::{DATABASE, describe_error};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("cannot connect to Postgres as the bootstrap superuser: {0}")]
+    #[error("cannot connect to Postgres as the bootstrap superuser: {}", describe_error(.0))]
     Connect(#[source] tokio_postgres::Error),
-    #[error("creating database {DATABASE} failed: {0}")]
+    #[error("creating database {DATABASE} failed: {}", describe_error(.0))]
     CreateDatabase(#[source] tokio_postgres::Error),
-    #[error("initdb script {script} failed: {source}")]
+    #[error("initdb script {script} failed: {}", describe_error(source))]
     Script {
         script: &'static str,
         #[source]

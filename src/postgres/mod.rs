@@ -3,6 +3,8 @@
 
 pub mod bootstrap;
 pub mod child;
+pub mod matrix;
+pub mod migrate;
 pub mod native;
 pub mod pool;
 pub mod render;
@@ -23,3 +25,25 @@ pub const GROUP_ROLES: [&str; 5] = [
     "keepd_audit",
     "keepd_readonly",
 ];
+
+/// A Postgres error as an operator needs it: the server's own message with
+/// its detail and hint, or the connection problem with its cause (the
+/// driver's Display alone says only "db error").
+pub fn describe_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} ({})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!("; {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            text
+        }
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}

@@ -4,7 +4,7 @@
 //! run it; `supervise` owns the running process.
 
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -408,28 +408,14 @@ impl NativeCluster {
             ("pg_ident.conf", &rendered.pg_ident_conf),
         ] {
             let path = self.data_dir.join(name);
-            let tmp = self.data_dir.join(format!(".{name}.keepd-tmp"));
-            let write = || -> io::Result<()> {
-                let _ = std::fs::remove_file(&tmp);
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                file.write_all(text.as_bytes())?;
-                file.sync_all()?;
-                if let Some(account) = &self.account {
-                    std::os::unix::fs::fchown(
-                        &file,
-                        Some(account.uid.as_raw()),
-                        Some(account.gid.as_raw()),
-                    )?;
-                }
-                std::fs::rename(&tmp, &path)
-            };
-            write().map_err(io_err("cannot install", &path))?;
+            let owner = self
+                .account
+                .as_ref()
+                .map(|a| (a.uid.as_raw(), a.gid.as_raw()));
+            fsutil::write_atomic(&path, text.as_bytes(), owner)
+                .map_err(io_err("cannot install", &path))?;
         }
-        fsutil::sync_dir(&self.data_dir).map_err(io_err("cannot sync", &self.data_dir))
+        Ok(())
     }
 
     /// Handles a `postmaster.pid` left behind: if it names a live postgres

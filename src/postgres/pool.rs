@@ -50,18 +50,31 @@ impl GroupRole {
 }
 
 /// Who a unit of work runs for: the group role and, for tenant data, the
-/// user whose rows it may see.
+/// user whose rows it may see. A login lookup instead names the email HMAC
+/// it already knows, which makes that one user row visible.
 #[derive(Debug, Clone)]
 pub struct OperationContext {
     pub role: GroupRole,
     pub user_id: Option<String>,
+    pub email_hmac: Option<String>,
 }
 
 impl OperationContext {
+    /// Work for no tenant: tenant tables show no rows.
     pub fn system(role: GroupRole) -> OperationContext {
         OperationContext {
             role,
             user_id: None,
+            email_hmac: None,
+        }
+    }
+
+    /// Work on behalf of one user.
+    pub fn user(role: GroupRole, user_id: impl Into<String>) -> OperationContext {
+        OperationContext {
+            role,
+            user_id: Some(user_id.into()),
+            email_hmac: None,
         }
     }
 }
@@ -72,7 +85,7 @@ pub enum PoolError {
     Timeout(Duration),
     #[error("cannot connect to Postgres: {0}")]
     Connect(String),
-    #[error(transparent)]
+    #[error("{}", super::describe_error(.0))]
     Sql(#[from] tokio_postgres::Error),
 }
 
@@ -190,13 +203,18 @@ impl RoleAwarePool {
         conn.in_transaction = true;
         conn.client.batch_execute("BEGIN").await?;
         let user = ctx.user_id.as_deref().unwrap_or("");
+        let email = ctx.email_hmac.as_deref().unwrap_or("");
         conn.client
             .query_one(
-                "SELECT set_config('role', $1, true), set_config('keepd.user_id', $2, true)",
-                &[&ctx.role.name(), &user],
+                "SELECT set_config('role', $1, true), set_config('keepd.user_id', $2, true), \
+                 set_config('keepd.email_hmac', $3, true)",
+                &[&ctx.role.name(), &user, &email],
             )
             .await?;
-        Ok(ScopedTransaction { conn })
+        Ok(ScopedTransaction {
+            conn,
+            role: ctx.role,
+        })
     }
 }
 
@@ -204,9 +222,24 @@ impl RoleAwarePool {
 /// `commit`, it is rolled back before its connection is reused.
 pub struct ScopedTransaction {
     conn: managed::Object<Manager>,
+    role: GroupRole,
 }
 
 impl ScopedTransaction {
+    pub fn role(&self) -> GroupRole {
+        self.role
+    }
+
+    /// Switches this transaction to another group role (e.g. `Audit` to
+    /// append the audit entry of the change it makes); returns the old one.
+    pub async fn set_role(&mut self, role: GroupRole) -> Result<GroupRole, PoolError> {
+        self.conn
+            .client
+            .query_one("SELECT set_config('role', $1, true)", &[&role.name()])
+            .await?;
+        Ok(std::mem::replace(&mut self.role, role))
+    }
+
     pub async fn query(
         &self,
         sql: &str,

@@ -15,7 +15,7 @@ use crate::secret::ScramVerifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
-    #[error("{action} role {role} failed: {source}")]
+    #[error("{action} role {role} failed: {}", super::describe_error(source))]
     Sql {
         action: &'static str,
         role: String,

@@ -5,8 +5,7 @@
 //! opened is an error for the operator: keepd never regenerates over it,
 //! since that would lock it out of its own database.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -209,28 +208,7 @@ impl CredentialStore {
             })?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fsutil::ensure_private_dir(dir).map_err(write_err)?;
-        let file_name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "db.enc".into());
-        let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&sealed)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            fsutil::sync_dir(dir)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            write_err(e)
-        })
+        fsutil::write_atomic(&self.path, &sealed, None).map_err(write_err)
     }
 }
 

@@ -341,3 +341,67 @@ impl TestNode {
         (out.status.success(), text)
     }
 }
+
+impl TestNode {
+    /// A pool like the daemon's, as the node's active login role.
+    pub fn pool(&self, max_size: usize) -> keepd::postgres::pool::RoleAwarePool {
+        let identity =
+            keepd::identity::NodeIdentity::load(&self.state_dir().join("identity.key")).unwrap();
+        let login = keepd::daemon::rotator::login_credential(&identity, &self.credentials())
+            .expect("an active login credential");
+        keepd::postgres::pool::RoleAwarePool::new(
+            self.pg_config(),
+            login,
+            keepd::postgres::pool::PoolSettings {
+                max_size,
+                acquire_timeout: Duration::from_secs(5),
+            },
+        )
+    }
+
+    /// Connection settings for keepd's database over its socket (no user).
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(self.dir.path().join("run/postgres"))
+            .port(5432)
+            .dbname("keepd");
+        config
+    }
+
+    /// A superuser session on keepd's database.
+    pub async fn superuser(&self) -> tokio_postgres::Client {
+        let mut config = self.pg_config();
+        config
+            .user("keepd_superuser")
+            .password(self.credentials().superuser.expose());
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// `keepd audit verify`: (exit code, stdout + stderr).
+    pub fn audit_verify(&self) -> (i32, String) {
+        let out = self.command(&["audit", "verify"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+/// A random UUID (version 4) as text.
+pub fn uuid() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}

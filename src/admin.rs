@@ -1,19 +1,20 @@
-//! `keepd psql`: an interactive psql on keepd's database with credentials
-//! unsealed from `db.enc` in memory. The password reaches psql through its
-//! environment (readable only by the same user and root), never argv.
+//! Operator commands that talk to the managed database directly, with
+//! credentials unsealed from `db.enc` in memory: `keepd psql` and
+//! `keepd audit verify`.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
+use crate::audit::Verdict;
 use crate::config::Config;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::postgres::native::PgBinaries;
 use crate::postgres::render::socket_dir;
 use crate::postgres::{DATABASE, SUPERUSER, roles};
-use crate::secrets::store::{CredentialStore, StoreError};
+use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum PsqlError {
+pub enum AdminError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -25,6 +26,13 @@ pub enum PsqlError {
          login role) or one of: {choices}"
     )]
     UnknownRole { given: String, choices: String },
+    #[error(
+        "cannot connect to keepd's Postgres: {}; is keepd running with this configuration?",
+        crate::postgres::describe_error(.0)
+    )]
+    Connect(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("cannot run {program}: {source}")]
     Spawn {
         program: PathBuf,
@@ -32,14 +40,44 @@ pub enum PsqlError {
     },
 }
 
-/// Runs psql as `role` (`superuser` when None) with `args`, and returns
-/// its exit status.
-pub fn run(config: &Config, role: Option<&str>, args: &[String]) -> Result<ExitStatus, PsqlError> {
+/// The node identity and its unsealed credentials; never creates either.
+fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
     let identity = NodeIdentity::load(&config.node.state_dir.join("identity.key"))?;
     let store = CredentialStore::new(config.credentials_path());
     let (credentials, _) = store
         .load(&identity)?
-        .ok_or_else(|| PsqlError::NoCredentials(store.path().to_owned()))?;
+        .ok_or_else(|| AdminError::NoCredentials(store.path().to_owned()))?;
+    Ok((identity, credentials))
+}
+
+/// `keepd audit verify`: recomputes the audit chain as the superuser.
+pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host_path(socket_dir(config))
+        .port(config.network.port)
+        .dbname(DATABASE)
+        .user(SUPERUSER)
+        .password(credentials.superuser.expose())
+        .application_name("keepd-audit-verify");
+    let (client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(AdminError::Connect)?;
+    tokio::spawn(connection);
+    let checkpoint = crate::audit::checkpoint_path(&config.node.state_dir);
+    Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
+}
+
+/// Runs psql as `role` (`superuser` when None) with `args`, and returns
+/// its exit status. The password reaches psql through its environment
+/// (readable only by the same user and root), never argv.
+pub fn psql(
+    config: &Config,
+    role: Option<&str>,
+    args: &[String],
+) -> Result<ExitStatus, AdminError> {
+    let (identity, credentials) = unseal(config)?;
     let node = identity.node_id();
     let live: Vec<(String, _)> = credentials
         .live()
@@ -51,13 +89,13 @@ pub fn run(config: &Config, role: Option<&str>, args: &[String]) -> Result<ExitS
             let active = credentials
                 .active()
                 .and_then(|c| Some((roles::login_role_name(node, c.version), c.password.clone()?)));
-            active.ok_or_else(|| PsqlError::NoCredentials(store.path().to_owned()))?
+            active.ok_or_else(|| AdminError::NoCredentials(config.credentials_path()))?
         }
         other => live
             .iter()
             .find(|(name, _)| name == other)
             .cloned()
-            .ok_or_else(|| PsqlError::UnknownRole {
+            .ok_or_else(|| AdminError::UnknownRole {
                 given: other.into(),
                 choices: live
                     .iter()
@@ -81,5 +119,5 @@ pub fn run(config: &Config, role: Option<&str>, args: &[String]) -> Result<ExitS
         .env("PGPASSWORD", password.expose())
         .env("PGAPPNAME", "keepd-psql")
         .status()
-        .map_err(|source| PsqlError::Spawn { program, source })
+        .map_err(|source| AdminError::Spawn { program, source })
 }

@@ -1,0 +1,199 @@
+//! Versioned schema migrations, applied at start as `keepd_owner`.
+//!
+//! A small runner of our own rather than a migration crate: keepd needs
+//! every pending migration *and* the permission matrix applied in one
+//! transaction (all or nothing), as `keepd_owner` (so the owner owns what
+//! it creates), under a transaction-level advisory lock (several keepd
+//! nodes may share an external cluster), with checksums of applied files
+//! verified. That is about a hundred lines; the crates that do the rest
+//! would add some forty dependencies to a two-core build.
+
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::{OWNER_ROLE, describe_error, matrix};
+
+/// One migration file, embedded in the binary.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+impl Migration {
+    fn checksum(&self) -> String {
+        hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+}
+
+/// keepd's schema, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "sync_schema",
+        sql: include_str!("../../migrations/0001_sync_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "audit_log",
+        sql: include_str!("../../migrations/0002_audit_log.sql"),
+    },
+];
+
+/// Serialises migrations across every keepd sharing a cluster.
+const MIGRATION_LOCK: i64 = 0x6b65_6570_645f_6d69; // "keepd_mi"
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "migration {version} ({name}) failed, nothing was changed: {}",
+        describe_error(source)
+    )]
+    Failed {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "migration {version} ({name}) was applied with different content (checksum {applied}, \
+         this keepd has {expected}); a released migration must never change"
+    )]
+    Changed {
+        version: i32,
+        name: String,
+        applied: String,
+        expected: String,
+    },
+    #[error(
+        "the database is at schema version {applied}, newer than this keepd knows ({known}); \
+         run the newer keepd"
+    )]
+    Newer { applied: i32, known: i32 },
+    #[error("applying migrations failed, nothing was changed: {}", describe_error(.0))]
+    Sql(#[from] tokio_postgres::Error),
+}
+
+/// Applies `migrations` not yet applied and grants the permission matrix,
+/// all in one transaction. `client` is a superuser session.
+pub async fn apply(
+    client: &mut tokio_postgres::Client,
+    migrations: &[Migration],
+) -> Result<Vec<i32>, MigrateError> {
+    let tx = client.transaction().await?;
+    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL ROLE {OWNER_ROLE};
+         CREATE TABLE IF NOT EXISTS keepd.schema_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             checksum   text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await?;
+    let applied: Vec<(i32, String, String)> = tx
+        .query(
+            "SELECT version, name, checksum FROM keepd.schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+    if let Some((newest, _, _)) = applied.last()
+        && *newest > known
+    {
+        return Err(MigrateError::Newer {
+            applied: *newest,
+            known,
+        });
+    }
+    for (version, name, checksum) in &applied {
+        if let Some(m) = migrations.iter().find(|m| m.version == *version)
+            && m.checksum() != *checksum
+        {
+            return Err(MigrateError::Changed {
+                version: *version,
+                name: name.clone(),
+                applied: checksum.clone(),
+                expected: m.checksum(),
+            });
+        }
+    }
+    let pending: Vec<&Migration> = migrations
+        .iter()
+        .filter(|m| !applied.iter().any(|(v, _, _)| *v == m.version))
+        .collect();
+    for (index, m) in pending.iter().enumerate() {
+        info!(
+            version = m.version,
+            name = m.name,
+            progress = format!("{}/{}", index + 1, pending.len()),
+            "applying migration"
+        );
+        let failed = |source| MigrateError::Failed {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        tx.batch_execute(m.sql).await.map_err(failed)?;
+        tx.execute(
+            "INSERT INTO keepd.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &m.checksum()],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    // The matrix, exactly, at every start: drift is revoked.
+    tx.batch_execute(&matrix::grant_statements().join(";\n"))
+        .await?;
+    tx.commit().await?;
+    Ok(pending.iter().map(|m| m.version).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_from_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1, "{}", m.name);
+            assert!(!m.sql.trim().is_empty());
+        }
+    }
+
+    #[test]
+    fn migrations_grant_nothing_themselves() {
+        // The matrix is the one place privileges come from.
+        for m in MIGRATIONS {
+            let code: String = m
+                .sql
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .to_uppercase();
+            assert!(!code.contains("GRANT "), "{} grants", m.name);
+        }
+    }
+
+    #[test]
+    fn every_tenant_table_forces_row_level_security() {
+        let all: String = MIGRATIONS.iter().map(|m| m.sql).collect();
+        for table in matrix::TABLES.iter().filter(|t| t.starts_with("keepd.")) {
+            assert!(
+                all.contains(&format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;")),
+                "{table}"
+            );
+            assert!(
+                all.contains(&format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY;")),
+                "{table}"
+            );
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! Schema, permission matrix, row-level security, pool hygiene and the
+//! audit chain, proven against a real keepd-managed Postgres through the
+//! public API (the role-aware pool) and the binary (`keepd audit verify`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestNode, uuid, wait_until};
+use keepd::postgres::matrix::{self, Privilege};
+use keepd::postgres::migrate::{self, MigrateError, Migration};
+use keepd::postgres::pool::{GroupRole, OperationContext, PoolError, RoleAwarePool};
+
+const ROLES: [GroupRole; 5] = [
+    GroupRole::Sync,
+    GroupRole::Query,
+    GroupRole::Auth,
+    GroupRole::Audit,
+    GroupRole::Readonly,
+];
+
+fn started() -> (TestNode, common::Daemon) {
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    (node, daemon)
+}
+
+/// A column each table has, for an UPDATE that touches nothing.
+fn some_column(table: &str) -> &'static str {
+    match table {
+        "keepd.users" => "password_hash",
+        "keepd.sessions" | "keepd.devices" => "revoked_at",
+        "keepd.vaults" => "last_sequence",
+        "keepd.vault_keys" => "salt",
+        "keepd.sync_logs" | "keepd.backups" => "nonce",
+        "keepd.push_requests" => "response",
+        "keepd_audit.audit_log" => "action",
+        "keepd_audit.audit_chain" => "sealed_at",
+        other => panic!("no column known for {other}"),
+    }
+}
+
+fn statement(privilege: Privilege, table: &str) -> String {
+    match privilege {
+        Privilege::Select => format!("SELECT 1 FROM {table} LIMIT 0"),
+        Privilege::Insert => format!("INSERT INTO {table} DEFAULT VALUES"),
+        Privilege::Update => format!(
+            "UPDATE {table} SET {} = NULL WHERE false",
+            some_column(table)
+        ),
+        Privilege::Delete => format!("DELETE FROM {table} WHERE false"),
+        Privilege::Truncate => format!("TRUNCATE {table}"),
+    }
+}
+
+/// Whether the error is Postgres refusing the privilege itself (not a
+/// constraint, a policy or a trigger reached after the privilege check).
+fn is_permission_denied(e: &PoolError) -> bool {
+    let PoolError::Sql(e) = e else { return false };
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE
+            && db.message().starts_with("permission denied")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_cell_of_the_permission_matrix_holds() {
+    let (node, _daemon) = started();
+    let pool = node.pool(2);
+    let mut failures = Vec::new();
+    for role in ROLES {
+        for table in matrix::TABLES {
+            for privilege in Privilege::ALL {
+                let tx = pool
+                    .begin(&OperationContext::user(role, uuid()))
+                    .await
+                    .unwrap();
+                // Dropped without commit: rolled back whatever happens.
+                let result = tx.execute(&statement(privilege, table), &[]).await;
+                let allowed = matrix::allows(role.name(), table, privilege);
+                let denied = matches!(&result, Err(e) if is_permission_denied(e));
+                if allowed == denied {
+                    failures.push(format!(
+                        "{} {} {table}: expected {}, got {result:?}",
+                        role.name(),
+                        privilege.sql(),
+                        if allowed { "allowed" } else { "denied" }
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Creates one row in every tenant table for `user`; returns nothing but
+/// panics on failure.
+async fn populate(pool: &RoleAwarePool, user: &str) {
+    let auth = pool
+        .begin(&OperationContext::user(GroupRole::Auth, user))
+        .await
+        .unwrap();
+    let hmac = &user[..8];
+    auth.execute(
+        &format!("INSERT INTO keepd.users (id, email_hmac, password_hash) VALUES ('{user}', '\\x{hmac}', 'h')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    auth.execute(
+        &format!("INSERT INTO keepd.sessions (id, user_id, expires_at) VALUES (gen_random_uuid(), '{user}', now() + interval '1h')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    auth.commit().await.unwrap();
+    let sync = pool
+        .begin(&OperationContext::user(GroupRole::Sync, user))
+        .await
+        .unwrap();
+    let vault = uuid();
+    let device = uuid();
+    for sql in [
+        format!(
+            "INSERT INTO keepd.vaults (id, user_id, vault_id) VALUES ('{vault}', '{user}', 'v')"
+        ),
+        format!(
+            "INSERT INTO keepd.vault_keys (id, vault, user_id, encrypted_vault_key, salt, nonce) VALUES (gen_random_uuid(), '{vault}', '{user}', 'k', 's', 'n')"
+        ),
+        format!(
+            "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) VALUES (gen_random_uuid(), '{vault}', '{user}', 1, 'd', 'n', 't')"
+        ),
+        format!(
+            "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) VALUES ('{user}', 'k', '{{}}')"
+        ),
+        format!(
+            "INSERT INTO keepd.devices (id, user_id, device_name, public_key) VALUES ('{device}', '{user}', 'd', decode(repeat('00', 32), 'hex'))"
+        ),
+        format!(
+            "INSERT INTO keepd.backups (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, size_bytes) VALUES (gen_random_uuid(), '{user}', '{device}', '\\x00', '\\x00', '\\x00', '\\x00', 'Internal', 1)"
+        ),
+    ] {
+        sync.execute(&sql, &[]).await.unwrap();
+    }
+    sync.commit().await.unwrap();
+}
+
+const TENANT_TABLES: [(&str, &str); 8] = [
+    ("keepd.users", "id"),
+    ("keepd.sessions", "user_id"),
+    ("keepd.vaults", "user_id"),
+    ("keepd.vault_keys", "user_id"),
+    ("keepd.sync_logs", "user_id"),
+    ("keepd.push_requests", "user_id"),
+    ("keepd.devices", "user_id"),
+    ("keepd.backups", "user_id"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn row_level_security_isolates_tenants_even_from_hand_written_sql() {
+    let (node, _daemon) = started();
+    let pool = node.pool(2);
+    let (alice, bob) = (uuid(), uuid());
+    populate(&pool, &alice).await;
+    populate(&pool, &bob).await;
+
+    for role in [
+        GroupRole::Readonly,
+        GroupRole::Query,
+        GroupRole::Sync,
+        GroupRole::Auth,
+    ] {
+        let tx = pool
+            .begin(&OperationContext::user(role, alice.clone()))
+            .await
+            .unwrap();
+        for (table, owner) in TENANT_TABLES {
+            if !matrix::allows(role.name(), table, Privilege::Select) {
+                continue;
+            }
+            let mine: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            let theirs: i64 = tx
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE {owner} = '{bob}'"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                (mine, theirs),
+                (1, 0),
+                "{} sees others' rows in {table}",
+                role.name()
+            );
+        }
+    }
+    // Without a tenant, nothing is visible.
+    let tx = pool
+        .begin(&OperationContext::system(GroupRole::Readonly))
+        .await
+        .unwrap();
+    for (table, _) in TENANT_TABLES {
+        let n: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table} visible without a tenant");
+    }
+    drop(tx);
+
+    // Alice cannot write rows owned by Bob, nor touch his existing rows.
+    let attempts = [
+        (
+            GroupRole::Auth,
+            format!(
+                "INSERT INTO keepd.sessions (id, user_id, expires_at) VALUES (gen_random_uuid(), '{bob}', now())"
+            ),
+        ),
+        (
+            GroupRole::Auth,
+            format!(
+                "INSERT INTO keepd.users (id, email_hmac, password_hash) VALUES ('{bob}', '\\xff', 'x')"
+            ),
+        ),
+        (
+            GroupRole::Sync,
+            format!(
+                "INSERT INTO keepd.vaults (id, user_id, vault_id) VALUES (gen_random_uuid(), '{bob}', 'stolen')"
+            ),
+        ),
+        (
+            GroupRole::Sync,
+            format!(
+                "INSERT INTO keepd.devices (id, user_id, device_name, public_key) VALUES (gen_random_uuid(), '{bob}', 'd', decode(repeat('00', 32), 'hex'))"
+            ),
+        ),
+        (
+            GroupRole::Sync,
+            format!(
+                "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) VALUES ('{bob}', 'x', '{{}}')"
+            ),
+        ),
+    ];
+    for (role, sql) in attempts {
+        let tx = pool
+            .begin(&OperationContext::user(role, alice.clone()))
+            .await
+            .unwrap();
+        let err = tx.execute(&sql, &[]).await.unwrap_err();
+        assert!(
+            err.to_string().contains("row-level security"),
+            "{sql}: {err}"
+        );
+    }
+    let tx = pool
+        .begin(&OperationContext::user(GroupRole::Sync, alice.clone()))
+        .await
+        .unwrap();
+    let changed = tx
+        .execute(
+            &format!("UPDATE keepd.vaults SET last_sequence = 99 WHERE user_id = '{bob}'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 0);
+    let tx = pool
+        .begin(&OperationContext::user(GroupRole::Auth, alice.clone()))
+        .await
+        .unwrap();
+    let deleted = tx
+        .execute(&format!("DELETE FROM keepd.users WHERE id = '{bob}'"), &[])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_lookup_sees_only_the_user_with_that_email_hmac() {
+    let (node, _daemon) = started();
+    let pool = node.pool(1);
+    let (alice, bob) = (uuid(), uuid());
+    populate(&pool, &alice).await;
+    populate(&pool, &bob).await;
+    let lookup = OperationContext {
+        role: GroupRole::Auth,
+        user_id: None,
+        email_hmac: Some(alice[..8].to_string()),
+    };
+    let tx = pool.begin(&lookup).await.unwrap();
+    let ids: Vec<String> = tx
+        .query("SELECT id::text FROM keepd.users", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![alice]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn role_and_tenant_never_leak_into_the_next_transaction() {
+    let (node, _daemon) = started();
+    let pool = node.pool(1); // one connection: every transaction reuses it
+    let who = "SELECT current_user::text, current_setting('keepd.user_id', true), session_user::text, pg_backend_pid()";
+    let alice = uuid();
+    let tx = pool
+        .begin(&OperationContext::user(GroupRole::Sync, alice.clone()))
+        .await
+        .unwrap();
+    let row = tx.query_one(who, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "keepd_sync");
+    assert_eq!(row.get::<_, String>(1), alice);
+    let login: String = row.get(2);
+    let backend: i32 = row.get(3);
+    tx.commit().await.unwrap();
+
+    let tx = pool
+        .begin(&OperationContext::system(GroupRole::Query))
+        .await
+        .unwrap();
+    let row = tx.query_one(who, &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(3), backend, "same connection");
+    assert_eq!(row.get::<_, String>(0), "keepd_query");
+    assert_eq!(row.get::<_, String>(1), "", "the previous tenant is gone");
+    assert_eq!(row.get::<_, String>(2), login);
+    // Abandoned mid-way (an error path): rolled back, settings gone.
+    tx.execute(
+        &format!("SELECT set_config('keepd.user_id', '{alice}', false)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    drop(tx);
+
+    let bob = uuid();
+    let tx = pool
+        .begin(&OperationContext::user(GroupRole::Auth, bob.clone()))
+        .await
+        .unwrap();
+    tx.execute(
+        &format!(
+            "INSERT INTO keepd.users (id, email_hmac, password_hash) VALUES ('{bob}', '\\x01', 'h')"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    drop(tx); // never committed
+
+    let tx = pool
+        .begin(&OperationContext::user(GroupRole::Readonly, bob.clone()))
+        .await
+        .unwrap();
+    let row = tx.query_one(who, &[]).await.unwrap();
+    assert_eq!(
+        row.get::<_, i32>(3),
+        backend,
+        "same connection after rollback"
+    );
+    assert_eq!(row.get::<_, String>(0), "keepd_readonly");
+    assert_eq!(row.get::<_, String>(1), bob);
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM keepd.users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the abandoned insert was rolled back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_migration_changes_nothing() {
+    let (node, _daemon) = started();
+    let mut client = node.superuser().await;
+    let broken = Migration {
+        version: 3,
+        name: "broken",
+        sql: "CREATE TABLE keepd.half_done (x int); SELECT * FROM keepd.no_such_table;",
+    };
+    let migrations: Vec<Migration> = migrate::MIGRATIONS
+        .iter()
+        .copied()
+        .chain([broken])
+        .collect();
+    let err = migrate::apply(&mut client, &migrations).await.unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Failed { version: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    let half: Option<String> = client
+        .query_one("SELECT to_regclass('keepd.half_done')::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(half, None, "the failed migration left a table behind");
+    let newest: i32 = client
+        .query_one("SELECT max(version) FROM keepd.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(newest, 2);
+
+    // An applied migration whose content changed is refused.
+    let mut edited: Vec<Migration> = migrate::MIGRATIONS.to_vec();
+    edited[0].sql = "SELECT 1;";
+    let err = migrate::apply(&mut client, &edited).await.unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Changed { version: 1, .. }),
+        "{err}"
+    );
+    // A database newer than this binary is refused.
+    let err = migrate::apply(&mut client, &migrate::MIGRATIONS[..1])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrateError::Newer {
+                applied: 2,
+                known: 1
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_trail_refuses_changes_even_from_its_owner() {
+    let (node, _daemon) = started();
+    // Row triggers fire only on rows: let the start entry be sealed first.
+    wait_sealed(&node);
+    let client = node.superuser().await;
+    for sql in [
+        "UPDATE keepd_audit.audit_log SET action = 'forged'",
+        "DELETE FROM keepd_audit.audit_log",
+        "TRUNCATE keepd_audit.audit_log CASCADE",
+        "UPDATE keepd_audit.audit_chain SET hash = hash",
+        "DELETE FROM keepd_audit.audit_chain",
+        "TRUNCATE keepd_audit.audit_chain",
+    ] {
+        let err = client
+            .batch_execute(&format!("BEGIN; SET LOCAL ROLE keepd_owner; {sql}; COMMIT"))
+            .await
+            .unwrap_err();
+        let _ = client.batch_execute("ROLLBACK").await;
+        let message = err
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains("append-only"), "{sql}: {err}");
+    }
+}
+
+/// Appends `n` entries from `writers` concurrent tasks.
+async fn append_entries(node: &TestNode, writers: usize, n: usize) {
+    let pool = node.pool(writers);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for i in 0..n {
+                    let entry = keepd::audit::AuditEntry {
+                        action: "TEST",
+                        table_name: "-",
+                        rows_affected: i as i64,
+                        duration: Duration::from_micros(w as u64),
+                        source_component: "test",
+                        metadata: serde_json::json!({"writer": w}),
+                    };
+                    keepd::audit::record_alone(&pool, "test-node", &entry)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Waits until `keepd audit verify` reports nothing unsealed.
+fn wait_sealed(node: &TestNode) -> String {
+    wait_until(Duration::from_secs(20), || {
+        let (code, text) = node.audit_verify();
+        (code == 0 && text.contains(", 0 entries not yet sealed")).then_some(text)
+    })
+    .unwrap_or_else(|| panic!("never fully sealed: {:?}", node.audit_verify()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_form_one_chain() {
+    let (node, _daemon) = started();
+    append_entries(&node, 8, 50).await;
+    let text = wait_sealed(&node);
+    let sealed: i64 = text
+        .split_whitespace()
+        .skip_while(|w| *w != "intact:")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(sealed >= 401, "{text}");
+    let client = node.superuser().await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT prev_hash), min(seq), max(seq) FROM keepd_audit.audit_chain",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (count, distinct_prev, min, max): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((count, min, max), (sealed, 1, sealed), "gap-free sequence");
+    assert_eq!(
+        distinct_prev, count,
+        "no two links share a predecessor: no fork"
+    );
+}
+
+/// A node with sealed and checkpointed entries, for tampering.
+async fn tamper_target() -> (TestNode, common::Daemon, tokio_postgres::Client) {
+    let (node, daemon) = started();
+    append_entries(&node, 2, 5).await;
+    wait_sealed(&node);
+    // The checkpoint follows the head within a second of sealing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client = node.superuser().await;
+    (node, daemon, client)
+}
+
+fn assert_broken_at(node: &TestNode, seq: i64, words: &str) {
+    let (code, text) = node.audit_verify();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(&format!("broken at seq {seq}")), "{text}");
+    assert!(text.contains(words), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_altered_entry_is_detected() {
+    let (node, _daemon, client) = tamper_target().await;
+    client
+        .batch_execute(
+            "ALTER TABLE keepd_audit.audit_log DISABLE TRIGGER ALL;
+             UPDATE keepd_audit.audit_log SET rows_affected = rows_affected + 1
+               WHERE id = (SELECT entry_id FROM keepd_audit.audit_chain WHERE seq = 3);
+             ALTER TABLE keepd_audit.audit_log ENABLE TRIGGER ALL;",
+        )
+        .await
+        .unwrap();
+    assert_broken_at(&node, 3, "altered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entry_deleted_from_the_middle_is_detected() {
+    let (node, _daemon, client) = tamper_target().await;
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             DELETE FROM keepd_audit.audit_log WHERE id = (SELECT entry_id FROM keepd_audit.audit_chain WHERE seq = 4);
+             DELETE FROM keepd_audit.audit_chain WHERE seq = 4;
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    assert_broken_at(&node, 4, "deleted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_tail_is_detected_by_the_checkpoint() {
+    let (node, daemon, client) = tamper_target().await;
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             CREATE TEMP TABLE doomed AS SELECT seq, entry_id FROM keepd_audit.audit_chain ORDER BY seq DESC LIMIT 2;
+             DELETE FROM keepd_audit.audit_chain WHERE seq IN (SELECT seq FROM doomed);
+             DELETE FROM keepd_audit.audit_log WHERE id IN (SELECT entry_id FROM doomed);
+             SET session_replication_role = origin;",
+        )
+        .await
+        .unwrap();
+    let (code, text) = node.audit_verify();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("tail was truncated"), "{text}");
+    // keepd noticed too, and keeps the checkpoint as evidence.
+    assert!(
+        daemon
+            .wait_for_log(
+                "audit sealing failed; retrying every second",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let (code, _) = node.audit_verify();
+    assert_eq!(code, 1, "the checkpoint was not overwritten");
+}
