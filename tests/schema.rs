@@ -380,6 +380,33 @@ async fn role_and_tenant_never_leak_into_the_next_transaction() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_broken_connection_is_replaced_not_reused() {
+    let (node, _daemon) = started();
+    let pool = node.pool(1);
+    let backend = "SELECT pg_backend_pid()";
+    let tx = pool
+        .begin(&OperationContext::system(GroupRole::Readonly))
+        .await
+        .unwrap();
+    let first: i32 = tx.query_one(backend, &[]).await.unwrap().get(0);
+    tx.commit().await.unwrap();
+    let admin = node.superuser().await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let tx = pool
+            .begin(&OperationContext::system(GroupRole::Readonly))
+            .await
+            .unwrap();
+        let now: i32 = tx.query_one(backend, &[]).await.unwrap().get(0);
+        assert_ne!(now, first, "the terminated connection was reused");
+        tx.commit().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_migration_changes_nothing() {
     let (node, _daemon) = started();
     let mut client = node.superuser().await;

@@ -193,15 +193,30 @@ impl RoleAwarePool {
         self.credential.borrow().version
     }
 
-    /// Opens a transaction as `ctx.role` for `ctx.user_id`.
-    pub async fn begin(&self, ctx: &OperationContext) -> Result<ScopedTransaction, PoolError> {
-        let mut conn = self.pool.get().await.map_err(|e| match e {
+    async fn connection(&self) -> Result<managed::Object<Manager>, PoolError> {
+        self.pool.get().await.map_err(|e| match e {
             managed::PoolError::Timeout(_) => PoolError::Timeout(self.acquire_timeout),
             managed::PoolError::Backend(e) => PoolError::Sql(e),
             other => PoolError::Connect(other.to_string()),
-        })?;
+        })
+    }
+
+    /// Opens a transaction as `ctx.role` for `ctx.user_id`.
+    pub async fn begin(&self, ctx: &OperationContext) -> Result<ScopedTransaction, PoolError> {
+        let mut conn = self.connection().await?;
         conn.in_transaction = true;
-        conn.client.batch_execute("BEGIN").await?;
+        if let Err(e) = conn.client.batch_execute("BEGIN").await {
+            // The server may have closed an idle connection since it was
+            // last checked: take a fresh one, once; the dead one is not
+            // returned to the pool.
+            if !conn.client.is_closed() {
+                return Err(e.into());
+            }
+            let _ = managed::Object::take(conn);
+            conn = self.connection().await?;
+            conn.in_transaction = true;
+            conn.client.batch_execute("BEGIN").await?;
+        }
         let user = ctx.user_id.as_deref().unwrap_or("");
         let email = ctx.email_hmac.as_deref().unwrap_or("");
         conn.client
