@@ -209,7 +209,7 @@ impl RoleAwarePool {
             // The server may have closed an idle connection since it was
             // last checked: take a fresh one, once; the dead one is not
             // returned to the pool.
-            if !conn.client.is_closed() {
+            if !connection_lost(&e) && !conn.client.is_closed() {
                 return Err(e.into());
             }
             let _ = managed::Object::take(conn);
@@ -231,6 +231,14 @@ impl RoleAwarePool {
             role: ctx.role,
         })
     }
+}
+
+/// Whether `e` ended the session (terminated backend, server restart,
+/// closed socket) rather than failing one statement.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error()
+            .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
 }
 
 /// One open transaction with its role and tenant set. Dropped without
