@@ -54,19 +54,11 @@ pub struct AuditKeys {
     identifiers: Zeroizing<[u8; 32]>,
 }
 
-fn derive(identity: &NodeIdentity, label: &[u8]) -> Zeroizing<[u8; 32]> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    hkdf::Hkdf::<Sha256>::new(Some(b"keepd audit"), identity.seed().as_ref())
-        .expand(label, key.as_mut())
-        .expect("32 bytes is a valid HKDF-SHA256 output length");
-    key
-}
-
 impl AuditKeys {
     pub fn new(identity: &NodeIdentity) -> AuditKeys {
         AuditKeys {
-            chain: derive(identity, b"keepd audit chain v1"),
-            identifiers: derive(identity, b"keepd audit identifiers v1"),
+            chain: identity.derive_key(b"keepd audit", b"keepd audit chain v1"),
+            identifiers: identity.derive_key(b"keepd audit", b"keepd audit identifiers v1"),
         }
     }
 

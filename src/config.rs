@@ -436,6 +436,10 @@ pub struct ApiConfig {
     pub jwt_ttl: HumanDuration,
     pub cors_origins: Vec<String>,
     pub rate_limits: RateLimitsConfig,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most log entries one `POST /sync/push` may carry.
+    pub max_push_entries: usize,
 }
 
 impl Default for ApiConfig {
@@ -446,6 +450,8 @@ impl Default for ApiConfig {
             jwt_ttl: HumanDuration(Duration::from_secs(7 * 86400)),
             cors_origins: Vec::new(),
             rate_limits: RateLimitsConfig::default(),
+            max_body_bytes: 8 * 1024 * 1024,
+            max_push_entries: 1000,
         }
     }
 }
@@ -675,6 +681,35 @@ impl Config {
                      rotation and administration",
                     pg.max_connections.saturating_sub(5)
                 ),
+            ));
+        }
+        let api = &self.api;
+        if !(1024..=1024 * 1024 * 1024).contains(&api.max_body_bytes) {
+            return Err(invalid(
+                "api.max_body_bytes",
+                api.max_body_bytes.to_string(),
+                "1024 to 1073741824 (1 GiB)".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&api.max_push_entries) {
+            return Err(invalid(
+                "api.max_push_entries",
+                api.max_push_entries.to_string(),
+                "1 to 100000".into(),
+            ));
+        }
+        if api.rate_limits.auth_per_minute == 0 {
+            return Err(invalid(
+                "api.rate_limits.auth_per_minute",
+                "0".into(),
+                "at least 1 (attempts per client address per minute)".into(),
+            ));
+        }
+        if api.jwt_ttl.get() < Duration::from_secs(60) {
+            return Err(invalid(
+                "api.jwt_ttl",
+                api.jwt_ttl.to_string(),
+                "at least 1m".into(),
             ));
         }
         if pool.acquire_timeout.get() < Duration::from_millis(100) {

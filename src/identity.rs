@@ -274,6 +274,17 @@ impl NodeIdentity {
         x25519_dalek::PublicKey::from(self.signing.verifying_key().to_montgomery().to_bytes())
     }
 
+    /// A 32-byte key for one purpose, derived from the seed with
+    /// HKDF-SHA256; `domain` and `label` keep purposes apart, so one
+    /// derived key says nothing about another or about the seed.
+    pub fn derive_key(&self, domain: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<Sha256>::new(Some(domain), self.seed().as_ref())
+            .expand(label, key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        key
+    }
+
     pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
         use ed25519_dalek::Signer;
         self.signing.sign(message)

@@ -1,15 +1,17 @@
 //! `GET /health`: 200 only while Postgres answers a query through the pool
 //! (as the node's login role), 503 otherwise.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::sync::watch;
+use utoipa::ToSchema;
 
-use super::ApiState;
+use super::Api;
 use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool};
 use crate::postgres::supervise::PgState;
 
@@ -23,6 +25,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 impl HealthProbe {
     pub fn new(state: watch::Receiver<PgState>, pool: RoleAwarePool) -> HealthProbe {
         HealthProbe { state, pool }
+    }
+
+    pub fn postgres_ready(&self) -> bool {
+        *self.state.borrow() == PgState::Ready
     }
 
     /// The supervisor's view when Postgres is not up, else a live query.
@@ -46,16 +52,33 @@ impl HealthProbe {
     }
 }
 
-pub(super) async fn health(State(api): State<ApiState>) -> (StatusCode, Json<Value>) {
-    let (status, body) = match api.health.check().await {
-        Ok(()) => (StatusCode::OK, json!({"status": "ok", "postgres": "up"})),
-        Err(postgres) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "unavailable", "postgres": postgres}),
-        ),
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthBody {
+    /// `ok` or `unavailable`.
+    status: &'static str,
+    /// `up`, or the supervisor's state (`starting`, `restarting`, ...).
+    postgres: &'static str,
+    node_id: String,
+    version: &'static str,
+}
+
+/// Liveness of keepd and its Postgres.
+#[utoipa::path(get, path = "/health", tag = "meta",
+    responses(
+        (status = 200, description = "Postgres answers", body = HealthBody),
+        (status = 503, description = "Postgres is down or restarting", body = HealthBody),
+    ))]
+pub(super) async fn health(State(api): State<Arc<Api>>) -> (StatusCode, Json<HealthBody>) {
+    let (status, body_status, postgres) = match api.health.check().await {
+        Ok(()) => (StatusCode::OK, "ok", "up"),
+        Err(postgres) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", postgres),
     };
-    let mut body = body;
-    body["nodeId"] = json!(api.node_id);
-    body["version"] = json!(env!("CARGO_PKG_VERSION"));
+    let body = HealthBody {
+        status: body_status,
+        postgres,
+        node_id: api.node_id.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
     (status, Json(body))
 }

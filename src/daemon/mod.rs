@@ -4,7 +4,6 @@
 pub mod control;
 pub mod rotator;
 
-use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::api::{self, ApiState, HealthProbe};
+use crate::api::{self, Api, ApiLimits};
+use crate::metrics::Metrics;
+use crate::passwords::PasswordError;
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, Provider};
 use crate::identity::{IdentityError, NodeIdentity};
@@ -81,6 +82,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Passwords(#[from] PasswordError),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -160,7 +163,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     }
     let maintenance = cluster.superuser_config(&credentials.superuser, "postgres");
     let superuser = cluster.superuser_config(&credentials.superuser, DATABASE);
-    let supervisor = Supervisor::start(cluster.clone(), maintenance.clone());
+    let metrics = Arc::new(Metrics::default());
+    let supervisor = Supervisor::start(cluster.clone(), maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
 
     let started = async {
@@ -201,12 +205,13 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             credentials.clone(),
             superuser.clone(),
             pool.clone(),
+            metrics.clone(),
         ));
-        let keys = Arc::new(AuditKeys::new(&identity));
+        let audit_keys = Arc::new(AuditKeys::new(&identity));
         let sealer = AuditSealer::new(
             pool.clone(),
             identity.clone(),
-            keys,
+            audit_keys.clone(),
             audit::checkpoint_path(&config.node.state_dir),
         );
         rotator.reconcile().await?;
@@ -234,9 +239,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 addr: config.api.listen.to_string(),
                 source,
             })?;
-        Ok((pool, rotator, sealer, control, listener))
+        Ok((pool, rotator, sealer, control, listener, audit_keys))
     };
-    let (pool, rotator, sealer, control, listener) = match started.await {
+    let (pool, rotator, sealer, control, listener, audit_keys) = match started.await {
         Ok(parts) => parts,
         Err(e) => {
             supervisor.stop().await;
@@ -248,18 +253,23 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let sealer_task = tokio::spawn(sealer.run(shutdown.clone()));
 
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let health = Arc::new(HealthProbe::new(supervisor.state(), pool));
-    let app = api::router(ApiState {
-        health,
-        node_id: node_id.clone(),
-    });
+    let limits = ApiLimits {
+        jwt_ttl: config.api.jwt_ttl.get(),
+        max_body_bytes: config.api.max_body_bytes,
+        max_push_entries: config.api.max_push_entries,
+        auth_per_minute: config.api.rate_limits.auth_per_minute,
+    };
+    let api = Api::new(
+        &identity,
+        pool,
+        supervisor.state(),
+        audit_keys,
+        metrics,
+        limits,
+    )?;
+    let app = api::router(Arc::new(api));
     info!(%addr, node_id, "api listening");
-    let mut api_shutdown = shutdown.clone();
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { api_shutdown.requested().await })
-            .into_future(),
-    );
+    let server = tokio::spawn(api::serve(listener, app, shutdown.clone()));
 
     let outcome = wait_for_shutdown(config_path).await;
     info!("shutting down");

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, Notify};
 use tracing::{error, info, warn};
 
+use crate::metrics::Metrics;
 use crate::config::SealMethod;
 use crate::identity::NodeIdentity;
 use crate::postgres::describe_error;
@@ -59,6 +60,7 @@ pub struct Rotator {
     pool: RoleAwarePool,
     wake: Notify,
     fault_step: Option<u8>,
+    metrics: Arc<Metrics>,
 }
 
 fn now() -> u64 {
@@ -89,6 +91,7 @@ impl Rotator {
         credentials: Credentials,
         superuser: tokio_postgres::Config,
         pool: RoleAwarePool,
+        metrics: Arc<Metrics>,
     ) -> Rotator {
         let fault_step = std::env::var(FAULT_STEP_ENV)
             .ok()
@@ -102,6 +105,7 @@ impl Rotator {
             pool,
             wake: Notify::new(),
             fault_step,
+            metrics,
         }
     }
 
@@ -207,6 +211,7 @@ impl Rotator {
         );
         self.step_done(1, version, started).await?;
         self.activate(&mut credentials, version).await?;
+        self.metrics.rotation_completed();
         self.wake.notify_one();
         Ok(format!(
             "login role v{version} is active; v{old} keeps working for the {}s grace period, then is dropped",

@@ -189,6 +189,17 @@ impl RoleAwarePool {
         self.pool.retain(|conn, _| conn.version == version);
     }
 
+    /// Pool occupancy: (max, open, idle, waiting).
+    pub fn occupancy(&self) -> (usize, usize, usize, usize) {
+        let status = self.pool.status();
+        (
+            status.max_size,
+            status.size,
+            status.available,
+            status.waiting,
+        )
+    }
+
     pub fn credential_version(&self) -> u32 {
         self.credential.borrow().version
     }

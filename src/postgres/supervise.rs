@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::child::ChildLauncher;
 use super::native::NativeCluster;
+use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
 /// What the supervised server is doing now.
@@ -53,10 +54,14 @@ const POLL: Duration = Duration::from_millis(100);
 
 impl Supervisor {
     /// Starts supervising; `probe` is how readiness is tested (a login).
-    pub fn start(cluster: Arc<NativeCluster>, probe: tokio_postgres::Config) -> Supervisor {
+    pub fn start(
+        cluster: Arc<NativeCluster>,
+        probe: tokio_postgres::Config,
+        metrics: Arc<Metrics>,
+    ) -> Supervisor {
         let (state_tx, state) = watch::channel(PgState::Starting);
         let (stop, shutdown) = shutdown::channel();
-        let task = tokio::spawn(supervise(cluster, probe, state_tx, shutdown));
+        let task = tokio::spawn(supervise(cluster, probe, state_tx, shutdown, metrics));
         Supervisor { state, stop, task }
     }
 
@@ -89,6 +94,7 @@ async fn supervise(
     probe: tokio_postgres::Config,
     state: watch::Sender<PgState>,
     mut stop: Shutdown,
+    metrics: Arc<Metrics>,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -99,6 +105,7 @@ async fn supervise(
                     backoff = FIRST_BACKOFF;
                 }
                 let _ = state.send(PgState::Restarting);
+                metrics.postgres_restarted();
                 warn!(
                     retry_in_ms = backoff.as_millis() as u64,
                     "restarting postgres"

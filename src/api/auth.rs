@@ -1,0 +1,360 @@
+//! Accounts: register, login, logout, password change, erasure.
+//!
+//! The email is kept only as a keyed HMAC of its normalised form; the
+//! password only as an Argon2id hash. A failed login looks the same
+//! whether the account exists or not (same answer, same hashing work).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ClientAddr, UserAuth};
+use super::{Api, iso8601, queries};
+use crate::audit;
+use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::secret::SecretString;
+
+const MIN_PASSWORD_CHARS: usize = 8;
+const MAX_PASSWORD_BYTES: usize = 1024;
+const MAX_EMAIL_BYTES: usize = 254;
+
+#[derive(Deserialize, ToSchema)]
+pub struct CredentialsBody {
+    email: String,
+    #[schema(value_type = String, format = Password)]
+    password: SecretString,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangePasswordBody {
+    #[schema(value_type = String, format = Password)]
+    current_password: SecretString,
+    #[schema(value_type = String, format = Password)]
+    new_password: SecretString,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserBody {
+    id: Uuid,
+    email: String,
+    created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RegisteredBody {
+    message: &'static str,
+    user: UserBody,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginBody {
+    message: &'static str,
+    user: UserBody,
+    /// A bearer token (JWT) for the other routes.
+    token: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MessageBody {
+    message: &'static str,
+}
+
+impl MessageBody {
+    pub(super) fn new(message: &'static str) -> MessageBody {
+        MessageBody { message }
+    }
+}
+
+/// Lower-cased and trimmed, or why it is not an email address.
+fn normalise_email(email: &str) -> Result<String, ApiError> {
+    let email = email.trim().to_lowercase();
+    let valid = email.len() <= MAX_EMAIL_BYTES
+        && email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if valid {
+        Ok(email)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_email",
+            format!("`email` must be an address like name@example.com of at most {MAX_EMAIL_BYTES} bytes"),
+        ))
+    }
+}
+
+fn check_password(password: &SecretString, field: &str) -> Result<(), ApiError> {
+    let text = password.expose();
+    if text.chars().count() < MIN_PASSWORD_CHARS || text.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::bad_request(
+            "weak_password",
+            format!(
+                "`{field}` must have at least {MIN_PASSWORD_CHARS} characters and at most \
+                 {MAX_PASSWORD_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+        "the email or the password is wrong",
+    )
+}
+
+impl Api {
+    fn limit_auth_attempts(&self, client: &ClientAddr) -> Result<(), ApiError> {
+        self.auth_limiter
+            .check(client.0)
+            .map_err(ApiError::rate_limited)
+    }
+
+    fn client_ref(&self, client: &ClientAddr) -> String {
+        self.audit_keys.identifier("ip", &client.0.to_string())
+    }
+}
+
+/// Creates an account.
+#[utoipa::path(post, path = "/auth/register", tag = "auth",
+    request_body = CredentialsBody,
+    responses(
+        (status = 201, body = RegisteredBody),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ))]
+pub(super) async fn register(
+    State(api): State<Arc<Api>>,
+    client: ClientAddr,
+    ApiJson(body): ApiJson<CredentialsBody>,
+) -> Result<(StatusCode, Json<RegisteredBody>), ApiError> {
+    api.limit_auth_attempts(&client)?;
+    let started = Instant::now();
+    let email = normalise_email(&body.email)?;
+    check_password(&body.password, "password")?;
+    let hash = api.passwords.hash(body.password).await?;
+    let id = Uuid::new_v4();
+    let mut tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
+        .await?;
+    let rows = tx
+        .query(queries::INSERT_USER, &[&id, &api.email_hmac(&email), &hash])
+        .await?;
+    let Some(row) = rows.first() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "email_taken",
+            "an account with this email exists; log in instead",
+        ));
+    };
+    let created_at: SystemTime = row.get(0);
+    let metadata = json!({"user": api.user_ref(id), "client": api.client_ref(&client)});
+    api.audit(&mut tx, "USER_REGISTER", "keepd.users", 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    let user = UserBody {
+        id,
+        email,
+        created_at: iso8601(created_at),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisteredBody {
+            message: "User registered successfully",
+            user,
+        }),
+    ))
+}
+
+/// Exchanges email and password for a token.
+#[utoipa::path(post, path = "/auth/login", tag = "auth",
+    request_body = CredentialsBody,
+    responses(
+        (status = 200, body = LoginBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ))]
+pub(super) async fn login(
+    State(api): State<Arc<Api>>,
+    client: ClientAddr,
+    ApiJson(body): ApiJson<CredentialsBody>,
+) -> Result<Json<LoginBody>, ApiError> {
+    api.limit_auth_attempts(&client)?;
+    let started = Instant::now();
+    let email = normalise_email(&body.email)?;
+    let email_hmac = api.email_hmac(&email);
+    let lookup = OperationContext {
+        role: GroupRole::Auth,
+        user_id: None,
+        email_hmac: Some(hex::encode(&email_hmac)),
+    };
+    let tx = api.pool.begin(&lookup).await?;
+    let account = tx
+        .query(queries::USER_BY_EMAIL, &[&email_hmac])
+        .await?
+        .first()
+        .map(|row| {
+            let (id, hash, created): (Uuid, String, SystemTime) =
+                (row.get(0), row.get(1), row.get(2));
+            (id, hash, created)
+        });
+    tx.commit().await?;
+    let stored = account.as_ref().map(|(_, hash, _)| hash.clone());
+    let matches = api.passwords.verify(body.password, stored).await?;
+    let client_ref = api.client_ref(&client);
+    let (id, created_at) = match account {
+        Some((id, _, created)) if matches => (id, created),
+        _ => {
+            let entry = audit::AuditEntry {
+                action: "LOGIN_FAILED",
+                table_name: "keepd.users",
+                rows_affected: 0,
+                duration: started.elapsed(),
+                source_component: "api",
+                metadata: json!({
+                    "email": api.audit_keys.identifier("email", &email),
+                    "client": client_ref,
+                }),
+            };
+            audit::record_alone(&api.pool, &api.node_id, &entry).await?;
+            return Err(invalid_credentials());
+        }
+    };
+    let session = Uuid::new_v4();
+    let (token, claims) = api.tokens.issue(id, session);
+    let expires_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp);
+    let mut tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
+        .await?;
+    tx.execute(queries::INSERT_SESSION, &[&session, &id, &expires_at])
+        .await?;
+    let metadata = json!({"user": api.user_ref(id), "client": client_ref});
+    api.audit(&mut tx, "LOGIN", "keepd.sessions", 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(LoginBody {
+        message: "Login successful",
+        user: UserBody {
+            id,
+            email,
+            created_at: iso8601(created_at),
+        },
+        token,
+    }))
+}
+
+/// Ends the session of the token presented.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth",
+    responses((status = 200, body = MessageBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn logout(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+) -> Result<Json<MessageBody>, ApiError> {
+    let started = Instant::now();
+    let mut tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Auth, auth.user.to_string()))
+        .await?;
+    let revoked = tx.execute(queries::REVOKE_SESSION, &[&auth.session]).await?;
+    let metadata = json!({"user": api.user_ref(auth.user)});
+    api.audit(&mut tx, "LOGOUT", "keepd.sessions", revoked as i64, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(MessageBody {
+        message: "Logged out",
+    }))
+}
+
+/// Changes the password; every session of the account ends.
+#[utoipa::path(post, path = "/auth/password", tag = "auth",
+    request_body = ChangePasswordBody,
+    responses(
+        (status = 200, body = MessageBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn change_password(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiJson(body): ApiJson<ChangePasswordBody>,
+) -> Result<Json<MessageBody>, ApiError> {
+    let started = Instant::now();
+    check_password(&body.new_password, "newPassword")?;
+    let ctx = OperationContext::user(GroupRole::Auth, auth.user.to_string());
+    let tx = api.pool.begin(&ctx).await?;
+    let stored: Option<String> = tx
+        .query(queries::USER_BY_ID, &[&auth.user])
+        .await?
+        .first()
+        .map(|row| row.get(0));
+    tx.commit().await?;
+    if !api.passwords.verify(body.current_password, stored).await? {
+        return Err(invalid_credentials());
+    }
+    let hash = api.passwords.hash(body.new_password).await?;
+    let mut tx = api.pool.begin(&ctx).await?;
+    tx.execute(queries::SET_PASSWORD, &[&auth.user, &hash]).await?;
+    let revoked = tx
+        .execute(queries::REVOKE_ALL_SESSIONS, &[&auth.user])
+        .await?;
+    let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
+    api.audit(&mut tx, "PASSWORD_CHANGE", "keepd.users", 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(MessageBody {
+        message: "Password changed; every session has ended, log in again",
+    }))
+}
+
+/// Erases the account and everything it owns (right to erasure).
+#[utoipa::path(delete, path = "/account", tag = "auth",
+    responses((status = 200, body = MessageBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn delete_account(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+) -> Result<Json<MessageBody>, ApiError> {
+    let started = Instant::now();
+    let mut tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Auth, auth.user.to_string()))
+        .await?;
+    let deleted = tx.execute(queries::DELETE_USER, &[&auth.user]).await?;
+    let metadata = json!({"user": api.user_ref(auth.user)});
+    api.audit(&mut tx, "ACCOUNT_ERASE", "keepd.users", deleted as i64, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(MessageBody {
+        message: "The account and all its data are erased",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(normalise_email("  Ann@Example.ORG ").unwrap(), "ann@example.org");
+        for bad in ["", "ann", "@example.org", "ann@localhost", "a b@example.org", "a@b@c.org"] {
+            let e = normalise_email(bad).unwrap_err();
+            assert_eq!(e.code(), "invalid_email", "{bad:?}");
+        }
+        assert!(normalise_email(&format!("{}@example.org", "a".repeat(300))).is_err());
+    }
+}

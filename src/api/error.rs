@@ -1,0 +1,167 @@
+//! `ApiError`: every failure a client sees, as
+//! `{"error": {"code", "message"}}` with its status. Internal details
+//! (SQL text, error chains) go to the log, never into a response.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tracing::{error, warn};
+use utoipa::ToSchema;
+
+use crate::audit::AuditError;
+use crate::passwords::PasswordError;
+use crate::postgres::pool::PoolError;
+
+/// How long a client should wait after a 503 before retrying.
+const RETRY_AFTER_UNAVAILABLE: u64 = 1;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<Duration>,
+}
+
+/// The error body every route answers with on failure.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code (e.g. `vault_not_found`).
+    code: String,
+    /// What went wrong and how to fix it, for people.
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn rate_limited(retry_after: Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many attempts from this address; retry after the Retry-After seconds",
+            )
+        }
+    }
+
+    /// The database is unreachable or saturated: the client may retry.
+    pub fn unavailable(reason: &str) -> ApiError {
+        warn!(reason, "request refused: database unavailable");
+        ApiError {
+            retry_after: Some(Duration::from_secs(RETRY_AFTER_UNAVAILABLE)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable right now; nothing was stored, retry shortly",
+            )
+        }
+    }
+
+    /// A fault of keepd's: logged in full, answered without detail.
+    pub fn internal(context: &str, detail: &dyn std::fmt::Display) -> ApiError {
+        error!(context, error = %detail, "request failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "keepd could not complete the request; the operator's log has the reason",
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> ApiError {
+        match &e {
+            PoolError::Timeout(_) | PoolError::Connect(_) => ApiError::unavailable(&e.to_string()),
+            PoolError::Sql(inner) if inner.is_closed() || inner.as_db_error().is_none() => {
+                ApiError::unavailable(&e.to_string())
+            }
+            PoolError::Sql(inner) => match inner.code().map(|c| c.code()) {
+                // Shutdown, crash recovery, too many connections, statement
+                // or lock timeout: transient, the client may retry.
+                Some(code)
+                    if code.starts_with("57P")
+                        || code.starts_with("53")
+                        || code == "57014"
+                        || code == "55P03"
+                        || code == "40001"
+                        || code == "40P01" =>
+                {
+                    ApiError::unavailable(&e.to_string())
+                }
+                _ => ApiError::internal("database", &e),
+            },
+        }
+    }
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> ApiError {
+        match e {
+            AuditError::Pool(e) => e.into(),
+            other => ApiError::internal("audit", &other),
+        }
+    }
+}
+
+impl From<PasswordError> for ApiError {
+    fn from(e: PasswordError) -> ApiError {
+        ApiError::internal("password hashing", &e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let seconds = after.as_secs().max(1);
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&seconds.to_string()).expect("digits are a valid header"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,162 @@
+//! Extractors: what a handler can ask for. `UserAuth` is the only way to
+//! learn who the caller is, so a handler that needs a user cannot be
+//! reached without a live session; `ApiJson`, `ApiPath` and `ApiQuery`
+//! turn every malformed input into an `ApiError` instead of axum's plain
+//! text rejections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::{Api, queries};
+use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::tokens::TokenError;
+
+/// A JSON body of type `T`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_error(rejection)),
+        }
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonDataError(e) => ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "the JSON body does not have the expected fields and types: {}",
+                e.body_text()
+                    .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+            ),
+        ),
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(
+            "malformed_json",
+            format!(
+                "the body is not valid JSON: {}",
+                e.body_text()
+                    .trim_start_matches("Failed to parse the request body as JSON: ")
+            ),
+        ),
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body exceeds api.max_body_bytes; send less per request",
+        ),
+        other => ApiError::bad_request(
+            "unreadable_body",
+            format!("the request body could not be read: {}", other.body_text()),
+        ),
+    }
+}
+
+/// Path parameters of type `T`.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|e: PathRejection| {
+                ApiError::bad_request(
+                    "invalid_path",
+                    format!("a path parameter is invalid: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// Query parameters of type `T`.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("a query parameter is invalid: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// The caller's network address (rate limits, audit).
+pub struct ClientAddr(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| ClientAddr(addr.ip()))
+            .ok_or_else(|| ApiError::internal("client address", &"no connect info"))
+    }
+}
+
+/// An authenticated caller: a valid token of this node whose session is
+/// neither revoked nor expired.
+pub struct UserAuth {
+    pub user: Uuid,
+    pub session: Uuid,
+}
+
+impl FromRequestParts<Arc<Api>> for UserAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("send `Authorization: Bearer <token>` from /auth/login")
+            })?;
+        let claims = api.tokens.verify(token.trim()).map_err(|e| match e {
+            TokenError::Expired => ApiError::unauthorized("the token has expired; log in again"),
+            other => ApiError::unauthorized(format!("the token is not valid: {other}")),
+        })?;
+        let ctx = OperationContext::user(GroupRole::Auth, claims.sub.to_string());
+        let tx = api.pool.begin(&ctx).await?;
+        let live = tx.query(queries::SESSION_IS_LIVE, &[&claims.sid]).await?;
+        tx.commit().await?;
+        if live.is_empty() {
+            return Err(ApiError::unauthorized(
+                "the session has ended (logout or password change); log in again",
+            ));
+        }
+        Ok(UserAuth {
+            user: claims.sub,
+            session: claims.sid,
+        })
+    }
+}

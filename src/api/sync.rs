@@ -1,0 +1,480 @@
+//! Vault keys and the encrypted CRDT log: push and pull.
+//!
+//! Sequences are per vault and come from the vault row's counter, advanced
+//! in the push transaction: the row lock serialises pushes to one vault
+//! until commit, so numbers are gap-free, unique and committed in order,
+//! and a reader paging by `afterSequence` sees a growing prefix.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, UserAuth};
+use super::{Api, iso8601, queries};
+use crate::postgres::pool::{GroupRole, OperationContext};
+
+const MAX_VAULT_ID_CHARS: usize = 200;
+const MAX_TIMESTAMP_CHARS: usize = 200;
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+const DEFAULT_PULL_LIMIT: i64 = 100;
+const MAX_PULL_LIMIT: i64 = 1000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreVaultKeyBody {
+    vault_id: String,
+    /// Base64: the vault key encrypted client-side.
+    encrypted_vault_key: String,
+    /// Base64.
+    salt: String,
+    /// Base64.
+    nonce: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredVaultKey {
+    id: Uuid,
+    vault_id: String,
+    created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreVaultKeyResponse {
+    message: &'static str,
+    vault_key: StoredVaultKey,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultKey {
+    vault_id: String,
+    encrypted_vault_key: String,
+    salt: String,
+    nonce: String,
+    created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultKeyResponse {
+    vault_key: VaultKey,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushEntry {
+    /// Base64 ciphertext of one CRDT log entry.
+    encrypted_data: String,
+    /// Base64 AES-GCM nonce.
+    nonce: String,
+    /// The client's hybrid logical clock timestamp.
+    haex_timestamp: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushBody {
+    vault_id: String,
+    logs: Vec<PushEntry>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushedEntry {
+    id: Uuid,
+    sequence: i64,
+    haex_timestamp: String,
+    created_at: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushResponse {
+    message: String,
+    count: usize,
+    logs: Vec<PushedEntry>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullBody {
+    vault_id: String,
+    /// Entries with a greater sequence are returned (default 0).
+    #[serde(default)]
+    after_sequence: i64,
+    /// 1 to 1000 (default 100).
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PulledEntry {
+    id: Uuid,
+    encrypted_data: String,
+    nonce: String,
+    haex_timestamp: String,
+    sequence: i64,
+    created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullResponse {
+    logs: Vec<PulledEntry>,
+    has_more: bool,
+}
+
+fn check_vault_id(vault_id: &str) -> Result<(), ApiError> {
+    let chars = vault_id.chars().count();
+    if chars == 0 || chars > MAX_VAULT_ID_CHARS || vault_id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_vault_id",
+            format!("`vaultId` must be 1 to {MAX_VAULT_ID_CHARS} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// `value` must be non-empty standard base64 (what clients send for bytes).
+pub(super) fn check_base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    match BASE64.decode(value) {
+        Ok(bytes) if !bytes.is_empty() => Ok(bytes),
+        _ => Err(ApiError::bad_request(
+            "invalid_base64",
+            format!("`{field}` must be non-empty standard base64 (RFC 4648, with padding)"),
+        )),
+    }
+}
+
+fn vault_not_found() -> ApiError {
+    ApiError::not_found(
+        "vault_not_found",
+        "no vault with this vaultId for this account; store its key with POST /sync/vault-key first",
+    )
+}
+
+/// Stores a vault's encrypted key; creates the vault.
+#[utoipa::path(post, path = "/sync/vault-key", tag = "sync",
+    request_body = StoreVaultKeyBody,
+    responses(
+        (status = 201, body = StoreVaultKeyResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "The vault already has a key", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn store_vault_key(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiJson(body): ApiJson<StoreVaultKeyBody>,
+) -> Result<(StatusCode, Json<StoreVaultKeyResponse>), ApiError> {
+    let started = Instant::now();
+    check_vault_id(&body.vault_id)?;
+    check_base64("encryptedVaultKey", &body.encrypted_vault_key)?;
+    check_base64("salt", &body.salt)?;
+    check_base64("nonce", &body.nonce)?;
+    let mut tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Sync, auth.user.to_string()))
+        .await?;
+    let vault = Uuid::new_v4();
+    let created = tx
+        .query(queries::INSERT_VAULT, &[&vault, &auth.user, &body.vault_id])
+        .await?;
+    if created.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "vault_key_exists",
+            "this vault already has a key; fetch it with GET /sync/vault-key/{vaultId}",
+        ));
+    }
+    let key_id = Uuid::new_v4();
+    let row = tx
+        .query_one(
+            queries::INSERT_VAULT_KEY,
+            &[
+                &key_id,
+                &vault,
+                &auth.user,
+                &body.encrypted_vault_key,
+                &body.salt,
+                &body.nonce,
+            ],
+        )
+        .await?;
+    let created_at: SystemTime = row.get(0);
+    let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
+    api.audit(&mut tx, "VAULT_KEY_STORE", "keepd.vault_keys", 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(StoreVaultKeyResponse {
+            message: "Vault key stored successfully",
+            vault_key: StoredVaultKey {
+                id: key_id,
+                vault_id: body.vault_id,
+                created_at: iso8601(created_at),
+            },
+        }),
+    ))
+}
+
+/// A vault's encrypted key.
+#[utoipa::path(get, path = "/sync/vault-key/{vaultId}", tag = "sync",
+    params(("vaultId" = String, Path, description = "The client's vault id")),
+    responses(
+        (status = 200, body = VaultKeyResponse),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn vault_key(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiPath(vault_id): ApiPath<String>,
+) -> Result<Json<VaultKeyResponse>, ApiError> {
+    check_vault_id(&vault_id)?;
+    let tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .await?;
+    let rows = tx
+        .query(queries::VAULT_KEY, &[&auth.user, &vault_id])
+        .await?;
+    tx.commit().await?;
+    let row = rows.first().ok_or_else(vault_not_found)?;
+    let created_at: SystemTime = row.get(3);
+    Ok(Json(VaultKeyResponse {
+        vault_key: VaultKey {
+            vault_id,
+            encrypted_vault_key: row.get(0),
+            salt: row.get(1),
+            nonce: row.get(2),
+            created_at: iso8601(created_at),
+        },
+    }))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.chars().count() <= MAX_IDEMPOTENCY_KEY_CHARS => {
+            Ok(Some(key.to_string()))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters"
+            ),
+        )),
+    }
+}
+
+/// Appends encrypted log entries to a vault, all or none.
+#[utoipa::path(post, path = "/sync/push", tag = "sync",
+    request_body = PushBody,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "A retry with the same key returns the first result and stores nothing again")),
+    responses(
+        (status = 200, body = PushResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, description = "Nothing was stored; retry", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn push(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PushBody>,
+) -> Result<Json<PushResponse>, ApiError> {
+    let started = Instant::now();
+    let idempotency = idempotency_key(&headers)?;
+    check_vault_id(&body.vault_id)?;
+    let count = body.logs.len();
+    if count == 0 || count > api.limits.max_push_entries {
+        return Err(ApiError::bad_request(
+            "invalid_batch_size",
+            format!(
+                "`logs` must hold 1 to {} entries (api.max_push_entries)",
+                api.limits.max_push_entries
+            ),
+        ));
+    }
+    let mut ids = Vec::with_capacity(count);
+    let mut data = Vec::with_capacity(count);
+    let mut nonces = Vec::with_capacity(count);
+    let mut stamps = Vec::with_capacity(count);
+    for (i, entry) in body.logs.into_iter().enumerate() {
+        check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
+        check_base64(&format!("logs[{i}].nonce"), &entry.nonce)?;
+        let stamp_chars = entry.haex_timestamp.chars().count();
+        if stamp_chars == 0 || stamp_chars > MAX_TIMESTAMP_CHARS {
+            return Err(ApiError::bad_request(
+                "invalid_timestamp",
+                format!("`logs[{i}].haexTimestamp` must be 1 to {MAX_TIMESTAMP_CHARS} characters"),
+            ));
+        }
+        ids.push(Uuid::new_v4());
+        data.push(entry.encrypted_data);
+        nonces.push(entry.nonce);
+        stamps.push(entry.haex_timestamp);
+    }
+
+    let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
+    if let Some(key) = &idempotency
+        && let Some(first) = stored_push(&api, &ctx, &auth, key).await?
+    {
+        return Ok(Json(first));
+    }
+    let mut tx = api.pool.begin(&ctx).await?;
+    let advanced = tx
+        .query(
+            queries::ADVANCE_SEQUENCE,
+            &[&auth.user, &body.vault_id, &(count as i64)],
+        )
+        .await?;
+    let Some(vault_row) = advanced.first() else {
+        return Err(vault_not_found());
+    };
+    let (vault, last): (Uuid, i64) = (vault_row.get(0), vault_row.get(1));
+    let base = last - count as i64;
+    let rows = tx
+        .query(
+            queries::INSERT_LOGS,
+            &[&vault, &auth.user, &base, &ids, &data, &nonces, &stamps],
+        )
+        .await?;
+    let mut logs: Vec<PushedEntry> = rows
+        .iter()
+        .map(|row| PushedEntry {
+            id: row.get(0),
+            sequence: row.get(1),
+            haex_timestamp: row.get(2),
+            created_at: iso8601(row.get(3)),
+        })
+        .collect();
+    logs.sort_by_key(|entry| entry.sequence);
+    let response = PushResponse {
+        message: format!("{count} logs pushed successfully"),
+        count,
+        logs,
+    };
+    if let Some(key) = &idempotency {
+        let stored = serde_json::to_value(&response)
+            .map_err(|e| ApiError::internal("push response", &e))?;
+        let saved = tx
+            .execute(queries::SAVE_PUSH, &[&auth.user, key, &stored])
+            .await?;
+        if saved == 0 {
+            // A concurrent retry with this key committed first: this
+            // attempt is rolled back and the first result is the answer.
+            drop(tx);
+            return stored_push(&api, &ctx, &auth, key)
+                .await?
+                .map(Json)
+                .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
+        }
+    }
+    let metadata = json!({
+        "user": api.user_ref(auth.user),
+        "vault": vault,
+        "firstSequence": base + 1,
+        "lastSequence": last,
+    });
+    api.audit(&mut tx, "SYNC_PUSH", "keepd.sync_logs", count as i64, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(response))
+}
+
+async fn stored_push(
+    api: &Api,
+    ctx: &OperationContext,
+    auth: &UserAuth,
+    key: &str,
+) -> Result<Option<PushResponse>, ApiError> {
+    let tx = api.pool.begin(ctx).await?;
+    let rows = tx.query(queries::STORED_PUSH, &[&auth.user, &key]).await?;
+    tx.commit().await?;
+    rows.first()
+        .map(|row| {
+            serde_json::from_value(row.get(0))
+                .map_err(|e| ApiError::internal("stored push response", &e))
+        })
+        .transpose()
+}
+
+/// Log entries after a sequence number, in order.
+#[utoipa::path(post, path = "/sync/pull", tag = "sync",
+    request_body = PullBody,
+    responses(
+        (status = 200, body = PullResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn pull(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiJson(body): ApiJson<PullBody>,
+) -> Result<Json<PullResponse>, ApiError> {
+    check_vault_id(&body.vault_id)?;
+    let limit = body.limit.unwrap_or(DEFAULT_PULL_LIMIT);
+    if !(1..=MAX_PULL_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` must be 1 to {MAX_PULL_LIMIT}"),
+        ));
+    }
+    if body.after_sequence < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_after_sequence",
+            "`afterSequence` must be 0 or more",
+        ));
+    }
+    let tx = api
+        .pool
+        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .await?;
+    let vault: Uuid = tx
+        .query(queries::VAULT_ID, &[&auth.user, &body.vault_id])
+        .await?
+        .first()
+        .ok_or_else(vault_not_found)?
+        .get(0);
+    let rows = tx
+        .query(
+            queries::PULL_LOGS,
+            &[&vault, &body.after_sequence, &(limit + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    let has_more = rows.len() as i64 > limit;
+    let logs = rows
+        .iter()
+        .take(limit as usize)
+        .map(|row| PulledEntry {
+            id: row.get(0),
+            encrypted_data: row.get(1),
+            nonce: row.get(2),
+            haex_timestamp: row.get(3),
+            sequence: row.get(4),
+            created_at: iso8601(row.get(5)),
+        })
+        .collect();
+    Ok(Json(PullResponse { logs, has_more }))
+}
