@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;

@@ -119,7 +119,10 @@ impl Metrics {
         }
         drop(http);
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         single(
             "keepd_pool_max_connections",

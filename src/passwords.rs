@@ -29,8 +29,8 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     pub fn new() -> Result<PasswordHasher, PasswordError> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let decoy = crate::secret::generate_password(32)
-            .map_err(|e| PasswordError::Hash(e.to_string()))?;
+        let decoy =
+            crate::secret::generate_password(32).map_err(|e| PasswordError::Hash(e.to_string()))?;
         Ok(PasswordHasher {
             permits: Arc::new(Semaphore::new(cores)),
             decoy: Arc::new(hash_now(&decoy)?),
@@ -94,7 +94,12 @@ mod tests {
         let stored = hasher.hash(password.clone()).await.unwrap();
         assert!(stored.starts_with("$argon2id$"), "{stored}");
         assert!(!stored.contains("correct horse"));
-        assert!(hasher.verify(password.clone(), Some(stored.clone())).await.unwrap());
+        assert!(
+            hasher
+                .verify(password.clone(), Some(stored.clone()))
+                .await
+                .unwrap()
+        );
         let wrong = SecretString::new("battery staple".into());
         assert!(!hasher.verify(wrong, Some(stored)).await.unwrap());
         assert!(!hasher.verify(password, None).await.unwrap());

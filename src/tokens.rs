@@ -195,7 +195,13 @@ mod tests {
         let tampered = format!("{}.{swapped}.{}", parts[0], parts[2]);
         assert_eq!(issuer.verify(&tampered), Err(TokenError::BadSignature));
 
-        for junk in ["", "a.b", "a.b.c.d", &format!("{token}x"), &"x".repeat(5000)] {
+        for junk in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            &format!("{token}x"),
+            &"x".repeat(5000),
+        ] {
             assert!(issuer.verify(junk).is_err(), "{junk:?} accepted");
         }
     }

@@ -79,16 +79,18 @@ impl MessageBody {
 fn normalise_email(email: &str) -> Result<String, ApiError> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= MAX_EMAIL_BYTES
-        && email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'))
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.contains('@')
+        })
         && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if valid {
         Ok(email)
     } else {
         Err(ApiError::bad_request(
             "invalid_email",
-            format!("`email` must be an address like name@example.com of at most {MAX_EMAIL_BYTES} bytes"),
+            format!(
+                "`email` must be an address like name@example.com of at most {MAX_EMAIL_BYTES} bytes"
+            ),
         ))
     }
 }
@@ -162,8 +164,15 @@ pub(super) async fn register(
     };
     let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(id), "client": api.client_ref(&client)});
-    api.audit(&mut tx, "USER_REGISTER", "keepd.users", 1, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "USER_REGISTER",
+        "keepd.users",
+        1,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     let user = UserBody {
         id,
@@ -268,12 +277,24 @@ pub(super) async fn logout(
     let started = Instant::now();
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Auth, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Auth,
+            auth.user.to_string(),
+        ))
         .await?;
-    let revoked = tx.execute(queries::REVOKE_SESSION, &[&auth.session]).await?;
+    let revoked = tx
+        .execute(queries::REVOKE_SESSION, &[&auth.session])
+        .await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
-    api.audit(&mut tx, "LOGOUT", "keepd.sessions", revoked as i64, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "LOGOUT",
+        "keepd.sessions",
+        revoked as i64,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(MessageBody {
         message: "Logged out",
@@ -308,13 +329,21 @@ pub(super) async fn change_password(
     }
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = api.pool.begin(&ctx).await?;
-    tx.execute(queries::SET_PASSWORD, &[&auth.user, &hash]).await?;
+    tx.execute(queries::SET_PASSWORD, &[&auth.user, &hash])
+        .await?;
     let revoked = tx
         .execute(queries::REVOKE_ALL_SESSIONS, &[&auth.user])
         .await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
-    api.audit(&mut tx, "PASSWORD_CHANGE", "keepd.users", 1, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "PASSWORD_CHANGE",
+        "keepd.users",
+        1,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(MessageBody {
         message: "Password changed; every session has ended, log in again",
@@ -332,12 +361,22 @@ pub(super) async fn delete_account(
     let started = Instant::now();
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Auth, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Auth,
+            auth.user.to_string(),
+        ))
         .await?;
     let deleted = tx.execute(queries::DELETE_USER, &[&auth.user]).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
-    api.audit(&mut tx, "ACCOUNT_ERASE", "keepd.users", deleted as i64, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "ACCOUNT_ERASE",
+        "keepd.users",
+        deleted as i64,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(MessageBody {
         message: "The account and all its data are erased",
@@ -350,8 +389,18 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(normalise_email("  Ann@Example.ORG ").unwrap(), "ann@example.org");
-        for bad in ["", "ann", "@example.org", "ann@localhost", "a b@example.org", "a@b@c.org"] {
+        assert_eq!(
+            normalise_email("  Ann@Example.ORG ").unwrap(),
+            "ann@example.org"
+        );
+        for bad in [
+            "",
+            "ann",
+            "@example.org",
+            "ann@localhost",
+            "a b@example.org",
+            "a@b@c.org",
+        ] {
             let e = normalise_email(bad).unwrap_err();
             assert_eq!(e.code(), "invalid_email", "{bad:?}");
         }

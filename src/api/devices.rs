@@ -204,7 +204,10 @@ pub(super) async fn register_device(
     let id = Uuid::new_v4();
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Sync, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Sync,
+            auth.user.to_string(),
+        ))
         .await?;
     let row = tx
         .query_one(
@@ -242,7 +245,10 @@ pub(super) async fn list_devices(
 ) -> Result<Json<DevicesResponse>, ApiError> {
     let tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Query,
+            auth.user.to_string(),
+        ))
         .await?;
     let rows = tx.query(queries::LIST_DEVICES, &[&auth.user]).await?;
     tx.commit().await?;
@@ -267,7 +273,10 @@ pub(super) async fn revoke_device(
     let started = Instant::now();
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Sync, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Sync,
+            auth.user.to_string(),
+        ))
         .await?;
     let revoked = tx
         .execute(queries::REVOKE_DEVICE, &[&auth.user, &id])
@@ -279,8 +288,15 @@ pub(super) async fn revoke_device(
         ));
     }
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
-    api.audit(&mut tx, "DEVICE_REVOKE", "keepd.devices", 1, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "DEVICE_REVOKE",
+        "keepd.devices",
+        1,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(super::auth::MessageBody::new("Device revoked")))
 }
@@ -313,7 +329,10 @@ pub(super) async fn store_backup(
     })?;
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Sync, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Sync,
+            auth.user.to_string(),
+        ))
         .await?;
     let device = tx
         .query(queries::DEVICE_KEY, &[&auth.user, &body.device_id])
@@ -370,8 +389,15 @@ pub(super) async fn store_backup(
         "sizeBytes": size,
         "dataClassification": classification,
     });
-    api.audit(&mut tx, "BACKUP_CREATE", "keepd.backups", 1, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "BACKUP_CREATE",
+        "keepd.backups",
+        1,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -410,7 +436,10 @@ pub(super) async fn list_backups(
     }
     let tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Query,
+            auth.user.to_string(),
+        ))
         .await?;
     let rows = tx
         .query(
@@ -457,13 +486,16 @@ pub(super) async fn backup(
 ) -> Result<Json<BackupResponse>, ApiError> {
     let tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Query,
+            auth.user.to_string(),
+        ))
         .await?;
     let rows = tx.query(queries::BACKUP, &[&auth.user, &id]).await?;
     tx.commit().await?;
-    let row = rows
-        .first()
-        .ok_or_else(|| ApiError::not_found("backup_not_found", "no backup with this id on this account"))?;
+    let row = rows.first().ok_or_else(|| {
+        ApiError::not_found("backup_not_found", "no backup with this id on this account")
+    })?;
     let bytes = |i: usize| BASE64.encode(row.get::<_, Vec<u8>>(i));
     Ok(Json(BackupResponse {
         backup: Backup {

@@ -40,8 +40,9 @@ fn json_error(rejection: JsonRejection) -> ApiError {
             "invalid_body",
             format!(
                 "the JSON body does not have the expected fields and types: {}",
-                e.body_text()
-                    .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+                e.body_text().trim_start_matches(
+                    "Failed to deserialize the JSON body into the target type: "
+                )
             ),
         ),
         JsonRejection::JsonSyntaxError(e) => ApiError::bad_request(

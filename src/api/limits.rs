@@ -57,7 +57,9 @@ mod tests {
         let t0 = Instant::now();
         assert!(limiter.check_at(a, t0).is_ok());
         assert!(limiter.check_at(a, t0).is_ok());
-        let wait = limiter.check_at(a, t0 + Duration::from_secs(10)).unwrap_err();
+        let wait = limiter
+            .check_at(a, t0 + Duration::from_secs(10))
+            .unwrap_err();
         assert_eq!(wait, Duration::from_secs(50));
         assert!(limiter.check_at(b, t0).is_ok(), "addresses are independent");
         assert!(limiter.check_at(a, t0 + WINDOW).is_ok(), "a new window");

@@ -59,8 +59,5 @@ pub(super) async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
         pool_waiting,
         postgres_up: api.health.postgres_ready(),
     });
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

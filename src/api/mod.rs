@@ -198,7 +198,10 @@ pub fn router(api: Arc<Api>) -> Router {
     router
         .route_layer(middleware::from_fn_with_state(api.clone(), track))
         .fallback(|| async {
-            ApiError::not_found("no_such_route", "no route matches this path; see /openapi.json")
+            ApiError::not_found(
+                "no_such_route",
+                "no route matches this path; see /openapi.json",
+            )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -186,7 +186,10 @@ pub(super) async fn store_vault_key(
     check_base64("nonce", &body.nonce)?;
     let mut tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Sync, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Sync,
+            auth.user.to_string(),
+        ))
         .await?;
     let vault = Uuid::new_v4();
     let created = tx
@@ -215,8 +218,15 @@ pub(super) async fn store_vault_key(
         .await?;
     let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
-    api.audit(&mut tx, "VAULT_KEY_STORE", "keepd.vault_keys", 1, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "VAULT_KEY_STORE",
+        "keepd.vault_keys",
+        1,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -247,7 +257,10 @@ pub(super) async fn vault_key(
     check_vault_id(&vault_id)?;
     let tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Query,
+            auth.user.to_string(),
+        ))
         .await?;
     let rows = tx
         .query(queries::VAULT_KEY, &[&auth.user, &vault_id])
@@ -374,8 +387,8 @@ pub(super) async fn push(
         logs,
     };
     if let Some(key) = &idempotency {
-        let stored = serde_json::to_value(&response)
-            .map_err(|e| ApiError::internal("push response", &e))?;
+        let stored =
+            serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
         let saved = tx
             .execute(queries::SAVE_PUSH, &[&auth.user, key, &stored])
             .await?;
@@ -395,8 +408,15 @@ pub(super) async fn push(
         "firstSequence": base + 1,
         "lastSequence": last,
     });
-    api.audit(&mut tx, "SYNC_PUSH", "keepd.sync_logs", count as i64, started, metadata)
-        .await?;
+    api.audit(
+        &mut tx,
+        "SYNC_PUSH",
+        "keepd.sync_logs",
+        count as i64,
+        started,
+        metadata,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(response))
 }
@@ -448,7 +468,10 @@ pub(super) async fn pull(
     }
     let tx = api
         .pool
-        .begin(&OperationContext::user(GroupRole::Query, auth.user.to_string()))
+        .begin(&OperationContext::user(
+            GroupRole::Query,
+            auth.user.to_string(),
+        ))
         .await?;
     let vault: Uuid = tx
         .query(queries::VAULT_ID, &[&auth.user, &body.vault_id])

@@ -12,11 +12,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiLimits};
-use crate::metrics::Metrics;
-use crate::passwords::PasswordError;
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, Provider};
 use crate::identity::{IdentityError, NodeIdentity};
+use crate::metrics::Metrics;
+use crate::passwords::PasswordError;
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::native::{NativeCluster, NativeError};

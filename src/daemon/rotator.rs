@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, Notify};
 use tracing::{error, info, warn};
 
-use crate::metrics::Metrics;
 use crate::config::SealMethod;
 use crate::identity::NodeIdentity;
+use crate::metrics::Metrics;
 use crate::postgres::describe_error;
 use crate::postgres::pool::{LoginCredential, RoleAwarePool};
 use crate::postgres::roles::{self, RoleAdmin, RoleError};

@@ -29,13 +29,19 @@ impl TestNode {
 
     /// `extra` is appended to the YAML (top-level sections not set here).
     pub fn with_extra(extra: &str) -> TestNode {
+        Self::with_api_and_extra("", extra)
+    }
+
+    /// `api` holds more `api:` keys (each line indented by two spaces);
+    /// `extra` is appended to the YAML (top-level sections not set here).
+    pub fn with_api_and_extra(api: &str, extra: &str) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         // Postgres may run as another user: let it traverse to its directories.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.path().join("keepd.yaml");
         let yaml = format!(
             "node:\n  state_dir: {0}/state\n  runtime_dir: {0}/run\n\
-             api:\n  listen: 127.0.0.1:0\n\
+             api:\n  listen: 127.0.0.1:0\n{api}\
              log:\n  format: json\n  level: info\n{extra}",
             dir.path().display()
         );

@@ -1,0 +1,474 @@
+//! The reference client: what an application does against keepd. It
+//! derives and holds every key itself (`crypto`); the server only ever
+//! receives ciphertext, wrapped keys, public keys and signatures. Tests and
+//! the load generator drive keepd through it, over real HTTP.
+
+pub mod crypto;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+pub use crypto::{CryptoError, DeviceKey, EncryptedBackup, VaultKey, WrappedVaultKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach keepd at {addr}: {reason}")]
+    Transport { addr: SocketAddr, reason: String },
+    #[error("keepd answered {status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("keepd's answer is not what the API describes: {0}")]
+    Decode(String),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("log in first")]
+    NotLoggedIn,
+}
+
+impl ClientError {
+    /// The error code of an API error (`vault_not_found`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// An HTTP answer: status, `Retry-After` if any, and the JSON body
+/// (`Null` when the body is not JSON).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub body: Value,
+    pub text: String,
+}
+
+/// One user's connection to keepd (HTTP/1.1 keep-alive, reconnecting).
+pub struct SyncClient {
+    addr: SocketAddr,
+    connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushedEntry {
+    pub id: String,
+    pub sequence: i64,
+    pub haex_timestamp: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PushResult {
+    pub count: usize,
+    pub logs: Vec<PushedEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PulledEntry {
+    pub id: String,
+    pub encrypted_data: String,
+    pub nonce: String,
+    pub haex_timestamp: String,
+    pub sequence: i64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullResult {
+    pub logs: Vec<PulledEntry>,
+    pub has_more: bool,
+}
+
+/// One plaintext log entry before encryption.
+pub struct LogEntry {
+    pub data: Vec<u8>,
+    pub haex_timestamp: String,
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl SyncClient {
+    pub fn new(addr: SocketAddr) -> SyncClient {
+        SyncClient {
+            addr,
+            connection: Mutex::new(None),
+            token: None,
+        }
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Uses `token` from now on (e.g. one issued to another client).
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+    }
+
+    fn transport(&self, reason: impl std::fmt::Display) -> ClientError {
+        ClientError::Transport {
+            addr: self.addr,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A ready connection: the kept one, or a new one when it closed.
+    async fn connect(
+        &self,
+        kept: Option<SendRequest<Full<Bytes>>>,
+    ) -> Result<SendRequest<Full<Bytes>>, ClientError> {
+        if let Some(mut sender) = kept
+            && sender.ready().await.is_ok()
+        {
+            return Ok(sender);
+        }
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| self.transport(e))?;
+        stream.set_nodelay(true).map_err(|e| self.transport(e))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.transport(e))?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    /// Any request, raw: for tests that send what a client should not.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, ClientError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string());
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| self.transport(e))?;
+        // HTTP/1.1: one exchange at a time on the connection.
+        let mut slot = self.connection.lock().await;
+        let exchange = async {
+            let mut sender = self.connect(slot.take()).await?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.transport(e))?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.transport(e))?
+                .to_bytes();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            *slot = Some(sender);
+            Ok(Answer {
+                status,
+                retry_after,
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                text,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.transport("no answer within 30s"))?
+    }
+
+    /// A JSON request whose non-2xx answer becomes `ClientError::Api`.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let answer = self.send(method, path, headers, body).await?;
+        if (200..300).contains(&answer.status) {
+            return Ok(answer.body);
+        }
+        let error = &answer.body["error"];
+        Err(ClientError::Api {
+            status: answer.status,
+            code: error["code"].as_str().unwrap_or("").to_string(),
+            message: error["message"]
+                .as_str()
+                .unwrap_or(&answer.text)
+                .to_string(),
+            retry_after: answer.retry_after,
+        })
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ClientError> {
+        serde_json::from_value(value).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> Result<User, ClientError> {
+        let body = json!({"email": email, "password": password});
+        let answer = self
+            .call(Method::POST, "/auth/register", &[], Some(body))
+            .await?;
+        Self::decode(answer["user"].clone())
+    }
+
+    /// Logs in and keeps the token for later calls.
+    pub async fn login(&mut self, email: &str, password: &str) -> Result<User, ClientError> {
+        let body = json!({"email": email, "password": password});
+        let answer = self
+            .call(Method::POST, "/auth/login", &[], Some(body))
+            .await?;
+        self.token = Some(
+            answer["token"]
+                .as_str()
+                .ok_or_else(|| ClientError::Decode("login answer without a token".into()))?
+                .to_string(),
+        );
+        Self::decode(answer["user"].clone())
+    }
+
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        self.call(Method::POST, "/auth/logout", &[], None).await?;
+        Ok(())
+    }
+
+    pub async fn change_password(&self, current: &str, new: &str) -> Result<(), ClientError> {
+        let body = json!({"currentPassword": current, "newPassword": new});
+        self.call(Method::POST, "/auth/password", &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_account(&self) -> Result<(), ClientError> {
+        self.call(Method::DELETE, "/account", &[], None).await?;
+        Ok(())
+    }
+
+    /// Creates a vault: a fresh key, stored wrapped under `password`.
+    pub async fn create_vault(
+        &self,
+        vault_id: &str,
+        password: &str,
+    ) -> Result<VaultKey, ClientError> {
+        let key = VaultKey::generate()?;
+        self.store_vault_key(vault_id, &key.wrap(password)?).await?;
+        Ok(key)
+    }
+
+    pub async fn store_vault_key(
+        &self,
+        vault_id: &str,
+        wrapped: &WrappedVaultKey,
+    ) -> Result<Value, ClientError> {
+        let body = json!({
+            "vaultId": vault_id,
+            "encryptedVaultKey": wrapped.encrypted_vault_key,
+            "salt": wrapped.salt,
+            "nonce": wrapped.nonce,
+        });
+        self.call(Method::POST, "/sync/vault-key", &[], Some(body))
+            .await
+    }
+
+    /// Fetches and unwraps a vault's key with `password`.
+    pub async fn open_vault(
+        &self,
+        vault_id: &str,
+        password: &str,
+    ) -> Result<VaultKey, ClientError> {
+        let answer = self
+            .call(
+                Method::GET,
+                &format!("/sync/vault-key/{vault_id}"),
+                &[],
+                None,
+            )
+            .await?;
+        let stored = &answer["vaultKey"];
+        let field = |name: &str| {
+            stored[name]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| ClientError::Decode(format!("vaultKey.{name} missing")))
+        };
+        let wrapped = WrappedVaultKey {
+            encrypted_vault_key: field("encryptedVaultKey")?,
+            salt: field("salt")?,
+            nonce: field("nonce")?,
+        };
+        Ok(VaultKey::unwrap(&wrapped, password)?)
+    }
+
+    /// Encrypts and pushes `entries` as one batch.
+    pub async fn push(
+        &self,
+        vault_id: &str,
+        key: &VaultKey,
+        entries: &[LogEntry],
+        idempotency_key: Option<&str>,
+    ) -> Result<PushResult, ClientError> {
+        let mut logs = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let (data, nonce) = key.encrypt_entry(&entry.data)?;
+            logs.push(json!({
+                "encryptedData": data,
+                "nonce": nonce,
+                "haexTimestamp": entry.haex_timestamp,
+            }));
+        }
+        let body = json!({"vaultId": vault_id, "logs": logs});
+        let headers: Vec<(&str, &str)> = idempotency_key
+            .map(|k| ("idempotency-key", k))
+            .into_iter()
+            .collect();
+        let answer = self
+            .call(Method::POST, "/sync/push", &headers, Some(body))
+            .await?;
+        Self::decode(answer)
+    }
+
+    pub async fn pull(
+        &self,
+        vault_id: &str,
+        after_sequence: i64,
+        limit: i64,
+    ) -> Result<PullResult, ClientError> {
+        let body = json!({"vaultId": vault_id, "afterSequence": after_sequence, "limit": limit});
+        let answer = self
+            .call(Method::POST, "/sync/pull", &[], Some(body))
+            .await?;
+        Self::decode(answer)
+    }
+
+    /// Registers `device`'s public key; returns the device id.
+    pub async fn register_device(
+        &self,
+        name: &str,
+        device: &DeviceKey,
+    ) -> Result<String, ClientError> {
+        let body = json!({"deviceName": name, "publicKey": device.public_key()});
+        let answer = self.call(Method::POST, "/devices", &[], Some(body)).await?;
+        answer["device"]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Decode("device.id missing".into()))
+    }
+
+    pub async fn devices(&self) -> Result<Value, ClientError> {
+        self.call(Method::GET, "/devices", &[], None).await
+    }
+
+    pub async fn revoke_device(&self, device_id: &str) -> Result<(), ClientError> {
+        self.call(Method::DELETE, &format!("/devices/{device_id}"), &[], None)
+            .await?;
+        Ok(())
+    }
+
+    /// Encrypts `plaintext`, signs the ciphertext with `device`, stores it;
+    /// returns the backup id.
+    pub async fn store_backup(
+        &self,
+        device_id: &str,
+        device: &DeviceKey,
+        key: &VaultKey,
+        plaintext: &[u8],
+        classification: &str,
+    ) -> Result<String, ClientError> {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD as BASE64;
+        let backup = key.encrypt_backup(plaintext)?;
+        let body = json!({
+            "deviceId": device_id,
+            "ciphertext": BASE64.encode(&backup.ciphertext),
+            "nonce": BASE64.encode(&backup.nonce),
+            "authTag": BASE64.encode(&backup.auth_tag),
+            "signature": device.sign(&backup.ciphertext),
+            "dataClassification": classification,
+        });
+        let answer = self.call(Method::POST, "/backups", &[], Some(body)).await?;
+        answer["backup"]["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Decode("backup.id missing".into()))
+    }
+
+    /// Fetches a backup and decrypts it with `key`.
+    pub async fn restore_backup(
+        &self,
+        backup_id: &str,
+        key: &VaultKey,
+    ) -> Result<Vec<u8>, ClientError> {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD as BASE64;
+        let answer = self
+            .call(Method::GET, &format!("/backups/{backup_id}"), &[], None)
+            .await?;
+        let field = |name: &str| {
+            answer["backup"][name]
+                .as_str()
+                .and_then(|v| BASE64.decode(v).ok())
+                .ok_or_else(|| ClientError::Decode(format!("backup.{name} missing")))
+        };
+        let backup = EncryptedBackup {
+            ciphertext: field("ciphertext")?,
+            nonce: field("nonce")?,
+            auth_tag: field("authTag")?,
+        };
+        Ok(key.decrypt_backup(&backup)?)
+    }
+
+    pub async fn backups(&self, query: &str) -> Result<Value, ClientError> {
+        self.call(Method::GET, &format!("/backups{query}"), &[], None)
+            .await
+    }
+}

@@ -1,0 +1,826 @@
+//! The sync API over real HTTP against a real keepd and Postgres, driven by
+//! the reference client.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Daemon, TestNode};
+use hyper::Method;
+use keepd::client::{DeviceKey, LogEntry, SyncClient, VaultKey};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A node whose auth limit does not get in the tests' way.
+fn api_node(api: &str) -> (TestNode, Daemon) {
+    let node = TestNode::with_api_and_extra(
+        &format!("  rate_limits:\n    auth_per_minute: 10000\n{api}"),
+        "",
+    );
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    (node, daemon)
+}
+
+fn email() -> String {
+    format!("user-{}@example.org", common::uuid())
+}
+
+/// A registered, logged-in client.
+async fn user(daemon: &Daemon) -> (SyncClient, String) {
+    let email = email();
+    let mut client = SyncClient::new(daemon.addr());
+    client.register(&email, PASSWORD).await.unwrap();
+    client.login(&email, PASSWORD).await.unwrap();
+    (client, email)
+}
+
+fn entries(n: usize, tag: &str) -> Vec<LogEntry> {
+    (0..n)
+        .map(|i| LogEntry {
+            data: format!("{tag}-{i}").into_bytes(),
+            haex_timestamp: format!("{tag}-{i:06}"),
+        })
+        .collect()
+}
+
+async fn raw(client: &SyncClient, method: Method, path: &str, body: &str) -> (u16, Value) {
+    let answer = client
+        .send(method, path, &[], Some(body.as_bytes().to_vec()))
+        .await
+        .unwrap();
+    (answer.status, answer.body)
+}
+
+/// The error code of a JSON error answer, checking its shape.
+fn code(answer: &(u16, Value)) -> &str {
+    let error = &answer.1["error"];
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message in {answer:?}"
+    );
+    error["code"].as_str().unwrap_or("")
+}
+
+async fn sql_rows(node: &TestNode, sql: &str) -> Vec<tokio_postgres::Row> {
+    node.superuser().await.query(sql, &[]).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accounts_login_logout_and_erasure() {
+    let (node, daemon) = api_node("");
+    let addr = daemon.addr();
+    let email = email();
+    let mut client = SyncClient::new(addr);
+
+    let registered = client
+        .send(
+            Method::POST,
+            "/auth/register",
+            &[],
+            Some(
+                json!({"email": email.to_uppercase(), "password": PASSWORD})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(registered.status, 201, "{}", registered.text);
+    assert_eq!(registered.body["user"]["email"], email);
+    assert!(
+        registered.body["user"]["createdAt"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let again = client.register(&email, PASSWORD).await.unwrap_err();
+    assert_eq!(again.code(), Some("email_taken"));
+    let bad_email = client.register("not-an-email", PASSWORD).await.unwrap_err();
+    assert_eq!(bad_email.code(), Some("invalid_email"));
+    let weak = client.register(&self::email(), "short").await.unwrap_err();
+    assert_eq!(weak.code(), Some("weak_password"));
+
+    // Wrong password and unknown account: the same answer.
+    let wrong = client
+        .send(
+            Method::POST,
+            "/auth/login",
+            &[],
+            Some(
+                json!({"email": email, "password": "wrong password"})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await
+        .unwrap();
+    let unknown = client
+        .send(
+            Method::POST,
+            "/auth/login",
+            &[],
+            Some(
+                json!({"email": self::email(), "password": PASSWORD})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!((wrong.status, unknown.status), (401, 401));
+    assert_eq!(
+        wrong.text, unknown.text,
+        "login failures must be indistinguishable"
+    );
+
+    let login = client
+        .send(
+            Method::POST,
+            "/auth/login",
+            &[],
+            Some(
+                json!({"email": email, "password": PASSWORD})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.text);
+    assert_eq!(login.body["message"], "Login successful");
+    assert_eq!(login.body["user"], registered.body["user"]);
+    let token = login.body["token"].as_str().unwrap().to_string();
+    client.set_token(Some(token.clone()));
+    client.create_vault("v", PASSWORD).await.unwrap();
+
+    // The table holds no address, and no secret reached the audit trail.
+    let users = sql_rows(&node, "SELECT string_agg(u::text, '') FROM keepd.users u").await;
+    let users: String = users[0].get(0);
+    assert!(!users.contains(&email) && !users.contains("example.org"));
+    let audit = sql_rows(
+        &node,
+        "SELECT string_agg(action || ' ' || metadata::text, E'\\n' ORDER BY id) FROM keepd_audit.audit_log",
+    )
+    .await;
+    let audit: String = audit[0].get(0);
+    for action in ["USER_REGISTER", "LOGIN", "LOGIN_FAILED", "VAULT_KEY_STORE"] {
+        assert!(audit.contains(action), "{action} not audited:\n{audit}");
+    }
+    for secret in [email.as_str(), "example.org", "127.0.0.1", &token, PASSWORD] {
+        assert!(!audit.contains(secret), "{secret} in the audit trail");
+    }
+
+    // Logout revokes the token.
+    client.logout().await.unwrap();
+    let after = client.pull("v", 0, 10).await.unwrap_err();
+    assert_eq!(after.status(), Some(401));
+
+    // A password change ends every session.
+    let mut first = SyncClient::new(addr);
+    first.login(&email, PASSWORD).await.unwrap();
+    let mut second = SyncClient::new(addr);
+    second.login(&email, PASSWORD).await.unwrap();
+    first
+        .change_password(PASSWORD, "a new long password")
+        .await
+        .unwrap();
+    for session in [&first, &second] {
+        assert_eq!(session.devices().await.unwrap_err().status(), Some(401));
+    }
+    assert!(client.login(&email, PASSWORD).await.is_err());
+    let mut owner = SyncClient::new(addr);
+    let user = owner.login(&email, "a new long password").await.unwrap();
+
+    // Erasure removes the account and everything it owns.
+    let key = owner.open_vault("v", PASSWORD).await.unwrap();
+    owner.push("v", &key, &entries(3, "e"), None).await.unwrap();
+    let device = DeviceKey::generate().unwrap();
+    let device_id = owner.register_device("laptop", &device).await.unwrap();
+    owner
+        .store_backup(&device_id, &device, &key, b"backup", "Internal")
+        .await
+        .unwrap();
+    owner.delete_account().await.unwrap();
+    for table in [
+        "users",
+        "sessions",
+        "vaults",
+        "vault_keys",
+        "sync_logs",
+        "push_requests",
+        "devices",
+        "backups",
+    ] {
+        let column = if table == "users" { "id" } else { "user_id" };
+        let rows = sql_rows(
+            &node,
+            &format!(
+                "SELECT count(*) FROM keepd.{table} WHERE {column} = '{}'",
+                user.id
+            ),
+        )
+        .await;
+        assert_eq!(
+            rows[0].get::<_, i64>(0),
+            0,
+            "{table} kept rows of an erased user"
+        );
+    }
+    assert_eq!(
+        owner
+            .login(&email, "a new long password")
+            .await
+            .unwrap_err()
+            .code(),
+        Some("invalid_credentials")
+    );
+    let erased = sql_rows(
+        &node,
+        "SELECT count(*) FROM keepd_audit.audit_log WHERE action = 'ACCOUNT_ERASE'",
+    )
+    .await;
+    assert_eq!(erased[0].get::<_, i64>(0), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, text) = node.audit_verify();
+    assert_eq!(code, 0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_expired_and_foreign_tokens_are_refused() {
+    let (node, daemon) = api_node("");
+    let (client, _) = user(&daemon).await;
+    let token = client.token().unwrap().to_string();
+    let parts: Vec<&str> = token.split('.').collect();
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+
+    let (victim, _) = user(&daemon).await;
+    let victim_claims: Value = serde_json::from_slice(
+        &B64.decode(victim.token().unwrap().split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut claims: Value = serde_json::from_slice(&B64.decode(parts[1]).unwrap()).unwrap();
+    claims["sub"] = victim_claims["sub"].clone();
+    let swapped = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64.encode(claims.to_string()),
+        parts[2]
+    );
+    let alg_none = format!(
+        "{}.{}.",
+        B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        parts[1]
+    );
+    // Expired: a real signature from this node's key, zero lifetime.
+    let identity =
+        keepd::identity::NodeIdentity::load(&node.state_dir().join("identity.key")).unwrap();
+    let sub = uuid::Uuid::parse_str(claims["sub"].as_str().unwrap()).unwrap();
+    let sid = uuid::Uuid::parse_str(claims["sid"].as_str().unwrap()).unwrap();
+    let (expired, _) = keepd::tokens::TokenIssuer::new(&identity, Duration::ZERO).issue(sub, sid);
+    // Another node's key.
+    let other = tempfile::tempdir().unwrap();
+    let (stranger, _) =
+        keepd::identity::NodeIdentity::load_or_create(&other.path().join("id")).unwrap();
+    let (foreign, _) =
+        keepd::tokens::TokenIssuer::new(&stranger, Duration::from_secs(600)).issue(sub, sid);
+
+    for (what, bad) in [
+        ("swapped subject", swapped),
+        ("alg none", alg_none),
+        ("expired", expired),
+        ("foreign", foreign),
+        ("garbage", "abc".to_string()),
+    ] {
+        let mut forged = SyncClient::new(daemon.addr());
+        forged.set_token(Some(bad));
+        for (method, path) in [
+            (Method::GET, "/devices"),
+            (Method::GET, "/backups"),
+            (Method::GET, "/sync/vault-key/v"),
+            (Method::POST, "/sync/pull"),
+            (Method::POST, "/sync/push"),
+            (Method::DELETE, "/account"),
+        ] {
+            let answer = raw(&forged, method, path, r#"{"vaultId":"v"}"#).await;
+            assert_eq!(answer.0, 401, "{what} token on {path}: {answer:?}");
+            assert_eq!(code(&answer), "unauthorized");
+        }
+    }
+    let anonymous = SyncClient::new(daemon.addr());
+    let answer = raw(&anonymous, Method::GET, "/devices", "").await;
+    assert_eq!(answer.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_keys_push_pull_and_bad_input() {
+    let (node, daemon) = api_node("  max_push_entries: 100\n  max_body_bytes: 65536\n");
+    let (client, _) = user(&daemon).await;
+
+    // Vault key: created once, even when many race for it.
+    let key = VaultKey::generate().unwrap();
+    let wrapped = Arc::new(key.wrap(PASSWORD).unwrap());
+    let client = Arc::new(client);
+    let mut racers = Vec::new();
+    for _ in 0..8 {
+        let (client, wrapped) = (client.clone(), wrapped.clone());
+        racers.push(tokio::spawn(async move {
+            client.store_vault_key("notes", &wrapped).await
+        }));
+    }
+    let mut created = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(answer) => {
+                created += 1;
+                assert_eq!(answer["message"], "Vault key stored successfully");
+                assert_eq!(answer["vaultKey"]["vaultId"], "notes");
+                assert!(answer["vaultKey"]["id"].is_string());
+            }
+            Err(e) => assert_eq!(e.code(), Some("vault_key_exists"), "{e}"),
+        }
+    }
+    assert_eq!(created, 1);
+    let opened = client.open_vault("notes", PASSWORD).await.unwrap();
+    let missing = client.open_vault("nope", PASSWORD).await.unwrap_err();
+    assert_eq!(
+        (missing.status(), missing.code()),
+        (Some(404), Some("vault_not_found"))
+    );
+
+    // Push and pull.
+    let pushed = client
+        .push("notes", &opened, &entries(5, "a"), None)
+        .await
+        .unwrap();
+    assert_eq!(pushed.count, 5);
+    let sequences: Vec<i64> = pushed.logs.iter().map(|l| l.sequence).collect();
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5]);
+    let page = client.pull("notes", 0, 2).await.unwrap();
+    assert!(page.has_more);
+    assert_eq!(page.logs.len(), 2);
+    let rest = client.pull("notes", 2, 100).await.unwrap();
+    assert!(!rest.has_more);
+    assert_eq!(
+        rest.logs.iter().map(|l| l.sequence).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    let plain = key
+        .decrypt_entry(&rest.logs[0].encrypted_data, &rest.logs[0].nonce)
+        .unwrap();
+    assert_eq!(plain, b"a-2");
+    assert_eq!(rest.logs[0].haex_timestamp, "a-000002");
+
+    // Idempotent retry: the first result, nothing stored twice.
+    let first = client
+        .push("notes", &key, &entries(3, "b"), Some("retry-1"))
+        .await
+        .unwrap();
+    let retry = client
+        .push("notes", &key, &entries(3, "b"), Some("retry-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.logs.iter().map(|l| &l.id).collect::<Vec<_>>(),
+        retry.logs.iter().map(|l| &l.id).collect::<Vec<_>>()
+    );
+    let stored = sql_rows(&node, "SELECT count(*) FROM keepd.sync_logs").await;
+    assert_eq!(stored[0].get::<_, i64>(0), 8);
+
+    // Bad input: 4xx with a code, never a 500.
+    let good_entry = r#"{"encryptedData":"AAAA","nonce":"AAAA","haexTimestamp":"t"}"#;
+    let big = format!(
+        r#"{{"vaultId":"notes","logs":[{}]}}"#,
+        vec![good_entry; 101].join(",")
+    );
+    let huge = format!(
+        r#"{{"vaultId":"notes","logs":[{{"encryptedData":"{}","nonce":"AAAA","haexTimestamp":"t"}}]}}"#,
+        "A".repeat(70_000)
+    );
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("malformed", r#"{"vaultId":"#.into(), 400, "malformed_json"),
+        ("wrong type", r#"{"vaultId":1,"logs":[]}"#.into(), 400, "invalid_body"),
+        ("missing field", r#"{"vaultId":"notes"}"#.into(), 400, "invalid_body"),
+        ("empty batch", r#"{"vaultId":"notes","logs":[]}"#.into(), 400, "invalid_batch_size"),
+        ("too many", big, 400, "invalid_batch_size"),
+        ("oversize", huge, 413, "body_too_large"),
+        (
+            "bad base64",
+            r#"{"vaultId":"notes","logs":[{"encryptedData":"!!","nonce":"AAAA","haexTimestamp":"t"}]}"#.into(),
+            400,
+            "invalid_base64",
+        ),
+        (
+            "unknown vault",
+            format!(r#"{{"vaultId":"other","logs":[{good_entry}]}}"#),
+            404,
+            "vault_not_found",
+        ),
+        ("empty vault id", format!(r#"{{"vaultId":"","logs":[{good_entry}]}}"#), 400, "invalid_vault_id"),
+    ];
+    for (what, body, status, expected) in cases {
+        let answer = raw(&client, Method::POST, "/sync/push", &body).await;
+        assert_eq!(answer.0, status, "{what}: {answer:?}");
+        assert_eq!(code(&answer), expected, "{what}");
+    }
+    for (body, expected) in [
+        (r#"{"vaultId":"notes","limit":0}"#, "invalid_limit"),
+        (r#"{"vaultId":"notes","limit":1001}"#, "invalid_limit"),
+        (
+            r#"{"vaultId":"notes","afterSequence":-1}"#,
+            "invalid_after_sequence",
+        ),
+        (r#"{"vaultId":"notes","afterSequence":"x"}"#, "invalid_body"),
+    ] {
+        let answer = raw(&client, Method::POST, "/sync/pull", body).await;
+        assert_eq!((answer.0, code(&answer)), (400, expected), "{body}");
+    }
+    let no_type = client
+        .send(
+            Method::POST,
+            "/sync/pull",
+            &[("content-type", "text/plain")],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(no_type.status, 415, "{}", no_type.text);
+    let bad_key = raw(
+        &client,
+        Method::POST,
+        "/sync/vault-key",
+        r#"{"vaultId":"x","encryptedVaultKey":"not base64!","salt":"AAAA","nonce":"AAAA"}"#,
+    )
+    .await;
+    assert_eq!((bad_key.0, code(&bad_key)), (400, "invalid_base64"));
+    assert!(!daemon.log().contains("request failed"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pushers_get_gap_free_sequences_and_readers_miss_nothing() {
+    const PUSHERS: usize = 8;
+    const PUSHES: usize = 50;
+    const PER_PUSH: usize = 3;
+    let (_node, daemon) = api_node("");
+    let email = email();
+    let mut owner = SyncClient::new(daemon.addr());
+    owner.register(&email, PASSWORD).await.unwrap();
+    owner.login(&email, PASSWORD).await.unwrap();
+    let key = Arc::new(owner.create_vault("shared", PASSWORD).await.unwrap());
+    let token = owner.token().unwrap().to_string();
+
+    let reader = {
+        let mut client = SyncClient::new(daemon.addr());
+        client.set_token(Some(token.clone()));
+        tokio::spawn(async move {
+            let total = (PUSHERS * PUSHES * PER_PUSH) as i64;
+            let mut seen = Vec::new();
+            let mut after = 0;
+            while after < total {
+                let page = client.pull("shared", after, 37).await.unwrap();
+                for log in &page.logs {
+                    seen.push(log.sequence);
+                }
+                after = seen.last().copied().unwrap_or(0);
+                if page.logs.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            seen
+        })
+    };
+    let mut pushers = Vec::new();
+    for p in 0..PUSHERS {
+        let mut client = SyncClient::new(daemon.addr());
+        client.set_token(Some(token.clone()));
+        let key = key.clone();
+        pushers.push(tokio::spawn(async move {
+            let mut sequences = Vec::new();
+            for i in 0..PUSHES {
+                let batch = entries(PER_PUSH, &format!("p{p}-{i}"));
+                let pushed = client.push("shared", &key, &batch, None).await.unwrap();
+                let seq: Vec<i64> = pushed.logs.iter().map(|l| l.sequence).collect();
+                assert!(
+                    seq.windows(2).all(|w| w[1] == w[0] + 1),
+                    "a batch's sequences are contiguous: {seq:?}"
+                );
+                sequences.extend(seq);
+            }
+            sequences
+        }));
+    }
+    let mut all = Vec::new();
+    for pusher in pushers {
+        all.extend(pusher.await.unwrap());
+    }
+    all.sort_unstable();
+    let total = (PUSHERS * PUSHES * PER_PUSH) as i64;
+    assert_eq!(all, (1..=total).collect::<Vec<_>>(), "gap-free and unique");
+    let seen = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        (1..=total).collect::<Vec<_>>(),
+        "the reader skipped or repeated entries"
+    );
+    let unique: BTreeSet<_> = seen.into_iter().collect();
+    assert_eq!(unique.len() as i64, total);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_and_signed_backups() {
+    let (node, daemon) = api_node("");
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let device = DeviceKey::generate().unwrap();
+    let device_id = client.register_device("laptop", &device).await.unwrap();
+    let listed = client.devices().await.unwrap();
+    assert_eq!(listed["devices"][0]["id"], device_id);
+    assert_eq!(listed["devices"][0]["publicKey"], device.public_key());
+    for (body, expected) in [
+        (
+            r#"{"deviceName":"x","publicKey":"AAAA"}"#,
+            "invalid_public_key",
+        ),
+        (r#"{"deviceName":"x","publicKey":"%%%"}"#, "invalid_base64"),
+        (
+            r#"{"deviceName":"","publicKey":"AAAA"}"#,
+            "invalid_device_name",
+        ),
+    ] {
+        let answer = raw(&client, Method::POST, "/devices", body).await;
+        assert_eq!((answer.0, code(&answer)), (400, expected), "{body}");
+    }
+
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let plaintext = format!("backup {i}");
+        ids.push(
+            client
+                .store_backup(
+                    &device_id,
+                    &device,
+                    &key,
+                    plaintext.as_bytes(),
+                    "Confidential",
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let restored = client.restore_backup(&ids[4], &key).await.unwrap();
+    assert_eq!(restored, b"backup 4");
+    // keepd holds ciphertext only.
+    let stored = sql_rows(
+        &node,
+        "SELECT string_agg(encode(ciphertext, 'escape'), '') FROM keepd.backups",
+    )
+    .await;
+    assert!(!stored[0].get::<_, String>(0).contains("backup"));
+
+    // Newest first, paged, metadata only.
+    let first = client.backups("?limit=2").await.unwrap();
+    let page: Vec<&str> = first["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(page, vec![ids[4].as_str(), ids[3].as_str()]);
+    assert!(first["backups"][0].get("ciphertext").is_none());
+    assert_eq!(first["backups"][0]["dataClassification"], "Confidential");
+    let cursor = first["nextCursor"].as_str().unwrap();
+    let second = client
+        .backups(&format!("?limit=2&before={cursor}"))
+        .await
+        .unwrap();
+    assert_eq!(second["backups"][0]["id"], ids[2]);
+    let last = client
+        .backups(&format!("?limit=2&before={}", ids[1]))
+        .await
+        .unwrap();
+    assert_eq!(last["backups"].as_array().unwrap().len(), 1);
+    assert!(last["nextCursor"].is_null());
+    for query in ["?limit=0", "?limit=abc", "?before=not-a-uuid"] {
+        let e = client.backups(query).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{query}: {e}");
+    }
+
+    // Signatures are checked before anything is stored.
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let backup = key.encrypt_backup(b"payload").unwrap();
+    let body = |signature: String, classification: &str, device: &str| {
+        json!({
+            "deviceId": device,
+            "ciphertext": B64.encode(&backup.ciphertext),
+            "nonce": B64.encode(&backup.nonce),
+            "authTag": B64.encode(&backup.auth_tag),
+            "signature": signature,
+            "dataClassification": classification,
+        })
+        .to_string()
+    };
+    let other_device = DeviceKey::generate().unwrap();
+    let cases = [
+        (
+            "wrong key",
+            body(
+                other_device.sign(&backup.ciphertext),
+                "Internal",
+                &device_id,
+            ),
+            400,
+            "bad_signature",
+        ),
+        (
+            "signs other bytes",
+            body(device.sign(b"other"), "Internal", &device_id),
+            400,
+            "bad_signature",
+        ),
+        (
+            "short signature",
+            body(B64.encode([1u8; 10]), "Internal", &device_id),
+            400,
+            "invalid_signature",
+        ),
+        (
+            "bad class",
+            body(device.sign(&backup.ciphertext), "Secret", &device_id),
+            400,
+            "invalid_body",
+        ),
+        (
+            "unknown device",
+            body(device.sign(&backup.ciphertext), "Internal", &common::uuid()),
+            403,
+            "unknown_device",
+        ),
+    ];
+    for (what, body, status, expected) in cases {
+        let answer = raw(&client, Method::POST, "/backups", &body).await;
+        assert_eq!((answer.0, code(&answer)), (status, expected), "{what}");
+    }
+    client.revoke_device(&device_id).await.unwrap();
+    let revoked = raw(
+        &client,
+        Method::POST,
+        "/backups",
+        &body(device.sign(&backup.ciphertext), "Internal", &device_id),
+    )
+    .await;
+    assert_eq!((revoked.0, code(&revoked)), (403, "device_revoked"));
+    let count = sql_rows(&node, "SELECT count(*) FROM keepd.backups").await;
+    assert_eq!(count[0].get::<_, i64>(0), 5, "refused backups were stored");
+    let audit = sql_rows(
+        &node,
+        "SELECT count(*) FILTER (WHERE action = 'BACKUP_CREATE'), count(*) FILTER (WHERE action = 'DEVICE_ADD'), \
+         count(*) FILTER (WHERE action = 'DEVICE_REVOKE') FROM keepd_audit.audit_log",
+    )
+    .await;
+    assert_eq!(
+        (
+            audit[0].get::<_, i64>(0),
+            audit[0].get::<_, i64>(1),
+            audit[0].get::<_, i64>(2)
+        ),
+        (5, 1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_users_ids_are_out_of_reach_on_every_route() {
+    let (_node, daemon) = api_node("");
+    let (alice, _) = user(&daemon).await;
+    let (mallory, _) = user(&daemon).await;
+    let key = alice.create_vault("diary", PASSWORD).await.unwrap();
+    alice
+        .push("diary", &key, &entries(2, "secret"), None)
+        .await
+        .unwrap();
+    let device = DeviceKey::generate().unwrap();
+    let device_id = alice.register_device("phone", &device).await.unwrap();
+    let backup_id = alice
+        .store_backup(&device_id, &device, &key, b"private", "Restricted")
+        .await
+        .unwrap();
+
+    let e = mallory.open_vault("diary", PASSWORD).await.unwrap_err();
+    assert_eq!(e.code(), Some("vault_not_found"));
+    let e = mallory.pull("diary", 0, 100).await.unwrap_err();
+    assert_eq!(e.code(), Some("vault_not_found"));
+    let e = mallory
+        .push("diary", &key, &entries(1, "x"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("vault_not_found"));
+    let e = mallory.restore_backup(&backup_id, &key).await.unwrap_err();
+    assert_eq!(e.code(), Some("backup_not_found"));
+    let e = mallory.revoke_device(&device_id).await.unwrap_err();
+    assert_eq!(e.code(), Some("device_not_found"));
+    let e = mallory
+        .store_backup(&device_id, &device, &key, b"planted", "Internal")
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("unknown_device")));
+    assert_eq!(mallory.devices().await.unwrap()["devices"], json!([]));
+    assert_eq!(mallory.backups("").await.unwrap()["backups"], json!([]));
+    // Mallory's own vault of the same name is a different vault.
+    let own = mallory.create_vault("diary", PASSWORD).await.unwrap();
+    mallory
+        .push("diary", &own, &entries(1, "m"), None)
+        .await
+        .unwrap();
+    assert_eq!(mallory.pull("diary", 0, 100).await.unwrap().logs.len(), 1);
+    assert_eq!(alice.pull("diary", 0, 100).await.unwrap().logs.len(), 2);
+    // Alice's data is untouched.
+    assert_eq!(
+        alice.restore_backup(&backup_id, &key).await.unwrap(),
+        b"private"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_openapi_metrics_and_rate_limits() {
+    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 3\n", "");
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let client = SyncClient::new(daemon.addr());
+    let root = raw(&client, Method::GET, "/", "").await;
+    assert_eq!(root.0, 200);
+    assert_eq!(root.1["name"], "keepd");
+    assert_eq!(root.1["status"], "ok");
+    assert!(root.1["version"].is_string() && root.1["env"].is_string());
+
+    let openapi = raw(&client, Method::GET, "/openapi.json", "").await;
+    assert_eq!(openapi.0, 200);
+    let paths = openapi.1["paths"].as_object().unwrap();
+    for path in [
+        "/auth/login",
+        "/sync/push",
+        "/sync/pull",
+        "/backups/{id}",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(path), "{path} missing");
+    }
+    let unknown = raw(&client, Method::GET, "/no/such/route", "").await;
+    assert_eq!((unknown.0, code(&unknown)), (404, "no_such_route"));
+
+    // Login attempts per address: the fourth in a minute is refused.
+    for _ in 0..3 {
+        let e = client.register("bad", PASSWORD).await.unwrap_err();
+        assert_eq!(e.code(), Some("invalid_email"));
+    }
+    let limited = client
+        .send(
+            Method::POST,
+            "/auth/login",
+            &[],
+            Some(
+                json!({"email": email(), "password": PASSWORD})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(limited.status, 429, "{}", limited.text);
+    assert!(limited.retry_after.is_some_and(|s| (1..=60).contains(&s)));
+    assert_eq!(limited.body["error"]["code"], "rate_limited");
+
+    let (ok, text) = node.rotate();
+    assert!(ok, "{text}");
+    let metrics = client
+        .send(Method::GET, "/metrics", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(metrics.status, 200);
+    for line in [
+        r#"keepd_http_requests_total{method="GET",route="/",status="200"} 1"#,
+        r#"keepd_http_requests_total{method="POST",route="/auth/login",status="429"} 1"#,
+        "keepd_credential_rotations_total 1",
+        "keepd_postgres_up 1",
+        "keepd_postgres_restarts_total 0",
+    ] {
+        assert!(
+            metrics.text.lines().any(|l| l == line),
+            "missing {line}:\n{}",
+            metrics.text
+        );
+    }
+    assert!(metrics.text.contains("keepd_http_request_duration_seconds_bucket{method=\"GET\",route=\"/openapi.json\",le=\"+Inf\"} 1"));
+    assert!(metrics.text.contains("keepd_pool_open_connections"));
+}
