@@ -407,6 +407,35 @@ async fn a_broken_connection_is_replaced_not_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_transaction_releases_its_locks_at_once() {
+    let (node, _daemon) = started();
+    let pool = node.pool(4);
+    let tx = pool
+        .begin(&OperationContext::system(GroupRole::Audit))
+        .await
+        .unwrap();
+    tx.query_one("SELECT pg_advisory_xact_lock(4242)", &[])
+        .await
+        .unwrap();
+    // An early return or a cancelled request: dropped, never committed,
+    // and its connection sits idle in the pool afterwards.
+    drop(tx);
+    let admin = node.superuser().await;
+    let mut released = false;
+    for _ in 0..50 {
+        let row = admin
+            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+            .await
+            .unwrap();
+        released = row.get(0);
+        if released {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(released, "the dropped transaction still holds its lock");
+}
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_migration_changes_nothing() {
     let (node, _daemon) = started();
     let mut client = node.superuser().await;

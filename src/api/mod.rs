@@ -238,6 +238,12 @@ pub async fn serve(
     router: Router,
     mut stop: Shutdown,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY a response written in several segments waits
+    // for the client's delayed ACK (tens of milliseconds) before its tail.
+    let listener = listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    });
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -10,12 +10,13 @@
 //! credential is current, and a connection of an older version is discarded
 //! when it comes back instead of being reused.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 
 use crate::secret::SecretString;
 
@@ -98,6 +99,9 @@ pub struct PoolSettings {
 
 pub struct Connection {
     client: Client,
+    /// Statements prepared on this connection, by their SQL: each is
+    /// parsed and planned once per connection, not once per use.
+    statements: std::sync::Mutex<HashMap<String, Statement>>,
     version: u32,
     /// Given back inside a transaction (an error path): roll back on recycle.
     in_transaction: bool,
@@ -122,6 +126,7 @@ impl managed::Manager for Manager {
         tokio::spawn(connection);
         Ok(Connection {
             client,
+            statements: std::sync::Mutex::new(HashMap::new()),
             version: credential.version,
             in_transaction: false,
         })
@@ -230,17 +235,41 @@ impl RoleAwarePool {
         }
         let user = ctx.user_id.as_deref().unwrap_or("");
         let email = ctx.email_hmac.as_deref().unwrap_or("");
+        let scope = conn.statement(SET_SCOPE).await?;
         conn.client
-            .query_one(
-                "SELECT set_config('role', $1, true), set_config('keepd.user_id', $2, true), \
-                 set_config('keepd.email_hmac', $3, true)",
-                &[&ctx.role.name(), &user, &email],
-            )
+            .query_one(&scope, &[&ctx.role.name(), &user, &email])
             .await?;
         Ok(ScopedTransaction {
-            conn,
+            conn: Some(conn),
             role: ctx.role,
         })
+    }
+}
+
+const SET_SCOPE: &str = "SELECT set_config('role', $1, true), \
+     set_config('keepd.user_id', $2, true), set_config('keepd.email_hmac', $3, true)";
+const SET_ROLE: &str = "SELECT set_config('role', $1, true)";
+/// Ad-hoc SQL (tests, tools) must not grow the cache without bound.
+const MAX_CACHED_STATEMENTS: usize = 256;
+
+impl Connection {
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(sql).await?;
+        let mut cache = self.statements.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED_STATEMENTS {
+            cache.clear();
+        }
+        cache.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
     }
 }
 
@@ -253,13 +282,18 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
 }
 
 /// One open transaction with its role and tenant set. Dropped without
-/// `commit`, it is rolled back before its connection is reused.
+/// `commit`, it is rolled back at once (see `Drop`).
 pub struct ScopedTransaction {
-    conn: managed::Object<Manager>,
+    /// Present until the transaction is dropped.
+    conn: Option<managed::Object<Manager>>,
     role: GroupRole,
 }
 
 impl ScopedTransaction {
+    fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("present until drop")
+    }
+
     pub fn role(&self) -> GroupRole {
         self.role
     }
@@ -267,9 +301,10 @@ impl ScopedTransaction {
     /// Switches this transaction to another group role (e.g. `Audit` to
     /// append the audit entry of the change it makes); returns the old one.
     pub async fn set_role(&mut self, role: GroupRole) -> Result<GroupRole, PoolError> {
-        self.conn
+        let statement = self.conn().statement(SET_ROLE).await?;
+        self.conn()
             .client
-            .query_one("SELECT set_config('role', $1, true)", &[&role.name()])
+            .query_one(&statement, &[&role.name()])
             .await?;
         Ok(std::mem::replace(&mut self.role, role))
     }
@@ -279,7 +314,8 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PoolError> {
-        Ok(self.conn.client.query(sql, params).await?)
+        let statement = self.conn().statement(sql).await?;
+        Ok(self.conn().client.query(&statement, params).await?)
     }
 
     pub async fn query_one(
@@ -287,7 +323,8 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, PoolError> {
-        Ok(self.conn.client.query_one(sql, params).await?)
+        let statement = self.conn().statement(sql).await?;
+        Ok(self.conn().client.query_one(&statement, params).await?)
     }
 
     pub async fn execute(
@@ -295,12 +332,41 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, PoolError> {
-        Ok(self.conn.client.execute(sql, params).await?)
+        let statement = self.conn().statement(sql).await?;
+        Ok(self.conn().client.execute(&statement, params).await?)
     }
 
     pub async fn commit(mut self) -> Result<(), PoolError> {
-        self.conn.client.batch_execute("COMMIT").await?;
-        self.conn.in_transaction = false;
+        let conn = self.conn.as_mut().expect("present until drop");
+        conn.client.batch_execute("COMMIT").await?;
+        conn.in_transaction = false;
         Ok(())
+    }
+}
+
+/// Dropped without `commit` (an early return, a cancelled request): the
+/// transaction is rolled back right away, so its locks are released now,
+/// not when the pool next hands out this connection. A connection that
+/// cannot roll back is closed, which ends the transaction server-side.
+impl Drop for ScopedTransaction {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !conn.in_transaction {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                        conn.in_transaction = false;
+                    } else {
+                        drop(managed::Object::take(conn));
+                    }
+                });
+            }
+            Err(_) => drop(managed::Object::take(conn)),
+        }
     }
 }
