@@ -6,7 +6,7 @@
 # `postgres` user with uid 999, PGDATA under /var/lib/postgresql/data), so
 # what works with this image works with the official one.
 #
-# Usage: scripts/build-test-image.sh [IMAGE]   (default keepd-test-postgres:<major>)
+# Usage: scripts/build-test-image.sh [IMAGE]   (default keepd-test-postgres:test)
 # Reuses the image when it is already present.
 set -euo pipefail
 
@@ -16,7 +16,7 @@ if [[ -z "$bindir" ]]; then
   exit 1
 fi
 major=$(basename "$(dirname "$bindir")")
-image=${1:-${KEEPD_TEST_DOCKER_IMAGE:-keepd-test-postgres:$major}}
+image=${1:-${KEEPD_TEST_DOCKER_IMAGE:-keepd-test-postgres:test}}
 
 if docker image inspect "$image" >/dev/null 2>&1; then
   echo "build-test-image: $image is present"
@@ -60,7 +60,7 @@ copy() {
   fi
 }
 
-packages=("postgresql-$major" libpq5 dash tzdata)
+packages=("postgresql-$major" libpq5 dash coreutils tzdata)
 for pkg in "${packages[@]}"; do
   while IFS= read -r path; do
     if [[ -f "$path" || -L "$path" ]]; then
@@ -77,7 +77,9 @@ libraries() {
 while IFS= read -r elf; do
   while IFS= read -r lib; do copy "$lib"; done < <(libraries "$elf")
 done < <(find "$root/usr/lib/postgresql" -type f \( -perm -u+x -o -name '*.so' \) | sed "s|^$root||")
-while IFS= read -r lib; do copy "$lib"; done < <(libraries "$(command -v dash)")
+for tool in dash rm mv; do
+  while IFS= read -r lib; do copy "$lib"; done < <(libraries "$(command -v "$tool")")
+done
 
 ln -sf dash "$root/usr/bin/sh"
 cat > "$root/etc/passwd" <<'EOF'

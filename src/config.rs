@@ -214,12 +214,22 @@ impl Default for NativeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
     pub image: String,
+    /// Memory limit of the container, in MiB.
+    pub memory_mb: u32,
+    /// Most processes the container may run.
+    pub pids_limit: u32,
+    pub start_timeout: HumanDuration,
+    pub shutdown_timeout: HumanDuration,
 }
 
 impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             image: "postgres:15".into(),
+            memory_mb: 1024,
+            pids_limit: 256,
+            start_timeout: HumanDuration(Duration::from_secs(120)),
+            shutdown_timeout: HumanDuration(Duration::from_secs(15)),
         }
     }
 }
@@ -734,6 +744,27 @@ impl Config {
                 format!("{:?}", pg.native.run_as),
                 "a user name of lowercase letters, digits, `-` and `_`, starting with a letter"
                     .into(),
+            ));
+        }
+        if pg.docker.image.trim().is_empty() || pg.docker.image.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                "database.postgres.docker.image",
+                format!("{:?}", pg.docker.image),
+                "an image reference such as postgres:15 or registry.example/postgres:15".into(),
+            ));
+        }
+        if pg.docker.memory_mb < 128 {
+            return Err(invalid(
+                "database.postgres.docker.memory_mb",
+                pg.docker.memory_mb.to_string(),
+                "at least 128 (MiB)".into(),
+            ));
+        }
+        if pg.docker.pids_limit < 32 {
+            return Err(invalid(
+                "database.postgres.docker.pids_limit",
+                pg.docker.pids_limit.to_string(),
+                "at least 32 (Postgres forks a process per connection)".into(),
             ));
         }
         if pg.native.start_timeout.get() < Duration::from_secs(1) {

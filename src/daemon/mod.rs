@@ -18,11 +18,12 @@ use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
 use crate::postgres::bootstrap::{self, BootstrapError};
+use crate::postgres::docker::{DockerCluster, DockerError};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::native::{NativeCluster, NativeError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
 use crate::postgres::render::{self, RenderError};
-use crate::postgres::supervise::Supervisor;
+use crate::postgres::supervise::{Server, Supervisor};
 use crate::postgres::{DATABASE, describe_error};
 use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Render(#[from] RenderError),
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
@@ -68,10 +71,10 @@ pub enum DaemonError {
     )]
     CredentialsMissing { path: PathBuf, data_dir: PathBuf },
     #[error(
-        "Postgres did not accept connections within {seconds}s; its log is in {log_dir}, and \
-         database.postgres.native.start_timeout sets the limit"
+        "Postgres did not accept connections within {seconds}s; its log: {logs}; \
+         database.postgres.<provider>.start_timeout sets the limit"
     )]
-    StartTimeout { seconds: u64, log_dir: PathBuf },
+    StartTimeout { seconds: u64, logs: String },
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -125,7 +128,7 @@ fn load_credentials(
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
     let pg = &config.database.postgres;
-    if pg.provider != Provider::Native {
+    if pg.provider == Provider::External {
         return Err(DaemonError::ProviderUnavailable {
             provider: pg.provider,
         });
@@ -143,35 +146,44 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let credentials = load_credentials(&config, &identity, &store)?;
 
     let rendered = render::render(&config)?;
-    let cluster = {
-        let (config, rendered) = (config.clone(), rendered.clone());
-        tokio::task::spawn_blocking(move || NativeCluster::prepare(&config, &rendered)).await??
-    };
-    let cluster = Arc::new(cluster);
-
     // The cluster is brought in line with db.enc before it accepts a
     // connection; Postgres receives the superuser's verifier, never the
     // password.
-    {
-        let cluster = cluster.clone();
-        let verifier = ScramVerifier::of(&credentials.superuser);
-        tokio::task::spawn_blocking(move || {
-            cluster.clear_stale_pid()?;
-            cluster.set_superuser_verifier(&verifier)
-        })
-        .await??;
-    }
-    let maintenance = cluster.superuser_config(&credentials.superuser, "postgres");
-    let superuser = cluster.superuser_config(&credentials.superuser, DATABASE);
+    let verifier = ScramVerifier::of(&credentials.superuser);
+    let (server, start_timeout, logs) = match pg.provider {
+        Provider::Docker => {
+            let cluster = DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?;
+            let logs = format!("docker logs {}", cluster.container_name());
+            let timeout = cluster.start_timeout;
+            (Server::Docker(Arc::new(cluster)), timeout, logs)
+        }
+        Provider::Native | Provider::External => {
+            let cluster = {
+                let (config, rendered) = (config.clone(), rendered.clone());
+                tokio::task::spawn_blocking(move || {
+                    let cluster = NativeCluster::prepare(&config, &rendered)?;
+                    cluster.clear_stale_pid()?;
+                    cluster.set_superuser_verifier(&verifier)?;
+                    Ok::<_, NativeError>(cluster)
+                })
+                .await??
+            };
+            let logs = cluster.data_dir().join("log").display().to_string();
+            let timeout = cluster.start_timeout;
+            (Server::Native(Arc::new(cluster)), timeout, logs)
+        }
+    };
+    let maintenance = server.superuser_config(&credentials.superuser, "postgres");
+    let superuser = server.superuser_config(&credentials.superuser, DATABASE);
     let metrics = Arc::new(Metrics::default());
-    let supervisor = Supervisor::start(cluster.clone(), maintenance.clone(), metrics.clone());
+    let supervisor = Supervisor::start(server, maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
 
     let started = async {
-        if !supervisor.wait_ready(cluster.start_timeout).await {
+        if !supervisor.wait_ready(start_timeout).await {
             return Err(DaemonError::StartTimeout {
-                seconds: cluster.start_timeout.as_secs(),
-                log_dir: cluster.data_dir().join("log"),
+                seconds: start_timeout.as_secs(),
+                logs,
             });
         }
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;

@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod child;
+pub mod docker;
 pub mod matrix;
 pub mod migrate;
 pub mod native;
@@ -29,6 +30,26 @@ pub const GROUP_ROLES: [&str; 5] = [
 /// A Postgres error as an operator needs it: the server's own message with
 /// its detail and hint, or the connection problem with its cause (the
 /// driver's Display alone says only "db error").
+/// Connection settings for the bootstrap superuser over the Unix socket
+/// in `socket_dir` (native and docker providers alike).
+pub fn superuser_config(
+    socket_dir: &std::path::Path,
+    port: u16,
+    password: &crate::secret::SecretString,
+    dbname: &str,
+) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(socket_dir)
+        .port(port)
+        .user(SUPERUSER)
+        .password(password.expose())
+        .dbname(dbname)
+        .application_name("keepd")
+        .connect_timeout(std::time::Duration::from_secs(5));
+    config
+}
+
 pub fn describe_error(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => {

@@ -500,16 +500,7 @@ impl NativeCluster {
         password: &SecretString,
         dbname: &str,
     ) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(&self.socket_dir)
-            .port(self.port)
-            .user(SUPERUSER)
-            .password(password.expose())
-            .dbname(dbname)
-            .application_name("keepd")
-            .connect_timeout(Duration::from_secs(5));
-        config
+        super::superuser_config(&self.socket_dir, self.port, password, dbname)
     }
 }
 

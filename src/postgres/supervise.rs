@@ -1,6 +1,7 @@
-//! Keeps the native postmaster running: starts it, waits until it accepts
-//! connections, restarts it with backoff when it dies, and stops it fast on
-//! shutdown. The state is published on a watch channel for `/health`.
+//! Keeps Postgres running, whichever provider runs it (a native child
+//! process or a container): starts it, waits until it accepts connections,
+//! restarts it with backoff when it dies, and stops it fast on shutdown.
+//! The state is published on a watch channel for `/health`.
 
 use std::io::BufRead;
 use std::process::{Child, ExitStatus};
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::child::ChildLauncher;
+use super::docker::DockerCluster;
 use super::native::NativeCluster;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
@@ -38,6 +40,105 @@ impl PgState {
     }
 }
 
+/// The server to keep running.
+#[derive(Clone)]
+pub enum Server {
+    Native(Arc<NativeCluster>),
+    Docker(Arc<DockerCluster>),
+}
+
+impl Server {
+    fn start_timeout(&self) -> Duration {
+        match self {
+            Server::Native(c) => c.start_timeout,
+            Server::Docker(c) => c.start_timeout,
+        }
+    }
+
+    /// Starts the server; the handle tells when it dies and stops it.
+    async fn launch(&self) -> Result<Running, String> {
+        match self {
+            Server::Native(cluster) => {
+                let prepared = {
+                    let cluster = cluster.clone();
+                    tokio::task::spawn_blocking(move || cluster.clear_stale_pid()).await
+                };
+                match prepared {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Err(format!("cannot clear the previous postmaster.pid: {e}"));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+                let child = ChildLauncher::get()
+                    .spawn(cluster.postmaster_command(), Signal::SIGQUIT)
+                    .map_err(|e| format!("cannot start postgres: {e}"))?;
+                let postmaster = Postmaster::new(child);
+                info!(
+                    pid = postmaster.pid,
+                    "postgres started; waiting for it to accept connections"
+                );
+                Ok(Running::Process(postmaster, cluster.clone()))
+            }
+            Server::Docker(cluster) => {
+                cluster
+                    .start()
+                    .await
+                    .map_err(|e| format!("cannot start the container: {e}"))?;
+                info!(
+                    container = cluster.container_name(),
+                    "postgres container running; waiting for it to accept connections"
+                );
+                Ok(Running::Container(cluster.clone()))
+            }
+        }
+    }
+
+    /// The bootstrap superuser's connection settings for this server.
+    pub fn superuser_config(
+        &self,
+        password: &crate::secret::SecretString,
+        dbname: &str,
+    ) -> tokio_postgres::Config {
+        match self {
+            Server::Native(c) => c.superuser_config(password, dbname),
+            Server::Docker(c) => c.superuser_config(password, dbname),
+        }
+    }
+
+    fn where_to_look(&self) -> String {
+        match self {
+            Server::Native(c) => c.data_dir().join("log").display().to_string(),
+            Server::Docker(c) => format!("docker logs {}", c.container_name()),
+        }
+    }
+}
+
+/// A started server.
+enum Running {
+    Process(Postmaster, Arc<NativeCluster>),
+    Container(Arc<DockerCluster>),
+}
+
+impl Running {
+    /// Why it is not running any more, or None while it runs.
+    async fn exited(&self) -> Option<String> {
+        match self {
+            Running::Process(postmaster, _) => postmaster.exited().map(|s| s.to_string()),
+            Running::Container(cluster) => cluster.exited().await,
+        }
+    }
+
+    async fn stop(&self) {
+        match self {
+            Running::Process(postmaster, cluster) => {
+                postmaster.stop(cluster.shutdown_timeout).await
+            }
+            Running::Container(cluster) => cluster.stop().await,
+        }
+    }
+}
+
 /// Handle to the supervision task; dropping it does not stop Postgres,
 /// `stop` does (and keepd's death does, through the parent-death signal).
 pub struct Supervisor {
@@ -55,13 +156,13 @@ const POLL: Duration = Duration::from_millis(100);
 impl Supervisor {
     /// Starts supervising; `probe` is how readiness is tested (a login).
     pub fn start(
-        cluster: Arc<NativeCluster>,
+        server: Server,
         probe: tokio_postgres::Config,
         metrics: Arc<Metrics>,
     ) -> Supervisor {
         let (state_tx, state) = watch::channel(PgState::Starting);
         let (stop, shutdown) = shutdown::channel();
-        let task = tokio::spawn(supervise(cluster, probe, state_tx, shutdown, metrics));
+        let task = tokio::spawn(supervise(server, probe, state_tx, shutdown, metrics));
         Supervisor { state, stop, task }
     }
 
@@ -90,7 +191,7 @@ enum Outcome {
 }
 
 async fn supervise(
-    cluster: Arc<NativeCluster>,
+    server: Server,
     probe: tokio_postgres::Config,
     state: watch::Sender<PgState>,
     mut stop: Shutdown,
@@ -98,7 +199,7 @@ async fn supervise(
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match run_once(&cluster, &probe, &state, &mut stop).await {
+        match run_once(&server, &probe, &state, &mut stop).await {
             Outcome::Stopped => break,
             Outcome::Died { uptime } => {
                 if uptime >= STABLE_AFTER {
@@ -122,33 +223,23 @@ async fn supervise(
 }
 
 async fn run_once(
-    cluster: &Arc<NativeCluster>,
+    server: &Server,
     probe: &tokio_postgres::Config,
     state: &watch::Sender<PgState>,
     stop: &mut Shutdown,
 ) -> Outcome {
     let started = Instant::now();
-    let died = |status: Option<ExitStatus>| {
+    let died = |why: Option<String>| {
         let uptime = started.elapsed();
         error!(
-            status = %status.map_or("unknown".to_string(), |s| s.to_string()),
+            status = %why.unwrap_or_else(|| "unknown".to_string()),
             uptime_s = uptime.as_secs(),
             "postgres exited unexpectedly"
         );
         Outcome::Died { uptime }
     };
-    let prepared = {
-        let cluster = cluster.clone();
-        tokio::task::spawn_blocking(move || cluster.clear_stale_pid()).await
-    };
-    if let Ok(Err(e)) = prepared {
-        error!(error = %e, "cannot clear the previous postmaster.pid");
-        return Outcome::Died {
-            uptime: Duration::ZERO,
-        };
-    }
-    let child = match ChildLauncher::get().spawn(cluster.postmaster_command(), Signal::SIGQUIT) {
-        Ok(child) => child,
+    let running = match server.launch().await {
+        Ok(running) => running,
         Err(e) => {
             error!(error = %e, "cannot start postgres");
             return Outcome::Died {
@@ -156,54 +247,53 @@ async fn run_once(
             };
         }
     };
-    let postmaster = Postmaster::new(child);
-    info!(
-        pid = postmaster.pid,
-        "postgres started; waiting for it to accept connections"
-    );
 
-    let deadline = started + cluster.start_timeout;
+    let deadline = started + server.start_timeout();
     loop {
-        if let Some(status) = postmaster.exited() {
-            return died(Some(status));
+        if let Some(why) = running.exited().await {
+            return died(Some(why));
         }
         if accepts_login(probe).await {
             break;
         }
         if Instant::now() >= deadline {
             error!(
-                timeout_s = cluster.start_timeout.as_secs(),
-                log_dir = %cluster.data_dir().join("log").display(),
+                timeout_s = server.start_timeout().as_secs(),
+                logs = %server.where_to_look(),
                 "postgres did not accept connections in time; stopping it"
             );
-            postmaster.stop(cluster.shutdown_timeout).await;
-            return died(postmaster.exited());
+            running.stop().await;
+            return died(running.exited().await);
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = stop.requested() => {
-                postmaster.stop(cluster.shutdown_timeout).await;
+                running.stop().await;
                 return Outcome::Stopped;
             }
         }
     }
     info!(
-        pid = postmaster.pid,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "postgres is ready"
     );
     let _ = state.send(PgState::Ready);
 
+    let watch_every = match running {
+        Running::Process(..) => POLL,
+        // Each look at a container is an engine request.
+        Running::Container(_) => Duration::from_millis(500),
+    };
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(POLL) => {
-                if let Some(status) = postmaster.exited() {
-                    return died(Some(status));
+            _ = tokio::time::sleep(watch_every) => {
+                if let Some(why) = running.exited().await {
+                    return died(Some(why));
                 }
             }
             _ = stop.requested() => {
-                info!(pid = postmaster.pid, "stopping postgres (fast shutdown)");
-                postmaster.stop(cluster.shutdown_timeout).await;
+                info!("stopping postgres (fast shutdown)");
+                running.stop().await;
                 info!("postgres stopped");
                 return Outcome::Stopped;
             }

@@ -1,0 +1,737 @@
+//! The docker provider: Postgres in a hardened container, through the
+//! Docker Engine API (bollard).
+//!
+//! `DockerCluster::prepare` makes sure the image is present (pulled with
+//! progress only when absent), the data volume exists, the rendered files
+//! are in place for a read-only bind mount, the cluster is initialised
+//! (`initdb` in a one-off container) and the superuser's verifier is set
+//! (`postgres --single` in a one-off container, the statement sent over
+//! its stdin). The server container is created, adopted or recreated by
+//! `ensure_container`; the supervisor starts and watches it.
+//!
+//! Hardening of every container keepd creates: the image's `postgres` user
+//! (keepd's own user when keepd is not root), no capabilities,
+//! `no-new-privileges`, a read-only root filesystem with a tmpfs for
+//! scratch, pids and memory limits, no published port, no restart policy
+//! (keepd supervises), and `network_mode: none`: keepd reaches Postgres
+//! through its socket directory, a bind mount from `runtime_dir`.
+//! Containers and volumes carry keepd's labels; keepd never touches a
+//! container it did not label.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::render::RenderedConfig;
+use super::{SUPERUSER, superuser_config};
+use crate::config::Config;
+use crate::fsutil;
+use crate::secret::{ScramVerifier, SecretString};
+
+/// Where things live inside the container (the official image's layout).
+const DATA_MOUNT: &str = "/var/lib/postgresql/data";
+const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
+const CONF_MOUNT: &str = "/etc/keepd";
+const SOCKET_MOUNT: &str = "/var/run/postgresql";
+
+const LABEL_MANAGED: &str = "io.keepd.managed";
+const LABEL_NODE: &str = "io.keepd.node-id";
+const LABEL_CONFIG: &str = "io.keepd.config-hash";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "cannot reach the Docker engine ({reason}); is dockerd running, and may keepd use its \
+         socket (DOCKER_HOST or /var/run/docker.sock)?"
+    )]
+    Engine { reason: String },
+    #[error(
+        "the image {image} is not present and pulling it failed: {reason}; set \
+         database.postgres.docker.image to an image this host has (docker images) or can pull"
+    )]
+    Pull { image: String, reason: String },
+    #[error(
+        "a container named {name} exists but keepd did not create it (no {LABEL_NODE} label for \
+         this node); keepd never touches other containers: rename or remove it"
+    )]
+    Foreign { name: String },
+    #[error(
+        "the image {image} has no `postgres` user in /etc/passwd; use an image laid out like the official postgres image"
+    )]
+    NoPostgresUser { image: String },
+    #[error("{what} failed (exit {code}); its output:\n{output}")]
+    OneOff {
+        what: &'static str,
+        code: i64,
+        output: String,
+    },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("Docker engine request failed ({what}): {source}")]
+    Api {
+        what: &'static str,
+        source: bollard::errors::Error,
+    },
+}
+
+fn api(what: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
+    move |source| DockerError::Api { what, source }
+}
+
+fn not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// What the engine reports about the running container, for the security
+/// report: measured from `inspect`, not taken from keepd's own config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerFacts {
+    pub id: String,
+    pub user: String,
+    pub network_mode: String,
+    pub cap_drop: Vec<String>,
+    pub cap_add: Vec<String>,
+    pub readonly_rootfs: bool,
+    pub security_opt: Vec<String>,
+    pub published_ports: usize,
+    pub privileged: bool,
+}
+
+pub struct DockerCluster {
+    docker: Docker,
+    image: String,
+    node_id: String,
+    container: String,
+    volume: String,
+    conf_dir: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    user: String,
+    memory_bytes: i64,
+    pids_limit: i64,
+    fingerprint: String,
+    pub start_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl DockerCluster {
+    /// Everything up to (not including) starting the server container.
+    pub async fn prepare(
+        config: &Config,
+        rendered: &RenderedConfig,
+        node_id: &str,
+        verifier: &ScramVerifier,
+    ) -> Result<DockerCluster, DockerError> {
+        let settings = &config.database.postgres.docker;
+        let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
+            reason: e.to_string(),
+        })?;
+        docker.ping().await.map_err(|e| DockerError::Engine {
+            reason: e.to_string(),
+        })?;
+        let mut cluster = DockerCluster {
+            docker,
+            image: settings.image.clone(),
+            node_id: node_id.to_string(),
+            container: format!("keepd-pg-{node_id}"),
+            volume: format!("keepd-pg-{node_id}-data"),
+            conf_dir: config.node.state_dir.join("docker-conf"),
+            socket_dir: config.node.runtime_dir.join("postgres"),
+            port: config.network.port,
+            user: String::new(),
+            memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
+            pids_limit: i64::from(settings.pids_limit),
+            fingerprint: rendered.fingerprint(),
+            start_timeout: settings.start_timeout.get(),
+            shutdown_timeout: settings.shutdown_timeout.get(),
+        };
+        cluster.ensure_image().await?;
+        cluster.ensure_volume().await?;
+        let (uid, gid) = cluster.resolve_user().await?;
+        cluster.user = format!("{uid}:{gid}");
+        cluster.install(rendered, uid, gid)?;
+        if !cluster.running().await? {
+            cluster.initdb().await?;
+            cluster.set_superuser_verifier(verifier).await?;
+        }
+        cluster.ensure_container().await?;
+        Ok(cluster)
+    }
+
+    pub fn container_name(&self) -> &str {
+        &self.container
+    }
+
+    pub fn superuser_config(
+        &self,
+        password: &SecretString,
+        dbname: &str,
+    ) -> tokio_postgres::Config {
+        superuser_config(&self.socket_dir, self.port, password, dbname)
+    }
+
+    async fn ensure_image(&self) -> Result<(), DockerError> {
+        match self.docker.inspect_image(&self.image).await {
+            Ok(_) => {
+                info!(image = %self.image, "docker: image present, using it");
+                return Ok(());
+            }
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(api("inspect image")(e)),
+        }
+        info!(image = %self.image, "docker: image absent, pulling it");
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&self.image)
+            .build();
+        let mut pull = self.docker.create_image(Some(options), None, None);
+        let mut last = String::new();
+        while let Some(step) = pull.next().await {
+            let step = step.map_err(|e| DockerError::Pull {
+                image: self.image.clone(),
+                reason: e.to_string(),
+            })?;
+            if let Some(detail) = step.error_detail.and_then(|d| d.message) {
+                return Err(DockerError::Pull {
+                    image: self.image.clone(),
+                    reason: detail,
+                });
+            }
+            // One line per layer state change, not one per progress tick.
+            let status = step.status.unwrap_or_default();
+            let line = format!("{} {status}", step.id.unwrap_or_default());
+            if line != last {
+                info!(image = %self.image, progress = %line.trim(), "docker: pulling");
+                last = line;
+            }
+        }
+        info!(image = %self.image, "docker: image pulled");
+        Ok(())
+    }
+
+    fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_NODE.to_string(), self.node_id.clone()),
+        ])
+    }
+
+    async fn ensure_volume(&self) -> Result<(), DockerError> {
+        match self.docker.inspect_volume(&self.volume).await {
+            Ok(volume) => {
+                if volume.labels.get(LABEL_NODE) != Some(&self.node_id) {
+                    return Err(DockerError::Foreign {
+                        name: self.volume.clone(),
+                    });
+                }
+                Ok(())
+            }
+            Err(e) if not_found(&e) => {
+                info!(volume = %self.volume, "docker: creating the data volume");
+                self.docker
+                    .create_volume(VolumeCreateRequest {
+                        name: Some(self.volume.clone()),
+                        labels: Some(self.labels()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(api("create volume"))?;
+                Ok(())
+            }
+            Err(e) => Err(api("inspect volume")(e)),
+        }
+    }
+
+    /// The UID and GID the containers run as: keepd's own when keepd is
+    /// not root (Postgres refuses root), else the image's `postgres` user,
+    /// read from the image's /etc/passwd.
+    async fn resolve_user(&self) -> Result<(u32, u32), DockerError> {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        if !uid.is_root() {
+            return Ok((uid.as_raw(), gid.as_raw()));
+        }
+        let probe = format!("{}-probe", self.container);
+        self.remove_if_ours(&probe).await?;
+        self.create(&probe, vec!["true".into()], false, false)
+            .await?;
+        let mut tar = Vec::new();
+        let mut download = self.docker.download_from_container(
+            &probe,
+            Some(
+                DownloadFromContainerOptionsBuilder::new()
+                    .path("/etc/passwd")
+                    .build(),
+            ),
+        );
+        let mut failure = None;
+        while let Some(chunk) = download.next().await {
+            match chunk {
+                Ok(bytes) => tar.extend_from_slice(&bytes),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        self.remove_if_ours(&probe).await?;
+        if let Some(e) = failure {
+            return Err(api("read /etc/passwd from the image")(e));
+        }
+        single_file_of_tar(&tar)
+            .and_then(|passwd| postgres_ids(&String::from_utf8_lossy(passwd)))
+            .ok_or_else(|| DockerError::NoPostgresUser {
+                image: self.image.clone(),
+            })
+    }
+
+    /// Writes the rendered files for the read-only mount and prepares the
+    /// socket directory the container shares with keepd.
+    fn install(&self, rendered: &RenderedConfig, uid: u32, gid: u32) -> Result<(), DockerError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DockerError::Io { path, source }
+        };
+        // The files hold no secret; the container's user must read them.
+        fsutil::ensure_dir_mode(&self.conf_dir, 0o755).map_err(io(&self.conf_dir))?;
+        for (name, text) in [
+            ("postgresql.conf", &rendered.postgresql_conf),
+            ("pg_hba.conf", &rendered.pg_hba_conf),
+            ("pg_ident.conf", &rendered.pg_ident_conf),
+        ] {
+            let path = self.conf_dir.join(name);
+            fsutil::write_atomic(&path, text.as_bytes(), None).map_err(io(&path))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .map_err(io(&path))?;
+        }
+        fsutil::ensure_private_dir(&self.socket_dir).map_err(io(&self.socket_dir))?;
+        nix::unistd::chown(
+            &self.socket_dir,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| io(&self.socket_dir)(e.into()))?;
+        Ok(())
+    }
+
+    /// The hardened host configuration every keepd container gets.
+    fn host_config(&self) -> HostConfig {
+        HostConfig {
+            binds: Some(vec![
+                format!("{}:{CONF_MOUNT}:ro", self.conf_dir.display()),
+                format!("{}:{SOCKET_MOUNT}:rw", self.socket_dir.display()),
+                format!("{}:{DATA_MOUNT}:rw", self.volume),
+            ]),
+            network_mode: Some("none".into()),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                "rw,noexec,nosuid,nodev,size=64m".to_string(),
+            )])),
+            memory: Some(self.memory_bytes),
+            pids_limit: Some(self.pids_limit),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            publish_all_ports: Some(false),
+            privileged: Some(false),
+            ..Default::default()
+        }
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        cmd: Vec<String>,
+        stdin: bool,
+        server: bool,
+    ) -> Result<(), DockerError> {
+        let mut labels = self.labels();
+        if server {
+            labels.insert(LABEL_CONFIG.to_string(), self.fingerprint.clone());
+        }
+        let body = ContainerCreateBody {
+            image: Some(self.image.clone()),
+            user: Some(if self.user.is_empty() {
+                "postgres".into()
+            } else {
+                self.user.clone()
+            }),
+            // The official image's entrypoint would re-run its own setup.
+            entrypoint: Some(vec![]),
+            cmd: Some(cmd),
+            env: Some(vec![format!("PGDATA={PGDATA}"), "LC_ALL=C".into()]),
+            labels: Some(labels),
+            open_stdin: Some(stdin),
+            stdin_once: Some(stdin),
+            attach_stdin: Some(stdin),
+            stop_signal: Some("SIGINT".into()),
+            network_disabled: Some(true),
+            host_config: Some(self.host_config()),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(name).build()),
+                body,
+            )
+            .await
+            .map_err(api("create container"))?;
+        Ok(())
+    }
+
+    /// Removes `name` if it exists and carries this node's label; a
+    /// container of the same name that is not ours is an error.
+    async fn remove_if_ours(&self, name: &str) -> Result<(), DockerError> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(found) => {
+                let ours = found
+                    .config
+                    .and_then(|c| c.labels)
+                    .is_some_and(|l| l.get(LABEL_NODE) == Some(&self.node_id));
+                if !ours {
+                    return Err(DockerError::Foreign {
+                        name: name.to_string(),
+                    });
+                }
+                self.docker
+                    .remove_container(
+                        name,
+                        Some(RemoveContainerOptionsBuilder::new().force(true).build()),
+                    )
+                    .await
+                    .map_err(api("remove container"))
+            }
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(api("inspect container")(e)),
+        }
+    }
+
+    /// Runs `cmd` in a one-off hardened container on the data volume,
+    /// feeding it `input` on stdin; returns its output, or an error with
+    /// the output when it exits non-zero.
+    async fn one_off(
+        &self,
+        what: &'static str,
+        cmd: Vec<String>,
+        input: Option<&[u8]>,
+    ) -> Result<String, DockerError> {
+        let name = format!("{}-oneoff", self.container);
+        self.remove_if_ours(&name).await?;
+        self.create(&name, cmd, input.is_some(), false).await?;
+        let options = AttachContainerOptionsBuilder::new()
+            .stdin(input.is_some())
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            .build();
+        let attached = self
+            .docker
+            .attach_container(&name, Some(options))
+            .await
+            .map_err(api("attach"))?;
+        self.docker
+            .start_container(&name, None)
+            .await
+            .map_err(api("start one-off container"))?;
+        let mut stdin = attached.input;
+        if let Some(input) = input {
+            let fed = async {
+                stdin.write_all(input).await?;
+                stdin.shutdown().await
+            };
+            if let Err(e) = fed.await {
+                warn!(error = %e, what, "docker: writing to the one-off container's stdin failed");
+            }
+        }
+        drop(stdin);
+        let mut output = String::new();
+        let mut stream = attached.output;
+        while let Some(Ok(chunk)) = stream.next().await {
+            output.push_str(&chunk.to_string());
+        }
+        let code = match self.docker.wait_container(&name, None).next().await {
+            Some(Ok(done)) => done.status_code,
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(api("wait for one-off container")(e)),
+            None => -1,
+        };
+        self.remove_if_ours(&name).await?;
+        if code != 0 {
+            return Err(DockerError::OneOff { what, code, output });
+        }
+        Ok(output)
+    }
+
+    /// initdb on the volume when it holds no cluster yet, into a scratch
+    /// directory renamed into place, so a crash leaves no half cluster.
+    async fn initdb(&self) -> Result<(), DockerError> {
+        let scratch = format!("{PGDATA}.initdb");
+        let script = format!(
+            "set -e\n\
+             if [ -s {PGDATA}/PG_VERSION ]; then exit 0; fi\n\
+             if [ -e {PGDATA} ]; then echo '{PGDATA} exists but is not a cluster' >&2; exit 3; fi\n\
+             rm -rf {scratch}\n\
+             echo initdb-running\n\
+             initdb -D {scratch} -U {SUPERUSER} --auth=reject --data-checksums --encoding=UTF8 --no-locale\n\
+             mv {scratch} {PGDATA}\n"
+        );
+        let started = std::time::Instant::now();
+        let output = self
+            .one_off("initdb", vec!["sh".into(), "-c".into(), script], None)
+            .await?;
+        if output.contains("initdb-running") {
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                volume = %self.volume,
+                "docker: initdb created the cluster (checksums on)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets the superuser's SCRAM verifier in single-user mode; the
+    /// statement travels over the container's stdin, never in a file,
+    /// argument or environment variable, and is not logged.
+    async fn set_superuser_verifier(&self, verifier: &ScramVerifier) -> Result<(), DockerError> {
+        let statement = zeroize::Zeroizing::new(format!(
+            "ALTER ROLE {SUPERUSER} WITH LOGIN SUPERUSER PASSWORD {};\n",
+            verifier.sql_literal().as_str()
+        ));
+        let cmd = [
+            "postgres",
+            "--single",
+            "-D",
+            PGDATA,
+            "-c",
+            "log_statement=none",
+            "-c",
+            "log_min_error_statement=panic",
+            "-c",
+            "logging_collector=off",
+            "postgres",
+        ];
+        self.one_off(
+            "postgres --single (setting the superuser verifier)",
+            cmd.iter().map(|s| s.to_string()).collect(),
+            Some(statement.as_bytes()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn running(&self) -> Result<bool, DockerError> {
+        match self.docker.inspect_container(&self.container, None).await {
+            Ok(found) => Ok(found.state.and_then(|s| s.running).unwrap_or(false)),
+            Err(e) if not_found(&e) => Ok(false),
+            Err(e) => Err(api("inspect container")(e)),
+        }
+    }
+
+    /// The server container: adopted when it is ours with the current
+    /// configuration, recreated when the rendered configuration changed,
+    /// created when missing. Never started here.
+    pub async fn ensure_container(&self) -> Result<(), DockerError> {
+        match self.docker.inspect_container(&self.container, None).await {
+            Ok(found) => {
+                let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
+                if labels.get(LABEL_NODE) != Some(&self.node_id) {
+                    return Err(DockerError::Foreign {
+                        name: self.container.clone(),
+                    });
+                }
+                if labels.get(LABEL_CONFIG) == Some(&self.fingerprint) {
+                    info!(container = %self.container, "docker: adopting the existing container");
+                    return Ok(());
+                }
+                info!(container = %self.container, "docker: the rendered configuration changed; recreating the container");
+                self.stop().await;
+                self.remove_if_ours(&self.container).await?;
+            }
+            Err(e) if !not_found(&e) => return Err(api("inspect container")(e)),
+            Err(_) => {}
+        }
+        let cmd = [
+            "postgres",
+            "-D",
+            PGDATA,
+            "-c",
+            &format!("config_file={CONF_MOUNT}/postgresql.conf"),
+            "-c",
+            &format!("hba_file={CONF_MOUNT}/pg_hba.conf"),
+            "-c",
+            &format!("ident_file={CONF_MOUNT}/pg_ident.conf"),
+        ];
+        self.create(
+            &self.container,
+            cmd.iter().map(|s| s.to_string()).collect(),
+            false,
+            true,
+        )
+        .await?;
+        info!(container = %self.container, "docker: container created");
+        Ok(())
+    }
+
+    /// Starts the server container unless it runs already (adopted).
+    pub async fn start(&self) -> Result<(), DockerError> {
+        self.ensure_container().await?;
+        if self.running().await? {
+            return Ok(());
+        }
+        self.docker
+            .start_container(&self.container, None)
+            .await
+            .map_err(api("start container"))
+    }
+
+    /// Why the server container is not running, or None while it runs.
+    pub async fn exited(&self) -> Option<String> {
+        match self.docker.inspect_container(&self.container, None).await {
+            Ok(found) => {
+                let state = found.state.unwrap_or_default();
+                if state.running.unwrap_or(false) {
+                    None
+                } else {
+                    Some(format!(
+                        "container {} exited with code {}{}",
+                        self.container,
+                        state.exit_code.unwrap_or(-1),
+                        if state.oom_killed.unwrap_or(false) {
+                            " (out of memory)"
+                        } else {
+                            ""
+                        }
+                    ))
+                }
+            }
+            Err(e) if not_found(&e) => Some(format!("container {} is gone", self.container)),
+            // The engine is unreachable: nothing is known to have died.
+            Err(_) => None,
+        }
+    }
+
+    /// Stops the server container (fast shutdown, then kill); the data
+    /// volume stays.
+    pub async fn stop(&self) {
+        let seconds = self.shutdown_timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let options = StopContainerOptionsBuilder::new().t(seconds).build();
+        if let Err(e) = self
+            .docker
+            .stop_container(&self.container, Some(options))
+            .await
+            && !not_found(&e)
+        {
+            warn!(error = %e, container = %self.container, "docker: stopping the container failed");
+        }
+    }
+
+    /// The last lines the server container wrote (for start failures).
+    pub async fn recent_output(&self) -> String {
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail("20")
+            .build();
+        let mut logs = self.docker.logs(&self.container, Some(options));
+        let mut text = String::new();
+        while let Some(Ok(chunk)) = logs.next().await {
+            text.push_str(&chunk.to_string());
+        }
+        text
+    }
+
+    /// The container's security-relevant settings as the engine reports them.
+    pub async fn facts(&self) -> Result<ContainerFacts, DockerError> {
+        let found = self
+            .docker
+            .inspect_container(&self.container, None)
+            .await
+            .map_err(api("inspect container"))?;
+        let host = found.host_config.unwrap_or_default();
+        let published_ports = host
+            .port_bindings
+            .unwrap_or_default()
+            .values()
+            .map(|b| b.as_ref().map_or(0, Vec::len))
+            .sum();
+        Ok(ContainerFacts {
+            id: found.id.unwrap_or_default(),
+            user: found.config.and_then(|c| c.user).unwrap_or_default(),
+            network_mode: host.network_mode.unwrap_or_default(),
+            cap_drop: host.cap_drop.unwrap_or_default(),
+            cap_add: host.cap_add.unwrap_or_default(),
+            readonly_rootfs: host.readonly_rootfs.unwrap_or(false),
+            security_opt: host.security_opt.unwrap_or_default(),
+            published_ports,
+            privileged: host.privileged.unwrap_or(false),
+        })
+    }
+}
+
+/// The contents of the first file in a tar archive (what the engine sends
+/// for one path).
+fn single_file_of_tar(tar: &[u8]) -> Option<&[u8]> {
+    let header = tar.get(..512)?;
+    let size_field = std::str::from_utf8(&header[124..136]).ok()?;
+    let size =
+        usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
+    tar.get(512..512 + size)
+}
+
+/// The UID and GID of `postgres` in a passwd file.
+fn postgres_ids(passwd: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 4 && fields[0] == "postgres")
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_postgres_user_from_a_tarred_passwd() {
+        let passwd =
+            b"root:x:0:0:root:/root:/bin/sh\npostgres:x:999:998::/var/lib/postgresql:/bin/sh\n";
+        let mut tar = vec![0u8; 512];
+        tar[..6].copy_from_slice(b"passwd");
+        let size = format!("{:011o}\0", passwd.len());
+        tar[124..136].copy_from_slice(size.as_bytes());
+        tar.extend_from_slice(passwd);
+        tar.resize(2048, 0);
+        let file = single_file_of_tar(&tar).unwrap();
+        assert_eq!(file, passwd);
+        assert_eq!(
+            postgres_ids(&String::from_utf8_lossy(file)),
+            Some((999, 998))
+        );
+        assert_eq!(postgres_ids("root:x:0:0::/:/bin/sh\n"), None);
+        assert_eq!(single_file_of_tar(&tar[..100]), None);
+    }
+}

@@ -1,0 +1,308 @@
+//! The docker provider on the real engine, with the offline test image
+//! (scripts/build-test-image.sh). Skipped, saying why, only where no
+//! Docker engine answers.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, Signal, TestNode};
+use keepd::client::{LogEntry, SyncClient};
+use serde_json::Value;
+
+const IMAGE: &str = "keepd-test-postgres:test";
+const PASSWORD: &str = "docker test password";
+
+/// Whether the engine answers; builds the test image once (under a lock,
+/// as tests run in parallel processes) when it is missing.
+fn engine_ready() -> bool {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "skipping: no Docker engine answers: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return false;
+        }
+        Err(e) => {
+            eprintln!("skipping: the docker CLI cannot run: {e}");
+            return false;
+        }
+    }
+    let lock_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-image.lock");
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image.sh");
+    let out = Command::new(script).arg(IMAGE).output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the test image failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text.trim().to_string())
+}
+
+fn inspect(name: &str) -> Option<Value> {
+    let (ok, text) = docker(&["inspect", name]);
+    if !ok {
+        return None;
+    }
+    let mut all: Value = serde_json::from_str(&text).ok()?;
+    Some(all[0].take())
+}
+
+/// Removes the node's container and volume whatever happens.
+struct Cleanup(Option<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(id) = &self.0 {
+            let container = format!("keepd-pg-{id}");
+            for name in [
+                container.clone(),
+                format!("{container}-oneoff"),
+                format!("{container}-probe"),
+            ] {
+                docker(&["rm", "-f", &name]);
+            }
+            docker(&["volume", "rm", "-f", &format!("{container}-data")]);
+        }
+    }
+}
+
+fn docker_node() -> TestNode {
+    TestNode::with_api_and_extra(
+        "  rate_limits:\n    auth_per_minute: 1000\n",
+        &format!(
+            "database:\n  postgres:\n    provider: docker\n    max_connections: 100\n    docker:\n      image: {IMAGE}\n"
+        ),
+    )
+}
+
+fn healthy(daemon: &Daemon) -> String {
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(120)),
+        "keepd (docker) did not become healthy:\n{}",
+        daemon.log()
+    );
+    daemon.get("/health").unwrap().1["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn stop(daemon: &mut Daemon) {
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(60))
+        .expect("keepd stops on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", daemon.log());
+}
+
+fn entries(n: usize) -> Vec<LogEntry> {
+    (0..n)
+        .map(|i| LogEntry {
+            data: format!("entry {i}").into_bytes(),
+            haex_timestamp: format!("t{i:04}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hardened_container_serves_recovers_and_keeps_data() {
+    if !engine_ready() {
+        return;
+    }
+    let unrelated = format!("unrelated-{}", common::uuid());
+    let (created, text) = docker(&["create", "--name", &unrelated, IMAGE, "true"]);
+    assert!(created, "{text}");
+    let node = docker_node();
+    let mut daemon = node.start();
+    let mut cleanup = Cleanup(None);
+    let node_id = healthy(&daemon);
+    cleanup.0 = Some(node_id.clone());
+    let container = format!("keepd-pg-{node_id}");
+
+    // The container as the engine reports it.
+    let c = inspect(&container).expect("keepd's container exists");
+    let host = &c["HostConfig"];
+    let user = c["Config"]["User"].as_str().unwrap();
+    assert!(
+        !user.is_empty() && !user.starts_with("0:") && user != "root",
+        "user {user}"
+    );
+    assert_eq!(host["NetworkMode"], "none");
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(host["CapAdd"].is_null() || host["CapAdd"] == serde_json::json!([]));
+    assert_eq!(host["ReadonlyRootfs"], true);
+    assert_eq!(host["Privileged"], false);
+    assert!(
+        host["SecurityOpt"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "no-new-privileges:true")
+    );
+    assert!(
+        host["PortBindings"]
+            .as_object()
+            .is_none_or(|p| p.is_empty())
+    );
+    assert_eq!(host["RestartPolicy"]["Name"], "no");
+    assert_eq!(host["PidsLimit"], 256);
+    assert_eq!(host["Memory"], 1024 * 1024 * 1024);
+    assert!(host["Tmpfs"]["/tmp"].is_string());
+    assert_eq!(c["Config"]["Labels"]["io.keepd.node-id"], node_id.as_str());
+    assert!(c["Config"]["Labels"]["io.keepd.config-hash"].is_string());
+    assert!(
+        c["NetworkSettings"]["Ports"]
+            .as_object()
+            .is_none_or(|p| p.is_empty())
+    );
+    // From inside: no interface but loopback, and the root is read-only.
+    let (_, interfaces) = docker(&["exec", &container, "cat", "/proc/net/dev"]);
+    let names: Vec<&str> = interfaces
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(names, vec!["lo"], "{interfaces}");
+    let (wrote, _) = docker(&["exec", &container, "sh", "-c", "echo x > /etc/keepd-probe"]);
+    assert!(!wrote, "the root filesystem is writable");
+
+    // Data written through the API.
+    let email = format!("docker-{}@example.org", common::uuid());
+    let mut client = SyncClient::new(daemon.addr());
+    client.register(&email, PASSWORD).await.unwrap();
+    client.login(&email, PASSWORD).await.unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    client.push("v", &key, &entries(5), None).await.unwrap();
+
+    // The container dies: /health says so, then keepd brings it back.
+    let (killed, text) = docker(&["kill", &container]);
+    assert!(killed, "{text}");
+    assert!(
+        daemon.wait_health(503, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(60)),
+        "{}",
+        daemon.log()
+    );
+    let metrics = common::http_get_text(daemon.addr(), "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keepd_postgres_restarts_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // SIGTERM: the container stops, the volume stays.
+    stop(&mut daemon);
+    let c = inspect(&container).unwrap();
+    assert_eq!(c["State"]["Running"], false);
+    assert!(docker(&["volume", "inspect", &format!("{container}-data")]).0);
+
+    // Started again: the data written before is read back.
+    let daemon = node.start();
+    healthy(&daemon);
+    let mut client = SyncClient::new(daemon.addr());
+    client.login(&email, PASSWORD).await.unwrap();
+    let pulled = client.pull("v", 0, 100).await.unwrap();
+    assert_eq!(pulled.logs.len(), 5);
+    assert_eq!(
+        key.decrypt_entry(&pulled.logs[4].encrypted_data, &pulled.logs[4].nonce)
+            .unwrap(),
+        b"entry 4"
+    );
+
+    // A container keepd did not label was never touched.
+    assert!(
+        inspect(&unrelated).is_some(),
+        "keepd touched an unrelated container"
+    );
+    docker(&["rm", "-f", &unrelated]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_adopts_config_change_recreates_foreign_name_is_refused() {
+    if !engine_ready() {
+        return;
+    }
+    let node = docker_node();
+    let mut daemon = node.start();
+    let mut cleanup = Cleanup(None);
+    let node_id = healthy(&daemon);
+    cleanup.0 = Some(node_id.clone());
+    let container = format!("keepd-pg-{node_id}");
+    let first = inspect(&container).unwrap();
+
+    // keepd killed: its container keeps running and is adopted.
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(inspect(&container).unwrap()["State"]["Running"], true);
+    let mut daemon = node.start();
+    healthy(&daemon);
+    assert!(
+        daemon
+            .wait_for_log(
+                "docker: adopting the existing container",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(inspect(&container).unwrap()["Id"], first["Id"]);
+    stop(&mut daemon);
+
+    // A changed rendered configuration: the container is recreated.
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        yaml.replace("max_connections: 100", "max_connections: 120"),
+    )
+    .unwrap();
+    let mut daemon = node.start();
+    healthy(&daemon);
+    let recreated = inspect(&container).unwrap();
+    assert_ne!(recreated["Id"], first["Id"]);
+    assert_ne!(
+        recreated["Config"]["Labels"]["io.keepd.config-hash"],
+        first["Config"]["Labels"]["io.keepd.config-hash"]
+    );
+    stop(&mut daemon);
+
+    // A container of the same name that keepd did not create: refused.
+    docker(&["rm", "-f", &container]);
+    let (created, text) = docker(&["create", "--name", &container, IMAGE, "true"]);
+    assert!(created, "{text}");
+    let mut refused = node.spawn();
+    let status = refused
+        .wait_exit(Duration::from_secs(60))
+        .expect("keepd exits");
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(
+        refused.log().contains("keepd did not create it"),
+        "{}",
+        refused.log()
+    );
+    let foreign = inspect(&container).expect("the foreign container is left alone");
+    assert!(foreign["Config"]["Labels"]["io.keepd.node-id"].is_null());
+}
