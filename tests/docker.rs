@@ -172,6 +172,13 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
             .as_object()
             .is_none_or(|p| p.is_empty())
     );
+    // keepd records the same facts from the engine for its report.
+    let facts = daemon
+        .wait_for_log("docker: container as inspected", Duration::from_secs(5))
+        .expect("facts logged");
+    assert_eq!(facts["network_mode"], "none");
+    assert_eq!(facts["readonly_rootfs"], true);
+    assert_eq!(facts["published_ports"], 0);
     // From inside: no interface but loopback, and the root is read-only.
     let (_, interfaces) = docker(&["exec", &container, "cat", "/proc/net/dev"]);
     let names: Vec<&str> = interfaces

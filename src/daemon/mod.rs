@@ -150,12 +150,15 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     // connection; Postgres receives the superuser's verifier, never the
     // password.
     let verifier = ScramVerifier::of(&credentials.superuser);
+    let mut container = None;
     let (server, start_timeout, logs) = match pg.provider {
         Provider::Docker => {
-            let cluster = DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?;
+            let cluster =
+                Arc::new(DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?);
             let logs = format!("docker logs {}", cluster.container_name());
             let timeout = cluster.start_timeout;
-            (Server::Docker(Arc::new(cluster)), timeout, logs)
+            container = Some(cluster.clone());
+            (Server::Docker(cluster), timeout, logs)
         }
         Provider::Native | Provider::External => {
             let cluster = {
@@ -185,6 +188,22 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 seconds: start_timeout.as_secs(),
                 logs,
             });
+        }
+        if let Some(cluster) = &container {
+            // The security report's inputs, as the engine reports them.
+            let facts = cluster.facts().await?;
+            info!(
+                container = cluster.container_name(),
+                user = %facts.user,
+                network_mode = %facts.network_mode,
+                cap_drop = ?facts.cap_drop,
+                cap_add = ?facts.cap_add,
+                readonly_rootfs = facts.readonly_rootfs,
+                privileged = facts.privileged,
+                published_ports = facts.published_ports,
+                security_opt = ?facts.security_opt,
+                "docker: container as inspected"
+            );
         }
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;
         let (mut client, connection) = superuser
