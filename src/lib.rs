@@ -12,6 +12,7 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod passwords;
+pub mod pki;
 pub mod postgres;
 pub mod secret;
 pub mod secrets;
