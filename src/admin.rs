@@ -7,10 +7,13 @@ use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
 use crate::config::Config;
+use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
+use crate::pki::NodePki;
 use crate::postgres::native::PgBinaries;
 use crate::postgres::render::socket_dir;
-use crate::postgres::{DATABASE, SUPERUSER, roles};
+use crate::postgres::tls::Tls;
+use crate::postgres::{DATABASE, PgAddress, SUPERUSER, endpoint, roles};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,15 @@ pub enum AdminError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] crate::postgres::tls::TlsError),
+    #[error("cannot prepare the client certificate directory {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot run {program}: {source}")]
     Spawn {
         program: PathBuf,
@@ -50,21 +62,38 @@ fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
     Ok((identity, credentials))
 }
 
+/// Where keepd's Postgres listens, and in TCP mode the node PKI.
+fn address(
+    config: &Config,
+    identity: &NodeIdentity,
+) -> Result<(PgAddress, Option<NodePki>), AdminError> {
+    if config.network.use_unix_socket {
+        return Ok((PgAddress::Socket(socket_dir(config)), None));
+    }
+    let pki = NodePki::ensure(
+        &config.node.state_dir,
+        identity.node_id().as_str(),
+        &[config.network.bind_address],
+        std::time::SystemTime::now(),
+    )?;
+    Ok((PgAddress::Tcp(config.network.bind_address), Some(pki)))
+}
+
 /// `keepd audit verify`: recomputes the audit chain as the superuser.
 pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let (identity, credentials) = unseal(config)?;
-    let mut pg = tokio_postgres::Config::new();
-    pg.host_path(socket_dir(config))
-        .port(config.network.port)
-        .dbname(DATABASE)
-        .user(SUPERUSER)
-        .password(credentials.superuser.expose())
-        .application_name("keepd-audit-verify");
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(AdminError::Connect)?;
-    tokio::spawn(connection);
+    let (address, pki) = address(config, &identity)?;
+    let tls = Tls::maybe(pki.as_ref(), SUPERUSER)?;
+    let mut endpoint = endpoint(
+        &address,
+        config.network.port,
+        SUPERUSER,
+        &credentials.superuser,
+        DATABASE,
+        tls,
+    );
+    endpoint.config.application_name("keepd-audit-verify");
+    let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = crate::audit::checkpoint_path(&config.node.state_dir);
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
 }
@@ -110,14 +139,55 @@ pub fn psql(
         .map(|b| b.dir.join("psql"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("psql"));
-    Command::new(&program)
+    let mut command = Command::new(&program);
+    command
         .args(args)
-        .env("PGHOST", socket_dir(config))
         .env("PGPORT", config.network.port.to_string())
         .env("PGDATABASE", DATABASE)
         .env("PGUSER", &user)
         .env("PGPASSWORD", password.expose())
-        .env("PGAPPNAME", "keepd-psql")
+        .env("PGAPPNAME", "keepd-psql");
+    // TCP mode: psql reads certificates from files, so a client
+    // certificate for this role goes into a private directory that is
+    // removed when psql exits.
+    let mut scratch = None;
+    match address(config, &identity)? {
+        (PgAddress::Socket(dir), _) => {
+            command.env("PGHOST", dir);
+        }
+        (PgAddress::Tcp(ip), pki) => {
+            let pki = pki.expect("TCP mode has a PKI");
+            let dir = config
+                .node
+                .runtime_dir
+                .join(format!("psql-{}", std::process::id()));
+            let io = |source| AdminError::Scratch {
+                path: dir.clone(),
+                source,
+            };
+            fsutil::ensure_private_dir(&dir).map_err(io)?;
+            let client = pki.issue_client(&user)?;
+            for (name, text) in [
+                ("ca.crt", pki.ca.cert_pem.as_str()),
+                ("client.crt", client.cert_pem.as_str()),
+                ("client.key", client.key_pem.as_str()),
+            ] {
+                fsutil::write_atomic(&dir.join(name), text.as_bytes(), None).map_err(io)?;
+            }
+            command
+                .env("PGHOST", ip.to_string())
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", dir.join("ca.crt"))
+                .env("PGSSLCERT", dir.join("client.crt"))
+                .env("PGSSLKEY", dir.join("client.key"));
+            scratch = Some(dir);
+        }
+    }
+    let status = command
         .status()
-        .map_err(|source| AdminError::Spawn { program, source })
+        .map_err(|source| AdminError::Spawn { program, source });
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    status
 }

@@ -1,13 +1,14 @@
-//! The node's own PKI for Postgres over TCP: a CA (ECDSA P-256), a server
-//! certificate with a SAN for every address keepd dials, and a client
-//! certificate whose CN (`keepd-<nodeid>`) pg_ident.conf maps to the
-//! node's login roles. Everything lives in `state_dir/pki`, keys 0600.
+//! The node's own PKI for Postgres over TCP: a CA (ECDSA P-256) and a
+//! server certificate with a SAN for every address keepd dials, in
+//! `state_dir/pki` (keys 0600), and client certificates issued in memory
+//! for each role keepd logs in as, whose CN (the role's name)
+//! pg_ident.conf maps to that role.
 //!
-//! Leaves are renewed before they expire by re-signing the same key (30
-//! days ahead), so nothing that pinned a key breaks; a leaf that does not
-//! chain to the current CA, outlives it, or lacks a SAN keepd needs is
-//! re-issued. Issuing is pure given the keys and the clock; the files are
-//! written atomically.
+//! The server certificate is renewed before it expires by re-signing the
+//! same key (30 days ahead), so nothing that pinned its key breaks; one
+//! that does not chain to the current CA, outlives it, or lacks an address
+//! keepd dials is re-issued. Client certificates live as long as the
+//! process needs them (a day at most) and never touch the disk.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -60,14 +61,18 @@ impl std::fmt::Debug for Pair {
     }
 }
 
-/// The node's CA and leaves.
+/// The node's CA and server certificate.
 #[derive(Debug, Clone)]
 pub struct NodePki {
     pub dir: PathBuf,
+    node_id: String,
+    ca_end: u64,
     pub ca: Pair,
     pub server: Pair,
-    pub client: Pair,
 }
+
+/// Client certificates outlive no process by much.
+const CLIENT_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// What a certificate says about itself, for renewal decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,11 +92,6 @@ pub fn validity(cert_pem: &str) -> Option<Validity> {
         issuer: tbs.issuer.to_string(),
         subject: tbs.subject.to_string(),
     })
-}
-
-/// The CN of the client certificate, mapped to the login roles.
-pub fn client_cn(node_id: &str) -> String {
-    format!("keepd-{node_id}")
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -134,7 +134,12 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth
     }];
     params.not_before = offset(now.saturating_sub(3600));
-    params.not_after = offset((now + LEAF_LIFETIME.as_secs()).min(ca_end));
+    let lifetime = if server {
+        LEAF_LIFETIME
+    } else {
+        CLIENT_LIFETIME
+    };
+    params.not_after = offset((now + lifetime.as_secs()).min(ca_end));
     params
 }
 
@@ -245,26 +250,32 @@ impl NodePki {
             &issuer,
             |pem| !ca_new && san_text.iter().all(|a| cert_has_ip(pem, a)),
         )?;
-        let client = Self::leaf(
-            &files,
-            "client",
-            &client_cn(node_id),
-            &[],
-            false,
-            now,
-            ca_end,
-            &ca_wanted,
-            &issuer,
-            |_| !ca_new,
-        )?;
         Ok(NodePki {
             dir,
+            node_id: node_id.to_string(),
+            ca_end,
             ca: Pair {
                 cert_pem: ca_cert,
                 key_pem: zeroize::Zeroizing::new(ca_key.serialize_pem()),
             },
             server,
-            client,
+        })
+    }
+
+    /// A client certificate for `role` (its CN), with a fresh key, valid
+    /// for a day; held in memory only.
+    pub fn issue_client(&self, role: &str) -> Result<Pair, PkiError> {
+        let now = unix(SystemTime::now());
+        let ca_key = KeyPair::from_pem(&self.ca.key_pem).map_err(|_| PkiError::Corrupt {
+            path: self.dir.join("ca.key"),
+            what: "private key",
+        })?;
+        let issuer = Issuer::new(ca_params(&self.node_id, now), &ca_key);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = leaf_params(role, &[], false, now, self.ca_end).signed_by(&key, &issuer)?;
+        Ok(Pair {
+            cert_pem: cert.pem(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
         })
     }
 
@@ -352,9 +363,15 @@ mod tests {
             0o600
         );
         assert!(cert_has_ip(&first.server.cert_pem, "127.0.0.1"));
-        let client = validity(&first.client.cert_pem).unwrap();
-        assert_eq!(client.subject, "CN=keepd-abcd");
+        let client = validity(&first.issue_client("keepd_abcd_v1").unwrap().cert_pem).unwrap();
+        assert_eq!(client.subject, "CN=keepd_abcd_v1");
         assert_eq!(client.issuer, "CN=keepd node CA abcd");
+        assert!(std::fs::read_dir(dir.path().join("pki")).unwrap().all(|f| {
+            !f.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("client")
+        }));
 
         let again = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, t0).unwrap();
         assert_eq!(
@@ -386,10 +403,10 @@ mod tests {
         // A leaf from another CA in place of ours is detected and replaced.
         let other = tempfile::tempdir().unwrap();
         let foreign = NodePki::ensure(other.path(), "ffff", &LOOPBACK, now).unwrap();
-        std::fs::write(dir.path().join("pki/client.crt"), &foreign.client.cert_pem).unwrap();
+        std::fs::write(dir.path().join("pki/server.crt"), &foreign.server.cert_pem).unwrap();
         let fixed = NodePki::ensure(dir.path(), "abcd", &wider, now).unwrap();
         assert_eq!(
-            validity(&fixed.client.cert_pem).unwrap().issuer,
+            validity(&fixed.server.cert_pem).unwrap().issuer,
             "CN=keepd node CA abcd"
         );
 

@@ -17,6 +17,7 @@ use crate::config::{Config, Provider};
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
+use crate::pki::{NodePki, PkiError};
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::docker::{DockerCluster, DockerError};
 use crate::postgres::migrate::{self, MigrateError};
@@ -29,7 +30,7 @@ use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 use crate::shutdown;
 use crate::state::{StateError, StateLock};
-use rotator::{RotationError, RotationSettings, Rotator};
+use rotator::{PgAccess, RotationError, RotationSettings, Rotator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -46,6 +47,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
     Rotation(#[from] RotationError),
@@ -61,8 +64,9 @@ pub enum DaemonError {
     )]
     ProviderUnavailable { provider: Provider },
     #[error(
-        "network.use_unix_socket = false needs TLS certificates for Postgres, which this build \
-         cannot issue yet; use network.use_unix_socket: true"
+        "network.use_unix_socket = false with the docker provider (an internal bridge network) \
+         is not available yet; use network.use_unix_socket: true (no network at all) or the \
+         native provider"
     )]
     TcpUnavailable,
     #[error(
@@ -133,7 +137,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             provider: pg.provider,
         });
     }
-    if !config.network.use_unix_socket {
+    if !config.network.use_unix_socket && pg.provider == Provider::Docker {
         return Err(DaemonError::TcpUnavailable);
     }
     let _lock = StateLock::acquire(&config.node.state_dir)?;
@@ -146,6 +150,20 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let credentials = load_credentials(&config, &identity, &store)?;
 
     let rendered = render::render(&config)?;
+    // TCP mode: the node's CA, the server certificate for the address
+    // keepd dials, client certificates per role.
+    let pki = if config.network.use_unix_socket {
+        None
+    } else {
+        let addresses = [config.network.bind_address];
+        let pki = NodePki::ensure(
+            &config.node.state_dir,
+            &node_id,
+            &addresses,
+            SystemTime::now(),
+        )?;
+        Some(Arc::new(pki))
+    };
     // The cluster is brought in line with db.enc before it accepts a
     // connection; Postgres receives the superuser's verifier, never the
     // password.
@@ -162,9 +180,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         }
         Provider::Native | Provider::External => {
             let cluster = {
-                let (config, rendered) = (config.clone(), rendered.clone());
+                let (config, rendered, pki) = (config.clone(), rendered.clone(), pki.clone());
                 tokio::task::spawn_blocking(move || {
-                    let cluster = NativeCluster::prepare(&config, &rendered)?;
+                    let cluster = NativeCluster::prepare(&config, &rendered, pki.as_deref())?;
                     cluster.clear_stale_pid()?;
                     cluster.set_superuser_verifier(&verifier)?;
                     Ok::<_, NativeError>(cluster)
@@ -176,8 +194,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             (Server::Native(Arc::new(cluster)), timeout, logs)
         }
     };
-    let maintenance = server.superuser_config(&credentials.superuser, "postgres");
-    let superuser = server.superuser_config(&credentials.superuser, DATABASE);
+    let maintenance = server.superuser_endpoint(&credentials.superuser, "postgres");
+    let superuser = server.superuser_endpoint(&credentials.superuser, DATABASE);
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::start(server, maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
@@ -206,17 +224,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             );
         }
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;
-        let (mut client, connection) = superuser
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(DaemonError::Connect)?;
-        tokio::spawn(connection);
+        let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
         drop(client);
-        let login =
-            rotator::login_credential(&identity, &credentials).ok_or(RotationError::NoActive)?;
-        let mut base = superuser.clone();
+        let login = rotator::login_credential(&identity, &credentials, pki.as_deref())?;
+        let mut base = superuser.config.clone();
         base.application_name("keepd-pool");
         let pool_settings = PoolSettings {
             max_size: config.database.pool.max_size as usize,
@@ -234,7 +247,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 connection_limit: config.database.pool.max_size as i32 + 2,
             },
             credentials.clone(),
-            superuser.clone(),
+            PgAccess {
+                superuser: superuser.clone(),
+                pki: pki.clone(),
+            },
             pool.clone(),
             metrics.clone(),
         ));

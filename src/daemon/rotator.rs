@@ -11,9 +11,11 @@ use tracing::{error, info, warn};
 use crate::config::SealMethod;
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
+use crate::pki::NodePki;
 use crate::postgres::describe_error;
 use crate::postgres::pool::{LoginCredential, RoleAwarePool};
 use crate::postgres::roles::{self, RoleAdmin, RoleError};
+use crate::postgres::tls::{Endpoint, Tls, TlsError};
 use crate::secret::{self, EntropyError, ScramVerifier};
 use crate::secrets::rotation::{self, Phase};
 use crate::secrets::store::{CredentialStatus, CredentialStore, Credentials, StoreError};
@@ -21,6 +23,8 @@ use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("a credential rotation is already under way ({0}); try again when it has finished")]
     Busy(String),
     #[error(transparent)]
@@ -56,11 +60,12 @@ pub struct Rotator {
     store: CredentialStore,
     settings: RotationSettings,
     credentials: Mutex<Credentials>,
-    superuser: tokio_postgres::Config,
+    superuser: Endpoint,
     pool: RoleAwarePool,
     wake: Notify,
     fault_step: Option<u8>,
     metrics: Arc<Metrics>,
+    pki: Option<Arc<NodePki>>,
 }
 
 fn now() -> u64 {
@@ -70,17 +75,28 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The pool's view of one stored credential.
+/// The pool's view of the active credential; over TCP with a client
+/// certificate issued for its role.
 pub fn login_credential(
     identity: &NodeIdentity,
     credentials: &Credentials,
-) -> Option<LoginCredential> {
-    let active = credentials.active()?;
-    Some(LoginCredential {
-        role: roles::login_role_name(identity.node_id(), active.version),
+    pki: Option<&NodePki>,
+) -> Result<LoginCredential, RotationError> {
+    let active = credentials.active().ok_or(RotationError::NoActive)?;
+    let role = roles::login_role_name(identity.node_id(), active.version);
+    Ok(LoginCredential {
+        tls: Tls::maybe(pki, &role)?,
+        role,
         version: active.version,
-        password: active.password.clone()?,
+        password: active.password.clone().ok_or(RotationError::NoActive)?,
     })
+}
+
+/// How the rotator reaches Postgres: the superuser's endpoint, and in TCP
+/// mode the PKI that issues each new login role its client certificate.
+pub struct PgAccess {
+    pub superuser: Endpoint,
+    pub pki: Option<Arc<NodePki>>,
 }
 
 impl Rotator {
@@ -89,10 +105,11 @@ impl Rotator {
         store: CredentialStore,
         settings: RotationSettings,
         credentials: Credentials,
-        superuser: tokio_postgres::Config,
+        access: PgAccess,
         pool: RoleAwarePool,
         metrics: Arc<Metrics>,
     ) -> Rotator {
+        let PgAccess { superuser, pki } = access;
         let fault_step = std::env::var(FAULT_STEP_ENV)
             .ok()
             .and_then(|v| v.parse().ok());
@@ -106,6 +123,7 @@ impl Rotator {
             wake: Notify::new(),
             fault_step,
             metrics,
+            pki,
         }
     }
 
@@ -143,13 +161,10 @@ impl Rotator {
     }
 
     async fn admin(&self) -> Result<tokio_postgres::Client, RotationError> {
-        let (client, connection) = self
-            .superuser
-            .connect(tokio_postgres::NoTls)
+        self.superuser
+            .connect()
             .await
-            .map_err(RotationError::Connect)?;
-        tokio::spawn(connection);
-        Ok(client)
+            .map_err(RotationError::Connect)
     }
 
     fn save(&self, credentials: &Credentials) -> Result<(), RotationError> {
@@ -249,7 +264,7 @@ impl Rotator {
             "rotation: new credential active, previous one retiring"
         );
         self.step_done(3, version, started).await?;
-        let login = login_credential(&self.identity, credentials).ok_or(RotationError::NoActive)?;
+        let login = login_credential(&self.identity, credentials, self.pki.as_deref())?;
         self.pool.switch_credential(login);
         info!(
             version,

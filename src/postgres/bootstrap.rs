@@ -4,6 +4,7 @@
 use tracing::info;
 
 use super::render::RenderedConfig;
+use super::tls::Endpoint;
 use super::{DATABASE, describe_error};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,22 +21,15 @@ pub enum BootstrapError {
     },
 }
 
-async fn connect(
-    config: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, BootstrapError> {
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(BootstrapError::Connect)?;
-    tokio::spawn(connection);
-    Ok(client)
+async fn connect(endpoint: &Endpoint) -> Result<tokio_postgres::Client, BootstrapError> {
+    endpoint.connect().await.map_err(BootstrapError::Connect)
 }
 
 /// `maintenance` reaches the `postgres` database, `keepd_db` keepd's own; both
 /// as the superuser.
 pub async fn apply(
-    maintenance: &tokio_postgres::Config,
-    keepd_db: &tokio_postgres::Config,
+    maintenance: &Endpoint,
+    keepd_db: &Endpoint,
     rendered: &RenderedConfig,
 ) -> Result<(), BootstrapError> {
     let admin = connect(maintenance).await?;

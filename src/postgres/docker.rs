@@ -36,7 +36,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 use super::render::RenderedConfig;
-use super::{SUPERUSER, superuser_config};
+use super::tls::{Endpoint, Tls};
+use super::{PgAddress, SUPERUSER, endpoint};
 use crate::config::Config;
 use crate::fsutil;
 use crate::secret::{ScramVerifier, SecretString};
@@ -184,12 +185,15 @@ impl DockerCluster {
         &self.container
     }
 
-    pub fn superuser_config(
-        &self,
-        password: &SecretString,
-        dbname: &str,
-    ) -> tokio_postgres::Config {
-        superuser_config(&self.socket_dir, self.port, password, dbname)
+    pub fn superuser_endpoint(&self, password: &SecretString, dbname: &str) -> Endpoint {
+        endpoint(
+            &PgAddress::Socket(self.socket_dir.clone()),
+            self.port,
+            SUPERUSER,
+            password,
+            dbname,
+            Tls::Off,
+        )
     }
 
     async fn ensure_image(&self) -> Result<(), DockerError> {

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod render;
 pub mod roles;
 pub mod supervise;
+pub mod tls;
 
 /// The database keepd's own data lives in.
 pub const DATABASE: &str = "keepd";
@@ -30,24 +31,44 @@ pub const GROUP_ROLES: [&str; 5] = [
 /// A Postgres error as an operator needs it: the server's own message with
 /// its detail and hint, or the connection problem with its cause (the
 /// driver's Display alone says only "db error").
-/// Connection settings for the bootstrap superuser over the Unix socket
-/// in `socket_dir` (native and docker providers alike).
-pub fn superuser_config(
-    socket_dir: &std::path::Path,
+/// Where Postgres listens for keepd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgAddress {
+    /// The directory of the Unix socket.
+    Socket(std::path::PathBuf),
+    /// A TCP address (TLS only).
+    Tcp(std::net::IpAddr),
+}
+
+/// Connection settings for `user` at `address`: over the socket, or over
+/// TCP requiring TLS (`tls` carries the role's client certificate).
+pub fn endpoint(
+    address: &PgAddress,
     port: u16,
+    user: &str,
     password: &crate::secret::SecretString,
     dbname: &str,
-) -> tokio_postgres::Config {
+    tls: tls::Tls,
+) -> tls::Endpoint {
     let mut config = tokio_postgres::Config::new();
+    match address {
+        PgAddress::Socket(dir) => {
+            config.host_path(dir);
+        }
+        PgAddress::Tcp(ip) => {
+            config
+                .host(ip.to_string())
+                .ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+    }
     config
-        .host_path(socket_dir)
         .port(port)
-        .user(SUPERUSER)
+        .user(user)
         .password(password.expose())
         .dbname(dbname)
         .application_name("keepd")
         .connect_timeout(std::time::Duration::from_secs(5));
-    config
+    tls::Endpoint { config, tls }
 }
 
 pub fn describe_error(error: &tokio_postgres::Error) -> String {

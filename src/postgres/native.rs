@@ -14,15 +14,19 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Gid, Pid, Uid, User};
 use tracing::{info, warn};
 
-use super::SUPERUSER;
 use super::child::ChildLauncher;
 use super::render::{self, RenderedConfig};
+use super::tls::{Endpoint, Tls, TlsError};
+use super::{PgAddress, SUPERUSER, endpoint};
 use crate::config::Config;
 use crate::fsutil;
+use crate::pki::NodePki;
 use crate::secret::{ScramVerifier, SecretString};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error(
         "PostgreSQL server binaries (initdb and postgres{version}) were not found in {searched}; \
          install them (Debian/Ubuntu: `apt-get install postgresql`; Fedora/RHEL: \
@@ -258,15 +262,20 @@ pub struct NativeCluster {
     account: Option<PgAccount>,
     data_dir: PathBuf,
     socket_dir: PathBuf,
+    address: PgAddress,
+    superuser_tls: Tls,
     port: u16,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
 
 impl NativeCluster {
+    /// `pki` is given in TCP mode: its server certificate is installed
+    /// and the superuser connects with a client certificate.
     pub fn prepare(
         config: &Config,
         rendered: &RenderedConfig,
+        pki: Option<&NodePki>,
     ) -> Result<NativeCluster, NativeError> {
         let pg = &config.database.postgres;
         let binaries = PgBinaries::locate(pg.native.bin_dir.as_deref(), pg.version)?;
@@ -281,6 +290,11 @@ impl NativeCluster {
             account,
             data_dir: config.node.state_dir.join("pgdata"),
             socket_dir: render::socket_dir(config),
+            address: match pki {
+                Some(_) => PgAddress::Tcp(config.network.bind_address),
+                None => PgAddress::Socket(render::socket_dir(config)),
+            },
+            superuser_tls: Tls::maybe(pki, SUPERUSER)?,
             port: config.network.port,
             start_timeout: pg.native.start_timeout.get(),
             shutdown_timeout: pg.native.shutdown_timeout.get(),
@@ -289,7 +303,7 @@ impl NativeCluster {
         if !cluster.data_dir.join("PG_VERSION").exists() {
             cluster.initdb()?;
         }
-        cluster.install(rendered)?;
+        cluster.install(rendered, pki)?;
         Ok(cluster)
     }
 
@@ -400,13 +414,20 @@ impl NativeCluster {
         Ok(())
     }
 
-    /// Writes the rendered files into the data directory (0600, atomically).
-    fn install(&self, rendered: &RenderedConfig) -> Result<(), NativeError> {
-        for (name, text) in [
+    /// Writes the rendered files, and in TCP mode the server certificate,
+    /// its key and the CA, into the data directory (0600, atomically).
+    fn install(&self, rendered: &RenderedConfig, pki: Option<&NodePki>) -> Result<(), NativeError> {
+        let mut files: Vec<(&str, &str)> = vec![
             ("postgresql.conf", &rendered.postgresql_conf),
             ("pg_hba.conf", &rendered.pg_hba_conf),
             ("pg_ident.conf", &rendered.pg_ident_conf),
-        ] {
+        ];
+        if let Some(pki) = pki {
+            files.push(("server.crt", &pki.server.cert_pem));
+            files.push(("server.key", &pki.server.key_pem));
+            files.push(("ca.crt", &pki.ca.cert_pem));
+        }
+        for (name, text) in files {
             let path = self.data_dir.join(name);
             let owner = self
                 .account
@@ -494,13 +515,17 @@ impl NativeCluster {
         cmd
     }
 
-    /// Connection settings for the bootstrap superuser over the socket.
-    pub fn superuser_config(
-        &self,
-        password: &SecretString,
-        dbname: &str,
-    ) -> tokio_postgres::Config {
-        super::superuser_config(&self.socket_dir, self.port, password, dbname)
+    /// Connection settings for the bootstrap superuser: the socket, or
+    /// TCP with TLS and the superuser's client certificate.
+    pub fn superuser_endpoint(&self, password: &SecretString, dbname: &str) -> Endpoint {
+        endpoint(
+            &self.address,
+            self.port,
+            SUPERUSER,
+            password,
+            dbname,
+            self.superuser_tls.clone(),
+        )
     }
 }
 

@@ -24,6 +24,8 @@ use crate::secret::SecretString;
 #[derive(Clone, Debug)]
 pub struct LoginCredential {
     pub role: String,
+    /// TLS with this role's client certificate (TCP mode), or none.
+    pub tls: super::tls::Tls,
     pub version: u32,
     pub password: SecretString,
 }
@@ -122,8 +124,7 @@ impl managed::Manager for Manager {
         config
             .user(&credential.role)
             .password(credential.password.expose());
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
+        let client = super::tls::connect(&config, &credential.tls).await?;
         Ok(Connection {
             client,
             statements: std::sync::Mutex::new(HashMap::new()),

@@ -99,7 +99,7 @@ pub fn render(config: &Config) -> Result<RenderedConfig, RenderError> {
     Ok(RenderedConfig {
         postgresql_conf: postgresql_conf(config)?,
         pg_hba_conf: pg_hba_conf(config),
-        pg_ident_conf: pg_ident_conf(),
+        pg_ident_conf: pg_ident_conf(config),
         initdb: initdb_scripts(),
     })
 }
@@ -233,7 +233,7 @@ fn pg_hba_conf(config: &Config) -> String {
         out.push_str("local    all       all                reject\n");
     } else {
         let client_cert = if security.require_client_cert && !security.allow_client_cert_fallback {
-            " clientcert=verify-full map=keepd"
+            " clientcert=verify-full"
         } else {
             ""
         };
@@ -254,10 +254,18 @@ fn pg_hba_conf(config: &Config) -> String {
     out
 }
 
-fn pg_ident_conf() -> String {
+fn pg_ident_conf(config: &Config) -> String {
     let mut out = String::from(HEADER);
     out.push_str("# MAPNAME  SYSTEM-USERNAME  PG-USERNAME\n");
-    out.push_str("# Client certificate names are mapped only in TCP mode.\n");
+    if config.network.use_unix_socket {
+        out.push_str("# No client certificates in Unix-socket mode.\n");
+    } else {
+        // Postgres accepts map= only with certificate-style methods, not
+        // with scram-sha-256; keepd instead issues each role a client
+        // certificate whose CN is the role's name, which
+        // clientcert=verify-full compares with the role logging in.
+        out.push_str("# Empty: each client certificate's CN is the role it logs in as.\n");
+    }
     out
 }
 
@@ -473,8 +481,7 @@ mod tests {
                 "all",
                 "127.0.0.1/32",
                 "scram-sha-256",
-                "clientcert=verify-full",
-                "map=keepd"
+                "clientcert=verify-full"
             ]]
         );
         assert!(rows.contains(&vec!["local", "all", "all", "reject"]));

@@ -95,14 +95,14 @@ impl Server {
     }
 
     /// The bootstrap superuser's connection settings for this server.
-    pub fn superuser_config(
+    pub fn superuser_endpoint(
         &self,
         password: &crate::secret::SecretString,
         dbname: &str,
-    ) -> tokio_postgres::Config {
+    ) -> super::tls::Endpoint {
         match self {
-            Server::Native(c) => c.superuser_config(password, dbname),
-            Server::Docker(c) => c.superuser_config(password, dbname),
+            Server::Native(c) => c.superuser_endpoint(password, dbname),
+            Server::Docker(c) => c.superuser_endpoint(password, dbname),
         }
     }
 
@@ -155,11 +155,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 impl Supervisor {
     /// Starts supervising; `probe` is how readiness is tested (a login).
-    pub fn start(
-        server: Server,
-        probe: tokio_postgres::Config,
-        metrics: Arc<Metrics>,
-    ) -> Supervisor {
+    pub fn start(server: Server, probe: super::tls::Endpoint, metrics: Arc<Metrics>) -> Supervisor {
         let (state_tx, state) = watch::channel(PgState::Starting);
         let (stop, shutdown) = shutdown::channel();
         let task = tokio::spawn(supervise(server, probe, state_tx, shutdown, metrics));
@@ -192,7 +188,7 @@ enum Outcome {
 
 async fn supervise(
     server: Server,
-    probe: tokio_postgres::Config,
+    probe: super::tls::Endpoint,
     state: watch::Sender<PgState>,
     mut stop: Shutdown,
     metrics: Arc<Metrics>,
@@ -224,7 +220,7 @@ async fn supervise(
 
 async fn run_once(
     server: &Server,
-    probe: &tokio_postgres::Config,
+    probe: &super::tls::Endpoint,
     state: &watch::Sender<PgState>,
     stop: &mut Shutdown,
 ) -> Outcome {
@@ -301,15 +297,11 @@ async fn run_once(
     }
 }
 
-async fn accepts_login(probe: &tokio_postgres::Config) -> bool {
-    match tokio::time::timeout(Duration::from_secs(2), probe.connect(tokio_postgres::NoTls)).await {
-        Ok(Ok((client, connection))) => {
-            drop(client);
-            let _ = connection.await;
-            true
-        }
-        _ => false,
-    }
+async fn accepts_login(probe: &super::tls::Endpoint) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe.connect()).await,
+        Ok(Ok(_))
+    )
 }
 
 /// The running postmaster. Signals are sent only while holding the lock
