@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
-use crate::config::Config;
+use crate::config::{Config, Provider};
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::pki::NodePki;
+use crate::postgres::docker::address_file;
 use crate::postgres::native::PgBinaries;
 use crate::postgres::render::socket_dir;
 use crate::postgres::tls::Tls;
@@ -36,6 +37,8 @@ pub enum AdminError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("no container address recorded in {0}; start keepd (docker provider, TCP mode) first")]
+    NotRunning(PathBuf),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
@@ -70,13 +73,23 @@ fn address(
     if config.network.use_unix_socket {
         return Ok((PgAddress::Socket(socket_dir(config)), None));
     }
+    // The docker provider's container has an address of its own.
+    let recorded = std::fs::read_to_string(address_file(&config.node.runtime_dir))
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    let address = match config.database.postgres.provider {
+        Provider::Docker => {
+            recorded.ok_or_else(|| AdminError::NotRunning(config.node.runtime_dir.clone()))?
+        }
+        Provider::Native | Provider::External => config.network.bind_address,
+    };
     let pki = NodePki::ensure(
         &config.node.state_dir,
         identity.node_id().as_str(),
-        &[config.network.bind_address],
+        &[address],
         std::time::SystemTime::now(),
     )?;
-    Ok((PgAddress::Tcp(config.network.bind_address), Some(pki)))
+    Ok((PgAddress::Tcp(address), Some(pki)))
 }
 
 /// `keepd audit verify`: recomputes the audit chain as the superuser.

@@ -79,15 +79,20 @@ impl Drop for Cleanup {
                 docker(&["rm", "-f", &name]);
             }
             docker(&["volume", "rm", "-f", &format!("{container}-data")]);
+            docker(&["network", "rm", &format!("keepd-internal-{id}")]);
         }
     }
 }
 
 fn docker_node() -> TestNode {
+    docker_node_with("")
+}
+
+fn docker_node_with(extra: &str) -> TestNode {
     TestNode::with_api_and_extra(
         "  rate_limits:\n    auth_per_minute: 1000\n",
         &format!(
-            "database:\n  postgres:\n    provider: docker\n    max_connections: 100\n    docker:\n      image: {IMAGE}\n"
+            "database:\n  postgres:\n    provider: docker\n    max_connections: 100\n    docker:\n      image: {IMAGE}\n{extra}"
         ),
     )
 }
@@ -312,4 +317,82 @@ async fn restart_adopts_config_change_recreates_foreign_name_is_refused() {
     );
     let foreign = inspect(&container).expect("the foreign container is left alone");
     assert!(foreign["Config"]["Labels"]["io.keepd.node-id"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_network_mode_serves_over_tls_only() {
+    if !engine_ready() {
+        return;
+    }
+    let node = docker_node_with("network:\n  use_unix_socket: false\n");
+    let daemon = node.start();
+    let mut cleanup = Cleanup(None);
+    let node_id = healthy(&daemon);
+    cleanup.0 = Some(node_id.clone());
+    let container = format!("keepd-pg-{node_id}");
+    let network_name = format!("keepd-internal-{node_id}");
+
+    let network = inspect(&network_name).expect("keepd's internal network");
+    assert_eq!(network["Internal"], true);
+    assert_eq!(
+        network["Options"]["com.docker.network.bridge.enable_ip_masquerade"],
+        "false"
+    );
+    assert_eq!(network["Labels"]["io.keepd.node-id"], node_id.as_str());
+    let c = inspect(&container).unwrap();
+    assert_eq!(c["HostConfig"]["NetworkMode"], network_name.as_str());
+    assert_eq!(c["HostConfig"]["CapDrop"], serde_json::json!(["ALL"]));
+    assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true);
+    assert!(
+        c["HostConfig"]["PortBindings"]
+            .as_object()
+            .is_none_or(|p| p.is_empty())
+    );
+    let address = c["NetworkSettings"]["Networks"][&network_name]["IPAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The API works through it.
+    let mut client = SyncClient::new(daemon.addr());
+    let email = format!("net-{}@example.org", common::uuid());
+    client.register(&email, PASSWORD).await.unwrap();
+    client.login(&email, PASSWORD).await.unwrap();
+    client.create_vault("v", PASSWORD).await.unwrap();
+
+    // From the host: without TLS refused; with keepd's certificate, TLS 1.3.
+    let password = node.credentials().superuser.expose().to_string();
+    let mut plain = tokio_postgres::Config::new();
+    plain
+        .host(&address)
+        .port(5432)
+        .user("keepd_superuser")
+        .password(&password)
+        .dbname("keepd")
+        .connect_timeout(Duration::from_secs(5));
+    let refused = plain
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("plain refused");
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("28000"),
+        "{refused:?}"
+    );
+    let out = node
+        .command(&[
+            "psql",
+            "--",
+            "-XAtc",
+            "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "TLSv1.3");
 }

@@ -64,12 +64,6 @@ pub enum DaemonError {
     )]
     ProviderUnavailable { provider: Provider },
     #[error(
-        "network.use_unix_socket = false with the docker provider (an internal bridge network) \
-         is not available yet; use network.use_unix_socket: true (no network at all) or the \
-         native provider"
-    )]
-    TcpUnavailable,
-    #[error(
         "the sealed credentials {path} are missing but the cluster in {data_dir} exists; keepd \
          will not reset them: restore db.enc from the backup taken with identity.key"
     )]
@@ -137,9 +131,6 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             provider: pg.provider,
         });
     }
-    if !config.network.use_unix_socket && pg.provider == Provider::Docker {
-        return Err(DaemonError::TcpUnavailable);
-    }
     let _lock = StateLock::acquire(&config.node.state_dir)?;
     let identity_path = config.node.state_dir.join("identity.key");
     let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
@@ -152,7 +143,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let rendered = render::render(&config)?;
     // TCP mode: the node's CA, the server certificate for the address
     // keepd dials, client certificates per role.
-    let pki = if config.network.use_unix_socket {
+    let mut pki = if config.network.use_unix_socket || pg.provider == Provider::Docker {
+        // The docker provider issues its own, naming the container's address.
         None
     } else {
         let addresses = [config.network.bind_address];
@@ -175,6 +167,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 Arc::new(DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?);
             let logs = format!("docker logs {}", cluster.container_name());
             let timeout = cluster.start_timeout;
+            pki = cluster.pki();
             container = Some(cluster.clone());
             (Server::Docker(cluster), timeout, logs)
         }

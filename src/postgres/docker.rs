@@ -19,12 +19,16 @@
 //! container it did not label.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+    ContainerCreateBody, EndpointIpamConfig, EndpointSettings, HostConfig, Ipam, IpamConfig,
+    NetworkCreateRequest, NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
@@ -40,6 +44,7 @@ use super::tls::{Endpoint, Tls};
 use super::{PgAddress, SUPERUSER, endpoint};
 use crate::config::Config;
 use crate::fsutil;
+use crate::pki::NodePki;
 use crate::secret::{ScramVerifier, SecretString};
 
 /// Where things live inside the container (the official image's layout).
@@ -47,6 +52,7 @@ const DATA_MOUNT: &str = "/var/lib/postgresql/data";
 const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
 const CONF_MOUNT: &str = "/etc/keepd";
 const SOCKET_MOUNT: &str = "/var/run/postgresql";
+const TLS_MOUNT: &str = "/etc/keepd-tls";
 
 const LABEL_MANAGED: &str = "io.keepd.managed";
 const LABEL_NODE: &str = "io.keepd.node-id";
@@ -79,6 +85,16 @@ pub enum DockerError {
         code: i64,
         output: String,
     },
+    #[error(
+        "the host cannot reach {address} on the internal network {network}: this Docker engine \
+         isolates internal bridges from the host; use network.use_unix_socket: true (no network \
+         at all) instead"
+    )]
+    Unreachable { network: String, address: Ipv4Addr },
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     #[error("cannot prepare {path}: {source}")]
     Io {
         path: PathBuf,
@@ -133,9 +149,24 @@ pub struct DockerCluster {
     memory_bytes: i64,
     pids_limit: i64,
     fingerprint: String,
+    /// TCP mode: the internal network, the container's address on it and
+    /// the PKI; None: no network at all, the socket bind mount.
+    tcp: Option<InternalNetwork>,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
+
+/// keepd's `--internal` bridge network (no masquerade) and its TLS.
+struct InternalNetwork {
+    name: String,
+    address: Ipv4Addr,
+    tls_dir: PathBuf,
+    pki: Arc<NodePki>,
+    superuser_tls: Tls,
+}
+
+/// How many /28 subnets keepd tries when creating its network.
+const SUBNET_ATTEMPTS: u32 = 64;
 
 impl DockerCluster {
     /// Everything up to (not including) starting the server container.
@@ -165,6 +196,7 @@ impl DockerCluster {
             memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
             pids_limit: i64::from(settings.pids_limit),
             fingerprint: rendered.fingerprint(),
+            tcp: None,
             start_timeout: settings.start_timeout.get(),
             shutdown_timeout: settings.shutdown_timeout.get(),
         };
@@ -173,6 +205,32 @@ impl DockerCluster {
         let (uid, gid) = cluster.resolve_user().await?;
         cluster.user = format!("{uid}:{gid}");
         cluster.install(rendered, uid, gid)?;
+        if !config.network.use_unix_socket {
+            let (name, address) = cluster.ensure_network().await?;
+            let pki = NodePki::ensure(
+                &config.node.state_dir,
+                node_id,
+                &[IpAddr::V4(address)],
+                std::time::SystemTime::now(),
+            )?;
+            let tls_dir = config.node.state_dir.join("docker-tls");
+            cluster.install_tls(&tls_dir, &pki, uid, gid)?;
+            // `keepd psql` and `keepd audit verify` read where to connect.
+            let marker = address_file(&config.node.runtime_dir);
+            fsutil::write_atomic(&marker, address.to_string().as_bytes(), None).map_err(
+                |source| DockerError::Io {
+                    path: marker.clone(),
+                    source,
+                },
+            )?;
+            cluster.tcp = Some(InternalNetwork {
+                name,
+                address,
+                tls_dir,
+                superuser_tls: Tls::for_role(&pki, SUPERUSER)?,
+                pki: Arc::new(pki),
+            });
+        }
         if !cluster.running().await? {
             cluster.initdb().await?;
             cluster.set_superuser_verifier(verifier).await?;
@@ -185,15 +243,144 @@ impl DockerCluster {
         &self.container
     }
 
+    /// The node PKI in TCP mode (login roles get client certificates).
+    pub fn pki(&self) -> Option<Arc<NodePki>> {
+        self.tcp.as_ref().map(|net| net.pki.clone())
+    }
+
     pub fn superuser_endpoint(&self, password: &SecretString, dbname: &str) -> Endpoint {
-        endpoint(
-            &PgAddress::Socket(self.socket_dir.clone()),
-            self.port,
-            SUPERUSER,
-            password,
-            dbname,
-            Tls::Off,
+        let (address, tls) = match &self.tcp {
+            Some(net) => (
+                PgAddress::Tcp(IpAddr::V4(net.address)),
+                net.superuser_tls.clone(),
+            ),
+            None => (PgAddress::Socket(self.socket_dir.clone()), Tls::Off),
+        };
+        endpoint(&address, self.port, SUPERUSER, password, dbname, tls)
+    }
+
+    /// keepd's internal network, created when missing: `internal` (no
+    /// route out), no masquerade, a /28 of its own so the container has a
+    /// fixed address its certificate can name. Returns (name, address).
+    async fn ensure_network(&self) -> Result<(String, Ipv4Addr), DockerError> {
+        let name = format!("keepd-internal-{}", self.node_id);
+        let found = match self.docker.inspect_network(&name, None).await {
+            Ok(found) => Some(found),
+            Err(e) if not_found(&e) => None,
+            Err(e) => return Err(api("inspect network")(e)),
+        };
+        let network = match found {
+            Some(found) => {
+                if found.labels.as_ref().and_then(|l| l.get(LABEL_NODE)) != Some(&self.node_id) {
+                    return Err(DockerError::Foreign { name });
+                }
+                found
+            }
+            None => {
+                self.create_network(&name).await?;
+                self.docker
+                    .inspect_network(&name, None)
+                    .await
+                    .map_err(api("inspect network"))?
+            }
+        };
+        let subnet = network
+            .ipam
+            .and_then(|ipam| ipam.config)
+            .and_then(|configs| configs.into_iter().find_map(|c| c.subnet))
+            .and_then(|subnet| subnet.split('/').next()?.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| DockerError::Foreign { name: name.clone() })?;
+        let base = u32::from(subnet);
+        Ok((name, Ipv4Addr::from(base + 2)))
+    }
+
+    async fn create_network(&self, name: &str) -> Result<(), DockerError> {
+        // A /28 in 10.213.0.0/16 picked from the node id, then the next
+        // ones while the engine reports an overlap.
+        let seed = u32::from_str_radix(&self.node_id[..4], 16).unwrap_or(0);
+        let mut last = None;
+        for attempt in 0..SUBNET_ATTEMPTS {
+            let block = (seed + attempt) % 4096;
+            let subnet = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 213, 0, 0)) + block * 16);
+            let request = NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("bridge".into()),
+                internal: Some(true),
+                labels: Some(self.labels()),
+                options: Some(HashMap::from([(
+                    "com.docker.network.bridge.enable_ip_masquerade".to_string(),
+                    "false".to_string(),
+                )])),
+                ipam: Some(Ipam {
+                    config: Some(vec![IpamConfig {
+                        subnet: Some(format!("{subnet}/28")),
+                        gateway: Some(Ipv4Addr::from(u32::from(subnet) + 1).to_string()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match self.docker.create_network(request).await {
+                Ok(_) => {
+                    info!(network = name, %subnet, "docker: created the internal network (no masquerade)");
+                    return Ok(());
+                }
+                Err(e) if e.to_string().contains("overlap") => last = Some(e),
+                Err(e) => return Err(api("create network")(e)),
+            }
+        }
+        Err(api("create network")(last.expect("at least one attempt")))
+    }
+
+    /// The server certificate, its key and the CA for the container: a
+    /// 0700 directory owned by the container's user, files 0600.
+    fn install_tls(
+        &self,
+        dir: &Path,
+        pki: &NodePki,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), DockerError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DockerError::Io { path, source }
+        };
+        fsutil::ensure_private_dir(dir).map_err(io(dir))?;
+        for (name, text) in [
+            ("server.crt", pki.server.cert_pem.as_str()),
+            ("server.key", pki.server.key_pem.as_str()),
+            ("ca.crt", pki.ca.cert_pem.as_str()),
+        ] {
+            let path = dir.join(name);
+            fsutil::write_atomic(&path, text.as_bytes(), Some((uid, gid))).map_err(io(&path))?;
+        }
+        nix::unistd::chown(
+            dir,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
         )
+        .map_err(|e| io(dir)(e.into()))
+    }
+
+    /// Whether the host reaches the container's address: a refused or
+    /// accepted connection says yes; silence or "unreachable" says the
+    /// engine isolates internal bridges from the host.
+    async fn host_reaches(&self, address: Ipv4Addr) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((address, self.port)),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        false
     }
 
     async fn ensure_image(&self) -> Result<(), DockerError> {
@@ -338,15 +525,24 @@ impl DockerCluster {
         Ok(())
     }
 
-    /// The hardened host configuration every keepd container gets.
-    fn host_config(&self) -> HostConfig {
+    /// The hardened host configuration every keepd container gets; only
+    /// the server joins the internal network in TCP mode.
+    fn host_config(&self, server: bool) -> HostConfig {
+        let mut binds = vec![
+            format!("{}:{CONF_MOUNT}:ro", self.conf_dir.display()),
+            format!("{}:{SOCKET_MOUNT}:rw", self.socket_dir.display()),
+            format!("{}:{DATA_MOUNT}:rw", self.volume),
+        ];
+        let network = match (&self.tcp, server) {
+            (Some(net), true) => {
+                binds.push(format!("{}:{TLS_MOUNT}:ro", net.tls_dir.display()));
+                net.name.clone()
+            }
+            _ => "none".to_string(),
+        };
         HostConfig {
-            binds: Some(vec![
-                format!("{}:{CONF_MOUNT}:ro", self.conf_dir.display()),
-                format!("{}:{SOCKET_MOUNT}:rw", self.socket_dir.display()),
-                format!("{}:{DATA_MOUNT}:rw", self.volume),
-            ]),
-            network_mode: Some("none".into()),
+            binds: Some(binds),
+            network_mode: Some(network),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             readonly_rootfs: Some(true),
@@ -393,8 +589,23 @@ impl DockerCluster {
             stdin_once: Some(stdin),
             attach_stdin: Some(stdin),
             stop_signal: Some("SIGINT".into()),
-            network_disabled: Some(true),
-            host_config: Some(self.host_config()),
+            network_disabled: Some(!(server && self.tcp.is_some())),
+            networking_config: match (&self.tcp, server) {
+                (Some(net), true) => Some(NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(
+                        net.name.clone(),
+                        EndpointSettings {
+                            ipam_config: Some(EndpointIpamConfig {
+                                ipv4_address: Some(net.address.to_string()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    )])),
+                }),
+                _ => None,
+            },
+            host_config: Some(self.host_config(server)),
             ..Default::default()
         };
         self.docker
@@ -559,6 +770,10 @@ impl DockerCluster {
     /// configuration, recreated when the rendered configuration changed,
     /// created when missing. Never started here.
     pub async fn ensure_container(&self) -> Result<(), DockerError> {
+        self.reconcile_container(true).await
+    }
+
+    async fn reconcile_container(&self, announce: bool) -> Result<(), DockerError> {
         match self.docker.inspect_container(&self.container, None).await {
             Ok(found) => {
                 let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
@@ -568,7 +783,9 @@ impl DockerCluster {
                     });
                 }
                 if labels.get(LABEL_CONFIG) == Some(&self.fingerprint) {
-                    info!(container = %self.container, "docker: adopting the existing container");
+                    if announce {
+                        info!(container = %self.container, "docker: adopting the existing container");
+                    }
                     return Ok(());
                 }
                 info!(container = %self.container, "docker: the rendered configuration changed; recreating the container");
@@ -600,16 +817,25 @@ impl DockerCluster {
         Ok(())
     }
 
-    /// Starts the server container unless it runs already (adopted).
+    /// Starts the server container unless it runs already (adopted); in
+    /// TCP mode checks the host can reach it at all.
     pub async fn start(&self) -> Result<(), DockerError> {
-        self.ensure_container().await?;
-        if self.running().await? {
-            return Ok(());
+        self.reconcile_container(false).await?;
+        if !self.running().await? {
+            self.docker
+                .start_container(&self.container, None)
+                .await
+                .map_err(api("start container"))?;
         }
-        self.docker
-            .start_container(&self.container, None)
-            .await
-            .map_err(api("start container"))
+        if let Some(net) = &self.tcp
+            && !self.host_reaches(net.address).await
+        {
+            return Err(DockerError::Unreachable {
+                network: net.name.clone(),
+                address: net.address,
+            });
+        }
+        Ok(())
     }
 
     /// Why the server container is not running, or None while it runs.
@@ -694,6 +920,11 @@ impl DockerCluster {
             privileged: host.privileged.unwrap_or(false),
         })
     }
+}
+
+/// Where the docker provider records the container's address in TCP mode.
+pub fn address_file(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("postgres.address")
 }
 
 /// The contents of the first file in a tar archive (what the engine sends

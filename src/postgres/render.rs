@@ -173,9 +173,14 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
     set("password_encryption", "'scram-sha-256'".into());
     set("ssl", if unix { "off" } else { "on" }.into());
     if !unix {
-        set("ssl_cert_file", "'server.crt'".into());
-        set("ssl_key_file", "'server.key'".into());
-        set("ssl_ca_file", "'ca.crt'".into());
+        // Native: beside the data; docker: a read-only mount of their own.
+        let dir = match pg.provider {
+            Provider::Docker => "/etc/keepd-tls/",
+            Provider::Native | Provider::External => "",
+        };
+        set("ssl_cert_file", format!("'{dir}server.crt'"));
+        set("ssl_key_file", format!("'{dir}server.key'"));
+        set("ssl_ca_file", format!("'{dir}ca.crt'"));
         set("ssl_min_protocol_version", "'TLSv1.3'".into());
         set("ssl_prefer_server_ciphers", "on".into());
         set("ssl_ciphers", "'HIGH:!aNULL:!MD5:!3DES:!RC4'".into());
