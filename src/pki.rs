@@ -1,14 +1,13 @@
 //! The node's own PKI for Postgres over TCP: a CA (ECDSA P-256) and a
 //! server certificate with a SAN for every address keepd dials, in
 //! `state_dir/pki` (keys 0600), and client certificates issued in memory
-//! for each role keepd logs in as, whose CN (the role's name)
-//! pg_ident.conf maps to that role.
+//! for each role keepd logs in as, whose CN is the role's name (checked by
+//! `clientcert=verify-full`).
 //!
 //! The server certificate is renewed before it expires by re-signing the
 //! same key (30 days ahead), so nothing that pinned its key breaks; one
 //! that does not chain to the current CA, outlives it, or lacks an address
-//! keepd dials is re-issued. Client certificates live as long as the
-//! process needs them (a day at most) and never touch the disk.
+//! keepd dials is re-issued. Client certificates never touch the disk.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -71,8 +70,9 @@ pub struct NodePki {
     pub server: Pair,
 }
 
-/// Client certificates outlive no process by much.
-const CLIENT_LIFETIME: Duration = Duration::from_secs(86_400);
+/// Client certificates are issued per credential in memory; a role is
+/// rotated away long before its certificate would end.
+const CLIENT_LIFETIME: Duration = LEAF_LIFETIME;
 
 /// What a certificate says about itself, for renewal decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,8 +262,8 @@ impl NodePki {
         })
     }
 
-    /// A client certificate for `role` (its CN), with a fresh key, valid
-    /// for a day; held in memory only.
+    /// A client certificate for `role` (its CN), with a fresh key; held in
+    /// memory only.
     pub fn issue_client(&self, role: &str) -> Result<Pair, PkiError> {
         let now = unix(SystemTime::now());
         let ca_key = KeyPair::from_pem(&self.ca.key_pem).map_err(|_| PkiError::Corrupt {

@@ -2,6 +2,7 @@
 //! (config → render → provision → roles → pool → api) and handles signals.
 
 pub mod control;
+pub mod renewal;
 pub mod rotator;
 
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiLimits};
@@ -190,6 +192,17 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let maintenance = server.superuser_endpoint(&credentials.superuser, "postgres");
     let superuser = server.superuser_endpoint(&credentials.superuser, DATABASE);
     let metrics = Arc::new(Metrics::default());
+    let renewal = match (server.tls_address(), &pki) {
+        (Some(address), Some(pki)) => Some(renewal::CertificateRenewal {
+            server: server.clone(),
+            state_dir: config.node.state_dir.clone(),
+            node_id: node_id.clone(),
+            addresses: vec![address],
+            superuser: maintenance.clone(),
+            installed: pki.server.cert_pem.clone(),
+        }),
+        _ => None,
+    };
     let supervisor = Supervisor::start(server, maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
 
@@ -311,7 +324,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     info!(%addr, node_id, "api listening");
     let server = tokio::spawn(api::serve(listener, app, shutdown.clone()));
 
-    let outcome = wait_for_shutdown(config_path).await;
+    let renew = Arc::new(Notify::new());
+    let renewal_task =
+        renewal.map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone())));
+    let outcome = wait_for_shutdown(config_path, &renew).await;
     info!("shutting down");
     stop.trigger();
     match server.await {
@@ -320,6 +336,9 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         Ok(Ok(())) => {}
     }
     let _ = tokio::join!(rotation_task, control_task, sealer_task);
+    if let Some(task) = renewal_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(control::socket_path(&config.node.runtime_dir));
     supervisor.stop().await;
     info!("keepd stopped");
@@ -328,7 +347,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
 
 /// Returns on SIGTERM or SIGINT. SIGHUP re-reads the configuration: a
 /// broken file is reported and the running configuration kept.
-async fn wait_for_shutdown(config_path: &Path) -> Result<(), DaemonError> {
+async fn wait_for_shutdown(config_path: &Path, renew: &Notify) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -337,10 +356,13 @@ async fn wait_for_shutdown(config_path: &Path) -> Result<(), DaemonError> {
             _ = term.recv() => { info!(signal = "SIGTERM", "stop requested"); return Ok(()); }
             _ = int.recv() => { info!(signal = "SIGINT", "stop requested"); return Ok(()); }
             _ = hup.recv() => match Config::load(config_path) {
-                Ok(_) => warn!(
+                Ok(_) => {
+                    renew.notify_one();
+                    warn!(
                     path = %config_path.display(),
                     "SIGHUP: the configuration is valid; changed settings take effect at the next restart"
-                ),
+                    )
+                }
                 Err(e) => {
                     error!(error = %e, "SIGHUP: the new configuration is invalid; keeping the running one");
                 }

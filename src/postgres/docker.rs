@@ -243,6 +243,24 @@ impl DockerCluster {
         &self.container
     }
 
+    /// Installs a renewed server certificate (TCP mode); a reload applies it.
+    pub fn install_server_tls(&self, pki: &NodePki) -> Result<(), DockerError> {
+        let Some(net) = &self.tcp else {
+            return Ok(());
+        };
+        let (uid, gid) = self
+            .user
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+            .unwrap_or((0, 0));
+        self.install_tls(&net.tls_dir, pki, uid, gid)
+    }
+
+    /// The container's address in TCP mode.
+    pub fn tls_address(&self) -> Option<IpAddr> {
+        self.tcp.as_ref().map(|net| IpAddr::V4(net.address))
+    }
+
     /// The node PKI in TCP mode (login roles get client certificates).
     pub fn pki(&self) -> Option<Arc<NodePki>> {
         self.tcp.as_ref().map(|net| net.pki.clone())

@@ -423,10 +423,25 @@ impl NativeCluster {
             ("pg_ident.conf", &rendered.pg_ident_conf),
         ];
         if let Some(pki) = pki {
-            files.push(("server.crt", &pki.server.cert_pem));
-            files.push(("server.key", &pki.server.key_pem));
-            files.push(("ca.crt", &pki.ca.cert_pem));
+            files.extend(tls_files(pki));
         }
+        self.write_files(&files)
+    }
+
+    /// Installs a renewed server certificate (TCP mode); a reload applies it.
+    pub fn install_tls(&self, pki: &NodePki) -> Result<(), NativeError> {
+        self.write_files(&tls_files(pki))
+    }
+
+    /// The TCP address keepd dials, if in TCP mode.
+    pub fn tls_address(&self) -> Option<std::net::IpAddr> {
+        match self.address {
+            PgAddress::Tcp(ip) => Some(ip),
+            PgAddress::Socket(_) => None,
+        }
+    }
+
+    fn write_files(&self, files: &[(&str, &str)]) -> Result<(), NativeError> {
         for (name, text) in files {
             let path = self.data_dir.join(name);
             let owner = self
@@ -527,6 +542,16 @@ impl NativeCluster {
             self.superuser_tls.clone(),
         )
     }
+}
+
+/// The server certificate, its key and the CA, by the names the rendered
+/// postgresql.conf uses.
+fn tls_files(pki: &NodePki) -> [(&'static str, &str); 3] {
+    [
+        ("server.crt", &pki.server.cert_pem),
+        ("server.key", &pki.server.key_pem),
+        ("ca.crt", &pki.ca.cert_pem),
+    ]
 }
 
 /// Walks up from `target` and checks the Postgres account may search every

@@ -106,6 +106,22 @@ impl Server {
         }
     }
 
+    /// The address the server certificate must name, in TCP mode.
+    pub fn tls_address(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Server::Native(c) => c.tls_address(),
+            Server::Docker(c) => c.tls_address(),
+        }
+    }
+
+    /// Installs a renewed server certificate where Postgres reads it.
+    pub fn install_tls(&self, pki: &crate::pki::NodePki) -> Result<(), String> {
+        match self {
+            Server::Native(c) => c.install_tls(pki).map_err(|e| e.to_string()),
+            Server::Docker(c) => c.install_server_tls(pki).map_err(|e| e.to_string()),
+        }
+    }
+
     fn where_to_look(&self) -> String {
         match self {
             Server::Native(c) => c.data_dir().join("log").display().to_string(),

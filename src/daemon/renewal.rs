@@ -1,0 +1,73 @@
+//! Keeps the TLS server certificate of TCP mode current while keepd runs:
+//! twice a day, and on SIGHUP, the node PKI is checked; a certificate that
+//! was renewed (re-signed over the same key) or re-issued is installed
+//! where Postgres reads it and applied with a configuration reload, so no
+//! connection is dropped and nothing restarts.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tracing::{error, info};
+
+use crate::pki::NodePki;
+use crate::postgres::supervise::Server;
+use crate::postgres::tls::Endpoint;
+use crate::shutdown::Shutdown;
+
+const EVERY: Duration = Duration::from_secs(12 * 3600);
+
+pub struct CertificateRenewal {
+    pub server: Server,
+    pub state_dir: PathBuf,
+    pub node_id: String,
+    pub addresses: Vec<IpAddr>,
+    pub superuser: Endpoint,
+    /// The server certificate Postgres has now.
+    pub installed: String,
+}
+
+impl CertificateRenewal {
+    /// Installs and applies a changed server certificate; true if one was.
+    async fn check(&mut self) -> Result<bool, String> {
+        let pki = NodePki::ensure(
+            &self.state_dir,
+            &self.node_id,
+            &self.addresses,
+            SystemTime::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        if pki.server.cert_pem == self.installed {
+            return Ok(false);
+        }
+        self.server.install_tls(&pki).map_err(|e| e.to_string())?;
+        let client = self.superuser.connect().await.map_err(|e| e.to_string())?;
+        client
+            .query_one("SELECT pg_reload_conf()", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        self.installed = pki.server.cert_pem.clone();
+        Ok(true)
+    }
+
+    pub async fn run(mut self, wake: Arc<Notify>, mut stop: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(EVERY) => {}
+                _ = wake.notified() => {}
+                _ = stop.requested() => return,
+            }
+            match self.check().await {
+                Ok(true) => {
+                    info!("pki: the new server certificate is applied (configuration reloaded)")
+                }
+                Ok(false) => info!("pki: the server certificate is current"),
+                Err(e) => {
+                    error!(error = %e, "pki: cannot renew or apply the server certificate; retrying later")
+                }
+            }
+        }
+    }
+}
