@@ -136,17 +136,24 @@ impl NodeIdentity {
     }
 
     fn create(path: &Path) -> Result<NodeIdentity, IdentityError> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut()).map_err(|e| IdentityError::Entropy(e.to_string()))?;
+        let identity = NodeIdentity::from_seed(&seed);
+        identity.write_new(path)?;
+        Ok(identity)
+    }
+
+    /// Writes this identity to `path` (0600, parent 0700); an existing file
+    /// is never overwritten.
+    pub fn write_new(&self, path: &Path) -> Result<(), IdentityError> {
         let write_err = |source| IdentityError::Write {
             path: path.to_owned(),
             source,
         };
-        let mut seed = Zeroizing::new([0u8; 32]);
-        getrandom::fill(seed.as_mut()).map_err(|e| IdentityError::Entropy(e.to_string()))?;
-        let identity = NodeIdentity::from_seed(&seed);
         if let Some(dir) = path.parent() {
             fsutil::ensure_private_dir(dir).map_err(write_err)?;
         }
-        let text = identity.encode();
+        let text = self.encode();
         // create_new: a key that appeared since we looked is never overwritten.
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -159,10 +166,11 @@ impl NodeIdentity {
         if let Some(dir) = path.parent() {
             fsutil::sync_dir(dir).map_err(write_err)?;
         }
-        Ok(identity)
+        Ok(())
     }
 
-    fn from_seed(seed: &[u8; 32]) -> NodeIdentity {
+    /// The identity whose Ed25519 seed is `seed` (key recovery).
+    pub fn from_seed(seed: &[u8; 32]) -> NodeIdentity {
         let signing = SigningKey::from_bytes(seed);
         let node_id = NodeId::of(&signing.verifying_key());
         NodeIdentity { signing, node_id }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod passwords;
 pub mod pki;
 pub mod postgres;
+pub mod recovery;
 pub mod secret;
 pub mod secrets;
 pub mod shutdown;

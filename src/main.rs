@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keepd::config::{Config, ConfigError};
 use keepd::postgres::render::{self, RenderError};
+use keepd::recovery::{self, RecoveryError};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Shamir shares of the node identity key, for recovery.
+    Recovery {
+        #[command(subcommand)]
+        command: RecoveryCommand,
+    },
     /// Open psql on keepd's database; credentials are unsealed in memory and
     /// passed through the environment, never the command line.
     Psql {
@@ -58,6 +64,31 @@ enum Command {
         /// Arguments for psql, after `--`.
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecoveryCommand {
+    /// Split the identity key (node.state_dir/identity.key) into shares,
+    /// any THRESHOLD of which rebuild it; one file per share in DIR.
+    Split {
+        #[arg(long, value_name = "N")]
+        shares: u32,
+        #[arg(long, value_name = "T")]
+        threshold: u32,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Who holds each share (repeat once per share), e.g. an email.
+        #[arg(long = "shareholder", value_name = "ID")]
+        shareholders: Vec<String>,
+    },
+    /// Rebuild the identity key from share files and write it to
+    /// node.state_dir/identity.key (or --out), never overwriting a key.
+    Combine {
+        #[arg(required = true, value_name = "SHARE")]
+        shares: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -95,6 +126,7 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Recovery { command } => recovery(&config, command),
         Command::Psql { role, args } => match keepd::admin::psql(&config, role.as_deref(), &args) {
             Ok(status) => return ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
             Err(e) => Err(e.into()),
@@ -103,9 +135,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e
-                .chain()
-                .any(|c| c.is::<ConfigError>() || c.is::<RenderError>());
+            let usage = e.chain().any(|c| {
+                c.is::<ConfigError>()
+                    || c.is::<RenderError>()
+                    || c.downcast_ref::<RecoveryError>().is_some_and(|r| {
+                        matches!(
+                            r,
+                            RecoveryError::Counts { .. }
+                                | RecoveryError::Shareholders { .. }
+                                | RecoveryError::DuplicateShareholder(_)
+                                | RecoveryError::ShareholderName(_)
+                        )
+                    })
+            });
             eprintln!("keepd: {}", describe(&e));
             ExitCode::from(if usage { 2 } else { 1 })
         }
@@ -147,6 +189,46 @@ fn rotate(config: &Config) -> anyhow::Result<()> {
         &request,
     ))?;
     println!("{message}");
+    Ok(())
+}
+
+fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
+    let key_path = config.node.state_dir.join("identity.key");
+    match command {
+        RecoveryCommand::Split {
+            shares,
+            threshold,
+            out,
+            shareholders,
+        } => {
+            let identity = keepd::identity::NodeIdentity::load(&key_path)?;
+            let dealt = recovery::split(&identity, shares, threshold, &shareholders)?;
+            let paths = recovery::write_shares(&out, &dealt)?;
+            println!(
+                "wrote {} shares of node {} to {} (any {threshold} rebuild the key):",
+                paths.len(),
+                identity.node_id(),
+                out.display()
+            );
+            for path in paths {
+                println!("  {}", path.display());
+            }
+        }
+        RecoveryCommand::Combine { shares, out } => {
+            let parsed = shares
+                .iter()
+                .map(|path| Ok((path.clone(), recovery::read_share(path)?)))
+                .collect::<Result<Vec<_>, RecoveryError>>()?;
+            let identity = recovery::combine(&parsed)?;
+            let target = out.unwrap_or(key_path);
+            recovery::restore(&identity, &target)?;
+            println!(
+                "rebuilt the identity key of node {} into {}",
+                identity.node_id(),
+                target.display()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -147,3 +147,101 @@ fn render_writes_every_file_without_touching_state() {
     assert!(out_dir.join("initdb/04-hardening.sql").exists());
     assert!(!node.state_dir().exists(), "render created state");
 }
+
+#[test]
+fn recovery_split_and_combine_through_the_cli() {
+    let node = TestNode::new();
+    let key = node.state_dir().join("identity.key");
+    let (identity, _) = keepd::identity::NodeIdentity::load_or_create(&key).unwrap();
+    let out_dir = node.dir.path().join("shares");
+    let out = node
+        .command(&[
+            "recovery",
+            "split",
+            "--shares",
+            "5",
+            "--threshold",
+            "3",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--shareholder",
+            "ann",
+            "--shareholder",
+            "bob",
+            "--shareholder",
+            "cy",
+            "--shareholder",
+            "dee",
+            "--shareholder",
+            "eve",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut shares: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    shares.sort();
+    assert_eq!(shares.len(), 5);
+
+    let bad = node
+        .command(&[
+            "recovery",
+            "split",
+            "--shares",
+            "3",
+            "--threshold",
+            "4",
+            "--out",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("--threshold 4"), "{}", stderr(&bad));
+
+    // The key is lost; three shares bring it back, two do not.
+    std::fs::remove_file(&key).unwrap();
+    let two = node
+        .command(&[
+            "recovery",
+            "combine",
+            shares[0].to_str().unwrap(),
+            shares[4].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(two.status.code(), Some(1));
+    assert!(stderr(&two).contains("needs 3"), "{}", stderr(&two));
+    assert!(!key.exists());
+    let three = node
+        .command(&[
+            "recovery",
+            "combine",
+            shares[0].to_str().unwrap(),
+            shares[2].to_str().unwrap(),
+            shares[4].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(three.status.success(), "{}", stderr(&three));
+    let restored = keepd::identity::NodeIdentity::load(&key).unwrap();
+    assert_eq!(restored.node_id(), identity.node_id());
+    let again = node
+        .command(&[
+            "recovery",
+            "combine",
+            shares[1].to_str().unwrap(),
+            shares[2].to_str().unwrap(),
+            shares[3].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("never overwrites"),
+        "{}",
+        stderr(&again)
+    );
+}
