@@ -2,7 +2,7 @@
 //!
 //! Writers append entries (`record`) in the same transaction as the change
 //! they describe, as `keepd_audit`, unchained: no lock is held across
-//! tenants. One `AuditSealer` per cluster (an advisory lock) chains
+//! tenants. One `AuditSealer` per node (an advisory lock) chains the
 //! committed entries into `audit_chain`, each link an HMAC-SHA256 (keyed by
 //! the node identity, so a database-only attacker cannot recompute it) over
 //! the previous link, the sequence number and every field of the entry. The
@@ -308,12 +308,18 @@ impl AuditSealer {
             .pool
             .begin(&OperationContext::system(GroupRole::Audit))
             .await?;
-        tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
-            .await?;
+        let node = self.identity.node_id().as_str();
+        // One sealer per node's chain, whichever process runs it.
+        tx.query_one(
+            "SELECT pg_advisory_xact_lock($1::bigint + hashtext($2))",
+            &[&SEAL_LOCK, &node],
+        )
+        .await?;
         let head = tx
             .query(
-                "SELECT seq, hash FROM keepd_audit.audit_chain ORDER BY seq DESC LIMIT 1",
-                &[],
+                "SELECT seq, hash FROM keepd_audit.audit_chain WHERE node_id = $1 \
+                 ORDER BY seq DESC LIMIT 1",
+                &[&node],
             )
             .await?;
         let (mut seq, mut prev): (i64, [u8; 32]) = match head.first() {
@@ -326,8 +332,8 @@ impl AuditSealer {
         if let Some(cp) = Checkpoint::load(&self.checkpoint, &self.identity)? {
             let at = tx
                 .query(
-                    "SELECT hash FROM keepd_audit.audit_chain WHERE seq = $1",
-                    &[&cp.seq],
+                    "SELECT hash FROM keepd_audit.audit_chain WHERE node_id = $1 AND seq = $2",
+                    &[&node, &cp.seq],
                 )
                 .await?;
             let matches = at
@@ -344,10 +350,11 @@ impl AuditSealer {
             .query(
                 &format!(
                     "SELECT {ENTRY_COLUMNS} FROM keepd_audit.audit_log e \
-                     WHERE NOT EXISTS (SELECT 1 FROM keepd_audit.audit_chain c WHERE c.entry_id = e.id) \
+                     WHERE e.node_id = $2 \
+                       AND NOT EXISTS (SELECT 1 FROM keepd_audit.audit_chain c WHERE c.entry_id = e.id) \
                      ORDER BY e.id LIMIT $1"
                 ),
-                &[&SEAL_BATCH],
+                &[&SEAL_BATCH, &node],
             )
             .await?;
         if rows.is_empty() {
@@ -365,9 +372,9 @@ impl AuditSealer {
             prev = hash;
         }
         tx.execute(
-            "INSERT INTO keepd_audit.audit_chain (seq, entry_id, prev_hash, hash) \
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])",
-            &[&seqs, &ids, &prevs, &hashes],
+            "INSERT INTO keepd_audit.audit_chain (node_id, seq, entry_id, prev_hash, hash) \
+             SELECT $5, * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])",
+            &[&seqs, &ids, &prevs, &hashes, &node],
         )
         .await?;
         tx.commit().await?;
@@ -469,9 +476,9 @@ pub async fn verify(
             &format!(
                 "SELECT c.seq, c.entry_id, c.prev_hash, c.hash, {ENTRY_COLUMNS} \
                  FROM keepd_audit.audit_chain c LEFT JOIN keepd_audit.audit_log e ON e.id = c.entry_id \
-                 ORDER BY c.seq"
+                 WHERE c.node_id = $1 ORDER BY c.seq"
             ),
-            &[],
+            &[&identity.node_id().as_str()],
         )
         .await?;
     let mut prev = [0u8; 32];
@@ -535,9 +542,9 @@ pub async fn verify(
     };
     let unsealed: i64 = client
         .query_one(
-            "SELECT count(*) FROM keepd_audit.audit_log e \
-             WHERE NOT EXISTS (SELECT 1 FROM keepd_audit.audit_chain c WHERE c.entry_id = e.id)",
-            &[],
+            "SELECT count(*) FROM keepd_audit.audit_log e WHERE e.node_id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM keepd_audit.audit_chain c WHERE c.entry_id = e.id)",
+            &[&identity.node_id().as_str()],
         )
         .await?
         .get(0);

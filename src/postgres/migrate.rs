@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_log",
         sql: include_str!("../../migrations/0002_audit_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "per_node_chains",
+        sql: include_str!("../../migrations/0003_per_node_chains.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.
