@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
-use crate::config::{Config, Provider};
+use crate::config::{Config, ExternalSslMode, Provider};
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::pki::NodePki;
 use crate::postgres::docker::address_file;
+use crate::postgres::external::{ExternalError, ExternalServer};
 use crate::postgres::native::PgBinaries;
 use crate::postgres::render::socket_dir;
 use crate::postgres::tls::Tls;
@@ -42,6 +43,8 @@ pub enum AdminError {
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
+    External(#[from] ExternalError),
+    #[error(transparent)]
     Tls(#[from] crate::postgres::tls::TlsError),
     #[error("cannot prepare the client certificate directory {path}: {source}")]
     Scratch {
@@ -70,6 +73,16 @@ fn address(
     config: &Config,
     identity: &NodeIdentity,
 ) -> Result<(PgAddress, Option<NodePki>), AdminError> {
+    if let Provider::External = config.database.postgres.provider {
+        let host = config
+            .database
+            .postgres
+            .external
+            .host
+            .clone()
+            .unwrap_or_default();
+        return Ok((PgAddress::Host(host), None));
+    }
     if config.network.use_unix_socket {
         return Ok((PgAddress::Socket(socket_dir(config)), None));
     }
@@ -95,16 +108,20 @@ fn address(
 /// `keepd audit verify`: recomputes the audit chain as the superuser.
 pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let (identity, credentials) = unseal(config)?;
-    let (address, pki) = address(config, &identity)?;
-    let tls = Tls::maybe(pki.as_ref(), SUPERUSER)?;
-    let mut endpoint = endpoint(
-        &address,
-        config.network.port,
-        SUPERUSER,
-        &credentials.superuser,
-        DATABASE,
-        tls,
-    );
+    let mut endpoint = if let Provider::External = config.database.postgres.provider {
+        ExternalServer::from_config(config)?.admin_endpoint(DATABASE)
+    } else {
+        let (address, pki) = address(config, &identity)?;
+        let tls = Tls::maybe(pki.as_ref(), SUPERUSER)?;
+        endpoint(
+            &address,
+            config.network.port,
+            SUPERUSER,
+            &credentials.superuser,
+            DATABASE,
+            tls,
+        )
+    };
     endpoint.config.application_name("keepd-audit-verify");
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = crate::audit::checkpoint_path(&config.node.state_dir);
@@ -152,10 +169,23 @@ pub fn psql(
         .map(|b| b.dir.join("psql"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("psql"));
+    // On an external server keepd's superuser is its administrator.
+    let external = match pg.provider {
+        Provider::External => Some(ExternalServer::from_config(config)?),
+        Provider::Native | Provider::Docker => None,
+    };
+    let (user, password, port) = match &external {
+        Some(server) if user == SUPERUSER => {
+            let (name, secret) = server.admin();
+            (name.to_string(), secret.clone(), server.port())
+        }
+        Some(server) => (user, password, server.port()),
+        None => (user, password, config.network.port),
+    };
     let mut command = Command::new(&program);
     command
         .args(args)
-        .env("PGPORT", config.network.port.to_string())
+        .env("PGPORT", port.to_string())
         .env("PGDATABASE", DATABASE)
         .env("PGUSER", &user)
         .env("PGPASSWORD", password.expose())
@@ -167,6 +197,20 @@ pub fn psql(
     match address(config, &identity)? {
         (PgAddress::Socket(dir), _) => {
             command.env("PGHOST", dir);
+        }
+        (PgAddress::Host(host), _) => {
+            let ext = &pg.external;
+            command.env("PGHOST", host);
+            match (&ext.sslmode, &ext.ca_file) {
+                (ExternalSslMode::VerifyFull, Some(ca)) => {
+                    command
+                        .env("PGSSLMODE", "verify-full")
+                        .env("PGSSLROOTCERT", ca);
+                }
+                _ => {
+                    command.env("PGSSLMODE", "disable");
+                }
+            }
         }
         (PgAddress::Tcp(ip), pki) => {
             let pki = pki.expect("TCP mode has a PKI");

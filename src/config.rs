@@ -234,12 +234,24 @@ impl Default for DockerConfig {
     }
 }
 
+/// The database keepd's schema lives in (also `postgres::DATABASE`).
+const DATABASE_NAME: &str = "keepd";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalConfig {
     pub host: Option<String>,
     pub port: u16,
     pub database: String,
+    /// The bootstrap administrator keepd creates its roles and schema as.
+    pub admin_user: String,
+    /// A file holding the administrator's password (one line).
+    pub admin_password_file: Option<PathBuf>,
+    /// Or an environment variable holding it.
+    pub admin_password_env: Option<String>,
+    pub sslmode: ExternalSslMode,
+    /// The CA that signed the server's certificate (verify-full).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ExternalConfig {
@@ -248,8 +260,23 @@ impl Default for ExternalConfig {
             host: None,
             port: 5432,
             database: "keepd".into(),
+            admin_user: "postgres".into(),
+            admin_password_file: None,
+            admin_password_env: None,
+            sslmode: ExternalSslMode::VerifyFull,
+            ca_file: None,
         }
     }
+}
+
+/// How keepd talks to an external server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExternalSslMode {
+    /// TLS, the server's certificate checked against `ca_file` and its name.
+    VerifyFull,
+    /// No TLS at all (a private network you trust; the report says so).
+    Disable,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -632,6 +659,13 @@ impl Config {
         if let Some(p) = self.database.postgres.native.bin_dir.as_mut() {
             absolute(p);
         }
+        let external = &mut self.database.postgres.external;
+        for p in [&mut external.admin_password_file, &mut external.ca_file]
+            .into_iter()
+            .flatten()
+        {
+            absolute(p);
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -774,12 +808,41 @@ impl Config {
                 "at least 1s".into(),
             ));
         }
-        if pg.provider == Provider::External && pg.external.host.is_none() {
-            return Err(invalid(
-                "database.postgres.external.host",
-                "(unset)".into(),
-                "the host name of the external server, required with provider: external".into(),
-            ));
+        if pg.provider == Provider::External {
+            let ext = &pg.external;
+            if ext.host.is_none() {
+                return Err(invalid(
+                    "database.postgres.external.host",
+                    "(unset)".into(),
+                    "the host name of the external server, required with provider: external".into(),
+                ));
+            }
+            if ext.database != DATABASE_NAME {
+                return Err(invalid(
+                    "database.postgres.external.database",
+                    ext.database.clone(),
+                    format!("{DATABASE_NAME} (keepd's schema and grants name its database)"),
+                ));
+            }
+            if ext.admin_password_file.is_some() == ext.admin_password_env.is_some() {
+                return Err(invalid(
+                    "database.postgres.external.admin_password_file",
+                    format!(
+                        "{:?} with admin_password_env {:?}",
+                        ext.admin_password_file, ext.admin_password_env
+                    ),
+                    "exactly one of admin_password_file and admin_password_env".into(),
+                ));
+            }
+            if ext.sslmode == ExternalSslMode::VerifyFull && ext.ca_file.is_none() {
+                return Err(invalid(
+                    "database.postgres.external.ca_file",
+                    "(unset)".into(),
+                    "the CA certificate (PEM) that signed the server's, required with \
+                     sslmode: verify-full"
+                        .into(),
+                ));
+            }
         }
         if self.node.state_dir == self.node.runtime_dir {
             return Err(invalid(

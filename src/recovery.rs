@@ -475,7 +475,11 @@ mod tests {
         let damaged: String = text
             .lines()
             .map(|l| match l.strip_prefix("share: ") {
-                Some(b64) => format!("share: {}A\n", &b64[..b64.len() - 1]),
+                Some(b64) => {
+                    // Another base64 digit than the one there.
+                    let last = if b64.ends_with('A') { 'B' } else { 'A' };
+                    format!("share: {}{last}\n", &b64[..b64.len() - 1])
+                }
                 None => format!("{l}\n"),
             })
             .collect();

@@ -16,17 +16,20 @@ use tracing::{error, info, warn};
 use crate::api::{self, Api, ApiLimits};
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, Provider};
+use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
 use crate::pki::{NodePki, PkiError};
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::docker::{DockerCluster, DockerError};
+use crate::postgres::external::{ExternalError, ExternalServer};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::native::{NativeCluster, NativeError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
 use crate::postgres::render::{self, RenderError};
 use crate::postgres::supervise::{Server, Supervisor};
+use crate::postgres::tls::TlsSource;
 use crate::postgres::{DATABASE, describe_error};
 use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
@@ -51,6 +54,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
+    External(#[from] ExternalError),
+    #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
     Rotation(#[from] RotationError),
@@ -60,11 +65,6 @@ pub enum DaemonError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
-    #[error(
-        "database.postgres.provider = {provider} is not available in this build yet; \
-         use provider: native"
-    )]
-    ProviderUnavailable { provider: Provider },
     #[error(
         "the sealed credentials {path} are missing but the cluster in {data_dir} exists; keepd \
          will not reset them: restore db.enc from the backup taken with identity.key"
@@ -79,6 +79,11 @@ pub enum DaemonError {
     Listen {
         what: &'static str,
         addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Directory {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot install signal handlers: {0}")]
@@ -128,11 +133,6 @@ fn load_credentials(
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
     let pg = &config.database.postgres;
-    if pg.provider == Provider::External {
-        return Err(DaemonError::ProviderUnavailable {
-            provider: pg.provider,
-        });
-    }
     let _lock = StateLock::acquire(&config.node.state_dir)?;
     let identity_path = config.node.state_dir.join("identity.key");
     let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
@@ -145,8 +145,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let rendered = render::render(&config)?;
     // TCP mode: the node's CA, the server certificate for the address
     // keepd dials, client certificates per role.
-    let mut pki = if config.network.use_unix_socket || pg.provider == Provider::Docker {
-        // The docker provider issues its own, naming the container's address.
+    let own_tcp = !config.network.use_unix_socket && pg.provider == Provider::Native;
+    let mut pki = if !own_tcp {
+        // The docker provider issues its own, naming the container's
+        // address; an external server has its own certificates.
         None
     } else {
         let addresses = [config.network.bind_address];
@@ -163,7 +165,25 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     // password.
     let verifier = ScramVerifier::of(&credentials.superuser);
     let mut container = None;
+    let mut shared_tls = None;
     let (server, start_timeout, logs) = match pg.provider {
+        Provider::External => {
+            // Nothing else makes keepd's own directories in this mode.
+            for dir in [&config.node.state_dir, &config.node.runtime_dir] {
+                fsutil::create_dir_if_missing(dir, 0o700).map_err(|source| {
+                    DaemonError::Directory {
+                        path: dir.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let external = ExternalServer::from_config(&config)?;
+            info!(server = %external.describe(), "external postgres: keepd manages its roles and schema there and renders nothing");
+            shared_tls = Some(external.tls());
+            let logs = format!("the log of {}", external.describe());
+            let timeout = external.start_timeout;
+            (Server::External(Arc::new(external)), timeout, logs)
+        }
         Provider::Docker => {
             let cluster =
                 Arc::new(DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?);
@@ -173,7 +193,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             container = Some(cluster.clone());
             (Server::Docker(cluster), timeout, logs)
         }
-        Provider::Native | Provider::External => {
+        Provider::Native => {
             let cluster = {
                 let (config, rendered, pki) = (config.clone(), rendered.clone(), pki.clone());
                 tokio::task::spawn_blocking(move || {
@@ -188,6 +208,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             let timeout = cluster.start_timeout;
             (Server::Native(Arc::new(cluster)), timeout, logs)
         }
+    };
+    let tls_source = match (&pki, shared_tls) {
+        (Some(pki), _) => TlsSource::NodePki(pki.clone()),
+        (None, Some(tls)) => TlsSource::Shared(tls),
+        (None, None) => TlsSource::Off,
     };
     let maintenance = server.superuser_endpoint(&credentials.superuser, "postgres");
     let superuser = server.superuser_endpoint(&credentials.superuser, DATABASE);
@@ -234,7 +259,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
         drop(client);
-        let login = rotator::login_credential(&identity, &credentials, pki.as_deref())?;
+        let login = rotator::login_credential(&identity, &credentials, &tls_source)?;
         let mut base = superuser.config.clone();
         base.application_name("keepd-pool");
         let pool_settings = PoolSettings {
@@ -255,7 +280,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             credentials.clone(),
             PgAccess {
                 superuser: superuser.clone(),
-                pki: pki.clone(),
+                tls: tls_source.clone(),
             },
             pool.clone(),
             metrics.clone(),

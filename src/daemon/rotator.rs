@@ -11,11 +11,10 @@ use tracing::{error, info, warn};
 use crate::config::SealMethod;
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
-use crate::pki::NodePki;
 use crate::postgres::describe_error;
 use crate::postgres::pool::{LoginCredential, RoleAwarePool};
 use crate::postgres::roles::{self, RoleAdmin, RoleError};
-use crate::postgres::tls::{Endpoint, Tls, TlsError};
+use crate::postgres::tls::{Endpoint, TlsError, TlsSource};
 use crate::secret::{self, EntropyError, ScramVerifier};
 use crate::secrets::rotation::{self, Phase};
 use crate::secrets::store::{CredentialStatus, CredentialStore, Credentials, StoreError};
@@ -65,7 +64,7 @@ pub struct Rotator {
     wake: Notify,
     fault_step: Option<u8>,
     metrics: Arc<Metrics>,
-    pki: Option<Arc<NodePki>>,
+    tls: TlsSource,
 }
 
 fn now() -> u64 {
@@ -80,23 +79,23 @@ fn now() -> u64 {
 pub fn login_credential(
     identity: &NodeIdentity,
     credentials: &Credentials,
-    pki: Option<&NodePki>,
+    tls: &TlsSource,
 ) -> Result<LoginCredential, RotationError> {
     let active = credentials.active().ok_or(RotationError::NoActive)?;
     let role = roles::login_role_name(identity.node_id(), active.version);
     Ok(LoginCredential {
-        tls: Tls::maybe(pki, &role)?,
+        tls: tls.for_role(&role)?,
         role,
         version: active.version,
         password: active.password.clone().ok_or(RotationError::NoActive)?,
     })
 }
 
-/// How the rotator reaches Postgres: the superuser's endpoint, and in TCP
-/// mode the PKI that issues each new login role its client certificate.
+/// How the rotator reaches Postgres: the superuser's endpoint, and where
+/// each new login role's TLS comes from.
 pub struct PgAccess {
     pub superuser: Endpoint,
-    pub pki: Option<Arc<NodePki>>,
+    pub tls: TlsSource,
 }
 
 impl Rotator {
@@ -109,7 +108,7 @@ impl Rotator {
         pool: RoleAwarePool,
         metrics: Arc<Metrics>,
     ) -> Rotator {
-        let PgAccess { superuser, pki } = access;
+        let PgAccess { superuser, tls } = access;
         let fault_step = std::env::var(FAULT_STEP_ENV)
             .ok()
             .and_then(|v| v.parse().ok());
@@ -123,7 +122,7 @@ impl Rotator {
             wake: Notify::new(),
             fault_step,
             metrics,
-            pki,
+            tls,
         }
     }
 
@@ -264,7 +263,7 @@ impl Rotator {
             "rotation: new credential active, previous one retiring"
         );
         self.step_done(3, version, started).await?;
-        let login = login_credential(&self.identity, credentials, self.pki.as_deref())?;
+        let login = login_credential(&self.identity, credentials, &self.tls)?;
         self.pool.switch_credential(login);
         info!(
             version,

@@ -33,6 +33,14 @@ pub async fn apply(
     rendered: &RenderedConfig,
 ) -> Result<(), BootstrapError> {
     let admin = connect(maintenance).await?;
+    // Nodes sharing a server bootstrap one at a time: CREATE DATABASE and
+    // the role DDL of the scripts race otherwise. A session lock, as
+    // CREATE DATABASE cannot run inside a transaction; it ends with the
+    // session whatever happens.
+    admin
+        .query_one("SELECT pg_advisory_lock($1)", &[&BOOTSTRAP_LOCK])
+        .await
+        .map_err(BootstrapError::CreateDatabase)?;
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DATABASE])
         .await
@@ -47,7 +55,6 @@ pub async fn apply(
             .await
             .map_err(BootstrapError::CreateDatabase)?;
     }
-    drop(admin);
     let client = connect(keepd_db).await?;
     for script in &rendered.initdb {
         // One simple-query batch: the whole script commits or none of it.
@@ -60,5 +67,9 @@ pub async fn apply(
             })?;
         info!(script = script.name, "applied initdb script");
     }
+    drop(admin);
     Ok(())
 }
+
+/// The advisory lock of `apply` ("keepd_bo").
+const BOOTSTRAP_LOCK: i64 = 0x6b65_6570_645f_626f;

@@ -4,6 +4,7 @@
 pub mod bootstrap;
 pub mod child;
 pub mod docker;
+pub mod external;
 pub mod matrix;
 pub mod migrate;
 pub mod native;
@@ -38,6 +39,8 @@ pub enum PgAddress {
     Socket(std::path::PathBuf),
     /// A TCP address (TLS only).
     Tcp(std::net::IpAddr),
+    /// A server by name (the external provider).
+    Host(String),
 }
 
 /// Connection settings for `user` at `address`: over the socket, or over
@@ -59,6 +62,13 @@ pub fn endpoint(
             config
                 .host(ip.to_string())
                 .ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        PgAddress::Host(name) => {
+            let mode = match tls {
+                tls::Tls::On(_) => tokio_postgres::config::SslMode::Require,
+                tls::Tls::Off => tokio_postgres::config::SslMode::Disable,
+            };
+            config.host(name).ssl_mode(mode);
         }
     }
     config

@@ -437,7 +437,7 @@ impl NativeCluster {
     pub fn tls_address(&self) -> Option<std::net::IpAddr> {
         match self.address {
             PgAddress::Tcp(ip) => Some(ip),
-            PgAddress::Socket(_) => None,
+            PgAddress::Socket(_) | PgAddress::Host(_) => None,
         }
     }
 

@@ -42,6 +42,11 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Role changes of all nodes sharing a server happen one at a time: two
+/// GRANTs to the same group role at once fail with "tuple concurrently
+/// updated".
+const ROLE_DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(7742310598245232495)";
+
 /// Role administration over a superuser connection to keepd's database.
 pub struct RoleAdmin<'a> {
     client: &'a mut Client,
@@ -69,6 +74,9 @@ impl<'a> RoleAdmin<'a> {
             }
         };
         let tx = self.client.transaction().await.map_err(err("begin for"))?;
+        tx.query_one(ROLE_DDL_LOCK, &[])
+            .await
+            .map_err(err("lock role changes for"))?;
         tx.batch_execute(
             "SET LOCAL log_statement = 'none'; \
              SET LOCAL log_min_error_statement = 'panic'; \
@@ -148,23 +156,23 @@ impl<'a> RoleAdmin<'a> {
             role: name.into(),
             source,
         };
-        let exists = self
-            .client
+        let tx = self.client.transaction().await.map_err(err)?;
+        tx.query_one(ROLE_DDL_LOCK, &[]).await.map_err(err)?;
+        let exists = tx
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
             .await
             .map_err(err)?
             .is_some();
         if exists {
-            self.client
-                .batch_execute(&format!(
-                    "REVOKE ALL ON DATABASE {} FROM {role}; DROP ROLE IF EXISTS {role}",
-                    ident(DATABASE),
-                    role = ident(name)
-                ))
-                .await
-                .map_err(err)?;
+            tx.batch_execute(&format!(
+                "REVOKE ALL ON DATABASE {} FROM {role}; DROP ROLE IF EXISTS {role}",
+                ident(DATABASE),
+                role = ident(name)
+            ))
+            .await
+            .map_err(err)?;
         }
-        Ok(())
+        tx.commit().await.map_err(err)
     }
 
     /// The versions of this node's login roles that exist in Postgres.

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 
 use super::child::ChildLauncher;
 use super::docker::DockerCluster;
+use super::external::ExternalServer;
 use super::native::NativeCluster;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
@@ -45,6 +46,8 @@ impl PgState {
 pub enum Server {
     Native(Arc<NativeCluster>),
     Docker(Arc<DockerCluster>),
+    /// A server keepd does not run: watched through its probe only.
+    External(Arc<ExternalServer>),
 }
 
 impl Server {
@@ -52,6 +55,7 @@ impl Server {
         match self {
             Server::Native(c) => c.start_timeout,
             Server::Docker(c) => c.start_timeout,
+            Server::External(c) => c.start_timeout,
         }
     }
 
@@ -91,6 +95,10 @@ impl Server {
                 );
                 Ok(Running::Container(cluster.clone()))
             }
+            Server::External(server) => {
+                info!(server = %server.describe(), "external postgres: waiting for it to accept connections");
+                Ok(Running::External)
+            }
         }
     }
 
@@ -103,6 +111,8 @@ impl Server {
         match self {
             Server::Native(c) => c.superuser_endpoint(password, dbname),
             Server::Docker(c) => c.superuser_endpoint(password, dbname),
+            // keepd's superuser there is the operator's administrator.
+            Server::External(c) => c.admin_endpoint(dbname),
         }
     }
 
@@ -111,6 +121,7 @@ impl Server {
         match self {
             Server::Native(c) => c.tls_address(),
             Server::Docker(c) => c.tls_address(),
+            Server::External(_) => None,
         }
     }
 
@@ -119,6 +130,7 @@ impl Server {
         match self {
             Server::Native(c) => c.install_tls(pki).map_err(|e| e.to_string()),
             Server::Docker(c) => c.install_server_tls(pki).map_err(|e| e.to_string()),
+            Server::External(_) => Ok(()),
         }
     }
 
@@ -126,6 +138,7 @@ impl Server {
         match self {
             Server::Native(c) => c.data_dir().join("log").display().to_string(),
             Server::Docker(c) => format!("docker logs {}", c.container_name()),
+            Server::External(c) => format!("the log of {}", c.describe()),
         }
     }
 }
@@ -134,6 +147,7 @@ impl Server {
 enum Running {
     Process(Postmaster, Arc<NativeCluster>),
     Container(Arc<DockerCluster>),
+    External,
 }
 
 impl Running {
@@ -142,6 +156,7 @@ impl Running {
         match self {
             Running::Process(postmaster, _) => postmaster.exited().map(|s| s.to_string()),
             Running::Container(cluster) => cluster.exited().await,
+            Running::External => None,
         }
     }
 
@@ -151,6 +166,7 @@ impl Running {
                 postmaster.stop(cluster.shutdown_timeout).await
             }
             Running::Container(cluster) => cluster.stop().await,
+            Running::External => {}
         }
     }
 }
@@ -294,7 +310,7 @@ async fn run_once(
     let watch_every = match running {
         Running::Process(..) => POLL,
         // Each look at a container is an engine request.
-        Running::Container(_) => Duration::from_millis(500),
+        Running::Container(_) | Running::External => Duration::from_millis(500),
     };
     loop {
         tokio::select! {

@@ -54,6 +54,27 @@ impl Tls {
     }
 }
 
+/// Where each role's TLS comes from.
+#[derive(Clone)]
+pub enum TlsSource {
+    /// The Unix socket.
+    Off,
+    /// keepd's own server over TCP: a client certificate per role.
+    NodePki(Arc<NodePki>),
+    /// An external server: the same verified TLS for every role.
+    Shared(Tls),
+}
+
+impl TlsSource {
+    pub fn for_role(&self, role: &str) -> Result<Tls, TlsError> {
+        match self {
+            TlsSource::Off => Ok(Tls::Off),
+            TlsSource::NodePki(pki) => Tls::for_role(pki, role),
+            TlsSource::Shared(tls) => Ok(tls.clone()),
+        }
+    }
+}
+
 /// A rustls client configuration trusting only `ca_pem`, offering
 /// `versions`, presenting `client` when given.
 pub fn client_config(

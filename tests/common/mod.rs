@@ -367,8 +367,12 @@ impl TestNode {
     pub fn pool(&self, max_size: usize) -> keepd::postgres::pool::RoleAwarePool {
         let identity =
             keepd::identity::NodeIdentity::load(&self.state_dir().join("identity.key")).unwrap();
-        let login = keepd::daemon::rotator::login_credential(&identity, &self.credentials(), None)
-            .expect("an active login credential");
+        let login = keepd::daemon::rotator::login_credential(
+            &identity,
+            &self.credentials(),
+            &keepd::postgres::tls::TlsSource::Off,
+        )
+        .expect("an active login credential");
         keepd::postgres::pool::RoleAwarePool::new(
             self.pg_config(),
             login,

@@ -1,0 +1,133 @@
+//! The external provider: an existing server keepd does not run. keepd
+//! connects as a bootstrap administrator (its password from a file or an
+//! environment variable, never the config itself), over TLS verified
+//! against the configured CA and the server's name by default, and then
+//! manages its roles, schema and rotation there exactly as on its own
+//! servers. It renders and installs nothing.
+
+use std::time::Duration;
+
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::tls::{Endpoint, Tls, TlsError, client_config};
+use super::{PgAddress, endpoint};
+use crate::config::{Config, ExternalSslMode};
+use crate::secret::SecretString;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error(
+        "cannot read the administrator password from {path} (database.postgres.external.admin_password_file): {source}"
+    )]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the environment variable {0} (database.postgres.external.admin_password_env) is not set"
+    )]
+    PasswordEnv(String),
+    #[error("the administrator password is empty; set it in the file or variable the config names")]
+    EmptyPassword,
+    #[error("cannot read the CA certificate {path} (database.postgres.external.ca_file): {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the CA certificate {path} is not usable: {source}")]
+    Ca {
+        path: std::path::PathBuf,
+        source: TlsError,
+    },
+}
+
+pub struct ExternalServer {
+    host: String,
+    port: u16,
+    admin_user: String,
+    admin_password: SecretString,
+    tls: Tls,
+    pub start_timeout: Duration,
+}
+
+impl ExternalServer {
+    pub fn from_config(config: &Config) -> Result<ExternalServer, ExternalError> {
+        let ext = &config.database.postgres.external;
+        let password = match (&ext.admin_password_file, &ext.admin_password_env) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|source| ExternalError::PasswordFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            (None, Some(var)) => {
+                std::env::var(var).map_err(|_| ExternalError::PasswordEnv(var.clone()))?
+            }
+            (None, None) => String::new(),
+        };
+        if password.is_empty() {
+            return Err(ExternalError::EmptyPassword);
+        }
+        let tls = match (ext.sslmode, &ext.ca_file) {
+            (ExternalSslMode::VerifyFull, Some(path)) => {
+                let pem =
+                    std::fs::read_to_string(path).map_err(|source| ExternalError::CaFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                // Managed servers may still top out at TLS 1.2.
+                let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+                let config =
+                    client_config(&pem, None, &versions).map_err(|source| ExternalError::Ca {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Tls::On(MakeRustlsConnect::new(config))
+            }
+            _ => Tls::Off,
+        };
+        Ok(ExternalServer {
+            host: ext.host.clone().unwrap_or_default(),
+            port: ext.port,
+            admin_user: ext.admin_user.clone(),
+            admin_password: SecretString::new(password),
+            tls,
+            start_timeout: Duration::from_secs(60),
+        })
+    }
+
+    /// TLS for any role keepd logs in as (no client certificate).
+    pub fn tls(&self) -> Tls {
+        self.tls.clone()
+    }
+
+    pub fn address(&self) -> PgAddress {
+        PgAddress::Host(self.host.clone())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The bootstrap administrator on `dbname`.
+    pub fn admin_endpoint(&self, dbname: &str) -> Endpoint {
+        endpoint(
+            &self.address(),
+            self.port,
+            &self.admin_user,
+            &self.admin_password,
+            dbname,
+            self.tls.clone(),
+        )
+    }
+
+    /// The administrator's name and password (for `keepd psql`).
+    pub fn admin(&self) -> (&str, &SecretString) {
+        (&self.admin_user, &self.admin_password)
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
