@@ -11,11 +11,14 @@ use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::pki::NodePki;
 use crate::postgres::docker::address_file;
+use crate::postgres::docker::{DockerError, container_facts};
 use crate::postgres::external::{ExternalError, ExternalServer};
 use crate::postgres::native::PgBinaries;
 use crate::postgres::render::socket_dir;
-use crate::postgres::tls::Tls;
+use crate::postgres::tls::{Endpoint, Tls};
 use crate::postgres::{DATABASE, PgAddress, SUPERUSER, endpoint, roles};
+use crate::report::Report;
+use crate::report::measure::{Inputs, measure};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum AdminError {
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
     External(#[from] ExternalError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
     #[error(transparent)]
     Tls(#[from] crate::postgres::tls::TlsError),
     #[error("cannot prepare the client certificate directory {path}: {source}")]
@@ -105,13 +110,18 @@ fn address(
     Ok((PgAddress::Tcp(address), Some(pki)))
 }
 
-/// `keepd audit verify`: recomputes the audit chain as the superuser.
-pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
-    let (identity, credentials) = unseal(config)?;
+/// keepd's superuser (an external server's administrator) on keepd's
+/// database, as `application`.
+fn superuser_endpoint(
+    config: &Config,
+    identity: &NodeIdentity,
+    credentials: &Credentials,
+    application: &str,
+) -> Result<Endpoint, AdminError> {
     let mut endpoint = if let Provider::External = config.database.postgres.provider {
         ExternalServer::from_config(config)?.admin_endpoint(DATABASE)
     } else {
-        let (address, pki) = address(config, &identity)?;
+        let (address, pki) = address(config, identity)?;
         let tls = Tls::maybe(pki.as_ref(), SUPERUSER)?;
         endpoint(
             &address,
@@ -122,10 +132,46 @@ pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
             tls,
         )
     };
-    endpoint.config.application_name("keepd-audit-verify");
+    endpoint.config.application_name(application);
+    Ok(endpoint)
+}
+
+/// `keepd audit verify`: recomputes the audit chain as the superuser.
+pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-audit-verify")?;
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = crate::audit::checkpoint_path(&config.node.state_dir);
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
+}
+
+/// `keepd report`: the security report, measured now.
+pub async fn report(config: &Config) -> Result<Report, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-report")?;
+    let login_role = credentials
+        .active()
+        .map(|c| roles::login_role_name(identity.node_id(), c.version))
+        .ok_or_else(|| AdminError::NoCredentials(config.credentials_path()))?;
+    let facts = match config.database.postgres.provider {
+        Provider::Docker => Some(container_facts(identity.node_id().as_str()).await?),
+        Provider::Native | Provider::External => None,
+    };
+    let own_tcp =
+        !config.network.use_unix_socket && config.database.postgres.provider != Provider::External;
+    let certificate = own_tcp
+        .then(|| std::fs::read_to_string(config.node.state_dir.join("pki/server.crt")).ok())
+        .flatten();
+    let checks = measure(&Inputs {
+        config,
+        identity: &identity,
+        superuser: &endpoint,
+        login_role: &login_role,
+        container: facts.as_ref(),
+        server_certificate: certificate.as_deref(),
+    })
+    .await;
+    Ok(Report::new(checks))
 }
 
 /// Runs psql as `role` (`superuser` when None) with `args`, and returns

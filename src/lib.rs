@@ -15,6 +15,7 @@ pub mod passwords;
 pub mod pki;
 pub mod postgres;
 pub mod recovery;
+pub mod report;
 pub mod secret;
 pub mod secrets;
 pub mod shutdown;

@@ -44,6 +44,15 @@ enum Command {
     },
     /// Ask the running daemon to rotate its database credentials now.
     Rotate,
+    /// Measure and print the security report (the live system, not the
+    /// configuration); exit 1 when the level is below
+    /// security.minimum_level.
+    Report {
+        /// The stable machine form: level, checks[] (id, status, value,
+        /// recommendation) and the threat model.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with the hash-chained audit trail.
     Audit {
         #[command(subcommand)]
@@ -113,6 +122,22 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config, config),
         Command::Render { out } => write_rendered(&config, &out),
         Command::Rotate => rotate(&config),
+        Command::Report { json } => {
+            match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::report(&config))?)) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", report.to_json());
+                    } else {
+                        println!("{}", report.render_box());
+                    }
+                    if report.level() < config.security.minimum_level {
+                        return ExitCode::from(1);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
         Command::Audit {
             command: AuditCommand::Verify,
         } => match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::audit_verify(&config))?)) {

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiLimits};
 use crate::audit::{self, AuditKeys, AuditSealer};
-use crate::config::{Config, Provider};
+use crate::config::{Config, FallbackMode, LogFormat, Provider};
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
@@ -31,6 +31,8 @@ use crate::postgres::render::{self, RenderError};
 use crate::postgres::supervise::{Server, Supervisor};
 use crate::postgres::tls::TlsSource;
 use crate::postgres::{DATABASE, describe_error};
+use crate::report::measure::{Inputs, measure};
+use crate::report::{Check, Report, Status};
 use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 use crate::shutdown;
@@ -81,6 +83,11 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(
+        "security.fallback_mode is strict and these requirements are unmet: {0}; fix them, or \
+         choose fallback_mode warn"
+    )]
+    Security(String),
     #[error("cannot create {path}: {source}")]
     Directory {
         path: PathBuf,
@@ -238,6 +245,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 logs,
             });
         }
+        let mut container_facts = None;
         if let Some(cluster) = &container {
             // The security report's inputs, as the engine reports them.
             let facts = cluster.facts().await?;
@@ -253,6 +261,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 security_opt = ?facts.security_opt,
                 "docker: container as inspected"
             );
+            container_facts = Some(facts);
         }
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
@@ -304,6 +313,19 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         audit::record_alone(&pool, &node_id, &started_entry)
             .await
             .map_err(RotationError::from)?;
+        let active_role = pool.credential_role();
+        let report = Report::new(
+            measure(&Inputs {
+                config: &config,
+                identity: &identity,
+                superuser: &superuser,
+                login_role: &active_role,
+                container: container_facts.as_ref(),
+                server_certificate: pki.as_ref().map(|p| p.server.cert_pem.as_str()),
+            })
+            .await,
+        );
+        apply_security_policy(&config, &report)?;
         let control_path = control::socket_path(&config.node.runtime_dir);
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
@@ -368,6 +390,64 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     supervisor.stop().await;
     info!("keepd stopped");
     outcome
+}
+
+/// Shows the report as configured and applies `security.fallback_mode`:
+/// strict refuses to start on a failed check or a level below
+/// `security.minimum_level`, naming each; warn starts and logs each
+/// finding; permissive starts quietly.
+fn apply_security_policy(config: &Config, report: &Report) -> Result<(), DaemonError> {
+    let security = &config.security;
+    if security.log_security_report {
+        match config.log.format {
+            LogFormat::Human => eprintln!("{}", report.render_box()),
+            LogFormat::Json => {
+                info!(report = %report.to_json().replace('\n', ""), "security report")
+            }
+        }
+    }
+    let level = report.level();
+    let findings: Vec<&Check> = report
+        .checks
+        .iter()
+        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
+        .collect();
+    let below = level < security.minimum_level;
+    match security.fallback_mode {
+        FallbackMode::Strict => {
+            let mut unmet: Vec<String> = findings
+                .iter()
+                .filter(|c| c.status == Status::Fail)
+                .map(|c| format!("{}: {}", c.id, c.value))
+                .collect();
+            if below {
+                unmet.push(format!(
+                    "level {level:?} is below security.minimum_level {:?}",
+                    security.minimum_level
+                ));
+            }
+            if !unmet.is_empty() {
+                return Err(DaemonError::Security(unmet.join("; ")));
+            }
+        }
+        FallbackMode::Warn => {
+            for check in findings {
+                warn!(
+                    check = check.id,
+                    status = ?check.status,
+                    value = %check.value,
+                    recommendation = %check.recommendation,
+                    "security fallback"
+                );
+            }
+            if below {
+                warn!(level = ?level, minimum = ?security.minimum_level, "the security level is below security.minimum_level");
+            }
+        }
+        FallbackMode::Permissive => {}
+    }
+    info!(level = ?level, "security report measured");
+    Ok(())
 }
 
 /// Returns on SIGTERM or SIGINT. SIGHUP re-reads the configuration: a

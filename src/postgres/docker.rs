@@ -914,30 +914,42 @@ impl DockerCluster {
 
     /// The container's security-relevant settings as the engine reports them.
     pub async fn facts(&self) -> Result<ContainerFacts, DockerError> {
-        let found = self
-            .docker
-            .inspect_container(&self.container, None)
-            .await
-            .map_err(api("inspect container"))?;
-        let host = found.host_config.unwrap_or_default();
-        let published_ports = host
-            .port_bindings
-            .unwrap_or_default()
-            .values()
-            .map(|b| b.as_ref().map_or(0, Vec::len))
-            .sum();
-        Ok(ContainerFacts {
-            id: found.id.unwrap_or_default(),
-            user: found.config.and_then(|c| c.user).unwrap_or_default(),
-            network_mode: host.network_mode.unwrap_or_default(),
-            cap_drop: host.cap_drop.unwrap_or_default(),
-            cap_add: host.cap_add.unwrap_or_default(),
-            readonly_rootfs: host.readonly_rootfs.unwrap_or(false),
-            security_opt: host.security_opt.unwrap_or_default(),
-            published_ports,
-            privileged: host.privileged.unwrap_or(false),
-        })
+        facts_of(&self.docker, &self.container).await
     }
+}
+
+/// The security-relevant settings of node `node_id`'s container, from the
+/// engine (for `keepd report`).
+pub async fn container_facts(node_id: &str) -> Result<ContainerFacts, DockerError> {
+    let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
+        reason: e.to_string(),
+    })?;
+    facts_of(&docker, &format!("keepd-pg-{node_id}")).await
+}
+
+async fn facts_of(docker: &Docker, container: &str) -> Result<ContainerFacts, DockerError> {
+    let found = docker
+        .inspect_container(container, None)
+        .await
+        .map_err(api("inspect container"))?;
+    let host = found.host_config.unwrap_or_default();
+    let published_ports = host
+        .port_bindings
+        .unwrap_or_default()
+        .values()
+        .map(|b| b.as_ref().map_or(0, Vec::len))
+        .sum();
+    Ok(ContainerFacts {
+        id: found.id.unwrap_or_default(),
+        user: found.config.and_then(|c| c.user).unwrap_or_default(),
+        network_mode: host.network_mode.unwrap_or_default(),
+        cap_drop: host.cap_drop.unwrap_or_default(),
+        cap_add: host.cap_add.unwrap_or_default(),
+        readonly_rootfs: host.readonly_rootfs.unwrap_or(false),
+        security_opt: host.security_opt.unwrap_or_default(),
+        published_ports,
+        privileged: host.privileged.unwrap_or(false),
+    })
 }
 
 /// Where the docker provider records the container's address in TCP mode.

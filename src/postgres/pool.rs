@@ -206,6 +206,11 @@ impl RoleAwarePool {
         )
     }
 
+    /// The login role new connections use.
+    pub fn credential_role(&self) -> String {
+        self.credential.borrow().role.clone()
+    }
+
     pub fn credential_version(&self) -> u32 {
         self.credential.borrow().version
     }

@@ -1,0 +1,667 @@
+//! The checks, measured: settings through `SHOW`, pg_hba through
+//! `pg_hba_file_rules`, roles through the catalogs, file modes through
+//! `stat`, container facts through the engine, certificates by reading
+//! them, and a forbidden connection actually attempted.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::Client;
+
+use super::{Check, Status, Weight};
+use crate::config::{Config, Provider};
+use crate::identity::NodeIdentity;
+use crate::postgres::docker::ContainerFacts;
+use crate::postgres::tls::Endpoint;
+use crate::postgres::{GROUP_ROLES, describe_error};
+use crate::secrets::store::CredentialStore;
+
+/// What `measure` looks at.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub identity: &'a NodeIdentity,
+    /// keepd's superuser (the administrator on an external server), on
+    /// keepd's database.
+    pub superuser: &'a Endpoint,
+    /// The active login role.
+    pub login_role: &'a str,
+    pub container: Option<&'a ContainerFacts>,
+    /// The server certificate keepd issued (its own servers, TCP mode).
+    pub server_certificate: Option<&'a str>,
+}
+
+pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
+    let config = inputs.config;
+    let mut checks = vec![sealing(inputs)];
+    let client = match inputs.superuser.connect().await {
+        Ok(client) => client,
+        Err(e) => {
+            checks.push(
+                Check::new(
+                    "postgres.reachable",
+                    Weight::Critical,
+                    Status::Fail,
+                    format!("cannot connect: {}", describe_error(&e)),
+                )
+                .recommend("start keepd (or its server) and run the report again"),
+            );
+            return checks;
+        }
+    };
+    checks.push(login_role(&client, inputs.login_role).await);
+    checks.push(group_roles(&client).await);
+    checks.push(transport(config));
+    let tcp =
+        !config.network.use_unix_socket || config.database.postgres.provider == Provider::External;
+    checks.push(tls_version(&client, tcp).await);
+    checks.push(client_certificates(&client, config, tcp).await);
+    checks.push(hba_rules(&client, config).await);
+    checks.push(
+        setting_is(
+            &client,
+            "auth.password_encryption",
+            Weight::Major,
+            "password_encryption",
+            "scram-sha-256",
+        )
+        .await,
+    );
+    checks.push(logging(&client).await);
+    checks.push(encryption_at_rest(config));
+    checks.push(audit_chain(&client, inputs).await);
+    checks.push(certificate_expiry(inputs.server_certificate));
+    checks.push(file_modes(config));
+    checks.push(forbidden_connection(config).await);
+    checks.push(container(inputs.container, config));
+    checks
+}
+
+fn sealing(inputs: &Inputs<'_>) -> Check {
+    let id = "credentials.sealing";
+    match CredentialStore::new(inputs.config.credentials_path()).load(inputs.identity) {
+        Ok(Some((_, method))) => Check::new(
+            id,
+            Weight::Critical,
+            Status::Pass,
+            format!("db.enc sealed to the node identity ({method:?})").to_lowercase(),
+        ),
+        Ok(None) => Check::new(id, Weight::Critical, Status::Fail, "db.enc is missing")
+            .recommend("restore db.enc from the backup taken with identity.key"),
+        Err(e) => Check::new(id, Weight::Critical, Status::Fail, e.to_string())
+            .recommend("restore db.enc and identity.key from the same backup"),
+    }
+}
+
+async fn login_role(client: &Client, role: &str) -> Check {
+    let id = "roles.login_role";
+    let row = client
+        .query_opt(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls, rolinherit \
+             FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await;
+    match row {
+        Ok(Some(row)) => {
+            let names = [
+                "SUPERUSER",
+                "CREATEROLE",
+                "CREATEDB",
+                "REPLICATION",
+                "BYPASSRLS",
+                "INHERIT",
+            ];
+            let held: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| row.get::<_, bool>(*i))
+                .map(|(_, n)| *n)
+                .collect();
+            if held.is_empty() {
+                Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Pass,
+                    format!("{role}: no special attributes, NOINHERIT"),
+                )
+            } else {
+                Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Fail,
+                    format!("{role} has {}", held.join(", ")),
+                )
+                .recommend("restart keepd: it aligns its login role's attributes at start")
+            }
+        }
+        Ok(None) => Check::new(
+            id,
+            Weight::Critical,
+            Status::Fail,
+            format!("{role} does not exist"),
+        ),
+        Err(e) => Check::new(id, Weight::Critical, Status::Fail, describe_error(&e)),
+    }
+}
+
+async fn group_roles(client: &Client) -> Check {
+    let id = "roles.group_roles";
+    let names: Vec<String> = GROUP_ROLES.iter().map(|s| s.to_string()).collect();
+    match client
+        .query(
+            "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY($1) ORDER BY 1",
+            &[&names],
+        )
+        .await
+    {
+        Ok(rows) => {
+            let login: Vec<String> = rows
+                .iter()
+                .filter(|r| r.get::<_, bool>(1))
+                .map(|r| r.get(0))
+                .collect();
+            match (rows.len() == names.len(), login.is_empty()) {
+                (true, true) => Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Pass,
+                    format!(
+                        "{} least-privilege group roles, none can log in",
+                        rows.len()
+                    ),
+                ),
+                (false, _) => Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Fail,
+                    format!("{} of {} group roles exist", rows.len(), names.len()),
+                ),
+                (true, false) => Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Fail,
+                    format!("group roles that can log in: {}", login.join(", ")),
+                ),
+            }
+        }
+        Err(e) => Check::new(id, Weight::Major, Status::Fail, describe_error(&e)),
+    }
+}
+
+fn transport(config: &Config) -> Check {
+    let id = "network.transport";
+    match (
+        config.database.postgres.provider,
+        config.network.use_unix_socket,
+    ) {
+        (Provider::External, _) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "TCP to an external server (its network exposure is not keepd's to verify)",
+        )
+        .recommend("keep the external server on a private network"),
+        (_, true) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            "Unix socket only, no TCP listener",
+        ),
+        (Provider::Docker, false) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "TCP on the container's internal network",
+        )
+        .recommend("use network.use_unix_socket: true where the platform allows it"),
+        (Provider::Native, false) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            format!(
+                "TCP on {}:{}",
+                config.network.bind_address, config.network.port
+            ),
+        )
+        .recommend("use network.use_unix_socket: true where the platform allows it"),
+    }
+}
+
+async fn show(client: &Client, setting: &str) -> Result<String, String> {
+    client
+        .query_one(&format!("SHOW {setting}"), &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(|e| describe_error(&e))
+}
+
+async fn tls_version(client: &Client, tcp: bool) -> Check {
+    let id = "tls.minimum_version";
+    if !tcp {
+        return Check::new(
+            id,
+            Weight::Critical,
+            Status::NotApplicable,
+            "no TCP: nothing to encrypt on the wire",
+        );
+    }
+    match (
+        show(client, "ssl").await,
+        show(client, "ssl_min_protocol_version").await,
+    ) {
+        (Ok(ssl), _) if ssl != "on" => Check::new(id, Weight::Critical, Status::Fail, "ssl = off")
+            .recommend(
+                "turn TLS on: a TCP connection without it exposes passwords' exchanges and data",
+            ),
+        (Ok(_), Ok(v)) if v == "TLSv1.3" => {
+            Check::new(id, Weight::Critical, Status::Pass, "TLS 1.3 enforced")
+        }
+        (Ok(_), Ok(v)) => Check::new(
+            id,
+            Weight::Critical,
+            Status::Warn,
+            format!("ssl_min_protocol_version = {v}"),
+        )
+        .recommend("set ssl_min_protocol_version = 'TLSv1.3'"),
+        (Err(e), _) | (_, Err(e)) => Check::new(id, Weight::Critical, Status::Fail, e),
+    }
+}
+
+/// The rules Postgres loaded: (type, auth method, options, error).
+async fn hba(
+    client: &Client,
+) -> Result<Vec<(String, String, Vec<String>, Option<String>)>, String> {
+    client
+        .query(
+            "SELECT type, coalesce(auth_method, ''), coalesce(options, '{}'), error \
+             FROM pg_hba_file_rules ORDER BY line_number",
+            &[],
+        )
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect()
+        })
+        .map_err(|e| describe_error(&e))
+}
+
+async fn client_certificates(client: &Client, config: &Config, tcp: bool) -> Check {
+    let id = "tls.client_certificates";
+    if !tcp {
+        return Check::new(
+            id,
+            Weight::Major,
+            Status::NotApplicable,
+            "no TCP: the socket's directory mode guards it",
+        );
+    }
+    if config.database.postgres.provider == Provider::External {
+        return Check::new(
+            id,
+            Weight::Major,
+            Status::NotApplicable,
+            "an external server's client-certificate policy is its own (cannot verify)",
+        );
+    }
+    match hba(client).await {
+        Ok(rules) => {
+            let open: Vec<_> = rules
+                .iter()
+                .filter(|(kind, method, _, _)| kind.starts_with("host") && method != "reject")
+                .collect();
+            let all_verify = !open.is_empty()
+                && open.iter().all(|(_, _, options, _)| {
+                    options.iter().any(|o| o == "clientcert=verify-full")
+                });
+            if all_verify {
+                Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Pass,
+                    "client certificate required (verify-full) on every TCP rule",
+                )
+            } else {
+                Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Fail,
+                    "TCP rules accept connections without a verified client certificate",
+                )
+                .recommend(
+                    "set security.require_client_cert: true and allow_client_cert_fallback: false",
+                )
+            }
+        }
+        Err(e) => Check::new(id, Weight::Major, Status::Fail, e),
+    }
+}
+
+async fn hba_rules(client: &Client, config: &Config) -> Check {
+    let id = "hba.rules";
+    let weight = Weight::Critical;
+    match hba(client).await {
+        Err(_) if config.database.postgres.provider == Provider::External => Check::new(
+            id,
+            weight,
+            Status::NotApplicable,
+            "pg_hba_file_rules is not readable on the external server (cannot verify)",
+        ),
+        Err(e) => Check::new(id, weight, Status::Fail, e),
+        Ok(rules) => {
+            let errors = rules.iter().filter(|r| r.3.is_some()).count();
+            let weak: Vec<&str> = rules
+                .iter()
+                .map(|r| r.1.as_str())
+                .filter(|m| !matches!(*m, "scram-sha-256" | "reject" | "cert"))
+                .collect();
+            if errors > 0 {
+                Check::new(
+                    id,
+                    weight,
+                    Status::Fail,
+                    format!("{errors} rule(s) in error"),
+                )
+            } else if !weak.is_empty() {
+                Check::new(
+                    id,
+                    weight,
+                    Status::Fail,
+                    format!("weak methods allowed: {}", weak.join(", ")),
+                )
+                .recommend("allow only scram-sha-256 (or cert); reject everything else")
+            } else {
+                Check::new(
+                    id,
+                    weight,
+                    Status::Pass,
+                    format!("{} rules: scram-sha-256 or reject only", rules.len()),
+                )
+            }
+        }
+    }
+}
+
+async fn setting_is(
+    client: &Client,
+    id: &'static str,
+    weight: Weight,
+    setting: &str,
+    wanted: &str,
+) -> Check {
+    match show(client, setting).await {
+        Ok(v) if v == wanted => Check::new(id, weight, Status::Pass, format!("{setting} = {v}")),
+        Ok(v) => Check::new(id, weight, Status::Fail, format!("{setting} = {v}"))
+            .recommend(format!("set {setting} = '{wanted}'")),
+        Err(e) => Check::new(id, weight, Status::Fail, e),
+    }
+}
+
+async fn logging(client: &Client) -> Check {
+    let id = "logging.settings";
+    let values = (
+        show(client, "log_connections").await,
+        show(client, "log_disconnections").await,
+        show(client, "log_statement").await,
+    );
+    match values {
+        (Ok(c), Ok(d), Ok(s)) if c == "on" && d == "on" && s != "all" => Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            format!("connections and disconnections logged, log_statement = {s}"),
+        ),
+        (Ok(c), Ok(d), Ok(s)) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            format!("log_connections = {c}, log_disconnections = {d}, log_statement = {s}"),
+        )
+        .recommend(
+            "log connections and disconnections; avoid log_statement = all (statements carry data)",
+        ),
+        _ => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "logging settings not readable",
+        ),
+    }
+}
+
+fn encryption_at_rest(config: &Config) -> Check {
+    let id = "encryption_at_rest";
+    let method = format!("{:?}", config.encryption_at_rest.method).to_lowercase();
+    if !config.encryption_at_rest.enabled {
+        return Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "not enabled: table data is plaintext on disk (client payloads are ciphertext anyway)",
+        )
+        .recommend("put the data directory on an encrypted volume (LUKS) for defense in depth");
+    }
+    Check::new(
+        id,
+        Weight::Minor,
+        Status::Warn,
+        format!("method {method} is configured but not available in this build"),
+    )
+    .recommend("put the data directory on an encrypted volume (LUKS) for defense in depth")
+}
+
+async fn audit_chain(client: &Client, inputs: &Inputs<'_>) -> Check {
+    let id = "audit.chain";
+    let checkpoint = crate::audit::checkpoint_path(&inputs.config.node.state_dir);
+    match crate::audit::verify(client, inputs.identity, &checkpoint).await {
+        Ok(verdict @ crate::audit::Verdict::Intact { .. }) => Check::new(id, Weight::Critical, Status::Pass, verdict.to_string()),
+        Ok(verdict) => Check::new(id, Weight::Critical, Status::Fail, verdict.to_string())
+            .recommend("investigate: the audit trail was altered; keep the database and checkpoint as evidence"),
+        Err(e) => Check::new(id, Weight::Critical, Status::Fail, e.to_string()),
+    }
+}
+
+fn certificate_expiry(certificate: Option<&str>) -> Check {
+    let id = "tls.certificate_expiry";
+    let Some(pem) = certificate else {
+        return Check::new(
+            id,
+            Weight::Major,
+            Status::NotApplicable,
+            "keepd issues no server certificate in this mode",
+        );
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match crate::pki::validity(pem) {
+        Some(v) if v.not_after > now + crate::pki::RENEW_BEFORE.as_secs() => Check::new(
+            id,
+            Weight::Major,
+            Status::Pass,
+            format!(
+                "server certificate valid for {} more days",
+                (v.not_after - now) / 86_400
+            ),
+        ),
+        Some(v) if v.not_after > now => Check::new(
+            id,
+            Weight::Major,
+            Status::Warn,
+            format!(
+                "server certificate ends in {} days",
+                (v.not_after - now) / 86_400
+            ),
+        )
+        .recommend("send keepd SIGHUP to renew it now"),
+        _ => Check::new(
+            id,
+            Weight::Major,
+            Status::Fail,
+            "server certificate expired or unreadable",
+        ),
+    }
+}
+
+fn mode(path: &Path) -> Option<u32> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
+}
+
+fn file_modes(config: &Config) -> Check {
+    let id = "files.modes";
+    let state = &config.node.state_dir;
+    // (path, the bits it must not have)
+    let expected = [
+        (state.clone(), 0o027),
+        (config.node.runtime_dir.clone(), 0o027),
+        (state.join("identity.key"), 0o077),
+        (config.credentials_path(), 0o077),
+        (state.join("pgdata"), 0o077),
+        (state.join("pki"), 0o077),
+        (state.join("pgdata/log"), 0o077),
+    ];
+    let mut exposed = Vec::new();
+    let mut checked = 0;
+    for (path, forbidden) in expected {
+        if let Some(m) = mode(&path) {
+            checked += 1;
+            if m & forbidden != 0 {
+                exposed.push(format!("{} is {m:o}", path.display()));
+            }
+        }
+    }
+    if exposed.is_empty() {
+        Check::new(
+            id,
+            Weight::Major,
+            Status::Pass,
+            format!("{checked} paths private (state, runtime, identity, db.enc, data, pki, logs)"),
+        )
+    } else {
+        Check::new(id, Weight::Major, Status::Fail, exposed.join("; "))
+            .recommend("chmod them back (0700 directories, 0600 files); keepd creates them so")
+    }
+}
+
+async fn forbidden_connection(config: &Config) -> Check {
+    let id = "network.forbidden_connection";
+    let port = config.network.port;
+    match (
+        config.database.postgres.provider,
+        config.network.use_unix_socket,
+    ) {
+        (Provider::External, _) | (Provider::Docker, false) => Check::new(
+            id,
+            Weight::Critical,
+            Status::NotApplicable,
+            "no address keepd could probe from here without it being legitimate",
+        ),
+        (_, true) => {
+            // No TCP listener at all: a connection to the port is refused.
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Pass,
+                    format!("TCP 127.0.0.1:{port} refused: Postgres listens on no TCP port"),
+                ),
+                Err(e) => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Pass,
+                    format!("TCP 127.0.0.1:{port} unreachable ({e})"),
+                ),
+                Ok(_) => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Warn,
+                    format!("something listens on 127.0.0.1:{port}"),
+                )
+                .recommend("check that it is not a Postgres serving keepd's data"),
+            }
+        }
+        (Provider::Native, false) => {
+            // A plain (non-TLS) connection must be refused by pg_hba.
+            let mut plain = tokio_postgres::Config::new();
+            plain
+                .host(config.network.bind_address.to_string())
+                .port(port)
+                .user(crate::postgres::SUPERUSER)
+                .dbname(crate::postgres::DATABASE)
+                .ssl_mode(tokio_postgres::config::SslMode::Disable)
+                .connect_timeout(std::time::Duration::from_secs(3));
+            match plain.connect(tokio_postgres::NoTls).await {
+                Err(e) if e.code().is_some() => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Pass,
+                    format!(
+                        "a plain TCP connection was refused ({})",
+                        describe_error(&e)
+                    ),
+                ),
+                Err(e) => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Warn,
+                    format!("probe inconclusive: {e}"),
+                ),
+                Ok(_) => Check::new(
+                    id,
+                    Weight::Critical,
+                    Status::Fail,
+                    "a plain TCP connection was accepted",
+                )
+                .recommend("pg_hba.conf must accept only hostssl with client certificates"),
+            }
+        }
+    }
+}
+
+fn container(facts: Option<&ContainerFacts>, config: &Config) -> Check {
+    let id = "docker.container";
+    let Some(f) = facts else {
+        return Check::new(id, Weight::Major, Status::NotApplicable, "no container");
+    };
+    let mut problems = Vec::new();
+    let network_ok = if config.network.use_unix_socket {
+        f.network_mode == "none"
+    } else {
+        f.network_mode.starts_with("keepd-internal-")
+    };
+    if !network_ok {
+        problems.push(format!("network mode {}", f.network_mode));
+    }
+    if f.cap_drop != ["ALL"] || !f.cap_add.is_empty() {
+        problems.push(format!(
+            "capabilities dropped {:?}, added {:?}",
+            f.cap_drop, f.cap_add
+        ));
+    }
+    if !f.readonly_rootfs {
+        problems.push("writable root filesystem".into());
+    }
+    if f.published_ports > 0 || f.privileged {
+        problems.push("published ports or privileged".into());
+    }
+    if f.user.is_empty() || f.user == "root" || f.user.starts_with("0:") {
+        problems.push(format!("runs as {:?}", f.user));
+    }
+    if problems.is_empty() {
+        Check::new(
+            id,
+            Weight::Major,
+            Status::Pass,
+            format!(
+                "as inspected: network {}, no capabilities, read-only root, no ports, user {}",
+                f.network_mode, f.user
+            ),
+        )
+    } else {
+        Check::new(id, Weight::Major, Status::Fail, problems.join("; "))
+            .recommend("let keepd recreate its container (remove it; keepd creates it hardened)")
+    }
+}

@@ -1,0 +1,168 @@
+//! The security report measured from a live keepd, each check's pass and
+//! fail path provoked from outside, and the three fallback modes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::TestNode;
+use serde_json::Value;
+
+fn report(node: &TestNode) -> (i32, Value) {
+    let out = node.command(&["report", "--json"]).output().unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+fn status<'a>(report: &'a Value, id: &str) -> &'a str {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}: {report}"))["status"]
+        .as_str()
+        .unwrap()
+}
+
+fn sql(node: &TestNode, statement: &str) {
+    node.psql("superuser", statement)
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+#[test]
+fn each_check_passes_and_fails_as_the_live_system_changes() {
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let (code, healthy) = report(&node);
+    assert_eq!(code, 0);
+    for id in [
+        "credentials.sealing",
+        "roles.login_role",
+        "roles.group_roles",
+        "network.transport",
+        "hba.rules",
+        "auth.password_encryption",
+        "logging.settings",
+        "audit.chain",
+        "files.modes",
+        "network.forbidden_connection",
+    ] {
+        assert_eq!(status(&healthy, id), "pass", "{id}: {healthy}");
+    }
+    for id in [
+        "tls.minimum_version",
+        "tls.client_certificates",
+        "docker.container",
+    ] {
+        assert_eq!(status(&healthy, id), "n/a", "{id}");
+    }
+    assert_eq!(status(&healthy, "encryption_at_rest"), "warn");
+    assert_eq!(healthy["level"], "high");
+    assert!(
+        healthy["threatModel"]
+            .as_str()
+            .unwrap()
+            .contains("compromised host")
+    );
+    let checks = healthy["checks"].as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["recommendation"].is_string() && c["value"].is_string())
+    );
+
+    // Break things from outside; the report sees each.
+    let login = node.login_roles()[0].clone();
+    sql(&node, &format!("ALTER ROLE {login} CREATEDB"));
+    sql(&node, "ALTER SYSTEM SET password_encryption = 'md5'");
+    sql(&node, "ALTER SYSTEM SET log_statement = 'all'");
+    sql(&node, "SELECT pg_reload_conf()");
+    let runtime = node.dir.path().join("run");
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, broken) = report(&node);
+    assert_eq!(status(&broken, "roles.login_role"), "fail", "{broken}");
+    assert_eq!(status(&broken, "auth.password_encryption"), "fail");
+    assert_eq!(status(&broken, "logging.settings"), "warn");
+    assert_eq!(status(&broken, "files.modes"), "fail");
+    assert_eq!(broken["level"], "reduced");
+    assert_eq!(code, 1, "below the minimum level: exit 1");
+
+    sql(&node, &format!("ALTER ROLE {login} NOCREATEDB"));
+    sql(&node, "ALTER SYSTEM RESET password_encryption");
+    sql(&node, "ALTER SYSTEM RESET log_statement");
+    sql(&node, "SELECT pg_reload_conf()");
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, fixed) = report(&node);
+    assert_eq!(
+        (code, fixed["level"].as_str()),
+        (0, Some("high")),
+        "{fixed}"
+    );
+}
+
+fn node_with_security(mode: &str, minimum: &str) -> TestNode {
+    TestNode::with_extra(&format!(
+        "security:\n  fallback_mode: {mode}\n  minimum_level: {minimum}\n"
+    ))
+}
+
+#[test]
+fn fallback_modes_strict_warn_permissive() {
+    // Strict, asking for more than this host gives: refused, each named.
+    let strict = node_with_security("strict", "maximum");
+    let mut refused = strict.spawn();
+    let status = refused.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    let log = refused.log();
+    assert!(
+        log.contains("fallback_mode is strict") && log.contains("below security.minimum_level"),
+        "{log}"
+    );
+    assert!(
+        common::postgres_pids(&strict.data_dir()).is_empty(),
+        "Postgres left running"
+    );
+
+    // Strict with a minimum the host meets: starts.
+    let strict_ok = node_with_security("strict", "high");
+    let daemon = strict_ok.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    drop(daemon);
+
+    // Warn: starts, logs each fallback and the shortfall.
+    let warn = node_with_security("warn", "maximum");
+    let daemon = warn.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let fallback = daemon
+        .wait_for_log("security fallback", Duration::from_secs(5))
+        .expect("a fallback is logged");
+    assert_eq!(fallback["check"], "encryption_at_rest");
+    assert!(daemon.log().contains("below security.minimum_level"));
+    let report = daemon
+        .wait_for_log("security report", Duration::from_secs(5))
+        .expect("the report is logged");
+    let parsed: Value = serde_json::from_str(report["report"].as_str().unwrap()).unwrap();
+    assert_eq!(parsed["level"], "high");
+    drop(daemon);
+
+    // Permissive: starts quietly.
+    let permissive = node_with_security("permissive", "maximum");
+    let daemon = permissive.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    assert!(
+        !daemon.log().contains("security fallback"),
+        "{}",
+        daemon.log()
+    );
+}
