@@ -391,11 +391,24 @@ pub enum AtRestMethod {
     Hybrid,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApplicationEncryptionConfig {
     pub algorithm: FieldAlgorithm,
     pub encrypted_fields: Vec<EncryptedFields>,
+    /// The field key new values are sealed under; raising it re-encrypts
+    /// existing values in the background.
+    pub key_version: u32,
+}
+
+impl Default for ApplicationEncryptionConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: FieldAlgorithm::Aes256Gcm,
+            encrypted_fields: Vec::new(),
+            key_version: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -778,6 +791,14 @@ impl Config {
                 format!("{:?}", pg.native.run_as),
                 "a user name of lowercase letters, digits, `-` and `_`, starting with a letter"
                     .into(),
+            ));
+        }
+        let at_rest = &self.encryption_at_rest;
+        if at_rest.application.key_version == 0 {
+            return Err(invalid(
+                "encryption_at_rest.application.key_version",
+                "0".into(),
+                "1 or more".into(),
             ));
         }
         if pg.docker.image.trim().is_empty() || pg.docker.image.chars().any(char::is_whitespace) {

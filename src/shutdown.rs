@@ -25,4 +25,9 @@ impl Shutdown {
     pub async fn requested(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// Whether a stop has been requested, without waiting.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
 }

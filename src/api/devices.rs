@@ -157,16 +157,19 @@ pub struct IdPath {
     id: Uuid,
 }
 
-fn device_from_row(row: &tokio_postgres::Row) -> Device {
+const DEVICES: &str = "keepd.devices";
+const BACKUPS: &str = "keepd.backups";
+
+fn device_from_row(api: &Api, row: &tokio_postgres::Row) -> Result<Device, ApiError> {
     let key: Vec<u8> = row.get(2);
     let revoked: Option<SystemTime> = row.get(4);
-    Device {
+    Ok(Device {
         id: row.get(0),
-        device_name: row.get(1),
+        device_name: api.fields.open_text(DEVICES, "device_name", row.get(1))?,
         public_key: BASE64.encode(key),
         created_at: iso8601(row.get(3)),
         revoked_at: revoked.map(iso8601),
-    }
+    })
 }
 
 /// Registers a device's Ed25519 public key.
@@ -209,10 +212,13 @@ pub(super) async fn register_device(
             auth.user.to_string(),
         ))
         .await?;
+    let stored_name = api
+        .fields
+        .seal_text(DEVICES, "device_name", body.device_name.clone());
     let row = tx
         .query_one(
             queries::INSERT_DEVICE,
-            &[&id, &auth.user, &body.device_name, &key],
+            &[&id, &auth.user, &stored_name, &key],
         )
         .await?;
     let created_at: SystemTime = row.get(0);
@@ -253,7 +259,10 @@ pub(super) async fn list_devices(
     let rows = tx.query(queries::LIST_DEVICES, &[&auth.user]).await?;
     tx.commit().await?;
     Ok(Json(DevicesResponse {
-        devices: rows.iter().map(device_from_row).collect(),
+        devices: rows
+            .iter()
+            .map(|row| device_from_row(&api, row))
+            .collect::<Result<_, _>>()?,
     }))
 }
 
@@ -365,6 +374,13 @@ pub(super) async fn store_backup(
     let id = Uuid::new_v4();
     let size = ciphertext.len() as i64;
     let classification = body.data_classification.as_str();
+    let f = &api.fields;
+    let stored = (
+        f.seal_bytes(BACKUPS, "ciphertext", ciphertext),
+        f.seal_bytes(BACKUPS, "nonce", nonce),
+        f.seal_bytes(BACKUPS, "auth_tag", auth_tag),
+        f.seal_bytes(BACKUPS, "signature", signature_bytes),
+    );
     let row = tx
         .query_one(
             queries::INSERT_BACKUP,
@@ -372,10 +388,10 @@ pub(super) async fn store_backup(
                 &id,
                 &auth.user,
                 &body.device_id,
-                &ciphertext,
-                &nonce,
-                &auth_tag,
-                &signature_bytes,
+                &stored.0,
+                &stored.1,
+                &stored.2,
+                &stored.3,
                 &classification,
                 &size,
             ],
@@ -496,15 +512,19 @@ pub(super) async fn backup(
     let row = rows.first().ok_or_else(|| {
         ApiError::not_found("backup_not_found", "no backup with this id on this account")
     })?;
-    let bytes = |i: usize| BASE64.encode(row.get::<_, Vec<u8>>(i));
+    let bytes = |i: usize, column: &str| {
+        api.fields
+            .open_bytes(BACKUPS, column, row.get::<_, Vec<u8>>(i))
+            .map(|b| BASE64.encode(b))
+    };
     Ok(Json(BackupResponse {
         backup: Backup {
             id,
             device_id: row.get(0),
-            ciphertext: bytes(1),
-            nonce: bytes(2),
-            auth_tag: bytes(3),
-            signature: bytes(4),
+            ciphertext: bytes(1, "ciphertext")?,
+            nonce: bytes(2, "nonce")?,
+            auth_tag: bytes(3, "auth_tag")?,
+            signature: bytes(4, "signature")?,
             data_classification: DataClassification::parse(row.get(5)),
             size_bytes: row.get(6),
             created_at: iso8601(row.get(7)),

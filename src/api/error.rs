@@ -140,6 +140,17 @@ impl From<AuditError> for ApiError {
     }
 }
 
+impl From<crate::fields::FieldError> for ApiError {
+    fn from(e: crate::fields::FieldError) -> ApiError {
+        error!(error = %e, "a stored value cannot be decrypted");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored_value_unreadable",
+            "a stored value cannot be decrypted with this node's field keys; the operator's log names it",
+        )
+    }
+}
+
 impl From<PasswordError> for ApiError {
     fn from(e: PasswordError) -> ApiError {
         ApiError::internal("password hashing", &e)

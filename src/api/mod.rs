@@ -40,6 +40,7 @@ pub use error::{ApiError, ErrorBody};
 pub use health::HealthProbe;
 
 use crate::audit::{self, AuditEntry, AuditKeys};
+use crate::fields::FieldCipher;
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
 use crate::passwords::{PasswordError, PasswordHasher};
@@ -69,6 +70,7 @@ pub struct Api {
     auth_limiter: limits::RateLimiter,
     metrics: Arc<Metrics>,
     health: HealthProbe,
+    fields: Arc<FieldCipher>,
     openapi: OnceLock<String>,
 }
 
@@ -80,6 +82,7 @@ impl Api {
         audit_keys: Arc<AuditKeys>,
         metrics: Arc<Metrics>,
         limits: ApiLimits,
+        fields: Arc<FieldCipher>,
     ) -> Result<Api, PasswordError> {
         Ok(Api {
             tokens: TokenIssuer::new(identity, limits.jwt_ttl),
@@ -92,6 +95,7 @@ impl Api {
             health: HealthProbe::new(postgres, pool.clone()),
             pool,
             metrics,
+            fields,
             openapi: OnceLock::new(),
         })
     }

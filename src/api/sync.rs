@@ -24,6 +24,8 @@ use super::{Api, iso8601, queries};
 use crate::postgres::pool::{GroupRole, OperationContext};
 
 const MAX_VAULT_ID_CHARS: usize = 200;
+const VAULT_KEYS: &str = "keepd.vault_keys";
+const SYNC_LOGS: &str = "keepd.sync_logs";
 const MAX_TIMESTAMP_CHARS: usize = 200;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 const DEFAULT_PULL_LIMIT: i64 = 100;
@@ -203,17 +205,16 @@ pub(super) async fn store_vault_key(
         ));
     }
     let key_id = Uuid::new_v4();
+    let f = &api.fields;
+    let stored = (
+        f.seal_text(VAULT_KEYS, "encrypted_vault_key", body.encrypted_vault_key),
+        f.seal_text(VAULT_KEYS, "salt", body.salt),
+        f.seal_text(VAULT_KEYS, "nonce", body.nonce),
+    );
     let row = tx
         .query_one(
             queries::INSERT_VAULT_KEY,
-            &[
-                &key_id,
-                &vault,
-                &auth.user,
-                &body.encrypted_vault_key,
-                &body.salt,
-                &body.nonce,
-            ],
+            &[&key_id, &vault, &auth.user, &stored.0, &stored.1, &stored.2],
         )
         .await?;
     let created_at: SystemTime = row.get(0);
@@ -268,12 +269,13 @@ pub(super) async fn vault_key(
     tx.commit().await?;
     let row = rows.first().ok_or_else(vault_not_found)?;
     let created_at: SystemTime = row.get(3);
+    let f = &api.fields;
     Ok(Json(VaultKeyResponse {
         vault_key: VaultKey {
             vault_id,
-            encrypted_vault_key: row.get(0),
-            salt: row.get(1),
-            nonce: row.get(2),
+            encrypted_vault_key: f.open_text(VAULT_KEYS, "encrypted_vault_key", row.get(0))?,
+            salt: f.open_text(VAULT_KEYS, "salt", row.get(1))?,
+            nonce: f.open_text(VAULT_KEYS, "nonce", row.get(2))?,
             created_at: iso8601(created_at),
         },
     }))
@@ -342,9 +344,10 @@ pub(super) async fn push(
             ));
         }
         ids.push(Uuid::new_v4());
-        data.push(entry.encrypted_data);
-        nonces.push(entry.nonce);
-        stamps.push(entry.haex_timestamp);
+        let f = &api.fields;
+        data.push(f.seal_text(SYNC_LOGS, "encrypted_data", entry.encrypted_data));
+        nonces.push(f.seal_text(SYNC_LOGS, "nonce", entry.nonce));
+        stamps.push(f.seal_text(SYNC_LOGS, "haex_timestamp", entry.haex_timestamp));
     }
 
     let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
@@ -371,15 +374,19 @@ pub(super) async fn push(
             &[&vault, &auth.user, &base, &ids, &data, &nonces, &stamps],
         )
         .await?;
-    let mut logs: Vec<PushedEntry> = rows
+    let mut logs = rows
         .iter()
-        .map(|row| PushedEntry {
-            id: row.get(0),
-            sequence: row.get(1),
-            haex_timestamp: row.get(2),
-            created_at: iso8601(row.get(3)),
+        .map(|row| {
+            Ok(PushedEntry {
+                id: row.get(0),
+                sequence: row.get(1),
+                haex_timestamp: api
+                    .fields
+                    .open_text(SYNC_LOGS, "haex_timestamp", row.get(2))?,
+                created_at: iso8601(row.get(3)),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<PushedEntry>, ApiError>>()?;
     logs.sort_by_key(|entry| entry.sequence);
     let response = PushResponse {
         message: format!("{count} logs pushed successfully"),
@@ -487,17 +494,20 @@ pub(super) async fn pull(
         .await?;
     tx.commit().await?;
     let has_more = rows.len() as i64 > limit;
+    let f = &api.fields;
     let logs = rows
         .iter()
         .take(limit as usize)
-        .map(|row| PulledEntry {
-            id: row.get(0),
-            encrypted_data: row.get(1),
-            nonce: row.get(2),
-            haex_timestamp: row.get(3),
-            sequence: row.get(4),
-            created_at: iso8601(row.get(5)),
+        .map(|row| {
+            Ok(PulledEntry {
+                id: row.get(0),
+                encrypted_data: f.open_text(SYNC_LOGS, "encrypted_data", row.get(1))?,
+                nonce: f.open_text(SYNC_LOGS, "nonce", row.get(2))?,
+                haex_timestamp: f.open_text(SYNC_LOGS, "haex_timestamp", row.get(3))?,
+                sequence: row.get(4),
+                created_at: iso8601(row.get(5)),
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Json(PullResponse { logs, has_more }))
 }

@@ -2,6 +2,7 @@
 //! (config → render → provision → roles → pool → api) and handles signals.
 
 pub mod control;
+pub mod reencrypt;
 pub mod renewal;
 pub mod rotator;
 
@@ -16,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, Api, ApiLimits};
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, FallbackMode, LogFormat, Provider};
+use crate::fields::FieldCipher;
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
@@ -359,6 +361,22 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         max_push_entries: config.api.max_push_entries,
         auth_per_minute: config.api.rate_limits.auth_per_minute,
     };
+    let fields = Arc::new(FieldCipher::new(&identity, &config));
+    let unsupported = fields.unsupported();
+    if !unsupported.is_empty() {
+        warn!(
+            columns = ?unsupported,
+            supported = crate::fields::SUPPORTED_LIST,
+            "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
+        );
+    }
+    let reencrypt_task = tokio::spawn(
+        reencrypt::Reencryption {
+            fields: fields.clone(),
+            superuser: superuser.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     let api = Api::new(
         &identity,
         pool,
@@ -366,6 +384,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         audit_keys,
         metrics,
         limits,
+        fields,
     )?;
     let app = api::router(Arc::new(api));
     info!(%addr, node_id, "api listening");
@@ -382,7 +401,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         Err(e) => error!(error = %e, "api server task failed"),
         Ok(Ok(())) => {}
     }
-    let _ = tokio::join!(rotation_task, control_task, sealer_task);
+    let _ = tokio::join!(rotation_task, control_task, sealer_task, reencrypt_task);
     if let Some(task) = renewal_task {
         let _ = task.await;
     }

@@ -1,0 +1,168 @@
+//! Brings every configured column under the current field key, in the
+//! background and in small batches: values written before encryption was
+//! enabled get sealed, values under an older key version re-sealed. Reads
+//! go on all along (every known version opens), and each row is replaced
+//! only if it still holds what was read (compare and set), so a
+//! concurrent write is never overwritten.
+//!
+//! It runs as the superuser, because row-level security would otherwise
+//! show it one tenant at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tracing::{error, info, warn};
+
+use crate::fields::FieldCipher;
+use crate::postgres::tls::Endpoint;
+use crate::shutdown::Shutdown;
+
+const BATCH: i64 = 200;
+
+pub struct Reencryption {
+    pub fields: Arc<FieldCipher>,
+    pub superuser: Endpoint,
+}
+
+/// What one pass over a column did.
+#[derive(Debug, Default)]
+struct Pass {
+    rewritten: u64,
+    /// Under a key version this node does not have.
+    unreadable: u64,
+}
+
+impl Reencryption {
+    pub async fn run(self, stop: Shutdown) {
+        let columns: Vec<_> = self.fields.columns().collect();
+        if columns.is_empty() {
+            return;
+        }
+        let client = match self.superuser.connect().await {
+            Ok(client) => client,
+            Err(e) => {
+                error!(error = %e, "field re-encryption cannot connect; values stay as they are");
+                return;
+            }
+        };
+        for (table, column) in columns {
+            let mut total = Pass::default();
+            loop {
+                if stop.is_requested() {
+                    return;
+                }
+                match self.batch(&client, table, column).await {
+                    Ok(pass) if pass.rewritten == 0 => {
+                        total.unreadable = pass.unreadable;
+                        break;
+                    }
+                    Ok(pass) => {
+                        total.rewritten += pass.rewritten;
+                        info!(
+                            table,
+                            column,
+                            rewritten = total.rewritten,
+                            "field re-encryption: progress"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => {
+                        error!(table, column, error = %e, "field re-encryption failed; retrying at the next start");
+                        break;
+                    }
+                }
+            }
+            if total.unreadable > 0 {
+                warn!(
+                    table,
+                    column,
+                    values = total.unreadable,
+                    "values under a field key version this node does not have"
+                );
+            }
+            info!(
+                table,
+                column,
+                rewritten = total.rewritten,
+                version = self.fields.current_version(),
+                "field re-encryption: column current"
+            );
+        }
+    }
+
+    /// Re-seals up to one batch of values not under the current key.
+    async fn batch(
+        &self,
+        client: &Client,
+        table: &str,
+        column: &str,
+    ) -> Result<Pass, tokio_postgres::Error> {
+        let current = self.fields.current_version();
+        let text = !matches!(table, "keepd.backups");
+        let rows = if text {
+            client
+                .query(
+                    &format!(
+                        "SELECT id, {column} FROM {table} WHERE {column} NOT LIKE $1 \
+                         ORDER BY id LIMIT $2"
+                    ),
+                    &[&format!("kf1:{current}:%"), &BATCH],
+                )
+                .await?
+        } else {
+            let mut marker = b"KF1".to_vec();
+            marker.extend_from_slice(&current.to_be_bytes());
+            client
+                .query(
+                    &format!(
+                        "SELECT id, {column} FROM {table} WHERE substring({column} FROM 1 FOR 7) <> $1 \
+                         ORDER BY id LIMIT $2"
+                    ),
+                    &[&marker, &BATCH],
+                )
+                .await?
+        };
+        let mut pass = Pass::default();
+        for row in rows {
+            let id: uuid::Uuid = row.get(0);
+            let rewritten = if text {
+                let old: String = row.get(1);
+                match self.fields.open_text(table, column, old.clone()) {
+                    Ok(plain) => {
+                        let new = self.fields.seal_text(table, column, plain);
+                        client
+                            .execute(
+                                &format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3"),
+                                &[&new, &id, &old],
+                            )
+                            .await?
+                    }
+                    Err(_) => {
+                        pass.unreadable += 1;
+                        0
+                    }
+                }
+            } else {
+                let old: Vec<u8> = row.get(1);
+                match self.fields.open_bytes(table, column, old.clone()) {
+                    Ok(plain) => {
+                        let new = self.fields.seal_bytes(table, column, plain);
+                        client
+                            .execute(
+                                &format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3"),
+                                &[&new, &id, &old],
+                            )
+                            .await?
+                    }
+                    Err(_) => {
+                        pass.unreadable += 1;
+                        0
+                    }
+                }
+            };
+            pass.rewritten += rewritten;
+        }
+        Ok(pass)
+    }
+}

@@ -1,0 +1,173 @@
+//! Encryption at rest (`method: application`) through the API, key
+//! rotation with background re-encryption, and an unknown key version.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestNode;
+use keepd::client::{DeviceKey, LogEntry, SyncClient};
+
+const PASSWORD: &str = "at rest password";
+
+fn config(version: u32) -> String {
+    format!(
+        "encryption_at_rest:\n  enabled: true\n  method: application\n  application:\n    \
+         key_version: {version}\n    encrypted_fields:\n      - table: sync_logs\n        \
+         columns: [encrypted_data, haex_timestamp]\n      - table: backups\n        \
+         columns: [ciphertext]\n      - table: devices\n        columns: [device_name]\n"
+    )
+}
+
+fn set_version(node: &TestNode, version: u32) {
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    let changed: String = yaml
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("key_version:") {
+                format!("    key_version: {version}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&node.config, changed).unwrap();
+}
+
+fn count(node: &TestNode, sql: &str) -> i64 {
+    node.psql("superuser", sql).unwrap().trim().parse().unwrap()
+}
+
+fn stop(mut daemon: common::Daemon) {
+    daemon.signal(common::Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
+    let node = TestNode::with_extra(&config(1));
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    let mut client = SyncClient::new(daemon.addr());
+    client.register("rest@example.org", PASSWORD).await.unwrap();
+    client.login("rest@example.org", PASSWORD).await.unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let entries: Vec<LogEntry> = (0..3)
+        .map(|i| LogEntry {
+            data: format!("entry {i}").into_bytes(),
+            haex_timestamp: format!("ts-{i}"),
+        })
+        .collect();
+    let pushed = client.push("v", &key, &entries, None).await.unwrap();
+    assert_eq!(
+        pushed.logs[2].haex_timestamp, "ts-2",
+        "the response carries the plain value"
+    );
+    let device = DeviceKey::generate().unwrap();
+    let device_id = client.register_device("laptop", &device).await.unwrap();
+    let backup = client
+        .store_backup(&device_id, &device, &key, b"the backup", "Internal")
+        .await
+        .unwrap();
+
+    // Stored sealed, read back as sent.
+    assert_eq!(
+        count(
+            &node,
+            "SELECT count(*) FROM keepd.sync_logs WHERE encrypted_data LIKE 'kf1:1:%' AND haex_timestamp LIKE 'kf1:1:%'"
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &node,
+            "SELECT count(*) FROM keepd.devices WHERE device_name LIKE 'kf1:1:%'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &node,
+            "SELECT count(*) FROM keepd.backups WHERE substring(ciphertext FROM 1 FOR 3) = 'KF1'::bytea"
+        ),
+        1
+    );
+    let pulled = client.pull("v", 0, 10).await.unwrap();
+    assert_eq!(pulled.logs[1].haex_timestamp, "ts-1");
+    assert_eq!(
+        key.decrypt_entry(&pulled.logs[1].encrypted_data, &pulled.logs[1].nonce)
+            .unwrap(),
+        b"entry 1"
+    );
+    assert_eq!(
+        client.restore_backup(&backup, &key).await.unwrap(),
+        b"the backup"
+    );
+    assert_eq!(
+        client.devices().await.unwrap()["devices"][0]["deviceName"],
+        "laptop"
+    );
+    let report = node.command(&["report", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "encryption_at_rest")
+        .unwrap()
+        .clone();
+    assert_eq!(check["status"], "pass", "{check}");
+    stop(daemon);
+
+    // Rotation: v2, existing values re-encrypted in the background.
+    set_version(&node, 2);
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let rotated = common::wait_until(Duration::from_secs(30), || {
+        (count(&node, "SELECT count(*) FROM keepd.sync_logs WHERE encrypted_data LIKE 'kf1:2:%' AND haex_timestamp LIKE 'kf1:2:%'") == 3
+            && count(&node, "SELECT count(*) FROM keepd.backups WHERE substring(ciphertext FROM 1 FOR 7) = 'KF1'::bytea || '\\x00000002'::bytea") == 1)
+            .then_some(())
+    });
+    assert!(rotated.is_some(), "{}", daemon.log());
+    let mut client = SyncClient::new(daemon.addr());
+    client.login("rest@example.org", PASSWORD).await.unwrap();
+    let pulled = client.pull("v", 0, 10).await.unwrap();
+    assert_eq!(
+        key.decrypt_entry(&pulled.logs[0].encrypted_data, &pulled.logs[0].nonce)
+            .unwrap(),
+        b"entry 0"
+    );
+    assert_eq!(
+        client.restore_backup(&backup, &key).await.unwrap(),
+        b"the backup"
+    );
+    stop(daemon);
+
+    // Back to v1: values under v2 are an error that names the key version.
+    set_version(&node, 1);
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let mut client = SyncClient::new(daemon.addr());
+    client.login("rest@example.org", PASSWORD).await.unwrap();
+    let e = client.pull("v", 0, 10).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(500), Some("stored_value_unreadable")),
+        "{e}"
+    );
+    assert!(
+        daemon
+            .wait_for_log("a stored value cannot be decrypted", Duration::from_secs(5))
+            .is_some_and(|event| {
+                event["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("key version 2"))
+            }),
+        "{}",
+        daemon.log()
+    );
+}
