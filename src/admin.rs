@@ -89,7 +89,13 @@ fn address(
         return Ok((PgAddress::Host(host), None));
     }
     if config.network.use_unix_socket {
-        return Ok((PgAddress::Socket(socket_dir(config)), None));
+        // The docker provider's socket directory is a bind mount from
+        // runtime_dir; socket_dir names its path inside the container.
+        let dir = match config.database.postgres.provider {
+            Provider::Docker => config.node.runtime_dir.join("postgres"),
+            Provider::Native | Provider::External => socket_dir(config),
+        };
+        return Ok((PgAddress::Socket(dir), None));
     }
     // The docker provider's container has an address of its own.
     let recorded = std::fs::read_to_string(address_file(&config.node.runtime_dir))

@@ -83,6 +83,10 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
     // Break things from outside; the report sees each.
     let login = node.login_roles()[0].clone();
     sql(&node, &format!("ALTER ROLE {login} CREATEDB"));
+    sql(&node, "ALTER ROLE keepd_query LOGIN");
+    let hba = node.data_dir().join("pg_hba.conf");
+    let rendered_hba = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("local all all trust\n{rendered_hba}")).unwrap();
     sql(&node, "ALTER SYSTEM SET password_encryption = 'md5'");
     sql(&node, "ALTER SYSTEM SET log_statement = 'all'");
     sql(&node, "SELECT pg_reload_conf()");
@@ -91,6 +95,8 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
     std::thread::sleep(Duration::from_millis(300));
     let (code, broken) = report(&node);
     assert_eq!(status(&broken, "roles.login_role"), "fail", "{broken}");
+    assert_eq!(status(&broken, "roles.group_roles"), "fail");
+    assert_eq!(status(&broken, "hba.rules"), "fail");
     assert_eq!(status(&broken, "auth.password_encryption"), "fail");
     assert_eq!(status(&broken, "logging.settings"), "warn");
     assert_eq!(status(&broken, "files.modes"), "fail");
@@ -98,6 +104,8 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
     assert_eq!(code, 1, "below the minimum level: exit 1");
 
     sql(&node, &format!("ALTER ROLE {login} NOCREATEDB"));
+    sql(&node, "ALTER ROLE keepd_query NOLOGIN");
+    std::fs::write(&hba, rendered_hba).unwrap();
     sql(&node, "ALTER SYSTEM RESET password_encryption");
     sql(&node, "ALTER SYSTEM RESET log_statement");
     sql(&node, "SELECT pg_reload_conf()");
@@ -132,6 +140,19 @@ fn fallback_modes_strict_warn_permissive() {
     assert!(
         common::postgres_pids(&strict.data_dir()).is_empty(),
         "Postgres left running"
+    );
+
+    // Strict, and an at-rest method this host cannot provide: named.
+    let luks = TestNode::with_extra(
+        "security:\n  fallback_mode: strict\nencryption_at_rest:\n  enabled: true\n  method: luks\n",
+    );
+    let mut refused = luks.spawn();
+    let status = refused.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(
+        refused.log().contains("encryption_at_rest: method luks"),
+        "{}",
+        refused.log()
     );
 
     // Strict with a minimum the host meets: starts.
