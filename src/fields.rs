@@ -90,43 +90,27 @@ impl FieldCipher {
     pub fn new(identity: &NodeIdentity, config: &Config) -> FieldCipher {
         let at_rest = &config.encryption_at_rest;
         let enabled = at_rest.enabled && at_rest.method == AtRestMethod::Application;
-        let columns = if enabled {
-            at_rest
-                .application
-                .encrypted_fields
-                .iter()
-                .flat_map(|f| {
-                    f.columns
-                        .iter()
-                        .filter_map(|c| {
-                            let (table, _) = supported(&f.table, c)?;
-                            SUPPORTED
-                                .iter()
-                                .find(|(t, col, _)| *t == table && col == c)
-                                .map(|(t, col, _)| (*t, *col))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let unsupported = if enabled {
-            at_rest
-                .application
-                .encrypted_fields
-                .iter()
-                .flat_map(|f| {
-                    f.columns
-                        .iter()
-                        .filter(|c| supported(&f.table, c).is_none())
-                        .map(|c| format!("{}.{c}", f.table))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut columns = BTreeSet::new();
+        let mut unsupported = Vec::new();
+        let configured = at_rest
+            .application
+            .encrypted_fields
+            .iter()
+            .filter(|_| enabled);
+        for fields in configured {
+            for column in &fields.columns {
+                let known = SUPPORTED.iter().find(|(t, c, _)| {
+                    supported(&fields.table, column).is_some_and(|(table, _)| *t == table)
+                        && c == column
+                });
+                match known {
+                    Some((table, column, _)) => {
+                        columns.insert((*table, *column));
+                    }
+                    None => unsupported.push(format!("{}.{column}", fields.table)),
+                }
+            }
+        }
         let current = at_rest.application.key_version;
         let keys = (1..=current)
             .map(|v| {

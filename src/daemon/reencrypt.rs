@@ -124,44 +124,34 @@ impl Reencryption {
                 .await?
         };
         let mut pass = Pass::default();
+        let update = format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3");
         for row in rows {
             let id: uuid::Uuid = row.get(0);
-            let rewritten = if text {
+            let f = &self.fields;
+            // Compare and set: replaced only if it still holds what was read.
+            let result = if text {
                 let old: String = row.get(1);
-                match self.fields.open_text(table, column, old.clone()) {
+                match f.open_text(table, column, old.clone()) {
                     Ok(plain) => {
-                        let new = self.fields.seal_text(table, column, plain);
-                        client
-                            .execute(
-                                &format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3"),
-                                &[&new, &id, &old],
-                            )
-                            .await?
+                        let new = f.seal_text(table, column, plain);
+                        Some(client.execute(&update, &[&new, &id, &old]).await?)
                     }
-                    Err(_) => {
-                        pass.unreadable += 1;
-                        0
-                    }
+                    Err(_) => None,
                 }
             } else {
                 let old: Vec<u8> = row.get(1);
-                match self.fields.open_bytes(table, column, old.clone()) {
+                match f.open_bytes(table, column, old.clone()) {
                     Ok(plain) => {
-                        let new = self.fields.seal_bytes(table, column, plain);
-                        client
-                            .execute(
-                                &format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3"),
-                                &[&new, &id, &old],
-                            )
-                            .await?
+                        let new = f.seal_bytes(table, column, plain);
+                        Some(client.execute(&update, &[&new, &id, &old]).await?)
                     }
-                    Err(_) => {
-                        pass.unreadable += 1;
-                        0
-                    }
+                    Err(_) => None,
                 }
             };
-            pass.rewritten += rewritten;
+            match result {
+                Some(rows) => pass.rewritten += rows,
+                None => pass.unreadable += 1,
+            }
         }
         Ok(pass)
     }
