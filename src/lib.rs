@@ -19,6 +19,7 @@ pub mod recovery;
 pub mod report;
 pub mod secret;
 pub mod secrets;
+pub mod service;
 pub mod shutdown;
 pub mod state;
 pub mod tokens;

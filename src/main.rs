@@ -58,6 +58,21 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Install, remove or print keepd's service definition (systemd unit,
+    /// launchd plist).
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+        /// systemd or launchd (default: this platform's).
+        #[arg(long, global = true)]
+        target: Option<keepd::service::Target>,
+        /// Add what the docker provider needs (systemd drop-in).
+        #[arg(long, global = true)]
+        docker: bool,
+        /// Print the steps instead of carrying them out.
+        #[arg(long, global = true)]
+        dry_run: bool,
+    },
     /// Shamir shares of the node identity key, for recovery.
     Recovery {
         #[command(subcommand)]
@@ -74,6 +89,16 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the definition (and create the service user) and enable it.
+    Install,
+    /// Disable and remove the definition; state and config stay.
+    Uninstall,
+    /// Print the definition.
+    Print,
 }
 
 #[derive(Subcommand)]
@@ -152,6 +177,12 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Recovery { command } => recovery(&config, command),
+        Command::Service {
+            command,
+            target,
+            docker,
+            dry_run,
+        } => service(&cli.config, command, target, docker, dry_run),
         Command::Psql { role, args } => match keepd::admin::psql(&config, role.as_deref(), &args) {
             Ok(status) => return ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
             Err(e) => Err(e.into()),
@@ -214,6 +245,44 @@ fn rotate(config: &Config) -> anyhow::Result<()> {
         &request,
     ))?;
     println!("{message}");
+    Ok(())
+}
+
+fn service(
+    config_path: &Path,
+    command: ServiceCommand,
+    target: Option<keepd::service::Target>,
+    docker: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use keepd::service::{self, Target};
+    let target = target.unwrap_or_else(Target::native);
+    let binary = std::env::current_exe().context("cannot find keepd's own path")?;
+    let config = std::path::absolute(config_path).context("cannot resolve --config")?;
+    let steps = match command {
+        ServiceCommand::Print => {
+            match target {
+                Target::Systemd => {
+                    print!("{}", service::systemd_unit(&binary, &config));
+                    if docker {
+                        print!("\n{}", service::systemd_docker_dropin());
+                    }
+                }
+                Target::Launchd => print!("{}", service::launchd_plist(&binary, &config)),
+            }
+            return Ok(());
+        }
+        ServiceCommand::Install => service::install_steps(target, &binary, &config, docker),
+        ServiceCommand::Uninstall => service::uninstall_steps(target),
+    };
+    if dry_run {
+        for step in &steps {
+            println!("{step}");
+        }
+        return Ok(());
+    }
+    service::apply(&steps)?;
+    println!("done: {} steps", steps.len());
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! (config → render → provision → roles → pool → api) and handles signals.
 
 pub mod control;
+pub mod notify;
 pub mod reencrypt;
 pub mod renewal;
 pub mod rotator;
@@ -151,6 +152,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let store = CredentialStore::new(config.credentials_path());
     let credentials = load_credentials(&config, &identity, &store)?;
 
+    let notifier = notify::Notifier::from_env();
+    notifier.status("preparing Postgres");
     let rendered = render::render(&config)?;
     // TCP mode: the node's CA, the server certificate for the address
     // keepd dials, client certificates per role.
@@ -239,6 +242,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     };
     let supervisor = Supervisor::start(server, maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
+    notifier.status("starting Postgres");
 
     let started = async {
         if !supervisor.wait_ready(start_timeout).await {
@@ -265,6 +269,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             );
             container_facts = Some(facts);
         }
+        notifier.status("bootstrap and migrations");
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
@@ -389,13 +394,31 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let app = api::router(Arc::new(api));
     info!(%addr, node_id, "api listening");
     let server = tokio::spawn(api::serve(listener, app, shutdown.clone()));
+    notifier.ready();
+    let watchdog_task = notify::Notifier::watchdog_interval().map(|every| {
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let notifier = notify::Notifier::from_env();
+            loop {
+                notifier.watchdog();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.requested() => return,
+                }
+            }
+        })
+    });
 
     let renew = Arc::new(Notify::new());
     let renewal_task =
         renewal.map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone())));
     let outcome = wait_for_shutdown(config_path, &renew).await;
     info!("shutting down");
+    notifier.stopping();
     stop.trigger();
+    if let Some(task) = watchdog_task {
+        let _ = task.await;
+    }
     match server.await {
         Ok(Err(e)) => error!(error = %e, "api server failed"),
         Err(e) => error!(error = %e, "api server task failed"),

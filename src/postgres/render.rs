@@ -217,6 +217,9 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
     set("full_page_writes", "on".into());
     set("synchronous_commit", "on".into());
     set("shared_preload_libraries", "'pg_stat_statements'".into());
+    // Under systemd's MemoryDenyWriteExecute a JIT cannot work; keepd's
+    // short queries never needed one.
+    set("jit", "off".into());
     // Utility statements would include ALTER ROLE ... PASSWORD.
     set("pg_stat_statements.track_utility", "off".into());
     Ok(out)

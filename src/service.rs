@@ -1,0 +1,260 @@
+//! `keepd service`: the service definitions this binary runs under, and
+//! their installation. systemd (Linux) and launchd (macOS) are written
+//! here; a Windows service is not built by this crate (see docs).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The systemd unit, as shipped in `systemd/keepd.service`.
+const SYSTEMD_UNIT: &str = include_str!("../systemd/keepd.service");
+/// What the docker provider adds (`systemd/keepd-docker.conf`).
+const SYSTEMD_DOCKER_DROPIN: &str = include_str!("../systemd/keepd-docker.conf");
+
+const UNIT_PATH: &str = "/etc/systemd/system/keepd.service";
+const DROPIN_PATH: &str = "/etc/systemd/system/keepd.service.d/docker.conf";
+const PLIST_PATH: &str = "/Library/LaunchDaemons/dev.keepd.plist";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Systemd,
+    Launchd,
+}
+
+impl Target {
+    /// The service manager of this platform.
+    pub fn native() -> Target {
+        if cfg!(target_os = "macos") {
+            Target::Launchd
+        } else {
+            Target::Systemd
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {reason}")]
+    Command { command: String, reason: String },
+}
+
+/// The systemd unit for `binary` and `config`.
+pub fn systemd_unit(binary: &Path, config: &Path) -> String {
+    SYSTEMD_UNIT.replace(
+        "ExecStart=/usr/local/bin/keepd run --config /etc/keepd/keepd.yaml",
+        &format!(
+            "ExecStart={} run --config {}",
+            binary.display(),
+            config.display()
+        ),
+    )
+}
+
+pub fn systemd_docker_dropin() -> &'static str {
+    SYSTEMD_DOCKER_DROPIN
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A launchd daemon definition running `binary run --config config`.
+pub fn launchd_plist(binary: &Path, config: &Path) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+  <key>Label</key>
+  <string>dev.keepd</string>
+  <key>ProgramArguments</key>
+  <array>
+    <string>{binary}</string>
+    <string>run</string>
+    <string>--config</string>
+    <string>{config}</string>
+  </array>
+  <key>RunAtLoad</key>
+  <true/>
+  <key>KeepAlive</key>
+  <dict>
+    <key>SuccessfulExit</key>
+    <false/>
+  </dict>
+  <key>UserName</key>
+  <string>_keepd</string>
+  <key>Umask</key>
+  <integer>63</integer>
+  <key>ExitTimeOut</key>
+  <integer>30</integer>
+  <key>StandardErrorPath</key>
+  <string>/var/log/keepd.log</string>
+</dict>
+</plist>
+"#,
+        binary = xml(&binary.display().to_string()),
+        config = xml(&config.display().to_string()),
+    )
+}
+
+/// One step of an installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Write { path: PathBuf, contents: String },
+    Remove { path: PathBuf },
+    Run { program: String, args: Vec<String> },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Write { path, contents } => {
+                write!(f, "write {} ({} bytes)", path.display(), contents.len())
+            }
+            Step::Remove { path } => write!(f, "remove {}", path.display()),
+            Step::Run { program, args } => write!(f, "run {program} {}", args.join(" ")),
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Step {
+    Step::Run {
+        program: program.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// The steps that install keepd as a service of `target`.
+pub fn install_steps(target: Target, binary: &Path, config: &Path, docker: bool) -> Vec<Step> {
+    match target {
+        Target::Systemd => {
+            let mut steps = vec![
+                // The service account, if missing (useradd refuses a
+                // duplicate; `id` checks first).
+                run(
+                    "sh",
+                    &[
+                        "-c",
+                        "id keepd >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /usr/sbin/nologin keepd",
+                    ],
+                ),
+                Step::Write {
+                    path: UNIT_PATH.into(),
+                    contents: systemd_unit(binary, config),
+                },
+            ];
+            if docker {
+                steps.push(Step::Write {
+                    path: DROPIN_PATH.into(),
+                    contents: systemd_docker_dropin().into(),
+                });
+            }
+            steps.push(run("systemctl", &["daemon-reload"]));
+            steps.push(run("systemctl", &["enable", "keepd.service"]));
+            steps
+        }
+        Target::Launchd => vec![
+            Step::Write {
+                path: PLIST_PATH.into(),
+                contents: launchd_plist(binary, config),
+            },
+            run("launchctl", &["load", "-w", PLIST_PATH]),
+        ],
+    }
+}
+
+/// The steps that remove it (state and configuration stay).
+pub fn uninstall_steps(target: Target) -> Vec<Step> {
+    match target {
+        Target::Systemd => vec![
+            run("systemctl", &["disable", "--now", "keepd.service"]),
+            Step::Remove {
+                path: DROPIN_PATH.into(),
+            },
+            Step::Remove {
+                path: UNIT_PATH.into(),
+            },
+            run("systemctl", &["daemon-reload"]),
+        ],
+        Target::Launchd => vec![
+            run("launchctl", &["unload", "-w", PLIST_PATH]),
+            Step::Remove {
+                path: PLIST_PATH.into(),
+            },
+        ],
+    }
+}
+
+/// Carries out `steps`, stopping at the first failure.
+pub fn apply(steps: &[Step]) -> Result<(), ServiceError> {
+    for step in steps {
+        match step {
+            Step::Write { path, contents } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| ServiceError::Write {
+                        path: dir.into(),
+                        source,
+                    })?;
+                }
+                std::fs::write(path, contents).map_err(|source| ServiceError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            Step::Remove { path } => match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ServiceError::Write {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            },
+            Step::Run { program, args } => {
+                let status = Command::new(program).args(args).status();
+                match status {
+                    Ok(s) if s.success() => {}
+                    Ok(s) => {
+                        return Err(ServiceError::Command {
+                            command: step.to_string(),
+                            reason: s.to_string(),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(ServiceError::Command {
+                            command: step.to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_runs_the_given_binary_and_config() {
+        let unit = systemd_unit(Path::new("/opt/keepd/bin/keepd"), Path::new("/srv/k.yaml"));
+        assert!(unit.contains("\nExecStart=/opt/keepd/bin/keepd run --config /srv/k.yaml\n"));
+        assert!(unit.contains("\nType=notify\n") && unit.contains("\nWatchdogSec="));
+        let steps = install_steps(Target::Systemd, Path::new("/b"), Path::new("/c"), true);
+        assert!(
+            steps
+                .iter()
+                .any(|s| matches!(s, Step::Write { path, .. } if path == Path::new(DROPIN_PATH)))
+        );
+    }
+}
