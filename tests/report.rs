@@ -117,6 +117,35 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
         (0, Some("high")),
         "{fixed}"
     );
+
+    // The audit chain altered behind keepd's back (triggers lifted by a
+    // superuser): the report fails it.
+    let sealed = common::wait_until(Duration::from_secs(20), || {
+        let (_, r) = report(&node);
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| {
+                c["id"] == "audit.chain"
+                    && c["value"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains(", 0 entries not yet sealed")
+            })
+            .then_some(())
+    });
+    assert!(sealed.is_some());
+    sql(
+        &node,
+        "ALTER TABLE keepd_audit.audit_log DISABLE TRIGGER audit_log_append_only; \
+         UPDATE keepd_audit.audit_log SET action = 'FORGED' \
+           WHERE id = (SELECT min(id) FROM keepd_audit.audit_log); \
+         ALTER TABLE keepd_audit.audit_log ENABLE TRIGGER audit_log_append_only",
+    );
+    let (_, tampered) = report(&node);
+    assert_eq!(status(&tampered, "audit.chain"), "fail", "{tampered}");
+    assert_eq!(tampered["level"], "reduced");
 }
 
 fn node_with_security(mode: &str, minimum: &str) -> TestNode {

@@ -153,3 +153,80 @@ fn sd_notify_ready_after_health_then_watchdog_pings() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     listener.join().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_log_level_and_rate_limit_and_refuses_a_broken_file() {
+    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 2\n", "");
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let client = keepd::client::SyncClient::new(daemon.addr());
+    let attempt = || async {
+        client
+            .register("not-an-email", "a long password")
+            .await
+            .unwrap_err()
+            .code()
+            .map(str::to_string)
+    };
+    assert_eq!(attempt().await.as_deref(), Some("invalid_email"));
+    assert_eq!(attempt().await.as_deref(), Some("invalid_email"));
+    assert_eq!(attempt().await.as_deref(), Some("rate_limited"));
+
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    let changed = yaml
+        .replace("auth_per_minute: 2", "auth_per_minute: 100")
+        .replace("level: info", "level: debug")
+        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1");
+    std::fs::write(&node.config, &changed).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    for message in [
+        "SIGHUP: auth rate limit applied",
+        "SIGHUP: log level applied",
+        "SIGHUP: these settings changed and take effect at the next restart",
+    ] {
+        assert!(
+            daemon
+                .wait_for_log(message, Duration::from_secs(10))
+                .is_some(),
+            "{message}:\n{}",
+            daemon.log()
+        );
+    }
+    let restart = daemon
+        .wait_for_log(
+            "SIGHUP: these settings changed and take effect at the next restart",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+    assert!(
+        restart["sections"].as_str().unwrap().contains("api"),
+        "{restart}"
+    );
+    assert_eq!(
+        attempt().await.as_deref(),
+        Some("invalid_email"),
+        "new limit applied"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || daemon
+            .log()
+            .contains("\"level\":\"DEBUG\"")
+            .then_some(()))
+        .is_some(),
+        "debug events after the reload"
+    );
+
+    // A broken file: reported, the running configuration kept.
+    std::fs::write(&node.config, "node: [this is not a mapping\n").unwrap();
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log(
+                "SIGHUP: the new configuration is invalid; keeping the running one",
+                Duration::from_secs(10)
+            )
+            .is_some()
+    );
+    assert_eq!(daemon.health(), Some(200));
+    assert_eq!(attempt().await.as_deref(), Some("invalid_email"));
+}

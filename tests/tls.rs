@@ -193,4 +193,86 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
             "the server log lacks {reason:?}:\n{log}"
         );
     }
+
+    // The report measures TCP mode: TLS 1.3, client certificates, expiry,
+    // and a plain connection attempt refused.
+    let status_of = |report: &serde_json::Value, id: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let out = node.command(&["report", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for id in [
+        "tls.minimum_version",
+        "tls.client_certificates",
+        "tls.certificate_expiry",
+        "network.forbidden_connection",
+        "hba.rules",
+    ] {
+        assert_eq!(status_of(&report, id), "pass", "{id}: {report}");
+    }
+    assert_eq!(status_of(&report, "network.transport"), "warn");
+    node.psql(
+        "superuser",
+        "ALTER SYSTEM SET ssl_min_protocol_version = 'TLSv1.2'",
+    )
+    .unwrap();
+    let hba = node.data_dir().join("pg_hba.conf");
+    let rendered_hba = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, rendered_hba.replace(" clientcert=verify-full", "")).unwrap();
+    node.psql("superuser", "SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = node.command(&["report", "--json"]).output().unwrap();
+    let weakened: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        status_of(&weakened, "tls.minimum_version"),
+        "warn",
+        "{weakened}"
+    );
+    assert_eq!(status_of(&weakened, "tls.client_certificates"), "fail");
+    node.psql("superuser", "ALTER SYSTEM RESET ssl_min_protocol_version")
+        .unwrap();
+    std::fs::write(&hba, rendered_hba).unwrap();
+    node.psql("superuser", "SELECT pg_reload_conf()").unwrap();
+
+    // A server certificate replaced while keepd runs (here: removed, so it
+    // is re-issued; renewal takes the same path) is installed and applied
+    // with a reload on SIGHUP, without a restart.
+    let postmaster = daemon.postmaster_pid();
+    std::fs::remove_file(node.state_dir().join("pki/server.crt")).unwrap();
+    daemon.signal(common::Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log(
+                "pki: the new server certificate is applied (configuration reloaded)",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let issued = std::fs::read_to_string(node.state_dir().join("pki/server.crt")).unwrap();
+    let installed = std::fs::read_to_string(node.data_dir().join("server.crt")).unwrap();
+    assert_eq!(issued, installed);
+    assert_ne!(issued, pki.server.cert_pem);
+    assert_eq!(
+        daemon.postmaster_pid(),
+        postmaster,
+        "Postgres was restarted"
+    );
+    let after = connect(
+        &superuser_config(port, &password),
+        &tls_with(&pki, Some(&superuser_cert), &tls13),
+    )
+    .await
+    .expect("TLS works with the new certificate");
+    after.query_one("SELECT 1", &[]).await.unwrap();
+    assert!(daemon.wait_health(200, Duration::from_secs(5)));
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
@@ -11,16 +12,21 @@ const WINDOW: Duration = Duration::from_secs(60);
 const SWEEP_AT: usize = 10_000;
 
 pub struct RateLimiter {
-    per_window: u32,
+    /// Changeable while running (SIGHUP).
+    per_window: AtomicU32,
     windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
 impl RateLimiter {
     pub fn per_minute(per_window: u32) -> RateLimiter {
         RateLimiter {
-            per_window,
+            per_window: AtomicU32::new(per_window),
             windows: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn set_per_minute(&self, per_window: u32) {
+        self.per_window.store(per_window, Ordering::Relaxed);
     }
 
     /// Counts one attempt from `addr`; `Err(wait)` when over the limit.
@@ -38,7 +44,7 @@ impl RateLimiter {
             *start = now;
             *count = 0;
         }
-        if *count >= self.per_window {
+        if *count >= self.per_window.load(Ordering::Relaxed) {
             return Err(WINDOW.saturating_sub(now.duration_since(*start)));
         }
         *count += 1;

@@ -100,6 +100,11 @@ impl Api {
         })
     }
 
+    /// Applies a new `api.rate_limits.auth_per_minute` (SIGHUP).
+    pub fn set_auth_per_minute(&self, per_minute: u32) {
+        self.auth_limiter.set_per_minute(per_minute);
+    }
+
     /// The stored form of an email: a keyed HMAC of its normalised form.
     fn email_hmac(&self, normalised: &str) -> Vec<u8> {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.email_key.as_ref())
@@ -227,11 +232,14 @@ async fn track(State(api): State<Arc<Api>>, request: Request, next: Next) -> Res
         .get::<MatchedPath>()
         .map_or_else(String::new, |p| p.as_str().to_owned());
     let response = next.run(request).await;
-    api.metrics.observe_request(
-        &method,
-        &route,
-        response.status().as_u16(),
-        started.elapsed(),
+    let (status, elapsed) = (response.status().as_u16(), started.elapsed());
+    api.metrics.observe_request(&method, &route, status, elapsed);
+    tracing::debug!(
+        method,
+        route,
+        status,
+        elapsed_us = elapsed.as_micros() as u64,
+        "request"
     );
     response
 }

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod notify;
 pub mod reencrypt;
+pub mod reload;
 pub mod renewal;
 pub mod rotator;
 
@@ -391,7 +392,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         limits,
         fields,
     )?;
-    let app = api::router(Arc::new(api));
+    let api = Arc::new(api);
+    let mut reloader = reload::Reloader {
+        api: api.clone(),
+        running: config.clone(),
+    };
+    let app = api::router(api);
     info!(%addr, node_id, "api listening");
     let server = tokio::spawn(api::serve(listener, app, shutdown.clone()));
     notifier.ready();
@@ -412,7 +418,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let renew = Arc::new(Notify::new());
     let renewal_task =
         renewal.map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone())));
-    let outcome = wait_for_shutdown(config_path, &renew).await;
+    let outcome = wait_for_shutdown(config_path, &renew, &mut reloader).await;
     info!("shutting down");
     notifier.stopping();
     stop.trigger();
@@ -492,9 +498,13 @@ fn apply_security_policy(config: &Config, report: &Report) -> Result<(), DaemonE
     Ok(())
 }
 
-/// Returns on SIGTERM or SIGINT. SIGHUP re-reads the configuration: a
-/// broken file is reported and the running configuration kept.
-async fn wait_for_shutdown(config_path: &Path, renew: &Notify) -> Result<(), DaemonError> {
+/// Returns on SIGTERM or SIGINT. SIGHUP reloads (see `reload`) and checks
+/// the TLS certificate.
+async fn wait_for_shutdown(
+    config_path: &Path,
+    renew: &Notify,
+    reloader: &mut reload::Reloader,
+) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -502,18 +512,11 @@ async fn wait_for_shutdown(config_path: &Path, renew: &Notify) -> Result<(), Dae
         tokio::select! {
             _ = term.recv() => { info!(signal = "SIGTERM", "stop requested"); return Ok(()); }
             _ = int.recv() => { info!(signal = "SIGINT", "stop requested"); return Ok(()); }
-            _ = hup.recv() => match Config::load(config_path) {
-                Ok(_) => {
-                    renew.notify_one();
-                    warn!(
-                    path = %config_path.display(),
-                    "SIGHUP: the configuration is valid; changed settings take effect at the next restart"
-                    )
-                }
-                Err(e) => {
-                    error!(error = %e, "SIGHUP: the new configuration is invalid; keeping the running one");
-                }
-            },
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", path = %config_path.display(), "reloading the configuration");
+                reloader.reload(config_path);
+                renew.notify_one();
+            }
         }
     }
 }
