@@ -233,7 +233,8 @@ async fn track(State(api): State<Arc<Api>>, request: Request, next: Next) -> Res
         .map_or_else(String::new, |p| p.as_str().to_owned());
     let response = next.run(request).await;
     let (status, elapsed) = (response.status().as_u16(), started.elapsed());
-    api.metrics.observe_request(&method, &route, status, elapsed);
+    api.metrics
+        .observe_request(&method, &route, status, elapsed);
     tracing::debug!(
         method,
         route,
