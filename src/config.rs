@@ -490,6 +490,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most log entries one `POST /sync/push` may carry.
     pub max_push_entries: usize,
+    /// A request not answered within this is answered 503 (the database
+    /// is stalled), instead of hanging.
+    pub request_timeout: HumanDuration,
 }
 
 impl Default for ApiConfig {
@@ -502,6 +505,7 @@ impl Default for ApiConfig {
             rate_limits: RateLimitsConfig::default(),
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 1000,
+            request_timeout: HumanDuration(Duration::from_secs(15)),
         }
     }
 }
@@ -753,6 +757,13 @@ impl Config {
                 "api.max_push_entries",
                 api.max_push_entries.to_string(),
                 "1 to 100000".into(),
+            ));
+        }
+        if api.request_timeout.get() < Duration::from_secs(1) {
+            return Err(invalid(
+                "api.request_timeout",
+                api.request_timeout.to_string(),
+                "at least 1s".into(),
             ));
         }
         if api.rate_limits.auth_per_minute == 0 {

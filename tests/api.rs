@@ -824,3 +824,64 @@ async fn root_openapi_metrics_and_rate_limits() {
     assert!(metrics.text.contains("keepd_http_request_duration_seconds_bucket{method=\"GET\",route=\"/openapi.json\",le=\"+Inf\"} 1"));
     assert!(metrics.text.contains("keepd_pool_open_connections"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_database_gets_fast_503s_and_recovers() {
+    let (node, daemon) = api_node("  request_timeout: 2s\n");
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    client
+        .push("v", &key, &entries(1, "before"), None)
+        .await
+        .unwrap();
+
+    // Every Postgres process stopped: connections stay open, nothing answers.
+    let pids = common::postgres_pids(&node.data_dir());
+    assert!(!pids.is_empty());
+    for pid in &pids {
+        common::kill(*pid, common::Signal::SIGSTOP);
+    }
+    let started = std::time::Instant::now();
+    let stalled = client
+        .push("v", &key, &entries(1, "stalled"), None)
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(
+        (stalled.status(), stalled.code()),
+        (Some(503), Some("database_unavailable")),
+        "{stalled}"
+    );
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}");
+    assert!(matches!(
+        stalled,
+        keepd::client::ClientError::Api {
+            retry_after: Some(_),
+            ..
+        }
+    ));
+    assert!(daemon.wait_health(503, Duration::from_secs(5)));
+
+    for pid in &pids {
+        common::kill(*pid, common::Signal::SIGCONT);
+    }
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(15)),
+        "{}",
+        daemon.log()
+    );
+    let retried = common::wait_until(Duration::from_secs(10), || {
+        let (client, key) = (&client, &key);
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(client.push("v", key, &entries(1, "after"), None))
+                .ok()
+        })
+    });
+    assert!(retried.is_some(), "pushes work again");
+    // Nothing half-applied: the stalled push either landed whole or not at
+    // all, and sequences stay gap-free.
+    let all = client.pull("v", 0, 100).await.unwrap();
+    let sequences: Vec<i64> = all.logs.iter().map(|l| l.sequence).collect();
+    assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+}

@@ -26,7 +26,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::watch;
@@ -56,6 +56,7 @@ pub struct ApiLimits {
     pub max_body_bytes: usize,
     pub max_push_entries: usize,
     pub auth_per_minute: u32,
+    pub request_timeout: Duration,
 }
 
 /// What every handler can reach.
@@ -219,6 +220,7 @@ pub fn router(api: Arc<Api>) -> Router {
                 "this route does not take that method; see /openapi.json",
             )
         })
+        .layer(middleware::from_fn_with_state(api.clone(), deadline))
         .layer(DefaultBodyLimit::max(api.limits.max_body_bytes))
         .with_state(api)
 }
@@ -243,6 +245,16 @@ async fn track(State(api): State<Arc<Api>>, request: Request, next: Next) -> Res
         "request"
     );
     response
+}
+
+/// Answers 503 instead of hanging when a request outlives
+/// `api.request_timeout` (a stalled database). The handler is dropped; its
+/// transaction is rolled back as soon as the database answers again.
+async fn deadline(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(api.limits.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable("the request outlived api.request_timeout").into_response(),
+    }
 }
 
 /// Serves `router` on `listener` until `stop`.

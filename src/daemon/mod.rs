@@ -366,6 +366,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         max_body_bytes: config.api.max_body_bytes,
         max_push_entries: config.api.max_push_entries,
         auth_per_minute: config.api.rate_limits.auth_per_minute,
+        request_timeout: config.api.request_timeout.get(),
     };
     let fields = Arc::new(FieldCipher::new(&identity, &config));
     let unsupported = fields.unsupported();
