@@ -406,3 +406,26 @@ async fn internal_network_mode_serves_over_tls_only() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "TLSv1.3");
 }
+
+#[test]
+fn an_absent_image_that_cannot_be_pulled_names_the_setting() {
+    if !engine_ready() {
+        return;
+    }
+    let node = TestNode::with_extra(
+        "database:\n  postgres:\n    provider: docker\n    docker:\n      image: keepd-absent-image:never\n",
+    );
+    let mut daemon = node.spawn();
+    let status = daemon
+        .wait_exit(Duration::from_secs(120))
+        .expect("keepd exits");
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("keepd-absent-image:never")
+            && log.contains("pulling it failed")
+            && log.contains("database.postgres.docker.image"),
+        "{log}"
+    );
+    assert!(log.contains("docker: image absent, pulling it"), "{log}");
+}
