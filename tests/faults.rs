@@ -160,3 +160,94 @@ async fn postgres_killed_under_load_loses_nothing_acknowledged() {
         "an acknowledged entry is missing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries() {
+    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
+    // A fixed API port, so clients find keepd again after its restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        yaml.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let mut daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let mut owner = SyncClient::new(daemon.addr());
+    owner.register("kill9@example.org", PASSWORD).await.unwrap();
+    owner.login("kill9@example.org", PASSWORD).await.unwrap();
+    let key = Arc::new(owner.create_vault("v", PASSWORD).await.unwrap());
+    let token = owner.token().unwrap().to_string();
+
+    let progress = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut client = SyncClient::new(daemon.addr());
+        client.set_token(Some(token.clone()));
+        tasks.push(tokio::spawn(writer(
+            client,
+            key.clone(),
+            w,
+            TOTAL / BATCH / WRITERS,
+            progress.clone(),
+        )));
+    }
+    let started = common::wait_until(Duration::from_secs(60), || {
+        (progress.load(Ordering::Relaxed) >= TOTAL / BATCH / 10).then_some(())
+    });
+    assert!(started.is_some(), "the load did not start");
+    daemon.signal(common::Signal::SIGKILL);
+    daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("keepd died");
+    // Postgres follows keepd (parent-death signal): no orphan.
+    let orphans = common::wait_until(Duration::from_secs(10), || {
+        common::postgres_pids(&node.data_dir())
+            .is_empty()
+            .then_some(())
+    });
+    assert!(orphans.is_some(), "Postgres outlived keepd");
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        let (ids, _) = task.await.unwrap();
+        acknowledged.extend(ids);
+    }
+    assert_eq!(acknowledged.len(), TOTAL);
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = owner.pull("v", after, 1000).await.unwrap();
+        stored.extend(page.logs.iter().map(|l| (l.sequence, l.id.clone())));
+        after = stored.last().map_or(0, |(s, _)| *s);
+        if !page.has_more {
+            break;
+        }
+    }
+    let sequences: Vec<i64> = stored.iter().map(|(s, _)| *s).collect();
+    // Retries of pushes whose answer was lost replayed the first result:
+    // nothing stored twice.
+    assert_eq!(
+        sequences,
+        (1..=TOTAL as i64).collect::<Vec<_>>(),
+        "gap-free, no duplicates"
+    );
+    let ids: HashSet<&String> = stored.iter().map(|(_, id)| id).collect();
+    assert!(
+        acknowledged.iter().all(|id| ids.contains(id)),
+        "an acknowledged entry is missing"
+    );
+    let (code, text) = node.audit_verify();
+    assert_eq!(code, 0, "{text}");
+}
