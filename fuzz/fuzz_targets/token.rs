@@ -9,7 +9,10 @@ use keepd::tokens::TokenIssuer;
 use libfuzzer_sys::fuzz_target;
 
 static ISSUER: LazyLock<TokenIssuer> = LazyLock::new(|| {
-    TokenIssuer::new(&NodeIdentity::from_seed(&[7; 32]), Duration::from_secs(3600))
+    TokenIssuer::new(
+        &NodeIdentity::from_seed(&[7; 32]),
+        Duration::from_secs(3600),
+    )
 });
 
 fuzz_target!(|data: &[u8]| {
