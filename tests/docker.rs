@@ -11,42 +11,8 @@ use common::{Daemon, Signal, TestNode};
 use keepd::client::{LogEntry, SyncClient};
 use serde_json::Value;
 
-const IMAGE: &str = "keepd-test-postgres:test";
+use common::{DOCKER_IMAGE as IMAGE, docker_engine_ready as engine_ready};
 const PASSWORD: &str = "docker test password";
-
-/// Whether the engine answers; builds the test image once (under a lock,
-/// as tests run in parallel processes) when it is missing.
-fn engine_ready() -> bool {
-    match Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-    {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => {
-            eprintln!(
-                "skipping: no Docker engine answers: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return false;
-        }
-        Err(e) => {
-            eprintln!("skipping: the docker CLI cannot run: {e}");
-            return false;
-        }
-    }
-    let lock_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-image.lock");
-    let lock = std::fs::File::create(&lock_path).unwrap();
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image.sh");
-    let out = Command::new(script).arg(IMAGE).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the test image failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
-}
 
 fn docker(args: &[&str]) -> (bool, String) {
     let out = Command::new("docker").args(args).output().unwrap();

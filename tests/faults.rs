@@ -73,6 +73,56 @@ async fn postgres_killed_under_load_loses_nothing_acknowledged() {
     let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
     let daemon = node.start();
     assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    postgres_death_under_load(&daemon, || {
+        let postmaster = daemon.postmaster_pid().expect("postgres runs");
+        common::kill(postmaster, common::Signal::SIGKILL);
+    })
+    .await;
+}
+
+/// The docker provider: the container killed (`docker kill`) under load.
+#[tokio::test(flavor = "multi_thread")]
+async fn container_killed_under_load_loses_nothing_acknowledged() {
+    if !common::docker_engine_ready() {
+        return;
+    }
+    let node = TestNode::with_api_and_extra(
+        "  rate_limits:\n    auth_per_minute: 1000\n",
+        &format!(
+            "database:\n  postgres:\n    provider: docker\n    docker:\n      image: {}\n",
+            common::DOCKER_IMAGE
+        ),
+    );
+    let daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(120)),
+        "{}",
+        daemon.log()
+    );
+    let node_id = daemon.get("/health").unwrap().1["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let container = format!("keepd-pg-{node_id}");
+    postgres_death_under_load(&daemon, || {
+        let killed = std::process::Command::new("docker")
+            .args(["kill", &container])
+            .output()
+            .unwrap();
+        assert!(killed.status.success());
+    })
+    .await;
+    drop(daemon);
+    for args in [
+        vec!["rm", "-f", container.as_str()],
+        vec!["volume", "rm", "-f", &format!("{container}-data")],
+    ] {
+        let _ = std::process::Command::new("docker").args(&args).output();
+    }
+}
+
+/// 8 writers push 10 000 entries; `kill` strikes a tenth of the way in.
+async fn postgres_death_under_load(daemon: &common::Daemon, kill: impl FnOnce()) {
     let mut owner = SyncClient::new(daemon.addr());
     owner
         .register("faults@example.org", PASSWORD)
@@ -100,8 +150,7 @@ async fn postgres_killed_under_load_loses_nothing_acknowledged() {
         (progress.load(Ordering::Relaxed) >= TOTAL / BATCH / 10).then_some(())
     });
     assert!(started.is_some(), "the load did not start");
-    let postmaster = daemon.postmaster_pid().expect("postgres runs");
-    common::kill(postmaster, common::Signal::SIGKILL);
+    kill();
     let killed_at = Instant::now();
     assert!(
         daemon.wait_health(503, Duration::from_secs(5)),
@@ -250,4 +299,135 @@ async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries
     );
     let (code, text) = node.audit_verify();
     assert_eq!(code, 0, "{text}");
+}
+
+/// Unmounts the test's tmpfs whatever happens.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_writes_cleanly_and_resumes() {
+    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
+    let state = node.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256m,mode=0700", "tmpfs"])
+        .arg(&state)
+        .output();
+    match mounted {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "skipping: cannot mount a small tmpfs here: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run mount: {e}");
+            return;
+        }
+    }
+    let _unmount = Mounted(state.clone());
+    let mut daemon = node.start();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    let mut client = SyncClient::new(daemon.addr());
+    client.register("full@example.org", PASSWORD).await.unwrap();
+    client.login("full@example.org", PASSWORD).await.unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let batch = |tag: &str| -> Vec<LogEntry> {
+        (0..BATCH)
+            .map(|i| LogEntry {
+                data: vec![b'x'; 2048],
+                haex_timestamp: format!("{tag}-{i:03}"),
+            })
+            .collect()
+    };
+    let mut acknowledged = Vec::new();
+    for b in 0..5 {
+        let done = client
+            .push("v", &key, &batch(&format!("pre{b}")), None)
+            .await
+            .unwrap();
+        acknowledged.extend(done.logs.into_iter().map(|l| l.id));
+    }
+
+    // Fill the file system.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+    // Writes are refused with 503 (never a 500), until space returns.
+    let mut refused = 0;
+    for b in 0..20 {
+        match client
+            .push("v", &key, &batch(&format!("full{b}")), None)
+            .await
+        {
+            Ok(done) => acknowledged.extend(done.logs.into_iter().map(|l| l.id)),
+            Err(ClientError::Api {
+                status,
+                retry_after,
+                ..
+            }) => {
+                assert_eq!(status, 503, "a full disk answered {status}");
+                assert!(retry_after.is_some());
+                refused += 1;
+            }
+            Err(ClientError::Transport { .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+        if refused >= 3 {
+            break;
+        }
+    }
+    assert!(refused >= 3, "writes kept succeeding on a full disk");
+    assert!(
+        daemon.log().contains("No space left on device"),
+        "keepd does not report the full disk:\n{}",
+        daemon.log()
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(60)),
+        "{}",
+        daemon.log()
+    );
+    let resumed = common::wait_until(Duration::from_secs(30), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(client.push("v", &key, &batch("after"), None))
+                .ok()
+        })
+    })
+    .expect("writes resume when space returns");
+    acknowledged.extend(resumed.logs.into_iter().map(|l| l.id));
+
+    let pulled = client.pull("v", 0, 1000).await.unwrap();
+    let sequences: Vec<i64> = pulled.logs.iter().map(|l| l.sequence).collect();
+    assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+    let ids: HashSet<&String> = pulled.logs.iter().map(|l| &l.id).collect();
+    assert!(
+        acknowledged.iter().all(|id| ids.contains(id)),
+        "an acknowledged entry is missing"
+    );
+    daemon.signal(common::Signal::SIGTERM);
+    let _ = daemon.wait_exit(Duration::from_secs(30));
 }

@@ -417,3 +417,40 @@ impl TestNode {
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
+
+/// The Postgres image the docker tests use (scripts/build-test-image.sh).
+pub const DOCKER_IMAGE: &str = "keepd-test-postgres:test";
+
+/// Whether the engine answers; builds the test image once (under a lock,
+/// as tests run in parallel processes) when it is missing.
+pub fn docker_engine_ready() -> bool {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "skipping: no Docker engine answers: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return false;
+        }
+        Err(e) => {
+            eprintln!("skipping: the docker CLI cannot run: {e}");
+            return false;
+        }
+    }
+    let lock_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-image.lock");
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-test-image.sh");
+    let out = Command::new(script).arg(DOCKER_IMAGE).output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the test image failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
