@@ -277,6 +277,22 @@ pub async fn serve(
     .await
 }
 
+/// Parses `bytes` as every request body type, as the routes do (for the
+/// fuzz targets in `fuzz/`: a body that parses must not panic either).
+#[doc(hidden)]
+pub fn parse_request_bodies(bytes: &[u8]) -> usize {
+    fn parses<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> usize {
+        usize::from(serde_json::from_slice::<T>(bytes).is_ok())
+    }
+    parses::<auth::CredentialsBody>(bytes)
+        + parses::<auth::ChangePasswordBody>(bytes)
+        + parses::<sync::StoreVaultKeyBody>(bytes)
+        + parses::<sync::PushBody>(bytes)
+        + parses::<sync::PullBody>(bytes)
+        + parses::<devices::RegisterDeviceBody>(bytes)
+        + parses::<devices::StoreBackupBody>(bytes)
+}
+
 /// RFC 3339 in UTC with milliseconds, as the seeds' clients expect
 /// (`2025-01-01T00:00:00.000Z`).
 fn iso8601(t: SystemTime) -> String {
