@@ -25,7 +25,7 @@ async fn writer(
     w: usize,
     batches: usize,
     progress: Arc<AtomicUsize>,
-) -> (Vec<String>, Vec<(u16, Option<u64>)>) {
+) -> Outcome {
     let mut acknowledged = Vec::new();
     let mut failures = Vec::new();
     for b in 0..batches {
@@ -123,33 +123,9 @@ async fn container_killed_under_load_loses_nothing_acknowledged() {
 
 /// 8 writers push 10 000 entries; `kill` strikes a tenth of the way in.
 async fn postgres_death_under_load(daemon: &common::Daemon, kill: impl FnOnce()) {
-    let mut owner = SyncClient::new(daemon.addr());
-    owner
-        .register("faults@example.org", PASSWORD)
-        .await
-        .unwrap();
-    owner.login("faults@example.org", PASSWORD).await.unwrap();
-    let key = Arc::new(owner.create_vault("v", PASSWORD).await.unwrap());
-    let token = owner.token().unwrap().to_string();
-
-    let progress = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..WRITERS {
-        let mut client = SyncClient::new(daemon.addr());
-        client.set_token(Some(token.clone()));
-        tasks.push(tokio::spawn(writer(
-            client,
-            key.clone(),
-            w,
-            TOTAL / BATCH / WRITERS,
-            progress.clone(),
-        )));
-    }
-    // Kill the postmaster a tenth of the way through the load.
-    let started = common::wait_until(Duration::from_secs(60), || {
-        (progress.load(Ordering::Relaxed) >= TOTAL / BATCH / 10).then_some(())
-    });
-    assert!(started.is_some(), "the load did not start");
+    let load = Load::start(daemon, "faults@example.org").await;
+    // Strike a tenth of the way through the load.
+    load.wait_for_a_tenth();
     kill();
     let killed_at = Instant::now();
     assert!(
@@ -164,13 +140,8 @@ async fn postgres_death_under_load(daemon: &common::Daemon, kill: impl FnOnce())
     );
     let recovered_in = killed_at.elapsed();
 
-    let mut acknowledged = Vec::new();
-    let mut failures = Vec::new();
-    for task in tasks {
-        let (ids, failed) = task.await.unwrap();
-        acknowledged.extend(ids);
-        failures.extend(failed);
-    }
+    let (owner, progress) = (load.owner.another_connection(), load.progress.clone());
+    let (acknowledged, failures) = load.finish().await;
     eprintln!(
         "{} entries acknowledged, {} failed attempts retried, API back in {recovered_in:?}",
         acknowledged.len(),
@@ -186,7 +157,69 @@ async fn postgres_death_under_load(daemon: &common::Daemon, kill: impl FnOnce())
         assert!(retry_after.is_some(), "a 503 without Retry-After");
     }
 
-    // Every acknowledged entry is readable; sequences are exactly 1..N.
+    assert_stored_exactly(&owner, &acknowledged).await;
+}
+
+/// What a writer ends with: acknowledged entry ids, failures seen.
+type Outcome = (Vec<String>, Vec<(u16, Option<u64>)>);
+
+/// 8 writers of one account pushing to one vault.
+struct Load {
+    owner: SyncClient,
+    progress: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+}
+
+impl Load {
+    async fn start(daemon: &common::Daemon, email: &str) -> Load {
+        let mut owner = SyncClient::new(daemon.addr());
+        owner.register(email, PASSWORD).await.unwrap();
+        owner.login(email, PASSWORD).await.unwrap();
+        let key = Arc::new(owner.create_vault("v", PASSWORD).await.unwrap());
+        let progress = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..WRITERS)
+            .map(|w| {
+                let client = owner.another_connection();
+                tokio::spawn(writer(
+                    client,
+                    key.clone(),
+                    w,
+                    TOTAL / BATCH / WRITERS,
+                    progress.clone(),
+                ))
+            })
+            .collect();
+        Load {
+            owner,
+            progress,
+            tasks,
+        }
+    }
+
+    fn wait_for_a_tenth(&self) {
+        let started = common::wait_until(Duration::from_secs(60), || {
+            (self.progress.load(Ordering::Relaxed) >= TOTAL / BATCH / 10).then_some(())
+        });
+        assert!(started.is_some(), "the load did not start");
+    }
+
+    /// (acknowledged entry ids, failures seen) once every batch is in.
+    async fn finish(self) -> Outcome {
+        let mut acknowledged = Vec::new();
+        let mut failures = Vec::new();
+        for task in self.tasks {
+            let (ids, failed) = task.await.unwrap();
+            acknowledged.extend(ids);
+            failures.extend(failed);
+        }
+        (acknowledged, failures)
+    }
+}
+
+/// Every acknowledged entry is readable and sequences are exactly
+/// 1..TOTAL: no gap, no duplicate, nothing half-applied.
+async fn assert_stored_exactly(owner: &SyncClient, acknowledged: &[String]) {
+    assert_eq!(acknowledged.len(), TOTAL);
     let mut stored = Vec::new();
     let mut after = 0;
     loop {
@@ -198,11 +231,7 @@ async fn postgres_death_under_load(daemon: &common::Daemon, kill: impl FnOnce())
         }
     }
     let sequences: Vec<i64> = stored.iter().map(|(s, _)| *s).collect();
-    assert_eq!(
-        sequences,
-        (1..=TOTAL as i64).collect::<Vec<_>>(),
-        "gap-free, no duplicates, nothing half-applied"
-    );
+    assert_eq!(sequences, (1..=TOTAL as i64).collect::<Vec<_>>());
     let ids: HashSet<&String> = stored.iter().map(|(_, id)| id).collect();
     assert!(
         acknowledged.iter().all(|id| ids.contains(id)),
@@ -227,29 +256,8 @@ async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries
     .unwrap();
     let mut daemon = node.start();
     assert!(daemon.wait_health(200, Duration::from_secs(30)));
-    let mut owner = SyncClient::new(daemon.addr());
-    owner.register("kill9@example.org", PASSWORD).await.unwrap();
-    owner.login("kill9@example.org", PASSWORD).await.unwrap();
-    let key = Arc::new(owner.create_vault("v", PASSWORD).await.unwrap());
-    let token = owner.token().unwrap().to_string();
-
-    let progress = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..WRITERS {
-        let mut client = SyncClient::new(daemon.addr());
-        client.set_token(Some(token.clone()));
-        tasks.push(tokio::spawn(writer(
-            client,
-            key.clone(),
-            w,
-            TOTAL / BATCH / WRITERS,
-            progress.clone(),
-        )));
-    }
-    let started = common::wait_until(Duration::from_secs(60), || {
-        (progress.load(Ordering::Relaxed) >= TOTAL / BATCH / 10).then_some(())
-    });
-    assert!(started.is_some(), "the load did not start");
+    let load = Load::start(&daemon, "kill9@example.org").await;
+    load.wait_for_a_tenth();
     daemon.signal(common::Signal::SIGKILL);
     daemon
         .wait_exit(Duration::from_secs(10))
@@ -268,35 +276,11 @@ async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries
         daemon.log()
     );
 
-    let mut acknowledged = Vec::new();
-    for task in tasks {
-        let (ids, _) = task.await.unwrap();
-        acknowledged.extend(ids);
-    }
-    assert_eq!(acknowledged.len(), TOTAL);
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = owner.pull("v", after, 1000).await.unwrap();
-        stored.extend(page.logs.iter().map(|l| (l.sequence, l.id.clone())));
-        after = stored.last().map_or(0, |(s, _)| *s);
-        if !page.has_more {
-            break;
-        }
-    }
-    let sequences: Vec<i64> = stored.iter().map(|(s, _)| *s).collect();
+    let owner = load.owner.another_connection();
     // Retries of pushes whose answer was lost replayed the first result:
     // nothing stored twice.
-    assert_eq!(
-        sequences,
-        (1..=TOTAL as i64).collect::<Vec<_>>(),
-        "gap-free, no duplicates"
-    );
-    let ids: HashSet<&String> = stored.iter().map(|(_, id)| id).collect();
-    assert!(
-        acknowledged.iter().all(|id| ids.contains(id)),
-        "an acknowledged entry is missing"
-    );
+    let (acknowledged, _) = load.finish().await;
+    assert_stored_exactly(&owner, &acknowledged).await;
     let (code, text) = node.audit_verify();
     assert_eq!(code, 0, "{text}");
 }

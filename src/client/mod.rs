@@ -130,6 +130,15 @@ impl SyncClient {
         }
     }
 
+    /// A second connection for the same user (parallel work).
+    pub fn another_connection(&self) -> SyncClient {
+        SyncClient {
+            addr: self.addr,
+            connection: Mutex::new(None),
+            token: self.token.clone(),
+        }
+    }
+
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
     }
