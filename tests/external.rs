@@ -105,11 +105,7 @@ fn start_external() -> ExternalPostgres {
     std::fs::write(&password_file, format!("{ADMIN_PASSWORD}\n")).unwrap();
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let child = Command::new(bin.join("postgres"))
         .arg("-D")
         .arg(&data)

@@ -243,11 +243,7 @@ async fn assert_stored_exactly(owner: &SyncClient, acknowledged: &[String]) {
 async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries() {
     let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
     // A fixed API port, so clients find keepd again after its restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let yaml = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(
         &node.config,

@@ -12,14 +12,6 @@ use keepd::postgres::tls::{Tls, client_config, connect};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn superuser_config(port: u16, password: &str) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
@@ -45,7 +37,7 @@ fn tls_with(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
-    let port = free_port();
+    let port = common::free_port();
     let node = TestNode::with_extra(&format!(
         "network:\n  use_unix_socket: false\n  bind_address: 127.0.0.1\n  port: {port}\n"
     ));

@@ -208,22 +208,8 @@ pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// The body of a plain HTTP/1.1 GET as text; None when nothing answers.
-pub fn http_get_text(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// A plain HTTP/1.1 GET; None when nothing answers.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)> {
+/// A plain HTTP/1.1 GET: (status, body text); None when nothing answers.
+fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -235,10 +221,30 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_string()))
+}
+
+/// The body of a plain HTTP/1.1 GET as text; None when nothing answers.
+pub fn http_get_text(addr: SocketAddr, path: &str) -> Option<String> {
+    http_get_raw(addr, path).map(|(_, body)| body)
+}
+
+/// A plain HTTP/1.1 GET; None when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = http_get_raw(addr, path)?;
     Some((
         status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     ))
+}
+
+/// A TCP port on 127.0.0.1 nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
