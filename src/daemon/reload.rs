@@ -18,43 +18,50 @@ pub struct Reloader {
     pub running: Config,
 }
 
-/// The sections of `new` that differ from `old` and need a restart.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut api = new.api.clone();
-    api.rate_limits = old.api.rate_limits.clone();
+/// The sections of `new` that differ from `running` (which already holds
+/// the live settings of `new`), so need a restart.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let sections = [
-        ("node", format!("{:?}", old.node), format!("{:?}", new.node)),
+        (
+            "node",
+            format!("{:?}", running.node),
+            format!("{:?}", new.node),
+        ),
         (
             "log.format",
-            format!("{:?}", old.log.format),
+            format!("{:?}", running.log.format),
             format!("{:?}", new.log.format),
         ),
         (
             "database",
-            format!("{:?}", old.database),
+            format!("{:?}", running.database),
             format!("{:?}", new.database),
         ),
         (
             "credentials",
-            format!("{:?}", old.credentials),
+            format!("{:?}", running.credentials),
             format!("{:?}", new.credentials),
         ),
         (
             "network",
-            format!("{:?}", old.network),
+            format!("{:?}", running.network),
             format!("{:?}", new.network),
         ),
         (
             "security",
-            format!("{:?}", old.security),
+            format!("{:?}", running.security),
             format!("{:?}", new.security),
         ),
         (
             "encryption_at_rest",
-            format!("{:?}", old.encryption_at_rest),
+            format!("{:?}", running.encryption_at_rest),
             format!("{:?}", new.encryption_at_rest),
         ),
-        ("api", format!("{:?}", old.api), format!("{:?}", api)),
+        (
+            "api",
+            format!("{:?}", running.api),
+            format!("{:?}", new.api),
+        ),
     ];
     sections
         .into_iter()
@@ -87,31 +94,13 @@ impl Reloader {
                 "SIGHUP: auth rate limit applied"
             );
         }
+        // What runs now: the old configuration with the live settings
+        // replaced, so the next SIGHUP compares against the truth.
+        self.running.log.level = new.log.level.clone();
+        self.running.api.rate_limits = new.api.rate_limits.clone();
         let restart = needs_restart(&self.running, &new);
         if !restart.is_empty() {
             warn!(sections = ?restart, "SIGHUP: these settings changed and take effect at the next restart");
         }
-        let mut applied = new;
-        // What was not applied stays as it runs, so the next SIGHUP
-        // compares against the truth.
-        for section in &restart {
-            match *section {
-                "node" => applied.node = self.running.node.clone(),
-                "log.format" => applied.log.format = self.running.log.format,
-                "database" => applied.database = self.running.database.clone(),
-                "credentials" => applied.credentials = self.running.credentials.clone(),
-                "network" => applied.network = self.running.network.clone(),
-                "security" => applied.security = self.running.security.clone(),
-                "encryption_at_rest" => {
-                    applied.encryption_at_rest = self.running.encryption_at_rest.clone()
-                }
-                _ => {
-                    let limits = applied.api.rate_limits.clone();
-                    applied.api = self.running.api.clone();
-                    applied.api.rate_limits = limits;
-                }
-            }
-        }
-        self.running = applied;
     }
 }
