@@ -43,6 +43,11 @@ pub const SUPPORTED_LIST: &str = "sync_logs.{encrypted_data, nonce, haex_timesta
     vault_keys.{encrypted_vault_key, salt, nonce}, backups.{ciphertext, nonce, auth_tag, \
     signature}, devices.device_name";
 
+/// Whether keepd stores `table.column` as text (else bytea).
+pub fn is_text(table: &str, column: &str) -> bool {
+    supported(table, column).is_none_or(|(_, text)| text)
+}
+
 /// The schema-qualified table and whether the column is text, when keepd
 /// can encrypt `table.column` (`table` with or without `keepd.`).
 pub fn supported(table: &str, column: &str) -> Option<(&'static str, bool)> {
@@ -138,6 +143,21 @@ impl FieldCipher {
     /// The configured columns, as (table, column).
     pub fn columns(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
         self.columns.iter().copied()
+    }
+
+    /// A SQL condition (no parameters) true for the values of
+    /// `table.column` not sealed under the current key: sealed under
+    /// another version, or written before encryption was enabled.
+    pub fn stale_values(&self, table: &str, column: &str) -> String {
+        if is_text(table, column) {
+            format!("{column} NOT LIKE '{TEXT_PREFIX}{}:%'", self.current)
+        } else {
+            let marker = hex::encode([BYTES_PREFIX, &self.current.to_be_bytes()].concat());
+            format!(
+                "substring({column} FROM 1 FOR {}) <> '\\x{marker}'::bytea",
+                BYTES_PREFIX.len() + 4
+            )
+        }
     }
 
     fn encrypts(&self, table: &str, column: &str) -> bool {
@@ -322,6 +342,14 @@ mod tests {
             c.open_text("keepd.sync_logs", "encrypted_data", "plain".into())
                 .unwrap(),
             "plain"
+        );
+        assert_eq!(
+            c.stale_values("keepd.sync_logs", "encrypted_data"),
+            "encrypted_data NOT LIKE 'kf1:1:%'"
+        );
+        assert_eq!(
+            c.stale_values("keepd.backups", "ciphertext"),
+            "substring(ciphertext FROM 1 FOR 7) <> '\\x4b463100000001'::bytea"
         );
     }
 

@@ -98,31 +98,16 @@ impl Reencryption {
         table: &str,
         column: &str,
     ) -> Result<Pass, tokio_postgres::Error> {
-        let current = self.fields.current_version();
-        let text = !matches!(table, "keepd.backups");
-        let rows = if text {
-            client
-                .query(
-                    &format!(
-                        "SELECT id, {column} FROM {table} WHERE {column} NOT LIKE $1 \
-                         ORDER BY id LIMIT $2"
-                    ),
-                    &[&format!("kf1:{current}:%"), &BATCH],
-                )
-                .await?
-        } else {
-            let mut marker = b"KF1".to_vec();
-            marker.extend_from_slice(&current.to_be_bytes());
-            client
-                .query(
-                    &format!(
-                        "SELECT id, {column} FROM {table} WHERE substring({column} FROM 1 FOR 7) <> $1 \
-                         ORDER BY id LIMIT $2"
-                    ),
-                    &[&marker, &BATCH],
-                )
-                .await?
-        };
+        let text = crate::fields::is_text(table, column);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT id, {column} FROM {table} WHERE {} ORDER BY id LIMIT $1",
+                    self.fields.stale_values(table, column)
+                ),
+                &[&BATCH],
+            )
+            .await?;
         let mut pass = Pass::default();
         let update = format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3");
         for row in rows {

@@ -467,25 +467,15 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
     // Values not (yet) under the current key, measured.
     let mut behind = 0i64;
     for (table, column) in &columns {
-        let count = if *table == "keepd.backups" {
-            let mut marker = b"KF1".to_vec();
-            marker.extend_from_slice(&version.to_be_bytes());
-            client
-                .query_one(
-                    &format!(
-                        "SELECT count(*) FROM {table} WHERE substring({column} FROM 1 FOR 7) <> $1"
-                    ),
-                    &[&marker],
-                )
-                .await
-        } else {
-            client
-                .query_one(
-                    &format!("SELECT count(*) FROM {table} WHERE {column} NOT LIKE $1"),
-                    &[&format!("kf1:{version}:%")],
-                )
-                .await
-        };
+        let count = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE {}",
+                    fields.stale_values(table, column)
+                ),
+                &[],
+            )
+            .await;
         match count {
             Ok(row) => behind += row.get::<_, i64>(0),
             Err(e) => return Check::new(id, Weight::Minor, Status::Fail, describe_error(&e)),
