@@ -275,13 +275,7 @@ pub(super) async fn logout(
     auth: UserAuth,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Auth,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let revoked = tx
         .execute(queries::REVOKE_SESSION, &[&auth.session])
         .await?;
@@ -359,13 +353,7 @@ pub(super) async fn delete_account(
     auth: UserAuth,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Auth,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let deleted = tx.execute(queries::DELETE_USER, &[&auth.user]).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(

@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
 use super::sync::check_base64;
 use super::{Api, iso8601, queries};
-use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::postgres::pool::GroupRole;
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
 const DEFAULT_PAGE: i64 = 20;
@@ -205,13 +205,7 @@ pub(super) async fn register_device(
         ));
     }
     let id = Uuid::new_v4();
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Sync,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let stored_name = api
         .fields
         .seal_text(DEVICES, "device_name", body.device_name.clone());
@@ -249,13 +243,7 @@ pub(super) async fn list_devices(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
 ) -> Result<Json<DevicesResponse>, ApiError> {
-    let tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Query,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
     let rows = tx.query(queries::LIST_DEVICES, &[&auth.user]).await?;
     tx.commit().await?;
     Ok(Json(DevicesResponse {
@@ -280,13 +268,7 @@ pub(super) async fn revoke_device(
     ApiPath(IdPath { id }): ApiPath<IdPath>,
 ) -> Result<Json<super::auth::MessageBody>, ApiError> {
     let started = Instant::now();
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Sync,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let revoked = tx
         .execute(queries::REVOKE_DEVICE, &[&auth.user, &id])
         .await?;
@@ -336,13 +318,7 @@ pub(super) async fn store_backup(
             "`signature` must be the base64 of a 64-byte Ed25519 signature",
         )
     })?;
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Sync,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let device = tx
         .query(queries::DEVICE_KEY, &[&auth.user, &body.device_id])
         .await?;
@@ -450,13 +426,7 @@ pub(super) async fn list_backups(
             format!("`limit` must be 1 to {MAX_PAGE}"),
         ));
     }
-    let tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Query,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
     let rows = tx
         .query(
             queries::LIST_BACKUPS,
@@ -500,13 +470,7 @@ pub(super) async fn backup(
     auth: UserAuth,
     ApiPath(IdPath { id }): ApiPath<IdPath>,
 ) -> Result<Json<BackupResponse>, ApiError> {
-    let tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Query,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
     let rows = tx.query(queries::BACKUP, &[&auth.user, &id]).await?;
     tx.commit().await?;
     let row = rows.first().ok_or_else(|| {

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::{Api, queries};
-use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::postgres::pool::{GroupRole, OperationContext, ScopedTransaction};
 use crate::tokens::TokenError;
 
 /// A JSON body of type `T`.
@@ -128,6 +128,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
 pub struct UserAuth {
     pub user: Uuid,
     pub session: Uuid,
+}
+
+impl UserAuth {
+    /// A transaction as `role` for this caller: row-level security shows
+    /// it only the caller's rows.
+    pub async fn begin(&self, api: &Api, role: GroupRole) -> Result<ScopedTransaction, ApiError> {
+        Ok(api
+            .pool
+            .begin(&OperationContext::user(role, self.user.to_string()))
+            .await?)
+    }
 }
 
 impl FromRequestParts<Arc<Api>> for UserAuth {

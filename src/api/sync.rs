@@ -186,13 +186,7 @@ pub(super) async fn store_vault_key(
     check_base64("encryptedVaultKey", &body.encrypted_vault_key)?;
     check_base64("salt", &body.salt)?;
     check_base64("nonce", &body.nonce)?;
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Sync,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let vault = Uuid::new_v4();
     let created = tx
         .query(queries::INSERT_VAULT, &[&vault, &auth.user, &body.vault_id])
@@ -256,13 +250,7 @@ pub(super) async fn vault_key(
     ApiPath(vault_id): ApiPath<String>,
 ) -> Result<Json<VaultKeyResponse>, ApiError> {
     check_vault_id(&vault_id)?;
-    let tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Query,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
     let rows = tx
         .query(queries::VAULT_KEY, &[&auth.user, &vault_id])
         .await?;
@@ -473,13 +461,7 @@ pub(super) async fn pull(
             "`afterSequence` must be 0 or more",
         ));
     }
-    let tx = api
-        .pool
-        .begin(&OperationContext::user(
-            GroupRole::Query,
-            auth.user.to_string(),
-        ))
-        .await?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
     let vault: Uuid = tx
         .query(queries::VAULT_ID, &[&auth.user, &body.vault_id])
         .await?
