@@ -6,7 +6,7 @@
 //! as keepd writes it): `alg: none`, other algorithms and re-encoded
 //! headers are refused before any signature check. Whether the session is
 //! still live (logout, password change) is the database's answer, not the
-//! token's; `TokenClaims::session` names the row to ask about.
+//! token's; `TokenClaims::sid` names the row to ask about.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,12 +49,6 @@ pub struct TokenClaims {
     pub iss: String,
     pub iat: u64,
     pub exp: u64,
-}
-
-impl TokenClaims {
-    pub fn session(&self) -> Uuid {
-        self.sid
-    }
 }
 
 /// Mints and checks tokens for one node.
@@ -169,7 +163,7 @@ mod tests {
         let verified = issuer.verify(&token).unwrap();
         assert_eq!(verified, claims);
         assert_eq!(verified.sub, user);
-        assert_eq!(verified.session(), session);
+        assert_eq!(verified.sid, session);
         assert_eq!(
             issuer.verify_at(&token, claims.exp),
             Err(TokenError::Expired)
