@@ -175,6 +175,12 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         login_role: &login_role,
         container: facts.as_ref(),
         server_certificate: certificate.as_deref(),
+        api_certificate: config
+            .api
+            .tls
+            .as_ref()
+            .and_then(|tls| crate::edge::ApiCertificate::load(tls).ok())
+            .map(|cert| cert.info()),
     })
     .await;
     Ok(Report::new(checks))

@@ -482,8 +482,27 @@ impl Default for ShamirConfig {
 pub struct ApiConfig {
     /// Address the HTTP API listens on; port 0 picks a free port (logged).
     pub listen: SocketAddr,
+    /// HTTPS: keepd terminates TLS itself; unset = plain HTTP (loopback or
+    /// behind a TLS proxy).
     pub tls: Option<ApiTlsConfig>,
+    /// A client must send a request's headers within this (slow-header
+    /// clients are closed).
+    pub header_timeout: HumanDuration,
+    /// A connection that moves no byte and has no request open for this
+    /// long is closed.
+    pub idle_timeout: HumanDuration,
+    /// A request body must arrive within this (408 beyond).
+    pub body_timeout: HumanDuration,
+    /// Open connections at most; past it new ones are closed at once.
+    pub max_connections: u32,
+    /// Open connections per client address at most (trusted proxies are
+    /// exempt).
+    pub max_connections_per_client: u32,
+    /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (CIDRs).
+    pub trusted_proxies: Vec<ProxyNet>,
     pub jwt_ttl: HumanDuration,
+    /// Browser origins allowed to call the API (CORS), exactly as the
+    /// browser sends them: `https://app.example.org`.
     pub cors_origins: Vec<String>,
     pub rate_limits: RateLimitsConfig,
     /// Largest request body accepted, in bytes (413 beyond).
@@ -493,6 +512,10 @@ pub struct ApiConfig {
     /// A request not answered within this is answered 503 (the database
     /// is stalled), instead of hanging.
     pub request_timeout: HumanDuration,
+    /// Where `/metrics` is served; empty = nowhere. Never the public
+    /// listener.
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ApiConfig {
@@ -500,21 +523,123 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8787)),
             tls: None,
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            body_timeout: HumanDuration(Duration::from_secs(30)),
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            trusted_proxies: Vec::new(),
             jwt_ttl: HumanDuration(Duration::from_secs(7 * 86400)),
             cors_origins: Vec::new(),
             rate_limits: RateLimitsConfig::default(),
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 1000,
             request_timeout: HumanDuration(Duration::from_secs(15)),
+            metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9187))),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiTlsConfig {
+    /// The certificate chain (PEM), leaf first.
     pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    #[serde(default)]
+    pub min_version: TlsMinVersion,
+}
+
+/// The oldest TLS version the API accepts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsMinVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl fmt::Display for TlsMinVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMinVersion::Tls12 => "TLS 1.2",
+            TlsMinVersion::Tls13 => "TLS 1.3",
+        })
+    }
+}
+
+/// A network of trusted reverse proxies: `10.0.0.0/8`, `::1/128`, or one
+/// address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyNet(pub ipnet::IpNet);
+
+impl ProxyNet {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.contains(&addr)
+    }
+}
+
+impl FromStr for ProxyNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(net) = text.parse::<ipnet::IpNet>() {
+            return Ok(ProxyNet(net));
+        }
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            return Ok(ProxyNet(ipnet::IpNet::from(addr)));
+        }
+        Err(format!(
+            "`{text}` is not a network: write an address with a prefix length such as \
+             10.0.0.0/8 or fd00::/8, or a single address such as 127.0.0.1"
+        ))
+    }
+}
+
+impl fmt::Display for ProxyNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyNet {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why `origin` is not a CORS origin as browsers send it, if it is not.
+fn origin_problem(origin: &str) -> Option<&'static str> {
+    if origin == "*" || origin.contains('*') {
+        return Some("name each origin exactly; keepd never allows a wildcard");
+    }
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Some("an origin is scheme://host[:port], e.g. https://app.example.org");
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Some("the scheme is http or https");
+    }
+    if authority.is_empty() {
+        return Some("an origin names a host");
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Some("an origin has no path, query or trailing slash: scheme://host[:port] only");
+    }
+    if authority.contains('@')
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Some("an origin has no user information or spaces");
+    }
+    if authority.chars().any(|c| c.is_ascii_uppercase()) {
+        return Some("browsers send origins in lower case; write it so");
+    }
+    None
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -614,6 +739,20 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+fn optional_addr<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(addr) => addr.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`{addr}` is not an address: write host:port such as 127.0.0.1:9187, or \"\" for none"
+            ))
+        }),
+    }
+}
+
 fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
     let text: Option<String> = Option::deserialize(deserializer)?;
     Ok(text.filter(|t| !t.trim().is_empty()).map(PathBuf::from))
@@ -675,6 +814,10 @@ impl Config {
         }
         if let Some(p) = self.database.postgres.native.bin_dir.as_mut() {
             absolute(p);
+        }
+        if let Some(tls) = self.api.tls.as_mut() {
+            absolute(&mut tls.cert);
+            absolute(&mut tls.key);
         }
         let external = &mut self.database.postgres.external;
         for p in [&mut external.admin_password_file, &mut external.ca_file]
@@ -771,6 +914,49 @@ impl Config {
                 "api.rate_limits.auth_per_minute",
                 "0".into(),
                 "at least 1 (attempts per client address per minute)".into(),
+            ));
+        }
+        for (key, value) in [
+            ("api.header_timeout", api.header_timeout),
+            ("api.idle_timeout", api.idle_timeout),
+            ("api.body_timeout", api.body_timeout),
+        ] {
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&value.get()) {
+                return Err(invalid(key, value.to_string(), "1s to 1h".into()));
+            }
+        }
+        if !(16..=1_000_000).contains(&api.max_connections) {
+            return Err(invalid(
+                "api.max_connections",
+                api.max_connections.to_string(),
+                "16 to 1000000 (and below the process's open-file limit)".into(),
+            ));
+        }
+        if !(1..=api.max_connections).contains(&api.max_connections_per_client) {
+            return Err(invalid(
+                "api.max_connections_per_client",
+                api.max_connections_per_client.to_string(),
+                format!("1 to api.max_connections ({})", api.max_connections),
+            ));
+        }
+        for origin in &api.cors_origins {
+            if let Some(problem) = origin_problem(origin) {
+                return Err(invalid(
+                    "api.cors_origins",
+                    format!("{origin:?}"),
+                    problem.into(),
+                ));
+            }
+        }
+        if let Some(metrics) = api.metrics_listen
+            && metrics.port() != 0
+            && metrics == api.listen
+        {
+            return Err(invalid(
+                "api.metrics_listen",
+                metrics.to_string(),
+                "an address other than api.listen (metrics are never on the public listener)"
+                    .into(),
             ));
         }
         if api.jwt_ttl.get() < Duration::from_secs(60) {
@@ -1096,6 +1282,49 @@ security:
     fn external_needs_host() {
         let msg = error("database:\n  postgres:\n    provider: external\n");
         assert!(msg.contains("database.postgres.external.host"), "{msg}");
+    }
+
+    #[test]
+    fn api_edge_settings_are_checked() {
+        let msg = error("api:\n  trusted_proxies: [10.0.0.0/33]\n");
+        assert!(
+            msg.contains("api.trusted_proxies") && msg.contains("10.0.0.0/33"),
+            "{msg}"
+        );
+        let msg = error("api:\n  trusted_proxies: [proxy.example]\n");
+        assert!(msg.contains("not a network"), "{msg}");
+        let ok = parse("api:\n  trusted_proxies: [10.0.0.0/8, \"::1\", 192.0.2.7]\n").unwrap();
+        assert!(ok.api.trusted_proxies[1].contains("::1".parse().unwrap()));
+        assert!(ok.api.trusted_proxies[2].contains("192.0.2.7".parse().unwrap()));
+        assert!(!ok.api.trusted_proxies[2].contains("192.0.2.8".parse().unwrap()));
+        for (origin, says) in [
+            ("https://app.example.org/path", "no path"),
+            ("https://app.example.org/", "no path"),
+            ("*", "wildcard"),
+            ("app.example.org", "scheme://host"),
+            ("ftp://app.example.org", "http or https"),
+        ] {
+            let msg = error(&format!("api:\n  cors_origins: [\"{origin}\"]\n"));
+            assert!(
+                msg.contains("api.cors_origins") && msg.contains(origin) && msg.contains(says),
+                "{origin}: {msg}"
+            );
+        }
+        let ok = parse("api:\n  cors_origins: [\"https://app.example.org:8443\"]\n").unwrap();
+        assert_eq!(ok.api.cors_origins.len(), 1);
+        let msg = error("api:\n  tls:\n    cert: a\n    key: b\n    min_version: \"1.1\"\n");
+        assert!(
+            msg.contains("api.tls.min_version") && msg.contains("1.3"),
+            "{msg}"
+        );
+        let msg = error("api:\n  max_connections: 4\n");
+        assert!(msg.contains("api.max_connections"), "{msg}");
+        let msg = error("api:\n  header_timeout: 0s\n");
+        assert!(msg.contains("api.header_timeout"), "{msg}");
+        let off = parse("api:\n  metrics_listen: \"\"\n").unwrap();
+        assert_eq!(off.api.metrics_listen, None);
+        let msg = error("api:\n  listen: 127.0.0.1:9000\n  metrics_listen: 127.0.0.1:9000\n");
+        assert!(msg.contains("api.metrics_listen"), "{msg}");
     }
 
     #[test]

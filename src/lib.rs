@@ -7,6 +7,7 @@ pub mod audit;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod edge;
 pub mod fields;
 pub mod fsutil;
 pub mod identity;

@@ -194,6 +194,8 @@ fn main() -> ExitCode {
             let usage = e.chain().any(|c| {
                 c.is::<ConfigError>()
                     || c.is::<RenderError>()
+                    || c.downcast_ref::<keepd::daemon::DaemonError>()
+                        .is_some_and(keepd::daemon::DaemonError::is_configuration)
                     || c.downcast_ref::<RecoveryError>().is_some_and(|r| {
                         matches!(
                             r,

@@ -1,6 +1,7 @@
 //! Process metrics in the Prometheus text format (version 0.0.4): HTTP
-//! requests and latency per route, the pool, rotations and Postgres
-//! restarts. Counters live here; gauges are read from their owners when
+//! requests and latency per route, responses by status class (unrouted
+//! ones included), connections, the pool, rotations, Postgres restarts,
+//! the security level, and the usual `process_*` figures. Counters live here; gauges are read from their owners when
 //! scraped, so they cannot go stale.
 
 use std::collections::BTreeMap;
@@ -30,12 +31,29 @@ struct Http {
     latency: BTreeMap<(String, String), Histogram>,
 }
 
-/// Counters shared by the API, the rotator and the supervisor.
+/// Counters shared by the API, the edge, the rotator and the supervisor.
 #[derive(Default)]
 pub struct Metrics {
     http: Mutex<Http>,
+    /// Responses by status class (index 1..=5), every path included.
+    responses: [AtomicU64; 6],
+    connections_open: AtomicU64,
+    refused_total: AtomicU64,
+    refused_per_client: AtomicU64,
     rotations: AtomicU64,
     postgres_restarts: AtomicU64,
+    /// The measured security level, 1 (reduced) to 4 (maximum); 0 before
+    /// the first report.
+    security_level: AtomicU64,
+}
+
+/// Holds one open connection in the gauge.
+pub struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Gauges read at scrape time.
@@ -66,6 +84,31 @@ impl Metrics {
         }
         histogram.count += 1;
         histogram.sum += seconds;
+    }
+
+    /// Any answered request, routed or not (404s and 405s included).
+    pub fn observe_response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5);
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) -> OpenConnection<'_> {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    /// A connection closed at once; `cap` is the setting that was reached.
+    pub fn connection_refused(&self, cap: &str) {
+        if cap == "max_connections" {
+            self.refused_total.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.refused_per_client.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The level of the last security report, 1 (reduced) to 4 (maximum).
+    pub fn set_security_level(&self, ordinal: u64) {
+        self.security_level.store(ordinal, Ordering::Relaxed);
     }
 
     pub fn rotation_completed(&self) {
@@ -118,6 +161,33 @@ impl Metrics {
             );
         }
         drop(http);
+        out.push_str("# HELP keepd_http_responses_total HTTP responses by status class, unrouted paths included.\n");
+        out.push_str("# TYPE keepd_http_responses_total counter\n");
+        for class in 1..=5 {
+            let _ = writeln!(
+                out,
+                "keepd_http_responses_total{{class=\"{class}xx\"}} {}",
+                self.responses[class].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP keepd_http_connections_refused_total Connections closed at once because a cap was reached.\n");
+        out.push_str("# TYPE keepd_http_connections_refused_total counter\n");
+        for (cap, n) in [
+            ("max_connections", &self.refused_total),
+            ("max_connections_per_client", &self.refused_per_client),
+        ] {
+            let _ = writeln!(
+                out,
+                "keepd_http_connections_refused_total{{cap=\"{cap}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keepd_build_info keepd's version.\n# TYPE keepd_build_info gauge\n\
+             keepd_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
@@ -166,7 +236,123 @@ impl Metrics {
             "Times the supervisor restarted a Postgres that died.",
             self.postgres_restarts.load(Ordering::Relaxed).to_string(),
         );
+        single(
+            "keepd_http_connections_open",
+            "gauge",
+            "Client connections open on the API listener.",
+            self.connections_open.load(Ordering::Relaxed).to_string(),
+        );
+        single(
+            "keepd_security_level",
+            "gauge",
+            "The measured security level: 1 reduced, 2 moderate, 3 high, 4 maximum (0 before the first report).",
+            self.security_level.load(Ordering::Relaxed).to_string(),
+        );
+        let process = Process::read();
+        for (name, kind, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                process.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory size in bytes.",
+                process.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "gauge",
+                "Open file descriptors.",
+                process.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "gauge",
+                "The open-file limit (RLIMIT_NOFILE, soft).",
+                process.max_fds,
+            ),
+            ("process_threads", "gauge", "OS threads.", process.threads),
+        ] {
+            if let Some(value) = value {
+                single(name, kind, help, value.to_string());
+            }
+        }
+        if let Some(cpu) = process.cpu_seconds {
+            single(
+                "process_cpu_seconds_total",
+                "counter",
+                "User and system CPU time, seconds.",
+                format!("{cpu}"),
+            );
+        }
+        if let Some(start) = process.start_time_seconds {
+            single(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time since the epoch, seconds.",
+                start.to_string(),
+            );
+        }
         out
+    }
+}
+
+/// This process as `/proc/self` tells it (Linux; elsewhere nothing).
+#[derive(Default)]
+struct Process {
+    resident_bytes: Option<u64>,
+    virtual_bytes: Option<u64>,
+    open_fds: Option<u64>,
+    max_fds: Option<u64>,
+    threads: Option<u64>,
+    cpu_seconds: Option<f64>,
+    start_time_seconds: Option<u64>,
+}
+
+impl Process {
+    fn read() -> Process {
+        let mut p = Process {
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as u64),
+            max_fds: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .ok()
+                .map(|(soft, _)| soft),
+            ..Process::default()
+        };
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64;
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        // Fields after the parenthesised command name, which may hold spaces.
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // proc(5) numbers fields from 1 (pid); `fields[0]` is field 3.
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+            p.cpu_seconds = Some((utime + stime) as f64 / ticks);
+        }
+        p.threads = field(20);
+        p.virtual_bytes = field(23);
+        p.resident_bytes = field(24).map(|pages| pages * page);
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        if let (Some(boot), Some(start)) = (boot, field(22)) {
+            p.start_time_seconds = Some(boot + (start as f64 / ticks) as u64);
+        }
+        p
     }
 }
 
@@ -185,6 +371,11 @@ mod tests {
         metrics.observe_request("POST", "/sync/push", 200, Duration::from_millis(30));
         metrics.observe_request("POST", "/sync/push", 400, Duration::from_secs(20));
         metrics.rotation_completed();
+        metrics.observe_response(404);
+        metrics.observe_response(200);
+        metrics.set_security_level(3);
+        let _open = metrics.connection_opened();
+        metrics.connection_refused("max_connections_per_client");
         let text = metrics.render(&Gauges {
             pool_max: 16,
             pool_open: 3,
@@ -204,8 +395,37 @@ mod tests {
             "keepd_postgres_up 1",
             "keepd_credential_rotations_total 1",
             "keepd_postgres_restarts_total 0",
+            r#"keepd_http_responses_total{class="4xx"} 1"#,
+            r#"keepd_http_responses_total{class="2xx"} 1"#,
+            r#"keepd_http_responses_total{class="5xx"} 0"#,
+            r#"keepd_http_connections_refused_total{cap="max_connections_per_client"} 1"#,
+            "keepd_http_connections_open 1",
+            "keepd_security_level 3",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+        for name in [
+            "keepd_build_info{version=",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_cpu_seconds_total ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "missing {name}\n{text}"
+            );
+        }
+        let rss: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            rss > 1 << 20,
+            "a running test has more than 1 MiB resident: {rss}"
+        );
     }
 }

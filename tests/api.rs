@@ -1,5 +1,5 @@
-//! The sync API over real HTTP against a real keepd and Postgres, driven by
-//! the reference client.
+//! The sync API over real HTTPS against a real keepd and Postgres, driven
+//! by the reference client.
 
 mod common;
 
@@ -16,7 +16,7 @@ const PASSWORD: &str = "correct horse battery";
 
 /// A node whose auth limit does not get in the tests' way.
 fn api_node(api: &str) -> (TestNode, Daemon) {
-    let node = TestNode::with_api_and_extra(
+    let node = TestNode::with_https(
         &format!("  rate_limits:\n    auth_per_minute: 10000\n{api}"),
         "",
     );
@@ -36,7 +36,7 @@ fn email() -> String {
 /// A registered, logged-in client.
 async fn user(daemon: &Daemon) -> (SyncClient, String) {
     let email = email();
-    let mut client = SyncClient::new(daemon.addr());
+    let mut client = daemon.client();
     client.register(&email, PASSWORD).await.unwrap();
     client.login(&email, PASSWORD).await.unwrap();
     (client, email)
@@ -76,9 +76,8 @@ async fn sql_rows(node: &TestNode, sql: &str) -> Vec<tokio_postgres::Row> {
 #[tokio::test(flavor = "multi_thread")]
 async fn accounts_login_logout_and_erasure() {
     let (node, daemon) = api_node("");
-    let addr = daemon.addr();
     let email = email();
-    let mut client = SyncClient::new(addr);
+    let mut client = daemon.client();
 
     let registered = client
         .send(
@@ -184,9 +183,9 @@ async fn accounts_login_logout_and_erasure() {
     assert_eq!(after.status(), Some(401));
 
     // A password change ends every session.
-    let mut first = SyncClient::new(addr);
+    let mut first = daemon.client();
     first.login(&email, PASSWORD).await.unwrap();
-    let mut second = SyncClient::new(addr);
+    let mut second = daemon.client();
     second.login(&email, PASSWORD).await.unwrap();
     first
         .change_password(PASSWORD, "a new long password")
@@ -196,7 +195,7 @@ async fn accounts_login_logout_and_erasure() {
         assert_eq!(session.devices().await.unwrap_err().status(), Some(401));
     }
     assert!(client.login(&email, PASSWORD).await.is_err());
-    let mut owner = SyncClient::new(addr);
+    let mut owner = daemon.client();
     let user = owner.login(&email, "a new long password").await.unwrap();
 
     // Erasure removes the account and everything it owns.
@@ -301,7 +300,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
         ("foreign", foreign),
         ("garbage", "abc".to_string()),
     ] {
-        let mut forged = SyncClient::new(daemon.addr());
+        let mut forged = daemon.client();
         forged.set_token(Some(bad));
         for (method, path) in [
             (Method::GET, "/devices"),
@@ -316,7 +315,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             assert_eq!(code(&answer), "unauthorized");
         }
     }
-    let anonymous = SyncClient::new(daemon.addr());
+    let anonymous = daemon.client();
     let answer = raw(&anonymous, Method::GET, "/devices", "").await;
     assert_eq!(answer.0, 401);
 }
@@ -472,14 +471,14 @@ async fn concurrent_pushers_get_gap_free_sequences_and_readers_miss_nothing() {
     const PER_PUSH: usize = 3;
     let (_node, daemon) = api_node("");
     let email = email();
-    let mut owner = SyncClient::new(daemon.addr());
+    let mut owner = daemon.client();
     owner.register(&email, PASSWORD).await.unwrap();
     owner.login(&email, PASSWORD).await.unwrap();
     let key = Arc::new(owner.create_vault("shared", PASSWORD).await.unwrap());
     let token = owner.token().unwrap().to_string();
 
     let reader = {
-        let mut client = SyncClient::new(daemon.addr());
+        let mut client = daemon.client();
         client.set_token(Some(token.clone()));
         tokio::spawn(async move {
             let total = (PUSHERS * PUSHES * PER_PUSH) as i64;
@@ -500,7 +499,7 @@ async fn concurrent_pushers_get_gap_free_sequences_and_readers_miss_nothing() {
     };
     let mut pushers = Vec::new();
     for p in 0..PUSHERS {
-        let mut client = SyncClient::new(daemon.addr());
+        let mut client = daemon.client();
         client.set_token(Some(token.clone()));
         let key = key.clone();
         pushers.push(tokio::spawn(async move {
@@ -754,10 +753,10 @@ async fn another_users_ids_are_out_of_reach_on_every_route() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn root_openapi_metrics_and_rate_limits() {
-    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 3\n", "");
+    let node = TestNode::with_https("  rate_limits:\n    auth_per_minute: 3\n", "");
     let daemon = node.start();
     assert!(daemon.wait_health(200, Duration::from_secs(30)));
-    let client = SyncClient::new(daemon.addr());
+    let client = daemon.client();
     let root = raw(&client, Method::GET, "/", "").await;
     assert_eq!(root.0, 200);
     assert_eq!(root.1["name"], "keepd");
@@ -767,13 +766,7 @@ async fn root_openapi_metrics_and_rate_limits() {
     let openapi = raw(&client, Method::GET, "/openapi.json", "").await;
     assert_eq!(openapi.0, 200);
     let paths = openapi.1["paths"].as_object().unwrap();
-    for path in [
-        "/auth/login",
-        "/sync/push",
-        "/sync/pull",
-        "/backups/{id}",
-        "/metrics",
-    ] {
+    for path in ["/auth/login", "/sync/push", "/sync/pull", "/backups/{id}"] {
         assert!(paths.contains_key(path), "{path} missing");
     }
     let unknown = raw(&client, Method::GET, "/no/such/route", "").await;
@@ -803,11 +796,10 @@ async fn root_openapi_metrics_and_rate_limits() {
 
     let (ok, text) = node.rotate();
     assert!(ok, "{text}");
-    let metrics = client
-        .send(Method::GET, "/metrics", &[], None)
-        .await
-        .unwrap();
-    assert_eq!(metrics.status, 200);
+    // Metrics are not on the public listener, only on the private one.
+    let public = raw(&client, Method::GET, "/metrics", "").await;
+    assert_eq!((public.0, code(&public)), (404, "no_such_route"));
+    let metrics = daemon.metrics();
     for line in [
         r#"keepd_http_requests_total{method="GET",route="/",status="200"} 1"#,
         r#"keepd_http_requests_total{method="POST",route="/auth/login",status="429"} 1"#,
@@ -816,13 +808,36 @@ async fn root_openapi_metrics_and_rate_limits() {
         "keepd_postgres_restarts_total 0",
     ] {
         assert!(
-            metrics.text.lines().any(|l| l == line),
-            "missing {line}:\n{}",
-            metrics.text
+            metrics.lines().any(|l| l == line),
+            "missing {line}:\n{metrics}"
         );
     }
-    assert!(metrics.text.contains("keepd_http_request_duration_seconds_bucket{method=\"GET\",route=\"/openapi.json\",le=\"+Inf\"} 1"));
-    assert!(metrics.text.contains("keepd_pool_open_connections"));
+    assert!(metrics.contains("keepd_http_request_duration_seconds_bucket{method=\"GET\",route=\"/openapi.json\",le=\"+Inf\"} 1"));
+    assert!(metrics.contains("keepd_pool_open_connections"));
+    // Unrouted answers count too; the level is the report's.
+    let class = |c: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("keepd_http_responses_total{{class=\"{c}\"}} ")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(class("4xx") >= 5, "{metrics}");
+    assert!(class("2xx") >= 2, "{metrics}");
+    for name in [
+        "keepd_security_level ",
+        "keepd_build_info{version=",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "keepd_http_connections_open ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "missing {name}:\n{metrics}"
+        );
+    }
+    assert!(!metrics.contains("keepd_security_level 0"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -193,7 +193,7 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
         "{}",
         daemon.log()
     );
-    let metrics = common::http_get_text(daemon.addr(), "/metrics").unwrap();
+    let metrics = daemon.metrics();
     assert!(
         metrics
             .lines()

@@ -247,7 +247,11 @@ async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries
     let yaml = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(
         &node.config,
-        yaml.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}")),
+        yaml.replacen(
+            "listen: 127.0.0.1:0",
+            &format!("listen: 127.0.0.1:{port}"),
+            1,
+        ),
     )
     .unwrap();
     let mut daemon = node.start();

@@ -176,7 +176,7 @@ async fn sighup_applies_log_level_and_rate_limit_and_refuses_a_broken_file() {
     let changed = yaml
         .replace("auth_per_minute: 2", "auth_per_minute: 100")
         .replace("level: info", "level: debug")
-        .replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1");
+        .replacen("listen: 127.0.0.1:0", "listen: 127.0.0.1:1", 1);
     std::fs::write(&node.config, &changed).unwrap();
     daemon.signal(Signal::SIGHUP);
     for message in [

@@ -108,18 +108,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// The caller's network address (rate limits, audit).
+/// The caller's network address (rate limits, audit): the peer, or whom
+/// a trusted proxy says it forwards for (`api.trusted_proxies`).
 pub struct ClientAddr(pub std::net::IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+impl FromRequestParts<Arc<Api>> for ClientAddr {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        parts
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+        let ConnectInfo(peer) = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| ClientAddr(addr.ip()))
-            .ok_or_else(|| ApiError::internal("client address", &"no connect info"))
+            .ok_or_else(|| ApiError::internal("client address", &"no connect info"))?;
+        Ok(ClientAddr(
+            api.settings
+                .trusted_proxies
+                .client(peer.ip(), &parts.headers),
+        ))
     }
 }
 

@@ -1,4 +1,5 @@
-//! `GET /`, `GET /openapi.json`, `GET /metrics`.
+//! `GET /`, `GET /openapi.json`, and `GET /metrics` (on the private
+//! metrics listener only).
 
 use std::sync::Arc;
 
@@ -47,9 +48,7 @@ pub(super) async fn openapi_json(State(api): State<Arc<Api>>) -> impl IntoRespon
     )
 }
 
-/// Prometheus metrics: requests, latency, pool, rotations, restarts.
-#[utoipa::path(get, path = "/metrics", tag = "meta",
-    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain")))]
+/// Prometheus metrics (text format 0.0.4).
 pub(super) async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
     let (pool_max, pool_open, pool_idle, pool_waiting) = api.pool.occupancy();
     let text = api.metrics.render(&Gauges {

@@ -1,5 +1,7 @@
-//! The HTTP API: the zero-knowledge sync routes, health, metrics and the
-//! OpenAPI document generated from the handlers.
+//! The HTTP API: the zero-knowledge sync routes, health and the OpenAPI
+//! document generated from the handlers; the private metrics router; the
+//! layers every response passes (CORS, security headers, body and request
+//! deadlines). Connections are the edge's (`crate::edge`).
 //!
 //! Every handler that touches data runs in a transaction of the
 //! role-aware pool as the group role its work needs and, for tenant data,
@@ -18,18 +20,19 @@ mod meta;
 mod queries;
 mod sync;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -40,23 +43,37 @@ pub use error::{ApiError, ErrorBody};
 pub use health::HealthProbe;
 
 use crate::audit::{self, AuditEntry, AuditKeys};
+use crate::edge::TrustedProxies;
 use crate::fields::FieldCipher;
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
 use crate::passwords::{PasswordError, PasswordHasher};
 use crate::postgres::pool::{RoleAwarePool, ScopedTransaction};
 use crate::postgres::supervise::PgState;
-use crate::shutdown::Shutdown;
 use crate::tokens::TokenIssuer;
 
-/// The API's limits, from `api.*`.
-#[derive(Debug, Clone, Copy)]
-pub struct ApiLimits {
+/// The API's limits and whom it believes about client addresses, from
+/// `api.*`.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
     pub jwt_ttl: Duration,
     pub max_body_bytes: usize,
     pub max_push_entries: usize,
     pub auth_per_minute: u32,
     pub request_timeout: Duration,
+    /// A request body must arrive within this (408 beyond).
+    pub body_timeout: Duration,
+    /// Peers whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+}
+
+/// What browsers are told, from `api.*`.
+#[derive(Debug, Clone, Default)]
+pub struct WebPolicy {
+    /// Exact origins allowed by CORS; empty = none.
+    pub cors_origins: Vec<String>,
+    /// The API is served over TLS: send `Strict-Transport-Security`.
+    pub hsts: bool,
 }
 
 /// What every handler can reach.
@@ -67,7 +84,7 @@ pub struct Api {
     email_key: Zeroizing<[u8; 32]>,
     audit_keys: Arc<AuditKeys>,
     node_id: String,
-    limits: ApiLimits,
+    settings: ApiSettings,
     auth_limiter: limits::RateLimiter,
     metrics: Arc<Metrics>,
     health: HealthProbe,
@@ -82,17 +99,17 @@ impl Api {
         postgres: watch::Receiver<PgState>,
         audit_keys: Arc<AuditKeys>,
         metrics: Arc<Metrics>,
-        limits: ApiLimits,
+        settings: ApiSettings,
         fields: Arc<FieldCipher>,
     ) -> Result<Api, PasswordError> {
         Ok(Api {
-            tokens: TokenIssuer::new(identity, limits.jwt_ttl),
+            tokens: TokenIssuer::new(identity, settings.jwt_ttl),
             passwords: PasswordHasher::new()?,
             email_key: identity.derive_key(b"keepd accounts", b"keepd email hmac v1"),
             audit_keys,
             node_id: identity.node_id().to_string(),
-            auth_limiter: limits::RateLimiter::per_minute(limits.auth_per_minute),
-            limits,
+            auth_limiter: limits::RateLimiter::per_minute(settings.auth_per_minute),
+            settings,
             health: HealthProbe::new(postgres, pool.clone()),
             pool,
             metrics,
@@ -174,7 +191,6 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(meta::root))
         .routes(routes!(health::health))
         .routes(routes!(meta::openapi_json))
-        .routes(routes!(meta::metrics))
         .routes(routes!(auth::register))
         .routes(routes!(auth::login))
         .routes(routes!(auth::logout))
@@ -198,14 +214,16 @@ pub fn openapi_document() -> String {
         .expect("the OpenAPI document serialises")
 }
 
-pub fn router(api: Arc<Api>) -> Router {
+/// The public router: every route of the OpenAPI document, behind the
+/// layers every answer passes.
+pub fn router(api: Arc<Api>, web: &WebPolicy) -> Router {
     let (router, openapi) = routes().split_for_parts();
     let _ = api.openapi.set(
         openapi
             .to_pretty_json()
             .expect("the OpenAPI document serialises"),
     );
-    router
+    let mut router = router
         .route_layer(middleware::from_fn_with_state(api.clone(), track))
         .fallback(|| async {
             ApiError::not_found(
@@ -221,7 +239,61 @@ pub fn router(api: Arc<Api>) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(api.clone(), deadline))
-        .layer(DefaultBodyLimit::max(api.limits.max_body_bytes))
+        // Outside `deadline`: a slow body is the client's, not the database's.
+        .layer(middleware::from_fn_with_state(api.clone(), read_body))
+        .layer(DefaultBodyLimit::max(api.settings.max_body_bytes));
+    if !web.cors_origins.is_empty() {
+        router = router.layer(cors(&web.cors_origins));
+    }
+    // Nothing keepd answers is for a cache: tokens, ciphertext, keys.
+    router = router
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ));
+    if web.hsts {
+        router = router.layer(SetResponseHeaderLayer::overriding(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ));
+    }
+    router
+        .layer(middleware::from_fn_with_state(api.clone(), count_response))
+        .with_state(api)
+}
+
+/// CORS for exactly `origins`: the methods and headers keepd's clients
+/// use, `Retry-After` readable, no credentials (tokens travel in
+/// `Authorization`, never in cookies), so never a wildcard.
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect::<Vec<_>>();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The private listener's router (`api.metrics_listen`): `/metrics` only.
+pub fn metrics_router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(meta::metrics))
         .with_state(api)
 }
 
@@ -247,34 +319,71 @@ async fn track(State(api): State<Arc<Api>>, request: Request, next: Next) -> Res
     response
 }
 
+/// Counts every answer by status class, unrouted ones included.
+async fn count_response(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    api.metrics.observe_response(response.status().as_u16());
+    response
+}
+
+/// Reads the whole body within `api.body_timeout` (408 past it) before
+/// the handler runs, so a client trickling its body ties up no database
+/// connection and is never mistaken for a database outage.
+async fn read_body(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = api.settings.max_body_bytes;
+    let read = tokio::time::timeout(api.settings.body_timeout, axum::body::to_bytes(body, limit));
+    match read.await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) if is_length_limit(&e) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body exceeds api.max_body_bytes; send less per request",
+        )
+        .into_response(),
+        Ok(Err(e)) => ApiError::bad_request(
+            "unreadable_body",
+            format!("the request body could not be read: {e}"),
+        )
+        .into_response(),
+        Err(_) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive within api.body_timeout; send it at once",
+            )
+            .into_response();
+            // The rest of the body may still be coming: do not read it.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Answers 503 instead of hanging when a request outlives
 /// `api.request_timeout` (a stalled database). The handler is dropped; its
 /// transaction is rolled back as soon as the database answers again.
 async fn deadline(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(api.limits.request_timeout, next.run(request)).await {
+    match tokio::time::timeout(api.settings.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::unavailable("the request outlived api.request_timeout").into_response(),
     }
-}
-
-/// Serves `router` on `listener` until `stop`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    mut stop: Shutdown,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Without TCP_NODELAY a response written in several segments waits
-    // for the client's delayed ACK (tens of milliseconds) before its tail.
-    let listener = listener.tap_io(|stream| {
-        let _ = stream.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.requested().await })
-    .await
 }
 
 /// Parses `bytes` as every request body type, as the routes do (for the
@@ -339,7 +448,6 @@ mod tests {
             ("/", "get"),
             ("/health", "get"),
             ("/openapi.json", "get"),
-            ("/metrics", "get"),
             ("/auth/register", "post"),
             ("/auth/login", "post"),
             ("/auth/logout", "post"),
@@ -361,5 +469,9 @@ mod tests {
                 "{method} {path} missing from the OpenAPI document"
             );
         }
+        assert!(
+            paths.get("/metrics").is_none(),
+            "metrics are on their own listener, not the public API"
+        );
     }
 }

@@ -308,12 +308,12 @@ pub(super) async fn push(
     let idempotency = idempotency_key(&headers)?;
     check_vault_id(&body.vault_id)?;
     let count = body.logs.len();
-    if count == 0 || count > api.limits.max_push_entries {
+    if count == 0 || count > api.settings.max_push_entries {
         return Err(ApiError::bad_request(
             "invalid_batch_size",
             format!(
                 "`logs` must hold 1 to {} entries (api.max_push_entries)",
-                api.limits.max_push_entries
+                api.settings.max_push_entries
             ),
         ));
     }

@@ -1,11 +1,14 @@
 //! The reference client: what an application does against keepd. It
 //! derives and holds every key itself (`crypto`); the server only ever
 //! receives ciphertext, wrapped keys, public keys and signatures. Tests and
-//! the load generator drive keepd through it, over real HTTP.
+//! the load generator drive keepd through it, over real HTTP or HTTPS
+//! (`Endpoint`).
 
 pub mod crypto;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -22,7 +25,9 @@ pub use crypto::{CryptoError, DeviceKey, EncryptedBackup, VaultKey, WrappedVault
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach keepd at {addr}: {reason}")]
-    Transport { addr: SocketAddr, reason: String },
+    Transport { addr: String, reason: String },
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     #[error("keepd answered {status} {code}: {message}")]
     Api {
         status: u16,
@@ -65,12 +70,88 @@ pub struct Answer {
     pub text: String,
 }
 
+/// Which certificates an HTTPS endpoint may present.
+pub enum Trust {
+    /// Only those issued by this CA (PEM), e.g. a private CA.
+    Ca(String),
+    /// The operating system's trust store.
+    System,
+}
+
+/// Where keepd is: a host name or address, a port, and TLS or not.
+#[derive(Clone)]
+pub struct Endpoint {
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Endpoint {
+    /// Plain HTTP (loopback, or tests of the plaintext edge).
+    pub fn http(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            tls: None,
+        }
+    }
+
+    /// HTTPS to `host` (a name the certificate must carry, or an address).
+    pub fn https(host: &str, port: u16, trust: Trust) -> Result<Endpoint, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match trust {
+            Trust::Ca(pem) => {
+                use rustls_pki_types::pem::PemObject;
+                for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let cert = cert.map_err(|e| ClientError::Tls(format!("the CA PEM: {e}")))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| ClientError::Tls(format!("the CA certificate: {e}")))?;
+                }
+            }
+            Trust::System => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Tls(
+                "no trusted certificate to verify keepd's".into(),
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Endpoint {
+            host: host.to_string(),
+            port,
+            tls: Some(Arc::new(config)),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// One user's connection to keepd (HTTP/1.1 keep-alive, reconnecting).
 pub struct SyncClient {
-    addr: SocketAddr,
+    endpoint: Endpoint,
     connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
     token: Option<String>,
 }
+
+/// What a connection runs over.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -122,9 +203,14 @@ pub struct LogEntry {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl SyncClient {
+    /// Plain HTTP to `addr`.
     pub fn new(addr: SocketAddr) -> SyncClient {
+        SyncClient::at(Endpoint::http(addr))
+    }
+
+    pub fn at(endpoint: Endpoint) -> SyncClient {
         SyncClient {
-            addr,
+            endpoint,
             connection: Mutex::new(None),
             token: None,
         }
@@ -133,7 +219,7 @@ impl SyncClient {
     /// A second connection for the same user (parallel work).
     pub fn another_connection(&self) -> SyncClient {
         SyncClient {
-            addr: self.addr,
+            endpoint: self.endpoint.clone(),
             connection: Mutex::new(None),
             token: self.token.clone(),
         }
@@ -150,7 +236,7 @@ impl SyncClient {
 
     fn transport(&self, reason: impl std::fmt::Display) -> ClientError {
         ClientError::Transport {
-            addr: self.addr,
+            addr: self.endpoint.authority(),
             reason: reason.to_string(),
         }
     }
@@ -165,10 +251,23 @@ impl SyncClient {
         {
             return Ok(sender);
         }
-        let stream = tokio::net::TcpStream::connect(self.addr)
+        let endpoint = &self.endpoint;
+        let stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|e| self.transport(e))?;
         stream.set_nodelay(true).map_err(|e| self.transport(e))?;
+        let stream: Pin<Box<dyn Stream>> = match &endpoint.tls {
+            None => Box::pin(stream),
+            Some(config) => {
+                let name = rustls_pki_types::ServerName::try_from(endpoint.host.clone())
+                    .map_err(|e| self.transport(format!("{}: {e}", endpoint.host)))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| self.transport(format!("TLS: {e}")))?;
+                Box::pin(tls)
+            }
+        };
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.transport(e))?;
@@ -187,7 +286,7 @@ impl SyncClient {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.addr.to_string());
+            .header("host", self.endpoint.authority());
         if body.is_some() {
             request = request.header("content-type", "application/json");
         }

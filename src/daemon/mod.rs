@@ -16,9 +16,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::api::{self, Api, ApiLimits};
+use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, FallbackMode, LogFormat, Provider};
+use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
 use crate::fields::FieldCipher;
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
@@ -103,8 +104,20 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error(transparent)]
     Passwords(#[from] PasswordError),
+    #[error(transparent)]
+    ApiTls(#[from] ApiTlsError),
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl DaemonError {
+    /// A setting that cannot work as written (exit 2), not a failure at
+    /// run time.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, DaemonError::ApiTls(_) | DaemonError::Edge(_))
+    }
 }
 
 fn unix_now() -> u64 {
@@ -144,6 +157,23 @@ fn load_credentials(
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
     let pg = &config.database.postgres;
+    // The edge's settings are checked before anything is written: a
+    // certificate that cannot be served is a configuration error, never a
+    // fall back to plaintext.
+    let api_cert = match &config.api.tls {
+        Some(tls) => Some(Arc::new(ApiCertificate::load(tls)?)),
+        None => None,
+    };
+    if let Some(cert) = &api_cert {
+        let days_left = cert.info().days_left(SystemTime::now());
+        if days_left < 0 {
+            warn!(cert = ?config.api.tls.as_ref().map(|t| &t.cert), days_left, "the api certificate has expired; clients will refuse it until it is renewed");
+        }
+    }
+    let fd_limit = edge::ensure_file_limit(
+        config.api.max_connections as usize,
+        config.database.pool.max_size as usize,
+    )?;
     let _lock = StateLock::acquire(&config.node.state_dir)?;
     let identity_path = config.node.state_dir.join("identity.key");
     let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
@@ -330,10 +360,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 login_role: &active_role,
                 container: container_facts.as_ref(),
                 server_certificate: pki.as_ref().map(|p| p.server.cert_pem.as_str()),
+                api_certificate: api_cert.as_ref().map(|c| c.info()),
             })
             .await,
         );
         apply_security_policy(&config, &report)?;
+        metrics.set_security_level(report.level() as u64 + 1);
         let control_path = control::socket_path(&config.node.runtime_dir);
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
@@ -347,26 +379,47 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 addr: config.api.listen.to_string(),
                 source,
             })?;
-        Ok((pool, rotator, sealer, control, listener, audit_keys))
+        let metrics_listener =
+            match config.api.metrics_listen {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| DaemonError::Listen {
+                        what: "api.metrics_listen",
+                        addr: addr.to_string(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        Ok((
+            pool,
+            rotator,
+            sealer,
+            control,
+            (listener, metrics_listener),
+            audit_keys,
+        ))
     };
-    let (pool, rotator, sealer, control, listener, audit_keys) = match started.await {
-        Ok(parts) => parts,
-        Err(e) => {
-            supervisor.stop().await;
-            return Err(e);
-        }
-    };
+    let (pool, rotator, sealer, control, (listener, metrics_listener), audit_keys) =
+        match started.await {
+            Ok(parts) => parts,
+            Err(e) => {
+                supervisor.stop().await;
+                return Err(e);
+            }
+        };
     let rotation_task = tokio::spawn(rotator.clone().run(shutdown.clone()));
     let control_task = tokio::spawn(control::serve(control, rotator, shutdown.clone()));
     let sealer_task = tokio::spawn(sealer.run(shutdown.clone()));
 
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let limits = ApiLimits {
+    let limits = ApiSettings {
         jwt_ttl: config.api.jwt_ttl.get(),
         max_body_bytes: config.api.max_body_bytes,
         max_push_entries: config.api.max_push_entries,
         auth_per_minute: config.api.rate_limits.auth_per_minute,
         request_timeout: config.api.request_timeout.get(),
+        body_timeout: config.api.body_timeout.get(),
+        trusted_proxies: TrustedProxies::new(&config.api.trusted_proxies),
     };
     let fields = Arc::new(FieldCipher::new(&identity, &config));
     let unsupported = fields.unsupported();
@@ -389,7 +442,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         pool,
         supervisor.state(),
         audit_keys,
-        metrics,
+        metrics.clone(),
         limits,
         fields,
     )?;
@@ -398,9 +451,45 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         api: api.clone(),
         running: config.clone(),
     };
-    let app = api::router(api);
-    info!(%addr, node_id, "api listening");
-    let server = tokio::spawn(api::serve(listener, app, shutdown.clone()));
+    let web = WebPolicy {
+        cors_origins: config.api.cors_origins.clone(),
+        hsts: api_cert.is_some(),
+    };
+    let metrics_task = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+            info!(%addr, "metrics listening");
+            let router = api::metrics_router(api.clone());
+            let mut stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.requested().await })
+                    .await
+            }))
+        }
+        None => None,
+    };
+    let app = api::router(api, &web);
+    let settings = EdgeSettings {
+        header_timeout: config.api.header_timeout.get(),
+        idle_timeout: config.api.idle_timeout.get(),
+        max_connections: config.api.max_connections as usize,
+        max_per_client: config.api.max_connections_per_client as usize,
+        trusted: TrustedProxies::new(&config.api.trusted_proxies),
+        tls: api_cert.clone(),
+    };
+    let scheme = if api_cert.is_some() { "https" } else { "http" };
+    info!(%addr, node_id, scheme, fd_limit, "api listening");
+    let server = tokio::spawn(edge::serve(
+        listener,
+        app,
+        settings,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let cert_watch = api_cert
+        .clone()
+        .map(|cert| tokio::spawn(cert.watch(Duration::from_secs(5), shutdown.clone())));
     notifier.ready();
     let watchdog_task = notify::Notifier::watchdog_interval().map(|every| {
         let mut stop = shutdown.clone();
@@ -419,7 +508,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let renew = Arc::new(Notify::new());
     let renewal_task =
         renewal.map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone())));
-    let outcome = wait_for_shutdown(config_path, &renew, &mut reloader).await;
+    let outcome = wait_for_shutdown(config_path, &renew, &mut reloader, api_cert.as_deref()).await;
     info!("shutting down");
     notifier.stopping();
     stop.trigger();
@@ -432,7 +521,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         Ok(Ok(())) => {}
     }
     let _ = tokio::join!(rotation_task, control_task, sealer_task, reencrypt_task);
-    if let Some(task) = renewal_task {
+    for task in [renewal_task, cert_watch].into_iter().flatten() {
+        let _ = task.await;
+    }
+    if let Some(task) = metrics_task {
         let _ = task.await;
     }
     let _ = std::fs::remove_file(control::socket_path(&config.node.runtime_dir));
@@ -505,6 +597,7 @@ async fn wait_for_shutdown(
     config_path: &Path,
     renew: &Notify,
     reloader: &mut reload::Reloader,
+    api_cert: Option<&ApiCertificate>,
 ) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -517,6 +610,9 @@ async fn wait_for_shutdown(
                 info!(signal = "SIGHUP", path = %config_path.display(), "reloading the configuration");
                 reloader.reload(config_path);
                 renew.notify_one();
+                if let Some(cert) = api_cert {
+                    cert.reload_logged("SIGHUP");
+                }
             }
         }
     }

@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use super::{Check, Status, Weight};
 use crate::config::{AtRestMethod, Config, Provider};
+use crate::edge::CertificateInfo;
 use crate::fields::FieldCipher;
 use crate::identity::NodeIdentity;
 use crate::postgres::docker::ContainerFacts;
@@ -30,11 +31,19 @@ pub struct Inputs<'a> {
     pub container: Option<&'a ContainerFacts>,
     /// The server certificate keepd issued (its own servers, TCP mode).
     pub server_certificate: Option<&'a str>,
+    /// The API's certificate as loaded (`api.tls`); None when TLS is off
+    /// or the files cannot be read.
+    pub api_certificate: Option<CertificateInfo>,
 }
 
 pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     let config = inputs.config;
-    let mut checks = vec![sealing(inputs)];
+    let mut checks = vec![
+        sealing(inputs),
+        api_tls(config, inputs.api_certificate, SystemTime::now()),
+        api_exposure(config),
+        api_metrics(config),
+    ];
     let client = match inputs.superuser.connect().await {
         Ok(client) => client,
         Err(e) => {
@@ -525,6 +534,117 @@ async fn audit_chain(client: &Client, inputs: &Inputs<'_>) -> Check {
         Ok(verdict) => Check::new(id, Weight::Critical, Status::Fail, verdict.to_string())
             .recommend("investigate: the audit trail was altered; keep the database and checkpoint as evidence"),
         Err(e) => Check::new(id, Weight::Critical, Status::Fail, e.to_string()),
+    }
+}
+
+/// The API's HTTPS: on, its minimum version, days until its certificate
+/// expires.
+fn api_tls(config: &Config, cert: Option<CertificateInfo>, now: SystemTime) -> Check {
+    let id = "api.tls";
+    let Some(tls) = &config.api.tls else {
+        return Check::new(
+            id,
+            Weight::Major,
+            Status::NotApplicable,
+            "plain HTTP (api.tls unset); see api.exposure",
+        );
+    };
+    let Some(cert) = cert else {
+        return Check::new(
+            id,
+            Weight::Major,
+            Status::Fail,
+            format!("{} cannot be read or used", tls.cert.display()),
+        )
+        .recommend("fix api.tls.cert and api.tls.key; keepd run names what is wrong");
+    };
+    let days = cert.days_left(now);
+    let what = format!("HTTPS, {} or later", tls.min_version);
+    match days {
+        d if d < 0 => Check::new(
+            id,
+            Weight::Major,
+            Status::Fail,
+            format!("{what}; the certificate expired {} days ago", -d),
+        )
+        .recommend("renew the certificate; keepd picks up the new files by itself"),
+        d if d < 14 => Check::new(
+            id,
+            Weight::Major,
+            Status::Warn,
+            format!("{what}; the certificate expires in {d} days"),
+        )
+        .recommend("renew the certificate; keepd picks up the new files by itself"),
+        d => Check::new(
+            id,
+            Weight::Major,
+            Status::Pass,
+            format!("{what}; certificate valid for {d} more days"),
+        ),
+    }
+}
+
+/// Whether clients' tokens could cross a network in the clear.
+fn api_exposure(config: &Config) -> Check {
+    let id = "api.exposure";
+    let api = &config.api;
+    let addr = api.listen;
+    if api.tls.is_some() {
+        return Check::new(
+            id,
+            Weight::Critical,
+            Status::Pass,
+            format!("HTTPS on {addr}"),
+        );
+    }
+    if addr.ip().is_loopback() {
+        return Check::new(
+            id,
+            Weight::Critical,
+            Status::Pass,
+            format!("plain HTTP on loopback {addr} only"),
+        );
+    }
+    if !api.trusted_proxies.is_empty() {
+        let proxies: Vec<String> = api.trusted_proxies.iter().map(|p| p.to_string()).collect();
+        return Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            format!(
+                "plain HTTP on {addr} behind trusted proxies {}",
+                proxies.join(", ")
+            ),
+        )
+        .recommend("keep the hop from the proxy to keepd on a private network, or set api.tls");
+    }
+    Check::new(
+        id,
+        Weight::Critical,
+        Status::Fail,
+        format!("plain HTTP on {addr}, a non-loopback address, with no TLS and no trusted proxy"),
+    )
+    .recommend("set api.tls, or listen on loopback behind a TLS proxy named in api.trusted_proxies")
+}
+
+/// Where `/metrics` can be read without authentication.
+fn api_metrics(config: &Config) -> Check {
+    let id = "api.metrics";
+    match config.api.metrics_listen {
+        None => Check::new(id, Weight::Minor, Status::Pass, "metrics are off"),
+        Some(addr) if addr.ip().is_loopback() => Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            format!("/metrics on loopback {addr} only; the public listener answers 404"),
+        ),
+        Some(addr) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            format!("/metrics on {addr}, reachable from the network without authentication"),
+        )
+        .recommend("keep api.metrics_listen on loopback, or firewall it to the scraper"),
     }
 }
 

@@ -20,6 +20,8 @@ pub fn keepd_bin() -> &'static str {
 pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// Set when the API serves HTTPS (`with_https`).
+    pub tls: Option<ApiTls>,
 }
 
 impl TestNode {
@@ -41,12 +43,28 @@ impl TestNode {
         let config = dir.path().join("keepd.yaml");
         let yaml = format!(
             "node:\n  state_dir: {0}/state\n  runtime_dir: {0}/run\n\
-             api:\n  listen: 127.0.0.1:0\n{api}\
+             api:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n{api}\
              log:\n  format: json\n  level: info\n{extra}",
             dir.path().display()
         );
         std::fs::write(&config, yaml).unwrap();
-        TestNode { dir, config }
+        TestNode {
+            dir,
+            config,
+            tls: None,
+        }
+    }
+
+    /// A node whose API serves HTTPS with a certificate from a test CA
+    /// (for `localhost` and 127.0.0.1); `api` as in `with_api_and_extra`.
+    pub fn with_https(api: &str, extra: &str) -> TestNode {
+        let mut node = Self::with_api_and_extra(api, extra);
+        let tls = ApiTls::new(node.dir.path());
+        let yaml = std::fs::read_to_string(&node.config).unwrap();
+        let yaml = yaml.replacen("api:\n", &format!("api:\n{}", tls.yaml()), 1);
+        std::fs::write(&node.config, yaml).unwrap();
+        node.tls = Some(tls);
+        node
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -76,7 +94,82 @@ impl TestNode {
 
     /// Starts `keepd run` and waits until its API listens or it exits.
     pub fn spawn(&self) -> Daemon {
-        Daemon::spawn_with(self.command(&["run"]), self.data_dir())
+        let mut daemon = Daemon::spawn_with(self.command(&["run"]), self.data_dir());
+        daemon.tls_ca = self.tls.as_ref().map(|t| t.ca_pem.clone());
+        daemon
+    }
+}
+
+/// A test CA and the API certificate it issued, as files.
+pub struct ApiTls {
+    pub ca_pem: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    ca_key: rcgen::KeyPair,
+    ca_params: rcgen::CertificateParams,
+}
+
+impl ApiTls {
+    pub fn new(dir: &Path) -> ApiTls {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keepd test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let tls = ApiTls {
+            ca_pem,
+            cert: dir.join("api.crt"),
+            key: dir.join("api.key"),
+            ca_key,
+            ca_params,
+        };
+        tls.issue(time::Duration::days(30));
+        tls
+    }
+
+    /// Writes a new certificate and key valid from a day ago for
+    /// `lifetime` (negative: already expired); returns the certificate PEM.
+    pub fn issue(&self, lifetime: time::Duration) -> String {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(2);
+        params.not_after = now + lifetime;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::new(self.ca_params.clone(), &self.ca_key);
+        let pem = params.signed_by(&key, &issuer).unwrap().pem();
+        // Key first, then the certificate, as a renewal tool replaces them.
+        std::fs::write(&self.key, key.serialize_pem()).unwrap();
+        std::fs::write(&self.cert, &pem).unwrap();
+        pem
+    }
+
+    /// The `api.tls` lines of a config (indented for the `api:` section).
+    pub fn yaml(&self) -> String {
+        format!(
+            "  tls:\n    cert: {}\n    key: {}\n",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
     }
 }
 
@@ -86,6 +179,8 @@ pub struct Daemon {
     lines: Arc<Mutex<Vec<String>>>,
     addr: Option<SocketAddr>,
     data_dir: PathBuf,
+    /// The CA of the API's certificate when it serves HTTPS.
+    pub tls_ca: Option<String>,
 }
 
 impl Daemon {
@@ -110,6 +205,7 @@ impl Daemon {
             lines,
             addr: None,
             data_dir,
+            tls_ca: None,
         };
         daemon.addr = daemon.wait_for_addr(Duration::from_secs(60));
         daemon
@@ -121,6 +217,31 @@ impl Daemon {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("daemon started with start()")
+    }
+
+    /// The private metrics listener's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let event = self
+            .wait_for_log("metrics listening", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no metrics listener:\n{}", self.log()));
+        event["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// `/metrics` from the private listener.
+    pub fn metrics(&self) -> String {
+        http_get_text(self.metrics_addr(), "/metrics").expect("metrics answer")
+    }
+
+    /// A client of this daemon's API: HTTPS to `localhost` when it serves
+    /// TLS, plain HTTP otherwise.
+    pub fn client(&self) -> keepd::client::SyncClient {
+        use keepd::client::{Endpoint, SyncClient, Trust};
+        match &self.tls_ca {
+            Some(ca) => SyncClient::at(
+                Endpoint::https("localhost", self.addr().port(), Trust::Ca(ca.clone())).unwrap(),
+            ),
+            None => SyncClient::new(self.addr()),
+        }
     }
 
     fn wait_for_addr(&mut self, timeout: Duration) -> Option<SocketAddr> {
@@ -150,7 +271,14 @@ impl Daemon {
     }
 
     pub fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
-        http_get(self.addr(), path)
+        let (status, body) = match &self.tls_ca {
+            Some(ca) => https_get_raw(self.addr(), path, ca)?,
+            None => http_get_raw(self.addr(), path)?,
+        };
+        Some((
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        ))
     }
 
     pub fn health(&self) -> Option<u16> {
@@ -209,7 +337,7 @@ pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
 }
 
 /// A plain HTTP/1.1 GET: (status, body text); None when nothing answers.
-fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -219,6 +347,38 @@ fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((status, body.to_string()))
+}
+
+/// An HTTP/1.1 GET over TLS to `localhost` trusting `ca_pem`.
+pub fn https_get_raw(addr: SocketAddr, path: &str, ca_pem: &str) -> Option<(u16, String)> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = Vec::new();
+    // A peer that closes without close_notify still gave us the answer.
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Some((status, body.to_string()))
