@@ -250,6 +250,14 @@ mod tests {
         let unit = systemd_unit(Path::new("/opt/keepd/bin/keepd"), Path::new("/srv/k.yaml"));
         assert!(unit.contains("\nExecStart=/opt/keepd/bin/keepd run --config /srv/k.yaml\n"));
         assert!(unit.contains("\nType=notify\n") && unit.contains("\nWatchdogSec="));
+        // Room for api.max_connections' default and more (see edge).
+        let limit: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(limit >= 1024 + crate::edge::RESERVED_FDS + 1000);
         let steps = install_steps(Target::Systemd, Path::new("/b"), Path::new("/c"), true);
         assert!(
             steps

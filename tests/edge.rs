@@ -514,3 +514,251 @@ fn plain_http_on_a_public_address_is_refused_in_strict_mode() {
         assert_eq!(metrics["status"], "pass", "{metrics}");
     }
 }
+
+/// A POST from `source` (a loopback address of its own) to `to`, with
+/// extra headers; the status code.
+async fn post_from(source: &str, to: SocketAddr, path: &str, headers: &str, body: &str) -> u16 {
+    let mut stream = connect_from(source, to).await;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: keepd\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"))
+}
+
+/// nginx from Debian's packages in front of `upstream`, connecting from
+/// 127.0.0.5 and appending to X-Forwarded-For as its documentation shows.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstream: SocketAddr) -> Nginx {
+        let binary = "/usr/sbin/nginx";
+        assert!(
+            std::path::Path::new(binary).exists(),
+            "nginx is not installed: run scripts/install-deps.sh"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let d = dir.path().display();
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root root;"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+             proxy_pass http://{upstream};\n      proxy_bind 127.0.0.5;\n\
+             proxy_http_version 1.1;\n\
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        common::wait_until(Duration::from_secs(10), || TcpStream::connect(addr).ok())
+            .expect("nginx listens");
+        Nginx {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its worker too (SIGKILL would orphan it).
+        common::kill(self.child.id() as i32, Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_client_limits_hold_through_a_real_proxy_and_forged_headers_are_not_believed() {
+    let node = TestNode::with_api_and_extra(
+        "  trusted_proxies: [127.0.0.5/32]\n  rate_limits:\n    auth_per_minute: 3\n",
+        "",
+    );
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let nginx = Nginx::start(daemon.addr());
+    let login = r#"{"email":"nobody@example.org","password":"not the password"}"#;
+
+    // Client A, through the proxy: three attempts, then throttled, however
+    // it forges X-Forwarded-For (nginx appends the address it saw).
+    for _ in 0..3 {
+        assert_eq!(
+            post_from("127.0.0.20", nginx.addr, "/auth/login", "", login).await,
+            401
+        );
+    }
+    for forged in [
+        "X-Forwarded-For: 198.51.100.1\r\n",
+        "X-Forwarded-For: 127.0.0.21\r\n",
+    ] {
+        let status = post_from("127.0.0.20", nginx.addr, "/auth/login", forged, login).await;
+        assert_eq!(status, 429, "client A got through with {forged:?}");
+    }
+    // Client B shares the proxy's address but not A's allowance.
+    assert_eq!(
+        post_from("127.0.0.21", nginx.addr, "/auth/login", "", login).await,
+        401
+    );
+
+    // A client talking to keepd directly cannot pick its address either:
+    // its peer is not a trusted proxy, so the header is ignored.
+    for i in 0..3 {
+        let forged = format!("X-Forwarded-For: 203.0.113.{i}\r\nForwarded: for=203.0.113.{i}\r\n");
+        assert_eq!(
+            post_from("127.0.0.22", daemon.addr(), "/auth/login", &forged, login).await,
+            401
+        );
+    }
+    let forged = "X-Forwarded-For: 203.0.113.99\r\n";
+    assert_eq!(
+        post_from("127.0.0.22", daemon.addr(), "/auth/login", forged, login).await,
+        429
+    );
+}
+
+/// A static page server (Python's http.server) for `dir` on a free port.
+struct PageServer {
+    child: std::process::Child,
+    origin: String,
+}
+
+impl PageServer {
+    fn start(dir: &std::path::Path) -> PageServer {
+        let port = common::free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        common::wait_until(Duration::from_secs(10), || TcpStream::connect(addr).ok())
+            .expect("the page server listens");
+        PageServer {
+            child,
+            origin: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Loads `url` in headless Chromium and returns the DOM after its scripts ran.
+fn chromium_dom(url: &str) -> String {
+    let binary = "/usr/bin/chromium";
+    assert!(
+        std::path::Path::new(binary).exists(),
+        "chromium is not installed: run scripts/install-deps.sh"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_real_browser_calls_keepd_from_an_allowed_origin_only() {
+    let pages = tempfile::tempdir().unwrap();
+    let allowed = PageServer::start(pages.path());
+    let other = PageServer::start(pages.path());
+    let node =
+        TestNode::with_api_and_extra(&format!("  cors_origins: [\"{}\"]\n", allowed.origin), "");
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let api = format!("http://{}", daemon.addr());
+    let email = format!("browser-{}@example.org", common::uuid());
+    // Register, log in, pull: JSON bodies and a bearer token make every
+    // call a preflighted CORS request.
+    let page = format!(
+        r#"<!doctype html><html><body><pre id="out">pending</pre><script>
+(async () => {{
+  const out = document.getElementById('out');
+  try {{
+    const json = {{'Content-Type': 'application/json'}};
+    const creds = JSON.stringify({{email: '{email}', password: 'correct horse battery'}});
+    const reg = await fetch('{api}/auth/register', {{method: 'POST', headers: json, body: creds}});
+    const login = await fetch('{api}/auth/login', {{method: 'POST', headers: json, body: creds}});
+    const {{token}} = await login.json();
+    const pull = await fetch('{api}/sync/pull', {{method: 'POST',
+      headers: {{...json, 'Authorization': 'Bearer ' + token, 'Idempotency-Key': 'k1'}},
+      body: JSON.stringify({{vaultId: 'v1', afterSequence: 0, limit: 10}})}});
+    const body = await pull.json();
+    out.textContent = 'answered ' + reg.status + ' ' + login.status + ' ' + pull.status + ' '
+      + pull.headers.get('retry-after') + ' ' + JSON.stringify(body);
+  }} catch (e) {{
+    out.textContent = 'blocked ' + e;
+  }}
+}})();
+</script></body></html>"#
+    );
+    std::fs::write(pages.path().join("page.html"), page).unwrap();
+
+    let dom = chromium_dom(&format!("{}/page.html", allowed.origin));
+    // The page read every answer, the pull's body included (no vault yet).
+    assert!(
+        dom.contains(r#"answered 201 200 404 null {"error":{"code":"vault_not_found""#),
+        "the allowed origin was not served:\n{dom}"
+    );
+
+    let dom = chromium_dom(&format!("{}/page.html", other.origin));
+    assert!(
+        dom.contains("blocked TypeError"),
+        "another origin was not blocked:\n{dom}"
+    );
+}
