@@ -292,11 +292,11 @@ fn certificates_reload_on_change_and_sighup_without_dropping_connections() {
         (leaf != second).then_some(leaf)
     });
     assert!(third.is_some(), "{}", daemon.log());
-    assert!(
-        daemon.log().contains("\"why\":\"SIGHUP\""),
-        "{}",
-        daemon.log()
-    );
+    // (The swap comes just before its log line.)
+    let logged = common::wait_until(Duration::from_secs(3), || {
+        daemon.log().contains("\"why\":\"SIGHUP\"").then_some(())
+    });
+    assert!(logged.is_some(), "{}", daemon.log());
     assert!(get_on(&mut kept, "/health").0.starts_with("HTTP/1.1 200"));
 }
 
@@ -761,4 +761,41 @@ fn a_real_browser_calls_keepd_from_an_allowed_origin_only() {
         dom.contains("blocked TypeError"),
         "another origin was not blocked:\n{dom}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_requests_are_served_over_tls() {
+    use http_body_util::{BodyExt, Empty};
+    let (node, daemon) = https_node("");
+    let tls = node.tls.as_ref().unwrap();
+    let config = tls_config(tls, &[&rustls::version::TLS13], &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(daemon.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // Several requests, concurrently, on the one connection.
+    let mut answers = Vec::new();
+    for path in ["/health", "/", "/openapi.json"] {
+        let request = hyper::Request::get(format!("https://localhost{path}"))
+            .body(Empty::<axum::body::Bytes>::new())
+            .unwrap();
+        answers.push(sender.send_request(request));
+    }
+    for answer in answers {
+        let response = answer.await.unwrap();
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().contains_key("strict-transport-security"));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(!body.is_empty());
+    }
 }
