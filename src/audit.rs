@@ -74,12 +74,72 @@ impl AuditKeys {
     }
 }
 
+/// What an audit entry records; each action names the table it changes,
+/// so the two cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditAction {
+    NodeStart,
+    CredentialRotation,
+    CredentialRotationComplete,
+    UserRegister,
+    Login,
+    LoginFailed,
+    Logout,
+    PasswordChange,
+    AccountErase,
+    VaultKeyStore,
+    SyncPush,
+    DeviceAdd,
+    DeviceRevoke,
+    BackupCreate,
+}
+
+impl AuditAction {
+    /// The name stored in `audit_log.action`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditAction::NodeStart => "NODE_START",
+            AuditAction::CredentialRotation => "CREDENTIAL_ROTATION",
+            AuditAction::CredentialRotationComplete => "CREDENTIAL_ROTATION_COMPLETE",
+            AuditAction::UserRegister => "USER_REGISTER",
+            AuditAction::Login => "LOGIN",
+            AuditAction::LoginFailed => "LOGIN_FAILED",
+            AuditAction::Logout => "LOGOUT",
+            AuditAction::PasswordChange => "PASSWORD_CHANGE",
+            AuditAction::AccountErase => "ACCOUNT_ERASE",
+            AuditAction::VaultKeyStore => "VAULT_KEY_STORE",
+            AuditAction::SyncPush => "SYNC_PUSH",
+            AuditAction::DeviceAdd => "DEVICE_ADD",
+            AuditAction::DeviceRevoke => "DEVICE_REVOKE",
+            AuditAction::BackupCreate => "BACKUP_CREATE",
+        }
+    }
+
+    /// The table the action changes (`audit_log.table_name`).
+    pub fn table(self) -> &'static str {
+        match self {
+            AuditAction::NodeStart => "-",
+            AuditAction::CredentialRotation | AuditAction::CredentialRotationComplete => {
+                "pg_authid"
+            }
+            AuditAction::UserRegister
+            | AuditAction::LoginFailed
+            | AuditAction::PasswordChange
+            | AuditAction::AccountErase => "keepd.users",
+            AuditAction::Login | AuditAction::Logout => "keepd.sessions",
+            AuditAction::VaultKeyStore => "keepd.vault_keys",
+            AuditAction::SyncPush => "keepd.sync_logs",
+            AuditAction::DeviceAdd | AuditAction::DeviceRevoke => "keepd.devices",
+            AuditAction::BackupCreate => "keepd.backups",
+        }
+    }
+}
+
 /// What happened, as the caller knows it. Identifiers in `metadata` must
 /// come from `AuditKeys::identifier`.
 #[derive(Debug, Clone)]
 pub struct AuditEntry {
-    pub action: &'static str,
-    pub table_name: &'static str,
+    pub action: AuditAction,
     pub rows_affected: i64,
     pub duration: Duration,
     pub source_component: &'static str,
@@ -106,8 +166,8 @@ pub async fn record(
         &[
             &node_id,
             &role_used,
-            &entry.action,
-            &entry.table_name,
+            &entry.action.name(),
+            &entry.action.table(),
             &entry.rows_affected,
             &duration_us,
             &entry.source_component,

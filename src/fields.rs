@@ -24,42 +24,118 @@ const TEXT_PREFIX: &str = "kf1:";
 const BYTES_PREFIX: &[u8] = b"KF1";
 const NONCE_LEN: usize = 12;
 
-/// The columns keepd can encrypt: (table, column, is text).
-const SUPPORTED: &[(&str, &str, bool)] = &[
-    ("keepd.sync_logs", "encrypted_data", true),
-    ("keepd.sync_logs", "nonce", true),
-    ("keepd.sync_logs", "haex_timestamp", true),
-    ("keepd.vault_keys", "encrypted_vault_key", true),
-    ("keepd.vault_keys", "salt", true),
-    ("keepd.vault_keys", "nonce", true),
-    ("keepd.backups", "ciphertext", false),
-    ("keepd.backups", "nonce", false),
-    ("keepd.backups", "auth_tag", false),
-    ("keepd.backups", "signature", false),
-    ("keepd.devices", "device_name", true),
-];
-
-pub const SUPPORTED_LIST: &str = "sync_logs.{encrypted_data, nonce, haex_timestamp}, \
-    vault_keys.{encrypted_vault_key, salt, nonce}, backups.{ciphertext, nonce, auth_tag, \
-    signature}, devices.device_name";
-
-/// Whether keepd stores `table.column` as text (else bytea).
-pub fn is_text(table: &str, column: &str) -> bool {
-    supported(table, column).is_none_or(|(_, text)| text)
+/// A column of keepd's schema, schema-qualified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Column {
+    pub table: &'static str,
+    pub name: &'static str,
 }
 
-/// The schema-qualified table and whether the column is text, when keepd
-/// can encrypt `table.column` (`table` with or without `keepd.`).
-pub fn supported(table: &str, column: &str) -> Option<(&'static str, bool)> {
-    let qualified = if table.contains('.') {
-        table.to_string()
-    } else {
-        format!("keepd.{table}")
-    };
-    SUPPORTED
+impl Column {
+    /// `table.column` without the schema, as the configuration names it.
+    pub fn short_name(&self) -> String {
+        format!("{}.{}", self.table.trim_start_matches("keepd."), self.name)
+    }
+
+    fn aad(&self) -> String {
+        format!("{}.{}", self.table, self.name)
+    }
+}
+
+/// A text column keepd can encrypt. Only the constants in `column` exist,
+/// so a misspelled column does not compile (and cannot silently store
+/// plaintext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TextColumn(Column);
+
+/// A bytea column keepd can encrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BytesColumn(Column);
+
+/// Either kind, for what walks every configured column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Encryptable {
+    Text(TextColumn),
+    Bytes(BytesColumn),
+}
+
+impl Encryptable {
+    pub fn column(&self) -> Column {
+        match self {
+            Encryptable::Text(TextColumn(c)) | Encryptable::Bytes(BytesColumn(c)) => *c,
+        }
+    }
+}
+
+/// The columns keepd can encrypt.
+pub mod column {
+    use super::{BytesColumn, Column, TextColumn};
+
+    const fn text(table: &'static str, name: &'static str) -> TextColumn {
+        TextColumn(Column { table, name })
+    }
+
+    const fn bytes(table: &'static str, name: &'static str) -> BytesColumn {
+        BytesColumn(Column { table, name })
+    }
+
+    pub const LOG_DATA: TextColumn = text("keepd.sync_logs", "encrypted_data");
+    pub const LOG_NONCE: TextColumn = text("keepd.sync_logs", "nonce");
+    pub const LOG_TIMESTAMP: TextColumn = text("keepd.sync_logs", "haex_timestamp");
+    pub const VAULT_KEY: TextColumn = text("keepd.vault_keys", "encrypted_vault_key");
+    pub const VAULT_KEY_SALT: TextColumn = text("keepd.vault_keys", "salt");
+    pub const VAULT_KEY_NONCE: TextColumn = text("keepd.vault_keys", "nonce");
+    pub const BACKUP_CIPHERTEXT: BytesColumn = bytes("keepd.backups", "ciphertext");
+    pub const BACKUP_NONCE: BytesColumn = bytes("keepd.backups", "nonce");
+    pub const BACKUP_AUTH_TAG: BytesColumn = bytes("keepd.backups", "auth_tag");
+    pub const BACKUP_SIGNATURE: BytesColumn = bytes("keepd.backups", "signature");
+    pub const DEVICE_NAME: TextColumn = text("keepd.devices", "device_name");
+}
+
+/// Every column keepd can encrypt; the configuration is checked against it.
+pub const SUPPORTED: &[Encryptable] = &[
+    Encryptable::Text(column::LOG_DATA),
+    Encryptable::Text(column::LOG_NONCE),
+    Encryptable::Text(column::LOG_TIMESTAMP),
+    Encryptable::Text(column::VAULT_KEY),
+    Encryptable::Text(column::VAULT_KEY_SALT),
+    Encryptable::Text(column::VAULT_KEY_NONCE),
+    Encryptable::Bytes(column::BACKUP_CIPHERTEXT),
+    Encryptable::Bytes(column::BACKUP_NONCE),
+    Encryptable::Bytes(column::BACKUP_AUTH_TAG),
+    Encryptable::Bytes(column::BACKUP_SIGNATURE),
+    Encryptable::Text(column::DEVICE_NAME),
+];
+
+/// `SUPPORTED` as the configuration spells it, grouped by table:
+/// `sync_logs.{encrypted_data, nonce, haex_timestamp}, ...`.
+pub fn supported_list() -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for c in SUPPORTED.iter().map(Encryptable::column) {
+        let table = c.table.trim_start_matches("keepd.");
+        match groups.iter_mut().find(|(t, _)| *t == table) {
+            Some((_, names)) => names.push(c.name),
+            None => groups.push((table, vec![c.name])),
+        }
+    }
+    groups
         .iter()
-        .find(|(t, c, _)| *t == qualified && *c == column)
-        .map(|(t, _, text)| (*t, *text))
+        .map(|(table, names)| match names.as_slice() {
+            [one] => format!("{table}.{one}"),
+            many => format!("{table}.{{{}}}", many.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The supported column the configuration names (`table` with or without
+/// `keepd.`).
+fn lookup(table: &str, name: &str) -> Option<Encryptable> {
+    let table = table.strip_prefix("keepd.").unwrap_or(table);
+    SUPPORTED.iter().copied().find(|e| {
+        let c = e.column();
+        c.name == name && c.table.trim_start_matches("keepd.") == table
+    })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -79,9 +155,18 @@ pub enum FieldError {
     Damaged { table: String, column: String },
 }
 
+impl FieldError {
+    fn damaged(column: Column) -> FieldError {
+        FieldError::Damaged {
+            table: column.table.into(),
+            column: column.name.into(),
+        }
+    }
+}
+
 /// Seals and opens the configured columns.
 pub struct FieldCipher {
-    columns: BTreeSet<(&'static str, &'static str)>,
+    columns: BTreeSet<Encryptable>,
     /// Configured columns keepd's schema does not have (the seeds'
     /// examples name other applications' tables): not encrypted, reported.
     unsupported: Vec<String>,
@@ -104,13 +189,9 @@ impl FieldCipher {
             .filter(|_| enabled);
         for fields in configured {
             for column in &fields.columns {
-                let known = SUPPORTED.iter().find(|(t, c, _)| {
-                    supported(&fields.table, column).is_some_and(|(table, _)| *t == table)
-                        && c == column
-                });
-                match known {
-                    Some((table, column, _)) => {
-                        columns.insert((*table, *column));
+                match lookup(&fields.table, column) {
+                    Some(known) => {
+                        columns.insert(known);
                     }
                     None => unsupported.push(format!("{}.{column}", fields.table)),
                 }
@@ -140,28 +221,32 @@ impl FieldCipher {
         self.current
     }
 
-    /// The configured columns, as (table, column).
-    pub fn columns(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+    /// The configured columns.
+    pub fn columns(&self) -> impl Iterator<Item = Encryptable> + '_ {
         self.columns.iter().copied()
     }
 
-    /// A SQL condition (no parameters) true for the values of
-    /// `table.column` not sealed under the current key: sealed under
-    /// another version, or written before encryption was enabled.
-    pub fn stale_values(&self, table: &str, column: &str) -> String {
-        if is_text(table, column) {
-            format!("{column} NOT LIKE '{TEXT_PREFIX}{}:%'", self.current)
-        } else {
-            let marker = hex::encode([BYTES_PREFIX, &self.current.to_be_bytes()].concat());
-            format!(
-                "substring({column} FROM 1 FOR {}) <> '\\x{marker}'::bytea",
-                BYTES_PREFIX.len() + 4
-            )
+    /// A SQL condition (no parameters) true for the values of `column` not
+    /// sealed under the current key: sealed under another version, or
+    /// written before encryption was enabled.
+    pub fn stale_values(&self, column: Encryptable) -> String {
+        match column {
+            Encryptable::Text(TextColumn(c)) => {
+                format!("{} NOT LIKE '{TEXT_PREFIX}{}:%'", c.name, self.current)
+            }
+            Encryptable::Bytes(BytesColumn(c)) => {
+                let marker = hex::encode([BYTES_PREFIX, &self.current.to_be_bytes()].concat());
+                format!(
+                    "substring({} FROM 1 FOR {}) <> '\\x{marker}'::bytea",
+                    c.name,
+                    BYTES_PREFIX.len() + 4
+                )
+            }
         }
     }
 
-    fn encrypts(&self, table: &str, column: &str) -> bool {
-        self.columns.contains(&(table, column))
+    fn encrypts(&self, column: Encryptable) -> bool {
+        self.columns.contains(&column)
     }
 
     fn cipher(&self, version: u32) -> Option<Aes256Gcm> {
@@ -169,10 +254,10 @@ impl FieldCipher {
         Some(Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key"))
     }
 
-    fn seal(&self, table: &str, column: &str, plain: &[u8]) -> Vec<u8> {
+    fn seal(&self, column: Column, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS CSPRNG is available");
-        let aad = format!("{table}.{column}");
+        let aad = column.aad();
         let sealed = self
             .cipher(self.current)
             .expect("the current key exists")
@@ -189,20 +274,11 @@ impl FieldCipher {
         out
     }
 
-    fn open(
-        &self,
-        table: &str,
-        column: &str,
-        version: u32,
-        body: &[u8],
-    ) -> Result<Vec<u8>, FieldError> {
-        let damaged = || FieldError::Damaged {
-            table: table.into(),
-            column: column.into(),
-        };
+    fn open(&self, column: Column, version: u32, body: &[u8]) -> Result<Vec<u8>, FieldError> {
+        let damaged = || FieldError::damaged(column);
         let cipher = self.cipher(version).ok_or_else(|| FieldError::UnknownKey {
-            table: table.into(),
-            column: column.into(),
+            table: column.table.into(),
+            column: column.name.into(),
             version,
             current: self.current,
         })?;
@@ -211,7 +287,7 @@ impl FieldCipher {
         }
         let (nonce, sealed) = body.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
-        let aad = format!("{table}.{column}");
+        let aad = column.aad();
         cipher
             .decrypt(
                 &nonce.into(),
@@ -224,64 +300,48 @@ impl FieldCipher {
     }
 
     /// The stored form of a text value.
-    pub fn seal_text(&self, table: &str, column: &str, value: String) -> String {
-        if !self.encrypts(table, column) {
+    pub fn seal_text(&self, column: TextColumn, value: String) -> String {
+        if !self.encrypts(Encryptable::Text(column)) {
             return value;
         }
-        let sealed = self.seal(table, column, value.as_bytes());
+        let sealed = self.seal(column.0, value.as_bytes());
         format!("{TEXT_PREFIX}{}:{}", self.current, BASE64.encode(sealed))
     }
 
     /// A text value back from its stored form.
-    pub fn open_text(
-        &self,
-        table: &str,
-        column: &str,
-        stored: String,
-    ) -> Result<String, FieldError> {
+    pub fn open_text(&self, column: TextColumn, stored: String) -> Result<String, FieldError> {
         let Some(rest) = stored.strip_prefix(TEXT_PREFIX) else {
             return Ok(stored);
         };
-        let damaged = || FieldError::Damaged {
-            table: table.into(),
-            column: column.into(),
-        };
+        let damaged = || FieldError::damaged(column.0);
         let (version, body) = rest.split_once(':').ok_or_else(damaged)?;
         let version: u32 = version.parse().map_err(|_| damaged())?;
         let body = BASE64.decode(body).map_err(|_| damaged())?;
-        let plain = self.open(table, column, version, &body)?;
+        let plain = self.open(column.0, version, &body)?;
         String::from_utf8(plain).map_err(|_| damaged())
     }
 
     /// The stored form of a bytea value.
-    pub fn seal_bytes(&self, table: &str, column: &str, value: Vec<u8>) -> Vec<u8> {
-        if !self.encrypts(table, column) {
+    pub fn seal_bytes(&self, column: BytesColumn, value: Vec<u8>) -> Vec<u8> {
+        if !self.encrypts(Encryptable::Bytes(column)) {
             return value;
         }
         let mut out = BYTES_PREFIX.to_vec();
         out.extend_from_slice(&self.current.to_be_bytes());
-        out.extend_from_slice(&self.seal(table, column, &value));
+        out.extend_from_slice(&self.seal(column.0, &value));
         out
     }
 
     /// A bytea value back from its stored form.
-    pub fn open_bytes(
-        &self,
-        table: &str,
-        column: &str,
-        stored: Vec<u8>,
-    ) -> Result<Vec<u8>, FieldError> {
+    pub fn open_bytes(&self, column: BytesColumn, stored: Vec<u8>) -> Result<Vec<u8>, FieldError> {
         let Some(rest) = stored.strip_prefix(BYTES_PREFIX) else {
             return Ok(stored);
         };
         if rest.len() < 4 {
-            return Err(FieldError::Damaged {
-                table: table.into(),
-                column: column.into(),
-            });
+            return Err(FieldError::damaged(column.0));
         }
         let version = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
-        self.open(table, column, version, &rest[4..])
+        self.open(column.0, version, &rest[4..])
     }
 
     /// The key version a stored value is under, if it is sealed.
@@ -323,32 +383,27 @@ mod tests {
     #[test]
     fn round_trip_and_passthrough() {
         let (_d, _id, c) = cipher(1, FIELDS);
-        let stored = c.seal_text("keepd.sync_logs", "encrypted_data", "secret".into());
+        let stored = c.seal_text(column::LOG_DATA, "secret".into());
         assert!(stored.starts_with("kf1:1:") && !stored.contains("secret"));
-        assert_eq!(
-            c.open_text("keepd.sync_logs", "encrypted_data", stored)
-                .unwrap(),
-            "secret"
-        );
-        let bytes = c.seal_bytes("keepd.backups", "ciphertext", b"blob".to_vec());
+        assert_eq!(c.open_text(column::LOG_DATA, stored).unwrap(), "secret");
+        let bytes = c.seal_bytes(column::BACKUP_CIPHERTEXT, b"blob".to_vec());
         assert_eq!(FieldCipher::version_of_bytes(&bytes), Some(1));
         assert_eq!(
-            c.open_bytes("keepd.backups", "ciphertext", bytes).unwrap(),
+            c.open_bytes(column::BACKUP_CIPHERTEXT, bytes).unwrap(),
             b"blob"
         );
         // Not configured, or written before: as is.
-        assert_eq!(c.seal_text("keepd.sync_logs", "nonce", "n".into()), "n");
+        assert_eq!(c.seal_text(column::LOG_NONCE, "n".into()), "n");
         assert_eq!(
-            c.open_text("keepd.sync_logs", "encrypted_data", "plain".into())
-                .unwrap(),
+            c.open_text(column::LOG_DATA, "plain".into()).unwrap(),
             "plain"
         );
         assert_eq!(
-            c.stale_values("keepd.sync_logs", "encrypted_data"),
+            c.stale_values(Encryptable::Text(column::LOG_DATA)),
             "encrypted_data NOT LIKE 'kf1:1:%'"
         );
         assert_eq!(
-            c.stale_values("keepd.backups", "ciphertext"),
+            c.stale_values(Encryptable::Bytes(column::BACKUP_CIPHERTEXT)),
             "substring(ciphertext FROM 1 FOR 7) <> '\\x4b463100000001'::bytea"
         );
     }
@@ -356,20 +411,17 @@ mod tests {
     #[test]
     fn tamper_swap_and_unknown_key_are_errors() {
         let (_d, id, c) = cipher(1, FIELDS);
-        let stored = c.seal_text("keepd.sync_logs", "encrypted_data", "secret".into());
+        let stored = c.seal_text(column::LOG_DATA, "secret".into());
         let mut chars: Vec<char> = stored.chars().collect();
         let last = chars.len() - 2;
         chars[last] = if chars[last] == 'A' { 'B' } else { 'A' };
         let tampered: String = chars.into_iter().collect();
         assert!(matches!(
-            c.open_text("keepd.sync_logs", "encrypted_data", tampered),
+            c.open_text(column::LOG_DATA, tampered),
             Err(FieldError::Damaged { .. })
         ));
         // Moved to another column: the associated data no longer matches.
-        assert!(
-            c.open_text("keepd.vault_keys", "salt", stored.clone())
-                .is_err()
-        );
+        assert!(c.open_text(column::VAULT_KEY_SALT, stored.clone()).is_err());
 
         // Rotated to v2: v1 values still open; v1-only nodes refuse v2 values.
         let dir = tempfile::tempdir().unwrap();
@@ -378,16 +430,10 @@ mod tests {
         );
         std::fs::write(dir.path().join("k.yaml"), yaml).unwrap();
         let v2 = FieldCipher::new(&id, &Config::load(&dir.path().join("k.yaml")).unwrap());
-        assert_eq!(
-            v2.open_text("keepd.sync_logs", "encrypted_data", stored)
-                .unwrap(),
-            "secret"
-        );
-        let newer = v2.seal_text("keepd.sync_logs", "encrypted_data", "x".into());
+        assert_eq!(v2.open_text(column::LOG_DATA, stored).unwrap(), "secret");
+        let newer = v2.seal_text(column::LOG_DATA, "x".into());
         assert_eq!(FieldCipher::version_of_text(&newer), Some(2));
-        let err = c
-            .open_text("keepd.sync_logs", "encrypted_data", newer)
-            .unwrap_err();
+        let err = c.open_text(column::LOG_DATA, newer).unwrap_err();
         assert!(matches!(
             err,
             FieldError::UnknownKey {
@@ -408,7 +454,22 @@ mod tests {
         assert_eq!(c.unsupported(), vec!["datasets.content".to_string()]);
         assert_eq!(
             c.columns().collect::<Vec<_>>(),
-            vec![("keepd.devices", "device_name")]
+            vec![Encryptable::Text(column::DEVICE_NAME)]
         );
+    }
+
+    #[test]
+    fn the_supported_list_is_generated_from_the_columns() {
+        assert_eq!(
+            supported_list(),
+            "sync_logs.{encrypted_data, nonce, haex_timestamp}, \
+             vault_keys.{encrypted_vault_key, salt, nonce}, \
+             backups.{ciphertext, nonce, auth_tag, signature}, devices.device_name"
+        );
+        assert_eq!(
+            lookup("keepd.devices", "device_name"),
+            Some(Encryptable::Text(column::DEVICE_NAME))
+        );
+        assert_eq!(lookup("devices", "name"), None);
     }
 }

@@ -171,3 +171,110 @@ async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
         daemon.log()
     );
 }
+
+/// The device-name limit is the name's, not its sealed form's; turning
+/// encryption on over long names finishes, and a value the server refuses
+/// is reported exactly, in the log and by the report alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_names_are_sealed_and_what_cannot_be_resealed_is_reported() {
+    let node = TestNode::new();
+    let daemon = node.start();
+    assert!(daemon.wait_health(200, Duration::from_secs(30)));
+    let mut client = SyncClient::new(daemon.addr());
+    client
+        .register("names@example.org", PASSWORD)
+        .await
+        .unwrap();
+    client.login("names@example.org", PASSWORD).await.unwrap();
+    let long = "d".repeat(190);
+    for name in [long.as_str(), "short"] {
+        client
+            .register_device(name, &DeviceKey::generate().unwrap())
+            .await
+            .unwrap();
+    }
+    stop(daemon);
+
+    // Encryption on over existing names: every one is sealed.
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, format!("{yaml}{}", config(1))).unwrap();
+    let daemon = node.start();
+    let done = daemon.wait_for_log(
+        "field re-encryption: column current",
+        Duration::from_secs(30),
+    );
+    let sealed = || {
+        count(
+            &node,
+            "SELECT count(*) FROM keepd.devices WHERE device_name LIKE 'kf1:%'",
+        )
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || (sealed() == 2).then_some(())).is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(done.is_some(), "{}", daemon.log());
+    // A 120-character name fits once sealed (it was a 500).
+    let mut client = SyncClient::new(daemon.addr());
+    client.login("names@example.org", PASSWORD).await.unwrap();
+    let medium = "m".repeat(120);
+    client
+        .register_device(&medium, &DeviceKey::generate().unwrap())
+        .await
+        .unwrap();
+    let names: Vec<String> = client.devices().await.unwrap()["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["deviceName"].as_str().unwrap().to_string())
+        .collect();
+    for name in [&long, &medium, &"short".to_string()] {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+
+    // A constraint the sealed long name cannot meet: re-encryption to v2
+    // re-seals the others and reports the one it could not.
+    node.psql(
+        "superuser",
+        "ALTER TABLE keepd.devices ADD CONSTRAINT test_short_values \
+         CHECK (length(device_name) < 250) NOT VALID",
+    )
+    .unwrap();
+    stop(daemon);
+    set_version(&node, 2);
+    let daemon = node.start();
+    let warned = daemon
+        .wait_for_log(
+            "field re-encryption: column not current; these values stay as they are",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    assert_eq!(warned["column"], "devices.device_name", "{warned}");
+    assert_eq!(warned["refused"], 1, "{warned}");
+    assert_eq!(warned["rewritten"], 2, "{warned}");
+    assert!(
+        warned["first_refusal"]
+            .as_str()
+            .unwrap()
+            .contains("test_short_values"),
+        "{warned}"
+    );
+    let report = node.command(&["report", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let check = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "encryption_at_rest")
+        .unwrap()
+        .clone();
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("1 value(s) not yet under key v2"),
+        "{check}"
+    );
+}

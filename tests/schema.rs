@@ -534,8 +534,7 @@ async fn append_entries(node: &TestNode, writers: usize, n: usize) {
             tokio::spawn(async move {
                 for i in 0..n {
                     let entry = keepd::audit::AuditEntry {
-                        action: "TEST",
-                        table_name: "-",
+                        action: keepd::audit::AuditAction::NodeStart,
                         rows_affected: i as i64,
                         duration: Duration::from_micros(w as u64),
                         source_component: "test",

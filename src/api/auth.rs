@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
 use super::{Api, iso8601, queries};
 use crate::audit;
+use crate::audit::AuditAction;
 use crate::postgres::pool::{GroupRole, OperationContext};
 use crate::secret::SecretString;
 
@@ -164,15 +165,8 @@ pub(super) async fn register(
     };
     let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(id), "client": api.client_ref(&client)});
-    api.audit(
-        &mut tx,
-        "USER_REGISTER",
-        "keepd.users",
-        1,
-        started,
-        metadata,
-    )
-    .await?;
+    api.audit(&mut tx, AuditAction::UserRegister, 1, started, metadata)
+        .await?;
     tx.commit().await?;
     let user = UserBody {
         id,
@@ -228,8 +222,7 @@ pub(super) async fn login(
         Some((id, _, created)) if matches => (id, created),
         _ => {
             let entry = audit::AuditEntry {
-                action: "LOGIN_FAILED",
-                table_name: "keepd.users",
+                action: AuditAction::LoginFailed,
                 rows_affected: 0,
                 duration: started.elapsed(),
                 source_component: "api",
@@ -252,7 +245,7 @@ pub(super) async fn login(
     tx.execute(queries::INSERT_SESSION, &[&session, &id, &expires_at])
         .await?;
     let metadata = json!({"user": api.user_ref(id), "client": client_ref});
-    api.audit(&mut tx, "LOGIN", "keepd.sessions", 1, started, metadata)
+    api.audit(&mut tx, AuditAction::Login, 1, started, metadata)
         .await?;
     tx.commit().await?;
     Ok(Json(LoginBody {
@@ -282,8 +275,7 @@ pub(super) async fn logout(
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(
         &mut tx,
-        "LOGOUT",
-        "keepd.sessions",
+        AuditAction::Logout,
         revoked as i64,
         started,
         metadata,
@@ -329,15 +321,8 @@ pub(super) async fn change_password(
         .execute(queries::REVOKE_ALL_SESSIONS, &[&auth.user])
         .await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
-    api.audit(
-        &mut tx,
-        "PASSWORD_CHANGE",
-        "keepd.users",
-        1,
-        started,
-        metadata,
-    )
-    .await?;
+    api.audit(&mut tx, AuditAction::PasswordChange, 1, started, metadata)
+        .await?;
     tx.commit().await?;
     Ok(Json(MessageBody {
         message: "Password changed; every session has ended, log in again",
@@ -358,8 +343,7 @@ pub(super) async fn delete_account(
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(
         &mut tx,
-        "ACCOUNT_ERASE",
-        "keepd.users",
+        AuditAction::AccountErase,
         deleted as i64,
         started,
         metadata,

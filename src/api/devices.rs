@@ -22,6 +22,8 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
 use super::sync::check_base64;
 use super::{Api, iso8601, queries};
+use crate::audit::AuditAction;
+use crate::fields::column;
 use crate::postgres::pool::GroupRole;
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
@@ -157,15 +159,12 @@ pub struct IdPath {
     id: Uuid,
 }
 
-const DEVICES: &str = "keepd.devices";
-const BACKUPS: &str = "keepd.backups";
-
 fn device_from_row(api: &Api, row: &tokio_postgres::Row) -> Result<Device, ApiError> {
     let key: Vec<u8> = row.get(2);
     let revoked: Option<SystemTime> = row.get(4);
     Ok(Device {
         id: row.get(0),
-        device_name: api.fields.open_text(DEVICES, "device_name", row.get(1))?,
+        device_name: api.fields.open_text(column::DEVICE_NAME, row.get(1))?,
         public_key: BASE64.encode(key),
         created_at: iso8601(row.get(3)),
         revoked_at: revoked.map(iso8601),
@@ -208,7 +207,7 @@ pub(super) async fn register_device(
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let stored_name = api
         .fields
-        .seal_text(DEVICES, "device_name", body.device_name.clone());
+        .seal_text(column::DEVICE_NAME, body.device_name.clone());
     let row = tx
         .query_one(
             queries::INSERT_DEVICE,
@@ -217,7 +216,7 @@ pub(super) async fn register_device(
         .await?;
     let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
-    api.audit(&mut tx, "DEVICE_ADD", "keepd.devices", 1, started, metadata)
+    api.audit(&mut tx, AuditAction::DeviceAdd, 1, started, metadata)
         .await?;
     tx.commit().await?;
     Ok((
@@ -279,15 +278,8 @@ pub(super) async fn revoke_device(
         ));
     }
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
-    api.audit(
-        &mut tx,
-        "DEVICE_REVOKE",
-        "keepd.devices",
-        1,
-        started,
-        metadata,
-    )
-    .await?;
+    api.audit(&mut tx, AuditAction::DeviceRevoke, 1, started, metadata)
+        .await?;
     tx.commit().await?;
     Ok(Json(super::auth::MessageBody::new("Device revoked")))
 }
@@ -352,10 +344,10 @@ pub(super) async fn store_backup(
     let classification = body.data_classification.as_str();
     let f = &api.fields;
     let stored = (
-        f.seal_bytes(BACKUPS, "ciphertext", ciphertext),
-        f.seal_bytes(BACKUPS, "nonce", nonce),
-        f.seal_bytes(BACKUPS, "auth_tag", auth_tag),
-        f.seal_bytes(BACKUPS, "signature", signature_bytes),
+        f.seal_bytes(column::BACKUP_CIPHERTEXT, ciphertext),
+        f.seal_bytes(column::BACKUP_NONCE, nonce),
+        f.seal_bytes(column::BACKUP_AUTH_TAG, auth_tag),
+        f.seal_bytes(column::BACKUP_SIGNATURE, signature_bytes),
     );
     let row = tx
         .query_one(
@@ -381,15 +373,8 @@ pub(super) async fn store_backup(
         "sizeBytes": size,
         "dataClassification": classification,
     });
-    api.audit(
-        &mut tx,
-        "BACKUP_CREATE",
-        "keepd.backups",
-        1,
-        started,
-        metadata,
-    )
-    .await?;
+    api.audit(&mut tx, AuditAction::BackupCreate, 1, started, metadata)
+        .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -476,19 +461,19 @@ pub(super) async fn backup(
     let row = rows.first().ok_or_else(|| {
         ApiError::not_found("backup_not_found", "no backup with this id on this account")
     })?;
-    let bytes = |i: usize, column: &str| {
+    let bytes = |i: usize, column| {
         api.fields
-            .open_bytes(BACKUPS, column, row.get::<_, Vec<u8>>(i))
+            .open_bytes(column, row.get::<_, Vec<u8>>(i))
             .map(|b| BASE64.encode(b))
     };
     Ok(Json(BackupResponse {
         backup: Backup {
             id,
             device_id: row.get(0),
-            ciphertext: bytes(1, "ciphertext")?,
-            nonce: bytes(2, "nonce")?,
-            auth_tag: bytes(3, "auth_tag")?,
-            signature: bytes(4, "signature")?,
+            ciphertext: bytes(1, column::BACKUP_CIPHERTEXT)?,
+            nonce: bytes(2, column::BACKUP_NONCE)?,
+            auth_tag: bytes(3, column::BACKUP_AUTH_TAG)?,
+            signature: bytes(4, column::BACKUP_SIGNATURE)?,
             data_classification: DataClassification::parse(row.get(5)),
             size_bytes: row.get(6),
             created_at: iso8601(row.get(7)),

@@ -42,7 +42,7 @@ use zeroize::Zeroizing;
 pub use error::{ApiError, ErrorBody};
 pub use health::HealthProbe;
 
-use crate::audit::{self, AuditEntry, AuditKeys};
+use crate::audit::{self, AuditAction, AuditEntry, AuditKeys};
 use crate::edge::TrustedProxies;
 use crate::fields::FieldCipher;
 use crate::identity::NodeIdentity;
@@ -140,15 +140,13 @@ impl Api {
     async fn audit(
         &self,
         tx: &mut ScopedTransaction,
-        action: &'static str,
-        table_name: &'static str,
+        action: AuditAction,
         rows_affected: i64,
         started: Instant,
         metadata: serde_json::Value,
     ) -> Result<(), ApiError> {
         let entry = AuditEntry {
             action,
-            table_name,
             rows_affected,
             duration: started.elapsed(),
             source_component: "api",

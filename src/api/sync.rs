@@ -21,11 +21,11 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, UserAuth};
 use super::{Api, iso8601, queries};
+use crate::audit::AuditAction;
+use crate::fields::column;
 use crate::postgres::pool::{GroupRole, OperationContext};
 
 const MAX_VAULT_ID_CHARS: usize = 200;
-const VAULT_KEYS: &str = "keepd.vault_keys";
-const SYNC_LOGS: &str = "keepd.sync_logs";
 const MAX_TIMESTAMP_CHARS: usize = 200;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 const DEFAULT_PULL_LIMIT: i64 = 100;
@@ -201,9 +201,9 @@ pub(super) async fn store_vault_key(
     let key_id = Uuid::new_v4();
     let f = &api.fields;
     let stored = (
-        f.seal_text(VAULT_KEYS, "encrypted_vault_key", body.encrypted_vault_key),
-        f.seal_text(VAULT_KEYS, "salt", body.salt),
-        f.seal_text(VAULT_KEYS, "nonce", body.nonce),
+        f.seal_text(column::VAULT_KEY, body.encrypted_vault_key),
+        f.seal_text(column::VAULT_KEY_SALT, body.salt),
+        f.seal_text(column::VAULT_KEY_NONCE, body.nonce),
     );
     let row = tx
         .query_one(
@@ -213,15 +213,8 @@ pub(super) async fn store_vault_key(
         .await?;
     let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
-    api.audit(
-        &mut tx,
-        "VAULT_KEY_STORE",
-        "keepd.vault_keys",
-        1,
-        started,
-        metadata,
-    )
-    .await?;
+    api.audit(&mut tx, AuditAction::VaultKeyStore, 1, started, metadata)
+        .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -261,9 +254,9 @@ pub(super) async fn vault_key(
     Ok(Json(VaultKeyResponse {
         vault_key: VaultKey {
             vault_id,
-            encrypted_vault_key: f.open_text(VAULT_KEYS, "encrypted_vault_key", row.get(0))?,
-            salt: f.open_text(VAULT_KEYS, "salt", row.get(1))?,
-            nonce: f.open_text(VAULT_KEYS, "nonce", row.get(2))?,
+            encrypted_vault_key: f.open_text(column::VAULT_KEY, row.get(0))?,
+            salt: f.open_text(column::VAULT_KEY_SALT, row.get(1))?,
+            nonce: f.open_text(column::VAULT_KEY_NONCE, row.get(2))?,
             created_at: iso8601(created_at),
         },
     }))
@@ -333,9 +326,9 @@ pub(super) async fn push(
         }
         ids.push(Uuid::new_v4());
         let f = &api.fields;
-        data.push(f.seal_text(SYNC_LOGS, "encrypted_data", entry.encrypted_data));
-        nonces.push(f.seal_text(SYNC_LOGS, "nonce", entry.nonce));
-        stamps.push(f.seal_text(SYNC_LOGS, "haex_timestamp", entry.haex_timestamp));
+        data.push(f.seal_text(column::LOG_DATA, entry.encrypted_data));
+        nonces.push(f.seal_text(column::LOG_NONCE, entry.nonce));
+        stamps.push(f.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
     }
 
     let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
@@ -368,9 +361,7 @@ pub(super) async fn push(
             Ok(PushedEntry {
                 id: row.get(0),
                 sequence: row.get(1),
-                haex_timestamp: api
-                    .fields
-                    .open_text(SYNC_LOGS, "haex_timestamp", row.get(2))?,
+                haex_timestamp: api.fields.open_text(column::LOG_TIMESTAMP, row.get(2))?,
                 created_at: iso8601(row.get(3)),
             })
         })
@@ -405,8 +396,7 @@ pub(super) async fn push(
     });
     api.audit(
         &mut tx,
-        "SYNC_PUSH",
-        "keepd.sync_logs",
+        AuditAction::SyncPush,
         count as i64,
         started,
         metadata,
@@ -483,9 +473,9 @@ pub(super) async fn pull(
         .map(|row| {
             Ok(PulledEntry {
                 id: row.get(0),
-                encrypted_data: f.open_text(SYNC_LOGS, "encrypted_data", row.get(1))?,
-                nonce: f.open_text(SYNC_LOGS, "nonce", row.get(2))?,
-                haex_timestamp: f.open_text(SYNC_LOGS, "haex_timestamp", row.get(3))?,
+                encrypted_data: f.open_text(column::LOG_DATA, row.get(1))?,
+                nonce: f.open_text(column::LOG_NONCE, row.get(2))?,
+                haex_timestamp: f.open_text(column::LOG_TIMESTAMP, row.get(3))?,
                 sequence: row.get(4),
                 created_at: iso8601(row.get(5)),
             })

@@ -341,8 +341,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         );
         rotator.reconcile().await?;
         let started_entry = audit::AuditEntry {
-            action: "NODE_START",
-            table_name: "-",
+            action: audit::AuditAction::NodeStart,
             rows_affected: 0,
             duration: Duration::ZERO,
             source_component: "daemon",
@@ -426,7 +425,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     if !unsupported.is_empty() {
         warn!(
             columns = ?unsupported,
-            supported = crate::fields::SUPPORTED_LIST,
+            supported = crate::fields::supported_list(),
             "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
         );
     }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::{error, info, warn};
 
-use crate::fields::FieldCipher;
+use uuid::Uuid;
+
+use crate::fields::{Column, Encryptable, FieldCipher};
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
 
@@ -25,12 +27,30 @@ pub struct Reencryption {
     pub superuser: Endpoint,
 }
 
-/// What one pass over a column did.
+/// What a pass over a column did.
 #[derive(Debug, Default)]
 struct Pass {
+    /// Rows looked at in this batch (0: the column is done).
+    seen: u64,
     rewritten: u64,
     /// Under a key version this node does not have.
     unreadable: u64,
+    /// Rows the server refused to take in their new form (a constraint).
+    refused: u64,
+    first_refusal: Option<String>,
+    last_id: Option<Uuid>,
+}
+
+impl Pass {
+    fn add(&mut self, batch: Pass) {
+        self.rewritten += batch.rewritten;
+        self.unreadable += batch.unreadable;
+        self.refused += batch.refused;
+        if self.first_refusal.is_none() {
+            self.first_refusal = batch.first_refusal;
+        }
+        self.last_id = batch.last_id;
+    }
 }
 
 impl Reencryption {
@@ -46,96 +66,119 @@ impl Reencryption {
                 return;
             }
         };
-        for (table, column) in columns {
+        for encryptable in columns {
+            let column = encryptable.column().short_name();
             let mut total = Pass::default();
             loop {
                 if stop.is_requested() {
                     return;
                 }
-                match self.batch(&client, table, column).await {
-                    Ok(pass) if pass.rewritten == 0 => {
-                        total.unreadable = pass.unreadable;
-                        break;
-                    }
-                    Ok(pass) => {
-                        total.rewritten += pass.rewritten;
-                        info!(
-                            table,
-                            column,
-                            rewritten = total.rewritten,
-                            "field re-encryption: progress"
-                        );
+                match self.batch(&client, encryptable, total.last_id).await {
+                    Ok(batch) if batch.seen == 0 => break,
+                    Ok(batch) => {
+                        let rewrote = batch.rewritten > 0;
+                        total.add(batch);
+                        if rewrote {
+                            info!(
+                                column,
+                                rewritten = total.rewritten,
+                                "field re-encryption: progress"
+                            );
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     Err(e) => {
-                        error!(table, column, error = %e, "field re-encryption failed; retrying at the next start");
+                        error!(column, rewritten = total.rewritten, error = %e, "field re-encryption stopped; it resumes at the next start");
                         break;
                     }
                 }
             }
-            if total.unreadable > 0 {
-                warn!(
-                    table,
+            // Every row was looked at once (in id order), so this is exact.
+            if total.unreadable == 0 && total.refused == 0 {
+                info!(
                     column,
-                    values = total.unreadable,
-                    "values under a field key version this node does not have"
+                    rewritten = total.rewritten,
+                    version = self.fields.current_version(),
+                    "field re-encryption: column current"
+                );
+            } else {
+                warn!(
+                    column,
+                    rewritten = total.rewritten,
+                    unreadable = total.unreadable,
+                    refused = total.refused,
+                    first_refusal = total.first_refusal.as_deref().unwrap_or(""),
+                    version = self.fields.current_version(),
+                    "field re-encryption: column not current; these values stay as they are"
                 );
             }
-            info!(
-                table,
-                column,
-                rewritten = total.rewritten,
-                version = self.fields.current_version(),
-                "field re-encryption: column current"
-            );
         }
     }
 
-    /// Re-seals up to one batch of values not under the current key.
+    /// Re-seals up to one batch of values not under the current key, in id
+    /// order after `after`; values it cannot re-seal are counted, not
+    /// retried, so one bad row never stops the rest.
     async fn batch(
         &self,
         client: &Client,
-        table: &str,
-        column: &str,
+        encryptable: Encryptable,
+        after: Option<Uuid>,
     ) -> Result<Pass, tokio_postgres::Error> {
-        let text = crate::fields::is_text(table, column);
+        let Column { table, name } = encryptable.column();
         let rows = client
             .query(
                 &format!(
-                    "SELECT id, {column} FROM {table} WHERE {} ORDER BY id LIMIT $1",
-                    self.fields.stale_values(table, column)
+                    "SELECT id, {name} FROM {table} WHERE {} AND ($2::uuid IS NULL OR id > $2) \
+                     ORDER BY id LIMIT $1",
+                    self.fields.stale_values(encryptable)
                 ),
-                &[&BATCH],
+                &[&BATCH, &after],
             )
             .await?;
-        let mut pass = Pass::default();
-        let update = format!("UPDATE {table} SET {column} = $1 WHERE id = $2 AND {column} = $3");
+        let mut pass = Pass {
+            seen: rows.len() as u64,
+            ..Pass::default()
+        };
+        let update = format!("UPDATE {table} SET {name} = $1 WHERE id = $2 AND {name} = $3");
         for row in rows {
-            let id: uuid::Uuid = row.get(0);
+            let id: Uuid = row.get(0);
+            pass.last_id = Some(id);
             let f = &self.fields;
             // Compare and set: replaced only if it still holds what was read.
-            let result = if text {
-                let old: String = row.get(1);
-                match f.open_text(table, column, old.clone()) {
-                    Ok(plain) => {
-                        let new = f.seal_text(table, column, plain);
-                        Some(client.execute(&update, &[&new, &id, &old]).await?)
+            let written = match encryptable {
+                Encryptable::Text(column) => {
+                    let old: String = row.get(1);
+                    match f.open_text(column, old.clone()) {
+                        Ok(plain) => {
+                            let new = f.seal_text(column, plain);
+                            Some(client.execute(&update, &[&new, &id, &old]).await)
+                        }
+                        Err(_) => None,
                     }
-                    Err(_) => None,
                 }
-            } else {
-                let old: Vec<u8> = row.get(1);
-                match f.open_bytes(table, column, old.clone()) {
-                    Ok(plain) => {
-                        let new = f.seal_bytes(table, column, plain);
-                        Some(client.execute(&update, &[&new, &id, &old]).await?)
+                Encryptable::Bytes(column) => {
+                    let old: Vec<u8> = row.get(1);
+                    match f.open_bytes(column, old.clone()) {
+                        Ok(plain) => {
+                            let new = f.seal_bytes(column, plain);
+                            Some(client.execute(&update, &[&new, &id, &old]).await)
+                        }
+                        Err(_) => None,
                     }
-                    Err(_) => None,
                 }
             };
-            match result {
-                Some(rows) => pass.rewritten += rows,
+            match written {
                 None => pass.unreadable += 1,
+                Some(Ok(rows)) => pass.rewritten += rows,
+                // The server refused this row (a constraint): count it and
+                // go on; a lost connection ends the pass.
+                Some(Err(e)) if e.as_db_error().is_some() => {
+                    pass.refused += 1;
+                    if pass.first_refusal.is_none() {
+                        pass.first_refusal = Some(crate::postgres::describe_error(&e));
+                    }
+                }
+                Some(Err(e)) => return Err(e),
             }
         }
         Ok(pass)

@@ -139,8 +139,7 @@ impl Rotator {
         started: std::time::Instant,
     ) -> Result<(), RotationError> {
         let entry = crate::audit::AuditEntry {
-            action: "CREDENTIAL_ROTATION",
-            table_name: "pg_authid",
+            action: crate::audit::AuditAction::CredentialRotation,
             rows_affected: 1,
             duration: started.elapsed(),
             source_component: "rotation",
@@ -323,8 +322,7 @@ impl Rotator {
         let mut credentials = self.credentials.lock().await;
         let active = credentials.active().map(|c| c.version).unwrap_or(0);
         let entry = crate::audit::AuditEntry {
-            action: "CREDENTIAL_ROTATION_COMPLETE",
-            table_name: "pg_authid",
+            action: crate::audit::AuditAction::CredentialRotationComplete,
             rows_affected: 2,
             duration: started.elapsed(),
             source_component: "rotation",

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "per_node_chains",
         sql: include_str!("../../migrations/0003_per_node_chains.sql"),
     },
+    Migration {
+        version: 4,
+        name: "plaintext_limits",
+        sql: include_str!("../../migrations/0004_plaintext_limits.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -470,17 +470,18 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         )
         .recommend(format!(
             "list columns under encrypted_fields: {}",
-            crate::fields::SUPPORTED_LIST
+            crate::fields::supported_list()
         ));
     }
     // Values not (yet) under the current key, measured.
     let mut behind = 0i64;
-    for (table, column) in &columns {
+    for column in &columns {
         let count = client
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {table} WHERE {}",
-                    fields.stale_values(table, column)
+                    "SELECT count(*) FROM {} WHERE {}",
+                    column.column().table,
+                    fields.stale_values(*column)
                 ),
                 &[],
             )
@@ -490,10 +491,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
             Err(e) => return Check::new(id, Weight::Minor, Status::Fail, describe_error(&e)),
         }
     }
-    let names: Vec<String> = columns
-        .iter()
-        .map(|(t, c)| format!("{}.{c}", t.trim_start_matches("keepd.")))
-        .collect();
+    let names: Vec<String> = columns.iter().map(|c| c.column().short_name()).collect();
     let unsupported = fields.unsupported();
     if behind > 0 {
         Check::new(
