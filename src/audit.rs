@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -275,10 +275,7 @@ impl Checkpoint {
     fn sign(identity: &NodeIdentity, seq: i64, hash: &[u8; 32]) -> Checkpoint {
         let node_id = identity.node_id().to_string();
         let hash = hex::encode(hash);
-        let signed_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let signed_at = crate::clock::unix_now();
         let signature = identity.sign(Self::message(&node_id, seq, &hash, signed_at).as_bytes());
         Checkpoint {
             format: CHECKPOINT_FORMAT.into(),

@@ -32,7 +32,7 @@ pub enum ConfigError {
 }
 
 /// The whole keepd configuration with every default applied.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeConfig,
@@ -45,7 +45,7 @@ pub struct Config {
     pub api: ApiConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Identity key, sealed credentials and the Postgres data directory.
@@ -63,7 +63,7 @@ impl Default for NodeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A tracing filter directive such as `info` or `keepd=debug,warn`.
@@ -87,7 +87,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub backend: Backend,
@@ -95,7 +95,7 @@ pub struct DatabaseConfig {
     pub pool: PoolConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Connections keepd keeps to Postgres; also the login role's limit.
@@ -120,7 +120,7 @@ pub enum Backend {
     Postgres,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// keepd provisions and supervises the server itself.
@@ -188,7 +188,7 @@ impl LogStatement {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeConfig {
     /// Directory holding `initdb` and `postgres`; searched for when unset.
@@ -210,7 +210,7 @@ impl Default for NativeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
     pub image: String,
@@ -237,7 +237,7 @@ impl Default for DockerConfig {
 /// The database keepd's schema lives in (also `postgres::DATABASE`).
 const DATABASE_NAME: &str = "keepd";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalConfig {
     pub host: Option<String>,
@@ -252,6 +252,8 @@ pub struct ExternalConfig {
     pub sslmode: ExternalSslMode,
     /// The CA that signed the server's certificate (verify-full).
     pub ca_file: Option<PathBuf>,
+    /// How long keepd waits for the server to accept connections at start.
+    pub start_timeout: HumanDuration,
 }
 
 impl Default for ExternalConfig {
@@ -265,6 +267,7 @@ impl Default for ExternalConfig {
             admin_password_env: None,
             sslmode: ExternalSslMode::VerifyFull,
             ca_file: None,
+            start_timeout: HumanDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -279,7 +282,7 @@ pub enum ExternalSslMode {
     Disable,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CredentialsConfig {
     pub encryption_method: SealMethod,
@@ -314,7 +317,7 @@ pub enum SealMethod {
     Hybrid,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     pub use_unix_socket: bool,
@@ -332,7 +335,7 @@ impl Default for NetworkConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
     pub fallback_mode: FallbackMode,
@@ -371,7 +374,7 @@ pub enum SecurityLevel {
     Maximum,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncryptionAtRestConfig {
     pub enabled: bool,
@@ -391,7 +394,7 @@ pub enum AtRestMethod {
     Hybrid,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApplicationEncryptionConfig {
     pub algorithm: FieldAlgorithm,
@@ -418,14 +421,14 @@ pub enum FieldAlgorithm {
     Aes256Gcm,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptedFields {
     pub table: String,
     pub columns: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LuksConfig {
     pub volume_size: String,
@@ -445,7 +448,7 @@ impl Default for LuksConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecoveryConfig {
     pub method: RecoveryMethod,
@@ -459,7 +462,7 @@ pub enum RecoveryMethod {
     Shamir,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShamirConfig {
     pub total_shares: u8,
@@ -477,7 +480,7 @@ impl Default for ShamirConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Address the HTTP API listens on; port 0 picks a free port (logged).
@@ -642,7 +645,7 @@ fn origin_problem(origin: &str) -> Option<&'static str> {
     None
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
     /// Login and register attempts per client address per minute.
@@ -1019,12 +1022,23 @@ impl Config {
                 "at least 32 (Postgres forks a process per connection)".into(),
             ));
         }
-        if pg.native.start_timeout.get() < Duration::from_secs(1) {
-            return Err(invalid(
+        for (key, timeout) in [
+            (
                 "database.postgres.native.start_timeout",
-                pg.native.start_timeout.to_string(),
-                "at least 1s".into(),
-            ));
+                pg.native.start_timeout,
+            ),
+            (
+                "database.postgres.docker.start_timeout",
+                pg.docker.start_timeout,
+            ),
+            (
+                "database.postgres.external.start_timeout",
+                pg.external.start_timeout,
+            ),
+        ] {
+            if timeout.get() < Duration::from_secs(1) {
+                return Err(invalid(key, timeout.to_string(), "at least 1s".into()));
+            }
         }
         if pg.provider == Provider::External {
             let ext = &pg.external;
@@ -1338,7 +1352,7 @@ security:
         let text = include_str!("../config/keepd.example.yaml");
         let example =
             Config::from_yaml(text, Path::new("keepd.example.yaml"), Path::new("/")).unwrap();
-        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+        assert_eq!(example, Config::default());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use argon2::{Argon2, PasswordHasher as _, PasswordVerifier as _};
 use tokio::sync::Semaphore;
 
-use crate::secret::SecretString;
+use crate::secrets::values::SecretString;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordError {
@@ -29,8 +29,8 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     pub fn new() -> Result<PasswordHasher, PasswordError> {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let decoy =
-            crate::secret::generate_password(32).map_err(|e| PasswordError::Hash(e.to_string()))?;
+        let decoy = crate::secrets::values::generate_password(32)
+            .map_err(|e| PasswordError::Hash(e.to_string()))?;
         Ok(PasswordHasher {
             permits: Arc::new(Semaphore::new(cores)),
             decoy: Arc::new(hash_now(&decoy)?),

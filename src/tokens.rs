@@ -8,7 +8,7 @@
 //! still live (logout, password change) is the database's answer, not the
 //! token's; `TokenClaims::sid` names the row to ask about.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -58,11 +58,7 @@ pub struct TokenIssuer {
     ttl: Duration,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::clock::unix_now;
 
 impl TokenIssuer {
     pub fn new(identity: &NodeIdentity, ttl: Duration) -> TokenIssuer {

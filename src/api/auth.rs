@@ -21,7 +21,7 @@ use super::{Api, iso8601, queries};
 use crate::audit;
 use crate::audit::AuditAction;
 use crate::postgres::pool::{GroupRole, OperationContext};
-use crate::secret::SecretString;
+use crate::secrets::values::SecretString;
 
 const MIN_PASSWORD_CHARS: usize = 8;
 const MAX_PASSWORD_BYTES: usize = 1024;

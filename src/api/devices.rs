@@ -23,7 +23,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
 use super::sync::check_base64;
 use super::{Api, iso8601, queries};
 use crate::audit::AuditAction;
-use crate::fields::column;
+use crate::field_crypto::column;
 use crate::postgres::pool::GroupRole;
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;

@@ -140,8 +140,8 @@ impl From<AuditError> for ApiError {
     }
 }
 
-impl From<crate::fields::FieldError> for ApiError {
-    fn from(e: crate::fields::FieldError) -> ApiError {
+impl From<crate::field_crypto::FieldError> for ApiError {
+    fn from(e: crate::field_crypto::FieldError) -> ApiError {
         error!(error = %e, "a stored value cannot be decrypted");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -44,7 +44,7 @@ pub use health::HealthProbe;
 
 use crate::audit::{self, AuditAction, AuditEntry, AuditKeys};
 use crate::edge::TrustedProxies;
-use crate::fields::FieldCipher;
+use crate::field_crypto::FieldCipher;
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
 use crate::passwords::{PasswordError, PasswordHasher};

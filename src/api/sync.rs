@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, UserAuth};
 use super::{Api, iso8601, queries};
 use crate::audit::AuditAction;
-use crate::fields::column;
+use crate::field_crypto::column;
 use crate::postgres::pool::{GroupRole, OperationContext};
 
 const MAX_VAULT_ID_CHARS: usize = 200;

@@ -10,7 +10,7 @@ pub mod rotator;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
@@ -20,7 +20,7 @@ use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
 use crate::config::{Config, FallbackMode, LogFormat, Provider};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
-use crate::fields::FieldCipher;
+use crate::field_crypto::FieldCipher;
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
@@ -38,10 +38,10 @@ use crate::postgres::tls::TlsSource;
 use crate::postgres::{DATABASE, describe_error};
 use crate::report::measure::{Inputs, measure};
 use crate::report::{Check, Report, Status};
-use crate::secret::{EntropyError, ScramVerifier};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
+use crate::secrets::values::{EntropyError, ScramVerifier};
 use crate::shutdown;
-use crate::state::{StateError, StateLock};
+use crate::state_lock::{StateError, StateLock};
 use rotator::{PgAccess, RotationError, RotationSettings, Rotator};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +79,13 @@ pub enum DaemonError {
     CredentialsMissing { path: PathBuf, data_dir: PathBuf },
     #[error(
         "Postgres did not accept connections within {seconds}s; its log: {logs}; \
-         database.postgres.<provider>.start_timeout sets the limit"
+         {key} sets the limit"
     )]
-    StartTimeout { seconds: u64, logs: String },
+    StartTimeout {
+        seconds: u64,
+        logs: String,
+        key: &'static str,
+    },
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -120,12 +124,7 @@ impl DaemonError {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::clock::unix_now;
 
 /// The sealed credentials, created on first start (before the cluster, so
 /// a cluster without credentials means they were lost, not never made).
@@ -280,6 +279,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             return Err(DaemonError::StartTimeout {
                 seconds: start_timeout.as_secs(),
                 logs,
+                key: match config.database.postgres.provider {
+                    Provider::Native => "database.postgres.native.start_timeout",
+                    Provider::Docker => "database.postgres.docker.start_timeout",
+                    Provider::External => "database.postgres.external.start_timeout",
+                },
             });
         }
         let mut container_facts = None;
@@ -425,7 +429,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     if !unsupported.is_empty() {
         warn!(
             columns = ?unsupported,
-            supported = crate::fields::supported_list(),
+            supported = crate::field_crypto::supported_list(),
             "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
         );
     }

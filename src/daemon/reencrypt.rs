@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use uuid::Uuid;
 
-use crate::fields::{Column, Encryptable, FieldCipher};
+use crate::field_crypto::{Column, Encryptable, FieldCipher};
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
 

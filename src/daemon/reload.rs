@@ -21,53 +21,23 @@ pub struct Reloader {
 /// The sections of `new` that differ from `running` (which already holds
 /// the live settings of `new`), so need a restart.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    let sections = [
-        (
-            "node",
-            format!("{:?}", running.node),
-            format!("{:?}", new.node),
-        ),
-        (
-            "log.format",
-            format!("{:?}", running.log.format),
-            format!("{:?}", new.log.format),
-        ),
-        (
-            "database",
-            format!("{:?}", running.database),
-            format!("{:?}", new.database),
-        ),
-        (
-            "credentials",
-            format!("{:?}", running.credentials),
-            format!("{:?}", new.credentials),
-        ),
-        (
-            "network",
-            format!("{:?}", running.network),
-            format!("{:?}", new.network),
-        ),
-        (
-            "security",
-            format!("{:?}", running.security),
-            format!("{:?}", new.security),
-        ),
+    [
+        ("node", running.node == new.node),
+        ("log.format", running.log.format == new.log.format),
+        ("database", running.database == new.database),
+        ("credentials", running.credentials == new.credentials),
+        ("network", running.network == new.network),
+        ("security", running.security == new.security),
         (
             "encryption_at_rest",
-            format!("{:?}", running.encryption_at_rest),
-            format!("{:?}", new.encryption_at_rest),
+            running.encryption_at_rest == new.encryption_at_rest,
         ),
-        (
-            "api",
-            format!("{:?}", running.api),
-            format!("{:?}", new.api),
-        ),
-    ];
-    sections
-        .into_iter()
-        .filter(|(_, a, b)| a != b)
-        .map(|(name, _, _)| name)
-        .collect()
+        ("api", running.api == new.api),
+    ]
+    .into_iter()
+    .filter(|(_, same)| !same)
+    .map(|(name, _)| name)
+    .collect()
 }
 
 impl Reloader {

@@ -3,7 +3,7 @@
 //! Postgres (through `postgres::roles`) and to the pool. One at a time.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 use tracing::{error, info, warn};
@@ -15,9 +15,9 @@ use crate::postgres::describe_error;
 use crate::postgres::pool::{LoginCredential, RoleAwarePool};
 use crate::postgres::roles::{self, RoleAdmin, RoleError};
 use crate::postgres::tls::{Endpoint, TlsError, TlsSource};
-use crate::secret::{self, EntropyError, ScramVerifier};
 use crate::secrets::rotation::{self, Phase};
 use crate::secrets::store::{CredentialStatus, CredentialStore, Credentials, StoreError};
+use crate::secrets::values::{self, EntropyError, ScramVerifier};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +67,7 @@ pub struct Rotator {
     tls: TlsSource,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::clock::unix_now as now;
 
 /// The pool's view of the active credential; over TCP with a client
 /// certificate issued for its role.
@@ -214,7 +209,7 @@ impl Rotator {
             return Err(RotationError::Busy(phase.to_string()));
         }
         let old = credentials.active().ok_or(RotationError::NoActive)?.version;
-        let password = secret::generate_password(self.settings.password_length)?;
+        let password = values::generate_password(self.settings.password_length)?;
         let version = rotation::begin(&mut credentials, password, now());
         self.save(&credentials)?;
         info!(

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -53,7 +53,7 @@ pub struct CertificateInfo {
 impl CertificateInfo {
     /// Whole days until it expires; negative once expired.
     pub fn days_left(&self, now: SystemTime) -> i64 {
-        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::clock::unix_seconds(now);
         (self.not_after as i64 - now as i64).div_euclid(86_400)
     }
 }

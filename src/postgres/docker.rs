@@ -45,7 +45,7 @@ use super::{PgAddress, SUPERUSER, endpoint};
 use crate::config::Config;
 use crate::fsutil;
 use crate::pki::NodePki;
-use crate::secret::{ScramVerifier, SecretString};
+use crate::secrets::values::{ScramVerifier, SecretString};
 
 /// Where things live inside the container (the official image's layout).
 const DATA_MOUNT: &str = "/var/lib/postgresql/data";

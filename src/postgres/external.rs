@@ -12,7 +12,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::tls::{Endpoint, Tls, TlsError, client_config};
 use super::{PgAddress, endpoint};
 use crate::config::{Config, ExternalSslMode};
-use crate::secret::SecretString;
+use crate::secrets::values::SecretString;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
@@ -93,7 +93,7 @@ impl ExternalServer {
             admin_user: ext.admin_user.clone(),
             admin_password: SecretString::new(password),
             tls,
-            start_timeout: Duration::from_secs(60),
+            start_timeout: ext.start_timeout.get(),
         })
     }
 

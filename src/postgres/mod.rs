@@ -49,7 +49,7 @@ pub fn endpoint(
     address: &PgAddress,
     port: u16,
     user: &str,
-    password: &crate::secret::SecretString,
+    password: &crate::secrets::values::SecretString,
     dbname: &str,
     tls: tls::Tls,
 ) -> tls::Endpoint {

@@ -21,7 +21,7 @@ use super::{PgAddress, SUPERUSER, endpoint};
 use crate::config::Config;
 use crate::fsutil;
 use crate::pki::NodePki;
-use crate::secret::{ScramVerifier, SecretString};
+use crate::secrets::values::{ScramVerifier, SecretString};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
-use crate::secret::SecretString;
+use crate::secrets::values::SecretString;
 
 /// The login credential new connections use.
 #[derive(Clone, Debug)]

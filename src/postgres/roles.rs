@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::{DATABASE, GROUP_ROLES};
 use crate::identity::NodeId;
-use crate::secret::ScramVerifier;
+use crate::secrets::values::ScramVerifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {

@@ -105,7 +105,7 @@ impl Server {
     /// The bootstrap superuser's connection settings for this server.
     pub fn superuser_endpoint(
         &self,
-        password: &crate::secret::SecretString,
+        password: &crate::secrets::values::SecretString,
         dbname: &str,
     ) -> super::tls::Endpoint {
         match self {

@@ -5,14 +5,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tokio_postgres::Client;
 
 use super::{Check, Status, Weight};
 use crate::config::{AtRestMethod, Config, Provider};
 use crate::edge::CertificateInfo;
-use crate::fields::FieldCipher;
+use crate::field_crypto::FieldCipher;
 use crate::identity::NodeIdentity;
 use crate::postgres::docker::ContainerFacts;
 use crate::postgres::tls::Endpoint;
@@ -470,7 +470,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         )
         .recommend(format!(
             "list columns under encrypted_fields: {}",
-            crate::fields::supported_list()
+            crate::field_crypto::supported_list()
         ));
     }
     // Values not (yet) under the current key, measured.
@@ -656,9 +656,7 @@ fn certificate_expiry(certificate: Option<&str>) -> Check {
             "keepd issues no server certificate in this mode",
         );
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::unix_now();
     match crate::pki::validity(pem) {
         Some(v) if v.not_after > now + crate::pki::RENEW_BEFORE.as_secs() => Check::new(
             id,

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use super::store::{CredentialStatus, Credentials, LoginCredential};
-use crate::secret::SecretString;
+use crate::secrets::values::SecretString;
 
 /// What the daemon must do next to bring a rotation to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,12 +41,7 @@ impl std::fmt::Display for Phase {
                 version,
                 not_before,
             } => {
-                let left = not_before.saturating_sub(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0),
-                );
+                let left = not_before.saturating_sub(crate::clock::unix_now());
                 write!(f, "v{version} retires in {left}s")
             }
             Phase::Audit { version } => write!(f, "the retirement of v{version} is being recorded"),

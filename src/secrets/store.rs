@@ -15,7 +15,7 @@ use super::seal::{self, SealError};
 use crate::config::SealMethod;
 use crate::fsutil;
 use crate::identity::NodeIdentity;
-use crate::secret::{self, EntropyError, SecretString};
+use crate::secrets::values::{self, EntropyError, SecretString};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,10 +87,10 @@ impl Credentials {
     /// A new superuser password and login role version 1, active.
     pub fn generate(password_length: usize, now: u64) -> Result<Credentials, EntropyError> {
         Ok(Credentials {
-            superuser: secret::generate_password(password_length)?,
+            superuser: values::generate_password(password_length)?,
             login_roles: vec![LoginCredential {
                 version: 1,
-                password: Some(secret::generate_password(password_length)?),
+                password: Some(values::generate_password(password_length)?),
                 status: CredentialStatus::Active,
                 created_at: now,
                 status_since: now,
