@@ -622,11 +622,7 @@ pub async fn verify(
 mod tests {
     use super::*;
 
-    fn identity() -> (tempfile::TempDir, NodeIdentity) {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = NodeIdentity::load_or_create(&dir.path().join("k")).unwrap();
-        (dir, id)
-    }
+    use crate::identity::test_identity as identity;
 
     fn entry(action: &str) -> EntryFields {
         EntryFields {

@@ -304,6 +304,14 @@ enum ParseProblem {
     Corrupt(String),
 }
 
+/// A fresh identity in its own temporary directory, for tests.
+#[cfg(test)]
+pub(crate) fn test_identity() -> (tempfile::TempDir, NodeIdentity) {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, _) = NodeIdentity::load_or_create(&dir.path().join("identity.key")).unwrap();
+    (dir, id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -375,11 +375,7 @@ pub fn restore(identity: &NodeIdentity, path: &Path) -> Result<(), RecoveryError
 mod tests {
     use super::*;
 
-    fn identity() -> (tempfile::TempDir, NodeIdentity) {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = NodeIdentity::load_or_create(&dir.path().join("identity.key")).unwrap();
-        (dir, id)
-    }
+    use crate::identity::test_identity as identity;
 
     fn paths(shares: Vec<ShareFile>) -> Vec<(PathBuf, ShareFile)> {
         shares

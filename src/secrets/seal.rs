@@ -286,11 +286,7 @@ fn open_part(
 mod tests {
     use super::*;
 
-    fn identity() -> (tempfile::TempDir, NodeIdentity) {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = NodeIdentity::load_or_create(&dir.path().join("identity.key")).unwrap();
-        (dir, id)
-    }
+    use crate::identity::test_identity as identity;
 
     const METHODS: [SealMethod; 3] = [SealMethod::X25519, SealMethod::Hkdf, SealMethod::Hybrid];
 
