@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
-use crate::config::{Config, ExternalSslMode, Provider};
+use crate::config::{Config, ExternalSslMode, Layout, Provider, Topology};
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::pki::NodePki;
-use crate::postgres::docker::address_file;
 use crate::postgres::docker::{DockerError, container_facts};
 use crate::postgres::external::{ExternalError, ExternalServer};
 use crate::postgres::native::PgBinaries;
@@ -65,8 +64,9 @@ pub enum AdminError {
 
 /// The node identity and its unsealed credentials; never creates either.
 fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
-    let identity = NodeIdentity::load(&config.node.state_dir.join("identity.key"))?;
-    let store = CredentialStore::new(config.credentials_path());
+    let layout = Layout::of(config);
+    let identity = NodeIdentity::load(&layout.identity_key())?;
+    let store = CredentialStore::new(layout.credentials().to_owned());
     let (credentials, _) = store
         .load(&identity)?
         .ok_or_else(|| AdminError::NoCredentials(store.path().to_owned()))?;
@@ -88,17 +88,17 @@ fn address(
             .unwrap_or_default();
         return Ok((PgAddress::Host(host), None));
     }
-    if config.network.use_unix_socket {
+    if !Topology::of(config).is_tcp() {
         // The docker provider's socket directory is a bind mount from
         // runtime_dir; socket_dir names its path inside the container.
         let dir = match config.database.postgres.provider {
-            Provider::Docker => config.node.runtime_dir.join("postgres"),
+            Provider::Docker => Layout::of(config).socket_dir(),
             Provider::Native | Provider::External => socket_dir(config),
         };
         return Ok((PgAddress::Socket(dir), None));
     }
     // The docker provider's container has an address of its own.
-    let recorded = std::fs::read_to_string(address_file(&config.node.runtime_dir))
+    let recorded = std::fs::read_to_string(Layout::of(config).docker_address_file())
         .ok()
         .and_then(|text| text.trim().parse().ok());
     let address = match config.database.postgres.provider {
@@ -147,7 +147,7 @@ pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let (identity, credentials) = unseal(config)?;
     let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-audit-verify")?;
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
-    let checkpoint = crate::audit::checkpoint_path(&config.node.state_dir);
+    let checkpoint = Layout::of(config).audit_checkpoint();
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
 }
 
@@ -158,15 +158,14 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
     let login_role = credentials
         .active()
         .map(|c| roles::login_role_name(identity.node_id(), c.version))
-        .ok_or_else(|| AdminError::NoCredentials(config.credentials_path()))?;
+        .ok_or_else(|| AdminError::NoCredentials(Layout::of(config).credentials().to_owned()))?;
     let facts = match config.database.postgres.provider {
         Provider::Docker => Some(container_facts(identity.node_id().as_str()).await?),
         Provider::Native | Provider::External => None,
     };
-    let own_tcp =
-        !config.network.use_unix_socket && config.database.postgres.provider != Provider::External;
-    let certificate = own_tcp
-        .then(|| std::fs::read_to_string(config.node.state_dir.join("pki/server.crt")).ok())
+    let certificate = Topology::of(config)
+        .issues_certificates()
+        .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
     let checks = measure(&Inputs {
         config,
@@ -206,7 +205,9 @@ pub fn psql(
             let active = credentials
                 .active()
                 .and_then(|c| Some((roles::login_role_name(node, c.version), c.password.clone()?)));
-            active.ok_or_else(|| AdminError::NoCredentials(config.credentials_path()))?
+            active.ok_or_else(|| {
+                AdminError::NoCredentials(Layout::of(config).credentials().to_owned())
+            })?
         }
         other => live
             .iter()

@@ -328,10 +328,6 @@ impl Checkpoint {
     }
 }
 
-pub fn checkpoint_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("audit.checkpoint")
-}
-
 /// Serialises sealing across every keepd sharing a cluster.
 const SEAL_LOCK: i64 = 0x6b65_6570_645f_6175; // "keepd_au"
 const SEAL_BATCH: i64 = 500;

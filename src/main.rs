@@ -243,7 +243,7 @@ fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
 fn rotate(config: &Config) -> anyhow::Result<()> {
     let request = keepd::daemon::control::Request::Rotate;
     let message = runtime()?.block_on(keepd::daemon::control::request(
-        &config.node.runtime_dir,
+        &keepd::config::Layout::of(config).control_socket(),
         &request,
     ))?;
     println!("{message}");
@@ -289,7 +289,7 @@ fn service(
 }
 
 fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
-    let key_path = config.node.state_dir.join("identity.key");
+    let key_path = keepd::config::Layout::of(config).identity_key();
     match command {
         RecoveryCommand::Split {
             shares,

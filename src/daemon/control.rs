@@ -17,8 +17,6 @@ use tracing::{info, warn};
 use super::rotator::Rotator;
 use crate::shutdown::Shutdown;
 
-pub const SOCKET_NAME: &str = "control.sock";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
@@ -48,10 +46,6 @@ pub enum Request {
 pub struct Response {
     pub ok: bool,
     pub message: String,
-}
-
-pub fn socket_path(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join(SOCKET_NAME)
 }
 
 /// Binds the socket (replacing a stale one; the state lock guarantees no
@@ -127,8 +121,8 @@ async fn handle(stream: UnixStream, allowed: bool, rotator: &Rotator) -> std::io
 }
 
 /// Sends one request to the daemon and returns its message.
-pub async fn request(runtime_dir: &Path, request: &Request) -> Result<String, ControlError> {
-    let path = socket_path(runtime_dir);
+pub async fn request(socket: &Path, request: &Request) -> Result<String, ControlError> {
+    let path = socket.to_owned();
     let io_err = |source| ControlError::Io {
         path: path.clone(),
         source,

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
-use crate::config::{Config, FallbackMode, LogFormat, Provider};
+use crate::config::{Config, FallbackMode, Layout, LogFormat, Provider, Topology};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
 use crate::fsutil;
@@ -140,7 +140,7 @@ fn load_credentials(
         }
         return Ok(credentials);
     }
-    let data_dir = config.node.state_dir.join("pgdata");
+    let data_dir = Layout::of(config).data_dir();
     if data_dir.join("PG_VERSION").exists() {
         return Err(DaemonError::CredentialsMissing {
             path: store.path().to_owned(),
@@ -174,12 +174,13 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         config.database.pool.max_size as usize,
     )?;
     let _lock = StateLock::acquire(&config.node.state_dir)?;
-    let identity_path = config.node.state_dir.join("identity.key");
+    let layout = Layout::of(&config);
+    let identity_path = layout.identity_key();
     let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
     let identity = Arc::new(identity);
     let node_id = identity.node_id().to_string();
     info!(node_id, created, path = %identity_path.display(), "node identity loaded");
-    let store = CredentialStore::new(config.credentials_path());
+    let store = CredentialStore::new(layout.credentials().to_owned());
     let credentials = load_credentials(&config, &identity, &store)?;
 
     let notifier = notify::Notifier::from_env();
@@ -187,7 +188,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let rendered = render::render(&config)?;
     // TCP mode: the node's CA, the server certificate for the address
     // keepd dials, client certificates per role.
-    let own_tcp = !config.network.use_unix_socket && pg.provider == Provider::Native;
+    let own_tcp = Topology::of(&config).issues_certificates() && pg.provider == Provider::Native;
     let mut pki = if !own_tcp {
         // The docker provider issues its own, naming the container's
         // address; an external server has its own certificates.
@@ -246,7 +247,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 })
                 .await??
             };
-            let logs = cluster.data_dir().join("log").display().to_string();
+            let logs = layout.postgres_log_dir().display().to_string();
             let timeout = cluster.start_timeout;
             (Server::Native(Arc::new(cluster)), timeout, logs)
         }
@@ -279,11 +280,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             return Err(DaemonError::StartTimeout {
                 seconds: start_timeout.as_secs(),
                 logs,
-                key: match config.database.postgres.provider {
-                    Provider::Native => "database.postgres.native.start_timeout",
-                    Provider::Docker => "database.postgres.docker.start_timeout",
-                    Provider::External => "database.postgres.external.start_timeout",
-                },
+                key: Topology::of(&config).start_timeout_key(),
             });
         }
         let mut container_facts = None;
@@ -341,7 +338,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             pool.clone(),
             identity.clone(),
             audit_keys.clone(),
-            audit::checkpoint_path(&config.node.state_dir),
+            layout.audit_checkpoint(),
         );
         rotator.reconcile().await?;
         let started_entry = audit::AuditEntry {
@@ -369,7 +366,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         );
         apply_security_policy(&config, &report)?;
         metrics.set_security_level(report.level() as u64 + 1);
-        let control_path = control::socket_path(&config.node.runtime_dir);
+        let control_path = layout.control_socket();
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
             addr: control_path.display().to_string(),
@@ -530,7 +527,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
-    let _ = std::fs::remove_file(control::socket_path(&config.node.runtime_dir));
+    let _ = std::fs::remove_file(layout.control_socket());
     supervisor.stop().await;
     info!("keepd stopped");
     outcome

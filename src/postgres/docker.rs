@@ -42,7 +42,7 @@ use tracing::{info, warn};
 use super::render::RenderedConfig;
 use super::tls::{Endpoint, Tls};
 use super::{PgAddress, SUPERUSER, endpoint};
-use crate::config::Config;
+use crate::config::{Config, Layout, Topology};
 use crate::fsutil;
 use crate::pki::NodePki;
 use crate::secrets::values::{ScramVerifier, SecretString};
@@ -189,8 +189,8 @@ impl DockerCluster {
             node_id: node_id.to_string(),
             container: format!("keepd-pg-{node_id}"),
             volume: format!("keepd-pg-{node_id}-data"),
-            conf_dir: config.node.state_dir.join("docker-conf"),
-            socket_dir: config.node.runtime_dir.join("postgres"),
+            conf_dir: Layout::of(config).docker_conf_dir(),
+            socket_dir: Layout::of(config).socket_dir(),
             port: config.network.port,
             user: String::new(),
             memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
@@ -205,7 +205,7 @@ impl DockerCluster {
         let (uid, gid) = cluster.resolve_user().await?;
         cluster.user = format!("{uid}:{gid}");
         cluster.install(rendered, uid, gid)?;
-        if !config.network.use_unix_socket {
+        if Topology::of(config).is_tcp() {
             let (name, address) = cluster.ensure_network().await?;
             let pki = NodePki::ensure(
                 &config.node.state_dir,
@@ -213,10 +213,10 @@ impl DockerCluster {
                 &[IpAddr::V4(address)],
                 std::time::SystemTime::now(),
             )?;
-            let tls_dir = config.node.state_dir.join("docker-tls");
+            let tls_dir = Layout::of(config).docker_tls_dir();
             cluster.install_tls(&tls_dir, &pki, uid, gid)?;
             // `keepd psql` and `keepd audit verify` read where to connect.
-            let marker = address_file(&config.node.runtime_dir);
+            let marker = Layout::of(config).docker_address_file();
             fsutil::write_atomic(&marker, address.to_string().as_bytes(), None).map_err(
                 |source| DockerError::Io {
                     path: marker.clone(),
@@ -950,11 +950,6 @@ async fn facts_of(docker: &Docker, container: &str) -> Result<ContainerFacts, Do
         published_ports,
         privileged: host.privileged.unwrap_or(false),
     })
-}
-
-/// Where the docker provider records the container's address in TCP mode.
-pub fn address_file(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("postgres.address")
 }
 
 /// The contents of the first file in a tar archive (what the engine sends

@@ -18,7 +18,7 @@ use super::child::ChildLauncher;
 use super::render::{self, RenderedConfig};
 use super::tls::{Endpoint, Tls, TlsError};
 use super::{PgAddress, SUPERUSER, endpoint};
-use crate::config::Config;
+use crate::config::{Config, Layout};
 use crate::fsutil;
 use crate::pki::NodePki;
 use crate::secrets::values::{ScramVerifier, SecretString};
@@ -288,7 +288,7 @@ impl NativeCluster {
         let cluster = NativeCluster {
             binaries,
             account,
-            data_dir: config.node.state_dir.join("pgdata"),
+            data_dir: Layout::of(config).data_dir(),
             socket_dir: render::socket_dir(config),
             address: match pki {
                 Some(_) => PgAddress::Tcp(config.network.bind_address),
@@ -309,6 +309,11 @@ impl NativeCluster {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Where this cluster writes its log files.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
     }
 
     pub fn socket_dir(&self) -> &Path {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
-use crate::config::{Config, Provider};
+use crate::config::{Config, Layout, Provider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -88,7 +88,7 @@ impl RenderedConfig {
 pub fn socket_dir(config: &Config) -> PathBuf {
     match config.database.postgres.provider {
         Provider::Docker => PathBuf::from("/var/run/postgresql"),
-        Provider::Native | Provider::External => config.node.runtime_dir.join("postgres"),
+        Provider::Native | Provider::External => Layout::of(config).socket_dir(),
     }
 }
 

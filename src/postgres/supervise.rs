@@ -136,7 +136,7 @@ impl Server {
 
     fn where_to_look(&self) -> String {
         match self {
-            Server::Native(c) => c.data_dir().join("log").display().to_string(),
+            Server::Native(c) => c.log_dir().display().to_string(),
             Server::Docker(c) => format!("docker logs {}", c.container_name()),
             Server::External(c) => format!("the log of {}", c.describe()),
         }

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use tokio_postgres::Client;
 
 use super::{Check, Status, Weight};
-use crate::config::{AtRestMethod, Config, Provider};
+use crate::config::{AtRestMethod, Config, Layout, Provider, Topology};
 use crate::edge::CertificateInfo;
 use crate::field_crypto::FieldCipher;
 use crate::identity::NodeIdentity;
@@ -62,8 +62,7 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(login_role(&client, inputs.login_role).await);
     checks.push(group_roles(&client).await);
     checks.push(transport(config));
-    let tcp =
-        !config.network.use_unix_socket || config.database.postgres.provider == Provider::External;
+    let tcp = Topology::of(config).is_tcp();
     checks.push(tls_version(&client, tcp).await);
     checks.push(client_certificates(&client, config, tcp).await);
     checks.push(hba_rules(&client, config).await);
@@ -89,7 +88,9 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
 
 fn sealing(inputs: &Inputs<'_>) -> Check {
     let id = "credentials.sealing";
-    match CredentialStore::new(inputs.config.credentials_path()).load(inputs.identity) {
+    match CredentialStore::new(Layout::of(inputs.config).credentials().to_owned())
+        .load(inputs.identity)
+    {
         Ok(Some((_, method))) => Check::new(
             id,
             Weight::Critical,
@@ -526,7 +527,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
 
 async fn audit_chain(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "audit.chain";
-    let checkpoint = crate::audit::checkpoint_path(&inputs.config.node.state_dir);
+    let checkpoint = Layout::of(inputs.config).audit_checkpoint();
     match crate::audit::verify(client, inputs.identity, &checkpoint).await {
         Ok(verdict @ crate::audit::Verdict::Intact { .. }) => Check::new(id, Weight::Critical, Status::Pass, verdict.to_string()),
         Ok(verdict) => Check::new(id, Weight::Critical, Status::Fail, verdict.to_string())
@@ -694,16 +695,16 @@ fn mode(path: &Path) -> Option<u32> {
 
 fn file_modes(config: &Config) -> Check {
     let id = "files.modes";
-    let state = &config.node.state_dir;
+    let layout = Layout::of(config);
     // (path, the bits it must not have)
     let expected = [
-        (state.clone(), 0o027),
-        (config.node.runtime_dir.clone(), 0o027),
-        (state.join("identity.key"), 0o077),
-        (config.credentials_path(), 0o077),
-        (state.join("pgdata"), 0o077),
-        (state.join("pki"), 0o077),
-        (state.join("pgdata/log"), 0o077),
+        (layout.state_dir().to_owned(), 0o027),
+        (layout.runtime_dir().to_owned(), 0o027),
+        (layout.identity_key(), 0o077),
+        (layout.credentials().to_owned(), 0o077),
+        (layout.data_dir(), 0o077),
+        (layout.pki_dir(), 0o077),
+        (layout.postgres_log_dir(), 0o077),
     ];
     let mut exposed = Vec::new();
     let mut checked = 0;

@@ -1,4 +1,7 @@
-//! The YAML configuration: schema, defaults and validation.
+//! The YAML configuration: schema and defaults (here), humane durations
+//! (`duration`), validation per section (`validate`), and what is derived
+//! from it once: where files live (`layout`) and how Postgres is reached
+//! (`topology`).
 //!
 //! Keys follow `004_*` of the design seeds so its examples load unchanged.
 //! Every error names the file, the key, the bad value and what is allowed;
@@ -11,6 +14,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+mod duration;
+mod layout;
+mod topology;
+mod validate;
+
+pub use duration::HumanDuration;
+pub use layout::Layout;
+pub use topology::{Topology, Transport};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -615,36 +627,6 @@ impl<'de> Deserialize<'de> for ProxyNet {
     }
 }
 
-/// Why `origin` is not a CORS origin as browsers send it, if it is not.
-fn origin_problem(origin: &str) -> Option<&'static str> {
-    if origin == "*" || origin.contains('*') {
-        return Some("name each origin exactly; keepd never allows a wildcard");
-    }
-    let Some((scheme, authority)) = origin.split_once("://") else {
-        return Some("an origin is scheme://host[:port], e.g. https://app.example.org");
-    };
-    if !matches!(scheme, "http" | "https") {
-        return Some("the scheme is http or https");
-    }
-    if authority.is_empty() {
-        return Some("an origin names a host");
-    }
-    if authority.contains(['/', '?', '#']) {
-        return Some("an origin has no path, query or trailing slash: scheme://host[:port] only");
-    }
-    if authority.contains('@')
-        || authority
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Some("an origin has no user information or spaces");
-    }
-    if authority.chars().any(|c| c.is_ascii_uppercase()) {
-        return Some("browsers send origins in lower case; write it so");
-    }
-    None
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
@@ -657,88 +639,6 @@ impl Default for RateLimitsConfig {
         Self {
             auth_per_minute: 10,
         }
-    }
-}
-
-/// A duration written the way people write them: `30s`, `5m`, `168h`, `7d`, `1h30m`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HumanDuration(pub Duration);
-
-impl HumanDuration {
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl FromStr for HumanDuration {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let help = || {
-            format!(
-                "`{text}` is not a duration: write a number followed by ms, s, m, h, d or w, \
-                 e.g. `30s`, `5m`, `168h` or `1h30m`"
-            )
-        };
-        let mut rest = text.trim();
-        if rest.is_empty() {
-            return Err(help());
-        }
-        let mut total = Duration::ZERO;
-        while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            if digits == 0 {
-                return Err(help());
-            }
-            let value: u64 = rest[..digits].parse().map_err(|_| help())?;
-            rest = &rest[digits..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            let millis_per_unit: u64 = match &rest[..unit_len] {
-                "ms" => 1,
-                "s" => 1_000,
-                "m" => 60_000,
-                "h" => 3_600_000,
-                "d" => 86_400_000,
-                "w" => 604_800_000,
-                _ => return Err(help()),
-            };
-            rest = &rest[unit_len..];
-            let millis = value.checked_mul(millis_per_unit).ok_or_else(help)?;
-            total = total
-                .checked_add(Duration::from_millis(millis))
-                .ok_or_else(help)?;
-        }
-        Ok(HumanDuration(total))
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        let units = [
-            (604_800_000, "w"),
-            (86_400_000, "d"),
-            (3_600_000, "h"),
-            (60_000, "m"),
-            (1_000, "s"),
-        ];
-        for (size, unit) in units {
-            if ms >= size && ms.is_multiple_of(size) {
-                return write!(f, "{}{unit}", ms / size);
-            }
-        }
-        write!(f, "{ms}ms")
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -832,304 +732,24 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, value: String, allowed: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            value,
-            allowed,
-        };
-        let creds = &self.credentials;
-        if creds.password_length < MIN_PASSWORD_LENGTH {
-            return Err(invalid(
-                "credentials.password_length",
-                creds.password_length.to_string(),
-                format!("at least {MIN_PASSWORD_LENGTH} (64 recommended)"),
-            ));
-        }
-        if creds.password_length > 1024 {
-            return Err(invalid(
-                "credentials.password_length",
-                creds.password_length.to_string(),
-                "at most 1024".into(),
-            ));
-        }
-        if creds.rotation_interval.get() < Duration::from_secs(60) {
-            return Err(invalid(
-                "credentials.rotation_interval",
-                creds.rotation_interval.to_string(),
-                "at least 1m".into(),
-            ));
-        }
-        if creds.rotation_grace_period >= creds.rotation_interval {
-            return Err(invalid(
-                "credentials.rotation_grace_period",
-                creds.rotation_grace_period.to_string(),
-                format!(
-                    "shorter than credentials.rotation_interval ({})",
-                    creds.rotation_interval
-                ),
-            ));
-        }
-        let pg = &self.database.postgres;
-        if !(5..=10_000).contains(&pg.max_connections) {
-            return Err(invalid(
-                "database.postgres.max_connections",
-                pg.max_connections.to_string(),
-                "5 to 10000".into(),
-            ));
-        }
-        let pool = &self.database.pool;
-        if pool.max_size == 0 || pool.max_size + 5 > pg.max_connections {
-            return Err(invalid(
-                "database.pool.max_size",
-                pool.max_size.to_string(),
-                format!(
-                    "1 to database.postgres.max_connections - 5 ({}), leaving room for \
-                     rotation and administration",
-                    pg.max_connections.saturating_sub(5)
-                ),
-            ));
-        }
-        let api = &self.api;
-        if !(1024..=1024 * 1024 * 1024).contains(&api.max_body_bytes) {
-            return Err(invalid(
-                "api.max_body_bytes",
-                api.max_body_bytes.to_string(),
-                "1024 to 1073741824 (1 GiB)".into(),
-            ));
-        }
-        if !(1..=100_000).contains(&api.max_push_entries) {
-            return Err(invalid(
-                "api.max_push_entries",
-                api.max_push_entries.to_string(),
-                "1 to 100000".into(),
-            ));
-        }
-        if api.request_timeout.get() < Duration::from_secs(1) {
-            return Err(invalid(
-                "api.request_timeout",
-                api.request_timeout.to_string(),
-                "at least 1s".into(),
-            ));
-        }
-        if api.rate_limits.auth_per_minute == 0 {
-            return Err(invalid(
-                "api.rate_limits.auth_per_minute",
-                "0".into(),
-                "at least 1 (attempts per client address per minute)".into(),
-            ));
-        }
-        for (key, value) in [
-            ("api.header_timeout", api.header_timeout),
-            ("api.idle_timeout", api.idle_timeout),
-            ("api.body_timeout", api.body_timeout),
-        ] {
-            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&value.get()) {
-                return Err(invalid(key, value.to_string(), "1s to 1h".into()));
-            }
-        }
-        if !(16..=1_000_000).contains(&api.max_connections) {
-            return Err(invalid(
-                "api.max_connections",
-                api.max_connections.to_string(),
-                "16 to 1000000 (and below the process's open-file limit)".into(),
-            ));
-        }
-        if !(1..=api.max_connections).contains(&api.max_connections_per_client) {
-            return Err(invalid(
-                "api.max_connections_per_client",
-                api.max_connections_per_client.to_string(),
-                format!("1 to api.max_connections ({})", api.max_connections),
-            ));
-        }
-        for origin in &api.cors_origins {
-            if let Some(problem) = origin_problem(origin) {
-                return Err(invalid(
-                    "api.cors_origins",
-                    format!("{origin:?}"),
-                    problem.into(),
-                ));
-            }
-        }
-        if let Some(metrics) = api.metrics_listen
-            && metrics.port() != 0
-            && metrics == api.listen
-        {
-            return Err(invalid(
-                "api.metrics_listen",
-                metrics.to_string(),
-                "an address other than api.listen (metrics are never on the public listener)"
-                    .into(),
-            ));
-        }
-        if api.jwt_ttl.get() < Duration::from_secs(60) {
-            return Err(invalid(
-                "api.jwt_ttl",
-                api.jwt_ttl.to_string(),
-                "at least 1m".into(),
-            ));
-        }
-        if pool.acquire_timeout.get() < Duration::from_millis(100) {
-            return Err(invalid(
-                "database.pool.acquire_timeout",
-                pool.acquire_timeout.to_string(),
-                "at least 100ms".into(),
-            ));
-        }
-        if let Some(v) = pg.version
-            && !(13..=99).contains(&v)
-        {
-            return Err(invalid(
-                "database.postgres.version",
-                v.to_string(),
-                "a PostgreSQL major version of 13 or later, e.g. 15".into(),
-            ));
-        }
-        if !is_os_user_name(&pg.native.run_as) {
-            return Err(invalid(
-                "database.postgres.native.run_as",
-                format!("{:?}", pg.native.run_as),
-                "a user name of lowercase letters, digits, `-` and `_`, starting with a letter"
-                    .into(),
-            ));
-        }
-        let at_rest = &self.encryption_at_rest;
-        if at_rest.application.key_version == 0 {
-            return Err(invalid(
-                "encryption_at_rest.application.key_version",
-                "0".into(),
-                "1 or more".into(),
-            ));
-        }
-        if pg.docker.image.trim().is_empty() || pg.docker.image.chars().any(char::is_whitespace) {
-            return Err(invalid(
-                "database.postgres.docker.image",
-                format!("{:?}", pg.docker.image),
-                "an image reference such as postgres:15 or registry.example/postgres:15".into(),
-            ));
-        }
-        if pg.docker.memory_mb < 128 {
-            return Err(invalid(
-                "database.postgres.docker.memory_mb",
-                pg.docker.memory_mb.to_string(),
-                "at least 128 (MiB)".into(),
-            ));
-        }
-        if pg.docker.pids_limit < 32 {
-            return Err(invalid(
-                "database.postgres.docker.pids_limit",
-                pg.docker.pids_limit.to_string(),
-                "at least 32 (Postgres forks a process per connection)".into(),
-            ));
-        }
-        for (key, timeout) in [
-            (
-                "database.postgres.native.start_timeout",
-                pg.native.start_timeout,
-            ),
-            (
-                "database.postgres.docker.start_timeout",
-                pg.docker.start_timeout,
-            ),
-            (
-                "database.postgres.external.start_timeout",
-                pg.external.start_timeout,
-            ),
-        ] {
-            if timeout.get() < Duration::from_secs(1) {
-                return Err(invalid(key, timeout.to_string(), "at least 1s".into()));
-            }
-        }
-        if pg.provider == Provider::External {
-            let ext = &pg.external;
-            if ext.host.is_none() {
-                return Err(invalid(
-                    "database.postgres.external.host",
-                    "(unset)".into(),
-                    "the host name of the external server, required with provider: external".into(),
-                ));
-            }
-            if ext.database != DATABASE_NAME {
-                return Err(invalid(
-                    "database.postgres.external.database",
-                    ext.database.clone(),
-                    format!("{DATABASE_NAME} (keepd's schema and grants name its database)"),
-                ));
-            }
-            if ext.admin_password_file.is_some() == ext.admin_password_env.is_some() {
-                return Err(invalid(
-                    "database.postgres.external.admin_password_file",
-                    format!(
-                        "{:?} with admin_password_env {:?}",
-                        ext.admin_password_file, ext.admin_password_env
-                    ),
-                    "exactly one of admin_password_file and admin_password_env".into(),
-                ));
-            }
-            if ext.sslmode == ExternalSslMode::VerifyFull && ext.ca_file.is_none() {
-                return Err(invalid(
-                    "database.postgres.external.ca_file",
-                    "(unset)".into(),
-                    "the CA certificate (PEM) that signed the server's, required with \
-                     sslmode: verify-full"
-                        .into(),
-                ));
-            }
-        }
-        if self.node.state_dir == self.node.runtime_dir {
-            return Err(invalid(
-                "node.runtime_dir",
-                self.node.runtime_dir.display().to_string(),
-                "a directory other than node.state_dir".into(),
-            ));
-        }
-        let shamir = &self.encryption_at_rest.recovery.shamir;
-        if shamir.threshold < 2 || shamir.threshold > shamir.total_shares {
-            return Err(invalid(
-                "encryption_at_rest.recovery.shamir.threshold",
-                shamir.threshold.to_string(),
-                format!(
-                    "from 2 to total_shares ({}); one share alone must not recover the key",
-                    shamir.total_shares
-                ),
-            ));
-        }
-        if !shamir.shareholder_ids.is_empty()
-            && shamir.shareholder_ids.len() != usize::from(shamir.total_shares)
-        {
-            return Err(invalid(
-                "encryption_at_rest.recovery.shamir.shareholder_ids",
-                format!("{} names", shamir.shareholder_ids.len()),
-                format!(
-                    "none, or exactly total_shares ({}) names",
-                    shamir.total_shares
-                ),
-            ));
-        }
-        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(invalid(
-                "log.level",
-                format!("{:?}", self.log.level),
-                format!("a level (error, warn, info, debug, trace) or filter directive ({err})"),
-            ));
+        let sections = [
+            validate::node(&self.node),
+            validate::log(&self.log),
+            validate::credentials(&self.credentials),
+            validate::database(&self.database),
+            validate::encryption_at_rest(&self.encryption_at_rest),
+            validate::api(&self.api),
+        ];
+        for result in sections {
+            result.map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                key: e.key,
+                value: e.value,
+                allowed: e.allowed,
+            })?;
         }
         Ok(())
     }
-
-    /// Where the sealed credentials live.
-    pub fn credentials_path(&self) -> PathBuf {
-        self.credentials
-            .encrypted_path
-            .clone()
-            .unwrap_or_else(|| self.node.state_dir.join("secrets").join("db.enc"))
-    }
-}
-
-fn is_os_user_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
-        && name.len() <= 32
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 #[cfg(test)]
@@ -1155,7 +775,7 @@ mod tests {
         assert_eq!(c.credentials.encryption_method, SealMethod::Hybrid);
         assert_eq!(c.node.state_dir, PathBuf::from("/var/lib/keepd"));
         assert_eq!(
-            c.credentials_path(),
+            Layout::of(&c).credentials(),
             PathBuf::from("/var/lib/keepd/secrets/db.enc")
         );
     }
@@ -1349,7 +969,7 @@ security:
 
     #[test]
     fn shipped_example_sets_every_default() {
-        let text = include_str!("../config/keepd.example.yaml");
+        let text = include_str!("../../config/keepd.example.yaml");
         let example =
             Config::from_yaml(text, Path::new("keepd.example.yaml"), Path::new("/")).unwrap();
         assert_eq!(example, Config::default());
@@ -1357,33 +977,9 @@ security:
 
     #[test]
     fn shipped_dev_config_loads() {
-        let text = include_str!("../config/dev.yaml");
+        let text = include_str!("../../config/dev.yaml");
         let dev = Config::from_yaml(text, Path::new("dev.yaml"), Path::new("/w")).unwrap();
         assert_eq!(dev.node.state_dir, PathBuf::from("/w/.keepd/state"));
         assert_eq!(dev.node.runtime_dir, PathBuf::from("/w/.keepd/run"));
-    }
-
-    #[test]
-    fn durations_parse() {
-        let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.get());
-        assert_eq!(d("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(d("168h"), Ok(Duration::from_secs(168 * 3600)));
-        assert_eq!(d("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert_eq!(d("1w"), Ok(Duration::from_secs(7 * 86400)));
-        assert_eq!(d("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(d("250ms"), Ok(Duration::from_millis(250)));
-        for bad in ["", "5", "m", "5x", "-5m", "5 m", "99999999999999999999w"] {
-            assert!(d(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
-
-    #[test]
-    fn durations_display_round_trip() {
-        for text in ["30s", "5m", "168h", "7d", "2w", "250ms"] {
-            let d: HumanDuration = text.parse().unwrap();
-            let again: HumanDuration = d.to_string().parse().unwrap();
-            assert_eq!(d, again, "{text}");
-        }
     }
 }

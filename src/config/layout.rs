@@ -1,0 +1,127 @@
+//! `Layout`: where keepd keeps its files, named once. Every path under
+//! `node.state_dir` and `node.runtime_dir` comes from here, so a file is
+//! never spelled twice.
+
+use std::path::{Path, PathBuf};
+
+use super::Config;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
+    credentials: PathBuf,
+}
+
+impl Layout {
+    pub fn of(config: &Config) -> Layout {
+        let state_dir = config.node.state_dir.clone();
+        Layout {
+            credentials: config
+                .credentials
+                .encrypted_path
+                .clone()
+                .unwrap_or_else(|| state_dir.join("secrets").join("db.enc")),
+            runtime_dir: config.node.runtime_dir.clone(),
+            state_dir,
+        }
+    }
+
+    /// Identity key, sealed credentials, PKI and the data directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Sockets and other files that do not survive a reboot.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// The node's Ed25519 identity key.
+    pub fn identity_key(&self) -> PathBuf {
+        self.state_dir.join("identity.key")
+    }
+
+    /// The sealed credentials (`credentials.encrypted_path` when set).
+    pub fn credentials(&self) -> &Path {
+        &self.credentials
+    }
+
+    /// The lock one keepd per state directory holds.
+    pub fn lock_file(&self) -> PathBuf {
+        self.state_dir.join("keepd.lock")
+    }
+
+    /// The Postgres data directory (native provider).
+    pub fn data_dir(&self) -> PathBuf {
+        self.state_dir.join("pgdata")
+    }
+
+    /// Where the native Postgres writes its log files.
+    pub fn postgres_log_dir(&self) -> PathBuf {
+        self.data_dir().join("log")
+    }
+
+    /// The node CA and the certificates it issued (TCP mode).
+    pub fn pki_dir(&self) -> PathBuf {
+        self.state_dir.join("pki")
+    }
+
+    /// Postgres's server certificate as keepd issued it.
+    pub fn server_certificate(&self) -> PathBuf {
+        self.pki_dir().join("server.crt")
+    }
+
+    /// The signed audit checkpoint, outside the database on purpose.
+    pub fn audit_checkpoint(&self) -> PathBuf {
+        self.state_dir.join("audit.checkpoint")
+    }
+
+    /// Postgres's Unix socket directory (native, and docker's bind mount).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.runtime_dir.join("postgres")
+    }
+
+    /// The docker provider's rendered configuration, bind-mounted read-only.
+    pub fn docker_conf_dir(&self) -> PathBuf {
+        self.state_dir.join("docker-conf")
+    }
+
+    /// The docker provider's TLS files, bind-mounted read-only.
+    pub fn docker_tls_dir(&self) -> PathBuf {
+        self.state_dir.join("docker-tls")
+    }
+
+    /// Where the docker provider records the container's address (TCP).
+    pub fn docker_address_file(&self) -> PathBuf {
+        self.runtime_dir.join("postgres.address")
+    }
+
+    /// keepd's control socket (`keepd rotate`, ...).
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_the_node_directories() {
+        let mut config = Config::default();
+        config.node.state_dir = "/s".into();
+        config.node.runtime_dir = "/r".into();
+        let layout = Layout::of(&config);
+        assert_eq!(layout.identity_key(), Path::new("/s/identity.key"));
+        assert_eq!(layout.credentials(), Path::new("/s/secrets/db.enc"));
+        assert_eq!(layout.postgres_log_dir(), Path::new("/s/pgdata/log"));
+        assert_eq!(layout.server_certificate(), Path::new("/s/pki/server.crt"));
+        assert_eq!(layout.control_socket(), Path::new("/r/control.sock"));
+        config.credentials.encrypted_path = Some("/elsewhere/db.enc".into());
+        assert_eq!(
+            Layout::of(&config).credentials(),
+            Path::new("/elsewhere/db.enc")
+        );
+    }
+}

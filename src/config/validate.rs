@@ -1,0 +1,352 @@
+//! Validation, one function per section: each says which key is wrong,
+//! the bad value, and what is allowed.
+
+use std::time::Duration;
+
+use super::*;
+
+/// One setting that cannot work as written.
+pub(super) struct Invalid {
+    pub key: &'static str,
+    pub value: String,
+    pub allowed: String,
+}
+
+fn invalid(key: &'static str, value: String, allowed: String) -> Invalid {
+    Invalid {
+        key,
+        value,
+        allowed,
+    }
+}
+
+pub(super) fn node(node: &NodeConfig) -> Result<(), Invalid> {
+    if node.state_dir == node.runtime_dir {
+        return Err(invalid(
+            "node.runtime_dir",
+            node.runtime_dir.display().to_string(),
+            "a directory other than node.state_dir".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn log(log: &LogConfig) -> Result<(), Invalid> {
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(invalid(
+            "log.level",
+            format!("{:?}", log.level),
+            format!("a level (error, warn, info, debug, trace) or filter directive ({err})"),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn credentials(creds: &CredentialsConfig) -> Result<(), Invalid> {
+    if creds.password_length < MIN_PASSWORD_LENGTH {
+        return Err(invalid(
+            "credentials.password_length",
+            creds.password_length.to_string(),
+            format!("at least {MIN_PASSWORD_LENGTH} (64 recommended)"),
+        ));
+    }
+    if creds.password_length > 1024 {
+        return Err(invalid(
+            "credentials.password_length",
+            creds.password_length.to_string(),
+            "at most 1024".into(),
+        ));
+    }
+    if creds.rotation_interval.get() < Duration::from_secs(60) {
+        return Err(invalid(
+            "credentials.rotation_interval",
+            creds.rotation_interval.to_string(),
+            "at least 1m".into(),
+        ));
+    }
+    if creds.rotation_grace_period >= creds.rotation_interval {
+        return Err(invalid(
+            "credentials.rotation_grace_period",
+            creds.rotation_grace_period.to_string(),
+            format!(
+                "shorter than credentials.rotation_interval ({})",
+                creds.rotation_interval
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
+    let pg = &database.postgres;
+    let pool = &database.pool;
+    if !(5..=10_000).contains(&pg.max_connections) {
+        return Err(invalid(
+            "database.postgres.max_connections",
+            pg.max_connections.to_string(),
+            "5 to 10000".into(),
+        ));
+    }
+    if pool.max_size == 0 || pool.max_size + 5 > pg.max_connections {
+        return Err(invalid(
+            "database.pool.max_size",
+            pool.max_size.to_string(),
+            format!(
+                "1 to database.postgres.max_connections - 5 ({}), leaving room for \
+                 rotation and administration",
+                pg.max_connections.saturating_sub(5)
+            ),
+        ));
+    }
+    if pool.acquire_timeout.get() < Duration::from_millis(100) {
+        return Err(invalid(
+            "database.pool.acquire_timeout",
+            pool.acquire_timeout.to_string(),
+            "at least 100ms".into(),
+        ));
+    }
+    if let Some(v) = pg.version
+        && !(13..=99).contains(&v)
+    {
+        return Err(invalid(
+            "database.postgres.version",
+            v.to_string(),
+            "a PostgreSQL major version of 13 or later, e.g. 15".into(),
+        ));
+    }
+    if !is_os_user_name(&pg.native.run_as) {
+        return Err(invalid(
+            "database.postgres.native.run_as",
+            format!("{:?}", pg.native.run_as),
+            "a user name of lowercase letters, digits, `-` and `_`, starting with a letter".into(),
+        ));
+    }
+    if pg.docker.image.trim().is_empty() || pg.docker.image.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "database.postgres.docker.image",
+            format!("{:?}", pg.docker.image),
+            "an image reference such as postgres:15 or registry.example/postgres:15".into(),
+        ));
+    }
+    if pg.docker.memory_mb < 128 {
+        return Err(invalid(
+            "database.postgres.docker.memory_mb",
+            pg.docker.memory_mb.to_string(),
+            "at least 128 (MiB)".into(),
+        ));
+    }
+    if pg.docker.pids_limit < 32 {
+        return Err(invalid(
+            "database.postgres.docker.pids_limit",
+            pg.docker.pids_limit.to_string(),
+            "at least 32 (Postgres forks a process per connection)".into(),
+        ));
+    }
+    for (key, timeout) in [
+        (
+            "database.postgres.native.start_timeout",
+            pg.native.start_timeout,
+        ),
+        (
+            "database.postgres.docker.start_timeout",
+            pg.docker.start_timeout,
+        ),
+        (
+            "database.postgres.external.start_timeout",
+            pg.external.start_timeout,
+        ),
+    ] {
+        if timeout.get() < Duration::from_secs(1) {
+            return Err(invalid(key, timeout.to_string(), "at least 1s".into()));
+        }
+    }
+    if pg.provider == Provider::External {
+        let ext = &pg.external;
+        if ext.host.is_none() {
+            return Err(invalid(
+                "database.postgres.external.host",
+                "(unset)".into(),
+                "the host name of the external server, required with provider: external".into(),
+            ));
+        }
+        if ext.database != DATABASE_NAME {
+            return Err(invalid(
+                "database.postgres.external.database",
+                ext.database.clone(),
+                format!("{DATABASE_NAME} (keepd's schema and grants name its database)"),
+            ));
+        }
+        if ext.admin_password_file.is_some() == ext.admin_password_env.is_some() {
+            return Err(invalid(
+                "database.postgres.external.admin_password_file",
+                format!(
+                    "{:?} with admin_password_env {:?}",
+                    ext.admin_password_file, ext.admin_password_env
+                ),
+                "exactly one of admin_password_file and admin_password_env".into(),
+            ));
+        }
+        if ext.sslmode == ExternalSslMode::VerifyFull && ext.ca_file.is_none() {
+            return Err(invalid(
+                "database.postgres.external.ca_file",
+                "(unset)".into(),
+                "the CA certificate (PEM) that signed the server's, required with \
+                 sslmode: verify-full"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(), Invalid> {
+    if at_rest.application.key_version == 0 {
+        return Err(invalid(
+            "encryption_at_rest.application.key_version",
+            "0".into(),
+            "1 or more".into(),
+        ));
+    }
+    let shamir = &at_rest.recovery.shamir;
+    if shamir.threshold < 2 || shamir.threshold > shamir.total_shares {
+        return Err(invalid(
+            "encryption_at_rest.recovery.shamir.threshold",
+            shamir.threshold.to_string(),
+            format!(
+                "from 2 to total_shares ({}); one share alone must not recover the key",
+                shamir.total_shares
+            ),
+        ));
+    }
+    if !shamir.shareholder_ids.is_empty()
+        && shamir.shareholder_ids.len() != usize::from(shamir.total_shares)
+    {
+        return Err(invalid(
+            "encryption_at_rest.recovery.shamir.shareholder_ids",
+            format!("{} names", shamir.shareholder_ids.len()),
+            format!(
+                "none, or exactly total_shares ({}) names",
+                shamir.total_shares
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
+    if !(1024..=1024 * 1024 * 1024).contains(&api.max_body_bytes) {
+        return Err(invalid(
+            "api.max_body_bytes",
+            api.max_body_bytes.to_string(),
+            "1024 to 1073741824 (1 GiB)".into(),
+        ));
+    }
+    if !(1..=100_000).contains(&api.max_push_entries) {
+        return Err(invalid(
+            "api.max_push_entries",
+            api.max_push_entries.to_string(),
+            "1 to 100000".into(),
+        ));
+    }
+    if api.request_timeout.get() < Duration::from_secs(1) {
+        return Err(invalid(
+            "api.request_timeout",
+            api.request_timeout.to_string(),
+            "at least 1s".into(),
+        ));
+    }
+    if api.rate_limits.auth_per_minute == 0 {
+        return Err(invalid(
+            "api.rate_limits.auth_per_minute",
+            "0".into(),
+            "at least 1 (attempts per client address per minute)".into(),
+        ));
+    }
+    for (key, value) in [
+        ("api.header_timeout", api.header_timeout),
+        ("api.idle_timeout", api.idle_timeout),
+        ("api.body_timeout", api.body_timeout),
+    ] {
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&value.get()) {
+            return Err(invalid(key, value.to_string(), "1s to 1h".into()));
+        }
+    }
+    if !(16..=1_000_000).contains(&api.max_connections) {
+        return Err(invalid(
+            "api.max_connections",
+            api.max_connections.to_string(),
+            "16 to 1000000 (and below the process's open-file limit)".into(),
+        ));
+    }
+    if !(1..=api.max_connections).contains(&api.max_connections_per_client) {
+        return Err(invalid(
+            "api.max_connections_per_client",
+            api.max_connections_per_client.to_string(),
+            format!("1 to api.max_connections ({})", api.max_connections),
+        ));
+    }
+    for origin in &api.cors_origins {
+        if let Some(problem) = origin_problem(origin) {
+            return Err(invalid(
+                "api.cors_origins",
+                format!("{origin:?}"),
+                problem.into(),
+            ));
+        }
+    }
+    if let Some(metrics) = api.metrics_listen
+        && metrics.port() != 0
+        && metrics == api.listen
+    {
+        return Err(invalid(
+            "api.metrics_listen",
+            metrics.to_string(),
+            "an address other than api.listen (metrics are never on the public listener)".into(),
+        ));
+    }
+    if api.jwt_ttl.get() < Duration::from_secs(60) {
+        return Err(invalid(
+            "api.jwt_ttl",
+            api.jwt_ttl.to_string(),
+            "at least 1m".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Why `origin` is not a CORS origin as browsers send it, if it is not.
+fn origin_problem(origin: &str) -> Option<&'static str> {
+    if origin == "*" || origin.contains('*') {
+        return Some("name each origin exactly; keepd never allows a wildcard");
+    }
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Some("an origin is scheme://host[:port], e.g. https://app.example.org");
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Some("the scheme is http or https");
+    }
+    if authority.is_empty() {
+        return Some("an origin names a host");
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Some("an origin has no path, query or trailing slash: scheme://host[:port] only");
+    }
+    if authority.contains('@')
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Some("an origin has no user information or spaces");
+    }
+    if authority.chars().any(|c| c.is_ascii_uppercase()) {
+        return Some("browsers send origins in lower case; write it so");
+    }
+    None
+}
+
+fn is_os_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
