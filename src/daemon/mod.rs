@@ -18,23 +18,18 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
-use crate::config::{Config, FallbackMode, Layout, LogFormat, Provider, Topology};
+use crate::config::{Config, FallbackMode, Layout, LogFormat, Topology};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
-use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
-use crate::pki::{NodePki, PkiError};
 use crate::postgres::bootstrap::{self, BootstrapError};
-use crate::postgres::docker::{DockerCluster, DockerError};
-use crate::postgres::external::{ExternalError, ExternalServer};
 use crate::postgres::migrate::{self, MigrateError};
-use crate::postgres::native::{NativeCluster, NativeError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
 use crate::postgres::render::{self, RenderError};
-use crate::postgres::supervise::{Server, Supervisor};
-use crate::postgres::tls::TlsSource;
+use crate::postgres::server::{Prepared, ProviderError, Server};
+use crate::postgres::supervise::Supervisor;
 use crate::postgres::{DATABASE, describe_error};
 use crate::report::measure::{Inputs, measure};
 use crate::report::{Check, Report, Status};
@@ -55,13 +50,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Render(#[from] RenderError),
     #[error(transparent)]
-    Native(#[from] NativeError),
-    #[error(transparent)]
-    Docker(#[from] DockerError),
-    #[error(transparent)]
-    Pki(#[from] PkiError),
-    #[error(transparent)]
-    External(#[from] ExternalError),
+    Provider(#[from] ProviderError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
@@ -155,7 +144,6 @@ fn load_credentials(
 
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
-    let pg = &config.database.postgres;
     // The edge's settings are checked before anything is written: a
     // certificate that cannot be served is a configuration error, never a
     // fall back to plaintext.
@@ -186,77 +174,14 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
     let notifier = notify::Notifier::from_env();
     notifier.status("preparing Postgres");
     let rendered = render::render(&config)?;
-    // TCP mode: the node's CA, the server certificate for the address
-    // keepd dials, client certificates per role.
-    let own_tcp = Topology::of(&config).issues_certificates() && pg.provider == Provider::Native;
-    let mut pki = if !own_tcp {
-        // The docker provider issues its own, naming the container's
-        // address; an external server has its own certificates.
-        None
-    } else {
-        let addresses = [config.network.bind_address];
-        let pki = NodePki::ensure(
-            &config.node.state_dir,
-            &node_id,
-            &addresses,
-            SystemTime::now(),
-        )?;
-        Some(Arc::new(pki))
-    };
-    // The cluster is brought in line with db.enc before it accepts a
-    // connection; Postgres receives the superuser's verifier, never the
-    // password.
     let verifier = ScramVerifier::of(&credentials.superuser);
-    let mut container = None;
-    let mut shared_tls = None;
-    let (server, start_timeout, logs) = match pg.provider {
-        Provider::External => {
-            // Nothing else makes keepd's own directories in this mode.
-            for dir in [&config.node.state_dir, &config.node.runtime_dir] {
-                fsutil::create_dir_if_missing(dir, 0o700).map_err(|source| {
-                    DaemonError::Directory {
-                        path: dir.clone(),
-                        source,
-                    }
-                })?;
-            }
-            let external = ExternalServer::from_config(&config)?;
-            info!(server = %external.describe(), "external postgres: keepd manages its roles and schema there and renders nothing");
-            shared_tls = Some(external.tls());
-            let logs = format!("the log of {}", external.describe());
-            let timeout = external.start_timeout;
-            (Server::External(Arc::new(external)), timeout, logs)
-        }
-        Provider::Docker => {
-            let cluster =
-                Arc::new(DockerCluster::prepare(&config, &rendered, &node_id, &verifier).await?);
-            let logs = format!("docker logs {}", cluster.container_name());
-            let timeout = cluster.start_timeout;
-            pki = cluster.pki();
-            container = Some(cluster.clone());
-            (Server::Docker(cluster), timeout, logs)
-        }
-        Provider::Native => {
-            let cluster = {
-                let (config, rendered, pki) = (config.clone(), rendered.clone(), pki.clone());
-                tokio::task::spawn_blocking(move || {
-                    let cluster = NativeCluster::prepare(&config, &rendered, pki.as_deref())?;
-                    cluster.clear_stale_pid()?;
-                    cluster.set_superuser_verifier(&verifier)?;
-                    Ok::<_, NativeError>(cluster)
-                })
-                .await??
-            };
-            let logs = layout.postgres_log_dir().display().to_string();
-            let timeout = cluster.start_timeout;
-            (Server::Native(Arc::new(cluster)), timeout, logs)
-        }
-    };
-    let tls_source = match (&pki, shared_tls) {
-        (Some(pki), _) => TlsSource::NodePki(pki.clone()),
-        (None, Some(tls)) => TlsSource::Shared(tls),
-        (None, None) => TlsSource::Off,
-    };
+    let Prepared {
+        server,
+        tls: tls_source,
+        pki,
+    } = Server::prepare(&config, &rendered, &node_id, verifier).await?;
+    let start_timeout = server.start_timeout();
+    let logs = server.where_to_look();
     let maintenance = server.superuser_endpoint(&credentials.superuser, "postgres");
     let superuser = server.superuser_endpoint(&credentials.superuser, DATABASE);
     let metrics = Arc::new(Metrics::default());
@@ -271,7 +196,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         }),
         _ => None,
     };
-    let supervisor = Supervisor::start(server, maintenance.clone(), metrics.clone());
+    let supervisor = Supervisor::start(server.clone(), maintenance.clone(), metrics.clone());
     let (stop, shutdown) = shutdown::channel();
     notifier.status("starting Postgres");
 
@@ -283,12 +208,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 key: Topology::of(&config).start_timeout_key(),
             });
         }
-        let mut container_facts = None;
-        if let Some(cluster) = &container {
-            // The security report's inputs, as the engine reports them.
-            let facts = cluster.facts().await?;
+        // The security report's inputs, as the engine reports them.
+        let container_facts = server.container_facts().await?;
+        if let Some(facts) = &container_facts {
             info!(
-                container = cluster.container_name(),
                 user = %facts.user,
                 network_mode = %facts.network_mode,
                 cap_drop = ?facts.cap_drop,
@@ -299,7 +222,6 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
                 security_opt = ?facts.security_opt,
                 "docker: container as inspected"
             );
-            container_facts = Some(facts);
         }
         notifier.status("bootstrap and migrations");
         bootstrap::apply(&maintenance, &superuser, &rendered).await?;

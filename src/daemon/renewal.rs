@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tracing::{error, info};
 
 use crate::pki::NodePki;
-use crate::postgres::supervise::Server;
+use crate::postgres::server::Server;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
 

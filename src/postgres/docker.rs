@@ -41,7 +41,9 @@ use tracing::{info, warn};
 
 use super::render::RenderedConfig;
 use super::tls::{Endpoint, Tls};
-use super::{PgAddress, SUPERUSER, endpoint};
+use super::{
+    INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, superuser_verifier_statement,
+};
 use crate::config::{Config, Layout, Topology};
 use crate::fsutil;
 use crate::pki::NodePki;
@@ -729,8 +731,9 @@ impl DockerCluster {
              if [ -e {PGDATA} ]; then echo '{PGDATA} exists but is not a cluster' >&2; exit 3; fi\n\
              rm -rf {scratch}\n\
              echo initdb-running\n\
-             initdb -D {scratch} -U {SUPERUSER} --auth=reject --data-checksums --encoding=UTF8 --no-locale\n\
-             mv {scratch} {PGDATA}\n"
+             initdb -D {scratch} {}\n\
+             mv {scratch} {PGDATA}\n",
+            INITDB_ARGS.join(" ")
         );
         let started = std::time::Instant::now();
         let output = self
@@ -750,26 +753,14 @@ impl DockerCluster {
     /// statement travels over the container's stdin, never in a file,
     /// argument or environment variable, and is not logged.
     async fn set_superuser_verifier(&self, verifier: &ScramVerifier) -> Result<(), DockerError> {
-        let statement = zeroize::Zeroizing::new(format!(
-            "ALTER ROLE {SUPERUSER} WITH LOGIN SUPERUSER PASSWORD {};\n",
-            verifier.sql_literal().as_str()
-        ));
-        let cmd = [
-            "postgres",
-            "--single",
-            "-D",
-            PGDATA,
-            "-c",
-            "log_statement=none",
-            "-c",
-            "log_min_error_statement=panic",
-            "-c",
-            "logging_collector=off",
-            "postgres",
-        ];
+        let statement = superuser_verifier_statement(verifier);
+        let cmd = ["postgres", "--single", "-D", PGDATA]
+            .into_iter()
+            .chain(SINGLE_USER_ARGS)
+            .chain(["postgres"]);
         self.one_off(
             "postgres --single (setting the superuser verifier)",
-            cmd.iter().map(|s| s.to_string()).collect(),
+            cmd.map(str::to_string).collect(),
             Some(statement.as_bytes()),
         )
         .await?;

@@ -11,8 +11,58 @@ pub mod native;
 pub mod pool;
 pub mod render;
 pub mod roles;
+pub mod server;
 pub mod supervise;
 pub mod tls;
+
+/// initdb's arguments after `-D DIR`, for every provider: nobody can log
+/// in until keepd installs its own pg_hba.conf and sets the superuser's
+/// verifier, so initdb never sees a password; checksums are on.
+pub const INITDB_ARGS: [&str; 6] = [
+    "-U",
+    SUPERUSER,
+    "--auth=reject",
+    "--data-checksums",
+    "--encoding=UTF8",
+    "--no-locale",
+];
+
+/// `postgres --single -D DIR` settings that keep the statement setting the
+/// superuser's verifier out of every log.
+pub const SINGLE_USER_ARGS: [&str; 6] = [
+    "-c",
+    "log_statement=none",
+    "-c",
+    "log_min_error_statement=panic",
+    "-c",
+    "logging_collector=off",
+];
+
+/// The statement single-user mode runs to give the superuser its verifier
+/// (sent over stdin, never in a file, argument or environment).
+pub fn superuser_verifier_statement(
+    verifier: &crate::secrets::values::ScramVerifier,
+) -> zeroize::Zeroizing<String> {
+    zeroize::Zeroizing::new(format!(
+        "ALTER ROLE {SUPERUSER} WITH LOGIN SUPERUSER PASSWORD {};\n",
+        verifier.sql_literal().as_str()
+    ))
+}
+
+/// How a postmaster is stopped: a fast shutdown (SIGINT) for up to
+/// `timeout`, then an immediate one (SIGQUIT), then SIGKILL, each given
+/// time to take effect.
+pub fn stop_ladder(
+    timeout: std::time::Duration,
+) -> [(nix::sys::signal::Signal, std::time::Duration); 3] {
+    use nix::sys::signal::Signal;
+    use std::time::Duration;
+    [
+        (Signal::SIGINT, timeout),
+        (Signal::SIGQUIT, Duration::from_secs(5)),
+        (Signal::SIGKILL, Duration::from_secs(5)),
+    ]
+}
 
 /// The database keepd's own data lives in.
 pub const DATABASE: &str = "keepd";

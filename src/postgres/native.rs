@@ -17,7 +17,10 @@ use tracing::{info, warn};
 use super::child::ChildLauncher;
 use super::render::{self, RenderedConfig};
 use super::tls::{Endpoint, Tls, TlsError};
-use super::{PgAddress, SUPERUSER, endpoint};
+use super::{
+    INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, stop_ladder,
+    superuser_verifier_statement,
+};
 use crate::config::{Config, Layout};
 use crate::fsutil;
 use crate::pki::NodePki;
@@ -395,17 +398,7 @@ impl NativeCluster {
         info!(data_dir = %self.data_dir.display(), "initdb: creating the cluster (checksums on)");
         let started = Instant::now();
         let mut cmd = self.command("initdb");
-        cmd.arg("-D")
-            .arg(&scratch)
-            .args(["-U", SUPERUSER])
-            // Nobody can log in until keepd installs its own pg_hba.conf and
-            // sets the superuser's verifier; initdb never sees a password.
-            .args([
-                "--auth=reject",
-                "--data-checksums",
-                "--encoding=UTF8",
-                "--no-locale",
-            ]);
+        cmd.arg("-D").arg(&scratch).args(INITDB_ARGS);
         run_to_completion(cmd, "initdb", None)?;
         std::fs::rename(&scratch, &self.data_dir)
             .map_err(io_err("cannot move into place", &scratch))?;
@@ -510,14 +503,9 @@ impl NativeCluster {
         cmd.arg("--single")
             .arg("-D")
             .arg(&self.data_dir)
-            .args(["-c", "log_statement=none"])
-            .args(["-c", "log_min_error_statement=panic"])
-            .args(["-c", "logging_collector=off"])
+            .args(SINGLE_USER_ARGS)
             .arg("postgres");
-        let statement = zeroize::Zeroizing::new(format!(
-            "ALTER ROLE {SUPERUSER} WITH LOGIN SUPERUSER PASSWORD {};\n",
-            verifier.sql_literal().as_str()
-        ));
+        let statement = superuser_verifier_statement(verifier);
         run_to_completion(
             cmd,
             "postgres --single (setting the superuser verifier)",
@@ -590,11 +578,7 @@ fn check_reachable(target: &Path, account: &PgAccount) -> Result<(), NativeError
 /// Asks a postgres to stop fast (SIGINT), then immediately (SIGQUIT), then
 /// kills it, waiting for it to go away in between.
 pub fn stop_process(pid: Pid, timeout: Duration) {
-    for (signal, wait) in [
-        (Signal::SIGINT, timeout),
-        (Signal::SIGQUIT, Duration::from_secs(5)),
-        (Signal::SIGKILL, Duration::from_secs(5)),
-    ] {
+    for (signal, wait) in stop_ladder(timeout) {
         if kill(pid, signal).is_err() {
             return;
         }

@@ -1,23 +1,16 @@
-//! Keeps Postgres running, whichever provider runs it (a native child
-//! process or a container): starts it, waits until it accepts connections,
-//! restarts it with backoff when it dies, and stops it fast on shutdown.
-//! The state is published on a watch channel for `/health`.
+//! Keeps Postgres running, whichever provider runs it (`server::Server`):
+//! starts it, waits until it accepts connections, restarts it with backoff
+//! when it dies, and stops it fast on shutdown. The state is published on
+//! a watch channel for `/health`. What a provider is, it does not know.
 
-use std::io::BufRead;
-use std::process::{Child, ExitStatus};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use super::child::ChildLauncher;
-use super::docker::DockerCluster;
-use super::external::ExternalServer;
-use super::native::NativeCluster;
+use super::server::{Running, Server};
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
@@ -37,136 +30,6 @@ impl PgState {
             PgState::Ready => "up",
             PgState::Restarting => "restarting",
             PgState::Stopped => "stopped",
-        }
-    }
-}
-
-/// The server to keep running.
-#[derive(Clone)]
-pub enum Server {
-    Native(Arc<NativeCluster>),
-    Docker(Arc<DockerCluster>),
-    /// A server keepd does not run: watched through its probe only.
-    External(Arc<ExternalServer>),
-}
-
-impl Server {
-    fn start_timeout(&self) -> Duration {
-        match self {
-            Server::Native(c) => c.start_timeout,
-            Server::Docker(c) => c.start_timeout,
-            Server::External(c) => c.start_timeout,
-        }
-    }
-
-    /// Starts the server; the handle tells when it dies and stops it.
-    async fn launch(&self) -> Result<Running, String> {
-        match self {
-            Server::Native(cluster) => {
-                let prepared = {
-                    let cluster = cluster.clone();
-                    tokio::task::spawn_blocking(move || cluster.clear_stale_pid()).await
-                };
-                match prepared {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        return Err(format!("cannot clear the previous postmaster.pid: {e}"));
-                    }
-                    Err(e) => return Err(e.to_string()),
-                }
-                let child = ChildLauncher::get()
-                    .spawn(cluster.postmaster_command(), Signal::SIGQUIT)
-                    .map_err(|e| format!("cannot start postgres: {e}"))?;
-                let postmaster = Postmaster::new(child);
-                info!(
-                    pid = postmaster.pid,
-                    "postgres started; waiting for it to accept connections"
-                );
-                Ok(Running::Process(postmaster, cluster.clone()))
-            }
-            Server::Docker(cluster) => {
-                cluster
-                    .start()
-                    .await
-                    .map_err(|e| format!("cannot start the container: {e}"))?;
-                info!(
-                    container = cluster.container_name(),
-                    "postgres container running; waiting for it to accept connections"
-                );
-                Ok(Running::Container(cluster.clone()))
-            }
-            Server::External(server) => {
-                info!(server = %server.describe(), "external postgres: waiting for it to accept connections");
-                Ok(Running::External)
-            }
-        }
-    }
-
-    /// The bootstrap superuser's connection settings for this server.
-    pub fn superuser_endpoint(
-        &self,
-        password: &crate::secrets::values::SecretString,
-        dbname: &str,
-    ) -> super::tls::Endpoint {
-        match self {
-            Server::Native(c) => c.superuser_endpoint(password, dbname),
-            Server::Docker(c) => c.superuser_endpoint(password, dbname),
-            // keepd's superuser there is the operator's administrator.
-            Server::External(c) => c.admin_endpoint(dbname),
-        }
-    }
-
-    /// The address the server certificate must name, in TCP mode.
-    pub fn tls_address(&self) -> Option<std::net::IpAddr> {
-        match self {
-            Server::Native(c) => c.tls_address(),
-            Server::Docker(c) => c.tls_address(),
-            Server::External(_) => None,
-        }
-    }
-
-    /// Installs a renewed server certificate where Postgres reads it.
-    pub fn install_tls(&self, pki: &crate::pki::NodePki) -> Result<(), String> {
-        match self {
-            Server::Native(c) => c.install_tls(pki).map_err(|e| e.to_string()),
-            Server::Docker(c) => c.install_server_tls(pki).map_err(|e| e.to_string()),
-            Server::External(_) => Ok(()),
-        }
-    }
-
-    fn where_to_look(&self) -> String {
-        match self {
-            Server::Native(c) => c.log_dir().display().to_string(),
-            Server::Docker(c) => format!("docker logs {}", c.container_name()),
-            Server::External(c) => format!("the log of {}", c.describe()),
-        }
-    }
-}
-
-/// A started server.
-enum Running {
-    Process(Postmaster, Arc<NativeCluster>),
-    Container(Arc<DockerCluster>),
-    External,
-}
-
-impl Running {
-    /// Why it is not running any more, or None while it runs.
-    async fn exited(&self) -> Option<String> {
-        match self {
-            Running::Process(postmaster, _) => postmaster.exited().map(|s| s.to_string()),
-            Running::Container(cluster) => cluster.exited().await,
-            Running::External => None,
-        }
-    }
-
-    async fn stop(&self) {
-        match self {
-            Running::Process(postmaster, cluster) => {
-                postmaster.stop(cluster.shutdown_timeout).await
-            }
-            Running::Container(cluster) => cluster.stop().await,
-            Running::External => {}
         }
     }
 }
@@ -334,74 +197,4 @@ async fn accepts_login(probe: &super::tls::Endpoint) -> bool {
         tokio::time::timeout(Duration::from_secs(2), probe.connect()).await,
         Ok(Ok(_))
     )
-}
-
-/// The running postmaster. Signals are sent only while holding the lock
-/// and after checking it has not been reaped, so a recycled PID is never hit.
-struct Postmaster {
-    pid: u32,
-    child: Arc<Mutex<Child>>,
-}
-
-impl Postmaster {
-    fn new(mut child: Child) -> Postmaster {
-        if let Some(stderr) = child.stderr.take() {
-            // Before the logging collector takes over, and when it cannot
-            // start, Postgres speaks on stderr: one log event per line.
-            let _ = std::thread::Builder::new()
-                .name("postgres-stderr".into())
-                .spawn(move || {
-                    for line in std::io::BufReader::new(stderr)
-                        .lines()
-                        .map_while(Result::ok)
-                    {
-                        info!(target: "postgres", "{line}");
-                    }
-                });
-        }
-        Postmaster {
-            pid: child.id(),
-            child: Arc::new(Mutex::new(child)),
-        }
-    }
-
-    fn exited(&self) -> Option<ExitStatus> {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        child.try_wait().ok().flatten()
-    }
-
-    fn signal(&self, signal: Signal) -> bool {
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        if child.try_wait().ok().flatten().is_some() {
-            return false;
-        }
-        kill(Pid::from_raw(self.pid as i32), signal).is_ok()
-    }
-
-    /// SIGINT (fast shutdown), then SIGQUIT (immediate), then SIGKILL.
-    async fn stop(&self, timeout: Duration) {
-        for (signal, wait) in [
-            (Signal::SIGINT, timeout),
-            (Signal::SIGQUIT, Duration::from_secs(5)),
-            (Signal::SIGKILL, Duration::from_secs(5)),
-        ] {
-            if !self.signal(signal) {
-                return;
-            }
-            if signal != Signal::SIGINT {
-                warn!(
-                    pid = self.pid,
-                    ?signal,
-                    "postgres did not stop in time; escalating"
-                );
-            }
-            let deadline = Instant::now() + wait;
-            while Instant::now() < deadline {
-                if self.exited().is_some() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
 }

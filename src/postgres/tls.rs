@@ -66,6 +66,12 @@ pub enum TlsSource {
 }
 
 impl TlsSource {
+    /// Client certificates from `pki` when keepd issued the server's
+    /// certificate, else the Unix socket.
+    pub fn from_pki(pki: Option<&Arc<NodePki>>) -> TlsSource {
+        pki.map_or(TlsSource::Off, |pki| TlsSource::NodePki(pki.clone()))
+    }
+
     pub fn for_role(&self, role: &str) -> Result<Tls, TlsError> {
         match self {
             TlsSource::Off => Ok(Tls::Off),
