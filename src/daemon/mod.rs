@@ -1,8 +1,14 @@
 //! `keepd run`: wires the modules together in the one direction data flows
-//! (config → render → provision → roles → pool → api) and handles signals.
+//! (config → render → provision → roles → pool → api → edge) and handles
+//! signals. The start is four typed stages, each owning what the next
+//! needs: `Node::open` (lock, identity, credentials, the edge's settings)
+//! → `provision` (rendered files installed, Postgres supervised) →
+//! `bring_up` (schema, roles, pool, report, listeners) → `serve` (the
+//! named `Tasks`, stopped in order).
 
 pub mod control;
 pub mod notify;
+mod policy;
 pub mod reencrypt;
 pub mod reload;
 pub mod renewal;
@@ -14,25 +20,28 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
-use crate::config::{Config, FallbackMode, Layout, LogFormat, Topology};
+use crate::config::{Config, Layout, Topology};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
+use crate::pki::NodePki;
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
-use crate::postgres::render::{self, RenderError};
+use crate::postgres::render::{self, RenderError, RenderedConfig};
 use crate::postgres::server::{Prepared, ProviderError, Server};
 use crate::postgres::supervise::Supervisor;
+use crate::postgres::tls::{Endpoint, TlsSource};
 use crate::postgres::{DATABASE, describe_error};
+use crate::report::Report;
 use crate::report::measure::{Inputs, measure};
-use crate::report::{Check, Report, Status};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
 use crate::secrets::values::{EntropyError, ScramVerifier};
 use crate::shutdown;
@@ -144,72 +153,165 @@ fn load_credentials(
 
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
-    // The edge's settings are checked before anything is written: a
-    // certificate that cannot be served is a configuration error, never a
-    // fall back to plaintext.
-    let api_cert = match &config.api.tls {
-        Some(tls) => Some(Arc::new(ApiCertificate::load(tls)?)),
-        None => None,
-    };
-    if let Some(cert) = &api_cert {
-        let days_left = cert.info().days_left(SystemTime::now());
-        if days_left < 0 {
-            warn!(cert = ?config.api.tls.as_ref().map(|t| &t.cert), days_left, "the api certificate has expired; clients will refuse it until it is renewed");
+    let node = Node::open(config)?;
+    let provisioned = node.provision().await?;
+    let up = provisioned.bring_up().await?;
+    up.serve(config_path).await
+}
+
+/// Stage 1: the node's own state, before any Postgres. The edge's
+/// settings are checked before anything is written: a certificate that
+/// cannot be served is a configuration error, never a fall back to
+/// plaintext.
+struct Node {
+    config: Config,
+    layout: Layout,
+    _lock: StateLock,
+    identity: Arc<NodeIdentity>,
+    node_id: String,
+    store: CredentialStore,
+    credentials: Credentials,
+    api_cert: Option<Arc<ApiCertificate>>,
+    fd_limit: u64,
+    notifier: notify::Notifier,
+}
+
+impl Node {
+    fn open(config: Config) -> Result<Node, DaemonError> {
+        let api_cert = match &config.api.tls {
+            Some(tls) => Some(Arc::new(ApiCertificate::load(tls)?)),
+            None => None,
+        };
+        if let Some(cert) = &api_cert {
+            let days_left = cert.info().days_left(SystemTime::now());
+            if days_left < 0 {
+                warn!(cert = ?config.api.tls.as_ref().map(|t| &t.cert), days_left, "the api certificate has expired; clients will refuse it until it is renewed");
+            }
+        }
+        let fd_limit = edge::ensure_file_limit(
+            config.api.max_connections as usize,
+            config.database.pool.max_size as usize,
+        )?;
+        let lock = StateLock::acquire(&config.node.state_dir)?;
+        let layout = Layout::of(&config);
+        let identity_path = layout.identity_key();
+        let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
+        let identity = Arc::new(identity);
+        let node_id = identity.node_id().to_string();
+        info!(node_id, created, path = %identity_path.display(), "node identity loaded");
+        let store = CredentialStore::new(layout.credentials().to_owned());
+        let credentials = load_credentials(&config, &identity, &store)?;
+        Ok(Node {
+            config,
+            layout,
+            _lock: lock,
+            identity,
+            node_id,
+            store,
+            credentials,
+            api_cert,
+            fd_limit,
+            notifier: notify::Notifier::from_env(),
+        })
+    }
+
+    /// Stage 2: the rendered configuration installed by the provider and
+    /// Postgres started under supervision.
+    async fn provision(self) -> Result<Provisioned, DaemonError> {
+        self.notifier.status("preparing Postgres");
+        let rendered = render::render(&self.config)?;
+        let verifier = ScramVerifier::of(&self.credentials.superuser);
+        let Prepared { server, tls, pki } =
+            Server::prepare(&self.config, &rendered, &self.node_id, verifier).await?;
+        let password = &self.credentials.superuser;
+        let maintenance = server.superuser_endpoint(password, "postgres");
+        let superuser = server.superuser_endpoint(password, DATABASE);
+        let metrics = Arc::new(Metrics::default());
+        let supervisor = Supervisor::start(server.clone(), maintenance.clone(), metrics.clone());
+        self.notifier.status("starting Postgres");
+        Ok(Provisioned {
+            node: self,
+            rendered,
+            server,
+            tls,
+            pki,
+            maintenance,
+            superuser,
+            metrics,
+            supervisor,
+        })
+    }
+}
+
+/// Stage 2: a Postgres starting under supervision.
+struct Provisioned {
+    node: Node,
+    rendered: RenderedConfig,
+    server: Server,
+    tls: TlsSource,
+    pki: Option<Arc<NodePki>>,
+    /// The superuser on the maintenance database `postgres`.
+    maintenance: Endpoint,
+    /// The superuser on keepd's database.
+    superuser: Endpoint,
+    metrics: Arc<Metrics>,
+    supervisor: Supervisor,
+}
+
+/// What serving needs that bringing up made.
+struct Parts {
+    pool: RoleAwarePool,
+    rotator: Arc<Rotator>,
+    sealer: AuditSealer,
+    audit_keys: Arc<AuditKeys>,
+    control: tokio::net::UnixListener,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+}
+
+/// Stage 3: schema current, roles reconciled, the report applied, every
+/// listener bound; nothing served yet.
+struct BroughtUp {
+    provisioned: Provisioned,
+    parts: Parts,
+}
+
+impl Provisioned {
+    /// Stage 3; on failure Postgres is stopped before the error returns.
+    async fn bring_up(self) -> Result<BroughtUp, DaemonError> {
+        match self.bring_up_parts().await {
+            Ok(parts) => Ok(BroughtUp {
+                provisioned: self,
+                parts,
+            }),
+            Err(e) => {
+                self.supervisor.stop().await;
+                Err(e)
+            }
         }
     }
-    let fd_limit = edge::ensure_file_limit(
-        config.api.max_connections as usize,
-        config.database.pool.max_size as usize,
-    )?;
-    let _lock = StateLock::acquire(&config.node.state_dir)?;
-    let layout = Layout::of(&config);
-    let identity_path = layout.identity_key();
-    let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
-    let identity = Arc::new(identity);
-    let node_id = identity.node_id().to_string();
-    info!(node_id, created, path = %identity_path.display(), "node identity loaded");
-    let store = CredentialStore::new(layout.credentials().to_owned());
-    let credentials = load_credentials(&config, &identity, &store)?;
 
-    let notifier = notify::Notifier::from_env();
-    notifier.status("preparing Postgres");
-    let rendered = render::render(&config)?;
-    let verifier = ScramVerifier::of(&credentials.superuser);
-    let Prepared {
-        server,
-        tls: tls_source,
-        pki,
-    } = Server::prepare(&config, &rendered, &node_id, verifier).await?;
-    let start_timeout = server.start_timeout();
-    let logs = server.where_to_look();
-    let maintenance = server.superuser_endpoint(&credentials.superuser, "postgres");
-    let superuser = server.superuser_endpoint(&credentials.superuser, DATABASE);
-    let metrics = Arc::new(Metrics::default());
-    let renewal = match (server.tls_address(), &pki) {
-        (Some(address), Some(pki)) => Some(renewal::CertificateRenewal {
-            server: server.clone(),
-            state_dir: config.node.state_dir.clone(),
-            node_id: node_id.clone(),
-            addresses: vec![address],
-            superuser: maintenance.clone(),
-            installed: pki.server.cert_pem.clone(),
-        }),
-        _ => None,
-    };
-    let supervisor = Supervisor::start(server.clone(), maintenance.clone(), metrics.clone());
-    let (stop, shutdown) = shutdown::channel();
-    notifier.status("starting Postgres");
-
-    let started = async {
-        if !supervisor.wait_ready(start_timeout).await {
+    async fn bring_up_parts(&self) -> Result<Parts, DaemonError> {
+        let Node {
+            config,
+            layout,
+            identity,
+            node_id,
+            store,
+            credentials,
+            notifier,
+            ..
+        } = &self.node;
+        let start_timeout = self.server.start_timeout();
+        if !self.supervisor.wait_ready(start_timeout).await {
             return Err(DaemonError::StartTimeout {
                 seconds: start_timeout.as_secs(),
-                logs,
-                key: Topology::of(&config).start_timeout_key(),
+                logs: self.server.where_to_look(),
+                key: Topology::of(config).start_timeout_key(),
             });
         }
         // The security report's inputs, as the engine reports them.
-        let container_facts = server.container_facts().await?;
+        let container_facts = self.server.container_facts().await?;
         if let Some(facts) = &container_facts {
             info!(
                 user = %facts.user,
@@ -224,12 +326,13 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             );
         }
         notifier.status("bootstrap and migrations");
-        bootstrap::apply(&maintenance, &superuser, &rendered).await?;
+        let superuser = &self.superuser;
+        bootstrap::apply(&self.maintenance, superuser, &self.rendered).await?;
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
         drop(client);
-        let login = rotator::login_credential(&identity, &credentials, &tls_source)?;
+        let login = rotator::login_credential(identity, credentials, &self.tls)?;
         let mut base = superuser.config.clone();
         base.application_name("keepd-pool");
         let pool_settings = PoolSettings {
@@ -250,12 +353,12 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             credentials.clone(),
             PgAccess {
                 superuser: superuser.clone(),
-                tls: tls_source.clone(),
+                tls: self.tls.clone(),
             },
             pool.clone(),
-            metrics.clone(),
+            self.metrics.clone(),
         ));
-        let audit_keys = Arc::new(AuditKeys::new(&identity));
+        let audit_keys = Arc::new(AuditKeys::new(identity));
         let sealer = AuditSealer::new(
             pool.clone(),
             identity.clone(),
@@ -270,71 +373,171 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
             source_component: "daemon",
             metadata: serde_json::json!({"version": env!("CARGO_PKG_VERSION")}),
         };
-        audit::record_alone(&pool, &node_id, &started_entry)
+        audit::record_alone(&pool, node_id, &started_entry)
             .await
             .map_err(RotationError::from)?;
         let active_role = pool.credential_role();
         let report = Report::new(
             measure(&Inputs {
-                config: &config,
-                identity: &identity,
-                superuser: &superuser,
+                config,
+                identity,
+                superuser,
                 login_role: &active_role,
                 container: container_facts.as_ref(),
-                server_certificate: pki.as_ref().map(|p| p.server.cert_pem.as_str()),
-                api_certificate: api_cert.as_ref().map(|c| c.info()),
+                server_certificate: self.pki.as_ref().map(|p| p.server.cert_pem.as_str()),
+                api_certificate: self.node.api_cert.as_ref().map(|c| c.info()),
             })
             .await,
         );
-        apply_security_policy(&config, &report)?;
-        metrics.set_security_level(report.level() as u64 + 1);
+        policy::apply(config, &report)?;
+        self.metrics.set_security_level(report.level() as u64 + 1);
         let control_path = layout.control_socket();
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
             addr: control_path.display().to_string(),
             source,
         })?;
-        let listener = tokio::net::TcpListener::bind(config.api.listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                what: "api.listen",
-                addr: config.api.listen.to_string(),
-                source,
-            })?;
-        let metrics_listener =
-            match config.api.metrics_listen {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
-                    |source| DaemonError::Listen {
-                        what: "api.metrics_listen",
-                        addr: addr.to_string(),
-                        source,
-                    },
-                )?),
-                None => None,
-            };
-        Ok((
+        let listener = bind("api.listen", config.api.listen).await?;
+        let metrics_listener = match config.api.metrics_listen {
+            Some(addr) => Some(bind("api.metrics_listen", addr).await?),
+            None => None,
+        };
+        Ok(Parts {
             pool,
             rotator,
             sealer,
-            control,
-            (listener, metrics_listener),
             audit_keys,
-        ))
-    };
-    let (pool, rotator, sealer, control, (listener, metrics_listener), audit_keys) =
-        match started.await {
-            Ok(parts) => parts,
-            Err(e) => {
-                supervisor.stop().await;
-                return Err(e);
-            }
-        };
-    let rotation_task = tokio::spawn(rotator.clone().run(shutdown.clone()));
-    let control_task = tokio::spawn(control::serve(control, rotator, shutdown.clone()));
-    let sealer_task = tokio::spawn(sealer.run(shutdown.clone()));
+            control,
+            listener,
+            metrics_listener,
+        })
+    }
+}
 
-    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-    let limits = ApiSettings {
+async fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+impl BroughtUp {
+    /// Stage 4: serve until SIGTERM or SIGINT, then stop everything in
+    /// order (the API first, Postgres last).
+    async fn serve(self, config_path: &Path) -> Result<(), DaemonError> {
+        let BroughtUp { provisioned, parts } = self;
+        let Provisioned {
+            node,
+            server,
+            pki,
+            maintenance,
+            superuser,
+            metrics,
+            supervisor,
+            ..
+        } = provisioned;
+        let config = &node.config;
+        let (stop, shutdown) = shutdown::channel();
+        let addr = parts.listener.local_addr().map_err(DaemonError::Serve)?;
+        let fields = Arc::new(FieldCipher::new(&node.identity, config));
+        let unsupported = fields.unsupported();
+        if !unsupported.is_empty() {
+            warn!(
+                columns = ?unsupported,
+                supported = crate::field_crypto::supported_list(),
+                "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
+            );
+        }
+        let api = Arc::new(Api::new(
+            &node.identity,
+            parts.pool,
+            supervisor.state(),
+            parts.audit_keys,
+            metrics.clone(),
+            api_settings(config),
+            fields.clone(),
+        )?);
+        let mut reloader = reload::Reloader {
+            api: api.clone(),
+            running: config.clone(),
+        };
+        let renewal = match (server.tls_address(), &pki) {
+            (Some(address), Some(pki)) => Some(renewal::CertificateRenewal {
+                server: server.clone(),
+                state_dir: config.node.state_dir.clone(),
+                node_id: node.node_id.clone(),
+                addresses: vec![address],
+                superuser: maintenance.clone(),
+                installed: pki.server.cert_pem.clone(),
+            }),
+            _ => None,
+        };
+        let renew = Arc::new(Notify::new());
+        let web = WebPolicy {
+            cors_origins: config.api.cors_origins.clone(),
+            hsts: node.api_cert.is_some(),
+        };
+        let metrics_api = parts
+            .metrics_listener
+            .map(|listener| (listener, api.clone()));
+        let app = api::router(api, &web);
+        let scheme = if node.api_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        info!(%addr, node_id = node.node_id, scheme, fd_limit = node.fd_limit, "api listening");
+        let tasks = Tasks {
+            watchdog: notify::Notifier::spawn_watchdog(shutdown.clone()),
+            api: tokio::spawn(edge::serve(
+                parts.listener,
+                app,
+                edge_settings(config, node.api_cert.clone()),
+                metrics,
+                shutdown.clone(),
+            )),
+            metrics: match metrics_api {
+                Some((listener, api)) => Some(serve_metrics(listener, api, shutdown.clone())?),
+                None => None,
+            },
+            rotation: tokio::spawn(parts.rotator.clone().run(shutdown.clone())),
+            control: tokio::spawn(control::serve(
+                parts.control,
+                parts.rotator,
+                shutdown.clone(),
+            )),
+            sealer: tokio::spawn(parts.sealer.run(shutdown.clone())),
+            reencrypt: tokio::spawn(
+                reencrypt::Reencryption { fields, superuser }.run(shutdown.clone()),
+            ),
+            renewal: renewal
+                .map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone()))),
+            cert_watch: node
+                .api_cert
+                .clone()
+                .map(|cert| tokio::spawn(cert.watch(Duration::from_secs(5), shutdown.clone()))),
+        };
+        node.notifier.ready();
+        let outcome =
+            wait_for_shutdown(config_path, &renew, &mut reloader, node.api_cert.as_deref()).await;
+        info!("shutting down");
+        node.notifier.stopping();
+        tasks.shutdown(stop).await;
+        let _ = std::fs::remove_file(node.layout.control_socket());
+        supervisor.stop().await;
+        info!("keepd stopped");
+        outcome
+    }
+}
+
+fn api_settings(config: &Config) -> ApiSettings {
+    ApiSettings {
         jwt_ttl: config.api.jwt_ttl.get(),
         max_body_bytes: config.api.max_body_bytes,
         max_push_entries: config.api.max_push_entries,
@@ -342,175 +545,70 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         request_timeout: config.api.request_timeout.get(),
         body_timeout: config.api.body_timeout.get(),
         trusted_proxies: TrustedProxies::new(&config.api.trusted_proxies),
-    };
-    let fields = Arc::new(FieldCipher::new(&identity, &config));
-    let unsupported = fields.unsupported();
-    if !unsupported.is_empty() {
-        warn!(
-            columns = ?unsupported,
-            supported = crate::field_crypto::supported_list(),
-            "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
-        );
     }
-    let reencrypt_task = tokio::spawn(
-        reencrypt::Reencryption {
-            fields: fields.clone(),
-            superuser: superuser.clone(),
-        }
-        .run(shutdown.clone()),
-    );
-    let api = Api::new(
-        &identity,
-        pool,
-        supervisor.state(),
-        audit_keys,
-        metrics.clone(),
-        limits,
-        fields,
-    )?;
-    let api = Arc::new(api);
-    let mut reloader = reload::Reloader {
-        api: api.clone(),
-        running: config.clone(),
-    };
-    let web = WebPolicy {
-        cors_origins: config.api.cors_origins.clone(),
-        hsts: api_cert.is_some(),
-    };
-    let metrics_task = match metrics_listener {
-        Some(listener) => {
-            let addr = listener.local_addr().map_err(DaemonError::Serve)?;
-            info!(%addr, "metrics listening");
-            let router = api::metrics_router(api.clone());
-            let mut stop = shutdown.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.requested().await })
-                    .await
-            }))
-        }
-        None => None,
-    };
-    let app = api::router(api, &web);
-    let settings = EdgeSettings {
+}
+
+fn edge_settings(config: &Config, tls: Option<Arc<ApiCertificate>>) -> EdgeSettings {
+    EdgeSettings {
         header_timeout: config.api.header_timeout.get(),
         idle_timeout: config.api.idle_timeout.get(),
         max_connections: config.api.max_connections as usize,
         max_per_client: config.api.max_connections_per_client as usize,
         trusted: TrustedProxies::new(&config.api.trusted_proxies),
-        tls: api_cert.clone(),
-    };
-    let scheme = if api_cert.is_some() { "https" } else { "http" };
-    info!(%addr, node_id, scheme, fd_limit, "api listening");
-    let server = tokio::spawn(edge::serve(
-        listener,
-        app,
-        settings,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let cert_watch = api_cert
-        .clone()
-        .map(|cert| tokio::spawn(cert.watch(Duration::from_secs(5), shutdown.clone())));
-    notifier.ready();
-    let watchdog_task = notify::Notifier::watchdog_interval().map(|every| {
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let notifier = notify::Notifier::from_env();
-            loop {
-                notifier.watchdog();
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = stop.requested() => return,
-                }
-            }
-        })
-    });
-
-    let renew = Arc::new(Notify::new());
-    let renewal_task =
-        renewal.map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone())));
-    let outcome = wait_for_shutdown(config_path, &renew, &mut reloader, api_cert.as_deref()).await;
-    info!("shutting down");
-    notifier.stopping();
-    stop.trigger();
-    if let Some(task) = watchdog_task {
-        let _ = task.await;
+        tls,
     }
-    match server.await {
-        Ok(Err(e)) => error!(error = %e, "api server failed"),
-        Err(e) => error!(error = %e, "api server task failed"),
-        Ok(Ok(())) => {}
-    }
-    let _ = tokio::join!(rotation_task, control_task, sealer_task, reencrypt_task);
-    for task in [renewal_task, cert_watch].into_iter().flatten() {
-        let _ = task.await;
-    }
-    if let Some(task) = metrics_task {
-        let _ = task.await;
-    }
-    let _ = std::fs::remove_file(layout.control_socket());
-    supervisor.stop().await;
-    info!("keepd stopped");
-    outcome
 }
 
-/// Shows the report as configured and applies `security.fallback_mode`:
-/// strict refuses to start on a failed check or a level below
-/// `security.minimum_level`, naming each; warn starts and logs each
-/// finding; permissive starts quietly.
-fn apply_security_policy(config: &Config, report: &Report) -> Result<(), DaemonError> {
-    let security = &config.security;
-    if security.log_security_report {
-        match config.log.format {
-            LogFormat::Human => eprintln!("{}", report.render_box()),
-            LogFormat::Json => {
-                info!(report = %report.to_json().replace('\n', ""), "security report")
-            }
+/// `/metrics` on its own listener (`api.metrics_listen`).
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    mut stop: shutdown::Shutdown,
+) -> Result<JoinHandle<std::io::Result<()>>, DaemonError> {
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    info!(%addr, "metrics listening");
+    let router = api::metrics_router(api);
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.requested().await })
+            .await
+    }))
+}
+
+/// The daemon's running tasks, each named, stopped together.
+struct Tasks {
+    watchdog: Option<JoinHandle<()>>,
+    api: JoinHandle<std::io::Result<()>>,
+    metrics: Option<JoinHandle<std::io::Result<()>>>,
+    rotation: JoinHandle<()>,
+    control: JoinHandle<()>,
+    sealer: JoinHandle<()>,
+    reencrypt: JoinHandle<()>,
+    renewal: Option<JoinHandle<()>>,
+    cert_watch: Option<JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Asks every task to stop and waits for each: the watchdog and the
+    /// API first (no new work), then the background tasks.
+    async fn shutdown(self, stop: shutdown::ShutdownTrigger) {
+        stop.trigger();
+        if let Some(task) = self.watchdog {
+            let _ = task.await;
+        }
+        match self.api.await {
+            Ok(Err(e)) => error!(error = %e, "api server failed"),
+            Err(e) => error!(error = %e, "api server task failed"),
+            Ok(Ok(())) => {}
+        }
+        let _ = tokio::join!(self.rotation, self.control, self.sealer, self.reencrypt);
+        for task in [self.renewal, self.cert_watch].into_iter().flatten() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.metrics {
+            let _ = task.await;
         }
     }
-    let level = report.level();
-    let findings: Vec<&Check> = report
-        .checks
-        .iter()
-        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
-        .collect();
-    let below = level < security.minimum_level;
-    match security.fallback_mode {
-        FallbackMode::Strict => {
-            let mut unmet: Vec<String> = findings
-                .iter()
-                .filter(|c| c.status == Status::Fail)
-                .map(|c| format!("{}: {}", c.id, c.value))
-                .collect();
-            if below {
-                unmet.push(format!(
-                    "level {level:?} is below security.minimum_level {:?}",
-                    security.minimum_level
-                ));
-            }
-            if !unmet.is_empty() {
-                return Err(DaemonError::Security(unmet.join("; ")));
-            }
-        }
-        FallbackMode::Warn => {
-            for check in findings {
-                warn!(
-                    check = check.id,
-                    status = ?check.status,
-                    value = %check.value,
-                    recommendation = %check.recommendation,
-                    "security fallback"
-                );
-            }
-            if below {
-                warn!(level = ?level, minimum = ?security.minimum_level, "the security level is below security.minimum_level");
-            }
-        }
-        FallbackMode::Permissive => {}
-    }
-    info!(level = ?level, "security report measured");
-    Ok(())
 }
 
 /// Returns on SIGTERM or SIGINT. SIGHUP reloads (see `reload`) and checks

@@ -55,9 +55,27 @@ impl Notifier {
         self.send("WATCHDOG=1");
     }
 
+    /// Pings the watchdog every half of its timeout until `stop`, when
+    /// systemd asked for one for this process.
+    pub fn spawn_watchdog(
+        mut stop: crate::shutdown::Shutdown,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let every = Self::watchdog_interval()?;
+        Some(tokio::spawn(async move {
+            let notifier = Notifier::from_env();
+            loop {
+                notifier.watchdog();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.requested() => return,
+                }
+            }
+        }))
+    }
+
     /// How often to ping the watchdog (half its timeout), when systemd
     /// asked for one for this process.
-    pub fn watchdog_interval() -> Option<Duration> {
+    fn watchdog_interval() -> Option<Duration> {
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
         if let Ok(pid) = std::env::var("WATCHDOG_PID")
             && pid.parse::<u32>().ok() != Some(std::process::id())
