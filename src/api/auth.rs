@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
-use super::{Api, iso8601, queries};
+use super::store::accounts;
+use super::{Api, iso8601};
 use crate::audit;
 use crate::audit::AuditAction;
 use crate::postgres::pool::{GroupRole, OperationContext};
@@ -153,17 +154,13 @@ pub(super) async fn register(
         .pool
         .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
         .await?;
-    let rows = tx
-        .query(queries::INSERT_USER, &[&id, &api.email_hmac(&email), &hash])
-        .await?;
-    let Some(row) = rows.first() else {
+    let Some(created_at) = accounts::create(&tx, id, &api.email_hmac(&email), &hash).await? else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "email_taken",
             "an account with this email exists; log in instead",
         ));
     };
-    let created_at: SystemTime = row.get(0);
     let metadata = json!({"user": api.user_ref(id), "client": api.client_ref(&client)});
     api.audit(&mut tx, AuditAction::UserRegister, 1, started, metadata)
         .await?;
@@ -205,21 +202,13 @@ pub(super) async fn login(
         email_hmac: Some(hex::encode(&email_hmac)),
     };
     let tx = api.pool.begin(&lookup).await?;
-    let account = tx
-        .query(queries::USER_BY_EMAIL, &[&email_hmac])
-        .await?
-        .first()
-        .map(|row| {
-            let (id, hash, created): (Uuid, String, SystemTime) =
-                (row.get(0), row.get(1), row.get(2));
-            (id, hash, created)
-        });
+    let account = accounts::by_email(&tx, &email_hmac).await?;
     tx.commit().await?;
-    let stored = account.as_ref().map(|(_, hash, _)| hash.clone());
+    let stored = account.as_ref().map(|a| a.password_hash.clone());
     let matches = api.passwords.verify(body.password, stored).await?;
     let client_ref = api.client_ref(&client);
     let (id, created_at) = match account {
-        Some((id, _, created)) if matches => (id, created),
+        Some(account) if matches => (account.id, account.created_at),
         _ => {
             let entry = audit::AuditEntry {
                 action: AuditAction::LoginFailed,
@@ -242,8 +231,7 @@ pub(super) async fn login(
         .pool
         .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
         .await?;
-    tx.execute(queries::INSERT_SESSION, &[&session, &id, &expires_at])
-        .await?;
+    accounts::open_session(&tx, session, id, expires_at).await?;
     let metadata = json!({"user": api.user_ref(id), "client": client_ref});
     api.audit(&mut tx, AuditAction::Login, 1, started, metadata)
         .await?;
@@ -269,9 +257,7 @@ pub(super) async fn logout(
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
-    let revoked = tx
-        .execute(queries::REVOKE_SESSION, &[&auth.session])
-        .await?;
+    let revoked = accounts::revoke_session(&tx, auth.session).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(
         &mut tx,
@@ -304,22 +290,15 @@ pub(super) async fn change_password(
     check_password(&body.new_password, "newPassword")?;
     let ctx = OperationContext::user(GroupRole::Auth, auth.user.to_string());
     let tx = api.pool.begin(&ctx).await?;
-    let stored: Option<String> = tx
-        .query(queries::USER_BY_ID, &[&auth.user])
-        .await?
-        .first()
-        .map(|row| row.get(0));
+    let stored = accounts::password_hash(&tx, auth.user).await?;
     tx.commit().await?;
     if !api.passwords.verify(body.current_password, stored).await? {
         return Err(invalid_credentials());
     }
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = api.pool.begin(&ctx).await?;
-    tx.execute(queries::SET_PASSWORD, &[&auth.user, &hash])
-        .await?;
-    let revoked = tx
-        .execute(queries::REVOKE_ALL_SESSIONS, &[&auth.user])
-        .await?;
+    accounts::set_password(&tx, auth.user, &hash).await?;
+    let revoked = accounts::revoke_all_sessions(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
     api.audit(&mut tx, AuditAction::PasswordChange, 1, started, metadata)
         .await?;
@@ -339,7 +318,7 @@ pub(super) async fn delete_account(
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
-    let deleted = tx.execute(queries::DELETE_USER, &[&auth.user]).await?;
+    let deleted = accounts::delete(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(
         &mut tx,

@@ -5,7 +5,7 @@
 //! account, yet never holds a key that opens it.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -20,10 +20,11 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
+use super::store::backups::{self, NewBackup};
+use super::store::devices;
 use super::sync::check_base64;
-use super::{Api, iso8601, queries};
+use super::{Api, iso8601};
 use crate::audit::AuditAction;
-use crate::field_crypto::column;
 use crate::postgres::pool::GroupRole;
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
@@ -159,16 +160,16 @@ pub struct IdPath {
     id: Uuid,
 }
 
-fn device_from_row(api: &Api, row: &tokio_postgres::Row) -> Result<Device, ApiError> {
-    let key: Vec<u8> = row.get(2);
-    let revoked: Option<SystemTime> = row.get(4);
-    Ok(Device {
-        id: row.get(0),
-        device_name: api.fields.open_text(column::DEVICE_NAME, row.get(1))?,
-        public_key: BASE64.encode(key),
-        created_at: iso8601(row.get(3)),
-        revoked_at: revoked.map(iso8601),
-    })
+impl From<devices::Device> for Device {
+    fn from(device: devices::Device) -> Device {
+        Device {
+            id: device.id,
+            device_name: device.name,
+            public_key: BASE64.encode(device.public_key),
+            created_at: iso8601(device.created_at),
+            revoked_at: device.revoked_at.map(iso8601),
+        }
+    }
 }
 
 /// Registers a device's Ed25519 public key.
@@ -203,18 +204,9 @@ pub(super) async fn register_device(
             "`publicKey` must be the base64 of a 32-byte Ed25519 public key",
         ));
     }
-    let id = Uuid::new_v4();
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    let stored_name = api
-        .fields
-        .seal_text(column::DEVICE_NAME, body.device_name.clone());
-    let row = tx
-        .query_one(
-            queries::INSERT_DEVICE,
-            &[&id, &auth.user, &stored_name, &key],
-        )
-        .await?;
-    let created_at: SystemTime = row.get(0);
+    let (id, created_at) =
+        devices::add(&tx, &api.fields, auth.user, &body.device_name, &key).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
     api.audit(&mut tx, AuditAction::DeviceAdd, 1, started, metadata)
         .await?;
@@ -243,13 +235,10 @@ pub(super) async fn list_devices(
     auth: UserAuth,
 ) -> Result<Json<DevicesResponse>, ApiError> {
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let rows = tx.query(queries::LIST_DEVICES, &[&auth.user]).await?;
+    let found = devices::list(&tx, &api.fields, auth.user).await?;
     tx.commit().await?;
     Ok(Json(DevicesResponse {
-        devices: rows
-            .iter()
-            .map(|row| device_from_row(&api, row))
-            .collect::<Result<_, _>>()?,
+        devices: found.into_iter().map(Device::from).collect(),
     }))
 }
 
@@ -268,10 +257,7 @@ pub(super) async fn revoke_device(
 ) -> Result<Json<super::auth::MessageBody>, ApiError> {
     let started = Instant::now();
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    let revoked = tx
-        .execute(queries::REVOKE_DEVICE, &[&auth.user, &id])
-        .await?;
-    if revoked == 0 {
+    if !devices::revoke(&tx, auth.user, id).await? {
         return Err(ApiError::not_found(
             "device_not_found",
             "no active device with this id on this account",
@@ -311,25 +297,21 @@ pub(super) async fn store_backup(
         )
     })?;
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    let device = tx
-        .query(queries::DEVICE_KEY, &[&auth.user, &body.device_id])
-        .await?;
-    let Some(device) = device.first() else {
+    let Some(device) = devices::key(&tx, auth.user, body.device_id).await? else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "unknown_device",
             "`deviceId` is not a device of this account; register it with POST /devices",
         ));
     };
-    let (public_key, revoked): (Vec<u8>, bool) = (device.get(0), device.get(1));
-    if revoked {
+    if device.revoked {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "device_revoked",
             "this device was revoked; its backups are no longer accepted",
         ));
     }
-    let key = <[u8; 32]>::try_from(public_key.as_slice())
+    let key = <[u8; 32]>::try_from(device.public_key.as_slice())
         .ok()
         .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
         .ok_or_else(|| ApiError::internal("device key", &"stored key is not Ed25519"))?;
@@ -339,33 +321,16 @@ pub(super) async fn store_backup(
             "`signature` does not verify over the ciphertext with this device's key",
         ));
     }
-    let id = Uuid::new_v4();
-    let size = ciphertext.len() as i64;
     let classification = body.data_classification.as_str();
-    let f = &api.fields;
-    let stored = (
-        f.seal_bytes(column::BACKUP_CIPHERTEXT, ciphertext),
-        f.seal_bytes(column::BACKUP_NONCE, nonce),
-        f.seal_bytes(column::BACKUP_AUTH_TAG, auth_tag),
-        f.seal_bytes(column::BACKUP_SIGNATURE, signature_bytes),
-    );
-    let row = tx
-        .query_one(
-            queries::INSERT_BACKUP,
-            &[
-                &id,
-                &auth.user,
-                &body.device_id,
-                &stored.0,
-                &stored.1,
-                &stored.2,
-                &stored.3,
-                &classification,
-                &size,
-            ],
-        )
-        .await?;
-    let created_at: SystemTime = row.get(0);
+    let backup = NewBackup {
+        device: body.device_id,
+        ciphertext,
+        nonce,
+        auth_tag,
+        signature: signature_bytes,
+        classification,
+    };
+    let (id, size, created_at) = backups::store(&tx, &api.fields, auth.user, backup).await?;
     let metadata = json!({
         "user": api.user_ref(auth.user),
         "device": body.device_id,
@@ -412,21 +377,17 @@ pub(super) async fn list_backups(
         ));
     }
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let rows = tx
-        .query(
-            queries::LIST_BACKUPS,
-            &[&auth.user, &page.before, &(limit + 1)],
-        )
-        .await?;
+    // One more than asked tells whether there is another page.
+    let found = backups::page(&tx, auth.user, page.before, limit + 1).await?;
     tx.commit().await?;
-    let mut backups: Vec<BackupSummary> = rows
-        .iter()
-        .map(|row| BackupSummary {
-            id: row.get(0),
-            device_id: row.get(1),
-            data_classification: DataClassification::parse(row.get(2)),
-            size_bytes: row.get(3),
-            created_at: iso8601(row.get(4)),
+    let mut backups: Vec<BackupSummary> = found
+        .into_iter()
+        .map(|b| BackupSummary {
+            id: b.id,
+            device_id: b.device,
+            data_classification: DataClassification::parse(&b.classification),
+            size_bytes: b.size_bytes,
+            created_at: iso8601(b.created_at),
         })
         .collect();
     let next_cursor = if backups.len() as i64 > limit {
@@ -456,27 +417,22 @@ pub(super) async fn backup(
     ApiPath(IdPath { id }): ApiPath<IdPath>,
 ) -> Result<Json<BackupResponse>, ApiError> {
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let rows = tx.query(queries::BACKUP, &[&auth.user, &id]).await?;
+    let found = backups::get(&tx, &api.fields, auth.user, id).await?;
     tx.commit().await?;
-    let row = rows.first().ok_or_else(|| {
+    let b = found.ok_or_else(|| {
         ApiError::not_found("backup_not_found", "no backup with this id on this account")
     })?;
-    let bytes = |i: usize, column| {
-        api.fields
-            .open_bytes(column, row.get::<_, Vec<u8>>(i))
-            .map(|b| BASE64.encode(b))
-    };
     Ok(Json(BackupResponse {
         backup: Backup {
             id,
-            device_id: row.get(0),
-            ciphertext: bytes(1, column::BACKUP_CIPHERTEXT)?,
-            nonce: bytes(2, column::BACKUP_NONCE)?,
-            auth_tag: bytes(3, column::BACKUP_AUTH_TAG)?,
-            signature: bytes(4, column::BACKUP_SIGNATURE)?,
-            data_classification: DataClassification::parse(row.get(5)),
-            size_bytes: row.get(6),
-            created_at: iso8601(row.get(7)),
+            device_id: b.device,
+            ciphertext: BASE64.encode(b.ciphertext),
+            nonce: BASE64.encode(b.nonce),
+            auth_tag: BASE64.encode(b.auth_tag),
+            signature: BASE64.encode(b.signature),
+            data_classification: DataClassification::parse(&b.classification),
+            size_bytes: b.size_bytes,
+            created_at: iso8601(b.created_at),
         },
     }))
 }

@@ -140,6 +140,16 @@ impl From<AuditError> for ApiError {
     }
 }
 
+impl From<super::store::StoreError> for ApiError {
+    fn from(e: super::store::StoreError) -> ApiError {
+        use super::store::StoreError;
+        match e {
+            StoreError::Pool(e) => e.into(),
+            StoreError::Field(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::field_crypto::FieldError> for ApiError {
     fn from(e: crate::field_crypto::FieldError) -> ApiError {
         error!(error = %e, "a stored value cannot be decrypted");

@@ -15,8 +15,9 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
+use super::Api;
 use super::error::ApiError;
-use super::{Api, queries};
+use super::store::accounts;
 use crate::postgres::pool::{GroupRole, OperationContext, ScopedTransaction};
 use crate::tokens::TokenError;
 
@@ -164,9 +165,9 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
         })?;
         let ctx = OperationContext::user(GroupRole::Auth, claims.sub.to_string());
         let tx = api.pool.begin(&ctx).await?;
-        let live = tx.query(queries::SESSION_IS_LIVE, &[&claims.sid]).await?;
+        let live = accounts::session_is_live(&tx, claims.sid).await?;
         tx.commit().await?;
-        if live.is_empty() {
+        if !live {
             return Err(ApiError::unauthorized(
                 "the session has ended (logout or password change); log in again",
             ));

@@ -17,7 +17,7 @@ mod extract;
 mod health;
 mod limits;
 mod meta;
-mod queries;
+mod store;
 mod sync;
 
 use std::sync::{Arc, OnceLock};

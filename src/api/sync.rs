@@ -6,7 +6,7 @@
 //! and a reader paging by `afterSequence` sees a growing prefix.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -20,9 +20,10 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, UserAuth};
-use super::{Api, iso8601, queries};
+use super::store::logs::{self, NewEntry};
+use super::store::vaults::{self, WrappedKey};
+use super::{Api, iso8601};
 use crate::audit::AuditAction;
-use crate::field_crypto::column;
 use crate::postgres::pool::{GroupRole, OperationContext};
 
 const MAX_VAULT_ID_CHARS: usize = 200;
@@ -187,31 +188,19 @@ pub(super) async fn store_vault_key(
     check_base64("salt", &body.salt)?;
     check_base64("nonce", &body.nonce)?;
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    let vault = Uuid::new_v4();
-    let created = tx
-        .query(queries::INSERT_VAULT, &[&vault, &auth.user, &body.vault_id])
-        .await?;
-    if created.is_empty() {
+    let Some(vault) = vaults::create(&tx, auth.user, &body.vault_id).await? else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "vault_key_exists",
             "this vault already has a key; fetch it with GET /sync/vault-key/{vaultId}",
         ));
-    }
-    let key_id = Uuid::new_v4();
-    let f = &api.fields;
-    let stored = (
-        f.seal_text(column::VAULT_KEY, body.encrypted_vault_key),
-        f.seal_text(column::VAULT_KEY_SALT, body.salt),
-        f.seal_text(column::VAULT_KEY_NONCE, body.nonce),
-    );
-    let row = tx
-        .query_one(
-            queries::INSERT_VAULT_KEY,
-            &[&key_id, &vault, &auth.user, &stored.0, &stored.1, &stored.2],
-        )
-        .await?;
-    let created_at: SystemTime = row.get(0);
+    };
+    let key = WrappedKey {
+        encrypted_vault_key: body.encrypted_vault_key,
+        salt: body.salt,
+        nonce: body.nonce,
+    };
+    let (key_id, created_at) = vaults::store_key(&tx, &api.fields, vault, auth.user, key).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
     api.audit(&mut tx, AuditAction::VaultKeyStore, 1, started, metadata)
         .await?;
@@ -244,20 +233,16 @@ pub(super) async fn vault_key(
 ) -> Result<Json<VaultKeyResponse>, ApiError> {
     check_vault_id(&vault_id)?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let rows = tx
-        .query(queries::VAULT_KEY, &[&auth.user, &vault_id])
-        .await?;
+    let stored = vaults::key(&tx, &api.fields, auth.user, &vault_id).await?;
     tx.commit().await?;
-    let row = rows.first().ok_or_else(vault_not_found)?;
-    let created_at: SystemTime = row.get(3);
-    let f = &api.fields;
+    let stored = stored.ok_or_else(vault_not_found)?;
     Ok(Json(VaultKeyResponse {
         vault_key: VaultKey {
             vault_id,
-            encrypted_vault_key: f.open_text(column::VAULT_KEY, row.get(0))?,
-            salt: f.open_text(column::VAULT_KEY_SALT, row.get(1))?,
-            nonce: f.open_text(column::VAULT_KEY_NONCE, row.get(2))?,
-            created_at: iso8601(created_at),
+            encrypted_vault_key: stored.key.encrypted_vault_key,
+            salt: stored.key.salt,
+            nonce: stored.key.nonce,
+            created_at: iso8601(stored.created_at),
         },
     }))
 }
@@ -310,10 +295,7 @@ pub(super) async fn push(
             ),
         ));
     }
-    let mut ids = Vec::with_capacity(count);
-    let mut data = Vec::with_capacity(count);
-    let mut nonces = Vec::with_capacity(count);
-    let mut stamps = Vec::with_capacity(count);
+    let mut entries = Vec::with_capacity(count);
     for (i, entry) in body.logs.into_iter().enumerate() {
         check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
         check_base64(&format!("logs[{i}].nonce"), &entry.nonce)?;
@@ -324,11 +306,11 @@ pub(super) async fn push(
                 format!("`logs[{i}].haexTimestamp` must be 1 to {MAX_TIMESTAMP_CHARS} characters"),
             ));
         }
-        ids.push(Uuid::new_v4());
-        let f = &api.fields;
-        data.push(f.seal_text(column::LOG_DATA, entry.encrypted_data));
-        nonces.push(f.seal_text(column::LOG_NONCE, entry.nonce));
-        stamps.push(f.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
+        entries.push(NewEntry {
+            encrypted_data: entry.encrypted_data,
+            nonce: entry.nonce,
+            haex_timestamp: entry.haex_timestamp,
+        });
     }
 
     let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
@@ -338,35 +320,19 @@ pub(super) async fn push(
         return Ok(Json(first));
     }
     let mut tx = api.pool.begin(&ctx).await?;
-    let advanced = tx
-        .query(
-            queries::ADVANCE_SEQUENCE,
-            &[&auth.user, &body.vault_id, &(count as i64)],
-        )
-        .await?;
-    let Some(vault_row) = advanced.first() else {
-        return Err(vault_not_found());
-    };
-    let (vault, last): (Uuid, i64) = (vault_row.get(0), vault_row.get(1));
-    let base = last - count as i64;
-    let rows = tx
-        .query(
-            queries::INSERT_LOGS,
-            &[&vault, &auth.user, &base, &ids, &data, &nonces, &stamps],
-        )
-        .await?;
-    let mut logs = rows
-        .iter()
-        .map(|row| {
-            Ok(PushedEntry {
-                id: row.get(0),
-                sequence: row.get(1),
-                haex_timestamp: api.fields.open_text(column::LOG_TIMESTAMP, row.get(2))?,
-                created_at: iso8601(row.get(3)),
-            })
+    let reserved = vaults::reserve(&tx, auth.user, &body.vault_id, count as i64)
+        .await?
+        .ok_or_else(vault_not_found)?;
+    let logs = logs::append(&tx, &api.fields, auth.user, &reserved, entries)
+        .await?
+        .into_iter()
+        .map(|entry| PushedEntry {
+            id: entry.id,
+            sequence: entry.sequence,
+            haex_timestamp: entry.haex_timestamp,
+            created_at: iso8601(entry.created_at),
         })
-        .collect::<Result<Vec<PushedEntry>, ApiError>>()?;
-    logs.sort_by_key(|entry| entry.sequence);
+        .collect();
     let response = PushResponse {
         message: format!("{count} logs pushed successfully"),
         count,
@@ -375,10 +341,7 @@ pub(super) async fn push(
     if let Some(key) = &idempotency {
         let stored =
             serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
-        let saved = tx
-            .execute(queries::SAVE_PUSH, &[&auth.user, key, &stored])
-            .await?;
-        if saved == 0 {
+        if !logs::save_push(&tx, auth.user, key, &stored).await? {
             // A concurrent retry with this key committed first: this
             // attempt is rolled back and the first result is the answer.
             drop(tx);
@@ -390,9 +353,9 @@ pub(super) async fn push(
     }
     let metadata = json!({
         "user": api.user_ref(auth.user),
-        "vault": vault,
-        "firstSequence": base + 1,
-        "lastSequence": last,
+        "vault": reserved.vault,
+        "firstSequence": reserved.first,
+        "lastSequence": reserved.last,
     });
     api.audit(
         &mut tx,
@@ -413,11 +376,11 @@ async fn stored_push(
     key: &str,
 ) -> Result<Option<PushResponse>, ApiError> {
     let tx = api.pool.begin(ctx).await?;
-    let rows = tx.query(queries::STORED_PUSH, &[&auth.user, &key]).await?;
+    let stored = logs::stored_push(&tx, auth.user, key).await?;
     tx.commit().await?;
-    rows.first()
-        .map(|row| {
-            serde_json::from_value(row.get(0))
+    stored
+        .map(|response| {
+            serde_json::from_value(response)
                 .map_err(|e| ApiError::internal("stored push response", &e))
         })
         .transpose()
@@ -452,34 +415,24 @@ pub(super) async fn pull(
         ));
     }
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let vault: Uuid = tx
-        .query(queries::VAULT_ID, &[&auth.user, &body.vault_id])
+    let vault = vaults::id(&tx, auth.user, &body.vault_id)
         .await?
-        .first()
-        .ok_or_else(vault_not_found)?
-        .get(0);
-    let rows = tx
-        .query(
-            queries::PULL_LOGS,
-            &[&vault, &body.after_sequence, &(limit + 1)],
-        )
-        .await?;
+        .ok_or_else(vault_not_found)?;
+    // One more than asked tells whether there is more.
+    let mut page = logs::page(&tx, &api.fields, vault, body.after_sequence, limit + 1).await?;
     tx.commit().await?;
-    let has_more = rows.len() as i64 > limit;
-    let f = &api.fields;
-    let logs = rows
-        .iter()
-        .take(limit as usize)
-        .map(|row| {
-            Ok(PulledEntry {
-                id: row.get(0),
-                encrypted_data: f.open_text(column::LOG_DATA, row.get(1))?,
-                nonce: f.open_text(column::LOG_NONCE, row.get(2))?,
-                haex_timestamp: f.open_text(column::LOG_TIMESTAMP, row.get(3))?,
-                sequence: row.get(4),
-                created_at: iso8601(row.get(5)),
-            })
+    let has_more = page.len() as i64 > limit;
+    page.truncate(limit as usize);
+    let logs = page
+        .into_iter()
+        .map(|entry| PulledEntry {
+            id: entry.id,
+            encrypted_data: entry.encrypted_data,
+            nonce: entry.nonce,
+            haex_timestamp: entry.haex_timestamp,
+            sequence: entry.sequence,
+            created_at: iso8601(entry.created_at),
         })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .collect();
     Ok(Json(PullResponse { logs, has_more }))
 }

@@ -1,0 +1,127 @@
+//! `keepd.backups` (`keepd_sync` writes, `keepd_query` reads).
+
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::field_crypto::{FieldCipher, column};
+use crate::postgres::pool::ScopedTransaction;
+
+const INSERT_BACKUP: &str = "INSERT INTO keepd.backups \
+     (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, \
+      size_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at";
+
+/// Newest first; `$2`, when set, is the last id of the previous page.
+const LIST_BACKUPS: &str = "SELECT id, device_id, data_classification, size_bytes, created_at \
+     FROM keepd.backups b WHERE user_id = $1 AND ($2::uuid IS NULL OR (created_at, id) < \
+       (SELECT created_at, id FROM keepd.backups WHERE user_id = $1 AND id = $2)) \
+     ORDER BY created_at DESC, id DESC LIMIT $3";
+
+const BACKUP: &str = "SELECT device_id, ciphertext, nonce, auth_tag, signature, \
+     data_classification, size_bytes, created_at FROM keepd.backups WHERE user_id = $1 AND id = $2";
+
+/// A signed backup as the client sent it (raw bytes).
+pub struct NewBackup {
+    pub device: Uuid,
+    pub ciphertext: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub auth_tag: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub classification: &'static str,
+}
+
+pub struct Summary {
+    pub id: Uuid,
+    pub device: Uuid,
+    pub classification: String,
+    pub size_bytes: i64,
+    pub created_at: SystemTime,
+}
+
+pub struct Backup {
+    pub device: Uuid,
+    pub ciphertext: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub auth_tag: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub classification: String,
+    pub size_bytes: i64,
+    pub created_at: SystemTime,
+}
+
+/// Stores a backup; its id, size in bytes and creation time.
+pub async fn store(
+    tx: &ScopedTransaction,
+    fields: &FieldCipher,
+    user: Uuid,
+    backup: NewBackup,
+) -> Result<(Uuid, i64, SystemTime), StoreError> {
+    let id = Uuid::new_v4();
+    let size = backup.ciphertext.len() as i64;
+    let sealed = (
+        fields.seal_bytes(column::BACKUP_CIPHERTEXT, backup.ciphertext),
+        fields.seal_bytes(column::BACKUP_NONCE, backup.nonce),
+        fields.seal_bytes(column::BACKUP_AUTH_TAG, backup.auth_tag),
+        fields.seal_bytes(column::BACKUP_SIGNATURE, backup.signature),
+    );
+    let row = tx
+        .query_one(
+            INSERT_BACKUP,
+            &[
+                &id,
+                &user,
+                &backup.device,
+                &sealed.0,
+                &sealed.1,
+                &sealed.2,
+                &sealed.3,
+                &backup.classification,
+                &size,
+            ],
+        )
+        .await?;
+    Ok((id, size, row.get(0)))
+}
+
+/// Up to `limit` backups, newest first, after the one with id `before`.
+pub async fn page(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Summary>, StoreError> {
+    let rows = tx.query(LIST_BACKUPS, &[&user, &before, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| Summary {
+            id: row.get(0),
+            device: row.get(1),
+            classification: row.get(2),
+            size_bytes: row.get(3),
+            created_at: row.get(4),
+        })
+        .collect())
+}
+
+pub async fn get(
+    tx: &ScopedTransaction,
+    fields: &FieldCipher,
+    user: Uuid,
+    id: Uuid,
+) -> Result<Option<Backup>, StoreError> {
+    let rows = tx.query(BACKUP, &[&user, &id]).await?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    Ok(Some(Backup {
+        device: row.get(0),
+        ciphertext: fields.open_bytes(column::BACKUP_CIPHERTEXT, row.get(1))?,
+        nonce: fields.open_bytes(column::BACKUP_NONCE, row.get(2))?,
+        auth_tag: fields.open_bytes(column::BACKUP_AUTH_TAG, row.get(3))?,
+        signature: fields.open_bytes(column::BACKUP_SIGNATURE, row.get(4))?,
+        classification: row.get(5),
+        size_bytes: row.get(6),
+        created_at: row.get(7),
+    }))
+}

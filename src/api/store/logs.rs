@@ -1,0 +1,140 @@
+//! `keepd.sync_logs` and `keepd.push_requests` (`keepd_sync` writes,
+//! `keepd_query` reads).
+
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use super::StoreError;
+use super::vaults::Reserved;
+use crate::field_crypto::{FieldCipher, column};
+use crate::postgres::pool::ScopedTransaction;
+
+/// Stores a whole batch in one statement: entry k (1-based) of the arrays
+/// gets sequence `$3 + k`.
+const INSERT_LOGS: &str = "INSERT INTO keepd.sync_logs \
+     (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) \
+     SELECT e.id, $1, $2, $3 + e.ord, e.data, e.nonce, e.ts \
+     FROM unnest($4::uuid[], $5::text[], $6::text[], $7::text[]) \
+          WITH ORDINALITY AS e(id, data, nonce, ts, ord) \
+     RETURNING id, sequence, haex_timestamp, created_at";
+
+const PULL_LOGS: &str = "SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+     FROM keepd.sync_logs WHERE vault = $1 AND sequence > $2 ORDER BY sequence LIMIT $3";
+
+const STORED_PUSH: &str =
+    "SELECT response FROM keepd.push_requests WHERE user_id = $1 AND idempotency_key = $2";
+
+/// Remembers a push's response; no row when a concurrent retry won.
+const SAVE_PUSH: &str = "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) \
+     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+/// One entry as the client sent it.
+pub struct NewEntry {
+    pub encrypted_data: String,
+    pub nonce: String,
+    pub haex_timestamp: String,
+}
+
+/// What storing an entry gave it.
+pub struct Appended {
+    pub id: Uuid,
+    pub sequence: i64,
+    pub haex_timestamp: String,
+    pub created_at: SystemTime,
+}
+
+pub struct Entry {
+    pub id: Uuid,
+    pub encrypted_data: String,
+    pub nonce: String,
+    pub haex_timestamp: String,
+    pub sequence: i64,
+    pub created_at: SystemTime,
+}
+
+/// Stores `entries` under the reserved sequence numbers, in one
+/// statement; the stored entries in sequence order.
+pub async fn append(
+    tx: &ScopedTransaction,
+    fields: &FieldCipher,
+    user: Uuid,
+    reserved: &Reserved,
+    entries: Vec<NewEntry>,
+) -> Result<Vec<Appended>, StoreError> {
+    let count = entries.len();
+    let mut ids = Vec::with_capacity(count);
+    let mut data = Vec::with_capacity(count);
+    let mut nonces = Vec::with_capacity(count);
+    let mut stamps = Vec::with_capacity(count);
+    for entry in entries {
+        ids.push(Uuid::new_v4());
+        data.push(fields.seal_text(column::LOG_DATA, entry.encrypted_data));
+        nonces.push(fields.seal_text(column::LOG_NONCE, entry.nonce));
+        stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
+    }
+    let base = reserved.first - 1;
+    let rows = tx
+        .query(
+            INSERT_LOGS,
+            &[&reserved.vault, &user, &base, &ids, &data, &nonces, &stamps],
+        )
+        .await?;
+    let mut appended = rows
+        .iter()
+        .map(|row| {
+            Ok(Appended {
+                id: row.get(0),
+                sequence: row.get(1),
+                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(2))?,
+                created_at: row.get(3),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    appended.sort_by_key(|entry| entry.sequence);
+    Ok(appended)
+}
+
+/// Up to `limit` entries after `after`, in sequence order.
+pub async fn page(
+    tx: &ScopedTransaction,
+    fields: &FieldCipher,
+    vault: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Entry>, StoreError> {
+    let rows = tx.query(PULL_LOGS, &[&vault, &after, &limit]).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Entry {
+                id: row.get(0),
+                encrypted_data: fields.open_text(column::LOG_DATA, row.get(1))?,
+                nonce: fields.open_text(column::LOG_NONCE, row.get(2))?,
+                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
+                sequence: row.get(4),
+                created_at: row.get(5),
+            })
+        })
+        .collect()
+}
+
+/// The response a push with this Idempotency-Key answered, if any.
+pub async fn stored_push(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    key: &str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    let rows = tx.query(STORED_PUSH, &[&user, &key]).await?;
+    Ok(rows.first().map(|row| row.get(0)))
+}
+
+/// Remembers a push's response; false when a concurrent retry with the
+/// same key committed first.
+pub async fn save_push(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    key: &str,
+    response: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    Ok(tx.execute(SAVE_PUSH, &[&user, &key, response]).await? > 0)
+}

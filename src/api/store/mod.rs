@@ -1,0 +1,24 @@
+//! The tables the API serves, one module each: its statements, their
+//! parameters and the decoding of its rows live together, so a handler
+//! never pairs a `$n` with a `row.get(i)`. Every function runs in the
+//! caller's `ScopedTransaction` (its group role and tenant already set, so
+//! row-level security limits it to the caller's rows; the explicit
+//! `user_id` conditions are for the indexes). Encrypted columns are sealed
+//! and opened here, through the typed columns of `field_crypto`.
+
+pub mod accounts;
+pub mod backups;
+pub mod devices;
+pub mod logs;
+pub mod vaults;
+
+use crate::field_crypto::FieldError;
+use crate::postgres::pool::PoolError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Field(#[from] FieldError),
+}
