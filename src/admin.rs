@@ -107,12 +107,8 @@ fn address(
         }
         Provider::Native | Provider::External => config.network.bind_address,
     };
-    let pki = NodePki::ensure(
-        &config.node.state_dir,
-        identity.node_id().as_str(),
-        &[address],
-        std::time::SystemTime::now(),
-    )?;
+    // Read only: the daemon issues and renews; an operator command never does.
+    let pki = NodePki::load(&config.node.state_dir, identity.node_id().as_str())?;
     Ok((PgAddress::Tcp(address), Some(pki)))
 }
 

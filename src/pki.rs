@@ -45,6 +45,8 @@ pub enum PkiError {
     Corrupt { path: PathBuf, what: &'static str },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{path} is missing; start keepd (keepd run) once to issue the node's certificates")]
+    Missing { path: PathBuf },
 }
 
 /// One certificate and its key, PEM.
@@ -260,6 +262,47 @@ impl NodePki {
         })
     }
 
+    /// The PKI in `state_dir/pki` as the daemon left it, for operator
+    /// commands: read only, never issued, renewed or written.
+    pub fn load(state_dir: &Path, node_id: &str) -> Result<NodePki, PkiError> {
+        let files = Files {
+            dir: state_dir.join("pki"),
+        };
+        let read = |name: &str| {
+            files.read(name)?.ok_or_else(|| PkiError::Missing {
+                path: files.path(name),
+            })
+        };
+        let pair = |name: &str| -> Result<Pair, PkiError> {
+            let key_name = format!("{name}.key");
+            let key = read(&key_name)?;
+            if KeyPair::from_pem(&key).is_err() {
+                return Err(PkiError::Corrupt {
+                    path: files.path(&key_name),
+                    what: "private key",
+                });
+            }
+            Ok(Pair {
+                cert_pem: read(&format!("{name}.crt"))?,
+                key_pem: zeroize::Zeroizing::new(key),
+            })
+        };
+        let ca = pair("ca")?;
+        let ca_end = validity(&ca.cert_pem)
+            .map(|v| v.not_after)
+            .ok_or_else(|| PkiError::Corrupt {
+                path: files.path("ca.crt"),
+                what: "certificate",
+            })?;
+        Ok(NodePki {
+            server: pair("server")?,
+            dir: files.dir.clone(),
+            node_id: node_id.to_string(),
+            ca_end,
+            ca,
+        })
+    }
+
     /// A client certificate for `role` (its CN), with a fresh key; held in
     /// memory only.
     pub fn issue_client(&self, role: &str) -> Result<Pair, PkiError> {
@@ -411,5 +454,25 @@ mod tests {
         std::fs::write(dir.path().join("pki/ca.key"), "garbage").unwrap();
         let e = NodePki::ensure(dir.path(), "abcd", &wider, now).unwrap_err();
         assert!(e.to_string().contains("ca.key"), "{e}");
+    }
+
+    #[test]
+    fn operator_commands_load_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = NodePki::load(dir.path(), "abcd").unwrap_err();
+        assert!(matches!(e, PkiError::Missing { .. }), "{e}");
+        assert!(!dir.path().join("pki").exists(), "load created files");
+        let issued = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, SystemTime::now()).unwrap();
+        let stamps = || {
+            std::fs::read_dir(dir.path().join("pki"))
+                .unwrap()
+                .map(|f| f.unwrap().metadata().unwrap().modified().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let before = stamps();
+        let loaded = NodePki::load(dir.path(), "abcd").unwrap();
+        assert_eq!(loaded.server.cert_pem, issued.server.cert_pem);
+        assert!(loaded.issue_client("keepd_superuser").is_ok());
+        assert_eq!(stamps(), before, "load wrote to the PKI");
     }
 }
