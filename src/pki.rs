@@ -288,12 +288,13 @@ impl NodePki {
             })
         };
         let ca = pair("ca")?;
-        let ca_end = validity(&ca.cert_pem)
-            .map(|v| v.not_after)
-            .ok_or_else(|| PkiError::Corrupt {
-                path: files.path("ca.crt"),
-                what: "certificate",
-            })?;
+        let ca_end =
+            validity(&ca.cert_pem)
+                .map(|v| v.not_after)
+                .ok_or_else(|| PkiError::Corrupt {
+                    path: files.path("ca.crt"),
+                    what: "certificate",
+                })?;
         Ok(NodePki {
             server: pair("server")?,
             dir: files.dir.clone(),

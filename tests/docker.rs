@@ -4,6 +4,8 @@
 
 mod common;
 
+use keepd::postgres::docker::DockerNames;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -36,16 +38,12 @@ struct Cleanup(Option<String>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(id) = &self.0 {
-            let container = format!("keepd-pg-{id}");
-            for name in [
-                container.clone(),
-                format!("{container}-oneoff"),
-                format!("{container}-probe"),
-            ] {
-                docker(&["rm", "-f", &name]);
+            let names = DockerNames::for_node(id);
+            for name in [&names.container, &names.one_off, &names.probe] {
+                docker(&["rm", "-f", name]);
             }
-            docker(&["volume", "rm", "-f", &format!("{container}-data")]);
-            docker(&["network", "rm", &format!("keepd-internal-{id}")]);
+            docker(&["volume", "rm", "-f", &names.volume]);
+            docker(&["network", "rm", &names.network]);
         }
     }
 }
@@ -105,7 +103,8 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
     let mut cleanup = Cleanup(None);
     let node_id = healthy(&daemon);
     cleanup.0 = Some(node_id.clone());
-    let container = format!("keepd-pg-{node_id}");
+    let resources = DockerNames::for_node(&node_id);
+    let container = resources.container.clone();
 
     // The container as the engine reports it.
     let c = inspect(&container).expect("keepd's container exists");
@@ -205,7 +204,7 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
     stop(&mut daemon);
     let c = inspect(&container).unwrap();
     assert_eq!(c["State"]["Running"], false);
-    assert!(docker(&["volume", "inspect", &format!("{container}-data")]).0);
+    assert!(docker(&["volume", "inspect", &resources.volume]).0);
 
     // Started again: the data written before is read back.
     let daemon = node.start();
@@ -238,7 +237,7 @@ async fn restart_adopts_config_change_recreates_foreign_name_is_refused() {
     let mut cleanup = Cleanup(None);
     let node_id = healthy(&daemon);
     cleanup.0 = Some(node_id.clone());
-    let container = format!("keepd-pg-{node_id}");
+    let container = DockerNames::for_node(&node_id).container;
     let first = inspect(&container).unwrap();
 
     // keepd killed: its container keeps running and is adopted.
@@ -305,8 +304,11 @@ async fn internal_network_mode_serves_over_tls_only() {
     let mut cleanup = Cleanup(None);
     let node_id = healthy(&daemon);
     cleanup.0 = Some(node_id.clone());
-    let container = format!("keepd-pg-{node_id}");
-    let network_name = format!("keepd-internal-{node_id}");
+    let DockerNames {
+        container,
+        network: network_name,
+        ..
+    } = DockerNames::for_node(&node_id);
 
     let network = inspect(&network_name).expect("keepd's internal network");
     assert_eq!(network["Internal"], true);

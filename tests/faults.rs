@@ -103,7 +103,8 @@ async fn container_killed_under_load_loses_nothing_acknowledged() {
         .as_str()
         .unwrap()
         .to_string();
-    let container = format!("keepd-pg-{node_id}");
+    let names = keepd::postgres::docker::DockerNames::for_node(&node_id);
+    let container = names.container.clone();
     postgres_death_under_load(&daemon, || {
         let killed = std::process::Command::new("docker")
             .args(["kill", &container])
@@ -115,7 +116,7 @@ async fn container_killed_under_load_loses_nothing_acknowledged() {
     drop(daemon);
     for args in [
         vec!["rm", "-f", container.as_str()],
-        vec!["volume", "rm", "-f", &format!("{container}-data")],
+        vec!["volume", "rm", "-f", names.volume.as_str()],
     ] {
         let _ = std::process::Command::new("docker").args(&args).output();
     }

@@ -138,19 +138,77 @@ pub struct ContainerFacts {
     pub privileged: bool,
 }
 
-pub struct DockerCluster {
+/// The names of a node's engine resources, spelled once (tests use them
+/// too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerNames {
+    pub container: String,
+    pub volume: String,
+    pub network: String,
+    /// The short-lived container that reads the image's `postgres` user.
+    pub probe: String,
+    /// The short-lived container of initdb and single-user mode.
+    pub one_off: String,
+}
+
+impl DockerNames {
+    pub fn for_node(node_id: &str) -> DockerNames {
+        let container = format!("keepd-pg-{node_id}");
+        DockerNames {
+            volume: format!("{container}-data"),
+            network: format!("keepd-internal-{node_id}"),
+            probe: format!("{container}-probe"),
+            one_off: format!("{container}-oneoff"),
+            container,
+        }
+    }
+}
+
+/// The numeric user every keepd container runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ContainerUser {
+    uid: u32,
+    gid: u32,
+}
+
+impl std::fmt::Display for ContainerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+/// What a container is for, which decides its user, network and labels.
+enum Role<'a> {
+    /// Reads the image's /etc/passwd, as the image's `postgres` user by
+    /// name (its ids are what it finds out).
+    Probe,
+    /// initdb or single-user mode: no network.
+    OneOff(ContainerUser),
+    /// The server: on the internal network in TCP mode, labelled with the
+    /// rendered configuration's fingerprint.
+    Server(ContainerUser, Option<&'a InternalNetwork>),
+}
+
+/// What every keepd container of this node shares; complete before any
+/// container exists.
+struct Engine {
     docker: Docker,
     image: String,
     node_id: String,
-    container: String,
-    volume: String,
+    names: DockerNames,
     conf_dir: PathBuf,
     socket_dir: PathBuf,
     port: u16,
-    user: String,
     memory_bytes: i64,
     pids_limit: i64,
     fingerprint: String,
+}
+
+/// The node's Postgres container, built only once its user and (in TCP
+/// mode) its network are known.
+pub struct DockerCluster {
+    engine: Engine,
+    user: ContainerUser,
     /// TCP mode: the internal network, the container's address on it and
     /// the PKI; None: no network at all, the socket bind mount.
     tcp: Option<InternalNetwork>,
@@ -170,120 +228,12 @@ struct InternalNetwork {
 /// How many /28 subnets keepd tries when creating its network.
 const SUBNET_ATTEMPTS: u32 = 64;
 
-impl DockerCluster {
-    /// Everything up to (not including) starting the server container.
-    pub async fn prepare(
-        config: &Config,
-        rendered: &RenderedConfig,
-        node_id: &str,
-        verifier: &ScramVerifier,
-    ) -> Result<DockerCluster, DockerError> {
-        let settings = &config.database.postgres.docker;
-        let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
-            reason: e.to_string(),
-        })?;
-        docker.ping().await.map_err(|e| DockerError::Engine {
-            reason: e.to_string(),
-        })?;
-        let mut cluster = DockerCluster {
-            docker,
-            image: settings.image.clone(),
-            node_id: node_id.to_string(),
-            container: format!("keepd-pg-{node_id}"),
-            volume: format!("keepd-pg-{node_id}-data"),
-            conf_dir: Layout::of(config).docker_conf_dir(),
-            socket_dir: Layout::of(config).socket_dir(),
-            port: config.network.port,
-            user: String::new(),
-            memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
-            pids_limit: i64::from(settings.pids_limit),
-            fingerprint: rendered.fingerprint(),
-            tcp: None,
-            start_timeout: settings.start_timeout.get(),
-            shutdown_timeout: settings.shutdown_timeout.get(),
-        };
-        cluster.ensure_image().await?;
-        cluster.ensure_volume().await?;
-        let (uid, gid) = cluster.resolve_user().await?;
-        cluster.user = format!("{uid}:{gid}");
-        cluster.install(rendered, uid, gid)?;
-        if Topology::of(config).is_tcp() {
-            let (name, address) = cluster.ensure_network().await?;
-            let pki = NodePki::ensure(
-                &config.node.state_dir,
-                node_id,
-                &[IpAddr::V4(address)],
-                std::time::SystemTime::now(),
-            )?;
-            let tls_dir = Layout::of(config).docker_tls_dir();
-            cluster.install_tls(&tls_dir, &pki, uid, gid)?;
-            // `keepd psql` and `keepd audit verify` read where to connect.
-            let marker = Layout::of(config).docker_address_file();
-            fsutil::write_atomic(&marker, address.to_string().as_bytes(), None).map_err(
-                |source| DockerError::Io {
-                    path: marker.clone(),
-                    source,
-                },
-            )?;
-            cluster.tcp = Some(InternalNetwork {
-                name,
-                address,
-                tls_dir,
-                superuser_tls: Tls::for_role(&pki, SUPERUSER)?,
-                pki: Arc::new(pki),
-            });
-        }
-        if !cluster.running().await? {
-            cluster.initdb().await?;
-            cluster.set_superuser_verifier(verifier).await?;
-        }
-        cluster.ensure_container().await?;
-        Ok(cluster)
-    }
-
-    pub fn container_name(&self) -> &str {
-        &self.container
-    }
-
-    /// Installs a renewed server certificate (TCP mode); a reload applies it.
-    pub fn install_server_tls(&self, pki: &NodePki) -> Result<(), DockerError> {
-        let Some(net) = &self.tcp else {
-            return Ok(());
-        };
-        let (uid, gid) = self
-            .user
-            .split_once(':')
-            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-            .unwrap_or((0, 0));
-        self.install_tls(&net.tls_dir, pki, uid, gid)
-    }
-
-    /// The container's address in TCP mode.
-    pub fn tls_address(&self) -> Option<IpAddr> {
-        self.tcp.as_ref().map(|net| IpAddr::V4(net.address))
-    }
-
-    /// The node PKI in TCP mode (login roles get client certificates).
-    pub fn pki(&self) -> Option<Arc<NodePki>> {
-        self.tcp.as_ref().map(|net| net.pki.clone())
-    }
-
-    pub fn superuser_endpoint(&self, password: &SecretString, dbname: &str) -> Endpoint {
-        let (address, tls) = match &self.tcp {
-            Some(net) => (
-                PgAddress::Tcp(IpAddr::V4(net.address)),
-                net.superuser_tls.clone(),
-            ),
-            None => (PgAddress::Socket(self.socket_dir.clone()), Tls::Off),
-        };
-        endpoint(&address, self.port, SUPERUSER, password, dbname, tls)
-    }
-
+impl Engine {
     /// keepd's internal network, created when missing: `internal` (no
     /// route out), no masquerade, a /28 of its own so the container has a
     /// fixed address its certificate can name. Returns (name, address).
     async fn ensure_network(&self) -> Result<(String, Ipv4Addr), DockerError> {
-        let name = format!("keepd-internal-{}", self.node_id);
+        let name = self.names.network.clone();
         let found = match self.docker.inspect_network(&name, None).await {
             Ok(found) => Some(found),
             Err(e) if not_found(&e) => None,
@@ -353,36 +303,6 @@ impl DockerCluster {
         Err(api("create network")(last.expect("at least one attempt")))
     }
 
-    /// The server certificate, its key and the CA for the container: a
-    /// 0700 directory owned by the container's user, files 0600.
-    fn install_tls(
-        &self,
-        dir: &Path,
-        pki: &NodePki,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), DockerError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| DockerError::Io { path, source }
-        };
-        fsutil::ensure_private_dir(dir).map_err(io(dir))?;
-        for (name, text) in [
-            ("server.crt", pki.server.cert_pem.as_str()),
-            ("server.key", pki.server.key_pem.as_str()),
-            ("ca.crt", pki.ca.cert_pem.as_str()),
-        ] {
-            let path = dir.join(name);
-            fsutil::write_atomic(&path, text.as_bytes(), Some((uid, gid))).map_err(io(&path))?;
-        }
-        nix::unistd::chown(
-            dir,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .map_err(|e| io(dir)(e.into()))
-    }
-
     /// Whether the host reaches the container's address: a refused or
     /// accepted connection says yes; silence or "unreachable" says the
     /// engine isolates internal bridges from the host.
@@ -449,20 +369,20 @@ impl DockerCluster {
     }
 
     async fn ensure_volume(&self) -> Result<(), DockerError> {
-        match self.docker.inspect_volume(&self.volume).await {
+        match self.docker.inspect_volume(&self.names.volume).await {
             Ok(volume) => {
                 if volume.labels.get(LABEL_NODE) != Some(&self.node_id) {
                     return Err(DockerError::Foreign {
-                        name: self.volume.clone(),
+                        name: self.names.volume.clone(),
                     });
                 }
                 Ok(())
             }
             Err(e) if not_found(&e) => {
-                info!(volume = %self.volume, "docker: creating the data volume");
+                info!(volume = %self.names.volume, "docker: creating the data volume");
                 self.docker
                     .create_volume(VolumeCreateRequest {
-                        name: Some(self.volume.clone()),
+                        name: Some(self.names.volume.clone()),
                         labels: Some(self.labels()),
                         ..Default::default()
                     })
@@ -477,18 +397,21 @@ impl DockerCluster {
     /// The UID and GID the containers run as: keepd's own when keepd is
     /// not root (Postgres refuses root), else the image's `postgres` user,
     /// read from the image's /etc/passwd.
-    async fn resolve_user(&self) -> Result<(u32, u32), DockerError> {
+    async fn resolve_user(&self) -> Result<ContainerUser, DockerError> {
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
         if !uid.is_root() {
-            return Ok((uid.as_raw(), gid.as_raw()));
+            return Ok(ContainerUser {
+                uid: uid.as_raw(),
+                gid: gid.as_raw(),
+            });
         }
-        let probe = format!("{}-probe", self.container);
-        self.remove_if_ours(&probe).await?;
-        self.create(&probe, vec!["true".into()], false, false)
+        let probe = &self.names.probe;
+        self.remove_if_ours(probe).await?;
+        self.create(probe, vec!["true".into()], false, Role::Probe)
             .await?;
         let mut tar = Vec::new();
         let mut download = self.docker.download_from_container(
-            &probe,
+            probe,
             Some(
                 DownloadFromContainerOptionsBuilder::new()
                     .path("/etc/passwd")
@@ -505,12 +428,13 @@ impl DockerCluster {
                 }
             }
         }
-        self.remove_if_ours(&probe).await?;
+        self.remove_if_ours(probe).await?;
         if let Some(e) = failure {
             return Err(api("read /etc/passwd from the image")(e));
         }
         single_file_of_tar(&tar)
             .and_then(|passwd| postgres_ids(&String::from_utf8_lossy(passwd)))
+            .map(|(uid, gid)| ContainerUser { uid, gid })
             .ok_or_else(|| DockerError::NoPostgresUser {
                 image: self.image.clone(),
             })
@@ -518,7 +442,7 @@ impl DockerCluster {
 
     /// Writes the rendered files for the read-only mount and prepares the
     /// socket directory the container shares with keepd.
-    fn install(&self, rendered: &RenderedConfig, uid: u32, gid: u32) -> Result<(), DockerError> {
+    fn install(&self, rendered: &RenderedConfig, user: ContainerUser) -> Result<(), DockerError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| DockerError::Io { path, source }
@@ -538,8 +462,8 @@ impl DockerCluster {
         fsutil::ensure_private_dir(&self.socket_dir).map_err(io(&self.socket_dir))?;
         nix::unistd::chown(
             &self.socket_dir,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
         )
         .map_err(|e| io(&self.socket_dir)(e.into()))?;
         Ok(())
@@ -547,18 +471,18 @@ impl DockerCluster {
 
     /// The hardened host configuration every keepd container gets; only
     /// the server joins the internal network in TCP mode.
-    fn host_config(&self, server: bool) -> HostConfig {
+    fn host_config(&self, network: Option<&InternalNetwork>) -> HostConfig {
         let mut binds = vec![
             format!("{}:{CONF_MOUNT}:ro", self.conf_dir.display()),
             format!("{}:{SOCKET_MOUNT}:rw", self.socket_dir.display()),
-            format!("{}:{DATA_MOUNT}:rw", self.volume),
+            format!("{}:{DATA_MOUNT}:rw", self.names.volume),
         ];
-        let network = match (&self.tcp, server) {
-            (Some(net), true) => {
+        let network = match network {
+            Some(net) => {
                 binds.push(format!("{}:{TLS_MOUNT}:ro", net.tls_dir.display()));
                 net.name.clone()
             }
-            _ => "none".to_string(),
+            None => "none".to_string(),
         };
         HostConfig {
             binds: Some(binds),
@@ -587,19 +511,20 @@ impl DockerCluster {
         name: &str,
         cmd: Vec<String>,
         stdin: bool,
-        server: bool,
+        role: Role<'_>,
     ) -> Result<(), DockerError> {
         let mut labels = self.labels();
-        if server {
-            labels.insert(LABEL_CONFIG.to_string(), self.fingerprint.clone());
-        }
+        let (user, network) = match role {
+            Role::Probe => ("postgres".to_string(), None),
+            Role::OneOff(user) => (user.to_string(), None),
+            Role::Server(user, network) => {
+                labels.insert(LABEL_CONFIG.to_string(), self.fingerprint.clone());
+                (user.to_string(), network)
+            }
+        };
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
-            user: Some(if self.user.is_empty() {
-                "postgres".into()
-            } else {
-                self.user.clone()
-            }),
+            user: Some(user),
             // The official image's entrypoint would re-run its own setup.
             entrypoint: Some(vec![]),
             cmd: Some(cmd),
@@ -609,23 +534,20 @@ impl DockerCluster {
             stdin_once: Some(stdin),
             attach_stdin: Some(stdin),
             stop_signal: Some("SIGINT".into()),
-            network_disabled: Some(!(server && self.tcp.is_some())),
-            networking_config: match (&self.tcp, server) {
-                (Some(net), true) => Some(NetworkingConfig {
-                    endpoints_config: Some(HashMap::from([(
-                        net.name.clone(),
-                        EndpointSettings {
-                            ipam_config: Some(EndpointIpamConfig {
-                                ipv4_address: Some(net.address.to_string()),
-                                ..Default::default()
-                            }),
+            network_disabled: Some(network.is_none()),
+            networking_config: network.map(|net| NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    net.name.clone(),
+                    EndpointSettings {
+                        ipam_config: Some(EndpointIpamConfig {
+                            ipv4_address: Some(net.address.to_string()),
                             ..Default::default()
-                        },
-                    )])),
-                }),
-                _ => None,
-            },
-            host_config: Some(self.host_config(server)),
+                        }),
+                        ..Default::default()
+                    },
+                )])),
+            }),
+            host_config: Some(self.host_config(network)),
             ..Default::default()
         };
         self.docker
@@ -664,6 +586,114 @@ impl DockerCluster {
             Err(e) => Err(api("inspect container")(e)),
         }
     }
+}
+
+impl DockerCluster {
+    /// Everything up to (not including) starting the server container.
+    pub async fn prepare(
+        config: &Config,
+        rendered: &RenderedConfig,
+        node_id: &str,
+        verifier: &ScramVerifier,
+    ) -> Result<DockerCluster, DockerError> {
+        let settings = &config.database.postgres.docker;
+        let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
+            reason: e.to_string(),
+        })?;
+        docker.ping().await.map_err(|e| DockerError::Engine {
+            reason: e.to_string(),
+        })?;
+        let layout = Layout::of(config);
+        let engine = Engine {
+            docker,
+            image: settings.image.clone(),
+            node_id: node_id.to_string(),
+            names: DockerNames::for_node(node_id),
+            conf_dir: layout.docker_conf_dir(),
+            socket_dir: layout.socket_dir(),
+            port: config.network.port,
+            memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
+            pids_limit: i64::from(settings.pids_limit),
+            fingerprint: rendered.fingerprint(),
+        };
+        engine.ensure_image().await?;
+        engine.ensure_volume().await?;
+        let user = engine.resolve_user().await?;
+        engine.install(rendered, user)?;
+        let mut tcp = None;
+        if Topology::of(config).is_tcp() {
+            let (name, address) = engine.ensure_network().await?;
+            let pki = NodePki::ensure(
+                &config.node.state_dir,
+                node_id,
+                &[IpAddr::V4(address)],
+                std::time::SystemTime::now(),
+            )?;
+            let tls_dir = layout.docker_tls_dir();
+            install_tls(&tls_dir, &pki, user)?;
+            // `keepd psql` and `keepd audit verify` read where to connect.
+            let marker = layout.docker_address_file();
+            fsutil::write_atomic(&marker, address.to_string().as_bytes(), None).map_err(
+                |source| DockerError::Io {
+                    path: marker.clone(),
+                    source,
+                },
+            )?;
+            tcp = Some(InternalNetwork {
+                name,
+                address,
+                tls_dir,
+                superuser_tls: Tls::for_role(&pki, SUPERUSER)?,
+                pki: Arc::new(pki),
+            });
+        }
+        let cluster = DockerCluster {
+            engine,
+            user,
+            tcp,
+            start_timeout: settings.start_timeout.get(),
+            shutdown_timeout: settings.shutdown_timeout.get(),
+        };
+        if !cluster.running().await? {
+            cluster.initdb().await?;
+            cluster.set_superuser_verifier(verifier).await?;
+        }
+        cluster.ensure_container().await?;
+        Ok(cluster)
+    }
+
+    pub fn container_name(&self) -> &str {
+        &self.engine.names.container
+    }
+
+    /// Installs a renewed server certificate (TCP mode); a reload applies it.
+    pub fn install_server_tls(&self, pki: &NodePki) -> Result<(), DockerError> {
+        let Some(net) = &self.tcp else {
+            return Ok(());
+        };
+        install_tls(&net.tls_dir, pki, self.user)
+    }
+
+    /// The container's address in TCP mode.
+    pub fn tls_address(&self) -> Option<IpAddr> {
+        self.tcp.as_ref().map(|net| IpAddr::V4(net.address))
+    }
+
+    /// The node PKI in TCP mode (login roles get client certificates).
+    pub fn pki(&self) -> Option<Arc<NodePki>> {
+        self.tcp.as_ref().map(|net| net.pki.clone())
+    }
+
+    pub fn superuser_endpoint(&self, password: &SecretString, dbname: &str) -> Endpoint {
+        let (address, tls) = match &self.tcp {
+            Some(net) => (
+                PgAddress::Tcp(IpAddr::V4(net.address)),
+                net.superuser_tls.clone(),
+            ),
+            None => (PgAddress::Socket(self.engine.socket_dir.clone()), Tls::Off),
+        };
+        endpoint(&address, self.engine.port, SUPERUSER, password, dbname, tls)
+    }
 
     /// Runs `cmd` in a one-off hardened container on the data volume,
     /// feeding it `input` on stdin; returns its output, or an error with
@@ -674,9 +704,11 @@ impl DockerCluster {
         cmd: Vec<String>,
         input: Option<&[u8]>,
     ) -> Result<String, DockerError> {
-        let name = format!("{}-oneoff", self.container);
-        self.remove_if_ours(&name).await?;
-        self.create(&name, cmd, input.is_some(), false).await?;
+        let name = &self.engine.names.one_off;
+        self.engine.remove_if_ours(name).await?;
+        self.engine
+            .create(name, cmd, input.is_some(), Role::OneOff(self.user))
+            .await?;
         let options = AttachContainerOptionsBuilder::new()
             .stdin(input.is_some())
             .stdout(true)
@@ -684,12 +716,14 @@ impl DockerCluster {
             .stream(true)
             .build();
         let attached = self
+            .engine
             .docker
-            .attach_container(&name, Some(options))
+            .attach_container(name, Some(options))
             .await
             .map_err(api("attach"))?;
-        self.docker
-            .start_container(&name, None)
+        self.engine
+            .docker
+            .start_container(name, None)
             .await
             .map_err(api("start one-off container"))?;
         let mut stdin = attached.input;
@@ -708,13 +742,13 @@ impl DockerCluster {
         while let Some(Ok(chunk)) = stream.next().await {
             output.push_str(&chunk.to_string());
         }
-        let code = match self.docker.wait_container(&name, None).next().await {
+        let code = match self.engine.docker.wait_container(name, None).next().await {
             Some(Ok(done)) => done.status_code,
             Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
             Some(Err(e)) => return Err(api("wait for one-off container")(e)),
             None => -1,
         };
-        self.remove_if_ours(&name).await?;
+        self.engine.remove_if_ours(name).await?;
         if code != 0 {
             return Err(DockerError::OneOff { what, code, output });
         }
@@ -742,7 +776,7 @@ impl DockerCluster {
         if output.contains("initdb-running") {
             info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                volume = %self.volume,
+                volume = %self.engine.names.volume,
                 "docker: initdb created the cluster (checksums on)"
             );
         }
@@ -768,7 +802,12 @@ impl DockerCluster {
     }
 
     async fn running(&self) -> Result<bool, DockerError> {
-        match self.docker.inspect_container(&self.container, None).await {
+        match self
+            .engine
+            .docker
+            .inspect_container(&self.engine.names.container, None)
+            .await
+        {
             Ok(found) => Ok(found.state.and_then(|s| s.running).unwrap_or(false)),
             Err(e) if not_found(&e) => Ok(false),
             Err(e) => Err(api("inspect container")(e)),
@@ -783,23 +822,30 @@ impl DockerCluster {
     }
 
     async fn reconcile_container(&self, announce: bool) -> Result<(), DockerError> {
-        match self.docker.inspect_container(&self.container, None).await {
+        match self
+            .engine
+            .docker
+            .inspect_container(&self.engine.names.container, None)
+            .await
+        {
             Ok(found) => {
                 let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
-                if labels.get(LABEL_NODE) != Some(&self.node_id) {
+                if labels.get(LABEL_NODE) != Some(&self.engine.node_id) {
                     return Err(DockerError::Foreign {
-                        name: self.container.clone(),
+                        name: self.engine.names.container.clone(),
                     });
                 }
-                if labels.get(LABEL_CONFIG) == Some(&self.fingerprint) {
+                if labels.get(LABEL_CONFIG) == Some(&self.engine.fingerprint) {
                     if announce {
-                        info!(container = %self.container, "docker: adopting the existing container");
+                        info!(container = %self.engine.names.container, "docker: adopting the existing container");
                     }
                     return Ok(());
                 }
-                info!(container = %self.container, "docker: the rendered configuration changed; recreating the container");
+                info!(container = %self.engine.names.container, "docker: the rendered configuration changed; recreating the container");
                 self.stop().await;
-                self.remove_if_ours(&self.container).await?;
+                self.engine
+                    .remove_if_ours(&self.engine.names.container)
+                    .await?;
             }
             Err(e) if !not_found(&e) => return Err(api("inspect container")(e)),
             Err(_) => {}
@@ -815,14 +861,15 @@ impl DockerCluster {
             "-c",
             &format!("ident_file={CONF_MOUNT}/pg_ident.conf"),
         ];
-        self.create(
-            &self.container,
-            cmd.iter().map(|s| s.to_string()).collect(),
-            false,
-            true,
-        )
-        .await?;
-        info!(container = %self.container, "docker: container created");
+        self.engine
+            .create(
+                &self.engine.names.container,
+                cmd.iter().map(|s| s.to_string()).collect(),
+                false,
+                Role::Server(self.user, self.tcp.as_ref()),
+            )
+            .await?;
+        info!(container = %self.engine.names.container, "docker: container created");
         Ok(())
     }
 
@@ -831,13 +878,14 @@ impl DockerCluster {
     pub async fn start(&self) -> Result<(), DockerError> {
         self.reconcile_container(false).await?;
         if !self.running().await? {
-            self.docker
-                .start_container(&self.container, None)
+            self.engine
+                .docker
+                .start_container(&self.engine.names.container, None)
                 .await
                 .map_err(api("start container"))?;
         }
         if let Some(net) = &self.tcp
-            && !self.host_reaches(net.address).await
+            && !self.engine.host_reaches(net.address).await
         {
             return Err(DockerError::Unreachable {
                 network: net.name.clone(),
@@ -849,7 +897,12 @@ impl DockerCluster {
 
     /// Why the server container is not running, or None while it runs.
     pub async fn exited(&self) -> Option<String> {
-        match self.docker.inspect_container(&self.container, None).await {
+        match self
+            .engine
+            .docker
+            .inspect_container(&self.engine.names.container, None)
+            .await
+        {
             Ok(found) => {
                 let state = found.state.unwrap_or_default();
                 if state.running.unwrap_or(false) {
@@ -857,7 +910,7 @@ impl DockerCluster {
                 } else {
                     Some(format!(
                         "container {} exited with code {}{}",
-                        self.container,
+                        self.engine.names.container,
                         state.exit_code.unwrap_or(-1),
                         if state.oom_killed.unwrap_or(false) {
                             " (out of memory)"
@@ -867,7 +920,9 @@ impl DockerCluster {
                     ))
                 }
             }
-            Err(e) if not_found(&e) => Some(format!("container {} is gone", self.container)),
+            Err(e) if not_found(&e) => {
+                Some(format!("container {} is gone", self.engine.names.container))
+            }
             // The engine is unreachable: nothing is known to have died.
             Err(_) => None,
         }
@@ -879,12 +934,13 @@ impl DockerCluster {
         let seconds = self.shutdown_timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
         let options = StopContainerOptionsBuilder::new().t(seconds).build();
         if let Err(e) = self
+            .engine
             .docker
-            .stop_container(&self.container, Some(options))
+            .stop_container(&self.engine.names.container, Some(options))
             .await
             && !not_found(&e)
         {
-            warn!(error = %e, container = %self.container, "docker: stopping the container failed");
+            warn!(error = %e, container = %self.engine.names.container, "docker: stopping the container failed");
         }
     }
 
@@ -895,7 +951,10 @@ impl DockerCluster {
             .stderr(true)
             .tail("20")
             .build();
-        let mut logs = self.docker.logs(&self.container, Some(options));
+        let mut logs = self
+            .engine
+            .docker
+            .logs(&self.engine.names.container, Some(options));
         let mut text = String::new();
         while let Some(Ok(chunk)) = logs.next().await {
             text.push_str(&chunk.to_string());
@@ -905,8 +964,33 @@ impl DockerCluster {
 
     /// The container's security-relevant settings as the engine reports them.
     pub async fn facts(&self) -> Result<ContainerFacts, DockerError> {
-        facts_of(&self.docker, &self.container).await
+        facts_of(&self.engine.docker, &self.engine.names.container).await
     }
+}
+
+/// The server certificate, its key and the CA for the container: a
+/// 0700 directory owned by the container's user, files 0600.
+fn install_tls(dir: &Path, pki: &NodePki, user: ContainerUser) -> Result<(), DockerError> {
+    let (uid, gid) = (user.uid, user.gid);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DockerError::Io { path, source }
+    };
+    fsutil::ensure_private_dir(dir).map_err(io(dir))?;
+    for (name, text) in [
+        ("server.crt", pki.server.cert_pem.as_str()),
+        ("server.key", pki.server.key_pem.as_str()),
+        ("ca.crt", pki.ca.cert_pem.as_str()),
+    ] {
+        let path = dir.join(name);
+        fsutil::write_atomic(&path, text.as_bytes(), Some((uid, gid))).map_err(io(&path))?;
+    }
+    nix::unistd::chown(
+        dir,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| io(dir)(e.into()))
 }
 
 /// The security-relevant settings of node `node_id`'s container, from the
@@ -915,7 +999,7 @@ pub async fn container_facts(node_id: &str) -> Result<ContainerFacts, DockerErro
     let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
         reason: e.to_string(),
     })?;
-    facts_of(&docker, &format!("keepd-pg-{node_id}")).await
+    facts_of(&docker, &DockerNames::for_node(node_id).container).await
 }
 
 async fn facts_of(docker: &Docker, container: &str) -> Result<ContainerFacts, DockerError> {

@@ -82,7 +82,11 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(certificate_expiry(inputs.server_certificate));
     checks.push(file_modes(config));
     checks.push(forbidden_connection(config).await);
-    checks.push(container(inputs.container, config));
+    checks.push(container(
+        inputs.container,
+        config,
+        inputs.identity.node_id().as_str(),
+    ));
     checks
 }
 
@@ -804,16 +808,16 @@ async fn forbidden_connection(config: &Config) -> Check {
     }
 }
 
-fn container(facts: Option<&ContainerFacts>, config: &Config) -> Check {
+fn container(facts: Option<&ContainerFacts>, config: &Config, node_id: &str) -> Check {
     let id = "docker.container";
     let Some(f) = facts else {
         return Check::new(id, Weight::Major, Status::NotApplicable, "no container");
     };
     let mut problems = Vec::new();
-    let network_ok = if config.network.use_unix_socket {
-        f.network_mode == "none"
+    let network_ok = if Topology::of(config).is_tcp() {
+        f.network_mode == crate::postgres::docker::DockerNames::for_node(node_id).network
     } else {
-        f.network_mode.starts_with("keepd-internal-")
+        f.network_mode == "none"
     };
     if !network_ok {
         problems.push(format!("network mode {}", f.network_mode));
