@@ -329,7 +329,7 @@ fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
 }
 
 fn write_rendered(config: &Config, out: &Path) -> anyhow::Result<()> {
-    let rendered = render::render(config)?;
+    let rendered = render::render(&render::RenderInputs::of(config))?;
     let files = rendered.files();
     for (name, text) in &files {
         let path = out.join(name);

@@ -35,7 +35,7 @@ use crate::pki::NodePki;
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
-use crate::postgres::render::{self, RenderError, RenderedConfig};
+use crate::postgres::render::{self, RenderError, RenderInputs, RenderedConfig};
 use crate::postgres::server::{Prepared, ProviderError, Server};
 use crate::postgres::supervise::Supervisor;
 use crate::postgres::tls::{Endpoint, TlsSource};
@@ -219,7 +219,7 @@ impl Node {
     /// Postgres started under supervision.
     async fn provision(self) -> Result<Provisioned, DaemonError> {
         self.notifier.status("preparing Postgres");
-        let rendered = render::render(&self.config)?;
+        let rendered = render::render(&RenderInputs::of(&self.config))?;
         let verifier = ScramVerifier::of(&self.credentials.superuser);
         let Prepared { server, tls, pki } =
             Server::prepare(&self.config, &rendered, &self.node_id, verifier).await?;

@@ -5,12 +5,13 @@
 //! PostgreSQL benchmark where they apply to the chosen mode.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::{DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
-use crate::config::{Config, Layout, Provider};
+use crate::config::{Config, Layout, LogStatement, Provider, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -95,11 +96,43 @@ pub fn socket_dir(config: &Config) -> PathBuf {
 /// The largest `sun_path` Linux accepts, less its terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
-pub fn render(config: &Config) -> Result<RenderedConfig, RenderError> {
+/// What the renderer reads, and nothing more: the topology and the few
+/// settings that reach Postgres's files, resolved once from `Config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderInputs {
+    pub topology: Topology,
+    /// Where Postgres puts its Unix socket (inside the container for
+    /// docker).
+    pub socket_dir: PathBuf,
+    pub bind_address: IpAddr,
+    pub port: u16,
+    pub max_connections: u32,
+    pub log_statement: LogStatement,
+    /// TCP mode: every login must present a client certificate.
+    pub client_cert_required: bool,
+}
+
+impl RenderInputs {
+    pub fn of(config: &Config) -> RenderInputs {
+        let security = &config.security;
+        RenderInputs {
+            topology: Topology::of(config),
+            socket_dir: socket_dir(config),
+            bind_address: config.network.bind_address,
+            port: config.network.port,
+            max_connections: config.database.postgres.max_connections,
+            log_statement: config.database.postgres.log_statement,
+            client_cert_required: security.require_client_cert
+                && !security.allow_client_cert_fallback,
+        }
+    }
+}
+
+pub fn render(inputs: &RenderInputs) -> Result<RenderedConfig, RenderError> {
     Ok(RenderedConfig {
-        postgresql_conf: postgresql_conf(config)?,
-        pg_hba_conf: pg_hba_conf(config),
-        pg_ident_conf: pg_ident_conf(config),
+        postgresql_conf: postgresql_conf(inputs)?,
+        pg_hba_conf: pg_hba_conf(inputs),
+        pg_ident_conf: pg_ident_conf(inputs),
         initdb: initdb_scripts(),
     })
 }
@@ -130,10 +163,9 @@ fn path_str(key: &'static str, path: &Path) -> Result<String, RenderError> {
     quote(key, text)
 }
 
-fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
-    let pg = &config.database.postgres;
-    let net = &config.network;
-    let unix = net.use_unix_socket;
+fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
+    let provider = inputs.topology.provider;
+    let unix = !inputs.topology.is_tcp();
     let mut out = String::from(HEADER);
     let mut set = |name: &str, value: String| {
         let _ = writeln!(out, "{name} = {value}");
@@ -141,8 +173,8 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
 
     // Connections: a Unix socket only, or one TLS-only TCP address.
     if unix {
-        let dir = socket_dir(config);
-        let socket = dir.join(format!(".s.PGSQL.{}", net.port));
+        let dir = &inputs.socket_dir;
+        let socket = dir.join(format!(".s.PGSQL.{}", inputs.port));
         let len = socket.as_os_str().len();
         if len > MAX_SOCKET_PATH {
             return Err(RenderError::SocketPathTooLong {
@@ -154,11 +186,11 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
         set("listen_addresses", "''".into());
         set(
             "unix_socket_directories",
-            path_str("node.runtime_dir", &dir)?,
+            path_str("node.runtime_dir", dir)?,
         );
         set("unix_socket_permissions", "0700".into());
     } else {
-        let bind = match (pg.provider, net.bind_address) {
+        let bind = match (provider, inputs.bind_address) {
             // Inside a container on an internal network: its only interface.
             (Provider::Docker, _) => "*".to_string(),
             (_, addr) => addr.to_string(),
@@ -166,15 +198,15 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
         set("listen_addresses", quote("network.bind_address", &bind)?);
         set("unix_socket_directories", "''".into());
     }
-    set("port", net.port.to_string());
-    set("max_connections", pg.max_connections.to_string());
+    set("port", inputs.port.to_string());
+    set("max_connections", inputs.max_connections.to_string());
     set("superuser_reserved_connections", "3".into());
     set("authentication_timeout", "'10s'".into());
     set("password_encryption", "'scram-sha-256'".into());
     set("ssl", if unix { "off" } else { "on" }.into());
     if !unix {
         // Native: beside the data; docker: a read-only mount of their own.
-        let dir = match pg.provider {
+        let dir = match provider {
             Provider::Docker => "/etc/keepd-tls/",
             Provider::Native | Provider::External => "",
         };
@@ -203,7 +235,10 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
         "log_line_prefix",
         "'%m [%p] user=%u,db=%d,app=%a,client=%h '".into(),
     );
-    set("log_statement", format!("'{}'", pg.log_statement.as_str()));
+    set(
+        "log_statement",
+        format!("'{}'", inputs.log_statement.as_str()),
+    );
     set("log_min_messages", "'warning'".into());
     set("log_min_error_statement", "'error'".into());
     set("log_checkpoints", "on".into());
@@ -225,12 +260,10 @@ fn postgresql_conf(config: &Config) -> Result<String, RenderError> {
     Ok(out)
 }
 
-fn pg_hba_conf(config: &Config) -> String {
-    let net = &config.network;
-    let security = &config.security;
+fn pg_hba_conf(inputs: &RenderInputs) -> String {
     let mut out = String::from(HEADER);
     out.push_str("# TYPE   DATABASE  USER  ADDRESS      METHOD\n");
-    if net.use_unix_socket {
+    if !inputs.topology.is_tcp() {
         // The superuser administers every database; login roles reach
         // keepd's database only.
         let _ = writeln!(out, "local    all       {SUPERUSER}  scram-sha-256");
@@ -240,12 +273,12 @@ fn pg_hba_conf(config: &Config) -> String {
         );
         out.push_str("local    all       all                reject\n");
     } else {
-        let client_cert = if security.require_client_cert && !security.allow_client_cert_fallback {
+        let client_cert = if inputs.client_cert_required {
             " clientcert=verify-full"
         } else {
             ""
         };
-        let address = match (config.database.postgres.provider, net.bind_address) {
+        let address = match (inputs.topology.provider, inputs.bind_address) {
             (Provider::Docker, _) => "samenet".to_string(),
             (_, std::net::IpAddr::V4(a)) => format!("{a}/32"),
             (_, std::net::IpAddr::V6(a)) => format!("{a}/128"),
@@ -262,10 +295,10 @@ fn pg_hba_conf(config: &Config) -> String {
     out
 }
 
-fn pg_ident_conf(config: &Config) -> String {
+fn pg_ident_conf(inputs: &RenderInputs) -> String {
     let mut out = String::from(HEADER);
     out.push_str("# MAPNAME  SYSTEM-USERNAME  PG-USERNAME\n");
-    if config.network.use_unix_socket {
+    if !inputs.topology.is_tcp() {
         out.push_str("# No client certificates in Unix-socket mode.\n");
     } else {
         // Postgres accepts map= only with certificate-style methods, not
@@ -364,11 +397,17 @@ mod tests {
     }
 
     fn unix() -> RenderedConfig {
-        render(&config("node:\n  runtime_dir: /run/keepd\n")).unwrap()
+        render(&RenderInputs::of(&config(
+            "node:\n  runtime_dir: /run/keepd\n",
+        )))
+        .unwrap()
     }
 
     fn tcp() -> RenderedConfig {
-        render(&config("network:\n  use_unix_socket: false\n")).unwrap()
+        render(&RenderInputs::of(&config(
+            "network:\n  use_unix_socket: false\n",
+        )))
+        .unwrap()
     }
 
     /// The value of `name` in a rendered postgresql.conf; each is set once.
@@ -562,7 +601,7 @@ mod tests {
             include_str!("../../initdb/03-audit.sql"),
             include_str!("../../initdb/04-hardening.sql"),
         ];
-        let rendered = render(&Config::default()).unwrap();
+        let rendered = render(&RenderInputs::of(&Config::default())).unwrap();
         for (script, text) in rendered.initdb.iter().zip(shipped) {
             assert_eq!(
                 script.sql, text,
@@ -581,19 +620,28 @@ mod tests {
 
     #[test]
     fn hostile_paths_are_quoted_or_refused() {
-        let r = render(&config("node:\n  runtime_dir: \"/run/it's\"\n")).unwrap();
+        let r = render(&RenderInputs::of(&config(
+            "node:\n  runtime_dir: \"/run/it's\"\n",
+        )))
+        .unwrap();
         assert_eq!(
             setting(&r.postgresql_conf, "unix_socket_directories"),
             "'/run/it''s/postgres'"
         );
-        let err = render(&config("node:\n  runtime_dir: \"/run/a\\nb\"\n")).unwrap_err();
+        let err = render(&RenderInputs::of(&config(
+            "node:\n  runtime_dir: \"/run/a\\nb\"\n",
+        )))
+        .unwrap_err();
         assert!(err.to_string().contains("node.runtime_dir"), "{err}");
     }
 
     #[test]
     fn overlong_socket_path_is_refused() {
         let long = "/run/".to_string() + &"x".repeat(100);
-        let err = render(&config(&format!("node:\n  runtime_dir: {long}\n"))).unwrap_err();
+        let err = render(&RenderInputs::of(&config(&format!(
+            "node:\n  runtime_dir: {long}\n"
+        ))))
+        .unwrap_err();
         assert!(
             matches!(err, RenderError::SocketPathTooLong { .. }),
             "{err}"
