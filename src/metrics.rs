@@ -194,60 +194,65 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         };
-        single(
-            "keepd_pool_max_connections",
-            "gauge",
-            "Configured pool size.",
-            gauges.pool_max.to_string(),
-        );
-        single(
-            "keepd_pool_open_connections",
-            "gauge",
-            "Connections open to Postgres.",
-            gauges.pool_open.to_string(),
-        );
-        single(
-            "keepd_pool_idle_connections",
-            "gauge",
-            "Open connections not in use.",
-            gauges.pool_idle.to_string(),
-        );
-        single(
-            "keepd_pool_waiting_requests",
-            "gauge",
-            "Units of work waiting for a connection.",
-            gauges.pool_waiting.to_string(),
-        );
-        single(
-            "keepd_postgres_up",
-            "gauge",
-            "1 while the supervisor sees Postgres ready.",
-            u8::from(gauges.postgres_up).to_string(),
-        );
-        single(
-            "keepd_credential_rotations_total",
-            "counter",
-            "Login-role rotations completed by this process.",
-            self.rotations.load(Ordering::Relaxed).to_string(),
-        );
-        single(
-            "keepd_postgres_restarts_total",
-            "counter",
-            "Times the supervisor restarted a Postgres that died.",
-            self.postgres_restarts.load(Ordering::Relaxed).to_string(),
-        );
-        single(
-            "keepd_http_connections_open",
-            "gauge",
-            "Client connections open on the API listener.",
-            self.connections_open.load(Ordering::Relaxed).to_string(),
-        );
-        single(
-            "keepd_security_level",
-            "gauge",
-            "The measured security level: 1 reduced, 2 moderate, 3 high, 4 maximum (0 before the first report).",
-            self.security_level.load(Ordering::Relaxed).to_string(),
-        );
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "keepd_pool_max_connections",
+                "gauge",
+                "Configured pool size.",
+                gauges.pool_max as u64,
+            ),
+            (
+                "keepd_pool_open_connections",
+                "gauge",
+                "Connections open to Postgres.",
+                gauges.pool_open as u64,
+            ),
+            (
+                "keepd_pool_idle_connections",
+                "gauge",
+                "Open connections not in use.",
+                gauges.pool_idle as u64,
+            ),
+            (
+                "keepd_pool_waiting_requests",
+                "gauge",
+                "Units of work waiting for a connection.",
+                gauges.pool_waiting as u64,
+            ),
+            (
+                "keepd_postgres_up",
+                "gauge",
+                "1 while the supervisor sees Postgres ready.",
+                u64::from(gauges.postgres_up),
+            ),
+            (
+                "keepd_credential_rotations_total",
+                "counter",
+                "Login-role rotations completed by this process.",
+                load(&self.rotations),
+            ),
+            (
+                "keepd_postgres_restarts_total",
+                "counter",
+                "Times the supervisor restarted a Postgres that died.",
+                load(&self.postgres_restarts),
+            ),
+            (
+                "keepd_http_connections_open",
+                "gauge",
+                "Client connections open on the API listener.",
+                load(&self.connections_open),
+            ),
+            (
+                "keepd_security_level",
+                "gauge",
+                "The measured security level: 1 reduced, 2 moderate, 3 high, 4 maximum (0 before the first report).",
+                load(&self.security_level),
+            ),
+        ] {
+            single(name, kind, help, value.to_string());
+        }
         let process = Process::read();
         for (name, kind, help, value) in [
             (

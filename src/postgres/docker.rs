@@ -802,12 +802,7 @@ impl DockerCluster {
     }
 
     async fn running(&self) -> Result<bool, DockerError> {
-        match self
-            .engine
-            .docker
-            .inspect_container(&self.engine.names.container, None)
-            .await
-        {
+        match self.inspect().await {
             Ok(found) => Ok(found.state.and_then(|s| s.running).unwrap_or(false)),
             Err(e) if not_found(&e) => Ok(false),
             Err(e) => Err(api("inspect container")(e)),
@@ -817,17 +812,22 @@ impl DockerCluster {
     /// The server container: adopted when it is ours with the current
     /// configuration, recreated when the rendered configuration changed,
     /// created when missing. Never started here.
+    /// The server container as the engine sees it now.
+    async fn inspect(
+        &self,
+    ) -> Result<bollard::models::ContainerInspectResponse, bollard::errors::Error> {
+        self.engine
+            .docker
+            .inspect_container(&self.engine.names.container, None)
+            .await
+    }
+
     pub async fn ensure_container(&self) -> Result<(), DockerError> {
         self.reconcile_container(true).await
     }
 
     async fn reconcile_container(&self, announce: bool) -> Result<(), DockerError> {
-        match self
-            .engine
-            .docker
-            .inspect_container(&self.engine.names.container, None)
-            .await
-        {
+        match self.inspect().await {
             Ok(found) => {
                 let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
                 if labels.get(LABEL_NODE) != Some(&self.engine.node_id) {
@@ -897,12 +897,7 @@ impl DockerCluster {
 
     /// Why the server container is not running, or None while it runs.
     pub async fn exited(&self) -> Option<String> {
-        match self
-            .engine
-            .docker
-            .inspect_container(&self.engine.names.container, None)
-            .await
-        {
+        match self.inspect().await {
             Ok(found) => {
                 let state = found.state.unwrap_or_default();
                 if state.running.unwrap_or(false) {
