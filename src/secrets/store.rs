@@ -219,9 +219,16 @@ mod tests {
     use super::*;
 
     fn setup() -> (tempfile::TempDir, NodeIdentity, CredentialStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let (id, _) = NodeIdentity::load_or_create(&dir.path().join("identity.key")).unwrap();
+        let (dir, id) = crate::identity::test_identity();
         let store = CredentialStore::new(dir.path().join("secrets/db.enc"));
+        (dir, id, store)
+    }
+
+    /// A store holding freshly generated credentials.
+    fn saved() -> (tempfile::TempDir, NodeIdentity, CredentialStore) {
+        let (dir, id, store) = setup();
+        let credentials = Credentials::generate(64, 1).unwrap();
+        store.save(&id, SealMethod::Hybrid, &credentials).unwrap();
         (dir, id, store)
     }
 
@@ -260,14 +267,7 @@ mod tests {
 
     #[test]
     fn damage_is_an_error_and_the_file_is_kept() {
-        let (_d, id, store) = setup();
-        store
-            .save(
-                &id,
-                SealMethod::Hybrid,
-                &Credentials::generate(64, 1).unwrap(),
-            )
-            .unwrap();
+        let (_d, id, store) = saved();
         let good = std::fs::read(store.path()).unwrap();
         // A flipped byte inside a base64 ciphertext, a truncation, garbage.
         let text = String::from_utf8(good.clone()).unwrap();
@@ -289,16 +289,8 @@ mod tests {
 
     #[test]
     fn another_identity_cannot_open_it() {
-        let (_d, id, store) = setup();
-        store
-            .save(
-                &id,
-                SealMethod::Hybrid,
-                &Credentials::generate(64, 1).unwrap(),
-            )
-            .unwrap();
-        let other_dir = tempfile::tempdir().unwrap();
-        let (other, _) = NodeIdentity::load_or_create(&other_dir.path().join("k")).unwrap();
+        let (_d, _, store) = saved();
+        let (_other_dir, other) = crate::identity::test_identity();
         let err = store.load(&other).unwrap_err();
         assert!(err.to_string().contains("sealed for node"), "{err}");
     }
