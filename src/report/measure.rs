@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use tokio_postgres::Client;
 
 use super::{Check, Status, Weight};
-use crate::config::{AtRestMethod, Config, Layout, Provider, Topology};
+use crate::config::{AtRestMethod, Config, Layout, Provider, Topology, Transport};
 use crate::edge::CertificateInfo;
 use crate::field_crypto::FieldCipher;
 use crate::identity::NodeIdentity;
@@ -206,10 +206,8 @@ async fn group_roles(client: &Client) -> Check {
 
 fn transport(config: &Config) -> Check {
     let id = "network.transport";
-    match (
-        config.database.postgres.provider,
-        config.network.use_unix_socket,
-    ) {
+    let topology = Topology::of(config);
+    match (topology.provider, topology.transport) {
         (Provider::External, _) => Check::new(
             id,
             Weight::Minor,
@@ -217,20 +215,20 @@ fn transport(config: &Config) -> Check {
             "TCP to an external server (its network exposure is not keepd's to verify)",
         )
         .recommend("keep the external server on a private network"),
-        (_, true) => Check::new(
+        (_, Transport::UnixSocket) => Check::new(
             id,
             Weight::Minor,
             Status::Pass,
             "Unix socket only, no TCP listener",
         ),
-        (Provider::Docker, false) => Check::new(
+        (Provider::Docker, Transport::Tcp) => Check::new(
             id,
             Weight::Minor,
             Status::Warn,
             "TCP on the container's internal network",
         )
         .recommend("use network.use_unix_socket: true where the platform allows it"),
-        (Provider::Native, false) => Check::new(
+        (Provider::Native, Transport::Tcp) => Check::new(
             id,
             Weight::Minor,
             Status::Warn,
@@ -736,17 +734,15 @@ fn file_modes(config: &Config) -> Check {
 async fn forbidden_connection(config: &Config) -> Check {
     let id = "network.forbidden_connection";
     let port = config.network.port;
-    match (
-        config.database.postgres.provider,
-        config.network.use_unix_socket,
-    ) {
-        (Provider::External, _) | (Provider::Docker, false) => Check::new(
+    let topology = Topology::of(config);
+    match (topology.provider, topology.transport) {
+        (Provider::External, _) | (Provider::Docker, Transport::Tcp) => Check::new(
             id,
             Weight::Critical,
             Status::NotApplicable,
             "no address keepd could probe from here without it being legitimate",
         ),
-        (_, true) => {
+        (_, Transport::UnixSocket) => {
             // No TCP listener at all: a connection to the port is refused.
             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Check::new(
@@ -770,7 +766,7 @@ async fn forbidden_connection(config: &Config) -> Check {
                 .recommend("check that it is not a Postgres serving keepd's data"),
             }
         }
-        (Provider::Native, false) => {
+        (Provider::Native, Transport::Tcp) => {
             // A plain (non-TLS) connection must be refused by pg_hba.
             let mut plain = tokio_postgres::Config::new();
             plain
