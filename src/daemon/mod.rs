@@ -314,6 +314,7 @@ impl Provisioned {
         let container_facts = self.server.container_facts().await?;
         if let Some(facts) = &container_facts {
             info!(
+                container = facts.name,
                 user = %facts.user,
                 network_mode = %facts.network_mode,
                 cap_drop = ?facts.cap_drop,

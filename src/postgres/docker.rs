@@ -127,6 +127,7 @@ fn not_found(e: &bollard::errors::Error) -> bool {
 /// report: measured from `inspect`, not taken from keepd's own config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerFacts {
+    pub name: String,
     pub id: String,
     pub user: String,
     pub network_mode: String,
@@ -1010,6 +1011,7 @@ async fn facts_of(docker: &Docker, container: &str) -> Result<ContainerFacts, Do
         .map(|b| b.as_ref().map_or(0, Vec::len))
         .sum();
     Ok(ContainerFacts {
+        name: container.to_string(),
         id: found.id.unwrap_or_default(),
         user: found.config.and_then(|c| c.user).unwrap_or_default(),
         network_mode: host.network_mode.unwrap_or_default(),
