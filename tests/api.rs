@@ -425,6 +425,13 @@ async fn vault_keys_push_pull_and_bad_input() {
             "vault_not_found",
         ),
         ("empty vault id", format!(r#"{{"vaultId":"","logs":[{good_entry}]}}"#), 400, "invalid_vault_id"),
+        (
+            "NUL in a timestamp",
+            r#"{"vaultId":"notes","logs":[{"encryptedData":"AAAA","nonce":"AAAA","haexTimestamp":"t\u0000"}]}"#.into(),
+            400,
+            "invalid_timestamp",
+        ),
+        ("NUL in a vault id", format!(r#"{{"vaultId":"n\u0000","logs":[{good_entry}]}}"#), 400, "invalid_vault_id"),
     ];
     for (what, body, status, expected) in cases {
         let answer = raw(&client, Method::POST, "/sync/push", &body).await;
@@ -557,9 +564,20 @@ async fn devices_and_signed_backups() {
             r#"{"deviceName":"","publicKey":"AAAA"}"#,
             "invalid_device_name",
         ),
+        (
+            r#"{"deviceName":"lap\u0000top","publicKey":"AAAA"}"#,
+            "invalid_device_name",
+        ),
     ] {
         let answer = raw(&client, Method::POST, "/devices", body).await;
         assert_eq!((answer.0, code(&answer)), (400, expected), "{body}");
+        if body.contains("\\u0000") {
+            let message = answer.1["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("deviceName") && message.contains("NUL"),
+                "{message}"
+            );
+        }
     }
 
     let mut ids = Vec::new();

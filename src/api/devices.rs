@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
 use super::store::backups::{self, NewBackup};
 use super::store::devices;
-use super::sync::check_base64;
+use super::sync::{check_base64, check_text};
 use super::{Api, iso8601};
 use crate::audit::AuditAction;
 use crate::postgres::pool::GroupRole;
@@ -186,13 +186,12 @@ pub(super) async fn register_device(
     ApiJson(body): ApiJson<RegisterDeviceBody>,
 ) -> Result<(StatusCode, Json<DeviceResponse>), ApiError> {
     let started = Instant::now();
-    let name_chars = body.device_name.chars().count();
-    if name_chars == 0 || name_chars > MAX_DEVICE_NAME_CHARS {
-        return Err(ApiError::bad_request(
-            "invalid_device_name",
-            format!("`deviceName` must be 1 to {MAX_DEVICE_NAME_CHARS} characters"),
-        ));
-    }
+    check_text(
+        "invalid_device_name",
+        "deviceName",
+        &body.device_name,
+        MAX_DEVICE_NAME_CHARS,
+    )?;
     let key = check_base64("publicKey", &body.public_key)?;
     let valid_key = <[u8; 32]>::try_from(key.as_slice())
         .ok()

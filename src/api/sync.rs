@@ -150,6 +150,30 @@ fn check_vault_id(vault_id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `value` must be 1 to `max` characters and hold no NUL, which Postgres
+/// cannot store in text (it would answer an error, not keep the value).
+pub(super) fn check_text(
+    code: &'static str,
+    field: &str,
+    value: &str,
+    max: usize,
+) -> Result<(), ApiError> {
+    let chars = value.chars().count();
+    if chars == 0 || chars > max {
+        return Err(ApiError::bad_request(
+            code,
+            format!("`{field}` must be 1 to {max} characters"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::bad_request(
+            code,
+            format!("`{field}` must not contain NUL (U+0000)"),
+        ));
+    }
+    Ok(())
+}
+
 /// `value` must be non-empty standard base64 (what clients send for bytes).
 pub(super) fn check_base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
     match BASE64.decode(value) {
@@ -299,13 +323,12 @@ pub(super) async fn push(
     for (i, entry) in body.logs.into_iter().enumerate() {
         check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
         check_base64(&format!("logs[{i}].nonce"), &entry.nonce)?;
-        let stamp_chars = entry.haex_timestamp.chars().count();
-        if stamp_chars == 0 || stamp_chars > MAX_TIMESTAMP_CHARS {
-            return Err(ApiError::bad_request(
-                "invalid_timestamp",
-                format!("`logs[{i}].haexTimestamp` must be 1 to {MAX_TIMESTAMP_CHARS} characters"),
-            ));
-        }
+        check_text(
+            "invalid_timestamp",
+            &format!("logs[{i}].haexTimestamp"),
+            &entry.haex_timestamp,
+            MAX_TIMESTAMP_CHARS,
+        )?;
         entries.push(NewEntry {
             encrypted_data: entry.encrypted_data,
             nonce: entry.nonce,
