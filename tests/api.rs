@@ -102,6 +102,17 @@ async fn accounts_login_logout_and_erasure() {
     );
     let again = client.register(&email, PASSWORD).await.unwrap_err();
     assert_eq!(again.code(), Some("email_taken"));
+    // One account per address however it is spelled: a fullwidth first
+    // letter is the same address; an invisible character is refused.
+    let mut fullwidth: String = email.chars().skip(1).collect();
+    fullwidth.insert(0, char::from_u32(0xFF55).unwrap()); // FULLWIDTH u
+    let same = client.register(&fullwidth, PASSWORD).await.unwrap_err();
+    assert_eq!(same.code(), Some("email_taken"), "{same}");
+    let hidden = client
+        .register(&format!("{email}\u{200B}"), PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Some("invalid_email"), "{hidden}");
     let bad_email = client.register("not-an-email", PASSWORD).await.unwrap_err();
     assert_eq!(bad_email.code(), Some("invalid_email"));
     let weak = client.register(&self::email(), "short").await.unwrap_err();

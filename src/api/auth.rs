@@ -77,9 +77,51 @@ impl MessageBody {
     }
 }
 
-/// Lower-cased and trimmed, or why it is not an email address.
+/// Unicode's format characters (general category Cf): invisible, so two
+/// addresses differing only by one would look the same to a person.
+const FORMAT_CHARACTERS: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+];
+
+fn is_format(c: char) -> bool {
+    FORMAT_CHARACTERS
+        .iter()
+        .any(|(first, last)| (*first..=*last).contains(&c))
+}
+
+/// The form an email is stored (as an HMAC) and compared in: NFKC, lower
+/// case, trimmed; or why it is not an email address. Control and format
+/// characters are refused rather than dropped, so `a@b.c` and the same
+/// text with a zero-width space can never be two accounts.
 fn normalise_email(email: &str) -> Result<String, ApiError> {
-    let email = email.trim().to_lowercase();
+    use unicode_normalization::UnicodeNormalization;
+    if email.chars().any(|c| c.is_control() || is_format(c)) {
+        return Err(ApiError::bad_request(
+            "invalid_email",
+            "`email` must not contain control or invisible (format) characters",
+        ));
+    }
+    let email: String = email.trim().nfkc().collect::<String>().to_lowercase();
     let valid = email.len() <= MAX_EMAIL_BYTES
         && email.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty() && domain.contains('.') && !domain.contains('@')
@@ -344,6 +386,32 @@ mod tests {
             normalise_email("  Ann@Example.ORG ").unwrap(),
             "ann@example.org"
         );
+        // Compatibility forms fold to one account: fullwidth letters, a
+        // ligature, the Kelvin sign.
+        assert_eq!(
+            normalise_email("\u{FF21}nn@example.org").unwrap(),
+            "ann@example.org"
+        );
+        assert_eq!(
+            normalise_email("\u{FB01}@example.org").unwrap(),
+            "fi@example.org"
+        );
+        assert_eq!(
+            normalise_email("\u{212A}@example.org").unwrap(),
+            "k@example.org"
+        );
+        for invisible in [
+            "a@b.c\u{200B}",
+            "a\u{200D}@b.c",
+            "\u{FEFF}a@b.c",
+            "a@b\u{0}.c",
+        ] {
+            let e = normalise_email(invisible).unwrap_err();
+            assert!(
+                format!("{e:?}").contains("invisible"),
+                "{invisible:?}: {e:?}"
+            );
+        }
         for bad in [
             "",
             "ann",
