@@ -390,15 +390,11 @@ async fn vault_keys_push_pull_and_bad_input() {
     assert_eq!(plain, b"a-2");
     assert_eq!(rest.logs[0].haex_timestamp, "a-000002");
 
-    // Idempotent retry: the first result, nothing stored twice.
-    let first = client
-        .push("notes", &key, &entries(3, "b"), Some("retry-1"))
-        .await
-        .unwrap();
-    let retry = client
-        .push("notes", &key, &entries(3, "b"), Some("retry-1"))
-        .await
-        .unwrap();
+    // Idempotent retry (the same request again): the first result,
+    // nothing stored twice.
+    let sealed = SyncClient::seal_push("notes", &key, &entries(3, "b")).unwrap();
+    let first = client.push_sealed(&sealed, Some("retry-1")).await.unwrap();
+    let retry = client.push_sealed(&sealed, Some("retry-1")).await.unwrap();
     assert_eq!(
         first.logs.iter().map(|l| &l.id).collect::<Vec<_>>(),
         retry.logs.iter().map(|l| &l.id).collect::<Vec<_>>()
@@ -928,4 +924,82 @@ async fn a_stalled_database_gets_fast_503s_and_recovers() {
     let all = client.pull("v", 0, 100).await.unwrap();
     let sequences: Vec<i64> = all.logs.iter().map(|l| l.sequence).collect();
     assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+}
+
+/// An Idempotency-Key names one request: the same request replays its
+/// first answer, another request under it is refused, and after
+/// `api.idempotency_ttl` the key is free again (the record deleted, as are
+/// dead sessions).
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_name_one_request_and_expire() {
+    // Long enough that the first phase never outlives it, short enough to
+    // see it expire.
+    let (node, daemon) = api_node("  idempotency_ttl: 5s\n");
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    client.create_vault("w", PASSWORD).await.unwrap();
+    let a = entries(3, "a");
+    let first = client.push("v", &key, &a, Some("k1")).await.unwrap();
+    // A client retries the very bytes it sent: the first answer again.
+    let body = serde_json::to_string(&json!({
+        "vaultId": "v",
+        "logs": [{"encryptedData": "AAAA", "nonce": "AAAA", "haexTimestamp": "t"}],
+    }))
+    .unwrap();
+    let send = |vault_body: String| {
+        let client = &client;
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    "/sync/push",
+                    &[("idempotency-key", "k2")],
+                    Some(vault_body.into_bytes()),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let stored = send(body.clone()).await;
+    assert_eq!(stored.status, 200, "{}", stored.text);
+    let replay = send(body.clone()).await;
+    assert_eq!((replay.status, &replay.body), (200, &stored.body));
+    // Another body, or another vault, under the same key: refused, nothing stored.
+    let other_body = body.replace("\"t\"", "\"t2\"");
+    let other_vault = body.replace("\"v\"", "\"w\"");
+    for changed in [other_body, other_vault] {
+        let answer = send(changed).await;
+        assert_eq!(answer.status, 422, "{}", answer.text);
+        assert_eq!(answer.body["error"]["code"], "idempotency_key_reused");
+    }
+    let pulled = client.pull("v", 0, 100).await.unwrap();
+    assert_eq!(
+        pulled.logs.len(),
+        4,
+        "3 from k1 and 1 from k2, nothing else"
+    );
+    assert_eq!(client.pull("w", 0, 100).await.unwrap().logs.len(), 0);
+    // The typed client encrypts afresh on every call: another request.
+    let again = client.push("v", &key, &entries(3, "a"), Some("k1")).await;
+    assert_eq!(
+        again.unwrap_err().code(),
+        Some("idempotency_key_reused"),
+        "fresh nonces make another request"
+    );
+    assert_eq!(first.count, 3);
+
+    // After the TTL the janitor deletes the records and dead sessions, and
+    // the key may name a new request.
+    let (other, _) = user(&daemon).await;
+    other.logout().await.unwrap();
+    let count = |sql: &str| -> i64 { node.psql("superuser", sql).unwrap().trim().parse().unwrap() };
+    let swept = common::wait_until(Duration::from_secs(20), || {
+        (count("SELECT count(*) FROM keepd.push_requests") == 0
+            && count("SELECT count(*) FROM keepd.sessions WHERE revoked_at IS NOT NULL") == 0)
+            .then_some(())
+    });
+    assert!(swept.is_some(), "{}", daemon.log());
+    let reused = send(body.replace("\"t\"", "\"t3\"")).await;
+    assert_eq!(reused.status, 200, "{}", reused.text);
+    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
 }

@@ -36,9 +36,11 @@ async fn writer(
             })
             .collect();
         let idempotency = format!("w{w}-b{b}");
+        // Encrypted once: every retry is the same request.
+        let sealed = SyncClient::seal_push("v", &key, &entries).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match client.push("v", &key, &entries, Some(&idempotency)).await {
+            match client.push_sealed(&sealed, Some(&idempotency)).await {
                 Ok(done) => {
                     acknowledged.extend(done.logs.into_iter().map(|l| l.id));
                     progress.fetch_add(1, Ordering::Relaxed);

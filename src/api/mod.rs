@@ -65,6 +65,8 @@ pub struct ApiSettings {
     pub body_timeout: Duration,
     /// Peers whose forwarding headers name the client.
     pub trusted_proxies: TrustedProxies,
+    /// How long an Idempotency-Key names its first request.
+    pub idempotency_ttl: Duration,
 }
 
 /// What browsers are told, from `api.*`.

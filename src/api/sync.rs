@@ -297,6 +297,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 200, body = PushResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, description = "The Idempotency-Key was used for another request", body = ErrorBody),
         (status = 503, description = "Nothing was stored; retry", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -319,6 +320,7 @@ pub(super) async fn push(
             ),
         ));
     }
+    let fingerprint = push_fingerprint(&body);
     let mut entries = Vec::with_capacity(count);
     for (i, entry) in body.logs.into_iter().enumerate() {
         check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
@@ -338,7 +340,7 @@ pub(super) async fn push(
 
     let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
     if let Some(key) = &idempotency
-        && let Some(first) = stored_push(&api, &ctx, &auth, key).await?
+        && let Some(first) = stored_push(&api, &ctx, &auth, key, &fingerprint).await?
     {
         return Ok(Json(first));
     }
@@ -364,11 +366,12 @@ pub(super) async fn push(
     if let Some(key) = &idempotency {
         let stored =
             serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
-        if !logs::save_push(&tx, auth.user, key, &stored).await? {
+        let ttl = api.settings.idempotency_ttl;
+        if !logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await? {
             // A concurrent retry with this key committed first: this
             // attempt is rolled back and the first result is the answer.
             drop(tx);
-            return stored_push(&api, &ctx, &auth, key)
+            return stored_push(&api, &ctx, &auth, key, &fingerprint)
                 .await?
                 .map(Json)
                 .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
@@ -392,21 +395,55 @@ pub(super) async fn push(
     Ok(Json(response))
 }
 
+/// The first answer to this Idempotency-Key, if it names this same
+/// request; 422 if it named another (a client would otherwise believe
+/// data saved that was not).
 async fn stored_push(
     api: &Api,
     ctx: &OperationContext,
     auth: &UserAuth,
     key: &str,
+    fingerprint: &[u8],
 ) -> Result<Option<PushResponse>, ApiError> {
     let tx = api.pool.begin(ctx).await?;
-    let stored = logs::stored_push(&tx, auth.user, key).await?;
+    let stored = logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl).await?;
     tx.commit().await?;
-    stored
-        .map(|response| {
-            serde_json::from_value(response)
-                .map_err(|e| ApiError::internal("stored push response", &e))
-        })
-        .transpose()
+    let Some(stored) = stored else {
+        return Ok(None);
+    };
+    if stored
+        .request_hash
+        .is_some_and(|first| first.as_slice() != fingerprint)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request (another body or vault); \
+             use a new key for a new request",
+        ));
+    }
+    serde_json::from_value(stored.response)
+        .map(Some)
+        .map_err(|e| ApiError::internal("stored push response", &e))
+}
+
+/// SHA-256 over the route and every field of the push, each length-
+/// prefixed, so two requests share it only if they are the same request.
+fn push_fingerprint(body: &PushBody) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    };
+    field(b"POST /sync/push");
+    field(body.vault_id.as_bytes());
+    for entry in &body.logs {
+        field(entry.encrypted_data.as_bytes());
+        field(entry.nonce.as_bytes());
+        field(entry.haex_timestamp.as_bytes());
+    }
+    hash.finalize().to_vec()
 }
 
 /// Log entries after a sequence number, in order.

@@ -194,6 +194,10 @@ pub struct PullResult {
     pub has_more: bool,
 }
 
+/// A push request as encrypted once: the same bytes on every retry.
+#[derive(Debug, Clone)]
+pub struct SealedPush(Value);
+
 /// One plaintext log entry before encryption.
 pub struct LogEntry {
     pub data: Vec<u8>,
@@ -465,6 +469,17 @@ impl SyncClient {
         entries: &[LogEntry],
         idempotency_key: Option<&str>,
     ) -> Result<PushResult, ClientError> {
+        let sealed = Self::seal_push(vault_id, key, entries)?;
+        self.push_sealed(&sealed, idempotency_key).await
+    }
+
+    /// The encrypted request for `entries`, to send (and resend on a retry
+    /// with the same Idempotency-Key: a retry must be the same request).
+    pub fn seal_push(
+        vault_id: &str,
+        key: &VaultKey,
+        entries: &[LogEntry],
+    ) -> Result<SealedPush, ClientError> {
         let mut logs = Vec::with_capacity(entries.len());
         for entry in entries {
             let (data, nonce) = key.encrypt_entry(&entry.data)?;
@@ -474,13 +489,21 @@ impl SyncClient {
                 "haexTimestamp": entry.haex_timestamp,
             }));
         }
-        let body = json!({"vaultId": vault_id, "logs": logs});
+        Ok(SealedPush(json!({"vaultId": vault_id, "logs": logs})))
+    }
+
+    /// Sends a sealed push (again, when retrying).
+    pub async fn push_sealed(
+        &self,
+        push: &SealedPush,
+        idempotency_key: Option<&str>,
+    ) -> Result<PushResult, ClientError> {
         let headers: Vec<(&str, &str)> = idempotency_key
             .map(|k| ("idempotency-key", k))
             .into_iter()
             .collect();
         let answer = self
-            .call(Method::POST, "/sync/push", &headers, Some(body))
+            .call(Method::POST, "/sync/push", &headers, Some(push.0.clone()))
             .await?;
         Self::decode(answer)
     }

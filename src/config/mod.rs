@@ -527,6 +527,9 @@ pub struct ApiConfig {
     /// A request not answered within this is answered 503 (the database
     /// is stalled), instead of hanging.
     pub request_timeout: HumanDuration,
+    /// How long an `Idempotency-Key` names its first request; expired
+    /// records (and expired sessions) are deleted in the background.
+    pub idempotency_ttl: HumanDuration,
     /// Where `/metrics` is served; empty = nowhere. Never the public
     /// listener.
     #[serde(deserialize_with = "optional_addr")]
@@ -550,6 +553,7 @@ impl Default for ApiConfig {
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 1000,
             request_timeout: HumanDuration(Duration::from_secs(15)),
+            idempotency_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
             metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9187))),
         }
     }

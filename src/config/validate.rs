@@ -234,6 +234,15 @@ pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(),
 }
 
 pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
+    if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400))
+        .contains(&api.idempotency_ttl.get())
+    {
+        return Err(invalid(
+            "api.idempotency_ttl",
+            api.idempotency_ttl.to_string(),
+            "1s to 30d".into(),
+        ));
+    }
     if !(1024..=1024 * 1024 * 1024).contains(&api.max_body_bytes) {
         return Err(invalid(
             "api.max_body_bytes",

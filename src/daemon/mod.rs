@@ -7,6 +7,7 @@
 //! named `Tasks`, stopped in order).
 
 pub mod control;
+pub mod janitor;
 pub mod notify;
 mod policy;
 pub mod reencrypt;
@@ -515,7 +516,18 @@ impl BroughtUp {
             )),
             sealer: tokio::spawn(parts.sealer.run(shutdown.clone())),
             reencrypt: tokio::spawn(
-                reencrypt::Reencryption { fields, superuser }.run(shutdown.clone()),
+                reencrypt::Reencryption {
+                    fields,
+                    superuser: superuser.clone(),
+                }
+                .run(shutdown.clone()),
+            ),
+            janitor: tokio::spawn(
+                janitor::Janitor {
+                    superuser,
+                    idempotency_ttl: config.api.idempotency_ttl.get(),
+                }
+                .run(shutdown.clone()),
             ),
             renewal: renewal
                 .map(|renewal| tokio::spawn(renewal.run(renew.clone(), shutdown.clone()))),
@@ -546,6 +558,7 @@ fn api_settings(config: &Config) -> ApiSettings {
         request_timeout: config.api.request_timeout.get(),
         body_timeout: config.api.body_timeout.get(),
         trusted_proxies: TrustedProxies::new(&config.api.trusted_proxies),
+        idempotency_ttl: config.api.idempotency_ttl.get(),
     }
 }
 
@@ -585,6 +598,7 @@ struct Tasks {
     control: JoinHandle<()>,
     sealer: JoinHandle<()>,
     reencrypt: JoinHandle<()>,
+    janitor: JoinHandle<()>,
     renewal: Option<JoinHandle<()>>,
     cert_watch: Option<JoinHandle<()>>,
 }
@@ -602,7 +616,13 @@ impl Tasks {
             Err(e) => error!(error = %e, "api server task failed"),
             Ok(Ok(())) => {}
         }
-        let _ = tokio::join!(self.rotation, self.control, self.sealer, self.reencrypt);
+        let _ = tokio::join!(
+            self.rotation,
+            self.control,
+            self.sealer,
+            self.reencrypt,
+            self.janitor
+        );
         for task in [self.renewal, self.cert_watch].into_iter().flatten() {
             let _ = task.await;
         }

@@ -57,7 +57,8 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_sync", "keepd.vaults", &[S, I, U]),
     ("keepd_sync", "keepd.vault_keys", &[S, I]),
     ("keepd_sync", "keepd.sync_logs", &[S, I]),
-    ("keepd_sync", "keepd.push_requests", &[S, I]),
+    // UPDATE: an expired Idempotency-Key record is replaced in place.
+    ("keepd_sync", "keepd.push_requests", &[S, I, U]),
     ("keepd_sync", "keepd.devices", &[S, I, U]),
     ("keepd_sync", "keepd.backups", &[S, I]),
     // Reads of synced data.

@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "plaintext_limits",
         sql: include_str!("../../migrations/0004_plaintext_limits.sql"),
     },
+    Migration {
+        version: 5,
+        name: "idempotency_fingerprint",
+        sql: include_str!("../../migrations/0005_idempotency_fingerprint.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

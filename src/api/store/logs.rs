@@ -1,7 +1,7 @@
 //! `keepd.sync_logs` and `keepd.push_requests` (`keepd_sync` writes,
 //! `keepd_query` reads).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
@@ -22,12 +22,20 @@ const INSERT_LOGS: &str = "INSERT INTO keepd.sync_logs \
 const PULL_LOGS: &str = "SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
      FROM keepd.sync_logs WHERE vault = $1 AND sequence > $2 ORDER BY sequence LIMIT $3";
 
-const STORED_PUSH: &str =
-    "SELECT response FROM keepd.push_requests WHERE user_id = $1 AND idempotency_key = $2";
+/// A record older than `api.idempotency_ttl` (`$3`, seconds) has expired:
+/// the key may name a new request.
+const STORED_PUSH: &str = "SELECT response, request_hash FROM keepd.push_requests \
+     WHERE user_id = $1 AND idempotency_key = $2 \
+       AND created_at > now() - make_interval(secs => $3)";
 
-/// Remembers a push's response; no row when a concurrent retry won.
-const SAVE_PUSH: &str = "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) \
-     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+/// Remembers a push's response; no row when a concurrent retry won. An
+/// expired record under the same key is replaced.
+const SAVE_PUSH: &str = "INSERT INTO keepd.push_requests \
+     (user_id, idempotency_key, response, request_hash) VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (user_id, idempotency_key) DO UPDATE \
+       SET response = excluded.response, request_hash = excluded.request_hash, \
+           created_at = now() \
+       WHERE keepd.push_requests.created_at <= now() - make_interval(secs => $5)";
 
 /// One entry as the client sent it.
 pub struct NewEntry {
@@ -118,23 +126,44 @@ pub async fn page(
         .collect()
 }
 
-/// The response a push with this Idempotency-Key answered, if any.
+/// What a push answered under an Idempotency-Key, and the fingerprint of
+/// the request it answered (None for records from before schema v5).
+pub struct StoredPush {
+    pub response: serde_json::Value,
+    pub request_hash: Option<Vec<u8>>,
+}
+
+/// The live (unexpired) record of this Idempotency-Key, if any.
 pub async fn stored_push(
     tx: &ScopedTransaction,
     user: Uuid,
     key: &str,
-) -> Result<Option<serde_json::Value>, StoreError> {
-    let rows = tx.query(STORED_PUSH, &[&user, &key]).await?;
-    Ok(rows.first().map(|row| row.get(0)))
+    ttl: Duration,
+) -> Result<Option<StoredPush>, StoreError> {
+    let rows = tx
+        .query(STORED_PUSH, &[&user, &key, &ttl.as_secs_f64()])
+        .await?;
+    Ok(rows.first().map(|row| StoredPush {
+        response: row.get(0),
+        request_hash: row.get(1),
+    }))
 }
 
-/// Remembers a push's response; false when a concurrent retry with the
-/// same key committed first.
+/// Remembers a push's response and request fingerprint; false when a
+/// concurrent retry with the same key committed first.
 pub async fn save_push(
     tx: &ScopedTransaction,
     user: Uuid,
     key: &str,
+    request_hash: &[u8],
     response: &serde_json::Value,
+    ttl: Duration,
 ) -> Result<bool, StoreError> {
-    Ok(tx.execute(SAVE_PUSH, &[&user, &key, response]).await? > 0)
+    let saved = tx
+        .execute(
+            SAVE_PUSH,
+            &[&user, &key, response, &request_hash, &ttl.as_secs_f64()],
+        )
+        .await?;
+    Ok(saved > 0)
 }
