@@ -63,7 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         String::from_utf8_lossy(&restored)
     );
 
-    client.delete_account().await?;
+    client.delete_account(password).await?;
     println!("account erased");
     Ok(())
 }

@@ -218,7 +218,16 @@ async fn accounts_login_logout_and_erasure() {
         .store_backup(&device_id, &device, &key, b"backup", "Internal")
         .await
         .unwrap();
-    owner.delete_account().await.unwrap();
+    // Not on the token alone: the password is asked for.
+    let refused = owner.delete_account("not the password").await.unwrap_err();
+    assert_eq!(refused.status(), Some(401));
+    let refused = owner
+        .send(Method::DELETE, "/account", &[], Some(b"{}".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert_eq!(refused.body["error"]["code"], "invalid_body");
+    owner.delete_account("a new long password").await.unwrap();
     for table in [
         "users",
         "sessions",

@@ -44,6 +44,15 @@ pub struct ChangePasswordBody {
     new_password: SecretString,
 }
 
+/// What erasing an account needs: the password, not only a token (a
+/// stolen token must not be able to destroy everything).
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteAccountBody {
+    #[schema(value_type = String, format = Password)]
+    current_password: SecretString,
+}
+
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserBody {
@@ -170,6 +179,22 @@ impl Api {
 
     fn client_ref(&self, client: &ClientAddr) -> String {
         self.audit_keys.identifier("ip", &client.0.to_string())
+    }
+
+    /// 401 unless `password` is the caller's current password.
+    async fn check_current_password(
+        &self,
+        auth: &UserAuth,
+        password: SecretString,
+    ) -> Result<(), ApiError> {
+        let tx = auth.begin(self, GroupRole::Auth).await?;
+        let stored = accounts::password_hash(&tx, auth.user).await?;
+        tx.commit().await?;
+        if self.passwords.verify(password, stored).await? {
+            Ok(())
+        } else {
+            Err(invalid_credentials())
+        }
     }
 }
 
@@ -321,22 +346,22 @@ pub(super) async fn logout(
     responses(
         (status = 200, body = MessageBody),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn change_password(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
+    client: ClientAddr,
     ApiJson(body): ApiJson<ChangePasswordBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
+    // A guess at the current password is an authentication attempt.
+    api.limit_auth_attempts(&client)?;
     check_password(&body.new_password, "newPassword")?;
     let ctx = OperationContext::user(GroupRole::Auth, auth.user.to_string());
-    let tx = api.pool.begin(&ctx).await?;
-    let stored = accounts::password_hash(&tx, auth.user).await?;
-    tx.commit().await?;
-    if !api.passwords.verify(body.current_password, stored).await? {
-        return Err(invalid_credentials());
-    }
+    api.check_current_password(&auth, body.current_password)
+        .await?;
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = api.pool.begin(&ctx).await?;
     accounts::set_password(&tx, auth.user, &hash).await?;
@@ -350,15 +375,26 @@ pub(super) async fn change_password(
     }))
 }
 
-/// Erases the account and everything it owns (right to erasure).
+/// Erases the account and everything it owns (right to erasure); needs
+/// the current password.
 #[utoipa::path(delete, path = "/account", tag = "auth",
-    responses((status = 200, body = MessageBody), (status = 401, body = ErrorBody)),
+    request_body = DeleteAccountBody,
+    responses(
+        (status = 200, body = MessageBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody),
+    ),
     security(("bearer" = [])))]
 pub(super) async fn delete_account(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
+    client: ClientAddr,
+    ApiJson(body): ApiJson<DeleteAccountBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
+    api.limit_auth_attempts(&client)?;
+    api.check_current_password(&auth, body.current_password)
+        .await?;
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let deleted = accounts::delete(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});

@@ -395,6 +395,7 @@ pub fn parse_request_bodies(bytes: &[u8]) -> usize {
     }
     parses::<auth::CredentialsBody>(bytes)
         + parses::<auth::ChangePasswordBody>(bytes)
+        + parses::<auth::DeleteAccountBody>(bytes)
         + parses::<sync::StoreVaultKeyBody>(bytes)
         + parses::<sync::PushBody>(bytes)
         + parses::<sync::PullBody>(bytes)

@@ -401,8 +401,11 @@ impl SyncClient {
         Ok(())
     }
 
-    pub async fn delete_account(&self) -> Result<(), ClientError> {
-        self.call(Method::DELETE, "/account", &[], None).await?;
+    /// Erases the account; the server asks for the password again.
+    pub async fn delete_account(&self, password: &str) -> Result<(), ClientError> {
+        let body = json!({"currentPassword": password});
+        self.call(Method::DELETE, "/account", &[], Some(body))
+            .await?;
         Ok(())
     }
 
