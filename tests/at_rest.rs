@@ -111,15 +111,7 @@ async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
         client.devices().await.unwrap()["devices"][0]["deviceName"],
         "laptop"
     );
-    let report = node.command(&["report", "--json"]).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    let check = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "encryption_at_rest")
-        .unwrap()
-        .clone();
+    let check = node.report_check("encryption_at_rest");
     assert_eq!(check["status"], "pass", "{check}");
     stop(daemon);
 
@@ -260,15 +252,7 @@ async fn long_names_are_sealed_and_what_cannot_be_resealed_is_reported() {
             .contains("test_short_values"),
         "{warned}"
     );
-    let report = node.command(&["report", "--json"]).output().unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    let check = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "encryption_at_rest")
-        .unwrap()
-        .clone();
+    let check = node.report_check("encryption_at_rest");
     assert_eq!(check["status"], "warn", "{check}");
     assert!(
         check["value"]

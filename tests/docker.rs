@@ -149,15 +149,7 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
     assert_eq!(facts["network_mode"], "none");
     assert_eq!(facts["readonly_rootfs"], true);
     assert_eq!(facts["published_ports"], 0);
-    let out = node.command(&["report", "--json"]).output().unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let container_check = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "docker.container")
-        .unwrap()
-        .clone();
+    let container_check = node.report_check("docker.container");
     assert_eq!(container_check["status"], "pass", "{container_check}");
     // From inside: no interface but loopback, and the root is read-only.
     let (_, interfaces) = docker(&["exec", &container, "cat", "/proc/net/dev"]);

@@ -519,6 +519,24 @@ impl TestNode {
             .0
     }
 
+    /// One check of `keepd report --json`, by id (the report measured as
+    /// the command does, from the live system).
+    pub fn report_check(&self, id: &str) -> serde_json::Value {
+        let out = self.command(&["report", "--json"]).output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "keepd report --json printed no JSON: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        report["checks"]
+            .as_array()
+            .and_then(|checks| checks.iter().find(|c| c["id"] == id))
+            .unwrap_or_else(|| panic!("no check {id} in {report}"))
+            .clone()
+    }
+
     /// `keepd rotate`: (success, message).
     pub fn rotate(&self) -> (bool, String) {
         let out = self.command(&["rotate"]).output().unwrap();
