@@ -20,12 +20,7 @@ fn api_node(api: &str) -> (TestNode, Daemon) {
         &format!("  rate_limits:\n    auth_per_minute: 10000\n{api}"),
         "",
     );
-    let daemon = node.start();
-    assert!(
-        daemon.wait_health(200, Duration::from_secs(30)),
-        "{}",
-        daemon.log()
-    );
+    let daemon = node.start_healthy();
     (node, daemon)
 }
 

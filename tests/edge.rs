@@ -96,13 +96,21 @@ fn leaf_of(stream: &Tls) -> Vec<u8> {
 
 fn https_node(api: &str) -> (TestNode, common::Daemon) {
     let node = TestNode::with_https(api, "");
-    let daemon = node.start();
-    assert!(
-        daemon.wait_health(200, Duration::from_secs(30)),
-        "{}",
-        daemon.log()
-    );
+    let daemon = node.start_healthy();
     (node, daemon)
+}
+
+/// Runs `cmd` quietly and waits until it listens on 127.0.0.1:`port`.
+fn spawn_listening(mut cmd: std::process::Command, port: u16, what: &str) -> std::process::Child {
+    let child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    common::wait_until(Duration::from_secs(10), || TcpStream::connect(addr).ok())
+        .unwrap_or_else(|| panic!("{what} does not listen on {addr}"));
+    child
 }
 
 #[test]
@@ -560,21 +568,11 @@ impl Nginx {
         );
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
-        let child = std::process::Command::new(binary)
-            .arg("-c")
-            .arg(&path)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        common::wait_until(Duration::from_secs(10), || TcpStream::connect(addr).ok())
-            .expect("nginx listens");
+        let mut cmd = std::process::Command::new(binary);
+        cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
         Nginx {
-            child,
-            addr,
+            child: spawn_listening(cmd, port, "nginx"),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
             _dir: dir,
         }
     }
@@ -645,23 +643,17 @@ struct PageServer {
 impl PageServer {
     fn start(dir: &std::path::Path) -> PageServer {
         let port = common::free_port();
-        let child = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                &port.to_string(),
-                "--directory",
-            ])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        common::wait_until(Duration::from_secs(10), || TcpStream::connect(addr).ok())
-            .expect("the page server listens");
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(dir);
+        let child = spawn_listening(cmd, port, "the page server");
         PageServer {
             child,
             origin: format!("http://127.0.0.1:{port}"),

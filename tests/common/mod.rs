@@ -92,6 +92,17 @@ impl TestNode {
         daemon
     }
 
+    /// Starts `keepd run` and waits until `/health` answers 200.
+    pub fn start_healthy(&self) -> Daemon {
+        let daemon = self.start();
+        assert!(
+            daemon.wait_health(200, Duration::from_secs(30)),
+            "{}",
+            daemon.log()
+        );
+        daemon
+    }
+
     /// Starts `keepd run` and waits until its API listens or it exits.
     pub fn spawn(&self) -> Daemon {
         let mut daemon = Daemon::spawn_with(self.command(&["run"]), self.data_dir());
