@@ -1007,3 +1007,63 @@ async fn idempotency_keys_name_one_request_and_expire() {
     assert_eq!(reused.status, 200, "{}", reused.text);
     assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
 }
+
+/// A pull answers at most `api.max_pull_bytes` (fewer entries and
+/// `hasMore`, but always one), and an entry beyond `api.max_entry_bytes`
+/// is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_are_bounded_in_bytes_and_entries_in_size() {
+    let (_node, daemon) = api_node("  max_pull_bytes: 65536\n  max_entry_bytes: 100000\n");
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    // Six entries of 20,000 bytes: about 27 KB each as stored (base64).
+    let sized = |n: usize, bytes: usize, tag: &str| -> Vec<LogEntry> {
+        (0..n)
+            .map(|i| LogEntry {
+                data: vec![b'x'; bytes],
+                haex_timestamp: format!("{tag}-{i}"),
+            })
+            .collect()
+    };
+    client
+        .push("v", &key, &sized(6, 20_000, "m"), None)
+        .await
+        .unwrap();
+    let first = client.pull("v", 0, 100).await.unwrap();
+    assert_eq!(first.logs.len(), 2, "two fit in 64 KiB, three do not");
+    assert!(first.has_more);
+    let mut seen: Vec<i64> = first.logs.iter().map(|l| l.sequence).collect();
+    let mut after = *seen.last().unwrap();
+    loop {
+        let page = client.pull("v", after, 100).await.unwrap();
+        assert!(!page.logs.is_empty() && page.logs.len() <= 2);
+        seen.extend(page.logs.iter().map(|l| l.sequence));
+        after = *seen.last().unwrap();
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=6).collect::<Vec<_>>());
+    // One entry larger than the budget still comes, alone.
+    client
+        .push("v", &key, &sized(2, 70_000, "big"), None)
+        .await
+        .unwrap();
+    let big = client.pull("v", 6, 100).await.unwrap();
+    assert_eq!((big.logs.len(), big.has_more), (1, true));
+    let key_plain = key.decrypt_entry(&big.logs[0].encrypted_data, &big.logs[0].nonce);
+    assert_eq!(key_plain.unwrap().len(), 70_000);
+    // Beyond api.max_entry_bytes: 413, nothing stored.
+    let too_big = client
+        .push("v", &key, &sized(1, 100_100, "huge"), None)
+        .await;
+    let e = too_big.unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(413), Some("entry_too_large")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("logs[0].encryptedData"), "{e}");
+    let tail = client.pull("v", 8, 100).await.unwrap();
+    assert!(tail.logs.is_empty() && !tail.has_more);
+}

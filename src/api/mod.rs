@@ -59,6 +59,8 @@ pub struct ApiSettings {
     pub jwt_ttl: Duration,
     pub max_body_bytes: usize,
     pub max_push_entries: usize,
+    pub max_entry_bytes: usize,
+    pub max_pull_bytes: usize,
     pub auth_per_minute: u32,
     pub request_timeout: Duration,
     /// A request body must arrive within this (408 beyond).

@@ -323,7 +323,18 @@ pub(super) async fn push(
     let fingerprint = push_fingerprint(&body);
     let mut entries = Vec::with_capacity(count);
     for (i, entry) in body.logs.into_iter().enumerate() {
-        check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
+        let data = check_base64(&format!("logs[{i}].encryptedData"), &entry.encrypted_data)?;
+        if data.len() > api.settings.max_entry_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "entry_too_large",
+                format!(
+                    "`logs[{i}].encryptedData` holds {} bytes; api.max_entry_bytes allows {}",
+                    data.len(),
+                    api.settings.max_entry_bytes
+                ),
+            ));
+        }
         check_base64(&format!("logs[{i}].nonce"), &entry.nonce)?;
         check_text(
             "invalid_timestamp",
@@ -478,12 +489,12 @@ pub(super) async fn pull(
     let vault = vaults::id(&tx, auth.user, &body.vault_id)
         .await?
         .ok_or_else(vault_not_found)?;
-    // One more than asked tells whether there is more.
-    let mut page = logs::page(&tx, &api.fields, vault, body.after_sequence, limit + 1).await?;
+    let budget = api.settings.max_pull_bytes as i64;
+    let page = logs::page(&tx, &api.fields, vault, body.after_sequence, limit, budget).await?;
     tx.commit().await?;
-    let has_more = page.len() as i64 > limit;
-    page.truncate(limit as usize);
+    let has_more = page.has_more;
     let logs = page
+        .entries
         .into_iter()
         .map(|entry| PulledEntry {
             id: entry.id,

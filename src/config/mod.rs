@@ -524,6 +524,12 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most log entries one `POST /sync/push` may carry.
     pub max_push_entries: usize,
+    /// Largest log entry (its decoded `encryptedData`), in bytes (413
+    /// beyond).
+    pub max_entry_bytes: usize,
+    /// Bytes one pull answers at most: fewer entries and `hasMore: true`
+    /// past it (always at least one entry), so a pull's memory is bounded.
+    pub max_pull_bytes: usize,
     /// A request not answered within this is answered 503 (the database
     /// is stalled), instead of hanging.
     pub request_timeout: HumanDuration,
@@ -552,6 +558,8 @@ impl Default for ApiConfig {
             rate_limits: RateLimitsConfig::default(),
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 1000,
+            max_entry_bytes: 1024 * 1024,
+            max_pull_bytes: 8 * 1024 * 1024,
             request_timeout: HumanDuration(Duration::from_secs(15)),
             idempotency_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
             metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9187))),

@@ -250,6 +250,20 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             "1024 to 1073741824 (1 GiB)".into(),
         ));
     }
+    if !(1..=api.max_body_bytes).contains(&api.max_entry_bytes) {
+        return Err(invalid(
+            "api.max_entry_bytes",
+            api.max_entry_bytes.to_string(),
+            format!("1 to api.max_body_bytes ({})", api.max_body_bytes),
+        ));
+    }
+    if !(64 * 1024..=1024 * 1024 * 1024).contains(&api.max_pull_bytes) {
+        return Err(invalid(
+            "api.max_pull_bytes",
+            api.max_pull_bytes.to_string(),
+            "65536 (64 KiB) to 1073741824 (1 GiB)".into(),
+        ));
+    }
     if !(1..=100_000).contains(&api.max_push_entries) {
         return Err(invalid(
             "api.max_push_entries",

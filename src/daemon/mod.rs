@@ -554,6 +554,8 @@ fn api_settings(config: &Config) -> ApiSettings {
         jwt_ttl: config.api.jwt_ttl.get(),
         max_body_bytes: config.api.max_body_bytes,
         max_push_entries: config.api.max_push_entries,
+        max_entry_bytes: config.api.max_entry_bytes,
+        max_pull_bytes: config.api.max_pull_bytes,
         auth_per_minute: config.api.rate_limits.auth_per_minute,
         request_timeout: config.api.request_timeout.get(),
         body_timeout: config.api.body_timeout.get(),

@@ -19,8 +19,21 @@ const INSERT_LOGS: &str = "INSERT INTO keepd.sync_logs \
           WITH ORDINALITY AS e(id, data, nonce, ts, ord) \
      RETURNING id, sequence, haex_timestamp, created_at";
 
-const PULL_LOGS: &str = "SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
-     FROM keepd.sync_logs WHERE vault = $1 AND sequence > $2 ORDER BY sequence LIMIT $3";
+/// Up to `$4` entries after sequence `$2` whose stored sizes add up to at
+/// most `$5` bytes (the first always), out of the `$3` (= `$4` + 1) the
+/// index yields; `available` tells the caller whether more remain. Only
+/// what fits the budget leaves the server.
+const PULL_LOGS: &str = "SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at, \
+       available \
+     FROM (SELECT p.*, row_number() OVER w AS n, count(*) OVER () AS available, \
+             sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
+                 + octet_length(p.haex_timestamp)) OVER w AS running \
+           FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+                 FROM keepd.sync_logs WHERE vault = $1 AND sequence > $2 \
+                 ORDER BY sequence LIMIT $3) p \
+           WINDOW w AS (ORDER BY p.sequence)) t \
+     WHERE n <= $4 AND (n = 1 OR running <= $5) \
+     ORDER BY sequence";
 
 /// A record older than `api.idempotency_ttl` (`$3`, seconds) has expired:
 /// the key may name a new request.
@@ -103,16 +116,29 @@ pub async fn append(
     Ok(appended)
 }
 
-/// Up to `limit` entries after `after`, in sequence order.
+/// Entries after `after`, in sequence order.
+pub struct Page {
+    pub entries: Vec<Entry>,
+    /// More entries follow (the limit or the byte budget was reached).
+    pub has_more: bool,
+}
+
+/// Up to `limit` entries after `after`, in sequence order, no more than
+/// `budget` bytes of them (but always at least one).
 pub async fn page(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     vault: Uuid,
     after: i64,
     limit: i64,
-) -> Result<Vec<Entry>, StoreError> {
-    let rows = tx.query(PULL_LOGS, &[&vault, &after, &limit]).await?;
-    rows.iter()
+    budget: i64,
+) -> Result<Page, StoreError> {
+    let rows = tx
+        .query(PULL_LOGS, &[&vault, &after, &(limit + 1), &limit, &budget])
+        .await?;
+    let available: i64 = rows.first().map_or(0, |row| row.get(6));
+    let entries = rows
+        .iter()
         .map(|row| {
             Ok(Entry {
                 id: row.get(0),
@@ -123,7 +149,11 @@ pub async fn page(
                 created_at: row.get(5),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Page {
+        has_more: (entries.len() as i64) < available,
+        entries,
+    })
 }
 
 /// What a push answered under an Idempotency-Key, and the fingerprint of
