@@ -450,11 +450,7 @@ impl Engine {
         };
         // The files hold no secret; the container's user must read them.
         fsutil::ensure_dir_mode(&self.conf_dir, 0o755).map_err(io(&self.conf_dir))?;
-        for (name, text) in [
-            ("postgresql.conf", &rendered.postgresql_conf),
-            ("pg_hba.conf", &rendered.pg_hba_conf),
-            ("pg_ident.conf", &rendered.pg_ident_conf),
-        ] {
+        for (name, text) in rendered.server_files() {
             let path = self.conf_dir.join(name);
             fsutil::write_atomic(&path, text.as_bytes(), None).map_err(io(&path))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))

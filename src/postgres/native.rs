@@ -415,11 +415,7 @@ impl NativeCluster {
     /// Writes the rendered files, and in TCP mode the server certificate,
     /// its key and the CA, into the data directory (0600, atomically).
     fn install(&self, rendered: &RenderedConfig, pki: Option<&NodePki>) -> Result<(), NativeError> {
-        let mut files: Vec<(&str, &str)> = vec![
-            ("postgresql.conf", &rendered.postgresql_conf),
-            ("pg_hba.conf", &rendered.pg_hba_conf),
-            ("pg_ident.conf", &rendered.pg_ident_conf),
-        ];
+        let mut files: Vec<(&str, &str)> = rendered.server_files().to_vec();
         if let Some(pki) = pki {
             files.extend(tls_files(pki));
         }

@@ -71,13 +71,23 @@ impl RenderedConfig {
         hex::encode(&hash.finalize()[..8])
     }
 
+    /// The three files Postgres reads, by name: what every provider
+    /// installs.
+    pub fn server_files(&self) -> [(&'static str, &str); 3] {
+        [
+            ("postgresql.conf", self.postgresql_conf.as_str()),
+            ("pg_hba.conf", self.pg_hba_conf.as_str()),
+            ("pg_ident.conf", self.pg_ident_conf.as_str()),
+        ]
+    }
+
     /// The files with their relative paths, as `keepd render` writes them.
     pub fn files(&self) -> Vec<(String, &str)> {
-        let mut files = vec![
-            ("postgresql.conf".to_string(), self.postgresql_conf.as_str()),
-            ("pg_hba.conf".to_string(), self.pg_hba_conf.as_str()),
-            ("pg_ident.conf".to_string(), self.pg_ident_conf.as_str()),
-        ];
+        let mut files: Vec<(String, &str)> = self
+            .server_files()
+            .into_iter()
+            .map(|(name, text)| (name.to_string(), text))
+            .collect();
         for script in &self.initdb {
             files.push((format!("initdb/{}", script.name), script.sql.as_str()));
         }
