@@ -579,6 +579,16 @@ async fn devices_and_signed_backups() {
             r#"{"deviceName":"lap\u0000top","publicKey":"AAAA"}"#,
             "invalid_device_name",
         ),
+        // The identity point (1, 0, ..., 0) and the all-zero encoding of
+        // a small-order point: weak, refused.
+        (
+            r#"{"deviceName":"x","publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+            "weak_public_key",
+        ),
+        (
+            r#"{"deviceName":"x","publicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+            "weak_public_key",
+        ),
     ] {
         let answer = raw(&client, Method::POST, "/devices", body).await;
         assert_eq!((answer.0, code(&answer)), (400, expected), "{body}");

@@ -193,14 +193,21 @@ pub(super) async fn register_device(
         MAX_DEVICE_NAME_CHARS,
     )?;
     let key = check_base64("publicKey", &body.public_key)?;
-    let valid_key = <[u8; 32]>::try_from(key.as_slice())
+    let parsed = <[u8; 32]>::try_from(key.as_slice())
         .ok()
-        .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
-        .is_some();
-    if !valid_key {
+        .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok());
+    let Some(parsed) = parsed else {
         return Err(ApiError::bad_request(
             "invalid_public_key",
             "`publicKey` must be the base64 of a 32-byte Ed25519 public key",
+        ));
+    };
+    // A small-order point (the identity among them) verifies signatures
+    // nobody made with a private key.
+    if parsed.is_weak() {
+        return Err(ApiError::bad_request(
+            "weak_public_key",
+            "`publicKey` is a weak (small-order) Ed25519 point; generate a real key pair",
         ));
     }
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
