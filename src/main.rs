@@ -106,13 +106,16 @@ enum RecoveryCommand {
     /// Split the identity key (node.state_dir/identity.key) into shares,
     /// any THRESHOLD of which rebuild it; one file per share in DIR.
     Split {
+        /// Default: encryption_at_rest.recovery.shamir.total_shares.
         #[arg(long, value_name = "N")]
-        shares: u32,
+        shares: Option<u32>,
+        /// Default: encryption_at_rest.recovery.shamir.threshold.
         #[arg(long, value_name = "T")]
-        threshold: u32,
+        threshold: Option<u32>,
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Who holds each share (repeat once per share), e.g. an email.
+        /// Default: encryption_at_rest.recovery.shamir.shareholder_ids.
         #[arg(long = "shareholder", value_name = "ID")]
         shareholders: Vec<String>,
     },
@@ -297,6 +300,16 @@ fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
             out,
             shareholders,
         } => {
+            // The configuration's Shamir settings are the defaults; flags
+            // override them.
+            let shamir = &config.encryption_at_rest.recovery.shamir;
+            let shares = shares.unwrap_or(u32::from(shamir.total_shares));
+            let threshold = threshold.unwrap_or(u32::from(shamir.threshold));
+            let shareholders = if shareholders.is_empty() {
+                shamir.shareholder_ids.clone()
+            } else {
+                shareholders
+            };
             let identity = keepd::identity::NodeIdentity::load(&key_path)?;
             let dealt = recovery::split(&identity, shares, threshold, &shareholders)?;
             let paths = recovery::write_shares(&out, &dealt)?;

@@ -245,3 +245,49 @@ fn recovery_split_and_combine_through_the_cli() {
         stderr(&again)
     );
 }
+
+#[test]
+fn recovery_split_takes_its_defaults_from_the_configuration() {
+    let node = TestNode::with_extra(
+        "encryption_at_rest:\n  recovery:\n    shamir:\n      total_shares: 4\n      \
+         threshold: 2\n      shareholder_ids: [ann, bob, cy, dee]\n",
+    );
+    let key = node.state_dir().join("identity.key");
+    keepd::identity::NodeIdentity::load_or_create(&key).unwrap();
+    let out_dir = node.dir.path().join("shares");
+    let out = node
+        .command(&["recovery", "split", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("wrote 4 shares") && stdout.contains("any 2 rebuild"),
+        "{stdout}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    for holder in ["ann", "bob", "cy", "dee"] {
+        assert!(
+            names.iter().any(|text| text.contains(holder)),
+            "no share names {holder}"
+        );
+    }
+    // A flag overrides its setting.
+    let other = node.dir.path().join("other");
+    let out = node
+        .command(&[
+            "recovery",
+            "split",
+            "--threshold",
+            "3",
+            "--out",
+            other.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("any 3 rebuild"));
+}
