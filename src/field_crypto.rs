@@ -17,7 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use zeroize::Zeroizing;
 
-use crate::config::{AtRestMethod, Config};
+use crate::config::{AtRestMethod, Config, FieldAlgorithm};
 use crate::identity::NodeIdentity;
 
 const TEXT_PREFIX: &str = "kf1:";
@@ -179,6 +179,9 @@ impl FieldCipher {
     /// encryption is enabled.
     pub fn new(identity: &NodeIdentity, config: &Config) -> FieldCipher {
         let at_rest = &config.encryption_at_rest;
+        // The configured algorithm is the one this module implements; a
+        // second would be a new arm here and a new stored-form prefix.
+        let FieldAlgorithm::Aes256Gcm = at_rest.application.algorithm;
         let enabled = at_rest.enabled && at_rest.method == AtRestMethod::Application;
         let mut columns = BTreeSet::new();
         let mut unsupported = Vec::new();

@@ -183,6 +183,14 @@ fn fallback_modes_strict_warn_permissive() {
         "{}",
         refused.log()
     );
+    // The requested volume, from encryption_at_rest.luks, is named.
+    assert!(
+        refused
+            .log()
+            .contains("a 50GB LUKS volume, aes-xts-plain64 with a 512-bit key and sha512"),
+        "{}",
+        refused.log()
+    );
 
     // Strict with a minimum the host meets: starts.
     let strict_ok = node_with_security("strict", "high");

@@ -25,7 +25,7 @@ use super::native::{NativeCluster, NativeError};
 use super::render::RenderedConfig;
 use super::stop_ladder;
 use super::tls::{Endpoint, TlsSource};
-use crate::config::{Config, Layout, Provider, Topology};
+use crate::config::{Backend, Config, Layout, Provider, Topology};
 use crate::fsutil;
 use crate::pki::{NodePki, PkiError};
 use crate::secrets::values::{ScramVerifier, SecretString};
@@ -82,6 +82,8 @@ impl Server {
         node_id: &str,
         verifier: ScramVerifier,
     ) -> Result<Prepared, ProviderError> {
+        // PostgreSQL is the one backend; another would start here.
+        let Backend::Postgres = config.database.backend;
         let topology = Topology::of(config);
         match topology.provider {
             Provider::External => {

@@ -458,8 +458,15 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
     }
     if at_rest.method != AtRestMethod::Application {
         let method = format!("{:?}", at_rest.method).to_lowercase();
-        return Check::new(id, Weight::Major, Status::Fail, format!("method {method} was asked for but keepd cannot provide it here (no managed LUKS volume or TDE-capable server)"))
-            .recommend("use method: application, or encrypt the volume outside keepd and disable this");
+        // keepd does not create or open volumes; the requested volume is
+        // named so the operator can build it (issue 22 tracks managing it).
+        let luks = &at_rest.luks;
+        let volume = format!(
+            "a {} LUKS volume, {} with a {}-bit key and {}",
+            luks.volume_size, luks.cipher, luks.key_size, luks.hash_algorithm
+        );
+        return Check::new(id, Weight::Major, Status::Fail, format!("method {method} was asked for ({volume}) but keepd cannot provide it here (no managed LUKS volume or TDE-capable server)"))
+            .recommend(format!("use method: application, or put the data directory on {volume} yourself and disable this"));
     }
     let fields = FieldCipher::new(inputs.identity, inputs.config);
     let version = fields.current_version();
