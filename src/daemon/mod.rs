@@ -129,6 +129,7 @@ use crate::clock::unix_now;
 /// a cluster without credentials means they were lost, not never made).
 fn load_credentials(
     config: &Config,
+    layout: &Layout,
     identity: &NodeIdentity,
     store: &CredentialStore,
 ) -> Result<Credentials, DaemonError> {
@@ -139,7 +140,7 @@ fn load_credentials(
         }
         return Ok(credentials);
     }
-    let data_dir = Layout::of(config).data_dir();
+    let data_dir = layout.data_dir();
     if data_dir.join("PG_VERSION").exists() {
         return Err(DaemonError::CredentialsMissing {
             path: store.path().to_owned(),
@@ -201,7 +202,7 @@ impl Node {
         let node_id = identity.node_id().to_string();
         info!(node_id, created, path = %identity_path.display(), "node identity loaded");
         let store = CredentialStore::new(layout.credentials().to_owned());
-        let credentials = load_credentials(&config, &identity, &store)?;
+        let credentials = load_credentials(&config, &layout, &identity, &store)?;
         Ok(Node {
             config,
             layout,
@@ -456,13 +457,15 @@ impl BroughtUp {
                 "encryption_at_rest.application.encrypted_fields names columns keepd's schema does not have; they are ignored"
             );
         }
+        // One reading of api.trusted_proxies for the API and the edge.
+        let trusted = TrustedProxies::new(&config.api.trusted_proxies);
         let api = Arc::new(Api::new(
             &node.identity,
             parts.pool,
             supervisor.state(),
             parts.audit_keys,
             metrics.clone(),
-            api_settings(config),
+            api_settings(config, trusted.clone()),
             fields.clone(),
         )?);
         let mut reloader = reload::Reloader {
@@ -500,7 +503,7 @@ impl BroughtUp {
             api: tokio::spawn(edge::serve(
                 parts.listener,
                 app,
-                edge_settings(config, node.api_cert.clone()),
+                edge_settings(config, trusted, node.api_cert.clone()),
                 metrics,
                 shutdown.clone(),
             )),
@@ -549,7 +552,7 @@ impl BroughtUp {
     }
 }
 
-fn api_settings(config: &Config) -> ApiSettings {
+fn api_settings(config: &Config, trusted_proxies: TrustedProxies) -> ApiSettings {
     ApiSettings {
         jwt_ttl: config.api.jwt_ttl.get(),
         max_body_bytes: config.api.max_body_bytes,
@@ -559,18 +562,22 @@ fn api_settings(config: &Config) -> ApiSettings {
         auth_per_minute: config.api.rate_limits.auth_per_minute,
         request_timeout: config.api.request_timeout.get(),
         body_timeout: config.api.body_timeout.get(),
-        trusted_proxies: TrustedProxies::new(&config.api.trusted_proxies),
+        trusted_proxies,
         idempotency_ttl: config.api.idempotency_ttl.get(),
     }
 }
 
-fn edge_settings(config: &Config, tls: Option<Arc<ApiCertificate>>) -> EdgeSettings {
+fn edge_settings(
+    config: &Config,
+    trusted: TrustedProxies,
+    tls: Option<Arc<ApiCertificate>>,
+) -> EdgeSettings {
     EdgeSettings {
         header_timeout: config.api.header_timeout.get(),
         idle_timeout: config.api.idle_timeout.get(),
         max_connections: config.api.max_connections as usize,
         max_per_client: config.api.max_connections_per_client as usize,
-        trusted: TrustedProxies::new(&config.api.trusted_proxies),
+        trusted,
         tls,
     }
 }

@@ -166,22 +166,27 @@ impl ApiTls {
             self.key.display()
         )
     }
+}
 
-    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+/// A TLS client trusting only `ca_pem`, offering `versions` and `alpn`.
+pub fn tls_client(
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
     }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
 }
 
 /// A running `keepd run`; killed (-9) when dropped if still running.
@@ -365,19 +370,9 @@ pub fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// An HTTP/1.1 GET over TLS to `localhost` trusting `ca_pem`.
 pub fn https_get_raw(addr: SocketAddr, path: &str, ca_pem: &str) -> Option<(u16, String)> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.ok()?).ok()?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = tls_client(ca_pem, rustls::DEFAULT_VERSIONS, &[]);
     let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    let conn = rustls::ClientConnection::new(config, name).ok()?;
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut stream = rustls::StreamOwned::new(conn, tcp);
