@@ -8,6 +8,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod device_messages;
 pub mod edge;
 pub mod field_crypto;
 pub mod fsutil;

@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// Manage accounts.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
     /// Open psql on keepd's database; credentials are unsealed in memory and
     /// passed through the environment, never the command line.
     Psql {
@@ -126,6 +131,17 @@ enum RecoveryCommand {
         shares: Vec<PathBuf>,
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Print a single-use invite code for `POST /auth/register`
+    /// (`inviteCode`), needed when api.registration is `invite`.
+    Invite {
+        /// How long the code stays valid: 30m, 7d, ...
+        #[arg(long, value_name = "DURATION", default_value = "7d")]
+        ttl: keepd::config::HumanDuration,
     },
 }
 
@@ -180,6 +196,9 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Recovery { command } => recovery(&config, command),
+        Command::Account {
+            command: AccountCommand::Invite { ttl },
+        } => invite(&config, ttl.get()),
         Command::Service {
             command,
             target,
@@ -240,6 +259,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
     runtime()?.block_on(keepd::daemon::run(config_path, config))?;
+    Ok(())
+}
+
+fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {
+    let code = runtime()?.block_on(keepd::admin::invite(config, ttl))?;
+    if config.api.registration != keepd::config::Registration::Invite {
+        eprintln!(
+            "keepd: note: api.registration is not `invite`; registration does not ask for this code"
+        );
+    }
+    println!("{code}");
     Ok(())
 }
 

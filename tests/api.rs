@@ -14,12 +14,9 @@ use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery";
 
-/// A node whose auth limit does not get in the tests' way.
+/// A node whose rate limits do not get in the tests' way.
 fn api_node(api: &str) -> (TestNode, Daemon) {
-    let node = TestNode::with_https(
-        &format!("  rate_limits:\n    auth_per_minute: 10000\n{api}"),
-        "",
-    );
+    let node = TestNode::with_https(&format!("{}{api}", common::UNLIMITED_RATES), "");
     let daemon = node.start_healthy();
     (node, daemon)
 }
@@ -222,7 +219,9 @@ async fn accounts_login_logout_and_erasure() {
         .unwrap();
     assert_eq!(refused.status, 400, "{}", refused.text);
     assert_eq!(refused.body["error"]["code"], "invalid_body");
-    owner.delete_account("a new long password").await.unwrap();
+    if let Err(e) = owner.delete_account("a new long password").await {
+        panic!("{e:?}\n{}", daemon.log());
+    }
     for table in [
         "users",
         "sessions",
@@ -567,26 +566,29 @@ async fn devices_and_signed_backups() {
     assert_eq!(listed["devices"][0]["publicKey"], device.public_key());
     for (body, expected) in [
         (
-            r#"{"deviceName":"x","publicKey":"AAAA"}"#,
+            r#"{"deviceName":"x","publicKey":"AAAA","proof":"AAAA"}"#,
             "invalid_public_key",
         ),
-        (r#"{"deviceName":"x","publicKey":"%%%"}"#, "invalid_base64"),
         (
-            r#"{"deviceName":"","publicKey":"AAAA"}"#,
+            r#"{"deviceName":"x","publicKey":"%%%","proof":"AAAA"}"#,
+            "invalid_base64",
+        ),
+        (
+            r#"{"deviceName":"","publicKey":"AAAA","proof":"AAAA"}"#,
             "invalid_device_name",
         ),
         (
-            r#"{"deviceName":"lap\u0000top","publicKey":"AAAA"}"#,
+            r#"{"deviceName":"lap\u0000top","publicKey":"AAAA","proof":"AAAA"}"#,
             "invalid_device_name",
         ),
         // The identity point (1, 0, ..., 0) and the all-zero encoding of
         // a small-order point: weak, refused.
         (
-            r#"{"deviceName":"x","publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+            r#"{"deviceName":"x","publicKey":"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","proof":"AAAA"}"#,
             "weak_public_key",
         ),
         (
-            r#"{"deviceName":"x","publicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+            r#"{"deviceName":"x","publicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","proof":"AAAA"}"#,
             "weak_public_key",
         ),
     ] {
@@ -711,6 +713,79 @@ async fn devices_and_signed_backups() {
         let answer = raw(&client, Method::POST, "/backups", &body).await;
         assert_eq!((answer.0, code(&answer)), (status, expected), "{what}");
     }
+
+    // Version 2 (keepd's client) binds the classification, nonce and tag:
+    // the same signature under another classification does not verify.
+    let v2 = |classification: &str, signed_as: &str| {
+        let device_uuid = device_id.parse().unwrap();
+        let message = keepd::device_messages::backup_v2(
+            device_uuid,
+            signed_as,
+            &backup.nonce,
+            &backup.auth_tag,
+            &backup.ciphertext,
+        );
+        let mut body: Value =
+            serde_json::from_str(&body(device.sign(&message), classification, &device_id)).unwrap();
+        body["signatureVersion"] = json!(2);
+        body.to_string()
+    };
+    let answer = raw(
+        &client,
+        Method::POST,
+        "/backups",
+        &v2("Restricted", "Internal"),
+    )
+    .await;
+    assert_eq!((answer.0, code(&answer)), (400, "bad_signature"));
+    let answer = raw(
+        &client,
+        Method::POST,
+        "/backups",
+        &v2("Internal", "Internal"),
+    )
+    .await;
+    assert_eq!(answer.0, 201, "{answer:?}");
+    assert_eq!(answer.1["backup"]["signatureScheme"], "v2");
+    // The same backup again is refused, under either scheme.
+    let answer = raw(
+        &client,
+        Method::POST,
+        "/backups",
+        &v2("Internal", "Internal"),
+    )
+    .await;
+    assert_eq!((answer.0, code(&answer)), (409, "backup_exists"));
+    let legacy = body(device.sign(&backup.ciphertext), "Internal", &device_id);
+    let answer = raw(&client, Method::POST, "/backups", &legacy).await;
+    assert_eq!((answer.0, code(&answer)), (409, "backup_exists"));
+    // A legacy (ciphertext-only) signature is still accepted, and named.
+    let other = key.encrypt_backup(b"from an old client").unwrap();
+    let legacy = json!({
+        "deviceId": device_id,
+        "ciphertext": B64.encode(&other.ciphertext),
+        "nonce": B64.encode(&other.nonce),
+        "authTag": B64.encode(&other.auth_tag),
+        "signature": device.sign(&other.ciphertext),
+        "dataClassification": "Internal",
+    });
+    let answer = raw(&client, Method::POST, "/backups", &legacy.to_string()).await;
+    assert_eq!(answer.0, 201, "{answer:?}");
+    assert_eq!(
+        answer.1["backup"]["signatureScheme"],
+        "legacy-ciphertext-only"
+    );
+    assert_eq!(answer.1["backup"]["signatureVersion"], 1);
+    let schemes = sql_rows(
+        &node,
+        "SELECT string_agg(metadata->>'signatureScheme', ',' ORDER BY id) FROM keepd_audit.audit_log \
+         WHERE action = 'BACKUP_CREATE'",
+    )
+    .await;
+    assert_eq!(
+        schemes[0].get::<_, String>(0),
+        "v2,v2,v2,v2,v2,v2,legacy-ciphertext-only"
+    );
     client.revoke_device(&device_id).await.unwrap();
     let revoked = raw(
         &client,
@@ -721,7 +796,7 @@ async fn devices_and_signed_backups() {
     .await;
     assert_eq!((revoked.0, code(&revoked)), (403, "device_revoked"));
     let count = sql_rows(&node, "SELECT count(*) FROM keepd.backups").await;
-    assert_eq!(count[0].get::<_, i64>(0), 5, "refused backups were stored");
+    assert_eq!(count[0].get::<_, i64>(0), 7, "refused backups were stored");
     let audit = sql_rows(
         &node,
         "SELECT count(*) FILTER (WHERE action = 'BACKUP_CREATE'), count(*) FILTER (WHERE action = 'DEVICE_ADD'), \
@@ -734,7 +809,69 @@ async fn devices_and_signed_backups() {
             audit[0].get::<_, i64>(1),
             audit[0].get::<_, i64>(2)
         ),
-        (5, 1, 1)
+        (7, 1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_proves_its_key_and_a_key_serves_one_account() {
+    let (_node, daemon) = api_node("");
+    let (alice, _) = user(&daemon).await;
+    let (mallory, _) = user(&daemon).await;
+    let device = DeviceKey::generate().unwrap();
+    let alice_id: uuid::Uuid = alice.account().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mallory_id: uuid::Uuid = mallory.account().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let register = |proof: String| {
+        json!({"deviceName": "phone", "publicKey": device.public_key(), "proof": proof}).to_string()
+    };
+    // Alice's proof names Alice: Mallory cannot replay it, nor sign one
+    // for this key without its private half.
+    let alice_proof = device.registration_proof(alice_id);
+    let stranger = DeviceKey::generate().unwrap();
+    for (what, proof) in [
+        ("replayed proof of another account", alice_proof.clone()),
+        (
+            "signed by another key",
+            stranger.registration_proof(mallory_id),
+        ),
+        ("not a signature", "AAAA".to_string()),
+    ] {
+        let answer = raw(&mallory, Method::POST, "/devices", &register(proof)).await;
+        assert_eq!((answer.0, code(&answer)), (400, "bad_proof"), "{what}");
+    }
+    let answer = raw(
+        &alice,
+        Method::POST,
+        "/devices",
+        &register(alice_proof.clone()),
+    )
+    .await;
+    assert_eq!(answer.0, 201, "{answer:?}");
+    // Registered: not again, here or in any other account, even by its
+    // holder with a valid proof.
+    let answer = raw(&alice, Method::POST, "/devices", &register(alice_proof)).await;
+    assert_eq!((answer.0, code(&answer)), (409, "device_key_registered"));
+    let answer = raw(
+        &mallory,
+        Method::POST,
+        "/devices",
+        &register(device.registration_proof(mallory_id)),
+    )
+    .await;
+    assert_eq!((answer.0, code(&answer)), (409, "device_key_registered"));
+    assert!(
+        mallory.devices().await.unwrap()["devices"]
+            .as_array()
+            .unwrap()
+            .is_empty()
     );
 }
 
@@ -1076,4 +1213,349 @@ async fn pulls_are_bounded_in_bytes_and_entries_in_size() {
     assert!(e.to_string().contains("logs[0].encryptedData"), "{e}");
     let tail = client.pull("v", 8, 100).await.unwrap();
     assert!(tail.logs.is_empty() && !tail.has_more);
+}
+
+fn quota_node(quotas: &str) -> (TestNode, Daemon) {
+    api_node(&format!("  quotas:\n{quotas}"))
+}
+
+fn usage(account: &Value) -> (u64, u64, u64, u64) {
+    let u = &account["usage"];
+    let n = |k: &str| u[k].as_u64().unwrap();
+    (n("storageBytes"), n("vaults"), n("devices"), n("backups"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotas_count_exactly_refuse_with_413_and_give_back() {
+    let (node, daemon) =
+        quota_node("    storage_bytes: 20000\n    vaults: 2\n    devices: 1\n    backups: 1\n");
+    let (client, _) = user(&daemon).await;
+    let account = client.account().await.unwrap();
+    assert_eq!(usage(&account), (0, 0, 0, 0));
+    assert_eq!(account["quotas"]["storageBytes"], 20000);
+    assert_eq!(account["quotas"]["vaults"], 2);
+
+    let key = client.create_vault("a", PASSWORD).await.unwrap();
+    client.create_vault("b", PASSWORD).await.unwrap();
+    let e = client.create_vault("c", PASSWORD).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(413), Some("quota_exceeded")));
+    assert!(e.to_string().contains("api.quotas.vaults"), "{e}");
+
+    let phone = DeviceKey::generate().unwrap();
+    let phone_id = client.register_device("phone", &phone).await.unwrap();
+    let e = client
+        .register_device("laptop", &DeviceKey::generate().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("quota_exceeded"));
+    assert!(e.to_string().contains("api.quotas.devices"), "{e}");
+    client.revoke_device(&phone_id).await.unwrap();
+    let laptop = DeviceKey::generate().unwrap();
+    let laptop_id = client.register_device("laptop", &laptop).await.unwrap();
+
+    client
+        .store_backup(&laptop_id, &laptop, &key, b"one", "Internal")
+        .await
+        .unwrap();
+    let e = client
+        .store_backup(&laptop_id, &laptop, &key, b"two", "Internal")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("api.quotas.backups"), "{e}");
+
+    // Eight clients push 1 KiB-ish entries at once until the storage quota
+    // refuses them: usage never passes it and matches what is stored.
+    let key = std::sync::Arc::new(key);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let client = client.another_connection();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0u64;
+            for i in 0..40 {
+                let entry = LogEntry {
+                    data: vec![t as u8; 700],
+                    haex_timestamp: format!("{t}-{i:04}"),
+                };
+                match client.push("a", &key, &[entry], None).await {
+                    Ok(_) => accepted += 1,
+                    Err(e) => {
+                        assert_eq!(e.code(), Some("quota_exceeded"), "{e}");
+                        break;
+                    }
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    let (bytes, vaults, devices, backups) = usage(&client.account().await.unwrap());
+    assert_eq!((vaults, devices, backups), (2, 1, 1));
+    assert!(bytes <= 20000, "usage {bytes} passed the quota");
+    let stored = sql_rows(
+        &node,
+        "SELECT (SELECT sum(size_bytes) FROM keepd.sync_logs)::int8 + \
+                (SELECT sum(size_bytes) FROM keepd.backups)::int8, \
+                (SELECT count(*) FROM keepd.sync_logs)",
+    )
+    .await;
+    assert_eq!(bytes as i64, stored[0].get::<_, i64>(0), "usage is exact");
+    assert_eq!(accepted as i64, stored[0].get::<_, i64>(1));
+    assert!(bytes > 20000 - 1000, "the quota was nearly filled: {bytes}");
+
+    // Erasing a vault (here by the operator, as the cascade an erasure
+    // runs) gives its bytes and its count back.
+    node.superuser()
+        .await
+        .execute("DELETE FROM keepd.vaults WHERE vault_id = 'a'", &[])
+        .await
+        .unwrap();
+    let (bytes, vaults, _, _) = usage(&client.account().await.unwrap());
+    assert_eq!(vaults, 1);
+    let backups_size = sql_rows(&node, "SELECT sum(size_bytes)::int8 FROM keepd.backups").await;
+    assert_eq!(bytes as i64, backups_size[0].get::<_, i64>(0));
+    client.create_vault("c", PASSWORD).await.unwrap();
+
+    client.delete_account(PASSWORD).await.unwrap();
+    let left = sql_rows(&node, "SELECT count(*) FROM keepd.account_usage").await;
+    assert_eq!(left[0].get::<_, i64>(0), 0, "erasure removes the usage row");
+}
+
+/// A node behind a trusted proxy (the test itself, on loopback), with
+/// small limits: every request names its client in X-Forwarded-For.
+fn limited_node(rates: &str) -> (TestNode, Daemon) {
+    let node = TestNode::with_https(
+        &format!("  trusted_proxies: [127.0.0.1]\n  rate_limits:\n{rates}"),
+        "",
+    );
+    let daemon = node.start_healthy();
+    (node, daemon)
+}
+
+async fn as_client(
+    client: &SyncClient,
+    addr: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> keepd::client::Answer {
+    client
+        .send(
+            method,
+            path,
+            &[("x-forwarded-for", addr)],
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_is_rate_limited_per_account_or_per_address() {
+    let (_node, daemon) = limited_node(
+        "    auth_per_minute: 1000\n    account_per_second: 1\n    account_burst: 5\n    \
+         address_per_second: 1\n    address_burst: 5\n",
+    );
+    let (alice, _) = user(&daemon).await;
+    let (bob, _) = user(&daemon).await;
+    // Authenticated routes count per account, whatever the address.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let answer = as_client(
+            &alice,
+            &format!("10.1.0.{i}"),
+            Method::GET,
+            "/devices",
+            None,
+        )
+        .await;
+        statuses.push(answer.status);
+        if answer.status == 429 {
+            assert!(
+                answer.retry_after.is_some_and(|s| (1..=2).contains(&s)),
+                "{answer:?}"
+            );
+            assert_eq!(answer.body["error"]["code"], "rate_limited");
+            assert!(
+                answer.text.contains("account_per_second"),
+                "{}",
+                answer.text
+            );
+        }
+    }
+    assert!(statuses[..5].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(statuses[6..].iter().all(|s| *s == 429), "{statuses:?}");
+    let answer = as_client(&bob, "10.1.0.1", Method::GET, "/account", None).await;
+    assert_eq!(answer.status, 200, "another account is not slowed");
+    // Public routes count per address.
+    let anonymous = daemon.client();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            as_client(&anonymous, "10.2.0.1", Method::GET, "/health", None)
+                .await
+                .status,
+        );
+    }
+    assert!(statuses[6..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert_eq!(
+        as_client(&anonymous, "10.2.0.2", Method::GET, "/", None)
+            .await
+            .status,
+        200
+    );
+    // So do refused tokens and unrouted paths.
+    let mut forged = daemon.client();
+    forged.set_token(Some("not.a.token".into()));
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            as_client(&forged, "10.3.0.1", Method::GET, "/devices", None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses[0], 401);
+    assert!(statuses[6..].iter().all(|s| *s == 429), "{statuses:?}");
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            as_client(&anonymous, "10.4.0.1", Method::GET, "/no/such", None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses[0], 404);
+    assert!(statuses[6..].iter().all(|s| *s == 429), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guessing_a_password_from_many_addresses_is_slowed_but_the_owner_gets_in() {
+    let (_node, daemon) = limited_node(
+        "    auth_per_minute: 1000\n    login_failures_free: 3\n    login_delay_max: 1m\n",
+    );
+    let email = email();
+    let owner = daemon.client();
+    owner.register(&email, PASSWORD).await.unwrap();
+    let home = "10.9.0.1";
+    let login = |password: &str| json!({"email": email, "password": password});
+    let answer = as_client(
+        &owner,
+        home,
+        Method::POST,
+        "/auth/login",
+        Some(login(PASSWORD)),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    // 40 addresses, 10 guesses each, as fast as they can.
+    let attacker = daemon.client();
+    let (mut wrong, mut slowed) = (0, 0);
+    for a in 0..40 {
+        for _ in 0..10 {
+            let addr = format!("10.66.{a}.1");
+            let answer = as_client(
+                &attacker,
+                &addr,
+                Method::POST,
+                "/auth/login",
+                Some(login("guess guess")),
+            )
+            .await;
+            match answer.status {
+                401 => wrong += 1,
+                429 => {
+                    slowed += 1;
+                    assert!(answer.retry_after.is_some(), "{answer:?}");
+                }
+                other => panic!("{other}: {}", answer.text),
+            }
+        }
+    }
+    // The free failures, then one per elapsed delay (1 s, 2 s, ...).
+    assert!(wrong <= 3 + 3, "{wrong} guesses were checked");
+    assert_eq!(wrong + slowed, 400);
+    // Meanwhile the owner, from an address the account logged in from,
+    // gets in at once; the attacker's failures do not count against it.
+    let answer = as_client(
+        &owner,
+        home,
+        Method::POST,
+        "/auth/login",
+        Some(login(PASSWORD)),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    // A stolen token guessing the current password is slowed the same way.
+    let mut thief = daemon.client();
+    thief.set_token(answer.body["token"].as_str().map(str::to_string));
+    let guess = json!({"currentPassword": "guess guess", "newPassword": "x".repeat(12)});
+    let mut statuses = Vec::new();
+    for a in 0..10 {
+        let addr = format!("10.77.{a}.1");
+        statuses.push(
+            as_client(
+                &thief,
+                &addr,
+                Method::POST,
+                "/auth/password",
+                Some(guess.clone()),
+            )
+            .await
+            .status,
+        );
+    }
+    assert!(statuses[..3].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[4..].iter().all(|s| *s == 429), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registration_open_invite_or_closed() {
+    let (node, daemon) = api_node("  registration: invite\n");
+    let client = daemon.client();
+    let e = client.register(&email(), PASSWORD).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("invite_required")));
+    let e = client
+        .register_invited(&email(), PASSWORD, Some("0123456789abcdef0123456789abcdef"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(403), Some("invalid_invite")));
+    let invite = node
+        .command(&["account", "invite", "--ttl", "1h"])
+        .output()
+        .unwrap();
+    assert!(
+        invite.status.success(),
+        "{}",
+        String::from_utf8_lossy(&invite.stderr)
+    );
+    let code = String::from_utf8(invite.stdout).unwrap().trim().to_string();
+    assert_eq!(code.len(), 32, "{code}");
+    // Nothing but its hash is stored.
+    let stored = sql_rows(&node, "SELECT encode(code_hash, 'hex') FROM keepd.invites").await;
+    assert_ne!(stored[0].get::<_, String>(0), code);
+    client
+        .register_invited(&email(), PASSWORD, Some(&code))
+        .await
+        .unwrap();
+    let e = client
+        .register_invited(&email(), PASSWORD, Some(&code))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("invalid_invite"), "single use");
+    drop(daemon);
+
+    let (_node, daemon) = api_node("  registration: closed\n");
+    let e = daemon
+        .client()
+        .register(&email(), PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(403), Some("registration_closed"))
+    );
 }

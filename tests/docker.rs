@@ -54,7 +54,7 @@ fn docker_node() -> TestNode {
 
 fn docker_node_with(extra: &str) -> TestNode {
     TestNode::with_api_and_extra(
-        "  rate_limits:\n    auth_per_minute: 1000\n",
+        common::UNLIMITED_RATES,
         &format!(
             "database:\n  postgres:\n    provider: docker\n    max_connections: 100\n    docker:\n      image: {IMAGE}\n{extra}"
         ),

@@ -138,7 +138,7 @@ fn start_external() -> ExternalPostgres {
 
 fn external_node(server: &ExternalPostgres) -> TestNode {
     TestNode::with_api_and_extra(
-        "  rate_limits:\n    auth_per_minute: 1000\n",
+        common::UNLIMITED_RATES,
         &format!(
             "database:\n  postgres:\n    provider: external\n    external:\n      host: 127.0.0.1\n      \
              port: {}\n      admin_password_file: {}\n      ca_file: {}\n\

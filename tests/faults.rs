@@ -72,7 +72,7 @@ async fn writer(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_killed_under_load_loses_nothing_acknowledged() {
-    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
+    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, "");
     let daemon = node.start();
     assert!(daemon.wait_health(200, Duration::from_secs(30)));
     postgres_death_under_load(&daemon, || {
@@ -89,7 +89,7 @@ async fn container_killed_under_load_loses_nothing_acknowledged() {
         return;
     }
     let node = TestNode::with_api_and_extra(
-        "  rate_limits:\n    auth_per_minute: 1000\n",
+        common::UNLIMITED_RATES,
         &format!(
             "database:\n  postgres:\n    provider: docker\n    docker:\n      image: {}\n",
             common::DOCKER_IMAGE
@@ -244,7 +244,7 @@ async fn assert_stored_exactly(owner: &SyncClient, acknowledged: &[String]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keepd_killed_under_load_and_restarted_loses_nothing_and_replays_retries() {
-    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
+    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, "");
     // A fixed API port, so clients find keepd again after its restart.
     let port = common::free_port();
     let yaml = std::fs::read_to_string(&node.config).unwrap();
@@ -302,7 +302,7 @@ impl Drop for Mounted {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_refuses_writes_cleanly_and_resumes() {
-    let node = TestNode::with_api_and_extra("  rate_limits:\n    auth_per_minute: 1000\n", "");
+    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, "");
     let state = node.state_dir();
     std::fs::create_dir_all(&state).unwrap();
     let mounted = std::process::Command::new("mount")

@@ -39,6 +39,8 @@ fn some_column(table: &str) -> &'static str {
         "keepd.vault_keys" => "salt",
         "keepd.sync_logs" | "keepd.backups" => "nonce",
         "keepd.push_requests" => "response",
+        "keepd.account_usage" => "vaults",
+        "keepd.invites" => "used_at",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         other => panic!("no column known for {other}"),
@@ -139,7 +141,7 @@ async fn populate(pool: &RoleAwarePool, user: &str) {
             "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) VALUES ('{user}', 'k', '{{}}')"
         ),
         format!(
-            "INSERT INTO keepd.devices (id, user_id, device_name, public_key) VALUES ('{device}', '{user}', 'd', decode(repeat('00', 32), 'hex'))"
+            "INSERT INTO keepd.devices (id, user_id, device_name, public_key) VALUES ('{device}', '{user}', 'd', sha256('{user}'::bytea))"
         ),
         format!(
             "INSERT INTO keepd.backups (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, size_bytes) VALUES (gen_random_uuid(), '{user}', '{device}', '\\x00', '\\x00', '\\x00', '\\x00', 'Internal', 1)"
@@ -150,7 +152,7 @@ async fn populate(pool: &RoleAwarePool, user: &str) {
     sync.commit().await.unwrap();
 }
 
-const TENANT_TABLES: [(&str, &str); 8] = [
+const TENANT_TABLES: [(&str, &str); 9] = [
     ("keepd.users", "id"),
     ("keepd.sessions", "user_id"),
     ("keepd.vaults", "user_id"),
@@ -159,6 +161,7 @@ const TENANT_TABLES: [(&str, &str); 8] = [
     ("keepd.push_requests", "user_id"),
     ("keepd.devices", "user_id"),
     ("keepd.backups", "user_id"),
+    ("keepd.account_usage", "user_id"),
 ];
 
 #[tokio::test(flavor = "multi_thread")]

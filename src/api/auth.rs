@@ -17,10 +17,12 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
-use super::store::accounts;
+use super::store::usage::{self, Usage};
+use super::store::{accounts, invites};
 use super::{Api, iso8601};
 use crate::audit;
 use crate::audit::AuditAction;
+use crate::config::Registration;
 use crate::postgres::pool::{GroupRole, OperationContext};
 use crate::secrets::values::SecretString;
 
@@ -33,6 +35,17 @@ pub struct CredentialsBody {
     email: String,
     #[schema(value_type = String, format = Password)]
     password: SecretString,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterBody {
+    email: String,
+    #[schema(value_type = String, format = Password)]
+    password: SecretString,
+    /// A code from `keepd account invite`; needed when the operator set
+    /// `api.registration: invite`, ignored otherwise.
+    invite_code: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -172,8 +185,8 @@ fn invalid_credentials() -> ApiError {
 
 impl Api {
     fn limit_auth_attempts(&self, client: &ClientAddr) -> Result<(), ApiError> {
-        self.auth_limiter
-            .check(client.0)
+        self.limits
+            .authentication(client.0)
             .map_err(ApiError::rate_limited)
     }
 
@@ -181,16 +194,26 @@ impl Api {
         self.audit_keys.identifier("ip", &client.0.to_string())
     }
 
-    /// 401 unless `password` is the caller's current password.
+    /// 401 unless `password` is the caller's current password. Guesses
+    /// count per address and, like failed logins, per account (a stolen
+    /// token used from many addresses is slowed down all the same).
     async fn check_current_password(
         &self,
         auth: &UserAuth,
+        client: &ClientAddr,
         password: SecretString,
     ) -> Result<(), ApiError> {
+        self.limit_auth_attempts(client)?;
+        let account = auth.user.as_bytes();
+        self.limits
+            .login_allowed(account, client.0)
+            .map_err(ApiError::rate_limited)?;
         let tx = auth.begin(self, GroupRole::Auth).await?;
         let stored = accounts::password_hash(&tx, auth.user).await?;
         tx.commit().await?;
-        if self.passwords.verify(password, stored).await? {
+        let matches = self.passwords.verify(password, stored).await?;
+        self.limits.login_result(account, client.0, matches);
+        if matches {
             Ok(())
         } else {
             Err(invalid_credentials())
@@ -198,21 +221,41 @@ impl Api {
     }
 }
 
-/// Creates an account.
+/// Creates an account. With open registration a 409 tells anyone whether
+/// an email is taken (keepd sends no email to hide that behind).
 #[utoipa::path(post, path = "/auth/register", tag = "auth",
-    request_body = CredentialsBody,
+    request_body = RegisterBody,
     responses(
         (status = 201, body = RegisteredBody),
-        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 400, body = ErrorBody),
+        (status = 403, description = "Registration is closed, or the invite code is not valid", body = ErrorBody),
+        (status = 409, body = ErrorBody),
         (status = 429, body = ErrorBody),
     ))]
 pub(super) async fn register(
     State(api): State<Arc<Api>>,
     client: ClientAddr,
-    ApiJson(body): ApiJson<CredentialsBody>,
+    ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<RegisteredBody>), ApiError> {
     api.limit_auth_attempts(&client)?;
     let started = Instant::now();
+    let invite = match (api.settings.registration, body.invite_code) {
+        (Registration::Open, _) => None,
+        (Registration::Closed, _) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "registration_closed",
+                "this server does not create accounts (api.registration: closed)",
+            ));
+        }
+        (Registration::Invite, None) => {
+            return Err(ApiError::bad_request(
+                "invite_required",
+                "this server creates accounts by invitation: send `inviteCode` from its operator",
+            ));
+        }
+        (Registration::Invite, Some(code)) => Some(code),
+    };
     let email = normalise_email(&body.email)?;
     check_password(&body.password, "password")?;
     let hash = api.passwords.hash(body.password).await?;
@@ -228,7 +271,20 @@ pub(super) async fn register(
             "an account with this email exists; log in instead",
         ));
     };
-    let metadata = json!({"user": api.user_ref(id), "client": api.client_ref(&client)});
+    if let Some(code) = &invite
+        && !invites::consume(&tx, code, id).await?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_invite",
+            "`inviteCode` is unknown, used already or expired; ask the operator for a new one",
+        ));
+    }
+    let metadata = json!({
+        "user": api.user_ref(id),
+        "client": api.client_ref(&client),
+        "invited": invite.is_some(),
+    });
     api.audit(&mut tx, AuditAction::UserRegister, 1, started, metadata)
         .await?;
     tx.commit().await?;
@@ -263,6 +319,10 @@ pub(super) async fn login(
     let started = Instant::now();
     let email = normalise_email(&body.email)?;
     let email_hmac = api.email_hmac(&email);
+    // Per account too, whether or not it exists (the answer must not tell).
+    api.limits
+        .login_allowed(&email_hmac, client.0)
+        .map_err(ApiError::rate_limited)?;
     let lookup = OperationContext {
         role: GroupRole::Auth,
         user_id: None,
@@ -274,6 +334,8 @@ pub(super) async fn login(
     let stored = account.as_ref().map(|a| a.password_hash.clone());
     let matches = api.passwords.verify(body.password, stored).await?;
     let client_ref = api.client_ref(&client);
+    let succeeded = matches && account.is_some();
+    api.limits.login_result(&email_hmac, client.0, succeeded);
     let (id, created_at) = match account {
         Some(account) if matches => (account.id, account.created_at),
         _ => {
@@ -356,11 +418,9 @@ pub(super) async fn change_password(
     ApiJson(body): ApiJson<ChangePasswordBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    // A guess at the current password is an authentication attempt.
-    api.limit_auth_attempts(&client)?;
     check_password(&body.new_password, "newPassword")?;
     let ctx = OperationContext::user(GroupRole::Auth, auth.user.to_string());
-    api.check_current_password(&auth, body.current_password)
+    api.check_current_password(&auth, &client, body.current_password)
         .await?;
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = api.pool.begin(&ctx).await?;
@@ -372,6 +432,56 @@ pub(super) async fn change_password(
     tx.commit().await?;
     Ok(Json(MessageBody {
         message: "Password changed; every session has ended, log in again",
+    }))
+}
+
+/// Amounts of what an account stores, or may store (0 = unlimited).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Amounts {
+    /// Bytes of log entries and backups as the client sent them.
+    storage_bytes: u64,
+    vaults: u64,
+    /// Devices not revoked.
+    devices: u64,
+    backups: u64,
+}
+
+impl From<Usage> for Amounts {
+    fn from(u: Usage) -> Amounts {
+        Amounts {
+            storage_bytes: u.storage_bytes,
+            vaults: u.vaults,
+            devices: u.devices,
+            backups: u.backups,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AccountBody {
+    id: Uuid,
+    /// What the account stores now.
+    usage: Amounts,
+    /// What it may store (`api.quotas`; 0 = unlimited).
+    quotas: Amounts,
+}
+
+/// The caller's usage and quotas.
+#[utoipa::path(get, path = "/account", tag = "auth",
+    responses((status = 200, body = AccountBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn account(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+) -> Result<Json<AccountBody>, ApiError> {
+    let tx = auth.begin(&api, GroupRole::Query).await?;
+    let used = usage::of(&tx, auth.user).await?;
+    tx.commit().await?;
+    Ok(Json(AccountBody {
+        id: auth.user,
+        usage: used.into(),
+        quotas: Usage::from(&api.settings.quotas).into(),
     }))
 }
 
@@ -392,8 +502,7 @@ pub(super) async fn delete_account(
     ApiJson(body): ApiJson<DeleteAccountBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    api.limit_auth_attempts(&client)?;
-    api.check_current_password(&auth, body.current_password)
+    api.check_current_password(&auth, &client, body.current_password)
         .await?;
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let deleted = accounts::delete(&tx, auth.user).await?;

@@ -25,6 +25,7 @@ use super::store::devices;
 use super::sync::{check_base64, check_text};
 use super::{Api, iso8601};
 use crate::audit::AuditAction;
+use crate::device_messages;
 use crate::postgres::pool::GroupRole;
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
@@ -37,6 +38,9 @@ pub struct RegisterDeviceBody {
     device_name: String,
     /// Base64 of the 32-byte Ed25519 public key.
     public_key: String,
+    /// Base64 Ed25519 signature by this key over the registration message
+    /// (docs/api.md): the device proves it holds the private key.
+    proof: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -97,9 +101,22 @@ pub struct StoreBackupBody {
     nonce: String,
     /// Base64 AEAD tag.
     auth_tag: String,
-    /// Base64 Ed25519 signature over the raw ciphertext bytes by the device's key.
+    /// Base64 Ed25519 signature by the device's key: version 2 over the
+    /// backup message of docs/api.md, version 1 (legacy) over the raw
+    /// ciphertext bytes.
     signature: String,
+    /// 1 (legacy, the default) or 2.
+    signature_version: Option<u8>,
     data_classification: DataClassification,
+}
+
+/// How a backup's signature was made, as responses and audit entries name it.
+fn signature_scheme(version: i16) -> &'static str {
+    if version == 2 {
+        "v2"
+    } else {
+        "legacy-ciphertext-only"
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -110,6 +127,10 @@ pub struct BackupSummary {
     data_classification: DataClassification,
     size_bytes: i64,
     created_at: String,
+    /// 1 (legacy: over the ciphertext only) or 2.
+    signature_version: i16,
+    /// `v2` or `legacy-ciphertext-only`.
+    signature_scheme: &'static str,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -138,6 +159,8 @@ pub struct Backup {
     data_classification: DataClassification,
     size_bytes: i64,
     created_at: String,
+    signature_version: i16,
+    signature_scheme: &'static str,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -178,6 +201,8 @@ impl From<devices::Device> for Device {
     responses(
         (status = 201, body = DeviceResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "The key is registered already", body = ErrorBody),
+        (status = 413, description = "api.quotas.devices reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn register_device(
@@ -210,9 +235,29 @@ pub(super) async fn register_device(
             "`publicKey` is a weak (small-order) Ed25519 point; generate a real key pair",
         ));
     }
+    let proof = check_base64("proof", &body.proof)?;
+    let proven = Signature::from_slice(&proof).is_ok_and(|proof| {
+        let message = device_messages::registration(auth.user, parsed.as_bytes());
+        parsed.verify_strict(&message, &proof).is_ok()
+    });
+    if !proven {
+        return Err(ApiError::bad_request(
+            "bad_proof",
+            "`proof` must be this key's Ed25519 signature over the registration message \
+             naming this account and key (docs/api.md)",
+        ));
+    }
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    let (id, created_at) =
-        devices::add(&tx, &api.fields, auth.user, &body.device_name, &key).await?;
+    let Some((id, created_at)) =
+        devices::add(&tx, &api.fields, auth.user, &body.device_name, &key).await?
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "device_key_registered",
+            "this public key is registered already; generate a new key pair for this device",
+        ));
+    };
+    api.check_quotas(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
     api.audit(&mut tx, AuditAction::DeviceAdd, 1, started, metadata)
         .await?;
@@ -284,6 +329,8 @@ pub(super) async fn revoke_device(
         (status = 400, description = "Malformed input or a signature that does not verify", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Not a device of this account, or revoked", body = ErrorBody),
+        (status = 409, description = "The account holds this same backup", body = ErrorBody),
+        (status = 413, description = "api.quotas.backups or storage_bytes reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn store_backup(
@@ -302,6 +349,17 @@ pub(super) async fn store_backup(
             "`signature` must be the base64 of a 64-byte Ed25519 signature",
         )
     })?;
+    let version = match body.signature_version.unwrap_or(1) {
+        1 => 1i16,
+        2 => 2,
+        other => {
+            return Err(ApiError::bad_request(
+                "invalid_signature_version",
+                format!("`signatureVersion` {other} is unknown: use 2 (or 1, legacy)"),
+            ));
+        }
+    };
+    let classification = body.data_classification.as_str();
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let Some(device) = devices::key(&tx, auth.user, body.device_id).await? else {
         return Err(ApiError::new(
@@ -321,28 +379,55 @@ pub(super) async fn store_backup(
         .ok()
         .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
         .ok_or_else(|| ApiError::internal("device key", &"stored key is not Ed25519"))?;
-    if key.verify_strict(&ciphertext, &signature).is_err() {
+    let signed = if version == 2 {
+        device_messages::backup_v2(
+            body.device_id,
+            classification,
+            &nonce,
+            &auth_tag,
+            &ciphertext,
+        )
+    } else {
+        ciphertext.clone()
+    };
+    if key.verify_strict(&signed, &signature).is_err() {
         return Err(ApiError::bad_request(
             "bad_signature",
-            "`signature` does not verify over the ciphertext with this device's key",
+            format!(
+                "`signature` does not verify with this device's key over {}",
+                if version == 2 {
+                    "the version 2 backup message (docs/api.md)"
+                } else {
+                    "the ciphertext (signature version 1)"
+                }
+            ),
         ));
     }
-    let classification = body.data_classification.as_str();
     let backup = NewBackup {
         device: body.device_id,
         ciphertext,
         nonce,
         auth_tag,
         signature: signature_bytes,
+        signature_version: version,
         classification,
     };
-    let (id, size, created_at) = backups::store(&tx, &api.fields, auth.user, backup).await?;
+    let Some((id, size, created_at)) = backups::store(&tx, &api.fields, auth.user, backup).await?
+    else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "backup_exists",
+            "this account already holds this same backup (ciphertext, nonce and tag)",
+        ));
+    };
+    api.check_quotas(&tx, auth.user).await?;
     let metadata = json!({
         "user": api.user_ref(auth.user),
         "device": body.device_id,
         "backup": id,
         "sizeBytes": size,
         "dataClassification": classification,
+        "signatureScheme": signature_scheme(version),
     });
     api.audit(&mut tx, AuditAction::BackupCreate, 1, started, metadata)
         .await?;
@@ -357,6 +442,8 @@ pub(super) async fn store_backup(
                 data_classification: body.data_classification,
                 size_bytes: size,
                 created_at: iso8601(created_at),
+                signature_version: version,
+                signature_scheme: signature_scheme(version),
             },
         }),
     ))
@@ -394,6 +481,8 @@ pub(super) async fn list_backups(
             data_classification: DataClassification::parse(&b.classification),
             size_bytes: b.size_bytes,
             created_at: iso8601(b.created_at),
+            signature_version: b.signature_version,
+            signature_scheme: signature_scheme(b.signature_version),
         })
         .collect();
     let next_cursor = if backups.len() as i64 > limit {
@@ -439,6 +528,8 @@ pub(super) async fn backup(
             data_classification: DataClassification::parse(&b.classification),
             size_bytes: b.size_bytes,
             created_at: iso8601(b.created_at),
+            signature_version: b.signature_version,
+            signature_scheme: signature_scheme(b.signature_version),
         },
     }))
 }

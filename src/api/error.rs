@@ -11,6 +11,8 @@ use serde::Serialize;
 use tracing::{error, warn};
 use utoipa::ToSchema;
 
+use super::limits::{Bucket, Limited};
+use super::store::usage::Exceeded;
 use crate::audit::AuditError;
 use crate::passwords::PasswordError;
 use crate::postgres::pool::PoolError;
@@ -62,15 +64,42 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
-    pub fn rate_limited(retry_after: Duration) -> ApiError {
+    pub fn rate_limited(limited: Limited) -> ApiError {
+        let message = match limited.bucket {
+            Bucket::Authentication => {
+                "too many authentication attempts from this address (api.rate_limits.auth_per_minute); \
+                 retry after Retry-After seconds"
+            }
+            Bucket::Account => {
+                "too many requests for this account (api.rate_limits.account_per_second); \
+                 retry after Retry-After seconds"
+            }
+            Bucket::Address => {
+                "too many requests from this address (api.rate_limits.address_per_second); \
+                 retry after Retry-After seconds"
+            }
+            Bucket::Login => {
+                "too many failed logins to this account from addresses it has not used; \
+                 retry after Retry-After seconds"
+            }
+        };
         ApiError {
-            retry_after: Some(retry_after),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many attempts from this address; retry after the Retry-After seconds",
-            )
+            retry_after: Some(limited.retry_after),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
         }
+    }
+
+    /// A write would take the account past one of `api.quotas`.
+    pub fn quota_exceeded(exceeded: Exceeded) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "quota_exceeded",
+            format!(
+                "this would bring the account to {} where {} allows {}; nothing was stored \
+                 (GET /account shows usage and quotas)",
+                exceeded.would_be, exceeded.quota, exceeded.limit
+            ),
+        )
     }
 
     /// The database is unreachable or saturated: the client may retry.
@@ -177,7 +206,8 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(after) = self.retry_after {
-            let seconds = after.as_secs().max(1);
+            // Whole seconds, rounded up: retrying earlier would be refused.
+            let seconds = (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1);
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_str(&seconds.to_string()).expect("digits are a valid header"),

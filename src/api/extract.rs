@@ -155,14 +155,31 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                ApiError::unauthorized("send `Authorization: Bearer <token>` from /auth/login")
-            })?;
-        let claims = api.tokens.verify(token.trim()).map_err(|e| match e {
-            TokenError::Expired => ApiError::unauthorized("the token has expired; log in again"),
-            other => ApiError::unauthorized(format!("the token is not valid: {other}")),
-        })?;
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let verified = match token {
+            Some(token) => api.tokens.verify(token.trim()).map_err(|e| match e {
+                TokenError::Expired => {
+                    ApiError::unauthorized("the token has expired; log in again")
+                }
+                other => ApiError::unauthorized(format!("the token is not valid: {other}")),
+            }),
+            None => Err(ApiError::unauthorized(
+                "send `Authorization: Bearer <token>` from /auth/login",
+            )),
+        };
+        // Without a valid token the caller is only an address, and counted
+        // as one; with one, as the account (before any database work).
+        let claims = match verified {
+            Ok(claims) => claims,
+            Err(refused) => {
+                let ClientAddr(client) = ClientAddr::from_request_parts(parts, api).await?;
+                api.limits.address(client).map_err(ApiError::rate_limited)?;
+                return Err(refused);
+            }
+        };
+        api.limits
+            .account(claims.sub)
+            .map_err(ApiError::rate_limited)?;
         let ctx = OperationContext::user(GroupRole::Auth, claims.sub.to_string());
         let tx = api.pool.begin(&ctx).await?;
         let live = accounts::session_is_live(&tx, claims.sid).await?;

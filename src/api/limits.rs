@@ -1,54 +1,231 @@
-//! Per-address attempt limits for login and registration: a fixed
-//! one-minute window per client address, in memory (one node's view).
+//! Request rates (`api.rate_limits`): token buckets (governor) per
+//! account on authenticated routes, per client address on the others and
+//! on authentication attempts; and the failed-login throttle per account.
+//! In memory, so each node keeps its own view: with several nodes behind
+//! one balancer a client gets up to that many times the rate.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-const WINDOW: Duration = Duration::from_secs(60);
-/// Past this many tracked addresses, finished windows are swept.
-const SWEEP_AT: usize = 10_000;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use uuid::Uuid;
 
-pub struct RateLimiter {
-    /// Changeable while running (SIGHUP).
-    per_window: AtomicU32,
-    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+use crate::config::RateLimitsConfig;
+
+/// Past this many tracked keys, idle ones are swept.
+const SWEEP_AT: usize = 10_000;
+/// Addresses an account is known to log in from (most recent kept).
+const KNOWN_ADDRESSES: usize = 8;
+/// The wait after the first failed login past the free ones; it doubles.
+const FIRST_DELAY: Duration = Duration::from_secs(1);
+
+/// Which bucket a request was counted in, for the answer's wording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// `api.rate_limits.auth_per_minute`.
+    Authentication,
+    /// `api.rate_limits.account_per_second`.
+    Account,
+    /// `api.rate_limits.address_per_second`.
+    Address,
+    /// The failed-login throttle of one account.
+    Login,
 }
 
-impl RateLimiter {
-    pub fn per_minute(per_window: u32) -> RateLimiter {
-        RateLimiter {
-            per_window: AtomicU32::new(per_window),
-            windows: Mutex::new(HashMap::new()),
+/// Over a limit: which, and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub bucket: Bucket,
+    pub retry_after: Duration,
+}
+
+struct Keyed<K: Hash + Eq + Clone>(DefaultKeyedRateLimiter<K>);
+
+impl<K: Hash + Eq + Clone> Keyed<K> {
+    fn new(quota: Quota) -> Self {
+        Keyed(RateLimiter::keyed(quota))
+    }
+
+    fn check(&self, key: &K, bucket: Bucket) -> Result<(), Limited> {
+        if self.0.len() >= SWEEP_AT {
+            self.0.retain_recent();
+        }
+        self.0.check_key(key).map_err(|not_until| Limited {
+            bucket,
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+        })
+    }
+}
+
+fn at_least_one(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+struct Buckets {
+    authentication: Keyed<IpAddr>,
+    account: Keyed<Uuid>,
+    address: Keyed<IpAddr>,
+    logins: LoginThrottle,
+}
+
+impl Buckets {
+    fn new(config: &RateLimitsConfig) -> Buckets {
+        let per_minute = at_least_one(config.auth_per_minute);
+        Buckets {
+            authentication: Keyed::new(Quota::per_minute(per_minute).allow_burst(per_minute)),
+            account: Keyed::new(
+                Quota::per_second(at_least_one(config.account_per_second))
+                    .allow_burst(at_least_one(config.account_burst)),
+            ),
+            address: Keyed::new(
+                Quota::per_second(at_least_one(config.address_per_second))
+                    .allow_burst(at_least_one(config.address_burst)),
+            ),
+            logins: LoginThrottle::new(config.login_failures_free, config.login_delay_max.get()),
+        }
+    }
+}
+
+/// Every rate limit of the API; replaced whole on SIGHUP (counts restart).
+pub struct Limits {
+    current: RwLock<Arc<Buckets>>,
+}
+
+impl Limits {
+    pub fn new(config: &RateLimitsConfig) -> Limits {
+        Limits {
+            current: RwLock::new(Arc::new(Buckets::new(config))),
         }
     }
 
-    pub fn set_per_minute(&self, per_window: u32) {
-        self.per_window.store(per_window, Ordering::Relaxed);
+    pub fn reconfigure(&self, config: &RateLimitsConfig) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Buckets::new(config));
     }
 
-    /// Counts one attempt from `addr`; `Err(wait)` when over the limit.
-    pub fn check(&self, addr: IpAddr) -> Result<(), Duration> {
-        self.check_at(addr, Instant::now())
+    fn buckets(&self) -> Arc<Buckets> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    fn check_at(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if windows.len() >= SWEEP_AT {
-            windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+    /// One authentication attempt (login, register, password change,
+    /// erasure) from `addr`.
+    pub fn authentication(&self, addr: IpAddr) -> Result<(), Limited> {
+        self.buckets()
+            .authentication
+            .check(&addr, Bucket::Authentication)
+    }
+
+    /// One request of an authenticated account.
+    pub fn account(&self, user: Uuid) -> Result<(), Limited> {
+        self.buckets().account.check(&user, Bucket::Account)
+    }
+
+    /// One unauthenticated request (or one with a rejected token) from
+    /// `addr`.
+    pub fn address(&self, addr: IpAddr) -> Result<(), Limited> {
+        self.buckets().address.check(&addr, Bucket::Address)
+    }
+
+    /// May `addr` try a password for the account keyed `account` now?
+    pub fn login_allowed(&self, account: &[u8], addr: IpAddr) -> Result<(), Limited> {
+        self.buckets().logins.allowed(account, addr, Instant::now())
+    }
+
+    /// Records how a password attempt for `account` from `addr` ended.
+    pub fn login_result(&self, account: &[u8], addr: IpAddr, succeeded: bool) {
+        self.buckets()
+            .logins
+            .record(account, addr, succeeded, Instant::now());
+    }
+}
+
+/// Failed logins per account. Past `free` failures from addresses the
+/// account has not logged in from, each further attempt from such an
+/// address waits a delay that doubles per failure, up to `max`. An address
+/// the account logged in from before is never delayed by it (its attempts
+/// count only against `auth_per_minute`), so guessing from elsewhere cannot
+/// lock the user out of their own devices.
+struct LoginThrottle {
+    free: u32,
+    max: Duration,
+    accounts: Mutex<HashMap<Vec<u8>, AccountLogins>>,
+}
+
+#[derive(Default)]
+struct AccountLogins {
+    failures: u32,
+    last_failure: Option<Instant>,
+    known: Vec<IpAddr>,
+}
+
+impl LoginThrottle {
+    fn new(free: u32, max: Duration) -> LoginThrottle {
+        LoginThrottle {
+            free,
+            max,
+            accounts: Mutex::new(HashMap::new()),
         }
-        let (start, count) = windows.entry(addr).or_insert((now, 0));
-        if now.duration_since(*start) >= WINDOW {
-            *start = now;
-            *count = 0;
+    }
+
+    fn delay(&self, failures: u32) -> Duration {
+        if failures < self.free {
+            return Duration::ZERO;
         }
-        if *count >= self.per_window.load(Ordering::Relaxed) {
-            return Err(WINDOW.saturating_sub(now.duration_since(*start)));
+        let doublings = (failures - self.free).min(30);
+        FIRST_DELAY.saturating_mul(1 << doublings).min(self.max)
+    }
+
+    fn allowed(&self, account: &[u8], addr: IpAddr, now: Instant) -> Result<(), Limited> {
+        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = accounts.get(account) else {
+            return Ok(());
+        };
+        if state.known.contains(&addr) {
+            return Ok(());
         }
-        *count += 1;
+        let Some(last) = state.last_failure else {
+            return Ok(());
+        };
+        let wait = self.delay(state.failures);
+        let waited = now.saturating_duration_since(last);
+        if waited < wait {
+            return Err(Limited {
+                bucket: Bucket::Login,
+                retry_after: wait - waited,
+            });
+        }
         Ok(())
+    }
+
+    fn record(&self, account: &[u8], addr: IpAddr, succeeded: bool, now: Instant) {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        if accounts.len() >= SWEEP_AT {
+            // Forget accounts whose last failure is older than the longest wait.
+            let max = self.max;
+            accounts.retain(|_, s| {
+                !s.known.is_empty()
+                    || s.last_failure
+                        .is_some_and(|t| now.saturating_duration_since(t) < max)
+            });
+        }
+        let state = accounts.entry(account.to_vec()).or_default();
+        if succeeded {
+            state.failures = 0;
+            state.last_failure = None;
+            state.known.retain(|a| *a != addr);
+            state.known.insert(0, addr);
+            state.known.truncate(KNOWN_ADDRESSES);
+        } else if !state.known.contains(&addr) {
+            state.failures = state.failures.saturating_add(1);
+            state.last_failure = Some(now);
+        }
     }
 }
 
@@ -56,18 +233,84 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
-    fn limits_each_address_per_window() {
-        let limiter = RateLimiter::per_minute(2);
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+    fn buckets_refuse_past_the_burst_and_name_a_wait() {
+        let config = RateLimitsConfig {
+            account_per_second: 1,
+            account_burst: 3,
+            ..RateLimitsConfig::default()
+        };
+        let limits = Limits::new(&config);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for _ in 0..3 {
+            limits.account(a).unwrap();
+        }
+        let limited = limits.account(a).unwrap_err();
+        assert_eq!(limited.bucket, Bucket::Account);
+        assert!(
+            limited.retry_after > Duration::ZERO && limited.retry_after <= Duration::from_secs(1)
+        );
+        assert!(limits.account(b).is_ok(), "accounts are independent");
+        limits.reconfigure(&RateLimitsConfig {
+            account_burst: 10,
+            ..config
+        });
+        assert!(
+            limits.account(a).is_ok(),
+            "a new configuration starts afresh"
+        );
+    }
+
+    #[test]
+    fn failed_logins_delay_strangers_but_never_a_known_address() {
+        let throttle = LoginThrottle::new(2, Duration::from_secs(8));
+        let account = b"hmac";
+        let (home, attacker) = (addr("10.0.0.1"), addr("10.9.9.9"));
         let t0 = Instant::now();
-        assert!(limiter.check_at(a, t0).is_ok());
-        assert!(limiter.check_at(a, t0).is_ok());
-        let wait = limiter
-            .check_at(a, t0 + Duration::from_secs(10))
+        throttle.record(account, home, true, t0);
+        for i in 0..2 {
+            assert!(
+                throttle.allowed(account, attacker, t0).is_ok(),
+                "free failure {i}"
+            );
+            throttle.record(account, attacker, false, t0);
+        }
+        // Two failures: the next stranger waits 1 s, then 2, 4, 8, 8.
+        let limited = throttle
+            .allowed(account, addr("10.9.9.10"), t0)
             .unwrap_err();
-        assert_eq!(wait, Duration::from_secs(50));
-        assert!(limiter.check_at(b, t0).is_ok(), "addresses are independent");
-        assert!(limiter.check_at(a, t0 + WINDOW).is_ok(), "a new window");
+        assert_eq!(limited.retry_after, Duration::from_secs(1));
+        assert!(
+            throttle
+                .allowed(account, attacker, t0 + Duration::from_secs(1))
+                .is_ok()
+        );
+        for expected in [2, 4, 8, 8] {
+            throttle.record(account, attacker, false, t0);
+            let wait = throttle
+                .allowed(account, attacker, t0)
+                .unwrap_err()
+                .retry_after;
+            assert_eq!(wait, Duration::from_secs(expected));
+        }
+        assert!(
+            throttle.allowed(account, home, t0).is_ok(),
+            "the user's own address is never delayed"
+        );
+        throttle.record(account, home, false, t0);
+        assert_eq!(
+            throttle.accounts.lock().unwrap()[account.as_slice()].failures,
+            6,
+            "a typo at home does not feed the throttle"
+        );
+        throttle.record(account, addr("10.1.1.1"), true, t0);
+        assert!(
+            throttle.allowed(account, attacker, t0).is_ok(),
+            "a login resets it"
+        );
     }
 }

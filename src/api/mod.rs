@@ -20,6 +20,7 @@ mod meta;
 mod store;
 mod sync;
 
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,9 +41,12 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 pub use error::{ApiError, ErrorBody};
+use extract::ClientAddr;
 pub use health::HealthProbe;
+pub use store::invites::{InviteError, create as create_invite};
 
 use crate::audit::{self, AuditAction, AuditEntry, AuditKeys};
+use crate::config::{QuotasConfig, RateLimitsConfig, Registration};
 use crate::edge::TrustedProxies;
 use crate::field_crypto::FieldCipher;
 use crate::identity::NodeIdentity;
@@ -61,7 +65,9 @@ pub struct ApiSettings {
     pub max_push_entries: usize,
     pub max_entry_bytes: usize,
     pub max_pull_bytes: usize,
-    pub auth_per_minute: u32,
+    pub rate_limits: RateLimitsConfig,
+    pub quotas: QuotasConfig,
+    pub registration: Registration,
     pub request_timeout: Duration,
     /// A request body must arrive within this (408 beyond).
     pub body_timeout: Duration,
@@ -89,7 +95,10 @@ pub struct Api {
     audit_keys: Arc<AuditKeys>,
     node_id: String,
     settings: ApiSettings,
-    auth_limiter: limits::RateLimiter,
+    limits: limits::Limits,
+    /// Routes the OpenAPI document declares without security: counted
+    /// per client address.
+    public_routes: OnceLock<HashSet<(Method, String)>>,
     metrics: Arc<Metrics>,
     health: HealthProbe,
     fields: Arc<FieldCipher>,
@@ -112,7 +121,8 @@ impl Api {
             email_key: identity.derive_key(b"keepd accounts", b"keepd email hmac v1"),
             audit_keys,
             node_id: identity.node_id().to_string(),
-            auth_limiter: limits::RateLimiter::per_minute(settings.auth_per_minute),
+            limits: limits::Limits::new(&settings.rate_limits),
+            public_routes: OnceLock::new(),
             settings,
             health: HealthProbe::new(postgres, pool.clone()),
             pool,
@@ -122,9 +132,9 @@ impl Api {
         })
     }
 
-    /// Applies a new `api.rate_limits.auth_per_minute` (SIGHUP).
-    pub fn set_auth_per_minute(&self, per_minute: u32) {
-        self.auth_limiter.set_per_minute(per_minute);
+    /// Applies new `api.rate_limits` (SIGHUP); counting starts afresh.
+    pub fn set_rate_limits(&self, rate_limits: &RateLimitsConfig) {
+        self.limits.reconfigure(rate_limits);
     }
 
     /// The stored form of an email: a keyed HMAC of its normalised form.
@@ -133,6 +143,16 @@ impl Api {
             .expect("any key length");
         mac.update(normalised.as_bytes());
         mac.finalize().into_bytes().to_vec()
+    }
+
+    /// 413 `quota_exceeded` when what `tx` wrote takes the account past
+    /// `api.quotas` (the transaction is then dropped: nothing is stored).
+    async fn check_quotas(&self, tx: &ScopedTransaction, user: Uuid) -> Result<(), ApiError> {
+        let usage = store::usage::of(tx, user).await?;
+        match usage.exceeds(&store::usage::Usage::from(&self.settings.quotas)) {
+            Some(exceeded) => Err(ApiError::quota_exceeded(exceeded)),
+            None => Ok(()),
+        }
     }
 
     /// A user as audit entries name it.
@@ -197,7 +217,7 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(auth::login))
         .routes(routes!(auth::logout))
         .routes(routes!(auth::change_password))
-        .routes(routes!(auth::delete_account))
+        .routes(routes!(auth::account, auth::delete_account))
         .routes(routes!(sync::store_vault_key))
         .routes(routes!(sync::vault_key))
         .routes(routes!(sync::push))
@@ -220,19 +240,26 @@ pub fn openapi_document() -> String {
 /// layers every answer passes.
 pub fn router(api: Arc<Api>, web: &WebPolicy) -> Router {
     let (router, openapi) = routes().split_for_parts();
+    let _ = api.public_routes.set(public_routes(&openapi));
     let _ = api.openapi.set(
         openapi
             .to_pretty_json()
             .expect("the OpenAPI document serialises"),
     );
     let mut router = router
+        .route_layer(middleware::from_fn_with_state(api.clone(), limit_public))
         .route_layer(middleware::from_fn_with_state(api.clone(), track))
-        .fallback(|| async {
-            ApiError::not_found(
-                "no_such_route",
-                "no route matches this path; see /openapi.json",
-            )
-        })
+        .fallback(
+            |State(api): State<Arc<Api>>, client: ClientAddr| async move {
+                api.limits
+                    .address(client.0)
+                    .map_err(ApiError::rate_limited)?;
+                Err::<(), _>(ApiError::not_found(
+                    "no_such_route",
+                    "no route matches this path; see /openapi.json",
+                ))
+            },
+        )
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -297,6 +324,48 @@ pub fn metrics_router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/metrics", axum::routing::get(meta::metrics))
         .with_state(api)
+}
+
+/// The operations the OpenAPI document declares without a security
+/// requirement: the routes anyone may call.
+fn public_routes(openapi: &utoipa::openapi::OpenApi) -> HashSet<(Method, String)> {
+    let mut public = HashSet::new();
+    for (path, item) in &openapi.paths.paths {
+        for (method, operation) in [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::PUT, &item.put),
+            (Method::PATCH, &item.patch),
+            (Method::DELETE, &item.delete),
+        ] {
+            if operation.as_ref().is_some_and(|op| op.security.is_none()) {
+                public.insert((method, path.clone()));
+            }
+        }
+    }
+    public
+}
+
+/// Counts a request to a public route against its client address
+/// (`api.rate_limits.address_per_second`); authenticated routes are
+/// counted per account by `UserAuth`.
+async fn limit_public(
+    State(api): State<Arc<Api>>,
+    client: ClientAddr,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let public = api.public_routes.get().is_some_and(|routes| {
+        route.is_some_and(|route| routes.contains(&(request.method().clone(), route.to_owned())))
+    });
+    if public && let Err(limited) = api.limits.address(client.0) {
+        return ApiError::rate_limited(limited).into_response();
+    }
+    next.run(request).await
 }
 
 /// Counts and times every request by route template.
@@ -396,6 +465,7 @@ pub fn parse_request_bodies(bytes: &[u8]) -> usize {
         usize::from(serde_json::from_slice::<T>(bytes).is_ok())
     }
     parses::<auth::CredentialsBody>(bytes)
+        + parses::<auth::RegisterBody>(bytes)
         + parses::<auth::ChangePasswordBody>(bytes)
         + parses::<auth::DeleteAccountBody>(bytes)
         + parses::<sync::StoreVaultKeyBody>(bytes)
@@ -456,6 +526,7 @@ mod tests {
             ("/auth/logout", "post"),
             ("/auth/password", "post"),
             ("/account", "delete"),
+            ("/account", "get"),
             ("/sync/vault-key", "post"),
             ("/sync/vault-key/{vaultId}", "get"),
             ("/sync/push", "post"),

@@ -199,6 +199,7 @@ fn vault_not_found() -> ApiError {
         (status = 201, body = StoreVaultKeyResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, description = "The vault already has a key", body = ErrorBody),
+        (status = 413, description = "api.quotas.vaults reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(super) async fn store_vault_key(
@@ -225,6 +226,7 @@ pub(super) async fn store_vault_key(
         nonce: body.nonce,
     };
     let (key_id, created_at) = vaults::store_key(&tx, &api.fields, vault, auth.user, key).await?;
+    api.check_quotas(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
     api.audit(&mut tx, AuditAction::VaultKeyStore, 1, started, metadata)
         .await?;
@@ -369,6 +371,7 @@ pub(super) async fn push(
             created_at: iso8601(entry.created_at),
         })
         .collect();
+    api.check_quotas(&tx, auth.user).await?;
     let response = PushResponse {
         message: format!("{count} logs pushed successfully"),
         count,

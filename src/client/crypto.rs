@@ -170,9 +170,15 @@ impl DeviceKey {
         BASE64.encode(self.0.verifying_key().as_bytes())
     }
 
-    /// Base64 Ed25519 signature over `ciphertext`.
-    pub fn sign(&self, ciphertext: &[u8]) -> String {
-        BASE64.encode(self.0.sign(ciphertext).to_bytes())
+    /// Base64 Ed25519 signature over `message` (see `crate::device_messages`).
+    pub fn sign(&self, message: &[u8]) -> String {
+        BASE64.encode(self.0.sign(message).to_bytes())
+    }
+
+    /// The proof for `POST /devices` that this key joins `account`.
+    pub fn registration_proof(&self, account: uuid::Uuid) -> String {
+        let public = self.0.verifying_key().to_bytes();
+        self.sign(&crate::device_messages::registration(account, &public))
     }
 }
 

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
+use uuid::Uuid;
 
 pub use crypto::{CryptoError, DeviceKey, EncryptedBackup, VaultKey, WrappedVaultKey};
 
@@ -147,6 +148,8 @@ pub struct SyncClient {
     endpoint: Endpoint,
     connection: Mutex<Option<SendRequest<Full<Bytes>>>>,
     token: Option<String>,
+    /// The logged-in account (device registration names it).
+    user: Option<Uuid>,
 }
 
 /// What a connection runs over.
@@ -217,6 +220,7 @@ impl SyncClient {
             endpoint,
             connection: Mutex::new(None),
             token: None,
+            user: None,
         }
     }
 
@@ -226,6 +230,7 @@ impl SyncClient {
             endpoint: self.endpoint.clone(),
             connection: Mutex::new(None),
             token: self.token.clone(),
+            user: self.user,
         }
     }
 
@@ -367,7 +372,17 @@ impl SyncClient {
     }
 
     pub async fn register(&self, email: &str, password: &str) -> Result<User, ClientError> {
-        let body = json!({"email": email, "password": password});
+        self.register_invited(email, password, None).await
+    }
+
+    /// Registers with an invite code (`api.registration: invite`).
+    pub async fn register_invited(
+        &self,
+        email: &str,
+        password: &str,
+        invite_code: Option<&str>,
+    ) -> Result<User, ClientError> {
+        let body = json!({"email": email, "password": password, "inviteCode": invite_code});
         let answer = self
             .call(Method::POST, "/auth/register", &[], Some(body))
             .await?;
@@ -386,7 +401,9 @@ impl SyncClient {
                 .ok_or_else(|| ClientError::Decode("login answer without a token".into()))?
                 .to_string(),
         );
-        Self::decode(answer["user"].clone())
+        let user: User = Self::decode(answer["user"].clone())?;
+        self.user = Uuid::parse_str(&user.id).ok();
+        Ok(user)
     }
 
     pub async fn logout(&self) -> Result<(), ClientError> {
@@ -399,6 +416,11 @@ impl SyncClient {
         self.call(Method::POST, "/auth/password", &[], Some(body))
             .await?;
         Ok(())
+    }
+
+    /// The account's usage and quotas (`GET /account`).
+    pub async fn account(&self) -> Result<Value, ClientError> {
+        self.call(Method::GET, "/account", &[], None).await
     }
 
     /// Erases the account; the server asks for the password again.
@@ -524,13 +546,21 @@ impl SyncClient {
         Self::decode(answer)
     }
 
-    /// Registers `device`'s public key; returns the device id.
+    /// Registers `device`'s public key with its proof of possession;
+    /// returns the device id.
     pub async fn register_device(
         &self,
         name: &str,
         device: &DeviceKey,
     ) -> Result<String, ClientError> {
-        let body = json!({"deviceName": name, "publicKey": device.public_key()});
+        let account = self
+            .user
+            .ok_or_else(|| ClientError::Decode("log in before registering a device".into()))?;
+        let body = json!({
+            "deviceName": name,
+            "publicKey": device.public_key(),
+            "proof": device.registration_proof(account),
+        });
         let answer = self.call(Method::POST, "/devices", &[], Some(body)).await?;
         answer["device"]["id"]
             .as_str()
@@ -548,7 +578,8 @@ impl SyncClient {
         Ok(())
     }
 
-    /// Encrypts `plaintext`, signs the ciphertext with `device`, stores it;
+    /// Encrypts `plaintext`, signs it with `device` (signature version 2:
+    /// device, classification, nonce, tag and ciphertext), stores it;
     /// returns the backup id.
     pub async fn store_backup(
         &self,
@@ -561,12 +592,22 @@ impl SyncClient {
         use base64::Engine;
         use base64::engine::general_purpose::STANDARD as BASE64;
         let backup = key.encrypt_backup(plaintext)?;
+        let device_uuid = Uuid::parse_str(device_id)
+            .map_err(|e| ClientError::Decode(format!("device id {device_id}: {e}")))?;
+        let message = crate::device_messages::backup_v2(
+            device_uuid,
+            classification,
+            &backup.nonce,
+            &backup.auth_tag,
+            &backup.ciphertext,
+        );
         let body = json!({
             "deviceId": device_id,
             "ciphertext": BASE64.encode(&backup.ciphertext),
             "nonce": BASE64.encode(&backup.nonce),
             "authTag": BASE64.encode(&backup.auth_tag),
-            "signature": device.sign(&backup.ciphertext),
+            "signature": device.sign(&message),
+            "signatureVersion": 2,
             "dataClassification": classification,
         });
         let answer = self.call(Method::POST, "/backups", &[], Some(body)).await?;

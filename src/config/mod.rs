@@ -520,6 +520,10 @@ pub struct ApiConfig {
     /// browser sends them: `https://app.example.org`.
     pub cors_origins: Vec<String>,
     pub rate_limits: RateLimitsConfig,
+    /// What one account may store (413 `quota_exceeded` past it).
+    pub quotas: QuotasConfig,
+    /// Who may create an account: `open`, `invite` or `closed`.
+    pub registration: Registration,
     /// Largest request body accepted, in bytes (413 beyond).
     pub max_body_bytes: usize,
     /// Most log entries one `POST /sync/push` may carry.
@@ -556,6 +560,8 @@ impl Default for ApiConfig {
             jwt_ttl: HumanDuration(Duration::from_secs(7 * 86400)),
             cors_origins: Vec::new(),
             rate_limits: RateLimitsConfig::default(),
+            quotas: QuotasConfig::default(),
+            registration: Registration::Open,
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 1000,
             max_entry_bytes: 1024 * 1024,
@@ -642,16 +648,73 @@ impl<'de> Deserialize<'de> for ProxyNet {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
-    /// Login and register attempts per client address per minute.
+    /// Authentication attempts (login, register, password change, account
+    /// erasure) per client address per minute.
     pub auth_per_minute: u32,
+    /// Requests per second per account on authenticated routes...
+    pub account_per_second: u32,
+    /// ...and how many more may come at once.
+    pub account_burst: u32,
+    /// Requests per second per client address on unauthenticated routes
+    /// (and requests whose token is refused)...
+    pub address_per_second: u32,
+    /// ...and how many more may come at once.
+    pub address_burst: u32,
+    /// Failed logins to one account from addresses it has not logged in
+    /// from before each further attempt from such an address waits.
+    pub login_failures_free: u32,
+    /// The longest such wait; it doubles per failure from 1 s.
+    pub login_delay_max: HumanDuration,
 }
 
 impl Default for RateLimitsConfig {
     fn default() -> Self {
         Self {
             auth_per_minute: 10,
+            account_per_second: 20,
+            account_burst: 100,
+            address_per_second: 20,
+            address_burst: 100,
+            login_failures_free: 5,
+            login_delay_max: HumanDuration(Duration::from_secs(15 * 60)),
         }
     }
+}
+
+/// What one account may store; 0 = unlimited.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasConfig {
+    /// Bytes of log entries and backups, as the client sent them.
+    pub storage_bytes: u64,
+    pub vaults: u32,
+    /// Devices not revoked.
+    pub devices: u32,
+    pub backups: u32,
+}
+
+impl Default for QuotasConfig {
+    fn default() -> Self {
+        Self {
+            storage_bytes: 1024 * 1024 * 1024,
+            vaults: 100,
+            devices: 50,
+            backups: 1000,
+        }
+    }
+}
+
+/// Who may create an account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    /// Anyone.
+    #[default]
+    Open,
+    /// Whoever holds a code from `keepd account invite`.
+    Invite,
+    /// Nobody: no account can be created.
+    Closed,
 }
 
 fn optional_addr<'de, D: Deserializer<'de>>(

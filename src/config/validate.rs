@@ -280,11 +280,45 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             "at least 1s".into(),
         ));
     }
-    if api.rate_limits.auth_per_minute == 0 {
-        return Err(invalid(
+    let limits = &api.rate_limits;
+    for (key, value, meaning) in [
+        (
             "api.rate_limits.auth_per_minute",
-            "0".into(),
-            "at least 1 (attempts per client address per minute)".into(),
+            limits.auth_per_minute,
+            "attempts per client address per minute",
+        ),
+        (
+            "api.rate_limits.account_per_second",
+            limits.account_per_second,
+            "requests per account per second",
+        ),
+        (
+            "api.rate_limits.account_burst",
+            limits.account_burst,
+            "requests an account may send at once",
+        ),
+        (
+            "api.rate_limits.address_per_second",
+            limits.address_per_second,
+            "requests per client address per second",
+        ),
+        (
+            "api.rate_limits.address_burst",
+            limits.address_burst,
+            "requests an address may send at once",
+        ),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, "0".into(), format!("at least 1 ({meaning})")));
+        }
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400))
+        .contains(&limits.login_delay_max.get())
+    {
+        return Err(invalid(
+            "api.rate_limits.login_delay_max",
+            limits.login_delay_max.to_string(),
+            "1s to 24h".into(),
         ));
     }
     for (key, value) in [

@@ -56,13 +56,9 @@ impl Reloader {
                 Err(e) => error!(error = %e, "SIGHUP: log.level not applied"),
             }
         }
-        let per_minute = new.api.rate_limits.auth_per_minute;
-        if per_minute != self.running.api.rate_limits.auth_per_minute {
-            self.api.set_auth_per_minute(per_minute);
-            info!(
-                auth_per_minute = per_minute,
-                "SIGHUP: auth rate limit applied"
-            );
+        if new.api.rate_limits != self.running.api.rate_limits {
+            self.api.set_rate_limits(&new.api.rate_limits);
+            info!("SIGHUP: api.rate_limits applied");
         }
         // What runs now: the old configuration with the live settings
         // replaced, so the next SIGHUP compares against the truth.

@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 10] = [
+pub const TABLES: [&str; 12] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -42,6 +42,8 @@ pub const TABLES: [&str; 10] = [
     "keepd.push_requests",
     "keepd.devices",
     "keepd.backups",
+    "keepd.account_usage",
+    "keepd.invites",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
 ];
@@ -53,6 +55,8 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     // Accounts and sessions: registration, login, logout, erasure.
     ("keepd_auth", "keepd.users", &[S, I, U, D]),
     ("keepd_auth", "keepd.sessions", &[S, I, U, D]),
+    // Registration consumes an invite (api.registration: invite).
+    ("keepd_auth", "keepd.invites", &[S, U]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     ("keepd_sync", "keepd.vaults", &[S, I, U]),
     ("keepd_sync", "keepd.vault_keys", &[S, I]),
@@ -61,12 +65,15 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_sync", "keepd.push_requests", &[S, I, U]),
     ("keepd_sync", "keepd.devices", &[S, I, U]),
     ("keepd_sync", "keepd.backups", &[S, I]),
+    // Read against api.quotas; only the owner's counting triggers write it.
+    ("keepd_sync", "keepd.account_usage", &[S]),
     // Reads of synced data.
     ("keepd_query", "keepd.vaults", &[S]),
     ("keepd_query", "keepd.vault_keys", &[S]),
     ("keepd_query", "keepd.sync_logs", &[S]),
     ("keepd_query", "keepd.devices", &[S]),
     ("keepd_query", "keepd.backups", &[S]),
+    ("keepd_query", "keepd.account_usage", &[S]),
     // The audit trail: append and read, nothing else.
     ("keepd_audit", "keepd_audit.audit_log", &[S, I]),
     ("keepd_audit", "keepd_audit.audit_chain", &[S, I]),
@@ -79,6 +86,8 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_readonly", "keepd.push_requests", &[S]),
     ("keepd_readonly", "keepd.devices", &[S]),
     ("keepd_readonly", "keepd.backups", &[S]),
+    ("keepd_readonly", "keepd.account_usage", &[S]),
+    ("keepd_readonly", "keepd.invites", &[S]),
     ("keepd_readonly", "keepd_audit.audit_log", &[S]),
     ("keepd_readonly", "keepd_audit.audit_chain", &[S]),
 ];

@@ -54,6 +54,21 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "idempotency_fingerprint",
         sql: include_str!("../../migrations/0005_idempotency_fingerprint.sql"),
     },
+    Migration {
+        version: 6,
+        name: "account_usage",
+        sql: include_str!("../../migrations/0006_account_usage.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "device_proof",
+        sql: include_str!("../../migrations/0007_device_proof.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "invites",
+        sql: include_str!("../../migrations/0008_invites.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

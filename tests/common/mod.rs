@@ -604,6 +604,11 @@ impl TestNode {
 }
 
 /// A random UUID (version 4) as text.
+/// `api.rate_limits` high enough that only tests of the limits meet them.
+pub const UNLIMITED_RATES: &str = "  rate_limits:\n    auth_per_minute: 100000\n    \
+     account_per_second: 100000\n    account_burst: 100000\n    \
+     address_per_second: 100000\n    address_burst: 100000\n";
+
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -8,18 +8,24 @@ use super::StoreError;
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::ScopedTransaction;
 
+/// No row back when the account holds this same backup already.
 const INSERT_BACKUP: &str = "INSERT INTO keepd.backups \
      (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, \
-      size_bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at";
+      size_bytes, signature_version, content_hash) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+     ON CONFLICT (user_id, content_hash) WHERE content_hash IS NOT NULL DO NOTHING \
+     RETURNING created_at";
 
 /// Newest first; `$2`, when set, is the last id of the previous page.
-const LIST_BACKUPS: &str = "SELECT id, device_id, data_classification, size_bytes, created_at \
+const LIST_BACKUPS: &str = "SELECT id, device_id, data_classification, size_bytes, created_at, \
+       signature_version \
      FROM keepd.backups b WHERE user_id = $1 AND ($2::uuid IS NULL OR (created_at, id) < \
        (SELECT created_at, id FROM keepd.backups WHERE user_id = $1 AND id = $2)) \
      ORDER BY created_at DESC, id DESC LIMIT $3";
 
 const BACKUP: &str = "SELECT device_id, ciphertext, nonce, auth_tag, signature, \
-     data_classification, size_bytes, created_at FROM keepd.backups WHERE user_id = $1 AND id = $2";
+     data_classification, size_bytes, created_at, signature_version \
+     FROM keepd.backups WHERE user_id = $1 AND id = $2";
 
 /// A signed backup as the client sent it (raw bytes).
 pub struct NewBackup {
@@ -28,7 +34,22 @@ pub struct NewBackup {
     pub nonce: Vec<u8>,
     pub auth_tag: Vec<u8>,
     pub signature: Vec<u8>,
+    pub signature_version: i16,
     pub classification: &'static str,
+}
+
+impl NewBackup {
+    /// SHA-256 over ciphertext, nonce and tag, each length-prefixed: equal
+    /// only for the same backup.
+    fn content_hash(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for field in [&self.ciphertext, &self.nonce, &self.auth_tag] {
+            hash.update((field.len() as u64).to_be_bytes());
+            hash.update(field);
+        }
+        hash.finalize().to_vec()
+    }
 }
 
 pub struct Summary {
@@ -37,6 +58,7 @@ pub struct Summary {
     pub classification: String,
     pub size_bytes: i64,
     pub created_at: SystemTime,
+    pub signature_version: i16,
 }
 
 pub struct Backup {
@@ -48,25 +70,29 @@ pub struct Backup {
     pub classification: String,
     pub size_bytes: i64,
     pub created_at: SystemTime,
+    pub signature_version: i16,
 }
 
-/// Stores a backup; its id, size in bytes and creation time.
+/// Stores a backup; its id, size in bytes and creation time, or None when
+/// the account holds this same backup already.
 pub async fn store(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     user: Uuid,
     backup: NewBackup,
-) -> Result<(Uuid, i64, SystemTime), StoreError> {
+) -> Result<Option<(Uuid, i64, SystemTime)>, StoreError> {
     let id = Uuid::new_v4();
     let size = backup.ciphertext.len() as i64;
+    let content_hash = backup.content_hash();
+    let version = backup.signature_version;
     let sealed = (
         fields.seal_bytes(column::BACKUP_CIPHERTEXT, backup.ciphertext),
         fields.seal_bytes(column::BACKUP_NONCE, backup.nonce),
         fields.seal_bytes(column::BACKUP_AUTH_TAG, backup.auth_tag),
         fields.seal_bytes(column::BACKUP_SIGNATURE, backup.signature),
     );
-    let row = tx
-        .query_one(
+    let rows = tx
+        .query(
             INSERT_BACKUP,
             &[
                 &id,
@@ -78,10 +104,12 @@ pub async fn store(
                 &sealed.3,
                 &backup.classification,
                 &size,
+                &version,
+                &content_hash,
             ],
         )
         .await?;
-    Ok((id, size, row.get(0)))
+    Ok(rows.first().map(|row| (id, size, row.get(0))))
 }
 
 /// Up to `limit` backups, newest first, after the one with id `before`.
@@ -100,6 +128,7 @@ pub async fn page(
             classification: row.get(2),
             size_bytes: row.get(3),
             created_at: row.get(4),
+            signature_version: row.get(5),
         })
         .collect())
 }
@@ -123,5 +152,6 @@ pub async fn get(
         classification: row.get(5),
         size_bytes: row.get(6),
         created_at: row.get(7),
+        signature_version: row.get(8),
     }))
 }

@@ -8,8 +8,11 @@ use super::StoreError;
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::ScopedTransaction;
 
-const INSERT_DEVICE: &str = "INSERT INTO keepd.devices (id, user_id, device_name, public_key) \
-     VALUES ($1, $2, $3, $4) RETURNING created_at";
+/// A proven device; no row back when its key is proven on a device
+/// already (this account's or another's: the unique index sees them all).
+const INSERT_DEVICE: &str = "INSERT INTO keepd.devices \
+     (id, user_id, device_name, public_key, proven_at) VALUES ($1, $2, $3, $4, now()) \
+     ON CONFLICT (public_key) WHERE proven_at IS NOT NULL DO NOTHING RETURNING created_at";
 
 const LIST_DEVICES: &str = "SELECT id, device_name, public_key, created_at, revoked_at \
      FROM keepd.devices WHERE user_id = $1 ORDER BY created_at, id";
@@ -34,20 +37,21 @@ pub struct DeviceKey {
     pub revoked: bool,
 }
 
-/// Registers a device; its id and creation time.
+/// Registers a device whose key proved itself; its id and creation time,
+/// or None when that key is registered already.
 pub async fn add(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     user: Uuid,
     name: &str,
     public_key: &[u8],
-) -> Result<(Uuid, SystemTime), StoreError> {
+) -> Result<Option<(Uuid, SystemTime)>, StoreError> {
     let id = Uuid::new_v4();
     let stored_name = fields.seal_text(column::DEVICE_NAME, name.to_string());
-    let row = tx
-        .query_one(INSERT_DEVICE, &[&id, &user, &stored_name, &public_key])
+    let rows = tx
+        .query(INSERT_DEVICE, &[&id, &user, &stored_name, &public_key])
         .await?;
-    Ok((id, row.get(0)))
+    Ok(rows.first().map(|row| (id, row.get(0))))
 }
 
 pub async fn list(

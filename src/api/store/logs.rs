@@ -13,10 +13,10 @@ use crate::postgres::pool::ScopedTransaction;
 /// Stores a whole batch in one statement: entry k (1-based) of the arrays
 /// gets sequence `$3 + k`.
 const INSERT_LOGS: &str = "INSERT INTO keepd.sync_logs \
-     (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) \
-     SELECT e.id, $1, $2, $3 + e.ord, e.data, e.nonce, e.ts \
-     FROM unnest($4::uuid[], $5::text[], $6::text[], $7::text[]) \
-          WITH ORDINALITY AS e(id, data, nonce, ts, ord) \
+     (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
+     SELECT e.id, $1, $2, $3 + e.ord, e.data, e.nonce, e.ts, e.size \
+     FROM unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
+          WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
      RETURNING id, sequence, haex_timestamp, created_at";
 
 /// Up to `$4` entries after sequence `$2` whose stored sizes add up to at
@@ -57,6 +57,14 @@ pub struct NewEntry {
     pub haex_timestamp: String,
 }
 
+impl NewEntry {
+    /// What the entry counts against `api.quotas.storage_bytes`: its text
+    /// as sent, before any sealing at rest.
+    pub fn size_bytes(&self) -> i64 {
+        (self.encrypted_data.len() + self.nonce.len() + self.haex_timestamp.len()) as i64
+    }
+}
+
 /// What storing an entry gave it.
 pub struct Appended {
     pub id: Uuid,
@@ -88,8 +96,10 @@ pub async fn append(
     let mut data = Vec::with_capacity(count);
     let mut nonces = Vec::with_capacity(count);
     let mut stamps = Vec::with_capacity(count);
+    let mut sizes = Vec::with_capacity(count);
     for entry in entries {
         ids.push(Uuid::new_v4());
+        sizes.push(entry.size_bytes());
         data.push(fields.seal_text(column::LOG_DATA, entry.encrypted_data));
         nonces.push(fields.seal_text(column::LOG_NONCE, entry.nonce));
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
@@ -98,7 +108,16 @@ pub async fn append(
     let rows = tx
         .query(
             INSERT_LOGS,
-            &[&reserved.vault, &user, &base, &ids, &data, &nonces, &stamps],
+            &[
+                &reserved.vault,
+                &user,
+                &base,
+                &ids,
+                &data,
+                &nonces,
+                &stamps,
+                &sizes,
+            ],
         )
         .await?;
     let mut appended = rows

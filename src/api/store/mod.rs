@@ -9,7 +9,9 @@
 pub mod accounts;
 pub mod backups;
 pub mod devices;
+pub mod invites;
 pub mod logs;
+pub mod usage;
 pub mod vaults;
 
 use crate::field_crypto::FieldError;
