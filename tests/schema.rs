@@ -671,3 +671,99 @@ async fn a_truncated_tail_is_detected_by_the_checkpoint() {
     let (code, _) = node.audit_verify();
     assert_eq!(code, 1, "the checkpoint was not overwritten");
 }
+
+/// Schema v6 counts what accounts stored before it: an upgrade of a
+/// database holding data (in a database of its own, built to v5 first).
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrading_to_usage_counts_what_accounts_already_hold() {
+    let (node, _daemon) = started();
+    node.superuser()
+        .await
+        .batch_execute("CREATE DATABASE keepd_upgrade OWNER keepd_owner")
+        .await
+        .unwrap();
+    let mut config = node.pg_config();
+    config
+        .dbname("keepd_upgrade")
+        .user("keepd_superuser")
+        .password(node.credentials().superuser.expose());
+    let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE SCHEMA keepd AUTHORIZATION keepd_owner; \
+             CREATE SCHEMA keepd_audit AUTHORIZATION keepd_owner;",
+        )
+        .await
+        .unwrap();
+    // Schema v5 as an older keepd left it (its grants do not matter here).
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "SET LOCAL ROLE keepd_owner; CREATE TABLE keepd.schema_migrations (version integer \
+         PRIMARY KEY, name text NOT NULL, checksum text NOT NULL, applied_at timestamptz NOT NULL \
+         DEFAULT now());",
+    )
+    .await
+    .unwrap();
+    for m in &migrate::MIGRATIONS[..5] {
+        tx.batch_execute(m.sql).await.unwrap();
+        tx.execute(
+            "INSERT INTO keepd.schema_migrations (version, name, checksum) \
+             VALUES ($1, $2, encode(sha256(convert_to($3, 'UTF8')), 'hex'))",
+            &[&m.version, &m.name, &m.sql],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    client.batch_execute("RESET ROLE").await.unwrap();
+    // As the superuser (no row-level security): two accounts' data.
+    let (alice, bob) = (uuid(), uuid());
+    let (vault, device) = (uuid(), uuid());
+    client
+        .batch_execute(&format!(
+            "INSERT INTO keepd.users (id, email_hmac, password_hash) VALUES \
+               ('{alice}', '\\x01', 'h'), ('{bob}', '\\x02', 'h'); \
+             INSERT INTO keepd.vaults (id, user_id, vault_id) VALUES ('{vault}', '{alice}', 'v'); \
+             INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) VALUES \
+               (gen_random_uuid(), '{vault}', '{alice}', 1, 'aaaa', 'nn', 't1'), \
+               (gen_random_uuid(), '{vault}', '{alice}', 2, 'bbbbbbbb', 'nn', 't2'); \
+             INSERT INTO keepd.devices (id, user_id, device_name, public_key, revoked_at) VALUES \
+               ('{device}', '{alice}', 'd', sha256('a'), NULL), \
+               (gen_random_uuid(), '{alice}', 'old', sha256('b'), now()); \
+             INSERT INTO keepd.backups (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, size_bytes) VALUES \
+               (gen_random_uuid(), '{alice}', '{device}', '\\x00', '\\x00', '\\x00', '\\x00', 'Internal', 100);"
+        ))
+        .await
+        .unwrap();
+    migrate::apply(&mut client, migrate::MIGRATIONS).await.unwrap();
+    let rows = client
+        .query(
+            "SELECT user_id::text, storage_bytes, vaults, devices, backups \
+             FROM keepd.account_usage ORDER BY storage_bytes DESC",
+            &[],
+        )
+        .await
+        .unwrap();
+    let usage: Vec<(String, i64, i32, i32, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    // Entries: 4+2+2 and 8+2+2 bytes; the backup's 100; one live device.
+    assert_eq!(
+        usage,
+        vec![(alice.clone(), 8 + 12 + 100, 1, 1, 1), (bob.clone(), 0, 0, 0, 0)]
+    );
+    // Row-level security is forced again on every table the backfill read.
+    let unforced: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'keepd' AND c.relkind = 'r' AND c.relname <> 'schema_migrations' \
+               AND NOT c.relforcerowsecurity",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unforced, 0);
+}
