@@ -258,8 +258,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(config_path: &Path, config: Config) -> anyhow::Result<()> {
+    release_large_buffers();
     runtime()?.block_on(keepd::daemon::run(config_path, config))?;
     Ok(())
+}
+
+/// Buffers of 256 KiB and more (pull answers reach api.max_pull_bytes) are
+/// mapped and unmapped on their own, so what a burst of large pulls used
+/// goes back to the system. Left alone, glibc raises its mmap threshold
+/// after the first large frees (up to 32 MiB) and keeps such buffers in
+/// its heaps, where the memory stays held.
+fn release_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
 }
 
 fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {

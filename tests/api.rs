@@ -1265,7 +1265,7 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
 
     // Eight clients push 1 KiB-ish entries at once until the storage quota
     // refuses them: usage never passes it and matches what is stored.
-    let key = std::sync::Arc::new(key);
+    let key = Arc::new(key);
     let mut tasks = Vec::new();
     for t in 0..8 {
         let client = client.another_connection();
@@ -1557,5 +1557,98 @@ async fn registration_open_invite_or_closed() {
     assert_eq!(
         (e.status(), e.code()),
         (Some(403), Some("registration_closed"))
+    );
+}
+
+/// keepd's resident memory now and at its peak, in MiB (/proc).
+fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap()
+            / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets the peak (VmHWM) to the current resident size.
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// The bound on what concurrent pulls may add to keepd's memory: four
+/// clients, each answer at most api.max_pull_bytes (8 MiB) held about three
+/// times (rows, decoded entries, the JSON body), plus allocator slack.
+const PULL_MEMORY_BOUND_MIB: u64 = 128;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pulls_of_a_large_vault_stay_within_a_memory_bound() {
+    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, "");
+    let daemon = node.start_healthy();
+    let (client, _) = user(&daemon).await;
+    client.create_vault("big", PASSWORD).await.unwrap();
+    // 200 entries of 1.33 MiB each (~267 MiB), written straight into the
+    // table: this is about reading it.
+    const ENTRIES: i64 = 200;
+    node.superuser()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, \
+               haex_timestamp, size_bytes) \
+             SELECT gen_random_uuid(), v.id, v.user_id, s, repeat(md5(s::text), 43690), 'bm9uY2U=', \
+               lpad(s::text, 8, '0'), 43690 * 32 \
+             FROM keepd.vaults v, generate_series(1, {ENTRIES}) s WHERE v.vault_id = 'big'; \
+             UPDATE keepd.vaults SET last_sequence = {ENTRIES} WHERE vault_id = 'big';"
+        ))
+        .await
+        .unwrap();
+    let pid = daemon.pid();
+    let (before, _) = memory_mib(pid);
+    reset_peak(pid);
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let client = client.another_connection();
+        readers.push(tokio::spawn(async move {
+            let (mut after, mut pages, mut bytes) = (0, 0, 0usize);
+            loop {
+                let page = client.pull("big", after, 1000).await.unwrap();
+                pages += 1;
+                bytes += page
+                    .logs
+                    .iter()
+                    .map(|e| e.encrypted_data.len())
+                    .sum::<usize>();
+                after = page.logs.last().unwrap().sequence;
+                if !page.has_more {
+                    return (after, pages, bytes);
+                }
+            }
+        }));
+    }
+    for reader in readers {
+        let (last, pages, bytes) = reader.await.unwrap();
+        assert_eq!(last, ENTRIES, "every entry was read");
+        assert!(
+            pages >= 30,
+            "the byte budget paged the answer ({pages} pages)"
+        );
+        assert_eq!(bytes, ENTRIES as usize * 43690 * 32);
+    }
+    let (_, peak) = memory_mib(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _) = memory_mib(pid);
+    eprintln!("keepd memory: {before} MiB before, {peak} MiB at the peak, {after} MiB after");
+    assert!(
+        peak.saturating_sub(before) <= PULL_MEMORY_BOUND_MIB,
+        "4 pulls of a {} MiB vault raised keepd from {before} to {peak} MiB",
+        ENTRIES * 43690 * 32 / (1 << 20)
+    );
+    // Returned: no more than a few of the largest buffers stay held.
+    assert!(
+        after.saturating_sub(before) <= 32,
+        "memory held after the pulls: {before} -> {after} MiB"
     );
 }

@@ -736,7 +736,9 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
         ))
         .await
         .unwrap();
-    migrate::apply(&mut client, migrate::MIGRATIONS).await.unwrap();
+    migrate::apply(&mut client, migrate::MIGRATIONS)
+        .await
+        .unwrap();
     let rows = client
         .query(
             "SELECT user_id::text, storage_bytes, vaults, devices, backups \
@@ -752,7 +754,10 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
     // Entries: 4+2+2 and 8+2+2 bytes; the backup's 100; one live device.
     assert_eq!(
         usage,
-        vec![(alice.clone(), 8 + 12 + 100, 1, 1, 1), (bob.clone(), 0, 0, 0, 0)]
+        vec![
+            (alice.clone(), 8 + 12 + 100, 1, 1, 1),
+            (bob.clone(), 0, 0, 0, 0)
+        ]
     );
     // Row-level security is forced again on every table the backfill read.
     let unforced: i64 = client

@@ -306,6 +306,10 @@ impl Daemon {
         wait_until(timeout, || (self.health() == Some(status)).then_some(())).is_some()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, signal: Signal) {
         kill(self.child.id() as i32, signal);
     }
