@@ -201,7 +201,7 @@ fn damaged_or_foreign_db_enc_stops_keepd_and_is_kept() {
 
 #[test]
 fn rotation_under_continuous_load_fails_nothing() {
-    let node = TestNode::with_extra(FAST_ROTATION);
+    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, FAST_ROTATION);
     let daemon = Arc::new(started(&node));
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

@@ -180,7 +180,7 @@ async fn sighup_applies_log_level_and_rate_limit_and_refuses_a_broken_file() {
     std::fs::write(&node.config, &changed).unwrap();
     daemon.signal(Signal::SIGHUP);
     for message in [
-        "SIGHUP: auth rate limit applied",
+        "SIGHUP: api.rate_limits applied",
         "SIGHUP: log level applied",
         "SIGHUP: these settings changed and take effect at the next restart",
     ] {
