@@ -159,9 +159,9 @@ pub async fn record(
     entry: &AuditEntry,
 ) -> Result<(), AuditError> {
     let role_used = tx.role().name();
-    let previous = tx.set_role(GroupRole::Audit).await?;
     let duration_us = entry.duration.as_micros().min(i64::MAX as u128) as i64;
-    tx.execute(
+    tx.execute_as(
+        GroupRole::Audit,
         INSERT_ENTRY,
         &[
             &node_id,
@@ -175,7 +175,6 @@ pub async fn record(
         ],
     )
     .await?;
-    tx.set_role(previous).await?;
     Ok(())
 }
 

@@ -419,11 +419,10 @@ pub(super) async fn change_password(
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
     check_password(&body.new_password, "newPassword")?;
-    let ctx = OperationContext::user(GroupRole::Auth, auth.user.to_string());
     api.check_current_password(&auth, &client, body.current_password)
         .await?;
     let hash = api.passwords.hash(body.new_password).await?;
-    let mut tx = api.pool.begin(&ctx).await?;
+    let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     accounts::set_password(&tx, auth.user, &hash).await?;
     let revoked = accounts::revoke_all_sessions(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});

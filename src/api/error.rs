@@ -138,7 +138,15 @@ impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> ApiError {
         match &e {
             PoolError::Timeout(_) | PoolError::Connect(_) => ApiError::unavailable(&e.to_string()),
-            PoolError::Sql(inner) if inner.is_closed() || inner.as_db_error().is_none() => {
+            // The connection failed (closed, or an I/O error on it): the
+            // database may be back in a moment. Other errors without a
+            // server answer (a parameter or column of the wrong type) are
+            // keepd's own faults, below.
+            PoolError::Sql(inner)
+                if inner.is_closed()
+                    || std::error::Error::source(inner)
+                        .is_some_and(|source| source.is::<std::io::Error>()) =>
+            {
                 ApiError::unavailable(&e.to_string())
             }
             PoolError::Sql(inner) => match inner.code().map(|c| c.code()) {

@@ -1,6 +1,6 @@
 //! Extractors: what a handler can ask for. `UserAuth` is the only way to
-//! learn who the caller is, so a handler that needs a user cannot be
-//! reached without a live session; `ApiJson`, `ApiPath` and `ApiQuery`
+//! learn who the caller is and to reach their data, so a handler that
+//! needs a user gets nothing without a live session; `ApiJson`, `ApiPath` and `ApiQuery`
 //! turn every malformed input into an `ApiError` instead of axum's plain
 //! text rejections.
 
@@ -129,21 +129,28 @@ impl FromRequestParts<Arc<Api>> for ClientAddr {
     }
 }
 
-/// An authenticated caller: a valid token of this node whose session is
-/// neither revoked nor expired.
+/// An authenticated caller: a valid token of this node, counted against
+/// the account's rate limit. Its session is checked in every transaction
+/// it begins, and `begin` is a handler's only way to the caller's data, so
+/// a revoked or expired session reaches nothing.
 pub struct UserAuth {
     pub user: Uuid,
     pub session: Uuid,
 }
 
 impl UserAuth {
-    /// A transaction as `role` for this caller: row-level security shows
-    /// it only the caller's rows.
+    /// A transaction as `role` for this caller (row-level security shows it
+    /// only the caller's rows), opened with the session checked live in
+    /// the same round trip; 401 when it has ended.
     pub async fn begin(&self, api: &Api, role: GroupRole) -> Result<ScopedTransaction, ApiError> {
-        Ok(api
-            .pool
-            .begin(&OperationContext::user(role, self.user.to_string()))
-            .await?)
+        let ctx = OperationContext::user(role, self.user.to_string());
+        accounts::begin_in_session(&api.pool, &ctx, self.session)
+            .await?
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "the session has ended (logout or password change); log in again",
+                )
+            })
     }
 }
 
@@ -180,15 +187,6 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
         api.limits
             .account(claims.sub)
             .map_err(ApiError::rate_limited)?;
-        let ctx = OperationContext::user(GroupRole::Auth, claims.sub.to_string());
-        let tx = api.pool.begin(&ctx).await?;
-        let live = accounts::session_is_live(&tx, claims.sid).await?;
-        tx.commit().await?;
-        if !live {
-            return Err(ApiError::unauthorized(
-                "the session has ended (logout or password change); log in again",
-            ));
-        }
         Ok(UserAuth {
             user: claims.sub,
             session: claims.sid,

@@ -24,7 +24,7 @@ use super::store::logs::{self, NewEntry};
 use super::store::vaults::{self, WrappedKey};
 use super::{Api, iso8601};
 use crate::audit::AuditAction;
-use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::postgres::pool::{GroupRole, ScopedTransaction};
 
 const MAX_VAULT_ID_CHARS: usize = 200;
 const MAX_TIMESTAMP_CHARS: usize = 200;
@@ -351,18 +351,26 @@ pub(super) async fn push(
         });
     }
 
-    let ctx = OperationContext::user(GroupRole::Sync, auth.user.to_string());
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     if let Some(key) = &idempotency
-        && let Some(first) = stored_push(&api, &ctx, &auth, key, &fingerprint).await?
+        && let Some(first) = stored_push(&api, &tx, &auth, key, &fingerprint).await?
     {
         return Ok(Json(first));
     }
-    let mut tx = api.pool.begin(&ctx).await?;
-    let reserved = vaults::reserve(&tx, auth.user, &body.vault_id, count as i64)
+    let appended = logs::append(&tx, &api.fields, auth.user, &body.vault_id, entries)
         .await?
         .ok_or_else(vault_not_found)?;
-    let logs = logs::append(&tx, &api.fields, auth.user, &reserved, entries)
-        .await?
+    let (first, last) = match (appended.entries.first(), appended.entries.last()) {
+        (Some(first), Some(last)) => (first.sequence, last.sequence),
+        _ => {
+            return Err(ApiError::internal(
+                "push",
+                &"a stored batch came back empty",
+            ));
+        }
+    };
+    let logs = appended
+        .entries
         .into_iter()
         .map(|entry| PushedEntry {
             id: entry.id,
@@ -371,32 +379,41 @@ pub(super) async fn push(
             created_at: iso8601(entry.created_at),
         })
         .collect();
-    api.check_quotas(&tx, auth.user).await?;
     let response = PushResponse {
         message: format!("{count} logs pushed successfully"),
         count,
         logs,
     };
-    if let Some(key) = &idempotency {
-        let stored =
-            serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
-        let ttl = api.settings.idempotency_ttl;
-        if !logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await? {
-            // A concurrent retry with this key committed first: this
-            // attempt is rolled back and the first result is the answer.
-            drop(tx);
-            return stored_push(&api, &ctx, &auth, key, &fingerprint)
-                .await?
-                .map(Json)
-                .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
-        }
-    }
     let metadata = json!({
         "user": api.user_ref(auth.user),
-        "vault": reserved.vault,
-        "firstSequence": reserved.first,
-        "lastSequence": reserved.last,
+        "vault": appended.vault,
+        "firstSequence": first,
+        "lastSequence": last,
     });
+    // The quota check and the idempotency record go out together; a
+    // refusal drops the transaction, so nothing is stored.
+    let saved = async {
+        match &idempotency {
+            Some(key) => {
+                let stored = serde_json::to_value(&response)
+                    .map_err(|e| ApiError::internal("push response", &e))?;
+                let ttl = api.settings.idempotency_ttl;
+                Ok(logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await?)
+            }
+            None => Ok(true),
+        }
+    };
+    let (_, saved) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved)?;
+    if !saved {
+        // A concurrent retry with this key committed first: this attempt
+        // is rolled back and the first result is the answer.
+        drop(tx);
+        let tx = auth.begin(&api, GroupRole::Sync).await?;
+        return stored_push(&api, &tx, &auth, key_of(&idempotency), &fingerprint)
+            .await?
+            .map(Json)
+            .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
+    }
     api.audit(
         &mut tx,
         AuditAction::SyncPush,
@@ -409,19 +426,21 @@ pub(super) async fn push(
     Ok(Json(response))
 }
 
+fn key_of(idempotency: &Option<String>) -> &str {
+    idempotency.as_deref().unwrap_or_default()
+}
+
 /// The first answer to this Idempotency-Key, if it names this same
 /// request; 422 if it named another (a client would otherwise believe
 /// data saved that was not).
 async fn stored_push(
     api: &Api,
-    ctx: &OperationContext,
+    tx: &ScopedTransaction,
     auth: &UserAuth,
     key: &str,
     fingerprint: &[u8],
 ) -> Result<Option<PushResponse>, ApiError> {
-    let tx = api.pool.begin(ctx).await?;
-    let stored = logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl).await?;
-    tx.commit().await?;
+    let stored = logs::stored_push(tx, auth.user, key, api.settings.idempotency_ttl).await?;
     let Some(stored) = stored else {
         return Ok(None);
     };
@@ -489,11 +508,18 @@ pub(super) async fn pull(
         ));
     }
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let vault = vaults::id(&tx, auth.user, &body.vault_id)
-        .await?
-        .ok_or_else(vault_not_found)?;
     let budget = api.settings.max_pull_bytes as i64;
-    let page = logs::page(&tx, &api.fields, vault, body.after_sequence, limit, budget).await?;
+    let page = logs::page(
+        &tx,
+        &api.fields,
+        auth.user,
+        &body.vault_id,
+        body.after_sequence,
+        limit,
+        budget,
+    )
+    .await?
+    .ok_or_else(vault_not_found)?;
     tx.commit().await?;
     let has_more = page.has_more;
     let logs = page

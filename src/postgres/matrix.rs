@@ -58,6 +58,8 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     // Registration consumes an invite (api.registration: invite).
     ("keepd_auth", "keepd.invites", &[S, U]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
+    // Every transaction for a caller checks the caller's session in it.
+    ("keepd_sync", "keepd.sessions", &[S]),
     ("keepd_sync", "keepd.vaults", &[S, I, U]),
     ("keepd_sync", "keepd.vault_keys", &[S, I]),
     ("keepd_sync", "keepd.sync_logs", &[S, I]),
@@ -68,6 +70,7 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     // Read against api.quotas; only the owner's counting triggers write it.
     ("keepd_sync", "keepd.account_usage", &[S]),
     // Reads of synced data.
+    ("keepd_query", "keepd.sessions", &[S]),
     ("keepd_query", "keepd.vaults", &[S]),
     ("keepd_query", "keepd.vault_keys", &[S]),
     ("keepd_query", "keepd.sync_logs", &[S]),

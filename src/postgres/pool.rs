@@ -31,7 +31,7 @@ pub struct LoginCredential {
 }
 
 /// The group role a unit of work runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GroupRole {
     Sync,
     Query,
@@ -101,9 +101,12 @@ pub struct PoolSettings {
 
 pub struct Connection {
     client: Client,
-    /// Statements prepared on this connection, by their SQL: each is
-    /// parsed and planned once per connection, not once per use.
-    statements: std::sync::Mutex<HashMap<String, Statement>>,
+    /// Statements prepared on this connection, by the role they run as and
+    /// their SQL: each is parsed and planned once per connection and role.
+    /// Per role, because Postgres re-plans a statement that depends on
+    /// row-level security whenever it runs as another role than the one
+    /// its plan was made for.
+    statements: std::sync::Mutex<HashMap<GroupRole, HashMap<String, Statement>>>,
     version: u32,
     /// Given back inside a transaction (an error path): roll back on recycle.
     in_transaction: bool,
@@ -123,7 +126,14 @@ impl managed::Manager for Manager {
         let mut config = self.base.clone();
         config
             .user(&credential.role)
-            .password(credential.password.expose());
+            .password(credential.password.expose())
+            // Each statement is planned once per connection and role: by
+            // default Postgres re-plans a prepared statement with the
+            // parameters of each execution for as long as that looks
+            // cheaper, and for keepd's statements (key lookups, a bounded
+            // index range) it always does, which cost about a quarter of
+            // the database's time under the pull benchmark.
+            .options("-c plan_cache_mode=force_generic_plan");
         let client = super::tls::connect(&config, &credential.tls).await?;
         Ok(Connection {
             client,
@@ -225,33 +235,44 @@ impl RoleAwarePool {
 
     /// Opens a transaction as `ctx.role` for `ctx.user_id`.
     pub async fn begin(&self, ctx: &OperationContext) -> Result<ScopedTransaction, PoolError> {
+        Ok(self.begin_with(ctx, NO_FIRST, &[]).await?.0)
+    }
+
+    /// Opens a transaction as `ctx.role` for `ctx.user_id` and runs `first`
+    /// in it: BEGIN, the scope and `first` are sent together (one round
+    /// trip) and Postgres runs them in that order. Empty `first`: none.
+    pub async fn begin_with(
+        &self,
+        ctx: &OperationContext,
+        first: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(ScopedTransaction, Vec<Row>), PoolError> {
         let mut conn = self.connection().await?;
         conn.in_transaction = true;
-        if let Err(e) = conn.client.batch_execute("BEGIN").await {
+        let rows = match conn.open(ctx, first, params).await {
+            Ok(rows) => rows,
             // The server may have closed an idle connection since it was
             // last checked: take a fresh one, once; the dead one is not
             // returned to the pool.
-            if !connection_lost(&e) && !conn.client.is_closed() {
-                return Err(e.into());
+            Err(e) if connection_lost(&e) || conn.client.is_closed() => {
+                let _ = managed::Object::take(conn);
+                conn = self.connection().await?;
+                conn.in_transaction = true;
+                conn.open(ctx, first, params).await?
             }
-            let _ = managed::Object::take(conn);
-            conn = self.connection().await?;
-            conn.in_transaction = true;
-            conn.client.batch_execute("BEGIN").await?;
-        }
-        let user = ctx.user_id.as_deref().unwrap_or("");
-        let email = ctx.email_hmac.as_deref().unwrap_or("");
-        let scope = conn.statement(SET_SCOPE).await?;
-        conn.client
-            .query_one(&scope, &[&ctx.role.name(), &user, &email])
-            .await?;
-        Ok(ScopedTransaction {
-            conn: Some(conn),
-            role: ctx.role,
-        })
+            Err(e) => return Err(e.into()),
+        };
+        Ok((
+            ScopedTransaction {
+                conn: Some(conn),
+                role: ctx.role,
+            },
+            rows,
+        ))
     }
 }
 
+const NO_FIRST: &str = "";
 const SET_SCOPE: &str = "SELECT set_config('role', $1, true), \
      set_config('keepd.user_id', $2, true), set_config('keepd.email_hmac', $3, true)";
 const SET_ROLE: &str = "SELECT set_config('role', $1, true)";
@@ -259,23 +280,68 @@ const SET_ROLE: &str = "SELECT set_config('role', $1, true)";
 const MAX_CACHED_STATEMENTS: usize = 256;
 
 impl Connection {
-    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        let cached = self
-            .statements
+    fn cached(&self, role: GroupRole, sql: &str) -> Option<Statement> {
+        self.statements
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(sql)
-            .cloned();
-        if let Some(statement) = cached {
+            .get(&role)
+            .and_then(|by_sql| by_sql.get(sql))
+            .cloned()
+    }
+
+    async fn statement(
+        &self,
+        role: GroupRole,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.cached(role, sql) {
             return Ok(statement);
         }
         let statement = self.client.prepare(sql).await?;
         let mut cache = self.statements.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_CACHED_STATEMENTS {
-            cache.clear();
+        let by_sql = cache.entry(role).or_default();
+        if by_sql.len() >= MAX_CACHED_STATEMENTS {
+            by_sql.clear();
         }
-        cache.insert(sql.to_owned(), statement.clone());
+        by_sql.insert(sql.to_owned(), statement.clone());
         Ok(statement)
+    }
+
+    /// BEGIN, the scope of `ctx` and `first` (unless empty), pipelined.
+    async fn open(
+        &self,
+        ctx: &OperationContext,
+        first: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let user = ctx.user_id.as_deref().unwrap_or("");
+        let email = ctx.email_hmac.as_deref().unwrap_or("");
+        let scope = self.statement(ctx.role, SET_SCOPE).await?;
+        let role = ctx.role.name();
+        let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
+        if first.is_empty() {
+            tokio::try_join!(
+                self.client.batch_execute("BEGIN"),
+                self.client.query_one(&scope, &scope_params),
+            )?;
+            return Ok(Vec::new());
+        }
+        let Some(first) = self.cached(ctx.role, first) else {
+            // Prepared once per connection and role, inside the scope (the
+            // login role alone may not even see the schema).
+            tokio::try_join!(
+                self.client.batch_execute("BEGIN"),
+                self.client.query_one(&scope, &scope_params),
+            )?;
+            let first = self.statement(ctx.role, first).await?;
+            return self.client.query(&first, params).await;
+        };
+        let (_, _, rows) = tokio::try_join!(
+            self.client.batch_execute("BEGIN"),
+            self.client.query_one(&scope, &scope_params),
+            self.client.query(&first, params),
+        )?;
+        Ok(rows)
     }
 }
 
@@ -304,15 +370,38 @@ impl ScopedTransaction {
         self.role
     }
 
-    /// Switches this transaction to another group role (e.g. `Audit` to
-    /// append the audit entry of the change it makes); returns the old one.
-    pub async fn set_role(&mut self, role: GroupRole) -> Result<GroupRole, PoolError> {
-        let statement = self.conn().statement(SET_ROLE).await?;
-        self.conn()
-            .client
-            .query_one(&statement, &[&role.name()])
-            .await?;
-        Ok(std::mem::replace(&mut self.role, role))
+    /// Runs `sql` as `role` (e.g. `Audit`, to append the audit entry of the
+    /// change this transaction makes) and switches back: the three
+    /// statements are sent together. Rows affected. Takes `&mut self`: no
+    /// other statement of this transaction may be in flight meanwhile, or
+    /// it could run as `role`.
+    pub async fn execute_as(
+        &mut self,
+        role: GroupRole,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, PoolError> {
+        let conn = self.conn();
+        let to = conn.statement(role, SET_ROLE).await?;
+        let back = conn.statement(self.role, SET_ROLE).await?;
+        let (to_name, back_name) = (role.name(), self.role.name());
+        let (to_params, back_params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&to_name], [&back_name]);
+        let Some(statement) = conn.cached(role, sql) else {
+            // Prepared once per connection as `role` (only it may see the
+            // schema), one statement after the other.
+            conn.client.query_one(&to, &to_params).await?;
+            let statement = conn.statement(role, sql).await?;
+            let affected = conn.client.execute(&statement, params).await?;
+            conn.client.query_one(&back, &back_params).await?;
+            return Ok(affected);
+        };
+        let (_, affected, _) = tokio::try_join!(
+            conn.client.query_one(&to, &to_params),
+            conn.client.execute(&statement, params),
+            conn.client.query_one(&back, &back_params),
+        )?;
+        Ok(affected)
     }
 
     pub async fn query(
@@ -320,7 +409,7 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PoolError> {
-        let statement = self.conn().statement(sql).await?;
+        let statement = self.conn().statement(self.role, sql).await?;
         Ok(self.conn().client.query(&statement, params).await?)
     }
 
@@ -329,7 +418,7 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, PoolError> {
-        let statement = self.conn().statement(sql).await?;
+        let statement = self.conn().statement(self.role, sql).await?;
         Ok(self.conn().client.query_one(&statement, params).await?)
     }
 
@@ -338,7 +427,7 @@ impl ScopedTransaction {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, PoolError> {
-        let statement = self.conn().statement(sql).await?;
+        let statement = self.conn().statement(self.role, sql).await?;
         Ok(self.conn().client.execute(&statement, params).await?)
     }
 

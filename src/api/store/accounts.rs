@@ -1,11 +1,12 @@
-//! `keepd.users` and `keepd.sessions` (as `keepd_auth`).
+//! `keepd.users` and `keepd.sessions` (as `keepd_auth`; every role that
+//! serves a caller reads its session).
 
 use std::time::SystemTime;
 
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::postgres::pool::ScopedTransaction;
+use crate::postgres::pool::{OperationContext, RoleAwarePool, ScopedTransaction};
 
 /// Registers a user; no row back when the email is taken.
 const INSERT_USER: &str = "INSERT INTO keepd.users (id, email_hmac, password_hash) \
@@ -98,9 +99,15 @@ pub async fn open_session(
     Ok(())
 }
 
-/// Whether the session is neither revoked nor expired.
-pub async fn session_is_live(tx: &ScopedTransaction, session: Uuid) -> Result<bool, StoreError> {
-    Ok(!tx.query(SESSION_IS_LIVE, &[&session]).await?.is_empty())
+/// Opens the transaction of `ctx` with the session's liveness checked in
+/// it, in the same round trip; None when the session is revoked or expired.
+pub async fn begin_in_session(
+    pool: &RoleAwarePool,
+    ctx: &OperationContext,
+    session: Uuid,
+) -> Result<Option<ScopedTransaction>, StoreError> {
+    let (tx, rows) = pool.begin_with(ctx, SESSION_IS_LIVE, &[&session]).await?;
+    Ok((!rows.is_empty()).then_some(tx))
 }
 
 /// Ends one session; sessions ended (0 or 1).

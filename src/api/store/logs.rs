@@ -6,34 +6,44 @@ use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
 use super::StoreError;
-use super::vaults::Reserved;
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::ScopedTransaction;
 
-/// Stores a whole batch in one statement: entry k (1-based) of the arrays
-/// gets sequence `$3 + k`.
-const INSERT_LOGS: &str = "INSERT INTO keepd.sync_logs \
-     (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
-     SELECT e.id, $1, $2, $3 + e.ord, e.data, e.nonce, e.ts, e.size \
-     FROM unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
+/// Reserves sequence numbers on the vault's counter and stores the whole
+/// batch under them, in one statement: entry k (1-based) of the arrays
+/// gets the counter's old value + k. The counter's row lock is held to
+/// commit, so concurrent pushes to one vault commit in sequence order and
+/// a rolled-back push gives its numbers back. No row when the user has no
+/// such vault.
+const APPEND: &str = "WITH reserved AS ( \
+       UPDATE keepd.vaults SET last_sequence = last_sequence + $3 \
+       WHERE user_id = $1 AND vault_id = $2 RETURNING id, last_sequence - $3 AS base) \
+     INSERT INTO keepd.sync_logs \
+       (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
+     SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
+     FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
           WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
-     RETURNING id, sequence, haex_timestamp, created_at";
+     RETURNING id, vault, sequence, haex_timestamp, created_at";
 
-/// Up to `$4` entries after sequence `$2` whose stored sizes add up to at
-/// most `$5` bytes (the first always), out of the `$3` (= `$4` + 1) the
-/// index yields; `available` tells the caller whether more remain. Only
-/// what fits the budget leaves the server.
-const PULL_LOGS: &str = "SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at, \
-       available \
-     FROM (SELECT p.*, row_number() OVER w AS n, count(*) OVER () AS available, \
-             sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
-                 + octet_length(p.haex_timestamp)) OVER w AS running \
-           FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
-                 FROM keepd.sync_logs WHERE vault = $1 AND sequence > $2 \
-                 ORDER BY sequence LIMIT $3) p \
-           WINDOW w AS (ORDER BY p.sequence)) t \
-     WHERE n <= $4 AND (n = 1 OR running <= $5) \
-     ORDER BY sequence";
+/// The vault `$2` of user `$1` and up to `$4` of its entries after
+/// sequence `$3` whose sizes add up to at most `$5` bytes (the first
+/// always), out of the `$4` + 1 the index yields; `more` on the last row
+/// tells whether another entry follows it. No row: no such vault; one row
+/// of NULLs: no entry. Only what fits the budget leaves the server. The
+/// window runs once over the rows in index order with a ROWS frame (no
+/// whole-partition count, no sort), which keeps it cheap.
+const PULL_LOGS: &str = "SELECT t.id, t.encrypted_data, t.nonce, t.haex_timestamp, t.sequence, \
+       t.created_at, t.more \
+     FROM keepd.vaults v LEFT JOIN LATERAL ( \
+       SELECT p.*, row_number() OVER w AS n, lead(p.sequence) OVER w IS NOT NULL AS more, \
+              sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
+                  + octet_length(p.haex_timestamp)) OVER w AS running \
+       FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+             FROM keepd.sync_logs WHERE vault = v.id AND sequence > $3::int8 \
+             ORDER BY sequence LIMIT $4::int8 + 1) p \
+       WINDOW w AS (ORDER BY p.sequence ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) t \
+       ON t.n <= $4::int8 AND (t.n = 1 OR t.running <= $5::int8) \
+     WHERE v.user_id = $1 AND v.vault_id = $2";
 
 /// A record older than `api.idempotency_ttl` (`$3`, seconds) has expired:
 /// the key may name a new request.
@@ -66,7 +76,7 @@ impl NewEntry {
 }
 
 /// What storing an entry gave it.
-pub struct Appended {
+pub struct AppendedEntry {
     pub id: Uuid,
     pub sequence: i64,
     pub haex_timestamp: String,
@@ -82,15 +92,21 @@ pub struct Entry {
     pub created_at: SystemTime,
 }
 
-/// Stores `entries` under the reserved sequence numbers, in one
-/// statement; the stored entries in sequence order.
+/// A stored batch: the vault's row id and the entries in sequence order.
+pub struct Appended {
+    pub vault: Uuid,
+    pub entries: Vec<AppendedEntry>,
+}
+
+/// Stores `entries` in the user's vault `vault_id` under new sequence
+/// numbers, in one statement; None when the user has no such vault.
 pub async fn append(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     user: Uuid,
-    reserved: &Reserved,
+    vault_id: &str,
     entries: Vec<NewEntry>,
-) -> Result<Vec<Appended>, StoreError> {
+) -> Result<Option<Appended>, StoreError> {
     let count = entries.len();
     let mut ids = Vec::with_capacity(count);
     let mut data = Vec::with_capacity(count);
@@ -104,14 +120,13 @@ pub async fn append(
         nonces.push(fields.seal_text(column::LOG_NONCE, entry.nonce));
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
     }
-    let base = reserved.first - 1;
     let rows = tx
         .query(
-            INSERT_LOGS,
+            APPEND,
             &[
-                &reserved.vault,
                 &user,
-                &base,
+                &vault_id,
+                &(count as i64),
                 &ids,
                 &data,
                 &nonces,
@@ -120,19 +135,23 @@ pub async fn append(
             ],
         )
         .await?;
-    let mut appended = rows
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let vault = first.get(1);
+    let mut entries = rows
         .iter()
         .map(|row| {
-            Ok(Appended {
+            Ok(AppendedEntry {
                 id: row.get(0),
-                sequence: row.get(1),
-                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(2))?,
-                created_at: row.get(3),
+                sequence: row.get(2),
+                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
+                created_at: row.get(4),
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    appended.sort_by_key(|entry| entry.sequence);
-    Ok(appended)
+    entries.sort_by_key(|entry| entry.sequence);
+    Ok(Some(Appended { vault, entries }))
 }
 
 /// Entries after `after`, in sequence order.
@@ -142,37 +161,50 @@ pub struct Page {
     pub has_more: bool,
 }
 
-/// Up to `limit` entries after `after`, in sequence order, no more than
-/// `budget` bytes of them (but always at least one).
+/// Up to `limit` entries of the user's vault `vault_id` after `after`, in
+/// sequence order, no more than `budget` bytes of them (but always at
+/// least one); None when the user has no such vault. One statement.
 pub async fn page(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
-    vault: Uuid,
+    user: Uuid,
+    vault_id: &str,
     after: i64,
     limit: i64,
     budget: i64,
-) -> Result<Page, StoreError> {
+) -> Result<Option<Page>, StoreError> {
     let rows = tx
-        .query(PULL_LOGS, &[&vault, &after, &(limit + 1), &limit, &budget])
+        .query(PULL_LOGS, &[&user, &vault_id, &after, &limit, &budget])
         .await?;
-    let available: i64 = rows.first().map_or(0, |row| row.get(6));
-    let entries = rows
-        .iter()
-        .map(|row| {
-            Ok(Entry {
-                id: row.get(0),
-                encrypted_data: fields.open_text(column::LOG_DATA, row.get(1))?,
-                nonce: fields.open_text(column::LOG_NONCE, row.get(2))?,
-                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
-                sequence: row.get(4),
-                created_at: row.get(5),
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(Page {
-        has_more: (entries.len() as i64) < available,
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    // The query leaves the order to the join: sorting here is cheaper than
+    // a sort of wide rows in Postgres. Whether more follow is the last
+    // entry's `more`.
+    let mut has_more = (0, false);
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(sequence) = row.get::<_, Option<i64>>(4) else {
+            continue;
+        };
+        if sequence > has_more.0 {
+            has_more = (sequence, row.get(6));
+        }
+        entries.push(Entry {
+            id: row.get(0),
+            encrypted_data: fields.open_text(column::LOG_DATA, row.get(1))?,
+            nonce: fields.open_text(column::LOG_NONCE, row.get(2))?,
+            haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
+            sequence,
+            created_at: row.get(5),
+        });
+    }
+    entries.sort_by_key(|entry| entry.sequence);
+    Ok(Some(Page {
+        has_more: has_more.1,
         entries,
-    })
+    }))
 }
 
 /// What a push answered under an Idempotency-Key, and the fingerprint of

@@ -21,14 +21,6 @@ const VAULT_KEY: &str = "SELECT k.encrypted_vault_key, k.salt, k.nonce, k.create
      FROM keepd.vaults v JOIN keepd.vault_keys k ON k.vault = v.id \
      WHERE v.user_id = $1 AND v.vault_id = $2";
 
-const VAULT_ID: &str = "SELECT id FROM keepd.vaults WHERE user_id = $1 AND vault_id = $2";
-
-/// Reserves `$3` sequence numbers. The row lock it takes is held to
-/// commit, so concurrent pushes to one vault commit in sequence order and
-/// a rolled-back push gives its numbers back.
-const ADVANCE_SEQUENCE: &str = "UPDATE keepd.vaults SET last_sequence = last_sequence + $3 \
-     WHERE user_id = $1 AND vault_id = $2 RETURNING id, last_sequence";
-
 /// A vault key as the client wrapped it (plaintext to keepd only in the
 /// sense that keepd cannot unwrap it).
 pub struct WrappedKey {
@@ -40,13 +32,6 @@ pub struct WrappedKey {
 pub struct StoredKey {
     pub key: WrappedKey,
     pub created_at: SystemTime,
-}
-
-/// Sequence numbers reserved for a batch: `first..=last`.
-pub struct Reserved {
-    pub vault: Uuid,
-    pub first: i64,
-    pub last: i64,
 }
 
 /// Creates the vault; its row id, or None when the user already has it.
@@ -101,35 +86,5 @@ pub async fn key(
             nonce: fields.open_text(column::VAULT_KEY_NONCE, row.get(2))?,
         },
         created_at: row.get(3),
-    }))
-}
-
-/// The vault's row id, if the user has it.
-pub async fn id(
-    tx: &ScopedTransaction,
-    user: Uuid,
-    vault_id: &str,
-) -> Result<Option<Uuid>, StoreError> {
-    let rows = tx.query(VAULT_ID, &[&user, &vault_id]).await?;
-    Ok(rows.first().map(|row| row.get(0)))
-}
-
-/// Reserves `count` sequence numbers; None when the user has no such vault.
-pub async fn reserve(
-    tx: &ScopedTransaction,
-    user: Uuid,
-    vault_id: &str,
-    count: i64,
-) -> Result<Option<Reserved>, StoreError> {
-    let rows = tx
-        .query(ADVANCE_SEQUENCE, &[&user, &vault_id, &count])
-        .await?;
-    Ok(rows.first().map(|row| {
-        let last: i64 = row.get(1);
-        Reserved {
-            vault: row.get(0),
-            first: last - count + 1,
-            last,
-        }
     }))
 }

@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# The speed benchmark of docs/benchmarks.md, in one run on this machine:
+# keepd (release, fresh state directory, its native Postgres) pinned to
+# CPU 0 and wrk pinned to CPU 1; then the same Postgres cluster, restarted
+# without keepd on CPU 0, driven by pgbench on CPU 1 with the same SQL (the
+# ceiling). Prints every figure and the ratios. Needs root (keepd's
+# Postgres runs as its own user) and installs wrk if missing.
+#
+#   scripts/bench.sh                      # 10 s per run
+#   BENCH_SECONDS=30 scripts/bench.sh
+#   BENCH_LARGE=0 scripts/bench.sh        # skip the 1-million-entry vault
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+secs=${BENCH_SECONDS:-10}
+large=${BENCH_LARGE:-1}
+conns=8
+
+command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+scripts/install-deps.sh
+cargo build --release --locked --bin keepd
+keepd=$root/target/release/keepd
+pgbin=$(dirname "$(compgen -G '/usr/lib/postgresql/*/bin/pgbench' | sort -V | tail -1)")
+
+work=$(mktemp -d /tmp/keepd-bench.XXXXXX)
+chmod 755 "$work"
+port=18787
+cat >"$work/keepd.yaml" <<EOF
+node:
+  state_dir: $work/state
+  runtime_dir: $work/run
+api:
+  listen: 127.0.0.1:$port
+  metrics_listen: ""
+  # The load comes from one account and one address: limits out of the way.
+  rate_limits:
+    auth_per_minute: 100000
+    account_per_second: 10000000
+    account_burst: 10000000
+    address_per_second: 10000000
+    address_burst: 10000000
+  # Quotas stay on (checked on every write), far from being reached.
+  quotas:
+    storage_bytes: 1099511627776
+    vaults: 1000
+log:
+  level: warn
+EOF
+
+keepd_pid=""
+pg_pid=""
+cleanup() {
+  [[ -n $keepd_pid ]] && kill "$keepd_pid" 2>/dev/null && wait "$keepd_pid" 2>/dev/null || true
+  [[ -n $pg_pid ]] && kill -INT "$pg_pid" 2>/dev/null || true
+  sleep 1
+  rm -rf "$work"
+}
+trap cleanup EXIT
+[[ -n ${BENCH_DEBUG:-} ]] && trap - EXIT
+
+say() { printf '%s\n' "$*" >&2; }
+token=""
+api() { # METHOD PATH [BODY]: the JSON answer; fails on an error status
+  local args=(-sS --fail-with-body -X "$1" "http://127.0.0.1:$port$2" -H 'content-type: application/json')
+  [[ -n $token ]] && args+=(-H "authorization: Bearer $token")
+  [[ $# -ge 3 ]] && args+=(--data "$3")
+  curl "${args[@]}"
+}
+sql() { "$keepd" --config "$work/keepd.yaml" psql -- -qAt -v ON_ERROR_STOP=1 -c "$1"; }
+
+if curl -s "http://127.0.0.1:$port/" >/dev/null; then
+  say "bench: port $port is in use (another benchmark running?)"
+  exit 1
+fi
+say "bench: starting keepd (release) on CPU 0"
+taskset -c 0 "$keepd" --config "$work/keepd.yaml" run >"$work/keepd.log" 2>&1 &
+keepd_pid=$!
+for _ in $(seq 120); do
+  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+  sleep 0.5
+done
+curl -sf "http://127.0.0.1:$port/health" >/dev/null || { cat "$work/keepd.log"; exit 1; }
+
+email="bench-$RANDOM@example.org"
+api POST /auth/register "{\"email\":\"$email\",\"password\":\"benchmark password\"}" >/dev/null
+token=$(api POST /auth/login "{\"email\":\"$email\",\"password\":\"benchmark password\"}" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+uid=$(api GET /account | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+vault_key='{"encryptedVaultKey":"a2V5","salt":"c2FsdA==","nonce":"bm9uY2U="'
+for v in pull-2k pull-10k pull-1m hot $(seq -f 'spread-%g' 1 100); do
+  api POST /sync/vault-key "{\"vaultId\":\"$v\",${vault_key#\{}}" >/dev/null
+done
+
+# Entries of 512 random bytes (684 base64 characters), written straight
+# into the tables (the pushes are measured below, not the seeding).
+seed() { # VAULT N
+  sql "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce,
+         haex_timestamp, size_bytes)
+       SELECT gen_random_uuid(), v.id, v.user_id, s,
+         replace(encode(decode(repeat(md5(random()::text), 32), 'hex'), 'base64'), E'\n', ''),
+         'bm9uY2Vub25jZQ==', lpad(s::text, 12, '0'), 684 + 16 + 12
+       FROM keepd.vaults v, generate_series(1, $2) s WHERE v.vault_id = '$1';
+       UPDATE keepd.vaults SET last_sequence = $2 WHERE vault_id = '$1';"
+}
+say "bench: seeding vaults (2 000, 10 000$([[ $large == 1 ]] && echo ', 1 000 000') entries)"
+seed pull-2k 2000
+seed pull-10k 10000
+[[ $large == 1 ]] && seed pull-1m 1000000
+sql "VACUUM ANALYZE keepd.sync_logs"
+sql "VACUUM ANALYZE keepd.vaults"
+
+data=$(head -c 512 /dev/urandom | base64 -w0)
+cat >"$work/pull.lua" <<'EOF'
+local reported = false
+response = function(status, headers, body)
+  if status >= 300 and not reported then
+    reported = true
+    print("first error: " .. status .. " " .. body:sub(1, 300))
+  end
+end
+local vault, top = os.getenv("VAULT"), tonumber(os.getenv("TOP"))
+-- wrk.format sends only the headers it is given (and Host).
+local headers = { ["Content-Type"] = "application/json",
+  ["Authorization"] = "Bearer " .. os.getenv("TOKEN") }
+request = function()
+  local body = string.format('{"vaultId":"%s","afterSequence":%d,"limit":100}',
+    vault, math.random(0, top - 100))
+  return wrk.format("POST", "/sync/pull", headers, body)
+end
+EOF
+cat >"$work/push.lua" <<'EOF'
+local reported = false
+response = function(status, headers, body)
+  if status >= 300 and not reported then
+    reported = true
+    print("first error: " .. status .. " " .. body:sub(1, 300))
+  end
+end
+local vaults, data = tonumber(os.getenv("VAULTS")), os.getenv("DATA")
+local prefix = os.getenv("PREFIX")
+local n = 0
+local token = "Bearer " .. os.getenv("TOKEN")
+request = function()
+  n = n + 1
+  local entries = {}
+  for i = 1, 50 do
+    entries[i] = string.format('{"encryptedData":"%s","nonce":"bm9uY2Vub25jZQ==","haexTimestamp":"%012d-%02d"}', data, n, i)
+  end
+  local vault = prefix
+  if vaults > 1 then vault = prefix .. "-" .. math.random(1, vaults) end
+  local body = string.format('{"vaultId":"%s","logs":[%s]}', vault, table.concat(entries, ","))
+  local headers = { ["Content-Type"] = "application/json", ["Authorization"] = token,
+    ["Idempotency-Key"] = string.format("%d-%d-%d", os.time(), math.random(1, 1e9), n) }
+  return wrk.format("POST", "/sync/push", headers, body)
+end
+EOF
+
+# wrk's requests/s and p50 (ms) of one run; fails on any non-2xx answer.
+wrk_run() { # SCRIPT CONNECTIONS ENV...
+  local script=$1 c=$2 out
+  shift 2
+  out=$(env TOKEN="$token" "$@" taskset -c 1 wrk -t1 -c"$c" -d"${secs}s" --latency \
+    -s "$work/$script" "http://127.0.0.1:$port")
+  if grep -q "Non-2xx" <<<"$out"; then
+    say "$out"
+    say "bench: keepd answered errors; see $work/keepd.log"
+    exit 1
+  fi
+  local rps p50
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}' <<<"$out")
+  echo "$rps $p50"
+}
+
+rss_mib() { awk '/VmRSS/ {print int($2/1024)}' "/proc/$keepd_pid/status"; }
+hwm_mib() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$keepd_pid/status"; }
+
+say "bench: keepd runs ($secs s each, $conns connections)"
+rss_before=$(rss_mib)
+echo 5 >"/proc/$keepd_pid/clear_refs"
+read -r pull_rps pull_p50 < <(wrk_run pull.lua $conns VAULT=pull-2k TOP=2000)
+rss_peak=$(hwm_mib)
+read -r pull10k_rps pull10k_p50 < <(wrk_run pull.lua $conns VAULT=pull-10k TOP=10000)
+if [[ $large == 1 ]]; then
+  read -r pull1m_rps pull1m_p50 < <(wrk_run pull.lua $conns VAULT=pull-1m TOP=1000000)
+fi
+read -r pull1_rps pull1_p50 < <(wrk_run pull.lua 1 VAULT=pull-2k TOP=2000)
+read -r push_rps push_p50 < <(wrk_run push.lua $conns VAULTS=100 PREFIX=spread DATA="$data")
+read -r spread16_rps spread16_p50 < <(wrk_run push.lua 16 VAULTS=100 PREFIX=spread DATA="$data")
+read -r hot16_rps hot16_p50 < <(wrk_run push.lua 16 VAULTS=1 PREFIX=hot DATA="$data")
+sleep 2
+rss_after=$(rss_mib)
+
+# The load generator's correctness check: every vault's sequences are
+# exactly 1..N, and the usage row counts exactly what is stored.
+bad=$(sql "SELECT count(*) FROM (SELECT v.vault_id, v.last_sequence, count(l.id) AS n,
+             coalesce(max(l.sequence), 0) AS top, count(DISTINCT l.sequence) AS d
+           FROM keepd.vaults v LEFT JOIN keepd.sync_logs l ON l.vault = v.id
+           GROUP BY v.id) c WHERE n <> last_sequence OR top <> last_sequence OR d <> n")
+usage_ok=$(sql "SELECT bool_and(u.storage_bytes = (SELECT coalesce(sum(size_bytes), 0)
+                  FROM keepd.sync_logs l WHERE l.user_id = u.user_id)) FROM keepd.account_usage u")
+[[ $bad == 0 && $usage_ok == t ]] || { say "bench: correctness check failed ($bad vaults, usage $usage_ok)"; exit 1; }
+
+say "bench: stopping keepd; the same cluster without it, for pgbench"
+pgdata=$work/state/pgdata
+owner=$(stat -c %U "$pgdata")
+kill "$keepd_pid"
+wait "$keepd_pid" 2>/dev/null || true
+keepd_pid=""
+mkdir -p "$work/ceiling"
+chown "$owner" "$work/ceiling"
+printf 'local all keepd_superuser trust\n' >"$work/ceiling/hba.conf"
+chown "$owner" "$work/ceiling/hba.conf"
+taskset -c 0 runuser -u "$owner" -- "$pgbin/postgres" -D "$pgdata" \
+  -c hba_file="$work/ceiling/hba.conf" -c ssl=off -c listen_addresses='' \
+  -c unix_socket_directories="$work/ceiling" -c log_min_messages=warning >"$work/ceiling/pg.log" 2>&1 &
+pg_pid=$!
+for _ in $(seq 60); do
+  "$pgbin/pg_isready" -q -h "$work/ceiling" && break
+  sleep 0.5
+done
+
+# keepd's own pull and push statements, read from src/api/store/logs.rs,
+# with pgbench's variables and array expressions for their parameters: the
+# ceiling runs exactly the SQL keepd runs.
+statement() { # CONST PARAM=VALUE...: the constant's SQL on one line, parameters replaced
+  python3 - "$@" <<'PY'
+import re, sys
+text = open("src/api/store/logs.rs").read()
+sql = re.search(r'const %s: &str = "(.*?)";' % sys.argv[1], text, re.S).group(1)
+sql = re.sub(r'\\\n\s*', '', sql)
+for pair in sys.argv[2:]:
+    param, value = pair.split("=", 1)
+    # $1 must not match $10; a typed parameter ($4::uuid[]) is replaced whole.
+    sql = re.sub(re.escape(param) + r'(?![0-9])', lambda _: value, sql)
+print(sql)
+PY
+}
+pull_sql=$(statement PULL_LOGS '$1=:uid' "\$2='pull-2k'" '$3=:after' '$4=100' '$5=8388608')
+push_sql=$(statement APPEND '$1=:uid' "\$2='spread-' || :v" '$3=50' \
+  '$4::uuid[]=ARRAY(SELECT gen_random_uuid() FROM generate_series(1, 50))' \
+  '$5::text[]=array_fill(:data::text, ARRAY[50])' \
+  "\$6::text[]=array_fill('bm9uY2Vub25jZQ=='::text, ARRAY[50])" \
+  "\$7::text[]=ARRAY(SELECT lpad(g::text, 12, '0') FROM generate_series(1, 50) g)" \
+  '$8::int8[]=array_fill(712::int8, ARRAY[50])')
+scope="SELECT set_config('role', 'keepd_query', true), set_config('keepd.user_id', :uid, true), set_config('keepd.email_hmac', '', true);"
+# The same statements without switching role or tenant (as the superuser,
+# so row-level security does not apply either).
+noscope="SELECT set_config('keepd.unused', :uid, true), set_config('keepd.unused2', '', true), set_config('keepd.unused3', '', true);"
+printf '\\set after random(0, 1900)\n%s;\n' "$pull_sql" >"$work/ceiling/pull.sql"
+printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$scope" "$pull_sql" >"$work/ceiling/pull-scoped.sql"
+printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$noscope" "$pull_sql" >"$work/ceiling/pull-unscoped.sql"
+printf '\\set v random(1, 100)\nBEGIN;\n%s;\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push.sql"
+
+bench() { # SCRIPT CLIENTS: "tps latency_ms"
+  local out
+  # As keepd's connections do: each statement planned once.
+  out=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" taskset -c 1 "$pgbin/pgbench" -n -M prepared -h "$work/ceiling" -U keepd_superuser \
+    -c "$2" -j 1 -T "$secs" -D uid="$uid" -D data="$data" -f "$work/ceiling/$1" keepd 2>&1)
+  grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
+  echo "$(awk '/^tps/ {print $3}' <<<"$out") $(awk '/latency average/ {print $4}' <<<"$out")"
+}
+say "bench: ceiling runs"
+read -r ceil_pull_tps _ < <(bench pull.sql $conns)
+read -r ceil_push_tps _ < <(bench push.sql $conns)
+# One connection, so latency is the measure; interleaved three times each
+# and the medians taken, as this machine's speed drifts between runs.
+median() { sort -n | sed -n 2p; }
+scoped=() unscoped=()
+for _ in 1 2 3; do
+  read -r _ ms < <(bench pull-scoped.sql 1)
+  scoped+=("$ms")
+  read -r _ ms < <(bench pull-unscoped.sql 1)
+  unscoped+=("$ms")
+done
+scoped_ms=$(printf '%s\n' "${scoped[@]}" | median)
+unscoped_ms=$(printf '%s\n' "${unscoped[@]}" | median)
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f %%", 100 * a / b}'; }
+cat <<EOF
+
+keepd $("$keepd" --version 2>/dev/null | awk '{print $2}') · $(nproc) CPUs · $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) · PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') · $secs s per run, $conns connections
+| workload | keepd | ceiling (pgbench, same SQL) | keepd / ceiling |
+|---|---:|---:|---:|
+| P2 pull of 100 (2 000-entry vault) | $pull_rps req/s, p50 $pull_p50 ms | $ceil_pull_tps tps | $(ratio "$pull_rps" "$ceil_pull_tps") |
+| P1 push of 50 (over 100 vaults) | $push_rps req/s, p50 $push_p50 ms | $ceil_push_tps tps | $(ratio "$push_rps" "$ceil_push_tps") |
+
+| comparison | figures | ratio |
+|---|---|---:|
+| P2 pull p50, 10 000 vs $([[ $large == 1 ]] && echo '1 000 000' || echo '(skipped)') entries | $pull10k_p50 ms vs ${pull1m_p50:-—} ms | $([[ $large == 1 ]] && ratio "$pull1m_p50" "$pull10k_p50" || echo —) |
+| P3 role and tenant switch + RLS, one connection (pgbench) | $scoped_ms ms vs $unscoped_ms ms without; keepd pull p50 at 1 connection $pull1_p50 ms | $(awk -v s="$scoped_ms" -v u="$unscoped_ms" -v k="$pull1_p50" 'BEGIN {printf "%.1f %% of a pull", 100 * (s - u) / k}') |
+| P4 16 writers: one vault vs 100 vaults | $hot16_rps vs $spread16_rps req/s | $(ratio "$hot16_rps" "$spread16_rps") |
+| P5 keepd memory under the pull run | $rss_before MiB before, $rss_peak MiB peak, $rss_after MiB after the runs | |
+
+Correctness: every vault holds exactly 1..N; the usage row equals the bytes stored; no request failed.
+EOF
