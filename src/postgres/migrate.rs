@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "invites",
         sql: include_str!("../../migrations/0008_invites.sql"),
     },
+    Migration {
+        version: 9,
+        name: "policy_initplans",
+        sql: include_str!("../../migrations/0009_policy_initplans.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.
