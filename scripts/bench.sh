@@ -110,7 +110,8 @@ sql "VACUUM ANALYZE keepd.sync_logs"
 sql "VACUUM ANALYZE keepd.vaults"
 
 data=$(head -c 512 /dev/urandom | base64 -w0)
-cat >"$work/pull.lua" <<'EOF'
+# Both scripts print the first failed answer (the run then fails).
+cat >"$work/report.lua" <<'EOF'
 local reported = false
 response = function(status, headers, body)
   if status >= 300 and not reported then
@@ -118,6 +119,9 @@ response = function(status, headers, body)
     print("first error: " .. status .. " " .. body:sub(1, 300))
   end
 end
+EOF
+cat >"$work/pull.lua" <<'EOF'
+dofile(os.getenv("WORK") .. "/report.lua")
 local vault, top = os.getenv("VAULT"), tonumber(os.getenv("TOP"))
 -- wrk.format sends only the headers it is given (and Host).
 local headers = { ["Content-Type"] = "application/json",
@@ -129,13 +133,7 @@ request = function()
 end
 EOF
 cat >"$work/push.lua" <<'EOF'
-local reported = false
-response = function(status, headers, body)
-  if status >= 300 and not reported then
-    reported = true
-    print("first error: " .. status .. " " .. body:sub(1, 300))
-  end
-end
+dofile(os.getenv("WORK") .. "/report.lua")
 local vaults, data = tonumber(os.getenv("VAULTS")), os.getenv("DATA")
 local prefix = os.getenv("PREFIX")
 local n = 0
@@ -159,7 +157,7 @@ EOF
 wrk_run() { # SCRIPT CONNECTIONS ENV...
   local script=$1 c=$2 out
   shift 2
-  out=$(env TOKEN="$token" "$@" taskset -c 1 wrk -t1 -c"$c" -d"${secs}s" --latency \
+  out=$(env TOKEN="$token" WORK="$work" "$@" taskset -c 1 wrk -t1 -c"$c" -d"${secs}s" --latency \
     -s "$work/$script" "http://127.0.0.1:$port")
   if grep -q "Non-2xx" <<<"$out"; then
     say "$out"
