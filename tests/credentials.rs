@@ -491,3 +491,29 @@ crash_tests! {
     crash_after_rotation_step_8_converges => 8,
     crash_after_rotation_step_9_converges => 9,
 }
+
+/// `credentials.encrypted_path` moves db.enc: the daemon seals it there
+/// (in a private directory), nothing is written at the default place, and
+/// the operator commands and the report read it from there.
+#[test]
+fn the_sealed_file_lives_where_credentials_encrypted_path_says() {
+    use std::os::unix::fs::MetadataExt;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let path = elsewhere.path().join("vault").join("keepd-db.enc");
+    let node = TestNode::with_extra(&format!(
+        "credentials:\n  encrypted_path: {}\n",
+        path.display()
+    ));
+    let _daemon = started(&node);
+    assert!(path.is_file(), "db.enc not at {}", path.display());
+    assert_eq!(
+        std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777,
+        0o700
+    );
+    assert!(
+        !node.state_dir().join("secrets/db.enc").exists(),
+        "db.enc also written at the default place"
+    );
+    assert_eq!(node.psql("superuser", "SELECT 1").unwrap().trim(), "1");
+    assert_eq!(node.report_check("credentials.sealing")["status"], "pass");
+}
