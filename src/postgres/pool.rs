@@ -235,16 +235,25 @@ impl RoleAwarePool {
 
     /// Opens a transaction as `ctx.role` for `ctx.user_id`.
     pub async fn begin(&self, ctx: &OperationContext) -> Result<ScopedTransaction, PoolError> {
-        Ok(self.begin_with(ctx, NO_FIRST, &[]).await?.0)
+        Ok(self.open_scoped(ctx, None, &[]).await?.0)
     }
 
     /// Opens a transaction as `ctx.role` for `ctx.user_id` and runs `first`
     /// in it: BEGIN, the scope and `first` are sent together (one round
-    /// trip) and Postgres runs them in that order. Empty `first`: none.
+    /// trip) and Postgres runs them in that order.
     pub async fn begin_with(
         &self,
         ctx: &OperationContext,
         first: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(ScopedTransaction, Vec<Row>), PoolError> {
+        self.open_scoped(ctx, Some(first), params).await
+    }
+
+    async fn open_scoped(
+        &self,
+        ctx: &OperationContext,
+        first: Option<&str>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<(ScopedTransaction, Vec<Row>), PoolError> {
         let mut conn = self.connection().await?;
@@ -272,7 +281,6 @@ impl RoleAwarePool {
     }
 }
 
-const NO_FIRST: &str = "";
 const SET_SCOPE: &str = "SELECT set_config('role', $1, true), \
      set_config('keepd.user_id', $2, true), set_config('keepd.email_hmac', $3, true)";
 const SET_ROLE: &str = "SELECT set_config('role', $1, true)";
@@ -307,11 +315,11 @@ impl Connection {
         Ok(statement)
     }
 
-    /// BEGIN, the scope of `ctx` and `first` (unless empty), pipelined.
+    /// BEGIN, the scope of `ctx` and `first` (if any), pipelined.
     async fn open(
         &self,
         ctx: &OperationContext,
-        first: &str,
+        first: Option<&str>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         let user = ctx.user_id.as_deref().unwrap_or("");
@@ -319,29 +327,25 @@ impl Connection {
         let scope = self.statement(ctx.role, SET_SCOPE).await?;
         let role = ctx.role.name();
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
-        if first.is_empty() {
-            tokio::try_join!(
+        if let Some(prepared) = first.and_then(|sql| self.cached(ctx.role, sql)) {
+            let (_, _, rows) = tokio::try_join!(
                 self.client.batch_execute("BEGIN"),
                 self.client.query_one(&scope, &scope_params),
+                self.client.query(&prepared, params),
             )?;
-            return Ok(Vec::new());
+            return Ok(rows);
         }
-        let Some(first) = self.cached(ctx.role, first) else {
-            // Prepared once per connection and role, inside the scope (the
-            // login role alone may not even see the schema).
-            tokio::try_join!(
-                self.client.batch_execute("BEGIN"),
-                self.client.query_one(&scope, &scope_params),
-            )?;
-            let first = self.statement(ctx.role, first).await?;
-            return self.client.query(&first, params).await;
-        };
-        let (_, _, rows) = tokio::try_join!(
+        tokio::try_join!(
             self.client.batch_execute("BEGIN"),
             self.client.query_one(&scope, &scope_params),
-            self.client.query(&first, params),
         )?;
-        Ok(rows)
+        let Some(first) = first else {
+            return Ok(Vec::new());
+        };
+        // Prepared once per connection and role, inside the scope (the
+        // login role alone may not even see the schema).
+        let first = self.statement(ctx.role, first).await?;
+        self.client.query(&first, params).await
     }
 }
 
