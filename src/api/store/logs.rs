@@ -23,7 +23,7 @@ const APPEND: &str = "WITH reserved AS ( \
      SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
      FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
           WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
-     RETURNING id, vault, sequence, haex_timestamp, created_at";
+     RETURNING vault, sequence, created_at";
 
 /// The vault `$2` of user `$1` and up to `$4` of its entries after
 /// sequence `$3` whose sizes add up to at most `$5` bytes (the first
@@ -113,9 +113,14 @@ pub async fn append(
     let mut nonces = Vec::with_capacity(count);
     let mut stamps = Vec::with_capacity(count);
     let mut sizes = Vec::with_capacity(count);
+    // What the answer repeats of each entry, in batch order: no need to
+    // have Postgres send it back and open it again.
+    let mut sent = Vec::with_capacity(count);
     for entry in entries {
-        ids.push(Uuid::new_v4());
+        let id = Uuid::new_v4();
+        ids.push(id);
         sizes.push(entry.size_bytes());
+        sent.push((id, entry.haex_timestamp.clone()));
         data.push(fields.seal_text(column::LOG_DATA, entry.encrypted_data));
         nonces.push(fields.seal_text(column::LOG_NONCE, entry.nonce));
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
@@ -138,19 +143,23 @@ pub async fn append(
     let Some(first) = rows.first() else {
         return Ok(None);
     };
-    let vault = first.get(1);
-    let mut entries = rows
-        .iter()
-        .map(|row| {
-            Ok(AppendedEntry {
-                id: row.get(0),
-                sequence: row.get(2),
-                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
-                created_at: row.get(4),
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    entries.sort_by_key(|entry| entry.sequence);
+    let vault = first.get(0);
+    let mut stored: Vec<(i64, SystemTime)> =
+        rows.iter().map(|row| (row.get(1), row.get(2))).collect();
+    // Entry k of the batch got the k-th of its consecutive sequences.
+    stored.sort_unstable_by_key(|(sequence, _)| *sequence);
+    let entries = sent
+        .into_iter()
+        .zip(stored)
+        .map(
+            |((id, haex_timestamp), (sequence, created_at))| AppendedEntry {
+                id,
+                sequence,
+                haex_timestamp,
+                created_at,
+            },
+        )
+        .collect();
     Ok(Some(Appended { vault, entries }))
 }
 
