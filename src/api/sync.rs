@@ -393,23 +393,22 @@ pub(super) async fn push(
     // The quota check and the idempotency record go out together; a
     // refusal drops the transaction, so nothing is stored.
     let saved = async {
-        match &idempotency {
-            Some(key) => {
-                let stored = serde_json::to_value(&response)
-                    .map_err(|e| ApiError::internal("push response", &e))?;
-                let ttl = api.settings.idempotency_ttl;
-                Ok(logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await?)
-            }
-            None => Ok(true),
-        }
+        let Some(key) = &idempotency else {
+            return Ok(None);
+        };
+        let stored =
+            serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
+        let ttl = api.settings.idempotency_ttl;
+        let won = logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await?;
+        Ok::<_, ApiError>((!won).then_some(key.as_str()))
     };
-    let (_, saved) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved)?;
-    if !saved {
+    let (_, lost_to) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved)?;
+    if let Some(key) = lost_to {
         // A concurrent retry with this key committed first: this attempt
         // is rolled back and the first result is the answer.
         drop(tx);
         let tx = auth.begin(&api, GroupRole::Sync).await?;
-        return stored_push(&api, &tx, &auth, key_of(&idempotency), &fingerprint)
+        return stored_push(&api, &tx, &auth, key, &fingerprint)
             .await?
             .map(Json)
             .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
@@ -424,10 +423,6 @@ pub(super) async fn push(
     .await?;
     tx.commit().await?;
     Ok(Json(response))
-}
-
-fn key_of(idempotency: &Option<String>) -> &str {
-    idempotency.as_deref().unwrap_or_default()
 }
 
 /// The first answer to this Idempotency-Key, if it names this same
