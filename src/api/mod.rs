@@ -20,12 +20,12 @@ mod meta;
 mod store;
 mod sync;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -98,7 +98,7 @@ pub struct Api {
     limits: limits::Limits,
     /// Routes the OpenAPI document declares without security: counted
     /// per client address.
-    public_routes: OnceLock<HashSet<(Method, String)>>,
+    public_routes: OnceLock<HashMap<String, Vec<Method>>>,
     metrics: Arc<Metrics>,
     health: HealthProbe,
     fields: Arc<FieldCipher>,
@@ -327,9 +327,9 @@ pub fn metrics_router(api: Arc<Api>) -> Router {
 }
 
 /// The operations the OpenAPI document declares without a security
-/// requirement: the routes anyone may call.
-fn public_routes(openapi: &utoipa::openapi::OpenApi) -> HashSet<(Method, String)> {
-    let mut public = HashSet::new();
+/// requirement, by path: the routes anyone may call.
+fn public_routes(openapi: &utoipa::openapi::OpenApi) -> HashMap<String, Vec<Method>> {
+    let mut public: HashMap<String, Vec<Method>> = HashMap::new();
     for (path, item) in &openapi.paths.paths {
         for (method, operation) in [
             (Method::GET, &item.get),
@@ -339,7 +339,7 @@ fn public_routes(openapi: &utoipa::openapi::OpenApi) -> HashSet<(Method, String)
             (Method::DELETE, &item.delete),
         ] {
             if operation.as_ref().is_some_and(|op| op.security.is_none()) {
-                public.insert((method, path.clone()));
+                public.entry(path.clone()).or_default().push(method);
             }
         }
     }
@@ -349,23 +349,25 @@ fn public_routes(openapi: &utoipa::openapi::OpenApi) -> HashSet<(Method, String)
 /// Counts a request to a public route against its client address
 /// (`api.rate_limits.address_per_second`); authenticated routes are
 /// counted per account by `UserAuth`.
-async fn limit_public(
-    State(api): State<Arc<Api>>,
-    client: ClientAddr,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = request
+async fn limit_public(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let public = request
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let public = api.public_routes.get().is_some_and(|routes| {
-        route.is_some_and(|route| routes.contains(&(request.method().clone(), route.to_owned())))
-    });
-    if public && let Err(limited) = api.limits.address(client.0) {
+        .zip(api.public_routes.get())
+        .and_then(|(route, routes)| routes.get(route.as_str()))
+        .is_some_and(|methods| methods.contains(request.method()));
+    if !public {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let client = match ClientAddr::from_request_parts(&mut parts, &api).await {
+        Ok(ClientAddr(client)) => client,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(limited) = api.limits.address(client) {
         return ApiError::rate_limited(limited).into_response();
     }
-    next.run(request).await
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// Counts and times every request by route template.
