@@ -9,6 +9,7 @@
 #   scripts/bench.sh                      # 10 s per run
 #   BENCH_SECONDS=30 scripts/bench.sh
 #   BENCH_LARGE=0 scripts/bench.sh        # skip the 1-million-entry vault
+#   BENCH_PERF=/tmp/pull.data scripts/bench.sh  # perf profile of CPU 0 during the pull run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -176,7 +177,13 @@ hwm_mib() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$keepd_pid/status"; }
 say "bench: keepd runs ($secs s each, $conns connections)"
 rss_before=$(rss_mib)
 echo 5 >"/proc/$keepd_pid/clear_refs"
+perf_pid=""
+if [[ -n ${BENCH_PERF:-} ]]; then
+  perf record -q -g -C 0 -o "$BENCH_PERF" -- sleep "$secs" 2>/dev/null &
+  perf_pid=$!
+fi
 read -r pull_rps pull_p50 < <(wrk_run pull.lua $conns VAULT=pull-2k TOP=2000)
+[[ -n $perf_pid ]] && wait "$perf_pid"
 rss_peak=$(hwm_mib)
 read -r pull10k_rps pull10k_p50 < <(wrk_run pull.lua $conns VAULT=pull-10k TOP=10000)
 if [[ $large == 1 ]]; then
@@ -261,11 +268,11 @@ bench() { # SCRIPT CLIENTS: "tps latency_ms"
 say "bench: ceiling runs"
 read -r ceil_pull_tps _ < <(bench pull.sql $conns)
 read -r ceil_push_tps _ < <(bench push.sql $conns)
-# One connection, so latency is the measure; interleaved three times each
+# One connection, so latency is the measure; interleaved five times each
 # and the medians taken, as this machine's speed drifts between runs.
-median() { sort -n | sed -n 2p; }
+median() { sort -n | sed -n 3p; }
 scoped=() unscoped=()
-for _ in 1 2 3; do
+for _ in 1 2 3 4 5; do
   read -r _ ms < <(bench pull-scoped.sql 1)
   scoped+=("$ms")
   read -r _ ms < <(bench pull-unscoped.sql 1)

@@ -9,6 +9,7 @@
 //! Stored forms: text columns `kf1:<version>:<base64(nonce ‖ sealed)>`,
 //! bytea columns `b"KF1" ‖ version (u32 BE) ‖ nonce ‖ sealed`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 
 use aes_gcm::Aes256Gcm;
@@ -313,15 +314,30 @@ impl FieldCipher {
 
     /// A text value back from its stored form.
     pub fn open_text(&self, column: TextColumn, stored: String) -> Result<String, FieldError> {
-        let Some(rest) = stored.strip_prefix(TEXT_PREFIX) else {
+        if !stored.starts_with(TEXT_PREFIX) {
             return Ok(stored);
+        }
+        self.open_str(column, &stored).map(Cow::into_owned)
+    }
+
+    /// A text value back from its stored form, borrowed where it was
+    /// stored in the clear (a page of entries is read without a copy).
+    pub fn open_str<'a>(
+        &self,
+        column: TextColumn,
+        stored: &'a str,
+    ) -> Result<Cow<'a, str>, FieldError> {
+        let Some(rest) = stored.strip_prefix(TEXT_PREFIX) else {
+            return Ok(Cow::Borrowed(stored));
         };
         let damaged = || FieldError::damaged(column.0);
         let (version, body) = rest.split_once(':').ok_or_else(damaged)?;
         let version: u32 = version.parse().map_err(|_| damaged())?;
         let body = BASE64.decode(body).map_err(|_| damaged())?;
         let plain = self.open(column.0, version, &body)?;
-        String::from_utf8(plain).map_err(|_| damaged())
+        String::from_utf8(plain)
+            .map(Cow::Owned)
+            .map_err(|_| damaged())
     }
 
     /// The stored form of a bytea value.

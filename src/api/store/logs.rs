@@ -1,7 +1,10 @@
 //! `keepd.sync_logs` and `keepd.push_requests` (`keepd_sync` writes,
 //! `keepd_query` reads).
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Row;
 
 use uuid::Uuid;
 
@@ -83,11 +86,13 @@ pub struct AppendedEntry {
     pub created_at: SystemTime,
 }
 
-pub struct Entry {
+/// One entry of a page, borrowed from the rows Postgres sent where it
+/// was stored in the clear.
+pub struct Entry<'a> {
     pub id: Uuid,
-    pub encrypted_data: String,
-    pub nonce: String,
-    pub haex_timestamp: String,
+    pub encrypted_data: Cow<'a, str>,
+    pub nonce: Cow<'a, str>,
+    pub haex_timestamp: Cow<'a, str>,
     pub sequence: i64,
     pub created_at: SystemTime,
 }
@@ -163,11 +168,56 @@ pub async fn append(
     Ok(Some(Appended { vault, entries }))
 }
 
-/// Entries after `after`, in sequence order.
+/// Entries after `after`: the rows as Postgres sent them, read by
+/// [`Page::entries`].
 pub struct Page {
-    pub entries: Vec<Entry>,
-    /// More entries follow (the limit or the byte budget was reached).
-    pub has_more: bool,
+    rows: Vec<Row>,
+}
+
+impl Page {
+    /// The entries in sequence order (the query leaves the order to the
+    /// join: sorting here is cheaper than a sort of wide rows in Postgres).
+    pub fn entries(&self, fields: &FieldCipher) -> Result<Vec<Entry<'_>>, StoreError> {
+        let mut entries = Vec::with_capacity(self.rows.len());
+        for row in &self.rows {
+            // One row of NULLs: the vault has no entry after `after`.
+            let Some(sequence) = row.get::<_, Option<i64>>(4) else {
+                continue;
+            };
+            entries.push(Entry {
+                id: row.get(0),
+                encrypted_data: fields.open_str(column::LOG_DATA, row.get(1))?,
+                nonce: fields.open_str(column::LOG_NONCE, row.get(2))?,
+                haex_timestamp: fields.open_str(column::LOG_TIMESTAMP, row.get(3))?,
+                sequence,
+                created_at: row.get(5),
+            });
+        }
+        entries.sort_unstable_by_key(|entry| entry.sequence);
+        Ok(entries)
+    }
+
+    /// More entries follow (the limit or the byte budget was reached):
+    /// the last entry's `more`.
+    pub fn has_more(&self) -> bool {
+        self.rows
+            .iter()
+            .filter_map(|row| Some((row.get::<_, Option<i64>>(4)?, row.get::<_, bool>(6))))
+            .max_by_key(|(sequence, _)| *sequence)
+            .is_some_and(|(_, more)| more)
+    }
+
+    /// The stored size of the page's text, to size the answer up front.
+    pub fn text_bytes(&self) -> usize {
+        self.rows
+            .iter()
+            .map(|row| {
+                (1..=3)
+                    .map(|i| row.get::<_, Option<&str>>(i).map_or(0, str::len))
+                    .sum::<usize>()
+            })
+            .sum()
+    }
 }
 
 /// Up to `limit` entries of the user's vault `vault_id` after `after`, in
@@ -175,7 +225,6 @@ pub struct Page {
 /// least one); None when the user has no such vault. One statement.
 pub async fn page(
     tx: &ScopedTransaction,
-    fields: &FieldCipher,
     user: Uuid,
     vault_id: &str,
     after: i64,
@@ -185,35 +234,7 @@ pub async fn page(
     let rows = tx
         .query(PULL_LOGS, &[&user, &vault_id, &after, &limit, &budget])
         .await?;
-    if rows.is_empty() {
-        return Ok(None);
-    }
-    // The query leaves the order to the join: sorting here is cheaper than
-    // a sort of wide rows in Postgres. Whether more follow is the last
-    // entry's `more`.
-    let mut has_more = (0, false);
-    let mut entries = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let Some(sequence) = row.get::<_, Option<i64>>(4) else {
-            continue;
-        };
-        if sequence > has_more.0 {
-            has_more = (sequence, row.get(6));
-        }
-        entries.push(Entry {
-            id: row.get(0),
-            encrypted_data: fields.open_text(column::LOG_DATA, row.get(1))?,
-            nonce: fields.open_text(column::LOG_NONCE, row.get(2))?,
-            haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(3))?,
-            sequence,
-            created_at: row.get(5),
-        });
-    }
-    entries.sort_by_key(|entry| entry.sequence);
-    Ok(Some(Page {
-        has_more: has_more.1,
-        entries,
-    }))
+    Ok((!rows.is_empty()).then_some(Page { rows }))
 }
 
 /// What a push answered under an Idempotency-Key, and the fingerprint of
