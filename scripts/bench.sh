@@ -268,18 +268,16 @@ bench() { # SCRIPT CLIENTS: "tps latency_ms"
 say "bench: ceiling runs"
 read -r ceil_pull_tps _ < <(bench pull.sql $conns)
 read -r ceil_push_tps _ < <(bench push.sql $conns)
-# One connection, so latency is the measure; interleaved five times each
-# and the medians taken, as this machine's speed drifts between runs.
-median() { sort -n | sed -n 3p; }
-scoped=() unscoped=()
-for _ in 1 2 3 4 5; do
-  read -r _ ms < <(bench pull-scoped.sql 1)
-  scoped+=("$ms")
-  read -r _ ms < <(bench pull-unscoped.sql 1)
-  unscoped+=("$ms")
-done
-scoped_ms=$(printf '%s\n' "${scoped[@]}" | median)
-unscoped_ms=$(printf '%s\n' "${unscoped[@]}" | median)
+# One connection, so latency is the measure: the two scripts drawn at
+# random, transaction by transaction, in one run (pgbench reports each
+# script's latency), so the machine's drift between runs cannot favour
+# either. Each script keeps its own prepared statement, planned once for
+# the role it runs as, as keepd's per-role statement cache does.
+out=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" taskset -c 1 "$pgbin/pgbench" -n -M prepared \
+  -h "$work/ceiling" -U keepd_superuser -c 1 -j 1 -T $((3 * secs)) -D uid="$uid" \
+  -f "$work/ceiling/pull-scoped.sql@1" -f "$work/ceiling/pull-unscoped.sql@1" keepd 2>&1)
+grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
+read -r scoped_ms unscoped_ms < <(awk '/^ - latency average/ {printf "%s ", $5} END {print ""}' <<<"$out")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f %%", 100 * a / b}'; }
 cat <<EOF

@@ -42,6 +42,8 @@ pub enum AdminError {
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Invite(#[from] crate::api::InviteError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("no container address recorded in {0}; start keepd (docker provider, TCP mode) first")]
     NotRunning(PathBuf),
     #[error(transparent)]
@@ -155,6 +157,33 @@ pub async fn invite(config: &Config, ttl: std::time::Duration) -> Result<String,
     let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-account-invite")?;
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     Ok(crate::api::create_invite(&client, ttl).await?)
+}
+
+/// What `keepd cluster` does.
+pub enum ClusterAction<'a> {
+    /// Every node the cluster knows.
+    Status,
+    /// Admit a waiting node.
+    Admit(&'a str),
+    /// Remove a node: its sealed key and its login roles.
+    Remove(&'a str),
+}
+
+/// `keepd cluster status | pending | admit | remove`, as the superuser;
+/// answers the members after the action.
+pub async fn cluster(
+    config: &Config,
+    action: ClusterAction<'_>,
+) -> Result<Vec<crate::cluster::Member>, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-cluster")?;
+    let mut client = endpoint.connect().await.map_err(AdminError::Connect)?;
+    match action {
+        ClusterAction::Status => {}
+        ClusterAction::Admit(node) => crate::cluster::admit(&mut client, &identity, node).await?,
+        ClusterAction::Remove(node) => crate::cluster::remove(&mut client, &identity, node).await?,
+    }
+    Ok(crate::cluster::members(&mut client).await?)
 }
 
 /// `keepd report`: the security report, measured now.

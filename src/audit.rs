@@ -21,6 +21,7 @@ use sha2::Sha256;
 use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
+use crate::cluster::{ClusterKey, Purpose};
 use crate::fsutil;
 use crate::identity::NodeIdentity;
 use crate::postgres::pool::{
@@ -48,25 +49,39 @@ pub enum AuditError {
     Diverged(String),
 }
 
-/// Keys derived from the node identity for the audit trail.
+/// The key of this node's audit chain, derived from its identity: each
+/// node of a cluster keeps and signs a chain of its own.
 pub struct AuditKeys {
     chain: Zeroizing<[u8; 32]>,
-    identifiers: Zeroizing<[u8; 32]>,
 }
 
 impl AuditKeys {
     pub fn new(identity: &NodeIdentity) -> AuditKeys {
         AuditKeys {
             chain: identity.derive_key(b"keepd audit", b"keepd audit chain v1"),
-            identifiers: identity.derive_key(b"keepd audit", b"keepd audit identifiers v1"),
+        }
+    }
+}
+
+/// How audit metadata names people and places without saying who: keyed
+/// with the cluster's key, so an account has the same identifier in every
+/// node's chain.
+pub struct AuditIdentifiers {
+    key: Zeroizing<[u8; 32]>,
+}
+
+impl AuditIdentifiers {
+    pub fn new(cluster: &ClusterKey) -> AuditIdentifiers {
+        AuditIdentifiers {
+            key: cluster.derive(Purpose::AuditIdentifiers),
         }
     }
 
     /// A keyed HMAC of an identifier (email, address, token) for audit
     /// metadata: equal inputs give equal values; the input is not recoverable.
     pub fn identifier(&self, kind: &str, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.identifiers.as_ref())
-            .expect("any key length");
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.as_ref()).expect("any key length");
         mac.update(kind.as_bytes());
         mac.update(&[0]);
         mac.update(value.as_bytes());
@@ -668,8 +683,7 @@ mod tests {
 
     #[test]
     fn identifiers_are_stable_keyed_and_opaque() {
-        let (_d, id) = identity();
-        let keys = AuditKeys::new(&id);
+        let keys = AuditIdentifiers::new(&ClusterKey::generate().unwrap());
         let a = keys.identifier("email", "alice@example.com");
         assert_eq!(a, keys.identifier("email", "alice@example.com"));
         assert_ne!(a, keys.identifier("ip", "alice@example.com"));

@@ -1,8 +1,8 @@
 //! Encryption at rest, `method: application`: the configured columns are
 //! sealed with AES-256-GCM before they reach Postgres (a random 12-byte
 //! nonce per value, the table and column as associated data, the key
-//! version stored with each value) under keys derived from the node
-//! identity. Values written before encryption was enabled read as they
+//! version stored with each value) under keys derived from the cluster
+//! key, so every node of a cluster reads what any of them sealed. Values written before encryption was enabled read as they
 //! are; a value under a key version this node does not have is an error
 //! naming it.
 //!
@@ -18,8 +18,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use zeroize::Zeroizing;
 
+use crate::cluster::{ClusterKey, Purpose};
 use crate::config::{AtRestMethod, Config, FieldAlgorithm};
-use crate::identity::NodeIdentity;
 
 const TEXT_PREFIX: &str = "kf1:";
 const BYTES_PREFIX: &[u8] = b"KF1";
@@ -165,20 +165,20 @@ impl FieldError {
     }
 }
 
-/// Seals and opens the configured columns.
-pub struct FieldCipher {
+/// Which columns are sealed and under which key version: what the
+/// configuration says, without any key (the report reads it).
+pub struct FieldPlan {
     columns: BTreeSet<Encryptable>,
     /// Configured columns keepd's schema does not have (the seeds'
     /// examples name other applications' tables): not encrypted, reported.
     unsupported: Vec<String>,
-    keys: HashMap<u32, Zeroizing<[u8; 32]>>,
     current: u32,
 }
 
-impl FieldCipher {
+impl FieldPlan {
     /// From the configuration: encrypts nothing unless application
     /// encryption is enabled.
-    pub fn new(identity: &NodeIdentity, config: &Config) -> FieldCipher {
+    pub fn new(config: &Config) -> FieldPlan {
         let at_rest = &config.encryption_at_rest;
         // The configured algorithm is the one this module implements; a
         // second would be a new arm here and a new stored-form prefix.
@@ -201,18 +201,10 @@ impl FieldCipher {
                 }
             }
         }
-        let current = at_rest.application.key_version;
-        let keys = (1..=current)
-            .map(|v| {
-                let label = format!("keepd field key v{v}");
-                (v, identity.derive_key(b"keepd fields", label.as_bytes()))
-            })
-            .collect();
-        FieldCipher {
+        FieldPlan {
             columns,
             unsupported,
-            keys,
-            current,
+            current: at_rest.application.key_version,
         }
     }
 
@@ -252,6 +244,28 @@ impl FieldCipher {
     fn encrypts(&self, column: Encryptable) -> bool {
         self.columns.contains(&column)
     }
+}
+
+/// Seals and opens the configured columns.
+pub struct FieldCipher {
+    plan: FieldPlan,
+    keys: HashMap<u32, Zeroizing<[u8; 32]>>,
+}
+
+impl FieldCipher {
+    /// The configuration's plan with the cluster's keys for every version
+    /// up to the current one.
+    pub fn new(cluster: &ClusterKey, config: &Config) -> FieldCipher {
+        let plan = FieldPlan::new(config);
+        let keys = (1..=plan.current)
+            .map(|v| (v, cluster.derive(Purpose::Field(v))))
+            .collect();
+        FieldCipher { plan, keys }
+    }
+
+    pub fn plan(&self) -> &FieldPlan {
+        &self.plan
+    }
 
     fn cipher(&self, version: u32) -> Option<Aes256Gcm> {
         let key = self.keys.get(&version)?;
@@ -263,7 +277,7 @@ impl FieldCipher {
         getrandom::fill(&mut nonce).expect("the OS CSPRNG is available");
         let aad = column.aad();
         let sealed = self
-            .cipher(self.current)
+            .cipher(self.plan.current)
             .expect("the current key exists")
             .encrypt(
                 &nonce.into(),
@@ -284,7 +298,7 @@ impl FieldCipher {
             table: column.table.into(),
             column: column.name.into(),
             version,
-            current: self.current,
+            current: self.plan.current,
         })?;
         if body.len() < NONCE_LEN {
             return Err(damaged());
@@ -305,11 +319,15 @@ impl FieldCipher {
 
     /// The stored form of a text value.
     pub fn seal_text(&self, column: TextColumn, value: String) -> String {
-        if !self.encrypts(Encryptable::Text(column)) {
+        if !self.plan.encrypts(Encryptable::Text(column)) {
             return value;
         }
         let sealed = self.seal(column.0, value.as_bytes());
-        format!("{TEXT_PREFIX}{}:{}", self.current, BASE64.encode(sealed))
+        format!(
+            "{TEXT_PREFIX}{}:{}",
+            self.plan.current,
+            BASE64.encode(sealed)
+        )
     }
 
     /// A text value back from its stored form.
@@ -342,11 +360,11 @@ impl FieldCipher {
 
     /// The stored form of a bytea value.
     pub fn seal_bytes(&self, column: BytesColumn, value: Vec<u8>) -> Vec<u8> {
-        if !self.encrypts(Encryptable::Bytes(column)) {
+        if !self.plan.encrypts(Encryptable::Bytes(column)) {
             return value;
         }
         let mut out = BYTES_PREFIX.to_vec();
-        out.extend_from_slice(&self.current.to_be_bytes());
+        out.extend_from_slice(&self.plan.current.to_be_bytes());
         out.extend_from_slice(&self.seal(column.0, &value));
         out
     }
@@ -383,9 +401,9 @@ impl FieldCipher {
 mod tests {
     use super::*;
 
-    fn cipher(version: u32, fields: &str) -> (tempfile::TempDir, NodeIdentity, FieldCipher) {
+    fn cipher(version: u32, fields: &str) -> (tempfile::TempDir, ClusterKey, FieldCipher) {
         let dir = tempfile::tempdir().unwrap();
-        let (identity, _) = NodeIdentity::load_or_create(&dir.path().join("id")).unwrap();
+        let cluster = ClusterKey::generate().unwrap();
         let yaml = format!(
             "encryption_at_rest:\n  enabled: true\n  method: application\n  application:\n    \
              key_version: {version}\n    encrypted_fields:\n{fields}"
@@ -393,8 +411,8 @@ mod tests {
         let path = dir.path().join("k.yaml");
         std::fs::write(&path, yaml).unwrap();
         let config = Config::load(&path).unwrap();
-        let cipher = FieldCipher::new(&identity, &config);
-        (dir, identity, cipher)
+        let cipher = FieldCipher::new(&cluster, &config);
+        (dir, cluster, cipher)
     }
 
     const FIELDS: &str = "      - table: sync_logs\n        columns: [encrypted_data]\n      - table: backups\n        columns: [ciphertext]\n";
@@ -418,11 +436,12 @@ mod tests {
             "plain"
         );
         assert_eq!(
-            c.stale_values(Encryptable::Text(column::LOG_DATA)),
+            c.plan().stale_values(Encryptable::Text(column::LOG_DATA)),
             "encrypted_data NOT LIKE 'kf1:1:%'"
         );
         assert_eq!(
-            c.stale_values(Encryptable::Bytes(column::BACKUP_CIPHERTEXT)),
+            c.plan()
+                .stale_values(Encryptable::Bytes(column::BACKUP_CIPHERTEXT)),
             "substring(ciphertext FROM 1 FOR 7) <> '\\x4b463100000001'::bytea"
         );
     }
@@ -470,9 +489,9 @@ mod tests {
             1,
             "      - table: datasets\n        columns: [content]\n      - table: devices\n        columns: [device_name]\n",
         );
-        assert_eq!(c.unsupported(), vec!["datasets.content".to_string()]);
+        assert_eq!(c.plan().unsupported(), vec!["datasets.content".to_string()]);
         assert_eq!(
-            c.columns().collect::<Vec<_>>(),
+            c.plan().columns().collect::<Vec<_>>(),
             vec![Encryptable::Text(column::DEVICE_NAME)]
         );
     }

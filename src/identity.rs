@@ -58,7 +58,8 @@ pub enum IdentityError {
 pub struct NodeId(String);
 
 impl NodeId {
-    fn of(key: &VerifyingKey) -> NodeId {
+    /// The id of the node holding `key`.
+    pub fn of(key: &VerifyingKey) -> NodeId {
         let digest = Sha256::digest(key.as_bytes());
         NodeId(hex::encode(&digest[..8]))
     }
@@ -66,6 +67,27 @@ impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The SHA-256 of an Ed25519 public key in groups of four hex digits: what
+/// an operator compares before admitting a node to a cluster.
+pub fn fingerprint(key: &VerifyingKey) -> String {
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    let groups: Vec<&str> = (0..digest.len())
+        .step_by(4)
+        .map(|i| &digest[i..i + 4])
+        .collect();
+    groups.join(" ")
+}
+
+/// HKDF-SHA256 of `ikm` to 32 bytes, `domain` as the salt and `label` as
+/// the info: how every purpose's key is derived from a root secret.
+pub fn hkdf32(domain: &[u8], ikm: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<Sha256>::new(Some(domain), ikm)
+        .expand(label, key.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    key
 }
 
 impl fmt::Display for NodeId {
@@ -286,11 +308,7 @@ impl NodeIdentity {
     /// HKDF-SHA256; `domain` and `label` keep purposes apart, so one
     /// derived key says nothing about another or about the seed.
     pub fn derive_key(&self, domain: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
-        let mut key = Zeroizing::new([0u8; 32]);
-        hkdf::Hkdf::<Sha256>::new(Some(domain), self.seed().as_ref())
-            .expand(label, key.as_mut())
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
-        key
+        hkdf32(domain, self.seed().as_ref(), label)
     }
 
     pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod device_messages;

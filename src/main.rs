@@ -78,6 +78,12 @@ enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// The nodes sharing this node's database: list them, admit a node
+    /// that waits, remove one.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Manage accounts.
     Account {
         #[command(subcommand)]
@@ -131,6 +137,27 @@ enum RecoveryCommand {
         shares: Vec<PathBuf>,
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every node: admitted or pending, its key's fingerprint, who
+    /// admitted it and when.
+    Status,
+    /// The nodes waiting to be admitted, with the fingerprint to compare
+    /// with what the waiting node logs.
+    Pending,
+    /// Admit a waiting node: the cluster key, sealed to its public key.
+    Admit {
+        #[arg(value_name = "NODE_ID")]
+        node_id: String,
+    },
+    /// Remove a node: its sealed key and its login roles (its sessions
+    /// are ended); run it on another member.
+    Remove {
+        #[arg(value_name = "NODE_ID")]
+        node_id: String,
     },
 }
 
@@ -199,6 +226,7 @@ fn main() -> ExitCode {
         Command::Account {
             command: AccountCommand::Invite { ttl },
         } => invite(&config, ttl.get()),
+        Command::Cluster { command } => cluster(&config, command),
         Command::Service {
             command,
             target,
@@ -285,6 +313,44 @@ fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {
         );
     }
     println!("{code}");
+    Ok(())
+}
+
+fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
+    use keepd::admin::ClusterAction;
+    let (action, only_pending) = match &command {
+        ClusterCommand::Status => (ClusterAction::Status, false),
+        ClusterCommand::Pending => (ClusterAction::Status, true),
+        ClusterCommand::Admit { node_id } => (ClusterAction::Admit(node_id), false),
+        ClusterCommand::Remove { node_id } => (ClusterAction::Remove(node_id), false),
+    };
+    let members = runtime()?.block_on(keepd::admin::cluster(config, action))?;
+    match &command {
+        ClusterCommand::Admit { node_id } => println!("admitted {node_id}"),
+        ClusterCommand::Remove { node_id } => println!("removed {node_id}"),
+        ClusterCommand::Status | ClusterCommand::Pending => {}
+    }
+    let shown: Vec<_> = members
+        .iter()
+        .filter(|m| !only_pending || !m.admitted)
+        .collect();
+    if shown.is_empty() {
+        println!(
+            "{}",
+            if only_pending {
+                "no node is waiting"
+            } else {
+                "no member yet"
+            }
+        );
+    }
+    for m in shown {
+        let state = match (&m.admitted_at, &m.admitted_by) {
+            (Some(at), Some(by)) => format!("admitted {at} UTC by {by}"),
+            _ => format!("pending since {} UTC", m.requested_at),
+        };
+        println!("{}  {}  {state}", m.node_id, m.fingerprint);
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Bearer tokens: compact JWTs (RFC 7519) signed HS256 with a key derived
-//! from the node identity, so there is no shared secret to configure and a
-//! new identity invalidates every token.
+//! from the cluster key, so every node of a cluster accepts every node's
+//! tokens and there is no shared secret to configure.
 //!
 //! Verification accepts exactly one header (`{"alg":"HS256","typ":"JWT"}`
 //! as keepd writes it): `alg: none`, other algorithms and re-encoded
@@ -18,7 +18,8 @@ use sha2::Sha256;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::identity::NodeIdentity;
+use crate::cluster::{ClusterKey, Purpose};
+use crate::identity::NodeId;
 
 /// The only header keepd issues or accepts, already encoded.
 const HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
@@ -51,7 +52,7 @@ pub struct TokenClaims {
     pub exp: u64,
 }
 
-/// Mints and checks tokens for one node.
+/// Mints and checks tokens for one node of a cluster.
 pub struct TokenIssuer {
     key: Zeroizing<[u8; 32]>,
     node_id: String,
@@ -61,10 +62,10 @@ pub struct TokenIssuer {
 use crate::clock::unix_now;
 
 impl TokenIssuer {
-    pub fn new(identity: &NodeIdentity, ttl: Duration) -> TokenIssuer {
+    pub fn new(cluster: &ClusterKey, node_id: &NodeId, ttl: Duration) -> TokenIssuer {
         TokenIssuer {
-            key: identity.derive_key(b"keepd tokens", b"keepd jwt hs256 v1"),
-            node_id: identity.node_id().as_str().to_string(),
+            key: cluster.derive(Purpose::Tokens),
+            node_id: node_id.to_string(),
             ttl,
         }
     }
@@ -95,7 +96,8 @@ impl TokenIssuer {
         (format!("{signing_input}.{signature}"), claims)
     }
 
-    /// The claims of a token this node issued and that has not expired.
+    /// The claims of a token a node of this cluster issued and that has
+    /// not expired.
     pub fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
         self.verify_at(token, unix_now())
     }
@@ -123,9 +125,6 @@ impl TokenIssuer {
         let payload = B64URL.decode(payload).map_err(|_| TokenError::Malformed)?;
         let claims: TokenClaims =
             serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
-        if claims.iss != self.node_id {
-            return Err(TokenError::BadSignature);
-        }
         if claims.exp <= now {
             return Err(TokenError::Expired);
         }
@@ -139,8 +138,23 @@ mod tests {
 
     fn issuer(ttl: u64) -> TokenIssuer {
         let dir = tempfile::tempdir().unwrap();
-        let (identity, _) = NodeIdentity::load_or_create(&dir.path().join("id")).unwrap();
-        TokenIssuer::new(&identity, Duration::from_secs(ttl))
+        let (identity, _) =
+            crate::identity::NodeIdentity::load_or_create(&dir.path().join("id")).unwrap();
+        let cluster = ClusterKey::generate().unwrap();
+        TokenIssuer::new(&cluster, identity.node_id(), Duration::from_secs(ttl))
+    }
+
+    #[test]
+    fn another_member_of_the_cluster_accepts_the_token() {
+        let cluster = ClusterKey::generate().unwrap();
+        let ids: Vec<_> = (0..2)
+            .map(|i| crate::identity::NodeIdentity::from_seed(&[i; 32]))
+            .collect();
+        let a = TokenIssuer::new(&cluster, ids[0].node_id(), Duration::from_secs(60));
+        let b = TokenIssuer::new(&cluster, ids[1].node_id(), Duration::from_secs(60));
+        let (token, claims) = a.issue(Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(b.verify(&token).unwrap(), claims);
+        assert_eq!(claims.iss, ids[0].node_id().as_str());
     }
 
     #[test]

@@ -294,18 +294,18 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
         B64.encode(r#"{"alg":"none","typ":"JWT"}"#),
         parts[1]
     );
-    // Expired: a real signature from this node's key, zero lifetime.
-    let identity =
-        keepd::identity::NodeIdentity::load(&node.state_dir().join("identity.key")).unwrap();
+    // Expired: a real signature with the cluster's key, zero lifetime.
+    let (identity, cluster) = node.cluster_key().await;
     let sub = uuid::Uuid::parse_str(claims["sub"].as_str().unwrap()).unwrap();
     let sid = uuid::Uuid::parse_str(claims["sid"].as_str().unwrap()).unwrap();
-    let (expired, _) = keepd::tokens::TokenIssuer::new(&identity, Duration::ZERO).issue(sub, sid);
-    // Another node's key.
-    let other = tempfile::tempdir().unwrap();
-    let (stranger, _) =
-        keepd::identity::NodeIdentity::load_or_create(&other.path().join("id")).unwrap();
+    let (expired, _) =
+        keepd::tokens::TokenIssuer::new(&cluster, identity.node_id(), Duration::ZERO)
+            .issue(sub, sid);
+    // Another cluster's key.
+    let stranger = keepd::cluster::ClusterKey::generate().unwrap();
     let (foreign, _) =
-        keepd::tokens::TokenIssuer::new(&stranger, Duration::from_secs(600)).issue(sub, sid);
+        keepd::tokens::TokenIssuer::new(&stranger, identity.node_id(), Duration::from_secs(600))
+            .issue(sub, sid);
 
     for (what, bad) in [
         ("swapped subject", swapped),

@@ -7,6 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use common::{TestNode, wait_until};
@@ -137,12 +139,15 @@ fn start_external() -> ExternalPostgres {
 }
 
 fn external_node(server: &ExternalPostgres) -> TestNode {
+    // Field encryption on: a column one node seals, another must open.
     TestNode::with_api_and_extra(
         common::UNLIMITED_RATES,
         &format!(
             "database:\n  postgres:\n    provider: external\n    external:\n      host: 127.0.0.1\n      \
              port: {}\n      admin_password_file: {}\n      ca_file: {}\n\
-             credentials:\n  rotation_grace_period: 2s\n",
+             credentials:\n  rotation_grace_period: 2s\n\
+             encryption_at_rest:\n  enabled: true\n  method: application\n  application:\n    \
+             encrypted_fields:\n      - table: sync_logs\n        columns: [encrypted_data]\n",
             server.port,
             server.password_file.display(),
             server.ca_file.display()
@@ -159,95 +164,376 @@ fn admin_rows(node: &TestNode, sql: &str) -> Vec<String> {
         .collect()
 }
 
+fn identity(node: &TestNode) -> keepd::identity::NodeIdentity {
+    keepd::identity::NodeIdentity::load(&node.state_dir().join("identity.key")).unwrap()
+}
+
+/// `keepd cluster ARGS` on `node`: (exit code, stdout + stderr).
+fn cluster(node: &TestNode, args: &[&str]) -> (i32, String) {
+    let out = node
+        .command(&[&["cluster"], args].concat())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn health_status(daemon: &common::Daemon) -> Option<(u16, String)> {
+    let (code, body) = daemon.get("/health")?;
+    Some((
+        code,
+        body["status"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// `writers` clients, spread over `daemons`, each pushing `batches` batches
+/// of `per_batch` entries to `vault` with an Idempotency-Key; a push that
+/// fails for want of its node is retried, the same request, on the next
+/// node. Returns the labels stored, the failures seen on nodes other than
+/// `dying` (which must be none) and how many pushes `dying` failed.
+async fn push_load(
+    daemons: &[std::net::SocketAddr],
+    dying: Option<usize>,
+    token: &str,
+    key: &Arc<keepd::client::VaultKey>,
+    vault: &str,
+    (writers, batches, per_batch): (usize, usize, usize),
+    done: Arc<AtomicUsize>,
+) -> (Vec<String>, Vec<String>, usize) {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let done = done.clone();
+        let daemons = daemons.to_vec();
+        let token = token.to_string();
+        let key = key.clone();
+        let vault = vault.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut sent, mut failures, mut lost) = (Vec::new(), Vec::new(), 0);
+            for b in 0..batches {
+                let labels: Vec<String> =
+                    (0..per_batch).map(|e| format!("w{w}-b{b}-e{e}")).collect();
+                let entries: Vec<LogEntry> = labels
+                    .iter()
+                    .map(|l| LogEntry {
+                        data: l.as_bytes().to_vec(),
+                        haex_timestamp: l.clone(),
+                    })
+                    .collect();
+                let sealed = SyncClient::seal_push(&vault, &key, &entries).unwrap();
+                let idempotency = common::uuid();
+                let mut node = w % daemons.len();
+                let mut attempts = 0;
+                loop {
+                    let mut client = SyncClient::new(daemons[node]);
+                    client.set_token(Some(token.clone()));
+                    match client.push_sealed(&sealed, Some(&idempotency)).await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            if Some(node) == dying {
+                                lost += 1;
+                            } else {
+                                failures.push(format!("node {node}: {e}"));
+                            }
+                            attempts += 1;
+                            assert!(attempts < 20, "push never succeeded: {e}");
+                            node = (node + 1) % daemons.len();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                sent.extend(labels);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (sent, failures, lost)
+        }));
+    }
+    let (mut sent, mut failures, mut lost) = (Vec::new(), Vec::new(), 0);
+    for task in tasks {
+        let (s, f, l) = task.await.unwrap();
+        sent.extend(s);
+        failures.extend(f);
+        lost += l;
+    }
+    (sent, failures, lost)
+}
+
+/// Every entry of `vault` through `client`: (sequences, decrypted labels).
+async fn pull_all(
+    client: &SyncClient,
+    key: &keepd::client::VaultKey,
+    vault: &str,
+) -> (Vec<i64>, Vec<String>) {
+    let (mut sequences, mut labels) = (Vec::new(), Vec::new());
+    let mut after = 0;
+    loop {
+        let page = client.pull(vault, after, 1000).await.unwrap();
+        for entry in &page.logs {
+            sequences.push(entry.sequence);
+            let plain = key
+                .decrypt_entry(&entry.encrypted_data, &entry.nonce)
+                .unwrap();
+            labels.push(String::from_utf8(plain).unwrap());
+            after = entry.sequence;
+        }
+        if !page.has_more {
+            return (sequences, labels);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn two_nodes_share_one_external_server() {
+async fn three_nodes_form_one_cluster_over_one_external_server() {
     let server = start_external();
-    let (a, b) = (external_node(&server), external_node(&server));
-    // Started together: migrations and grants run once, under a lock.
-    let (daemon_a, daemon_b) = std::thread::scope(|s| {
-        let one = s.spawn(|| a.start());
-        let two = s.spawn(|| b.start());
-        (one.join().unwrap(), two.join().unwrap())
+    let nodes = [
+        external_node(&server),
+        external_node(&server),
+        external_node(&server),
+    ];
+    // Started together: migrations and grants run once, under a lock; the
+    // first to find no member founds the cluster, the others wait.
+    let mut daemons: Vec<common::Daemon> = std::thread::scope(|s| {
+        let started: Vec<_> = nodes.iter().map(|n| s.spawn(|| n.start())).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for daemon in [&daemon_a, &daemon_b] {
+    let states = wait_until(Duration::from_secs(60), || {
+        let states: Vec<_> = daemons.iter().map(health_status).collect();
+        let ok = states
+            .iter()
+            .filter(|s| matches!(s, Some((200, _))))
+            .count();
+        let waiting = states
+            .iter()
+            .filter(|s| matches!(s, Some((503, status)) if status == "pending"))
+            .count();
+        (ok == 1 && waiting == 2).then_some(states)
+    });
+    let logs = || {
+        daemons
+            .iter()
+            .map(|d| d.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let states = states.unwrap_or_else(|| panic!("one member, two pending expected:\n{}", logs()));
+    let founder = states
+        .iter()
+        .position(|s| matches!(s, Some((200, _))))
+        .unwrap();
+    let waiting: Vec<usize> = (0..3).filter(|&i| i != founder).collect();
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| identity(n).node_id().to_string())
+        .collect();
+
+    // A waiting node serves nothing and says why.
+    for &i in &waiting {
+        let (code, body) = daemons[i].get("/health").unwrap();
+        assert_eq!(code, 503);
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.contains("keepd cluster admit"), "{reason}");
+        let mut client = SyncClient::new(daemons[i].addr());
+        match client.login("nobody@example.org", "a long password").await {
+            Err(keepd::client::ClientError::Api {
+                status: 503,
+                code,
+                retry_after: Some(_),
+                ..
+            }) => assert_eq!(code, "not_admitted"),
+            other => panic!("a pending node answered {other:?}"),
+        }
+        // Nor can it admit anyone: it holds no key.
+        let (code, text) = cluster(&nodes[i], &["admit", &ids[founder]]);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("not an admitted member"), "{text}");
+    }
+    // `pending` shows what the waiting nodes' keys are; the operator
+    // compares, then admits.
+    let (code, pending) = cluster(&nodes[founder], &["pending"]);
+    assert_eq!(code, 0, "{pending}");
+    for &i in &waiting {
+        let fingerprint = keepd::identity::fingerprint(&identity(&nodes[i]).public_key());
         assert!(
-            daemon.wait_health(200, Duration::from_secs(60)),
-            "{}",
-            daemon.log()
+            pending.contains(&format!("{}  {fingerprint}  pending since", ids[i])),
+            "{pending}"
         );
     }
-    let id = |d: &common::Daemon| {
-        d.get("/health").unwrap().1["nodeId"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let (id_a, id_b) = (id(&daemon_a), id(&daemon_b));
-    assert_ne!(id_a, id_b);
-
-    // keepd rendered and installed nothing.
-    for node in [&a, &b] {
-        assert!(!node.data_dir().exists(), "a data directory was created");
+    assert!(!pending.contains(&ids[founder]), "{pending}");
+    let (code, text) = cluster(&nodes[founder], &["admit", "0123456789abcdef"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("no node 0123456789abcdef is waiting"),
+        "{text}"
+    );
+    for &i in &waiting {
+        let (code, text) = cluster(&nodes[founder], &["admit", &ids[i]]);
+        assert_eq!(code, 0, "{text}");
+    }
+    for daemon in &daemons {
+        assert!(
+            daemon.wait_health(200, Duration::from_secs(20)),
+            "{}",
+            logs()
+        );
+    }
+    let (code, status) = cluster(&nodes[waiting[0]], &["status"]);
+    assert_eq!(code, 0, "{status}");
+    for id in &ids {
+        assert!(status.contains(id), "{status}");
     }
     assert_eq!(
-        admin_rows(&a, "SELECT current_user"),
+        status.matches(&format!("by {}", ids[founder])).count(),
+        3,
+        "{status}"
+    );
+
+    // keepd rendered and installed nothing.
+    for node in &nodes {
+        assert!(!node.data_dir().exists(), "a data directory was created");
+    }
+    let a = &nodes[0];
+    assert_eq!(
+        admin_rows(a, "SELECT current_user"),
         vec!["postgres".to_string()],
         "keepd psql reaches the external server as its administrator"
     );
-    let migrations = admin_rows(
-        &a,
-        "SELECT version FROM keepd.schema_migrations ORDER BY version",
-    );
-    // Every migration exactly once, though two nodes started together.
+    // Every migration exactly once, though three nodes started together.
     let expected: Vec<String> = keepd::postgres::migrate::MIGRATIONS
         .iter()
         .map(|m| m.version.to_string())
         .collect();
-    assert_eq!(migrations, expected);
+    assert_eq!(
+        admin_rows(
+            a,
+            "SELECT version FROM keepd.schema_migrations ORDER BY version"
+        ),
+        expected
+    );
     let roles = |pattern: &str| {
         admin_rows(
-            &a,
+            a,
             &format!("SELECT rolname FROM pg_roles WHERE rolname LIKE '{pattern}' ORDER BY 1"),
         )
     };
-    assert_eq!(
-        roles(&format!("keepd_{id_a}_v%")),
-        vec![format!("keepd_{id_a}_v1")]
-    );
-    assert_eq!(
-        roles(&format!("keepd_{id_b}_v%")),
-        vec![format!("keepd_{id_b}_v1")]
-    );
-
-    // Both serve, each as its own login role.
-    for (daemon, tag) in [(&daemon_a, "a"), (&daemon_b, "b")] {
-        let email = format!("{tag}-{}@example.org", common::uuid());
-        let mut client = SyncClient::new(daemon.addr());
-        client.register(&email, "a long password").await.unwrap();
-        client.login(&email, "a long password").await.unwrap();
-        let key = client.create_vault("v", "a long password").await.unwrap();
-        let entry = LogEntry {
-            data: tag.as_bytes().to_vec(),
-            haex_timestamp: "t".into(),
-        };
-        client.push("v", &key, &[entry], None).await.unwrap();
+    for id in &ids {
+        assert_eq!(
+            roles(&format!("keepd_{id}_v%")),
+            vec![format!("keepd_{id}_v1")]
+        );
     }
 
-    // Rotating node A touches only A's roles.
+    // One account across the nodes: registered through 1, logged in
+    // through 2, its token used on 3 to push, pulled back through 1 (the
+    // entries are sealed at rest by 3 and opened by 1).
+    let addrs: Vec<_> = daemons.iter().map(|d| d.addr()).collect();
+    let email = format!("cluster-{}@example.org", common::uuid());
+    SyncClient::new(addrs[0])
+        .register(&email, "a long password")
+        .await
+        .unwrap();
+    let mut two = SyncClient::new(addrs[1]);
+    two.login(&email, "a long password").await.unwrap();
+    let token = two.token().unwrap().to_string();
+    let mut three = SyncClient::new(addrs[2]);
+    three.set_token(Some(token.clone()));
+    let key = three.create_vault("v", "a long password").await.unwrap();
+    let entry = LogEntry {
+        data: b"from node 3".to_vec(),
+        haex_timestamp: "t".into(),
+    };
+    three.push("v", &key, &[entry], None).await.unwrap();
+    let mut one = SyncClient::new(addrs[0]);
+    one.set_token(Some(token.clone()));
+    let (sequences, labels) = pull_all(&one, &key, "v").await;
+    assert_eq!(
+        (sequences, labels),
+        (vec![1], vec!["from node 3".to_string()])
+    );
+    let sealed = admin_rows(a, "SELECT encrypted_data LIKE 'kf1:%' FROM keepd.sync_logs");
+    assert_eq!(sealed, vec!["t".to_string()], "the entry is sealed at rest");
+
+    // Pushers to one vault spread over the three nodes: gap-free.
+    let shared = Arc::new(
+        three
+            .create_vault("shared", "a long password")
+            .await
+            .unwrap(),
+    );
+    let (sent, failures, _) = push_load(
+        &addrs,
+        None,
+        &token,
+        &shared,
+        "shared",
+        (6, 8, 5),
+        Arc::default(),
+    )
+    .await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let (sequences, mut labels) = pull_all(&one, &shared, "shared").await;
+    assert_eq!(sequences, (1..=240).collect::<Vec<i64>>());
+    labels.sort();
+    let mut expected = sent;
+    expected.sort();
+    assert_eq!(labels, expected);
+
+    // kill -9 of node 3 under load: its clients retry elsewhere with
+    // their Idempotency-Keys; nothing is lost or stored twice, and the
+    // other nodes fail no request.
+    let hot = Arc::new(three.create_vault("hot", "a long password").await.unwrap());
+    let done = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (addrs, token, hot, done) = (addrs.clone(), token.clone(), hot.clone(), done.clone());
+        tokio::spawn(async move {
+            push_load(&addrs, Some(2), &token, &hot, "hot", (6, 20, 5), done).await
+        })
+    };
+    // A third of the way through.
+    while done.load(Ordering::Relaxed) < 40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemons[2].signal(nix::sys::signal::Signal::SIGKILL);
+    let (sent, failures, retried) = load.await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(retried > 0, "node 3 was killed after the load ended");
+    let (sequences, mut labels) = pull_all(&one, &hot, "hot").await;
+    assert_eq!(sequences, (1..=600).collect::<Vec<i64>>());
+    labels.sort();
+    let mut expected = sent;
+    expected.sort();
+    assert_eq!(labels, expected, "entries lost or stored twice");
+
+    // Removed, node 3 loses its roles and its sealed key: restarted, it
+    // waits to be admitted again.
+    let (code, text) = cluster(&nodes[0], &["remove", &ids[2]]);
+    assert_eq!(code, 0, "{text}");
+    assert!(roles(&format!("keepd_{}_v%", ids[2])).is_empty());
+    let (code, text) = cluster(&nodes[0], &["remove", &ids[0]]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("cannot remove itself"), "{text}");
+    daemons[2].wait_exit(Duration::from_secs(10));
+    daemons[2] = nodes[2].start();
+    let back = wait_until(Duration::from_secs(30), || {
+        health_status(&daemons[2]).filter(|(code, status)| *code == 503 && status == "pending")
+    });
+    assert!(back.is_some(), "{}", daemons[2].log());
+
+    // Rotating node 1 touches only its roles.
     let (ok, message) = a.rotate();
     assert!(ok, "{message}");
     let converged = wait_until(Duration::from_secs(30), || {
-        (roles(&format!("keepd_{id_a}_v%")) == vec![format!("keepd_{id_a}_v2")]).then_some(())
+        (roles(&format!("keepd_{}_v%", ids[0])) == vec![format!("keepd_{}_v2", ids[0])])
+            .then_some(())
     });
     assert!(converged.is_some(), "{:?}", roles("keepd_%"));
     assert_eq!(
-        roles(&format!("keepd_{id_b}_v%")),
-        vec![format!("keepd_{id_b}_v1")]
+        roles(&format!("keepd_{}_v%", ids[1])),
+        vec![format!("keepd_{}_v1", ids[1])]
     );
-    assert!(daemon_b.wait_health(200, Duration::from_secs(5)));
+    assert!(daemons[1].wait_health(200, Duration::from_secs(5)));
 
     // Each node's audit chain verifies with its own key.
-    for node in [&a, &b] {
+    for node in &nodes[..2] {
         let verified = wait_until(Duration::from_secs(20), || {
             let (code, text) = node.audit_verify();
             (code == 0 && text.contains(", 0 entries not yet sealed")).then_some(text)

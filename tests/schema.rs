@@ -41,6 +41,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.push_requests" => "response",
         "keepd.account_usage" => "vaults",
         "keepd.invites" => "used_at",
+        "keepd.cluster_members" => "admitted_by",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         other => panic!("no column known for {other}"),

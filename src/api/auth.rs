@@ -191,7 +191,7 @@ impl Api {
     }
 
     fn client_ref(&self, client: &ClientAddr) -> String {
-        self.audit_keys.identifier("ip", &client.0.to_string())
+        self.identifiers.identifier("ip", &client.0.to_string())
     }
 
     /// 401 unless `password` is the caller's current password. Guesses
@@ -345,7 +345,7 @@ pub(super) async fn login(
                 duration: started.elapsed(),
                 source_component: "api",
                 metadata: json!({
-                    "email": api.audit_keys.identifier("email", &email),
+                    "email": api.identifiers.identifier("email", &email),
                     "client": client_ref,
                 }),
             };

@@ -102,6 +102,15 @@ impl ApiError {
         )
     }
 
+    /// This node cannot serve yet (it waits to be admitted to its
+    /// cluster): another node may, or this one shortly.
+    pub fn not_admitted(message: &'static str) -> ApiError {
+        ApiError {
+            retry_after: Some(Duration::from_secs(RETRY_AFTER_UNAVAILABLE)),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_admitted", message)
+        }
+    }
+
     /// The database is unreachable or saturated: the client may retry.
     pub fn unavailable(reason: &str) -> ApiError {
         warn!(reason, "request refused: database unavailable");

@@ -1,17 +1,20 @@
 //! `GET /health`: 200 only while Postgres answers a query through the pool
-//! (as the node's login role), 503 otherwise.
+//! (as the node's login role), 503 otherwise; and what a node answers on
+//! every route while it waits to be admitted to its cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use super::Api;
+use super::error::ApiError;
 use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool};
 use crate::postgres::supervise::PgState;
 
@@ -61,6 +64,9 @@ pub struct HealthBody {
     postgres: &'static str,
     node_id: String,
     version: &'static str,
+    /// Why the node does not serve, when that is not Postgres.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
 }
 
 /// Liveness of keepd and its Postgres.
@@ -79,6 +85,29 @@ pub(super) async fn health(State(api): State<Arc<Api>>) -> (StatusCode, Json<Hea
         postgres,
         node_id: api.node_id.clone(),
         version: env!("CARGO_PKG_VERSION"),
+        reason: None,
     };
     (status, Json(body))
+}
+
+const NOT_ADMITTED: &str = "this node is not admitted to its cluster yet: on an admitted node, \
+     compare `keepd cluster pending` with this node's fingerprint and run `keepd cluster admit`";
+
+/// Every route of a node waiting to be admitted: `/health` 503 with the
+/// reason, anything else 503 `not_admitted` with Retry-After. Nothing is
+/// read or written: the node holds no key to serve with.
+pub fn pending_router(node_id: String) -> Router {
+    let health = move || {
+        let body = HealthBody {
+            status: "pending",
+            postgres: "up",
+            node_id: node_id.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            reason: Some(NOT_ADMITTED),
+        };
+        async move { (StatusCode::SERVICE_UNAVAILABLE, Json(body)) }
+    };
+    Router::new()
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::not_admitted(NOT_ADMITTED) })
 }

@@ -42,10 +42,11 @@ use zeroize::Zeroizing;
 
 pub use error::{ApiError, ErrorBody};
 use extract::ClientAddr;
-pub use health::HealthProbe;
+pub use health::{HealthProbe, pending_router};
 pub use store::invites::{InviteError, create as create_invite};
 
-use crate::audit::{self, AuditAction, AuditEntry, AuditKeys};
+use crate::audit::{self, AuditAction, AuditEntry, AuditIdentifiers};
+use crate::cluster::{ClusterKey, Purpose};
 use crate::config::{QuotasConfig, RateLimitsConfig, Registration};
 use crate::edge::TrustedProxies;
 use crate::field_crypto::FieldCipher;
@@ -92,7 +93,7 @@ pub struct Api {
     tokens: TokenIssuer,
     passwords: PasswordHasher,
     email_key: Zeroizing<[u8; 32]>,
-    audit_keys: Arc<AuditKeys>,
+    identifiers: AuditIdentifiers,
     node_id: String,
     settings: ApiSettings,
     limits: limits::Limits,
@@ -110,16 +111,16 @@ impl Api {
         identity: &NodeIdentity,
         pool: RoleAwarePool,
         postgres: watch::Receiver<PgState>,
-        audit_keys: Arc<AuditKeys>,
+        cluster: &ClusterKey,
         metrics: Arc<Metrics>,
         settings: ApiSettings,
         fields: Arc<FieldCipher>,
     ) -> Result<Api, PasswordError> {
         Ok(Api {
-            tokens: TokenIssuer::new(identity, settings.jwt_ttl),
+            tokens: TokenIssuer::new(cluster, identity.node_id(), settings.jwt_ttl),
             passwords: PasswordHasher::new()?,
-            email_key: identity.derive_key(b"keepd accounts", b"keepd email hmac v1"),
-            audit_keys,
+            email_key: cluster.derive(Purpose::EmailHmac),
+            identifiers: AuditIdentifiers::new(cluster),
             node_id: identity.node_id().to_string(),
             limits: limits::Limits::new(&settings.rate_limits),
             public_routes: OnceLock::new(),
@@ -157,7 +158,7 @@ impl Api {
 
     /// A user as audit entries name it.
     fn user_ref(&self, user: Uuid) -> String {
-        self.audit_keys.identifier("user", &user.to_string())
+        self.identifiers.identifier("user", &user.to_string())
     }
 
     /// Appends the audit entry of a change made in `tx`.

@@ -15,6 +15,7 @@ pub mod reload;
 pub mod renewal;
 pub mod rotator;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,10 +27,11 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
+use crate::cluster::{self, ClusterError, ClusterKey, Membership};
 use crate::config::{Config, Layout, Topology};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
-use crate::identity::{IdentityError, NodeIdentity};
+use crate::identity::{IdentityError, NodeIdentity, fingerprint};
 use crate::metrics::Metrics;
 use crate::passwords::PasswordError;
 use crate::pki::NodePki;
@@ -113,6 +115,10 @@ pub enum DaemonError {
     Edge(#[from] EdgeError),
     #[error("a startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("stopped while waiting to be admitted to the cluster")]
+    NotAdmitted,
 }
 
 impl DaemonError {
@@ -157,7 +163,14 @@ fn load_credentials(
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
     let node = Node::open(config)?;
     let provisioned = node.provision().await?;
-    let up = provisioned.bring_up().await?;
+    let up = match provisioned.bring_up().await {
+        // Stopping a node that was never admitted is an ordinary stop.
+        Err(DaemonError::NotAdmitted) => {
+            info!("keepd stopped before it was admitted to the cluster");
+            return Ok(());
+        }
+        up => up?,
+    };
     up.serve(config_path).await
 }
 
@@ -176,6 +189,10 @@ struct Node {
     api_cert: Option<Arc<ApiCertificate>>,
     fd_limit: u64,
     notifier: notify::Notifier,
+    /// `api.listen` and `api.metrics_listen`, bound before anything is
+    /// written or started, so a busy port is found in the first second.
+    listener: std::net::TcpListener,
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 impl Node {
@@ -195,6 +212,11 @@ impl Node {
             config.database.pool.max_size as usize,
         )?;
         let lock = StateLock::acquire(&config.node.state_dir)?;
+        let listener = bind("api.listen", config.api.listen)?;
+        let metrics_listener = match config.api.metrics_listen {
+            Some(addr) => Some(bind("api.metrics_listen", addr)?),
+            None => None,
+        };
         let layout = Layout::of(&config);
         let identity_path = layout.identity_key();
         let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
@@ -214,6 +236,8 @@ impl Node {
             api_cert,
             fd_limit,
             notifier: notify::Notifier::from_env(),
+            listener,
+            metrics_listener,
         })
     }
 
@@ -265,7 +289,7 @@ struct Parts {
     pool: RoleAwarePool,
     rotator: Arc<Rotator>,
     sealer: AuditSealer,
-    audit_keys: Arc<AuditKeys>,
+    cluster: ClusterKey,
     control: tokio::net::UnixListener,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
@@ -334,7 +358,13 @@ impl Provisioned {
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
+        let field_versions = config.encryption_at_rest.application.key_version;
+        let joined = cluster::join(&mut client, identity, field_versions).await?;
         drop(client);
+        let cluster = match joined {
+            Membership::Member(key) => key,
+            Membership::Pending => self.await_admission(field_versions).await?,
+        };
         let login = rotator::login_credential(identity, credentials, &self.tls)?;
         let mut base = superuser.config.clone();
         base.application_name("keepd-pool");
@@ -365,7 +395,7 @@ impl Provisioned {
         let sealer = AuditSealer::new(
             pool.clone(),
             identity.clone(),
-            audit_keys.clone(),
+            audit_keys,
             layout.audit_checkpoint(),
         );
         rotator.reconcile().await?;
@@ -400,16 +430,16 @@ impl Provisioned {
             addr: control_path.display().to_string(),
             source,
         })?;
-        let listener = bind("api.listen", config.api.listen).await?;
-        let metrics_listener = match config.api.metrics_listen {
-            Some(addr) => Some(bind("api.metrics_listen", addr).await?),
+        let listener = serving("api.listen", &self.node.listener)?;
+        let metrics_listener = match &self.node.metrics_listener {
+            Some(listener) => Some(serving("api.metrics_listen", listener)?),
             None => None,
         };
         Ok(Parts {
             pool,
             rotator,
             sealer,
-            audit_keys,
+            cluster,
             control,
             listener,
             metrics_listener,
@@ -417,17 +447,97 @@ impl Provisioned {
     }
 }
 
-async fn bind(
+/// How often a node waiting to be admitted looks for its sealed key.
+const ADMISSION_POLL: Duration = Duration::from_secs(2);
+
+impl Provisioned {
+    /// A node the cluster has not admitted: answers 503 with the reason on
+    /// every route and looks for its sealed key every ADMISSION_POLL until
+    /// an operator admits it, or it is told to stop (`NotAdmitted`).
+    async fn await_admission(&self, field_versions: u32) -> Result<ClusterKey, DaemonError> {
+        let node = &self.node;
+        let (stop, shutdown) = shutdown::channel();
+        let trusted = TrustedProxies::new(&node.config.api.trusted_proxies);
+        let listener = serving("api.listen", &node.listener)?;
+        let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+        info!(%addr, node_id = node.node_id, state = "pending", "api listening");
+        let server = tokio::spawn(edge::serve(
+            listener,
+            api::pending_router(node.node_id.clone()),
+            edge_settings(&node.config, trusted, node.api_cert.clone()),
+            self.metrics.clone(),
+            shutdown,
+        ));
+        warn!(
+            node_id = node.node_id,
+            fingerprint = fingerprint(&node.identity.public_key()),
+            "cluster: waiting to be admitted; on an admitted node, check that `keepd cluster \
+             pending` shows this fingerprint, then run `keepd cluster admit {}`",
+            node.node_id
+        );
+        node.notifier
+            .status("waiting to be admitted to the cluster");
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        let outcome = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ADMISSION_POLL) => {}
+                _ = term.recv() => break Err(DaemonError::NotAdmitted),
+                _ = int.recv() => break Err(DaemonError::NotAdmitted),
+            }
+            let joined = async {
+                let mut client = self
+                    .superuser
+                    .connect()
+                    .await
+                    .map_err(DaemonError::Connect)?;
+                Ok::<_, DaemonError>(
+                    cluster::join(&mut client, &node.identity, field_versions).await?,
+                )
+            };
+            match joined.await {
+                Ok(Membership::Member(key)) => {
+                    info!(node_id = node.node_id, "cluster: admitted");
+                    break Ok(key);
+                }
+                Ok(Membership::Pending) => {}
+                // Postgres restarting, say: the next look may succeed.
+                Err(e) => warn!(error = %e, "cluster: cannot look for this node's admission"),
+            }
+        };
+        stop.trigger();
+        server.await?.map_err(DaemonError::Serve)?;
+        outcome
+    }
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
+    let listen = |addr| {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    listen(addr).map_err(|source| DaemonError::Listen {
+        what,
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// The bound socket, for tokio (a second descriptor of it: serving while
+/// waiting for admission and serving the API use it in turn).
+fn serving(
     what: &'static str,
-    addr: std::net::SocketAddr,
+    listener: &std::net::TcpListener,
 ) -> Result<tokio::net::TcpListener, DaemonError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            what,
-            addr: addr.to_string(),
-            source,
-        })
+    let listen = || tokio::net::TcpListener::from_std(listener.try_clone()?);
+    listen().map_err(|source| DaemonError::Listen {
+        what,
+        addr: listener
+            .local_addr()
+            .map_or_else(|_| "?".into(), |a| a.to_string()),
+        source,
+    })
 }
 
 impl BroughtUp {
@@ -448,8 +558,8 @@ impl BroughtUp {
         let config = &node.config;
         let (stop, shutdown) = shutdown::channel();
         let addr = parts.listener.local_addr().map_err(DaemonError::Serve)?;
-        let fields = Arc::new(FieldCipher::new(&node.identity, config));
-        let unsupported = fields.unsupported();
+        let fields = Arc::new(FieldCipher::new(&parts.cluster, config));
+        let unsupported = fields.plan().unsupported();
         if !unsupported.is_empty() {
             warn!(
                 columns = ?unsupported,
@@ -463,7 +573,7 @@ impl BroughtUp {
             &node.identity,
             parts.pool,
             supervisor.state(),
-            parts.audit_keys,
+            &parts.cluster,
             metrics.clone(),
             api_settings(config, trusted.clone()),
             fields.clone(),
@@ -498,6 +608,10 @@ impl BroughtUp {
             "http"
         };
         info!(%addr, node_id = node.node_id, scheme, fd_limit = node.fd_limit, "api listening");
+        // The edge holds the only descriptors now: when it stops accepting,
+        // the port refuses connections instead of queueing them.
+        drop(node.listener);
+        drop(node.metrics_listener);
         let tasks = Tasks {
             watchdog: notify::Notifier::spawn_watchdog(shutdown.clone()),
             api: tokio::spawn(edge::serve(

@@ -55,7 +55,7 @@ impl Pass {
 
 impl Reencryption {
     pub async fn run(self, stop: Shutdown) {
-        let columns: Vec<_> = self.fields.columns().collect();
+        let columns: Vec<_> = self.fields.plan().columns().collect();
         if columns.is_empty() {
             return;
         }
@@ -98,7 +98,7 @@ impl Reencryption {
                 info!(
                     column,
                     rewritten = total.rewritten,
-                    version = self.fields.current_version(),
+                    version = self.fields.plan().current_version(),
                     "field re-encryption: column current"
                 );
             } else {
@@ -108,7 +108,7 @@ impl Reencryption {
                     unreadable = total.unreadable,
                     refused = total.refused,
                     first_refusal = total.first_refusal.as_deref().unwrap_or(""),
-                    version = self.fields.current_version(),
+                    version = self.fields.plan().current_version(),
                     "field re-encryption: column not current; these values stay as they are"
                 );
             }
@@ -130,7 +130,7 @@ impl Reencryption {
                 &format!(
                     "SELECT id, {name} FROM {table} WHERE {} AND ($2::uuid IS NULL OR id > $2) \
                      ORDER BY id LIMIT $1",
-                    self.fields.stale_values(encryptable)
+                    self.fields.plan().stale_values(encryptable)
                 ),
                 &[&BATCH, &after],
             )

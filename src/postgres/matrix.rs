@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 12] = [
+pub const TABLES: [&str; 13] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -44,6 +44,8 @@ pub const TABLES: [&str; 12] = [
     "keepd.backups",
     "keepd.account_usage",
     "keepd.invites",
+    // No group role: only the owner's bootstrap sessions (`cluster`).
+    "keepd.cluster_members",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
 ];

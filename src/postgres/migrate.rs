@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "policy_initplans",
         sql: include_str!("../../migrations/0009_policy_initplans.sql"),
     },
+    Migration {
+        version: 10,
+        name: "cluster_members",
+        sql: include_str!("../../migrations/0010_cluster_members.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use super::{Check, Status, Weight};
 use crate::config::{AtRestMethod, Config, Layout, Provider, Topology, Transport};
 use crate::edge::CertificateInfo;
-use crate::field_crypto::FieldCipher;
+use crate::field_crypto::FieldPlan;
 use crate::identity::NodeIdentity;
 use crate::postgres::docker::ContainerFacts;
 use crate::postgres::tls::Endpoint;
@@ -468,7 +468,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         return Check::new(id, Weight::Major, Status::Fail, format!("method {method} was asked for ({volume}) but keepd cannot provide it here (no managed LUKS volume or TDE-capable server)"))
             .recommend(format!("use method: application, or put the data directory on {volume} yourself and disable this"));
     }
-    let fields = FieldCipher::new(inputs.identity, inputs.config);
+    let fields = FieldPlan::new(inputs.config);
     let version = fields.current_version();
     let columns: Vec<_> = fields.columns().collect();
     if columns.is_empty() {

@@ -13,12 +13,13 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::config::SealMethod;
-use crate::identity::NodeIdentity;
+use crate::identity::{NodeId, NodeIdentity};
 
 const FORMAT: &str = "keepd-sealed";
 const VERSION: u32 = 1;
@@ -104,34 +105,58 @@ pub fn seal(
     let node_id = identity.node_id().as_str();
     let mut parts = Vec::new();
     if matches!(method, SealMethod::X25519 | SealMethod::Hybrid) {
-        parts.push(seal_x25519(identity, name, plaintext)?);
+        parts.push(seal_x25519(
+            &identity.x25519_public(),
+            node_id,
+            name,
+            plaintext,
+        )?);
     }
     if matches!(method, SealMethod::Hkdf | SealMethod::Hybrid) {
         parts.push(seal_hkdf(identity, name, plaintext)?);
     }
+    Ok(envelope(name, node_id, parts))
+}
+
+/// Seals `plaintext` for another node, known only by its public key: the
+/// `x25519` method, which needs no secret of the recipient's to seal and
+/// its identity to open.
+pub fn seal_for(recipient: &VerifyingKey, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+    let name = method_name(SealMethod::X25519);
+    let node_id = NodeId::of(recipient);
+    let x25519 = x25519_dalek::PublicKey::from(recipient.to_montgomery().to_bytes());
+    let part = seal_x25519(&x25519, node_id.as_str(), name, plaintext)?;
+    Ok(envelope(name, node_id.as_str(), vec![part]))
+}
+
+fn envelope(method: &str, node_id: &str, parts: Vec<Part>) -> Vec<u8> {
     let envelope = Envelope {
         format: FORMAT.into(),
         version: VERSION,
-        method: name.into(),
+        method: method.into(),
         node_id: node_id.into(),
         parts,
     };
     let mut out = serde_json::to_vec_pretty(&envelope).expect("envelope serialises");
     out.push(b'\n');
-    Ok(out)
+    out
 }
 
-fn seal_x25519(identity: &NodeIdentity, method: &str, plaintext: &[u8]) -> Result<Part, SealError> {
+fn seal_x25519(
+    recipient: &x25519_dalek::PublicKey,
+    node_id: &str,
+    method: &str,
+    plaintext: &[u8],
+) -> Result<Part, SealError> {
     use crypto_secretbox::aead::{Aead, KeyInit};
     let ephemeral = x25519_dalek::StaticSecret::from(random::<32>()?);
     let ephemeral_public = x25519_dalek::PublicKey::from(&ephemeral);
-    let recipient = identity.x25519_public();
-    let shared = ephemeral.diffie_hellman(&recipient);
+    let shared = ephemeral.diffie_hellman(recipient);
     let salt = [ephemeral_public.as_bytes().as_slice(), recipient.as_bytes()].concat();
     let key = derive(
         &salt,
         shared.as_bytes(),
-        &label(X25519_ALG, method, identity.node_id().as_str()),
+        &label(X25519_ALG, method, node_id),
     );
     let nonce = random::<24>()?;
     let cipher = crypto_secretbox::XSalsa20Poly1305::new(key.as_ref().into());
@@ -300,6 +325,22 @@ mod tests {
             assert_eq!(plain.as_slice(), b"the secret");
             assert!(!String::from_utf8_lossy(&sealed).contains("the secret"));
         }
+    }
+
+    #[test]
+    fn sealed_for_a_public_key_opens_only_with_its_identity() {
+        let (_d, recipient) = identity();
+        let (_e, other) = identity();
+        let sealed = seal_for(&recipient.public_key(), b"shared").unwrap();
+        let (used, plain) = open(&recipient, &sealed).unwrap();
+        assert_eq!(
+            (used, plain.as_slice()),
+            (SealMethod::X25519, b"shared".as_slice())
+        );
+        assert!(matches!(
+            open(&other, &sealed),
+            Err(SealError::WrongNode { .. })
+        ));
     }
 
     #[test]

@@ -598,6 +598,20 @@ impl TestNode {
         client
     }
 
+    /// The node's identity and the cluster key sealed to it in the database.
+    pub async fn cluster_key(&self) -> (keepd::identity::NodeIdentity, keepd::cluster::ClusterKey) {
+        let identity =
+            keepd::identity::NodeIdentity::load(&self.state_dir().join("identity.key")).unwrap();
+        let mut client = self.superuser().await;
+        match keepd::cluster::join(&mut client, &identity, 1)
+            .await
+            .unwrap()
+        {
+            keepd::cluster::Membership::Member(key) => (identity, key),
+            keepd::cluster::Membership::Pending => panic!("the node is not admitted"),
+        }
+    }
+
     /// `keepd audit verify`: (exit code, stdout + stderr).
     pub fn audit_verify(&self) -> (i32, String) {
         let out = self.command(&["audit", "verify"]).output().unwrap();

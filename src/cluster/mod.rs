@@ -1,0 +1,279 @@
+//! A cluster: keepd nodes over one Postgres, sharing accounts and keys.
+//!
+//! `key` is the shared secret (pure); this module keeps
+//! `keepd.cluster_members`, where the key is stored sealed to each admitted
+//! node's identity and a node not yet admitted waits with its public key.
+//! Every statement runs as the owner in a transaction under one advisory
+//! lock, so founding, joining, admitting and removing never interleave.
+//! No secret crosses in the clear: a node seals the key for another with
+//! that node's public key, which it reads from the row the node wrote.
+
+pub mod key;
+
+use ed25519_dalek::VerifyingKey;
+use tokio_postgres::{Client, Transaction};
+use tracing::info;
+
+use crate::identity::{NodeId, NodeIdentity, fingerprint};
+use crate::postgres::roles::{RoleAdmin, RoleError, login_role_name};
+use crate::postgres::{OWNER_ROLE, describe_error};
+use crate::secrets::seal::{self, SealError};
+pub use key::{ClusterKey, KeyError, Purpose};
+
+/// Serialises every change to the membership ("keepd_cl").
+const CLUSTER_LOCK: i64 = 0x6b65_6570_645f_636c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("reading or writing keepd.cluster_members failed: {}", describe_error(.0))]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("the cluster key sealed for this node does not open: {0}")]
+    Seal(#[from] SealError),
+    #[error(
+        "keepd.cluster_members records another public key for node {0}: the row was altered, \
+         or two identities share an id"
+    )]
+    KeyMismatch(String),
+    #[error("this node ({0}) is not an admitted member: run the command on an admitted node")]
+    NotAMember(String),
+    #[error("no node {0} is waiting to be admitted (`keepd cluster pending` lists those that are)")]
+    NotPending(String),
+    #[error("node {0} is not in the cluster (`keepd cluster status` lists the members)")]
+    Unknown(String),
+    #[error(
+        "the row of node {0} names a public key whose id is another node's: it was not \
+         written by that node, and is not admitted"
+    )]
+    Forged(String),
+    #[error("a node cannot remove itself; run `keepd cluster remove {0}` on another member")]
+    RemoveSelf(String),
+    #[error("dropping the login roles of node {node} failed: {source}")]
+    Roles {
+        node: String,
+        #[source]
+        source: RoleError,
+    },
+}
+
+/// Where this node stands.
+pub enum Membership {
+    /// Admitted: the cluster key.
+    Member(ClusterKey),
+    /// Recorded, waiting for `keepd cluster admit`.
+    Pending,
+}
+
+/// One row of `keepd cluster status` / `pending` (times in UTC, to the
+/// second).
+#[derive(Debug)]
+pub struct Member {
+    pub node_id: String,
+    pub fingerprint: String,
+    pub admitted: bool,
+    pub requested_at: String,
+    pub admitted_at: Option<String>,
+    pub admitted_by: Option<String>,
+}
+
+async fn locked(client: &mut Client) -> Result<Transaction<'_>, ClusterError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("SET LOCAL ROLE {OWNER_ROLE}"))
+        .await?;
+    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&CLUSTER_LOCK])
+        .await?;
+    Ok(tx)
+}
+
+/// This node's place in the cluster, at start. The first node to find no
+/// admitted member founds the cluster: a new key, inheriting this node's
+/// own keys when the database already holds accounts (so nothing of a
+/// single node is lost; field keys up to `field_versions`). A node the
+/// cluster does not know records itself as pending.
+pub async fn join(
+    client: &mut Client,
+    identity: &NodeIdentity,
+    field_versions: u32,
+) -> Result<Membership, ClusterError> {
+    let node = identity.node_id().as_str();
+    let public = identity.public_key();
+    let tx = locked(client).await?;
+    let mine = tx
+        .query_opt(
+            "SELECT public_key, sealed_key FROM keepd.cluster_members WHERE node_id = $1",
+            &[&node],
+        )
+        .await?;
+    if let Some(row) = mine {
+        let key: Vec<u8> = row.get(0);
+        if key != public.as_bytes() {
+            return Err(ClusterError::KeyMismatch(node.into()));
+        }
+        let sealed: Option<Vec<u8>> = row.get(1);
+        tx.commit().await?;
+        return Ok(match sealed {
+            Some(sealed) => Membership::Member(open(identity, &sealed)?),
+            None => Membership::Pending,
+        });
+    }
+    let admitted: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM keepd.cluster_members WHERE sealed_key IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if admitted > 0 {
+        tx.execute(
+            "INSERT INTO keepd.cluster_members (node_id, public_key) VALUES ($1, $2)",
+            &[&node, &public.as_bytes().as_slice()],
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(Membership::Pending);
+    }
+    let has_accounts: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM keepd.users)", &[])
+        .await?
+        .get(0);
+    let key = if has_accounts {
+        ClusterKey::inheriting(identity, field_versions)?
+    } else {
+        ClusterKey::generate()?
+    };
+    let sealed = seal::seal_for(&public, &key.to_bytes())?;
+    tx.execute(
+        "INSERT INTO keepd.cluster_members \
+           (node_id, public_key, sealed_key, admitted_at, admitted_by) \
+         VALUES ($1, $2, $3, now(), $1)",
+        &[&node, &public.as_bytes().as_slice(), &sealed],
+    )
+    .await?;
+    tx.commit().await?;
+    info!(
+        node_id = node,
+        inherited_keys = key.inherited_keys(),
+        "cluster founded: this node holds the new cluster key"
+    );
+    Ok(Membership::Member(key))
+}
+
+fn open(identity: &NodeIdentity, sealed: &[u8]) -> Result<ClusterKey, ClusterError> {
+    let (_, plain) = seal::open(identity, sealed)?;
+    Ok(ClusterKey::from_bytes(&plain)?)
+}
+
+/// Every node the cluster knows, admitted or waiting, oldest first.
+pub async fn members(client: &mut Client) -> Result<Vec<Member>, ClusterError> {
+    let tx = locked(client).await?;
+    let rows = tx
+        .query(
+            "SELECT node_id, public_key, sealed_key IS NOT NULL, \
+               to_char(requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), \
+               to_char(admitted_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), admitted_by \
+             FROM keepd.cluster_members ORDER BY requested_at, node_id",
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let key: Vec<u8> = row.get(1);
+            Member {
+                node_id: row.get(0),
+                fingerprint: public_key(&key)
+                    .map_or_else(|| "(not a key)".into(), |k| fingerprint(&k)),
+                admitted: row.get(2),
+                requested_at: row.get(3),
+                admitted_at: row.get(4),
+                admitted_by: row.get(5),
+            }
+        })
+        .collect())
+}
+
+fn public_key(bytes: &[u8]) -> Option<VerifyingKey> {
+    VerifyingKey::from_bytes(bytes.try_into().ok()?).ok()
+}
+
+/// Admits the pending node `node_id`: the cluster key, opened with this
+/// node's identity, sealed to the public key the pending node recorded
+/// (whose id must be `node_id`, so a row cannot borrow another's name).
+pub async fn admit(
+    client: &mut Client,
+    identity: &NodeIdentity,
+    node_id: &str,
+) -> Result<(), ClusterError> {
+    let me = identity.node_id().as_str();
+    let tx = locked(client).await?;
+    let mine: Option<Vec<u8>> = tx
+        .query_opt(
+            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
+            &[&me],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    let mine = mine.ok_or_else(|| ClusterError::NotAMember(me.into()))?;
+    let key = open(identity, &mine)?;
+    let theirs = tx
+        .query_opt(
+            "SELECT public_key FROM keepd.cluster_members \
+             WHERE node_id = $1 AND sealed_key IS NULL",
+            &[&node_id],
+        )
+        .await?
+        .ok_or_else(|| ClusterError::NotPending(node_id.into()))?;
+    let recipient = public_key(theirs.get(0))
+        .filter(|key| NodeId::of(key).as_str() == node_id)
+        .ok_or_else(|| ClusterError::Forged(node_id.into()))?;
+    let sealed = seal::seal_for(&recipient, &key.to_bytes())?;
+    tx.execute(
+        "UPDATE keepd.cluster_members \
+         SET sealed_key = $2, admitted_at = now(), admitted_by = $3 WHERE node_id = $1",
+        &[&node_id, &sealed, &me],
+    )
+    .await?;
+    tx.commit().await?;
+    info!(node_id, admitted_by = me, "cluster: node admitted");
+    Ok(())
+}
+
+/// Removes `node_id` from the cluster: its sealed key (so it cannot unseal
+/// the cluster key again) and its login roles, its sessions ended. The
+/// node may still hold the key in memory until it stops.
+pub async fn remove(
+    client: &mut Client,
+    identity: &NodeIdentity,
+    node_id: &str,
+) -> Result<(), ClusterError> {
+    if node_id == identity.node_id().as_str() {
+        return Err(ClusterError::RemoveSelf(node_id.into()));
+    }
+    let tx = locked(client).await?;
+    let row = tx
+        .query_opt(
+            "DELETE FROM keepd.cluster_members WHERE node_id = $1 RETURNING public_key",
+            &[&node_id],
+        )
+        .await?
+        .ok_or_else(|| ClusterError::Unknown(node_id.into()))?;
+    tx.commit().await?;
+    // The roles are named by the id of the key the node recorded.
+    if let Some(key) = public_key(row.get(0)) {
+        let node = NodeId::of(&key);
+        let roles = |source| ClusterError::Roles {
+            node: node_id.into(),
+            source,
+        };
+        let mut admin = RoleAdmin::new(client);
+        for version in admin.node_role_versions(&node).await.map_err(roles)? {
+            let name = login_role_name(&node, version);
+            admin.terminate_sessions(&name).await.map_err(roles)?;
+            admin.drop_role(&name).await.map_err(roles)?;
+        }
+    }
+    info!(node_id, "cluster: node removed");
+    Ok(())
+}
