@@ -83,14 +83,10 @@ fn address(
     identity: &NodeIdentity,
 ) -> Result<(PgAddress, Option<NodePki>), AdminError> {
     if let Provider::External = config.database.postgres.provider {
-        let host = config
-            .database
-            .postgres
-            .external
-            .host
-            .clone()
-            .unwrap_or_default();
-        return Ok((PgAddress::Host(host), None));
+        // libpq's list form: every server, tried in order.
+        let targets = config.database.postgres.external.targets();
+        let hosts: Vec<&str> = targets.iter().map(|(host, _)| host.as_str()).collect();
+        return Ok((PgAddress::Host(hosts.join(",")), None));
     }
     if !Topology::of(config).is_tcp() {
         // The docker provider's socket directory is a bind mount from
@@ -271,15 +267,15 @@ pub fn psql(
     let (user, password, port) = match &external {
         Some(server) if user == SUPERUSER => {
             let (name, secret) = server.admin();
-            (name.to_string(), secret.clone(), server.port())
+            (name.to_string(), secret.clone(), server.libpq_ports())
         }
-        Some(server) => (user, password, server.port()),
-        None => (user, password, config.network.port),
+        Some(server) => (user, password, server.libpq_ports()),
+        None => (user, password, config.network.port.to_string()),
     };
     let mut command = Command::new(&program);
     command
         .args(args)
-        .env("PGPORT", port.to_string())
+        .env("PGPORT", port)
         .env("PGDATABASE", DATABASE)
         .env("PGUSER", &user)
         .env("PGPASSWORD", password.expose())
@@ -294,7 +290,9 @@ pub fn psql(
         }
         (PgAddress::Host(host), _) => {
             let ext = &pg.external;
-            command.env("PGHOST", host);
+            command
+                .env("PGHOST", host)
+                .env("PGTARGETSESSIONATTRS", "read-write");
             match (&ext.sslmode, &ext.ca_file) {
                 (ExternalSslMode::VerifyFull, Some(ca)) => {
                     command

@@ -167,7 +167,10 @@ impl From<PoolError> for ApiError {
                         || code == "57014"
                         || code == "55P03"
                         || code == "40001"
-                        || code == "40P01" =>
+                        || code == "40P01"
+                        // A standby after a failover: the pool drops the
+                        // connection and finds the new primary.
+                        || code == "25006" =>
                 {
                     ApiError::unavailable(&e.to_string())
                 }

@@ -254,6 +254,9 @@ const DATABASE_NAME: &str = "keepd";
 pub struct ExternalConfig {
     pub host: Option<String>,
     pub port: u16,
+    /// Several servers as `host:port` (an HA cluster): keepd uses whichever
+    /// is the writable primary. Instead of `host` and `port`.
+    pub hosts: Vec<String>,
     pub database: String,
     /// The bootstrap administrator keepd creates its roles and schema as.
     pub admin_user: String,
@@ -273,6 +276,7 @@ impl Default for ExternalConfig {
         Self {
             host: None,
             port: 5432,
+            hosts: Vec::new(),
             database: "keepd".into(),
             admin_user: "postgres".into(),
             admin_password_file: None,
@@ -282,6 +286,35 @@ impl Default for ExternalConfig {
             start_timeout: HumanDuration(Duration::from_secs(60)),
         }
     }
+}
+
+impl ExternalConfig {
+    /// The servers to try, in order: `hosts`, or `host` and `port`. Entries
+    /// are checked by validation; one that does not parse is left out.
+    pub fn targets(&self) -> Vec<(String, u16)> {
+        if self.hosts.is_empty() {
+            return self
+                .host
+                .iter()
+                .map(|host| (host.clone(), self.port))
+                .collect();
+        }
+        self.hosts
+            .iter()
+            .filter_map(|h| parse_host_port(h))
+            .collect()
+    }
+}
+
+/// `host:port`, `[v6 address]:port`.
+pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    (!host.is_empty() && !host.contains(['[', ']', ',', ' '])).then(|| (host.to_string(), port))
 }
 
 /// How keepd talks to an external server.
@@ -991,6 +1024,37 @@ security:
     fn external_needs_host() {
         let msg = error("database:\n  postgres:\n    provider: external\n");
         assert!(msg.contains("database.postgres.external.host"), "{msg}");
+    }
+
+    #[test]
+    fn external_hosts_are_host_port_pairs() {
+        let ext = |rest: &str| {
+            format!(
+                "database:\n  postgres:\n    provider: external\n    external:\n      \
+                 admin_password_env: PW\n      sslmode: disable\n{rest}"
+            )
+        };
+        let msg = error(&ext("      hosts: [\"db1:5432\", \"db2\"]\n"));
+        assert!(
+            msg.contains("database.postgres.external.hosts") && msg.contains("db2"),
+            "{msg}"
+        );
+        let msg = error(&ext("      host: db0\n      hosts: [\"db1:5432\"]\n"));
+        assert!(msg.contains("not both"), "{msg}");
+        let mut config = ExternalConfig {
+            hosts: vec!["db1:5432".into(), "[2001:db8::1]:5433".into()],
+            ..ExternalConfig::default()
+        };
+        assert_eq!(
+            config.targets(),
+            vec![("db1".into(), 5432), ("2001:db8::1".into(), 5433)]
+        );
+        config.hosts.clear();
+        config.host = Some("db0".into());
+        assert_eq!(config.targets(), vec![("db0".into(), 5432)]);
+        for bad in ["db1", "db1:0", ":5432", "db1:port", "a,b:5432"] {
+            assert_eq!(parse_host_port(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -162,11 +162,31 @@ pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
     }
     if pg.provider == Provider::External {
         let ext = &pg.external;
-        if ext.host.is_none() {
+        if ext.host.is_none() && ext.hosts.is_empty() {
             return Err(invalid(
                 "database.postgres.external.host",
                 "(unset)".into(),
-                "the host name of the external server, required with provider: external".into(),
+                "the host name of the external server (or `hosts`, several host:port), \
+                 required with provider: external"
+                    .into(),
+            ));
+        }
+        if ext.host.is_some() && !ext.hosts.is_empty() {
+            return Err(invalid(
+                "database.postgres.external.hosts",
+                ext.hosts.join(", "),
+                "either `host` and `port` or `hosts`, not both".into(),
+            ));
+        }
+        if let Some(bad) = ext
+            .hosts
+            .iter()
+            .find(|h| super::parse_host_port(h).is_none())
+        {
+            return Err(invalid(
+                "database.postgres.external.hosts",
+                bad.clone(),
+                "host:port entries, e.g. db1.internal:5432 or [2001:db8::1]:5432".into(),
             ));
         }
         if ext.database != DATABASE_NAME {

@@ -42,8 +42,8 @@ pub enum ExternalError {
 }
 
 pub struct ExternalServer {
-    host: String,
-    port: u16,
+    /// Tried in order; the first writable one is used.
+    targets: Vec<(String, u16)>,
     admin_user: String,
     admin_password: SecretString,
     tls: Tls,
@@ -88,8 +88,7 @@ impl ExternalServer {
             _ => Tls::Off,
         };
         Ok(ExternalServer {
-            host: ext.host.clone().unwrap_or_default(),
-            port: ext.port,
+            targets: ext.targets(),
             admin_user: ext.admin_user.clone(),
             admin_password: SecretString::new(password),
             tls,
@@ -102,24 +101,29 @@ impl ExternalServer {
         self.tls.clone()
     }
 
-    pub fn address(&self) -> PgAddress {
-        PgAddress::Host(self.host.clone())
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The bootstrap administrator on `dbname`.
+    /// The bootstrap administrator on `dbname`, on whichever server is the
+    /// writable primary (as libpq's `target_session_attrs=read-write`): a
+    /// connection made after a failover reaches the new primary.
     pub fn admin_endpoint(&self, dbname: &str) -> Endpoint {
-        endpoint(
-            &self.address(),
-            self.port,
+        let (first, rest) = self
+            .targets
+            .split_first()
+            .expect("validated: host or hosts is set");
+        let mut endpoint = endpoint(
+            &PgAddress::Host(first.0.clone()),
+            first.1,
             &self.admin_user,
             &self.admin_password,
             dbname,
             self.tls.clone(),
-        )
+        );
+        for (host, port) in rest {
+            endpoint.config.host(host).port(*port);
+        }
+        endpoint
+            .config
+            .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        endpoint
     }
 
     /// The administrator's name and password (for `keepd psql`).
@@ -127,7 +131,22 @@ impl ExternalServer {
         (&self.admin_user, &self.admin_password)
     }
 
+    /// The servers' ports as libpq's list (PGPORT), in `targets` order.
+    pub fn libpq_ports(&self) -> String {
+        let ports: Vec<String> = self
+            .targets
+            .iter()
+            .map(|(_, port)| port.to_string())
+            .collect();
+        ports.join(",")
+    }
+
     pub fn describe(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        let targets: Vec<String> = self
+            .targets
+            .iter()
+            .map(|(host, port)| format!("{host}:{port}"))
+            .collect();
+        targets.join(", ")
     }
 }

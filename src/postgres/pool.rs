@@ -110,6 +110,10 @@ pub struct Connection {
     version: u32,
     /// Given back inside a transaction (an error path): roll back on recycle.
     in_transaction: bool,
+    /// The server refused a write as read-only: it is a standby now (a
+    /// failover happened without closing this connection); never reused,
+    /// so the next connection finds the writable primary.
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 pub struct Manager {
@@ -140,6 +144,7 @@ impl managed::Manager for Manager {
             statements: std::sync::Mutex::new(HashMap::new()),
             version: credential.version,
             in_transaction: false,
+            read_only: Default::default(),
         })
     }
 
@@ -150,6 +155,9 @@ impl managed::Manager for Manager {
     ) -> RecycleResult<tokio_postgres::Error> {
         if conn.client.is_closed() {
             return Err(RecycleError::message("connection closed"));
+        }
+        if conn.read_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RecycleError::message("the server became read-only"));
         }
         if conn.version != self.credential.borrow().version {
             return Err(RecycleError::message("login credential rotated"));
@@ -400,11 +408,11 @@ impl ScopedTransaction {
             conn.client.query_one(&back, &back_params).await?;
             return Ok(affected);
         };
-        let (_, affected, _) = tokio::try_join!(
+        let (_, affected, _) = self.observe(tokio::try_join!(
             conn.client.query_one(&to, &to_params),
             conn.client.execute(&statement, params),
             conn.client.query_one(&back, &back_params),
-        )?;
+        ))?;
         Ok(affected)
     }
 
@@ -414,7 +422,7 @@ impl ScopedTransaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PoolError> {
         let statement = self.conn().statement(self.role, sql).await?;
-        Ok(self.conn().client.query(&statement, params).await?)
+        self.observe(self.conn().client.query(&statement, params).await)
     }
 
     pub async fn query_one(
@@ -423,7 +431,7 @@ impl ScopedTransaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row, PoolError> {
         let statement = self.conn().statement(self.role, sql).await?;
-        Ok(self.conn().client.query_one(&statement, params).await?)
+        self.observe(self.conn().client.query_one(&statement, params).await)
     }
 
     pub async fn execute(
@@ -432,7 +440,20 @@ impl ScopedTransaction {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, PoolError> {
         let statement = self.conn().statement(self.role, sql).await?;
-        Ok(self.conn().client.execute(&statement, params).await?)
+        self.observe(self.conn().client.execute(&statement, params).await)
+    }
+
+    /// A statement's outcome; a refusal as read-only marks the connection
+    /// so that the pool drops it.
+    fn observe<T>(&self, outcome: Result<T, tokio_postgres::Error>) -> Result<T, PoolError> {
+        outcome.map_err(|e| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+                self.conn()
+                    .read_only
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            e.into()
+        })
     }
 
     pub async fn commit(mut self) -> Result<(), PoolError> {
