@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what keepd and its tests need on Debian/Ubuntu, idempotently:
 # the PostgreSQL server binaries (keepd runs its own cluster from them),
-# and for the edge tests a real reverse proxy (nginx) and a real browser
-# (headless Chromium).
+# for the edge tests a real reverse proxy (nginx) and a real browser
+# (headless Chromium), and for the HA test etcd (Debian) and Patroni (PyPI,
+# in its own virtualenv at /opt/keepd-test/patroni).
 set -euo pipefail
 
 have_postgres() {
@@ -14,12 +15,24 @@ missing=()
 have_postgres || missing+=(postgresql)
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
-command -v python3 >/dev/null || missing+=(python3)
+[[ -x /usr/bin/python3 ]] || missing+=(python3)
+[[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
+dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
+patroni_venv=/opt/keepd-test/patroni
+patroni_version=4.1.5
+install_patroni() {
+  [[ -x $patroni_venv/bin/patroni ]] && return
+  echo "install-deps: installing Patroni $patroni_version into $patroni_venv" >&2
+  $sudo /usr/bin/python3 -m venv "$patroni_venv"
+  $sudo "$patroni_venv/bin/pip" install -q --disable-pip-version-check \
+    "patroni[etcd3,psycopg3]==$patroni_version" "psycopg[binary]"
+}
+sudo=""
 if [[ ${#missing[@]} -eq 0 ]]; then
+  install_patroni
   exit 0
 fi
 
-sudo=""
 if [[ $(id -u) -ne 0 ]]; then
   command -v sudo >/dev/null || { echo "install-deps: run as root or install sudo" >&2; exit 1; }
   sudo="sudo"
@@ -43,3 +56,4 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_postgres || { echo "install-deps: postgresql installed but initdb/postgres not found" >&2; exit 1; }
+install_patroni
