@@ -262,3 +262,71 @@ async fn long_names_are_sealed_and_what_cannot_be_resealed_is_reported() {
         "{check}"
     );
 }
+
+/// A node from before clusters existed derived its keys from its identity.
+/// Upgraded, it founds the cluster inheriting them: its accounts log in,
+/// its tokens verify and its sealed columns open, under a new cluster key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_node_becomes_the_first_member_without_losing_anything() {
+    let node = TestNode::with_extra(&config(1));
+    let daemon = node.start_healthy();
+    stop(daemon);
+    // As an older keepd ran: every key derived from the identity, which is
+    // what the inherited keys are (a unit test pins them to the identity).
+    let identity =
+        keepd::identity::NodeIdentity::load(&node.state_dir().join("identity.key")).unwrap();
+    let old_keys = keepd::cluster::ClusterKey::inheriting(&identity, 1).unwrap();
+    let sealed =
+        keepd::secrets::seal::seal_for(&identity.public_key(), &old_keys.to_bytes()).unwrap();
+    let daemon = node.start();
+    node.superuser()
+        .await
+        .execute(
+            "UPDATE keepd.cluster_members SET sealed_key = $1",
+            &[&sealed],
+        )
+        .await
+        .unwrap();
+    stop(daemon);
+    let daemon = node.start_healthy();
+    let mut old = SyncClient::new(daemon.addr());
+    old.register("old@example.org", PASSWORD).await.unwrap();
+    old.login("old@example.org", PASSWORD).await.unwrap();
+    let key = old.create_vault("v", PASSWORD).await.unwrap();
+    let entry = LogEntry {
+        data: b"kept".to_vec(),
+        haex_timestamp: "t1".into(),
+    };
+    old.push("v", &key, &[entry], None).await.unwrap();
+    stop(daemon);
+    // Back to schema v9: no cluster table.
+    let daemon = node.start();
+    node.superuser()
+        .await
+        .batch_execute(
+            "DROP TABLE keepd.cluster_members; DELETE FROM keepd.schema_migrations WHERE version = 10",
+        )
+        .await
+        .unwrap();
+    stop(daemon);
+
+    let daemon = node.start_healthy();
+    let (_, founded) = node.cluster_key().await;
+    assert_eq!(
+        founded.inherited_keys(),
+        4,
+        "tokens, email, audit ids, field v1"
+    );
+    // The old token, the old password, the old sealed entry.
+    let mut again = SyncClient::new(daemon.addr());
+    again.set_token(old.token().map(str::to_string));
+    let page = again.pull("v", 0, 10).await.unwrap();
+    assert_eq!(page.logs.len(), 1);
+    let plain = key
+        .decrypt_entry(&page.logs[0].encrypted_data, &page.logs[0].nonce)
+        .unwrap();
+    assert_eq!(plain, b"kept");
+    let mut login = SyncClient::new(daemon.addr());
+    login.login("old@example.org", PASSWORD).await.unwrap();
+    stop(daemon);
+}

@@ -88,9 +88,9 @@ async fn locked(client: &mut Client) -> Result<Transaction<'_>, ClusterError> {
 
 /// This node's place in the cluster, at start. The first node to find no
 /// admitted member founds the cluster: a new key, inheriting this node's
-/// own keys when the database already holds accounts (so nothing of a
-/// single node is lost; field keys up to `field_versions`). A node the
-/// cluster does not know records itself as pending.
+/// own keys when a keepd from before clusters used the database (so
+/// nothing of a single node is lost; field keys up to `field_versions`).
+/// A node the cluster does not know records itself as pending.
 pub async fn join(
     client: &mut Client,
     identity: &NodeIdentity,
@@ -133,11 +133,20 @@ pub async fn join(
         tx.commit().await?;
         return Ok(Membership::Pending);
     }
-    let has_accounts: bool = tx
-        .query_one("SELECT EXISTS (SELECT 1 FROM keepd.users)", &[])
+    // Schema v10 (this table) applied after the first migrations, in a
+    // later start: a keepd from before clusters used this database, and
+    // its keys came from its identity. (Migrations of one start share one
+    // transaction and so one timestamp.) Row-level security does not hide
+    // this, as it would the accounts themselves.
+    let predates_clusters: bool = tx
+        .query_one(
+            "SELECT coalesce((SELECT applied_at FROM keepd.schema_migrations WHERE version = 10) \
+               > (SELECT min(applied_at) FROM keepd.schema_migrations), false)",
+            &[],
+        )
         .await?
         .get(0);
-    let key = if has_accounts {
+    let key = if predates_clusters {
         ClusterKey::inheriting(identity, field_versions)?
     } else {
         ClusterKey::generate()?
