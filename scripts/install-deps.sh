@@ -2,8 +2,9 @@
 # Installs what keepd and its tests need on Debian/Ubuntu, idempotently:
 # the PostgreSQL server binaries (keepd runs its own cluster from them),
 # for the edge tests a real reverse proxy (nginx) and a real browser
-# (headless Chromium), and for the HA test etcd (Debian) and Patroni (PyPI,
-# in its own virtualenv at /opt/keepd-test/patroni).
+# (headless Chromium), pgBackRest (keepd's backups), and for the HA test
+# etcd (Debian) and Patroni (PyPI, in its own virtualenv at
+# /opt/keepd-test/patroni).
 set -euo pipefail
 
 have_postgres() {
@@ -17,6 +18,7 @@ have_postgres || missing+=(postgresql)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
 [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
+[[ -x /usr/bin/pgbackrest ]] || missing+=(pgbackrest)
 dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
 patroni_venv=/opt/keepd-test/patroni
 patroni_version=4.1.5

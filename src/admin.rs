@@ -44,6 +44,8 @@ pub enum AdminError {
     Invite(#[from] crate::api::InviteError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     #[error("no container address recorded in {0}; start keepd (docker provider, TCP mode) first")]
     NotRunning(PathBuf),
     #[error(transparent)]
@@ -153,6 +155,17 @@ pub async fn invite(config: &Config, ttl: std::time::Duration) -> Result<String,
     let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-account-invite")?;
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     Ok(crate::api::create_invite(&client, ttl).await?)
+}
+
+/// pgBackRest for `keepd backup now|list|verify`, with the repository
+/// passphrase and the superuser's password unsealed from db.enc.
+pub fn backups(config: &Config) -> Result<crate::backup::PgBackRest, AdminError> {
+    let (_, credentials) = unseal(config)?;
+    Ok(crate::backup::PgBackRest::new(
+        config,
+        credentials.backup_passphrase.as_ref(),
+        &credentials.superuser,
+    )?)
 }
 
 /// What `keepd cluster` does.

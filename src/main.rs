@@ -78,6 +78,12 @@ enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// Backups with pgBackRest (backup.repository): take one, list them,
+    /// verify the repository.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// The nodes sharing this node's database: list them, admit a node
     /// that waits, remove one.
     Cluster {
@@ -138,6 +144,26 @@ enum RecoveryCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Take a backup now: differential (full when there is none yet),
+    /// with its progress.
+    Now {
+        /// A full backup instead.
+        #[arg(long)]
+        full: bool,
+    },
+    /// The backups in the repository and the WAL archive's range.
+    List {
+        /// pgBackRest's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every file of every backup and the WAL archive against the
+    /// repository's checksums.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -227,6 +253,7 @@ fn main() -> ExitCode {
             command: AccountCommand::Invite { ttl },
         } => invite(&config, ttl.get()),
         Command::Cluster { command } => cluster(&config, command),
+        Command::Backup { command } => backup(&config, command),
         Command::Service {
             command,
             target,
@@ -313,6 +340,28 @@ fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {
         );
     }
     println!("{code}");
+    Ok(())
+}
+
+fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
+    use keepd::backup::BackupKind;
+    let pgbackrest = keepd::admin::backups(config)?;
+    match command {
+        BackupCommand::Now { full } => {
+            let kind = if full {
+                BackupKind::Full
+            } else {
+                BackupKind::Differential
+            };
+            pgbackrest.backup(kind, true)?;
+            println!("backup complete");
+        }
+        BackupCommand::List { json } => print!("{}", pgbackrest.info(json)?),
+        BackupCommand::Verify => {
+            print!("{}", pgbackrest.verify()?);
+            println!("backup repository verified");
+        }
+    }
     Ok(())
 }
 

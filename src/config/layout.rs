@@ -57,6 +57,17 @@ impl Layout {
         self.state_dir.join("pgdata")
     }
 
+    /// pgBackRest's configuration, beside Postgres's: Postgres's account
+    /// runs `archive-push` and must read it.
+    pub fn pgbackrest_conf(&self) -> PathBuf {
+        self.data_dir().join("pgbackrest.conf")
+    }
+
+    /// pgBackRest's lock files.
+    pub fn pgbackrest_lock_dir(&self) -> PathBuf {
+        self.runtime_dir.join("pgbackrest")
+    }
+
     /// Where the native Postgres writes its log files.
     pub fn postgres_log_dir(&self) -> PathBuf {
         self.data_dir().join("log")

@@ -55,6 +55,33 @@ pub struct Config {
     pub security: SecurityConfig,
     pub encryption_at_rest: EncryptionAtRestConfig,
     pub api: ApiConfig,
+    pub backup: BackupConfig,
+}
+
+/// Continuous archiving and backups with pgBackRest (native provider).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// pgBackRest's repository, a directory; unset: no backups and no WAL
+    /// archiving (the report says so).
+    pub repository: Option<PathBuf>,
+    /// A full backup at least this often.
+    pub full_interval: HumanDuration,
+    /// A differential backup at least this often between full ones.
+    pub diff_interval: HumanDuration,
+    /// Full backups kept (with the differentials and WAL they need).
+    pub retention_full: u32,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            repository: None,
+            full_interval: HumanDuration(Duration::from_secs(7 * 86_400)),
+            diff_interval: HumanDuration(Duration::from_secs(86_400)),
+            retention_full: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -823,6 +850,9 @@ impl Config {
         if let Some(p) = self.credentials.encrypted_path.as_mut() {
             absolute(p);
         }
+        if let Some(p) = self.backup.repository.as_mut() {
+            absolute(p);
+        }
         if let Some(p) = self.database.postgres.native.bin_dir.as_mut() {
             absolute(p);
         }
@@ -847,6 +877,7 @@ impl Config {
             validate::database(&self.database),
             validate::encryption_at_rest(&self.encryption_at_rest),
             validate::api(&self.api),
+            validate::backup(&self.backup, self.database.postgres.provider),
         ];
         for result in sections {
             result.map_err(|e| ConfigError::Invalid {

@@ -253,6 +253,59 @@ pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(),
     Ok(())
 }
 
+pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), Invalid> {
+    if backup.repository.is_none() {
+        return Ok(());
+    }
+    match provider {
+        Provider::Native => {}
+        Provider::External => {
+            return Err(invalid(
+                "backup.repository",
+                format!("{:?}", backup.repository),
+                "unset with provider: external: backing up an external server is its cluster's \
+                 job (pgBackRest or Barman beside Patroni, CloudNativePG's backups)"
+                    .into(),
+            ));
+        }
+        Provider::Docker => {
+            return Err(invalid(
+                "backup.repository",
+                format!("{:?}", backup.repository),
+                "unset with provider: docker (keepd archives and backs up the native \
+                 provider's Postgres only, for now)"
+                    .into(),
+            ));
+        }
+    }
+    if backup.retention_full == 0 {
+        return Err(invalid(
+            "backup.retention_full",
+            "0".into(),
+            "1 or more full backups to keep".into(),
+        ));
+    }
+    if backup.diff_interval.get() > backup.full_interval.get() {
+        return Err(invalid(
+            "backup.diff_interval",
+            backup.diff_interval.to_string(),
+            format!(
+                "at most backup.full_interval ({}): differentials fall between full backups",
+                backup.full_interval
+            ),
+        ));
+    }
+    for (key, interval) in [
+        ("backup.full_interval", backup.full_interval),
+        ("backup.diff_interval", backup.diff_interval),
+    ] {
+        if interval.get() < Duration::from_secs(60) {
+            return Err(invalid(key, interval.to_string(), "at least 1m".into()));
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
     if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400))
         .contains(&api.idempotency_ttl.get())

@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::{self, AuditKeys, AuditSealer};
+use crate::backup::{BackupError, PgBackRest};
 use crate::cluster::{self, ClusterError, ClusterKey, Membership};
 use crate::config::{Config, Layout, Topology};
 use crate::edge::{self, ApiCertificate, ApiTlsError, EdgeError, EdgeSettings, TrustedProxies};
@@ -117,6 +118,8 @@ pub enum DaemonError {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
     #[error("stopped while waiting to be admitted to the cluster")]
     NotAdmitted,
 }
@@ -134,6 +137,21 @@ use crate::clock::unix_now;
 /// The sealed credentials, created on first start (before the cluster, so
 /// a cluster without credentials means they were lost, not never made).
 fn load_credentials(
+    config: &Config,
+    layout: &Layout,
+    identity: &NodeIdentity,
+    store: &CredentialStore,
+) -> Result<Credentials, DaemonError> {
+    let mut credentials = existing_or_new_credentials(config, layout, identity, store)?;
+    if config.backup.repository.is_some() && credentials.backup_passphrase.is_none() {
+        credentials.backup_passphrase = Some(crate::secrets::values::generate_password(64)?);
+        store.save(identity, config.credentials.encryption_method, &credentials)?;
+        info!(path = %store.path().display(), "generated and sealed the backup repository's passphrase");
+    }
+    Ok(credentials)
+}
+
+fn existing_or_new_credentials(
     config: &Config,
     layout: &Layout,
     identity: &NodeIdentity,
@@ -247,8 +265,14 @@ impl Node {
         self.notifier.status("preparing Postgres");
         let rendered = render::render(&RenderInputs::of(&self.config))?;
         let verifier = ScramVerifier::of(&self.credentials.superuser);
-        let Prepared { server, tls, pki } =
-            Server::prepare(&self.config, &rendered, &self.node_id, verifier).await?;
+        let Prepared { server, tls, pki } = Server::prepare(
+            &self.config,
+            &rendered,
+            &self.node_id,
+            verifier,
+            self.credentials.backup_passphrase.clone(),
+        )
+        .await?;
         let password = &self.credentials.superuser;
         let maintenance = server.superuser_endpoint(password, "postgres");
         let superuser = server.superuser_endpoint(password, DATABASE);
@@ -358,6 +382,15 @@ impl Provisioned {
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
+        if config.backup.repository.is_some() {
+            let backups = PgBackRest::new(
+                config,
+                credentials.backup_passphrase.as_ref(),
+                &credentials.superuser,
+            )?;
+            tokio::task::spawn_blocking(move || backups.stanza_create()).await??;
+            info!(repository = ?config.backup.repository, "backup repository ready; WAL is archived there");
+        }
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
         drop(client);

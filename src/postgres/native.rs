@@ -210,7 +210,7 @@ pub struct PgAccount {
 
 impl PgAccount {
     /// None when keepd is not root: Postgres then runs as keepd's own user.
-    fn resolve(name: &str) -> Result<Option<PgAccount>, NativeError> {
+    pub fn resolve(name: &str) -> Result<Option<PgAccount>, NativeError> {
         if !nix::unistd::geteuid().is_root() {
             return Ok(None);
         }
@@ -270,6 +270,9 @@ pub struct NativeCluster {
     port: u16,
     pub start_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// pgBackRest's repository passphrase, for the archive command: in the
+    /// postmaster's environment only (readable by its account and root).
+    archive_secret: Option<SecretString>,
 }
 
 impl NativeCluster {
@@ -279,6 +282,7 @@ impl NativeCluster {
         config: &Config,
         rendered: &RenderedConfig,
         pki: Option<&NodePki>,
+        archive_secret: Option<SecretString>,
     ) -> Result<NativeCluster, NativeError> {
         let pg = &config.database.postgres;
         let binaries = PgBinaries::locate(pg.native.bin_dir.as_deref(), pg.version)?;
@@ -301,8 +305,15 @@ impl NativeCluster {
             port: config.network.port,
             start_timeout: pg.native.start_timeout.get(),
             shutdown_timeout: pg.native.shutdown_timeout.get(),
+            archive_secret,
         };
         cluster.prepare_dirs(&config.node.state_dir, &config.node.runtime_dir)?;
+        if let Some(repository) = &config.backup.repository {
+            // Postgres's account writes both: it runs the archive command.
+            for dir in [repository, &Layout::of(config).pgbackrest_lock_dir()] {
+                cluster.ensure_owned_dir(dir)?;
+            }
+        }
         if !cluster.data_dir.join("PG_VERSION").exists() {
             cluster.initdb()?;
         }
@@ -513,6 +524,9 @@ impl NativeCluster {
     pub fn postmaster_command(&self) -> Command {
         let mut cmd = self.command("postgres");
         cmd.arg("-D").arg(&self.data_dir).process_group(0);
+        if let Some(secret) = &self.archive_secret {
+            cmd.env(crate::backup::PASSPHRASE_ENV, secret.expose());
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

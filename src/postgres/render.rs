@@ -47,6 +47,10 @@ pub struct RenderedConfig {
     pub postgresql_conf: String,
     pub pg_hba_conf: String,
     pub pg_ident_conf: String,
+    /// With `backup.repository`: pgBackRest's configuration (no secret in
+    /// it; the repository passphrase reaches pgBackRest through its
+    /// environment).
+    pub pgbackrest_conf: Option<String>,
     pub initdb: Vec<InitdbScript>,
 }
 
@@ -59,6 +63,7 @@ impl RenderedConfig {
             &self.postgresql_conf,
             &self.pg_hba_conf,
             &self.pg_ident_conf,
+            self.pgbackrest_conf.as_deref().unwrap_or_default(),
         ] {
             hash.update(part.as_bytes());
             hash.update([0]);
@@ -71,14 +76,19 @@ impl RenderedConfig {
         hex::encode(&hash.finalize()[..8])
     }
 
-    /// The three files Postgres reads, by name: what every provider
-    /// installs.
-    pub fn server_files(&self) -> [(&'static str, &str); 3] {
-        [
+    /// The files that go beside the data, by name: what every provider
+    /// installs (the three Postgres reads, and pgBackRest's when backups
+    /// are on).
+    pub fn server_files(&self) -> Vec<(&'static str, &str)> {
+        let mut files = vec![
             ("postgresql.conf", self.postgresql_conf.as_str()),
             ("pg_hba.conf", self.pg_hba_conf.as_str()),
             ("pg_ident.conf", self.pg_ident_conf.as_str()),
-        ]
+        ];
+        if let Some(conf) = &self.pgbackrest_conf {
+            files.push(("pgbackrest.conf", conf));
+        }
+        files
     }
 
     /// The files with their relative paths, as `keepd render` writes them.
@@ -120,7 +130,25 @@ pub struct RenderInputs {
     pub log_statement: LogStatement,
     /// TCP mode: every login must present a client certificate.
     pub client_cert_required: bool,
+    /// Continuous archiving and backups (`backup.repository`).
+    pub backup: Option<BackupInputs>,
 }
+
+/// What pgBackRest's configuration and Postgres's archive command need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInputs {
+    pub repository: PathBuf,
+    pub retention_full: u32,
+    pub data_dir: PathBuf,
+    pub conf: PathBuf,
+    pub lock_dir: PathBuf,
+}
+
+/// pgBackRest as Debian installs it (`postgresql.conf` names it whole:
+/// Postgres runs the archive command without keepd's PATH).
+pub const PGBACKREST: &str = "/usr/bin/pgbackrest";
+/// The stanza: pgBackRest's name for keepd's cluster in the repository.
+pub const STANZA: &str = "keepd";
 
 impl RenderInputs {
     pub fn of(config: &Config) -> RenderInputs {
@@ -134,6 +162,16 @@ impl RenderInputs {
             log_statement: config.database.postgres.log_statement,
             client_cert_required: security.require_client_cert
                 && !security.allow_client_cert_fallback,
+            backup: config.backup.repository.as_ref().map(|repository| {
+                let layout = Layout::of(config);
+                BackupInputs {
+                    repository: repository.clone(),
+                    retention_full: config.backup.retention_full,
+                    data_dir: layout.data_dir(),
+                    conf: layout.pgbackrest_conf(),
+                    lock_dir: layout.pgbackrest_lock_dir(),
+                }
+            }),
         }
     }
 }
@@ -143,6 +181,10 @@ pub fn render(inputs: &RenderInputs) -> Result<RenderedConfig, RenderError> {
         postgresql_conf: postgresql_conf(inputs)?,
         pg_hba_conf: pg_hba_conf(inputs),
         pg_ident_conf: pg_ident_conf(inputs),
+        pgbackrest_conf: match &inputs.backup {
+            Some(backup) => Some(pgbackrest_conf(inputs, backup)?),
+            None => None,
+        },
         initdb: initdb_scripts(),
     })
 }
@@ -171,6 +213,27 @@ fn path_str(key: &'static str, path: &Path) -> Result<String, RenderError> {
         reason: "it is not valid UTF-8",
     })?;
     quote(key, text)
+}
+
+/// A path for pgBackRest's configuration and the archive command (which a
+/// shell reads): plain characters only, so neither needs quoting.
+fn plain_path<'a>(key: &'static str, path: &'a Path) -> Result<&'a str, RenderError> {
+    let unquotable = |reason| RenderError::Unquotable {
+        key,
+        value: path.display().to_string(),
+        reason,
+    };
+    let text = path
+        .to_str()
+        .ok_or_else(|| unquotable("it is not valid UTF-8"))?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+@%:".contains(c);
+    if !text.chars().all(plain) {
+        return Err(unquotable(
+            "pgBackRest's configuration and Postgres's archive command need a path of letters, \
+             digits and / . _ - + @ % : only",
+        ));
+    }
+    Ok(text)
 }
 
 fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
@@ -267,6 +330,58 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     set("jit", "off".into());
     // Utility statements would include ALTER ROLE ... PASSWORD.
     set("pg_stat_statements.track_utility", "off".into());
+
+    // Continuous archiving: every WAL segment to pgBackRest's repository,
+    // a segment at least every minute, so at most a minute of commits
+    // depends on this disk alone.
+    if let Some(backup) = &inputs.backup {
+        let conf = plain_path("node.state_dir", &backup.conf)?;
+        set("archive_mode", "on".into());
+        set(
+            "archive_command",
+            format!("'{PGBACKREST} --config={conf} --stanza={STANZA} archive-push %p'"),
+        );
+        set("archive_timeout", "'60s'".into());
+    }
+    Ok(out)
+}
+
+/// pgBackRest's configuration: the repository (encrypted; the passphrase
+/// comes from the environment), the retention, and how to reach the
+/// cluster (its data directory and socket, as keepd's superuser).
+fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<String, RenderError> {
+    let plain = plain_path;
+    let mut out = String::from(HEADER);
+    let _ = writeln!(out, "[global]");
+    let _ = writeln!(
+        out,
+        "repo1-path={}",
+        plain("backup.repository", &backup.repository)?
+    );
+    let _ = writeln!(out, "repo1-cipher-type=aes-256-cbc");
+    let _ = writeln!(out, "repo1-retention-full={}", backup.retention_full);
+    let _ = writeln!(
+        out,
+        "lock-path={}",
+        plain("node.runtime_dir", &backup.lock_dir)?
+    );
+    let _ = writeln!(out, "log-level-console=warn");
+    let _ = writeln!(out, "log-level-file=off");
+    let _ = writeln!(out, "start-fast=y");
+    let _ = writeln!(out, "\n[{STANZA}]");
+    let _ = writeln!(
+        out,
+        "pg1-path={}",
+        plain("node.state_dir", &backup.data_dir)?
+    );
+    let _ = writeln!(
+        out,
+        "pg1-socket-path={}",
+        plain("node.runtime_dir", &inputs.socket_dir)?
+    );
+    let _ = writeln!(out, "pg1-port={}", inputs.port);
+    let _ = writeln!(out, "pg1-user={SUPERUSER}");
+    let _ = writeln!(out, "pg1-database={DATABASE}");
     Ok(out)
 }
 

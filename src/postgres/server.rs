@@ -81,6 +81,7 @@ impl Server {
         rendered: &RenderedConfig,
         node_id: &str,
         verifier: ScramVerifier,
+        archive_secret: Option<SecretString>,
     ) -> Result<Prepared, ProviderError> {
         // PostgreSQL is the one backend; another would start here.
         let Backend::Postgres = config.database.backend;
@@ -133,7 +134,12 @@ impl Server {
                 let cluster = {
                     let (config, rendered, pki) = (config.clone(), rendered.clone(), pki.clone());
                     tokio::task::spawn_blocking(move || {
-                        let cluster = NativeCluster::prepare(&config, &rendered, pki.as_deref())?;
+                        let cluster = NativeCluster::prepare(
+                            &config,
+                            &rendered,
+                            pki.as_deref(),
+                            archive_secret,
+                        )?;
                         cluster.clear_stale_pid()?;
                         cluster.set_superuser_verifier(&verifier)?;
                         Ok::<_, NativeError>(cluster)

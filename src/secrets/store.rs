@@ -81,6 +81,10 @@ pub struct LoginCredential {
 pub struct Credentials {
     pub superuser: SecretString,
     pub login_roles: Vec<LoginCredential>,
+    /// pgBackRest's repository passphrase, made when backups are first
+    /// configured (absent in files from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_passphrase: Option<SecretString>,
 }
 
 impl Credentials {
@@ -96,6 +100,7 @@ impl Credentials {
                 status_since: now,
                 audited: false,
             }],
+            backup_passphrase: None,
         })
     }
 
