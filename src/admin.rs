@@ -46,6 +46,19 @@ pub enum AdminError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    #[error(transparent)]
+    State(#[from] crate::state_lock::StateError),
+    #[error(transparent)]
+    Render(#[from] crate::postgres::render::RenderError),
+    #[error(transparent)]
+    Native(#[from] crate::postgres::native::NativeError),
+    #[error("Postgres exited while replaying the WAL archive ({status}); its log is under {log}")]
+    Replay { status: String, log: PathBuf },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("no container address recorded in {0}; start keepd (docker provider, TCP mode) first")]
     NotRunning(PathBuf),
     #[error(transparent)]
@@ -166,6 +179,122 @@ pub fn backups(config: &Config) -> Result<crate::backup::PgBackRest, AdminError>
         credentials.backup_passphrase.as_ref(),
         &credentials.superuser,
     )?)
+}
+
+/// What `keepd restore` did.
+pub struct Restored {
+    /// The audit checkpoint's seq before the restore, and the head of the
+    /// chain as restored (the new checkpoint).
+    pub checkpoint_before: Option<i64>,
+    pub chain_head: i64,
+}
+
+/// `keepd restore`, for a stopped node (the state lock is taken, so a
+/// running daemon refuses it): pgBackRest restores the data directory,
+/// Postgres replays the archive to the target and promotes, and the audit
+/// checkpoint moves to the restored head, signed; the daemon records the
+/// restore in the audit trail at its next start.
+pub async fn restore(
+    config: &Config,
+    target: crate::backup::RestoreTarget,
+) -> Result<Restored, AdminError> {
+    use crate::postgres::native::NativeCluster;
+    let layout = Layout::of(config);
+    let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
+    let (identity, credentials) = unseal(config)?;
+    let backups = crate::backup::PgBackRest::new(
+        config,
+        credentials.backup_passphrase.as_ref(),
+        &credentials.superuser,
+    )?;
+    eprintln!("keepd: restoring the data directory from the backup repository");
+    let wanted = target.clone();
+    tokio::task::spawn_blocking(move || backups.restore(&wanted))
+        .await
+        .map_err(|e| AdminError::Io {
+            what: "run pgBackRest",
+            source: std::io::Error::other(e),
+        })??;
+    // Postgres replays on its own, installed as the daemon installs it.
+    let rendered =
+        crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
+    let pki = match Topology::of(config).issues_certificates() {
+        true => Some(NodePki::load(
+            &config.node.state_dir,
+            identity.node_id().as_str(),
+        )?),
+        false => None,
+    };
+    let cluster = NativeCluster::prepare(
+        config,
+        &rendered,
+        pki.as_ref(),
+        credentials.backup_passphrase.clone(),
+    )?;
+    let mut postmaster = cluster
+        .postmaster_command()
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| AdminError::Io {
+            what: "start Postgres to replay the archive",
+            source,
+        })?;
+    let replayed = async {
+        eprintln!("keepd: replaying the WAL archive to {target}");
+        let signal = layout.data_dir().join("recovery.signal");
+        let mut waited = 0u64;
+        while signal.exists() {
+            if let Some(status) = postmaster.try_wait().ok().flatten() {
+                return Err(AdminError::Replay {
+                    status: status.to_string(),
+                    log: layout.postgres_log_dir(),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            waited += 1;
+            if waited.is_multiple_of(50) {
+                eprintln!("keepd: still replaying ({} s)", waited / 5);
+            }
+        }
+        let endpoint = cluster.superuser_endpoint(&credentials.superuser, DATABASE);
+        let mut attempts = 0;
+        let client = loop {
+            match endpoint.connect().await {
+                Ok(client) => break client,
+                Err(_) if attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(AdminError::Connect(e)),
+            }
+        };
+        let (before, head) =
+            crate::audit::rebase_checkpoint(&client, &identity, &layout.audit_checkpoint()).await?;
+        let note = serde_json::json!({
+            "target": target.to_string(),
+            "restored_at_unix": crate::clock::unix_now(),
+            "checkpoint_seq_before": before,
+            "chain_seq_restored": head,
+        });
+        fsutil::write_atomic(&layout.restore_note(), note.to_string().as_bytes(), None).map_err(
+            |source| AdminError::Io {
+                what: "record the restore for the audit trail",
+                source,
+            },
+        )?;
+        Ok(Restored {
+            checkpoint_before: before,
+            chain_head: head,
+        })
+    }
+    .await;
+    // A fast shutdown: the restored cluster is left consistent.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = postmaster.wait();
+    replayed
 }
 
 /// What `keepd cluster` does.

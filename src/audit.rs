@@ -107,6 +107,9 @@ pub enum AuditAction {
     DeviceAdd,
     DeviceRevoke,
     BackupCreate,
+    /// The database was restored from a backup (`keepd restore`): the
+    /// chain continues from the restored point.
+    NodeRestore,
 }
 
 impl AuditAction {
@@ -127,13 +130,14 @@ impl AuditAction {
             AuditAction::DeviceAdd => "DEVICE_ADD",
             AuditAction::DeviceRevoke => "DEVICE_REVOKE",
             AuditAction::BackupCreate => "BACKUP_CREATE",
+            AuditAction::NodeRestore => "NODE_RESTORE",
         }
     }
 
     /// The table the action changes (`audit_log.table_name`).
     pub fn table(self) -> &'static str {
         match self {
-            AuditAction::NodeStart => "-",
+            AuditAction::NodeStart | AuditAction::NodeRestore => "-",
             AuditAction::CredentialRotation | AuditAction::CredentialRotationComplete => {
                 "pg_authid"
             }
@@ -492,6 +496,8 @@ pub enum Verdict {
         sealed: i64,
         unsealed: i64,
         checkpoint: Option<i64>,
+        /// The restores the chain records (`NODE_RESTORE` metadata).
+        restores: Vec<String>,
     },
     Broken {
         seq: i64,
@@ -507,13 +513,18 @@ impl std::fmt::Display for Verdict {
                 sealed,
                 unsealed,
                 checkpoint,
+                restores,
             } => {
                 write!(f, "audit chain intact: {sealed} sealed entries")?;
                 match checkpoint {
                     Some(seq) => write!(f, ", signed checkpoint at seq {seq} matches")?,
                     None => write!(f, ", no checkpoint yet")?,
                 }
-                write!(f, ", {unsealed} entries not yet sealed")
+                write!(f, ", {unsealed} entries not yet sealed")?;
+                for restore in restores {
+                    write!(f, "; restored from a backup: {restore}")?;
+                }
+                Ok(())
             }
             Verdict::Broken {
                 seq,
@@ -528,6 +539,39 @@ impl std::fmt::Display for Verdict {
             }
         }
     }
+}
+
+/// After a restore from a backup: the signed checkpoint moved to the head
+/// of this node's chain as restored (its seq returned, with the one it
+/// replaced), so the restored point is the new base and a later
+/// truncation is still caught. Only the identity can sign it, so this is
+/// no way around the checkpoint for anyone without it.
+pub async fn rebase_checkpoint(
+    client: &tokio_postgres::Client,
+    identity: &NodeIdentity,
+    path: &Path,
+) -> Result<(Option<i64>, i64), AuditError> {
+    let before = Checkpoint::load(path, identity)?.map(|cp| cp.seq);
+    let head = client
+        .query_opt(
+            "SELECT seq, hash FROM keepd_audit.audit_chain WHERE node_id = $1 \
+             ORDER BY seq DESC LIMIT 1",
+            &[&identity.node_id().as_str()],
+        )
+        .await?;
+    let (seq, hash) = match head {
+        Some(row) => {
+            let hash: Vec<u8> = row.get(1);
+            let hash: [u8; 32] = hash.try_into().map_err(|_| AuditError::BadCheckpoint {
+                path: path.to_owned(),
+                reason: "the restored chain's head hash is not 32 bytes".into(),
+            })?;
+            (row.get::<_, i64>(0), hash)
+        }
+        None => (0, [0; 32]),
+    };
+    Checkpoint::sign(identity, seq, &hash).save(path)?;
+    Ok((before, seq))
 }
 
 /// Recomputes the whole chain over `client` (any role that may read the
@@ -551,6 +595,7 @@ pub async fn verify(
     let mut prev = [0u8; 32];
     let mut expected = 1i64;
     let mut hashes = Vec::with_capacity(rows.len());
+    let mut restores = Vec::new();
     for row in &rows {
         let seq: i64 = row.get(0);
         let entry_id: i64 = row.get(1);
@@ -577,6 +622,9 @@ pub async fn verify(
         let stored: Vec<u8> = row.get(3);
         if stored != hash {
             return Ok(broken(seq, "the entry or its link was altered"));
+        }
+        if entry.texts[3] == AuditAction::NodeRestore.name() {
+            restores.push(entry.metadata.clone());
         }
         hashes.push(hash);
         prev = hash;
@@ -625,6 +673,7 @@ pub async fn verify(
         sealed,
         unsealed,
         checkpoint,
+        restores,
     })
 }
 

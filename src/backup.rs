@@ -14,6 +14,7 @@ use std::process::{Command, Output, Stdio};
 use crate::config::{Config, Layout};
 use crate::postgres::native::{NativeError, PgAccount};
 use crate::postgres::render::{PGBACKREST, STANZA};
+use crate::postgres::tls::Endpoint;
 use crate::secrets::values::SecretString;
 
 /// The variable pgBackRest reads the repository passphrase from.
@@ -50,6 +51,25 @@ impl BackupKind {
         match self {
             BackupKind::Full => "full",
             BackupKind::Differential => "diff",
+        }
+    }
+}
+
+/// How far `keepd restore` replays the WAL archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreTarget {
+    /// To its end: everything archived.
+    Latest,
+    /// To this moment (Postgres's timestamp syntax, e.g.
+    /// `2026-12-01 14:05:00+00`): commits up to it, none after.
+    Time(String),
+}
+
+impl std::fmt::Display for RestoreTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreTarget::Latest => f.write_str("the end of the WAL archive"),
+            RestoreTarget::Time(t) => write!(f, "{t}"),
         }
     }
 }
@@ -147,11 +167,64 @@ impl PgBackRest {
         }
     }
 
+    /// Restores the data directory (in place, only what differs) from the
+    /// latest backup before the target, and sets Postgres up to replay the
+    /// archive to it and then promote. Postgres must be stopped.
+    pub fn restore(&self, target: &RestoreTarget) -> Result<(), BackupError> {
+        match target {
+            RestoreTarget::Latest => self.run("restore", &["--delta"]),
+            RestoreTarget::Time(time) => self.run(
+                "restore",
+                &[
+                    "--delta",
+                    "--type=time",
+                    &format!("--target={time}"),
+                    "--target-action=promote",
+                ],
+            ),
+        }
+        .map(drop)
+    }
+
     /// Checks every file of every backup and the WAL archive against the
     /// checksums in the repository's manifests.
     pub fn verify(&self) -> Result<String, BackupError> {
         self.run("verify", &[])
     }
+}
+
+/// Closes the current WAL segment and waits (up to 10 s) until Postgres has
+/// archived it: then everything committed so far is in the repository.
+/// Returns the segment's name.
+pub async fn archive_current_wal(superuser: &Endpoint) -> Result<String, BackupError> {
+    let failed = |e: tokio_postgres::Error| BackupError::Failed {
+        action: "archive of the current WAL segment",
+        message: crate::postgres::describe_error(&e),
+    };
+    let client = superuser.connect().await.map_err(failed)?;
+    let segment: String = client
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .map_err(failed)?
+        .get(0);
+    for _ in 0..100 {
+        let done: bool = client
+            .query_one(
+                "SELECT coalesce(last_archived_wal >= $1, false) FROM pg_stat_archiver",
+                &[&segment],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if done {
+            return Ok(segment);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(BackupError::Failed {
+        action: "archive of the current WAL segment",
+        message: format!("{segment} was not archived within 10 s"),
+    })
 }
 
 fn checked(action: &'static str, out: Output) -> Result<String, BackupError> {

@@ -84,6 +84,16 @@ enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Restore the database of this stopped node from the backup
+    /// repository: to the end of the WAL archive, or to a moment.
+    Restore {
+        /// Everything the archive holds.
+        #[arg(long, conflicts_with = "to", required_unless_present = "to")]
+        latest: bool,
+        /// A moment, as Postgres reads it: `2026-12-01 14:05:00+00`.
+        #[arg(long, value_name = "TIMESTAMP")]
+        to: Option<String>,
+    },
     /// The nodes sharing this node's database: list them, admit a node
     /// that waits, remove one.
     Cluster {
@@ -254,6 +264,7 @@ fn main() -> ExitCode {
         } => invite(&config, ttl.get()),
         Command::Cluster { command } => cluster(&config, command),
         Command::Backup { command } => backup(&config, command),
+        Command::Restore { latest: _, to } => restore(&config, to),
         Command::Service {
             command,
             target,
@@ -362,6 +373,24 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
             println!("backup repository verified");
         }
     }
+    Ok(())
+}
+
+fn restore(config: &Config, to: Option<String>) -> anyhow::Result<()> {
+    use keepd::backup::RestoreTarget;
+    let target = match to {
+        Some(time) => RestoreTarget::Time(time),
+        None => RestoreTarget::Latest,
+    };
+    let restored = runtime()?.block_on(keepd::admin::restore(config, target.clone()))?;
+    println!(
+        "restored to {target}; the audit chain continues from seq {} (the checkpoint was at {}); \
+         start keepd",
+        restored.chain_head,
+        restored
+            .checkpoint_before
+            .map_or_else(|| "none".to_string(), |seq| format!("seq {seq}"))
+    );
     Ok(())
 }
 

@@ -57,6 +57,12 @@ impl Layout {
         self.state_dir.join("pgdata")
     }
 
+    /// What `keepd restore` restored, for the daemon to record in the
+    /// audit trail at its next start.
+    pub fn restore_note(&self) -> PathBuf {
+        self.state_dir.join("audit.restore.json")
+    }
+
     /// pgBackRest's configuration, beside Postgres's: Postgres's account
     /// runs `archive-push` and must read it.
     pub fn pgbackrest_conf(&self) -> PathBuf {

@@ -442,6 +442,7 @@ impl Provisioned {
         audit::record_alone(&pool, node_id, &started_entry)
             .await
             .map_err(RotationError::from)?;
+        record_restore(&pool, node_id, &layout.restore_note()).await?;
         let active_role = pool.credential_role();
         let report = Report::new(
             measure(&Inputs {
@@ -478,6 +479,36 @@ impl Provisioned {
             metrics_listener,
         })
     }
+}
+
+/// A restore `keepd restore` made since the last start goes into the audit
+/// trail (the chain continues from the restored point), once.
+async fn record_restore(
+    pool: &RoleAwarePool,
+    node_id: &str,
+    note: &Path,
+) -> Result<(), DaemonError> {
+    let Ok(text) = std::fs::read_to_string(note) else {
+        return Ok(());
+    };
+    let metadata = serde_json::from_str(&text)
+        .unwrap_or_else(|_| serde_json::json!({"note": "unreadable", "text": text}));
+    let entry = audit::AuditEntry {
+        action: audit::AuditAction::NodeRestore,
+        rows_affected: 0,
+        duration: Duration::ZERO,
+        source_component: "restore",
+        metadata,
+    };
+    audit::record_alone(pool, node_id, &entry)
+        .await
+        .map_err(RotationError::from)?;
+    std::fs::remove_file(note).map_err(|source| DaemonError::Directory {
+        path: note.to_owned(),
+        source,
+    })?;
+    info!(metadata = %entry.metadata, "recorded the restore from a backup in the audit trail");
+    Ok(())
 }
 
 /// How often a node waiting to be admitted looks for its sealed key.
@@ -674,7 +705,7 @@ impl BroughtUp {
             ),
             janitor: tokio::spawn(
                 janitor::Janitor {
-                    superuser,
+                    superuser: superuser.clone(),
                     idempotency_ttl: config.api.idempotency_ttl.get(),
                 }
                 .run(shutdown.clone()),
@@ -692,6 +723,16 @@ impl BroughtUp {
         info!("shutting down");
         node.notifier.stopping();
         tasks.shutdown(stop).await;
+        if config.backup.repository.is_some() {
+            // The last commits into the archive too, so a restore can
+            // reach the moment of this stop.
+            match crate::backup::archive_current_wal(&superuser).await {
+                Ok(segment) => info!(segment, "archived the current WAL segment before stopping"),
+                Err(e) => {
+                    warn!(error = %e, "could not archive the current WAL segment before stopping")
+                }
+            }
+        }
         let _ = std::fs::remove_file(node.layout.control_socket());
         supervisor.stop().await;
         info!("keepd stopped");

@@ -360,11 +360,9 @@ fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<Strin
     );
     let _ = writeln!(out, "repo1-cipher-type=aes-256-cbc");
     let _ = writeln!(out, "repo1-retention-full={}", backup.retention_full);
-    let _ = writeln!(
-        out,
-        "lock-path={}",
-        plain("node.runtime_dir", &backup.lock_dir)?
-    );
+    let run = plain("node.runtime_dir", &backup.lock_dir)?;
+    let _ = writeln!(out, "lock-path={run}");
+    let _ = writeln!(out, "spool-path={run}");
     let _ = writeln!(out, "log-level-console=warn");
     let _ = writeln!(out, "log-level-file=off");
     let _ = writeln!(out, "start-fast=y");
