@@ -340,7 +340,16 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
+    let backups = config.backup.repository.as_ref().and_then(|_| {
+        crate::backup::PgBackRest::new(
+            config,
+            credentials.backup_passphrase.as_ref(),
+            &credentials.superuser,
+        )
+        .ok()
+    });
     let checks = measure(&Inputs {
+        backups: backups.as_ref(),
         config,
         identity: &identity,
         superuser: &endpoint,

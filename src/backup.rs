@@ -193,6 +193,54 @@ impl PgBackRest {
     }
 }
 
+/// What the repository holds, from `pgbackrest info --output=json`: when
+/// the newest full backup and the newest backup of any kind finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackupStatus {
+    pub last_full: Option<u64>,
+    pub last_any: Option<u64>,
+}
+
+impl BackupStatus {
+    pub fn from_info(json: &str) -> Result<BackupStatus, BackupError> {
+        let bad = |why: String| BackupError::Failed {
+            action: "info",
+            message: format!("unexpected output: {why}"),
+        };
+        let info: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        let mut status = BackupStatus::default();
+        let backups = info
+            .as_array()
+            .and_then(|stanzas| stanzas.first())
+            .and_then(|stanza| stanza["backup"].as_array())
+            .cloned()
+            .unwrap_or_default();
+        for backup in backups {
+            let Some(stop) = backup["timestamp"]["stop"].as_u64() else {
+                return Err(bad("a backup without timestamp.stop".into()));
+            };
+            status.last_any = status.last_any.max(Some(stop));
+            if backup["type"] == "full" {
+                status.last_full = status.last_full.max(Some(stop));
+            }
+        }
+        Ok(status)
+    }
+
+    /// The backup the schedule asks for at `now` (unix seconds), if any: a
+    /// full one when there is none or the newest is `full_interval` old, a
+    /// differential when the newest of any kind is `diff_interval` old.
+    pub fn due(&self, now: u64, full_interval: u64, diff_interval: u64) -> Option<BackupKind> {
+        let age = |at: Option<u64>| at.map(|t| now.saturating_sub(t));
+        match (age(self.last_full), age(self.last_any)) {
+            (None, _) => Some(BackupKind::Full),
+            (Some(full), _) if full >= full_interval => Some(BackupKind::Full),
+            (_, Some(any)) if any >= diff_interval => Some(BackupKind::Differential),
+            _ => None,
+        }
+    }
+}
+
 /// Closes the current WAL segment and waits (up to 10 s) until Postgres has
 /// archived it: then everything committed so far is in the repository.
 /// Returns the segment's name.
@@ -246,4 +294,34 @@ fn checked(action: &'static str, out: Output) -> Result<String, BackupError> {
             message
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_asks_for_full_then_differential_backups() {
+        let json = r#"[{"name":"keepd","backup":[
+            {"type":"full","timestamp":{"start":900,"stop":1000}},
+            {"type":"diff","timestamp":{"start":1900,"stop":2000}}]}]"#;
+        let status = BackupStatus::from_info(json).unwrap();
+        assert_eq!(
+            status,
+            BackupStatus {
+                last_full: Some(1000),
+                last_any: Some(2000)
+            }
+        );
+        let (full, diff) = (10_000, 3_000);
+        assert_eq!(status.due(2_500, full, diff), None);
+        assert_eq!(
+            status.due(5_000, full, diff),
+            Some(BackupKind::Differential)
+        );
+        assert_eq!(status.due(11_000, full, diff), Some(BackupKind::Full));
+        let empty = BackupStatus::from_info(r#"[{"name":"keepd","backup":[]}]"#).unwrap();
+        assert_eq!(empty.due(0, full, diff), Some(BackupKind::Full));
+        assert!(BackupStatus::from_info("not json").is_err());
+    }
 }

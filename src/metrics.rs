@@ -45,6 +45,12 @@ pub struct Metrics {
     /// The measured security level, 1 (reduced) to 4 (maximum); 0 before
     /// the first report.
     security_level: AtomicU64,
+    /// Unix seconds of the newest backup and of the newest archived WAL
+    /// segment (0: none), and whether archiving is failing now; kept by
+    /// the backup schedule.
+    backup_last_success: AtomicU64,
+    wal_archived_last: AtomicU64,
+    wal_archive_failing: AtomicU64,
 }
 
 /// Holds one open connection in the gauge.
@@ -109,6 +115,21 @@ impl Metrics {
     /// The level of the last security report, 1 (reduced) to 4 (maximum).
     pub fn set_security_level(&self, ordinal: u64) {
         self.security_level.store(ordinal, Ordering::Relaxed);
+    }
+
+    /// What the backup schedule last saw.
+    pub fn set_backup_status(
+        &self,
+        last_backup: Option<u64>,
+        last_archived: Option<u64>,
+        failing: bool,
+    ) {
+        self.backup_last_success
+            .store(last_backup.unwrap_or(0), Ordering::Relaxed);
+        self.wal_archived_last
+            .store(last_archived.unwrap_or(0), Ordering::Relaxed);
+        self.wal_archive_failing
+            .store(u64::from(failing), Ordering::Relaxed);
     }
 
     pub fn rotation_completed(&self) {
@@ -249,6 +270,24 @@ impl Metrics {
                 "gauge",
                 "The measured security level: 1 reduced, 2 moderate, 3 high, 4 maximum (0 before the first report).",
                 load(&self.security_level),
+            ),
+            (
+                "keepd_backup_last_success_timestamp_seconds",
+                "gauge",
+                "When the newest backup in the repository finished, unix seconds (0: none).",
+                load(&self.backup_last_success),
+            ),
+            (
+                "keepd_wal_archive_last_success_timestamp_seconds",
+                "gauge",
+                "When Postgres last archived a WAL segment, unix seconds (0: never); now minus this is the archive lag.",
+                load(&self.wal_archived_last),
+            ),
+            (
+                "keepd_wal_archive_failing",
+                "gauge",
+                "1 while the last attempt to archive WAL failed (pg_wal grows until it succeeds).",
+                load(&self.wal_archive_failing),
             ),
         ] {
             single(name, kind, help, value.to_string());

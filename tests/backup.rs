@@ -90,6 +90,21 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
         "the WAL segment {segment} was not archived within 30 s"
     );
 
+    // The schedule takes the first (full) backup right after the start.
+    let first = wait_until(Duration::from_secs(60), || {
+        let (code, json) = backup(&node, &["list", "--json"]);
+        let info: serde_json::Value = serde_json::from_str(&json).ok()?;
+        (code == 0 && info[0]["backup"].as_array()?.len() == 1).then_some(())
+    });
+    assert!(first.is_some(), "{}", daemon.log());
+    let metric = wait_until(Duration::from_secs(10), || {
+        daemon.metrics().lines().find_map(|l| {
+            let value = l.strip_prefix("keepd_backup_last_success_timestamp_seconds ")?;
+            (value != "0").then(|| value.to_string())
+        })
+    });
+    assert!(metric.is_some(), "{}", daemon.metrics());
+    assert_eq!(node.report_check("backup")["status"], "pass");
     let (code, text) = backup(&node, &["now", "--full"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("backup complete"), "{text}");
@@ -104,7 +119,7 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
     let (code, json) = backup(&node, &["list", "--json"]);
     assert_eq!(code, 0, "{json}");
     let info: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(info[0]["backup"].as_array().unwrap().len(), 2, "{info}");
+    assert_eq!(info[0]["backup"].as_array().unwrap().len(), 3, "{info}");
     assert_eq!(info[0]["cipher"], "aes-256-cbc", "{info}");
     let (code, text) = backup(&node, &["verify"]);
     assert_eq!(code, 0, "{text}");
@@ -143,6 +158,44 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
         let text = std::fs::read_to_string(node.data_dir().join(file)).unwrap();
         assert!(!text.contains(passphrase.expose()), "{file}");
     }
+
+    // The repository unwritable: archiving fails, and the report says so.
+    let archive = repository.join("archive");
+    set_dir_modes(&archive, 0o500);
+    push_one(&client, &key, "after").await;
+    node.psql("superuser", "SELECT pg_switch_wal()").unwrap();
+    let failing = wait_until(Duration::from_secs(30), || {
+        let check = node.report_check("backup");
+        (check["status"] == "fail").then_some(check)
+    });
+    set_dir_modes(&archive, 0o750);
+    let check = failing.expect("a failing archive was not reported");
+    assert!(
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("WAL archiving is failing"),
+        "{check}"
+    );
+}
+
+/// `mode` on `dir` and every directory under it.
+fn set_dir_modes(dir: &Path, mode: u32) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            set_dir_modes(&path, mode);
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+async fn push_one(client: &SyncClient, key: &keepd::client::VaultKey, label: &str) {
+    let entry = LogEntry {
+        data: label.as_bytes().to_vec(),
+        haex_timestamp: label.into(),
+    };
+    client.push("v", key, &[entry], None).await.unwrap();
 }
 
 #[test]
@@ -197,6 +250,11 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     client.login("pitr@example.org", PASSWORD).await.unwrap();
     let key = client.create_vault("v", PASSWORD).await.unwrap();
     push(&client, &key, &["a1", "a2", "a3"]).await;
+    // After the schedule's first backup (two at once are refused).
+    let first = wait_until(Duration::from_secs(60), || {
+        (node.report_check("backup")["status"] == "pass").then_some(())
+    });
+    assert!(first.is_some(), "{}", daemon.log());
     let (code, text) = backup(&node, &["now", "--full"]);
     assert_eq!(code, 0, "{text}");
     push(&client, &key, &["b1", "b2"]).await;

@@ -6,6 +6,7 @@
 //! `bring_up` (schema, roles, pool, report, listeners) → `serve` (the
 //! named `Tasks`, stopped in order).
 
+pub mod backups;
 pub mod control;
 pub mod janitor;
 pub mod notify;
@@ -314,6 +315,7 @@ struct Parts {
     rotator: Arc<Rotator>,
     sealer: AuditSealer,
     cluster: ClusterKey,
+    backups: Option<Arc<PgBackRest>>,
     control: tokio::net::UnixListener,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
@@ -382,15 +384,20 @@ impl Provisioned {
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
-        if config.backup.repository.is_some() {
-            let backups = PgBackRest::new(
-                config,
-                credentials.backup_passphrase.as_ref(),
-                &credentials.superuser,
-            )?;
-            tokio::task::spawn_blocking(move || backups.stanza_create()).await??;
-            info!(repository = ?config.backup.repository, "backup repository ready; WAL is archived there");
-        }
+        let backups = match config.backup.repository {
+            Some(_) => {
+                let backups = Arc::new(PgBackRest::new(
+                    config,
+                    credentials.backup_passphrase.as_ref(),
+                    &credentials.superuser,
+                )?);
+                let stanza = backups.clone();
+                tokio::task::spawn_blocking(move || stanza.stanza_create()).await??;
+                info!(repository = ?config.backup.repository, "backup repository ready; WAL is archived there");
+                Some(backups)
+            }
+            None => None,
+        };
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
         drop(client);
@@ -446,6 +453,7 @@ impl Provisioned {
         let active_role = pool.credential_role();
         let report = Report::new(
             measure(&Inputs {
+                backups: backups.as_deref(),
                 config,
                 identity,
                 superuser,
@@ -474,6 +482,7 @@ impl Provisioned {
             rotator,
             sealer,
             cluster,
+            backups,
             control,
             listener,
             metrics_listener,
@@ -682,7 +691,7 @@ impl BroughtUp {
                 parts.listener,
                 app,
                 edge_settings(config, trusted, node.api_cert.clone()),
-                metrics,
+                metrics.clone(),
                 shutdown.clone(),
             )),
             metrics: match metrics_api {
@@ -703,6 +712,18 @@ impl BroughtUp {
                 }
                 .run(shutdown.clone()),
             ),
+            backups: parts.backups.map(|pgbackrest| {
+                tokio::spawn(
+                    backups::BackupSchedule {
+                        pgbackrest,
+                        superuser: superuser.clone(),
+                        full_interval: config.backup.full_interval.get(),
+                        diff_interval: config.backup.diff_interval.get(),
+                        metrics: metrics.clone(),
+                    }
+                    .run(shutdown.clone()),
+                )
+            }),
             janitor: tokio::spawn(
                 janitor::Janitor {
                     superuser: superuser.clone(),
@@ -798,6 +819,9 @@ struct Tasks {
     sealer: JoinHandle<()>,
     reencrypt: JoinHandle<()>,
     janitor: JoinHandle<()>,
+    /// Aborted at shutdown: a backup under way is not waited for (it
+    /// fails when Postgres stops, and the next start takes it again).
+    backups: Option<JoinHandle<()>>,
     renewal: Option<JoinHandle<()>>,
     cert_watch: Option<JoinHandle<()>>,
 }
@@ -822,6 +846,10 @@ impl Tasks {
             self.reencrypt,
             self.janitor
         );
+        if let Some(task) = self.backups {
+            task.abort();
+            let _ = task.await;
+        }
         for task in [self.renewal, self.cert_watch].into_iter().flatten() {
             let _ = task.await;
         }

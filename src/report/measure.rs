@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use tokio_postgres::Client;
 
 use super::{Check, Status, Weight};
+use crate::backup::{BackupStatus, PgBackRest};
 use crate::config::{AtRestMethod, Config, Layout, Provider, Topology, Transport};
 use crate::edge::CertificateInfo;
 use crate::field_crypto::FieldPlan;
@@ -34,6 +35,8 @@ pub struct Inputs<'a> {
     /// The API's certificate as loaded (`api.tls`); None when TLS is off
     /// or the files cannot be read.
     pub api_certificate: Option<CertificateInfo>,
+    /// pgBackRest, with `backup.repository` set.
+    pub backups: Option<&'a PgBackRest>,
 }
 
 pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
@@ -87,7 +90,59 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
         config,
         inputs.identity.node_id().as_str(),
     ));
+    checks.push(backups(&client, inputs).await);
     checks
+}
+
+/// Backups: the newest one within the schedule, and WAL archived.
+async fn backups(client: &Client, inputs: &Inputs<'_>) -> Check {
+    let id = "backup";
+    let Some(pgbackrest) = inputs.backups else {
+        return Check::new(id, Weight::Major, Status::NotApplicable, "no backup repository configured: no point-in-time recovery")
+            .recommend("set backup.repository (native provider); an external server is backed up by its cluster's tools");
+    };
+    let backup = &inputs.config.backup;
+    let archiver = client
+        .query_one(
+            "SELECT coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false), \
+               coalesce(extract(epoch FROM now() - last_archived_time)::int8, -1) FROM pg_stat_archiver",
+            &[],
+        )
+        .await;
+    let archive_lag = match archiver {
+        Ok(row) if row.get::<_, bool>(0) => {
+            return Check::new(id, Weight::Major, Status::Fail, "WAL archiving is failing: commits since the last archived segment are on this disk only, and pg_wal grows")
+                .recommend(format!("make {} writable and reachable for Postgres's account; the Postgres log names the error", backup.repository.as_ref().map_or("the repository".into(), |p| p.display().to_string())));
+        }
+        Ok(row) => row.get::<_, i64>(1),
+        Err(e) => {
+            return Check::new(
+                id,
+                Weight::Major,
+                Status::Warn,
+                format!("cannot read the archiver's state: {}", describe_error(&e)),
+            );
+        }
+    };
+    let info = pgbackrest
+        .info(true)
+        .and_then(|json| BackupStatus::from_info(&json));
+    let now = crate::clock::unix_now();
+    let allowed = backup.diff_interval.get().as_secs() + 3600;
+    match info {
+        Err(e) => Check::new(id, Weight::Major, Status::Warn, format!("cannot read the repository: {e}")),
+        Ok(BackupStatus { last_any: None, .. }) => Check::new(id, Weight::Major, Status::Warn, "no backup yet (keepd takes the first one right after it starts)")
+            .recommend("wait for the first backup, or run `keepd backup now --full`"),
+        Ok(BackupStatus { last_any: Some(at), .. }) if now.saturating_sub(at) > allowed => {
+            Check::new(id, Weight::Major, Status::Warn, format!("the newest backup is {} h old; backup.diff_interval asks for one every {}", now.saturating_sub(at) / 3600, backup.diff_interval))
+                .recommend("see the log for why backups fail (lines starting `backup:`), or run `keepd backup now`")
+        }
+        Ok(BackupStatus { last_any: Some(at), .. }) => Check::new(id, Weight::Major, Status::Pass, format!(
+            "newest backup {} min old, WAL archived {}",
+            now.saturating_sub(at) / 60,
+            if archive_lag < 0 { "(no segment yet)".to_string() } else { format!("{archive_lag} s ago") }
+        )),
+    }
 }
 
 fn sealing(inputs: &Inputs<'_>) -> Check {
