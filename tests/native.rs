@@ -248,3 +248,41 @@ fn private_files_and_directories_have_tight_modes() {
         assert_eq!(mode(&log.path()), 0o600, "{}", log.path().display());
     }
 }
+
+/// A cluster runs only with the binaries of its own major version: another
+/// is never picked up silently, and the error names both and the way out.
+#[test]
+fn a_cluster_of_another_major_version_is_refused_by_name() {
+    let node = TestNode::new();
+    let mut daemon = node.start_healthy();
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    let pg_version = node.data_dir().join("PG_VERSION");
+    let installed = std::fs::read_to_string(&pg_version).unwrap();
+    std::fs::write(&pg_version, "9\n").unwrap();
+    let out = node.command(&["run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("holds a PostgreSQL 9 cluster")
+            && text.contains(&format!(
+                "only PostgreSQL {} is installed",
+                installed.trim()
+            ))
+            && text.contains("pg_upgrade"),
+        "{text}"
+    );
+    std::fs::write(&pg_version, &installed).unwrap();
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        format!("{yaml}\ndatabase:\n  postgres:\n    version: 99\n"),
+    )
+    .unwrap();
+    let out = node.command(&["run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("database.postgres.version asks for 99"),
+        "{text}"
+    );
+}

@@ -42,6 +42,17 @@ pub enum NativeError {
     )]
     BinDirIncomplete { dir: PathBuf, missing: &'static str },
     #[error(
+        "the data directory {data_dir} holds a PostgreSQL {data} cluster, but {wanted}; a cluster \
+         runs only with the binaries of its own major version: install PostgreSQL {data} (Debian: \
+         apt install postgresql-{data}), or upgrade the cluster with pg_upgrade first (docs/\
+         operations.md, \"Major upgrade\")"
+    )]
+    MajorMismatch {
+        data_dir: PathBuf,
+        data: u32,
+        wanted: String,
+    },
+    #[error(
         "cannot create the system user `{user}` for Postgres ({reason}); create it \
          (`useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {user}`) \
          or set database.postgres.native.run_as to an existing unprivileged user"
@@ -178,6 +189,46 @@ impl PgBinaries {
     }
 }
 
+/// The binaries for the cluster in `data_dir`: of its major version
+/// (`PG_VERSION`) when it exists, never silently another; a new cluster
+/// gets the configured or newest one.
+fn binaries_for(
+    data_dir: &Path,
+    bin_dir: Option<&Path>,
+    configured: Option<u32>,
+) -> Result<PgBinaries, NativeError> {
+    let data = std::fs::read_to_string(data_dir.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let Some(data) = data else {
+        return PgBinaries::locate(bin_dir, configured);
+    };
+    let mismatch = |wanted: String| NativeError::MajorMismatch {
+        data_dir: data_dir.to_owned(),
+        data,
+        wanted,
+    };
+    if let Some(version) = configured.filter(|v| *v != data) {
+        return Err(mismatch(format!(
+            "database.postgres.version asks for {version}"
+        )));
+    }
+    match PgBinaries::locate(bin_dir, Some(data)) {
+        Ok(binaries) if binaries.major_version == data => Ok(binaries),
+        Ok(binaries) => Err(mismatch(format!(
+            "database.postgres.native.bin_dir holds PostgreSQL {}",
+            binaries.major_version
+        ))),
+        Err(NativeError::BinariesNotFound { .. }) => {
+            let installed = PgBinaries::locate(bin_dir, None)
+                .map(|b| format!("only PostgreSQL {} is installed", b.major_version))
+                .unwrap_or_else(|_| "no PostgreSQL is installed".into());
+            Err(mismatch(installed))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
 }
@@ -285,7 +336,8 @@ impl NativeCluster {
         archive_secret: Option<SecretString>,
     ) -> Result<NativeCluster, NativeError> {
         let pg = &config.database.postgres;
-        let binaries = PgBinaries::locate(pg.native.bin_dir.as_deref(), pg.version)?;
+        let data_dir = Layout::of(config).data_dir();
+        let binaries = binaries_for(&data_dir, pg.native.bin_dir.as_deref(), pg.version)?;
         info!(
             bin_dir = %binaries.dir.display(),
             version = binaries.major_version,
