@@ -201,7 +201,29 @@ pub async fn restore(
     use crate::postgres::native::NativeCluster;
     let layout = Layout::of(config);
     let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
+    // A fresh state directory (a disaster: only identity.key came back,
+    // from its Shamir shares): db.enc from the repository's copy.
+    if let Some(repository) = &config.backup.repository {
+        let copy = crate::backup::credentials_copy(repository);
+        if !layout.credentials().exists() && copy.exists() {
+            let io = |source| AdminError::Io {
+                what: "take db.enc from the backup repository",
+                source,
+            };
+            let sealed = std::fs::read(&copy).map_err(io)?;
+            if let Some(dir) = layout.credentials().parent() {
+                fsutil::ensure_private_dir(dir).map_err(io)?;
+            }
+            fsutil::write_atomic(layout.credentials(), &sealed, None).map_err(io)?;
+            eprintln!("keepd: db.enc taken from the backup repository");
+        }
+    }
     let (identity, credentials) = unseal(config)?;
+    let rendered =
+        crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
+    if !layout.data_dir().join("PG_VERSION").exists() {
+        crate::postgres::native::NativeCluster::prepare_restore_target(config, &rendered)?;
+    }
     let backups = crate::backup::PgBackRest::new(
         config,
         credentials.backup_passphrase.as_ref(),
@@ -216,8 +238,6 @@ pub async fn restore(
             source: std::io::Error::other(e),
         })??;
     // Postgres replays on its own, installed as the daemon installs it.
-    let rendered =
-        crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
     let pki = match Topology::of(config).issues_certificates() {
         true => Some(NodePki::load(
             &config.node.state_dir,

@@ -8,7 +8,7 @@
 //! The repository is encrypted (AES-256-CBC, pgBackRest's own), so without
 //! the node identity (or its Shamir shares) a stolen copy is useless.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use crate::config::{Config, Layout};
@@ -191,6 +191,13 @@ impl PgBackRest {
     pub fn verify(&self) -> Result<String, BackupError> {
         self.run("verify", &[])
     }
+}
+
+/// Where the repository keeps a copy of db.enc: sealed to the identity, so
+/// safe beside the backups, and what a restore onto a fresh state
+/// directory opens with the identity rebuilt from its Shamir shares.
+pub fn credentials_copy(repository: &Path) -> PathBuf {
+    repository.join("keepd-db.enc")
 }
 
 /// What the repository holds, from `pgbackrest info --output=json`: when

@@ -25,6 +25,10 @@ fn backed_up_node() -> (TestNode, tempfile::TempDir, PathBuf) {
     (node, dir, repository)
 }
 
+fn pgbackrest_conf(node: &TestNode) -> PathBuf {
+    node.state_dir().join("pgbackrest").join("pgbackrest.conf")
+}
+
 /// `keepd backup ARGS`: (exit code, stdout + stderr).
 fn backup(node: &TestNode, args: &[&str]) -> (i32, String) {
     let out = node
@@ -131,6 +135,11 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
     assert!(files.len() > 10, "{files:?}");
     for file in &files {
         let head = std::fs::read(file).unwrap();
+        if file.ends_with("keepd-db.enc") {
+            // db.enc's copy: keepd's envelope, sealed to the identity.
+            assert!(String::from_utf8_lossy(&head).contains("keepd-sealed"));
+            continue;
+        }
         assert!(
             head.starts_with(b"Salted__"),
             "{} is not encrypted",
@@ -138,10 +147,7 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
         );
     }
     let out = std::process::Command::new("pgbackrest")
-        .arg(format!(
-            "--config={}",
-            node.data_dir().join("pgbackrest.conf").display()
-        ))
+        .arg(format!("--config={}", pgbackrest_conf(&node).display()))
         .args(["--stanza=keepd", "info"])
         .env_clear()
         .output()
@@ -150,13 +156,16 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!said.contains("full backup"), "{said}");
     // No secret in the rendered files.
-    let conf = std::fs::read_to_string(node.data_dir().join("pgbackrest.conf")).unwrap();
+    let conf = std::fs::read_to_string(pgbackrest_conf(&node)).unwrap();
     assert!(!conf.contains("cipher-pass"), "{conf}");
     let credentials = node.credentials();
     let passphrase = credentials.backup_passphrase.expect("sealed in db.enc");
-    for file in ["pgbackrest.conf", "postgresql.conf"] {
-        let text = std::fs::read_to_string(node.data_dir().join(file)).unwrap();
-        assert!(!text.contains(passphrase.expose()), "{file}");
+    for file in [
+        pgbackrest_conf(&node),
+        node.data_dir().join("postgresql.conf"),
+    ] {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains(passphrase.expose()), "{}", file.display());
     }
 
     // The repository unwritable: archiving fails, and the report says so.
@@ -314,4 +323,99 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     let text = verified.unwrap_or_else(|| node.audit_verify().1);
     assert!(text.contains(&moment), "{text}");
     assert_eq!(report_level(&node), level);
+}
+
+/// Disaster recovery, end to end: the machine is gone; a fresh state
+/// directory gets the identity back from two of three Shamir shares, and
+/// `keepd restore --latest` rebuilds the node from the encrypted
+/// repository alone (db.enc from the repository's sealed copy).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
+    let (old, dir, repository) = backed_up_node();
+    let mut daemon = old.start_healthy();
+    let mut client = SyncClient::new(daemon.addr());
+    client.register("dr@example.org", PASSWORD).await.unwrap();
+    client.login("dr@example.org", PASSWORD).await.unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    push(&client, &key, &["x1", "x2"]).await;
+    let first = wait_until(Duration::from_secs(60), || {
+        (old.report_check("backup")["status"] == "pass").then_some(())
+    });
+    assert!(first.is_some(), "{}", daemon.log());
+    push(&client, &key, &["x3"]).await;
+    let shares = dir.path().join("shares");
+    let out = old
+        .command(&[
+            "recovery",
+            "split",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--out",
+            shares.to_str().unwrap(),
+            "--shareholder",
+            "ann",
+            "--shareholder",
+            "bob",
+            "--shareholder",
+            "cy",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.signal(common::Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    drop(old);
+
+    let new = TestNode::with_extra(&format!(
+        "backup:\n  repository: {}\n",
+        repository.display()
+    ));
+    let mut files: Vec<_> = std::fs::read_dir(&shares)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let out = new
+        .command(&[
+            "recovery",
+            "combine",
+            files[0].to_str().unwrap(),
+            files[2].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = new.command(&["restore", "--latest"]).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("db.enc taken from the backup repository"),
+        "{text}"
+    );
+
+    let daemon = new.start_healthy();
+    let mut back = SyncClient::new(daemon.addr());
+    back.login("dr@example.org", PASSWORD).await.unwrap();
+    let labels: Vec<String> = pulled(&back, &key)
+        .await
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(labels, ["x1", "x2", "x3"]);
+    let verified = wait_until(Duration::from_secs(20), || {
+        let (code, text) = new.audit_verify();
+        (code == 0 && text.contains("restored from a backup")).then_some(text)
+    });
+    assert!(verified.is_some(), "{:?}", new.audit_verify());
 }

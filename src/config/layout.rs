@@ -63,10 +63,11 @@ impl Layout {
         self.state_dir.join("audit.restore.json")
     }
 
-    /// pgBackRest's configuration, beside Postgres's: Postgres's account
-    /// runs `archive-push` and must read it.
+    /// pgBackRest's configuration, in a directory of Postgres's account
+    /// (it runs `archive-push` and must read it), outside the data
+    /// directory so a restore can fill an empty one.
     pub fn pgbackrest_conf(&self) -> PathBuf {
-        self.data_dir().join("pgbackrest.conf")
+        self.state_dir.join("pgbackrest").join("pgbackrest.conf")
     }
 
     /// pgBackRest's lock files.

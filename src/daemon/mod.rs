@@ -393,6 +393,14 @@ impl Provisioned {
                 )?);
                 let stanza = backups.clone();
                 tokio::task::spawn_blocking(move || stanza.stanza_create()).await??;
+                let copy = crate::backup::credentials_copy(
+                    config.backup.repository.as_deref().expect("matched Some"),
+                );
+                let sealed = std::fs::read(layout.credentials())
+                    .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
+                if let Err(source) = sealed {
+                    return Err(DaemonError::Directory { path: copy, source });
+                }
                 info!(repository = ?config.backup.repository, "backup repository ready; WAL is archived there");
                 Some(backups)
             }

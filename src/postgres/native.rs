@@ -324,6 +324,7 @@ pub struct NativeCluster {
     /// pgBackRest's repository passphrase, for the archive command: in the
     /// postmaster's environment only (readable by its account and root).
     archive_secret: Option<SecretString>,
+    pgbackrest_conf: PathBuf,
 }
 
 impl NativeCluster {
@@ -332,6 +333,44 @@ impl NativeCluster {
     pub fn prepare(
         config: &Config,
         rendered: &RenderedConfig,
+        pki: Option<&NodePki>,
+        archive_secret: Option<SecretString>,
+    ) -> Result<NativeCluster, NativeError> {
+        let cluster = NativeCluster::open(config, pki, archive_secret)?;
+        if !cluster.data_dir.join("PG_VERSION").exists() {
+            cluster.initdb()?;
+        }
+        cluster.install(rendered, pki)?;
+        Ok(cluster)
+    }
+
+    /// A fresh state directory about to receive a restore (`keepd
+    /// restore` after a disaster): keepd's directories and an empty data
+    /// directory of Postgres's account holding pgBackRest's configuration.
+    pub fn prepare_restore_target(
+        config: &Config,
+        rendered: &RenderedConfig,
+    ) -> Result<(), NativeError> {
+        let cluster = NativeCluster::open(config, None, None)?;
+        cluster.ensure_owned_dir(&cluster.data_dir)?;
+        cluster.install_pgbackrest_conf(rendered)
+    }
+
+    fn install_pgbackrest_conf(&self, rendered: &RenderedConfig) -> Result<(), NativeError> {
+        let Some(conf) = &rendered.pgbackrest_conf else {
+            return Ok(());
+        };
+        let owner = self
+            .account
+            .as_ref()
+            .map(|a| (a.uid.as_raw(), a.gid.as_raw()));
+        fsutil::write_atomic(&self.pgbackrest_conf, conf.as_bytes(), owner)
+            .map_err(io_err("cannot install", &self.pgbackrest_conf))
+    }
+
+    /// The cluster's settings and keepd's directories, nothing installed.
+    fn open(
+        config: &Config,
         pki: Option<&NodePki>,
         archive_secret: Option<SecretString>,
     ) -> Result<NativeCluster, NativeError> {
@@ -358,18 +397,23 @@ impl NativeCluster {
             start_timeout: pg.native.start_timeout.get(),
             shutdown_timeout: pg.native.shutdown_timeout.get(),
             archive_secret,
+            pgbackrest_conf: Layout::of(config).pgbackrest_conf(),
         };
         cluster.prepare_dirs(&config.node.state_dir, &config.node.runtime_dir)?;
         if let Some(repository) = &config.backup.repository {
             // Postgres's account writes both: it runs the archive command.
-            for dir in [repository, &Layout::of(config).pgbackrest_lock_dir()] {
+            let conf_dir = cluster
+                .pgbackrest_conf
+                .parent()
+                .expect("a file in a directory");
+            for dir in [
+                repository,
+                &Layout::of(config).pgbackrest_lock_dir(),
+                conf_dir,
+            ] {
                 cluster.ensure_owned_dir(dir)?;
             }
         }
-        if !cluster.data_dir.join("PG_VERSION").exists() {
-            cluster.initdb()?;
-        }
-        cluster.install(rendered, pki)?;
         Ok(cluster)
     }
 
@@ -482,7 +526,8 @@ impl NativeCluster {
         if let Some(pki) = pki {
             files.extend(tls_files(pki));
         }
-        self.write_files(&files)
+        self.write_files(&files)?;
+        self.install_pgbackrest_conf(rendered)
     }
 
     /// Installs a renewed server certificate (TCP mode); a reload applies it.

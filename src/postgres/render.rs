@@ -76,19 +76,14 @@ impl RenderedConfig {
         hex::encode(&hash.finalize()[..8])
     }
 
-    /// The files that go beside the data, by name: what every provider
-    /// installs (the three Postgres reads, and pgBackRest's when backups
-    /// are on).
-    pub fn server_files(&self) -> Vec<(&'static str, &str)> {
-        let mut files = vec![
+    /// The three files Postgres reads, by name: what every provider
+    /// installs.
+    pub fn server_files(&self) -> [(&'static str, &str); 3] {
+        [
             ("postgresql.conf", self.postgresql_conf.as_str()),
             ("pg_hba.conf", self.pg_hba_conf.as_str()),
             ("pg_ident.conf", self.pg_ident_conf.as_str()),
-        ];
-        if let Some(conf) = &self.pgbackrest_conf {
-            files.push(("pgbackrest.conf", conf));
-        }
-        files
+        ]
     }
 
     /// The files with their relative paths, as `keepd render` writes them.
@@ -98,6 +93,9 @@ impl RenderedConfig {
             .into_iter()
             .map(|(name, text)| (name.to_string(), text))
             .collect();
+        if let Some(conf) = &self.pgbackrest_conf {
+            files.push(("pgbackrest.conf".into(), conf));
+        }
         for script in &self.initdb {
             files.push((format!("initdb/{}", script.name), script.sql.as_str()));
         }
