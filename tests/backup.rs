@@ -222,6 +222,23 @@ fn backups_of_an_external_server_are_its_clusters_job() {
     );
 }
 
+/// An account with vault `v` on `daemon`.
+async fn account(daemon: &common::Daemon, email: &str) -> (SyncClient, keepd::client::VaultKey) {
+    let mut client = SyncClient::new(daemon.addr());
+    client.register(email, PASSWORD).await.unwrap();
+    client.login(email, PASSWORD).await.unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    (client, key)
+}
+
+/// Waits for the schedule's first backup (taken right after the start).
+fn first_backup(node: &TestNode, daemon: &common::Daemon) {
+    let first = wait_until(Duration::from_secs(60), || {
+        (node.report_check("backup")["status"] == "pass").then_some(())
+    });
+    assert!(first.is_some(), "{}", daemon.log());
+}
+
 async fn push(client: &SyncClient, key: &keepd::client::VaultKey, labels: &[&str]) {
     let entries: Vec<LogEntry> = labels
         .iter()
@@ -254,16 +271,10 @@ fn report_level(node: &TestNode) -> String {
 async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     let (node, _dir, _repository) = backed_up_node();
     let mut daemon = node.start_healthy();
-    let mut client = SyncClient::new(daemon.addr());
-    client.register("pitr@example.org", PASSWORD).await.unwrap();
-    client.login("pitr@example.org", PASSWORD).await.unwrap();
-    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let (client, key) = account(&daemon, "pitr@example.org").await;
     push(&client, &key, &["a1", "a2", "a3"]).await;
     // After the schedule's first backup (two at once are refused).
-    let first = wait_until(Duration::from_secs(60), || {
-        (node.report_check("backup")["status"] == "pass").then_some(())
-    });
-    assert!(first.is_some(), "{}", daemon.log());
+    first_backup(&node, &daemon);
     let (code, text) = backup(&node, &["now", "--full"]);
     assert_eq!(code, 0, "{text}");
     push(&client, &key, &["b1", "b2"]).await;
@@ -280,8 +291,7 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     push(&client, &key, &["c1", "c2"]).await;
     let level = report_level(&node);
     let token = client.token().unwrap().to_string();
-    daemon.signal(common::Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    daemon.stop();
 
     let out = node
         .command(&["restore", "--to", &moment])
@@ -333,15 +343,9 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
 async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
     let (old, dir, repository) = backed_up_node();
     let mut daemon = old.start_healthy();
-    let mut client = SyncClient::new(daemon.addr());
-    client.register("dr@example.org", PASSWORD).await.unwrap();
-    client.login("dr@example.org", PASSWORD).await.unwrap();
-    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let (client, key) = account(&daemon, "dr@example.org").await;
     push(&client, &key, &["x1", "x2"]).await;
-    let first = wait_until(Duration::from_secs(60), || {
-        (old.report_check("backup")["status"] == "pass").then_some(())
-    });
-    assert!(first.is_some(), "{}", daemon.log());
+    first_backup(&old, &daemon);
     push(&client, &key, &["x3"]).await;
     let shares = dir.path().join("shares");
     let out = old
@@ -368,8 +372,7 @@ async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    daemon.signal(common::Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    daemon.stop();
     drop(old);
 
     let new = TestNode::with_extra(&format!(

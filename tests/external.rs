@@ -9,11 +9,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::{TestNode, wait_until};
 use keepd::client::{LogEntry, SyncClient};
-use keepd::pki::NodePki;
 
 const ADMIN_PASSWORD: &str = "external admin password";
 
@@ -80,29 +79,12 @@ fn start_external() -> ExternalPostgres {
         String::from_utf8_lossy(&status.stderr)
     );
 
-    let pki = NodePki::ensure(
-        &dir.path().join("ca"),
-        "0000000000000000",
-        &["127.0.0.1".parse().unwrap()],
-        SystemTime::now(),
-    )
-    .unwrap();
-    for (name, text) in [
-        ("server.crt", pki.server.cert_pem.as_str()),
-        ("server.key", pki.server.key_pem.as_str()),
-    ] {
-        let path = data.join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        own(&path);
-    }
+    let ca_file = common::server_tls(dir.path(), &data, own);
     std::fs::write(
         data.join("pg_hba.conf"),
         "hostssl all all 127.0.0.1/32 scram-sha-256\n",
     )
     .unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, &pki.ca.cert_pem).unwrap();
     let password_file = dir.path().join("admin.password");
     std::fs::write(&password_file, format!("{ADMIN_PASSWORD}\n")).unwrap();
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -256,30 +238,6 @@ async fn push_load(
         lost += l;
     }
     (sent, failures, lost)
-}
-
-/// Every entry of `vault` through `client`: (sequences, decrypted labels).
-async fn pull_all(
-    client: &SyncClient,
-    key: &keepd::client::VaultKey,
-    vault: &str,
-) -> (Vec<i64>, Vec<String>) {
-    let (mut sequences, mut labels) = (Vec::new(), Vec::new());
-    let mut after = 0;
-    loop {
-        let page = client.pull(vault, after, 1000).await.unwrap();
-        for entry in &page.logs {
-            sequences.push(entry.sequence);
-            let plain = key
-                .decrypt_entry(&entry.encrypted_data, &entry.nonce)
-                .unwrap();
-            labels.push(String::from_utf8(plain).unwrap());
-            after = entry.sequence;
-        }
-        if !page.has_more {
-            return (sequences, labels);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -444,7 +402,7 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
     three.push("v", &key, &[entry], None).await.unwrap();
     let mut one = SyncClient::new(addrs[0]);
     one.set_token(Some(token.clone()));
-    let (sequences, labels) = pull_all(&one, &key, "v").await;
+    let (sequences, labels) = common::pull_all(&one, &key, "v").await;
     assert_eq!(
         (sequences, labels),
         (vec![1], vec!["from node 3".to_string()])
@@ -470,7 +428,7 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
     )
     .await;
     assert!(failures.is_empty(), "{failures:?}");
-    let (sequences, mut labels) = pull_all(&one, &shared, "shared").await;
+    let (sequences, mut labels) = common::pull_all(&one, &shared, "shared").await;
     assert_eq!(sequences, (1..=240).collect::<Vec<i64>>());
     labels.sort();
     let mut expected = sent;
@@ -496,7 +454,7 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
     let (sent, failures, retried) = load.await.unwrap();
     assert!(failures.is_empty(), "{failures:?}");
     assert!(retried > 0, "node 3 was killed after the load ended");
-    let (sequences, mut labels) = pull_all(&one, &hot, "hot").await;
+    let (sequences, mut labels) = common::pull_all(&one, &hot, "hot").await;
     assert_eq!(sequences, (1..=600).collect::<Vec<i64>>());
     labels.sort();
     let mut expected = sent;

@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::{TestNode, wait_until};
 use keepd::client::{ClientError, LogEntry, SyncClient, VaultKey};
-use keepd::pki::NodePki;
 
 const PATRONI: &str = "/opt/keepd-test/patroni/bin/patroni";
 const ADMIN_PASSWORD: &str = "ha admin password";
@@ -231,24 +230,7 @@ fn start_cluster() -> HaCluster {
     let tls = dir.path().join("tls");
     std::fs::create_dir(&tls).unwrap();
     own(&tls);
-    let pki = NodePki::ensure(
-        &dir.path().join("ca"),
-        "0000000000000000",
-        &["127.0.0.1".parse().unwrap()],
-        SystemTime::now(),
-    )
-    .unwrap();
-    for (name, text) in [
-        ("server.crt", pki.server.cert_pem.as_str()),
-        ("server.key", pki.server.key_pem.as_str()),
-    ] {
-        let path = tls.join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        own(&path);
-    }
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, &pki.ca.cert_pem).unwrap();
+    let ca_file = common::server_tls(dir.path(), &tls, own);
     let password_file = dir.path().join("admin.password");
     std::fs::write(&password_file, format!("{ADMIN_PASSWORD}\n")).unwrap();
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -391,25 +373,6 @@ async fn push_load(
     all
 }
 
-async fn pull_labels(client: &SyncClient, key: &VaultKey) -> (Vec<i64>, Vec<String>) {
-    let (mut sequences, mut labels) = (Vec::new(), Vec::new());
-    let mut after = 0;
-    loop {
-        let page = client.pull("ha", after, 1000).await.unwrap();
-        for entry in &page.logs {
-            sequences.push(entry.sequence);
-            let plain = key
-                .decrypt_entry(&entry.encrypted_data, &entry.nonce)
-                .unwrap();
-            labels.push(String::from_utf8(plain).unwrap());
-            after = entry.sequence;
-        }
-        if !page.has_more {
-            return (sequences, labels);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn keepd_follows_a_patroni_failover_and_loses_nothing() {
     let mut cluster = start_cluster();
@@ -496,7 +459,7 @@ async fn keepd_follows_a_patroni_failover_and_loses_nothing() {
         ));
 
         // Every acknowledged entry is there, once, gap-free.
-        let (sequences, labels) = pull_labels(&client, &key).await;
+        let (sequences, labels) = common::pull_all(&client, &key, "ha").await;
         assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
         for label in &outcome.acknowledged {
             assert_eq!(

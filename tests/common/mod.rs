@@ -319,6 +319,17 @@ impl Daemon {
         wait_until(timeout, || self.child.try_wait().ok().flatten())
     }
 
+    /// SIGTERM, and a clean exit within 30 s.
+    pub fn stop(&mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{status:?}\n{}",
+            self.log()
+        );
+    }
+
     pub fn postmaster_pid(&self) -> Option<i32> {
         postmaster_pid(&self.data_dir)
     }
@@ -666,4 +677,54 @@ pub fn docker_engine_ready() -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     true
+}
+
+/// Every entry of `vault` through `client`, page by page: (sequences,
+/// plaintexts decrypted with `key`).
+pub async fn pull_all(
+    client: &keepd::client::SyncClient,
+    key: &keepd::client::VaultKey,
+    vault: &str,
+) -> (Vec<i64>, Vec<String>) {
+    let (mut sequences, mut labels) = (Vec::new(), Vec::new());
+    let mut after = 0;
+    loop {
+        let page = client.pull(vault, after, 1000).await.unwrap();
+        for entry in &page.logs {
+            sequences.push(entry.sequence);
+            let plain = key
+                .decrypt_entry(&entry.encrypted_data, &entry.nonce)
+                .unwrap();
+            labels.push(String::from_utf8(plain).unwrap());
+            after = entry.sequence;
+        }
+        if !page.has_more {
+            return (sequences, labels);
+        }
+    }
+}
+
+/// A server certificate for 127.0.0.1 from a test CA, for a Postgres of
+/// the test's own: server.crt and server.key (0600, handed to `own`) in
+/// `tls_dir`; returns the CA certificate's path, `dir/ca.crt`.
+pub fn server_tls(dir: &Path, tls_dir: &Path, own: impl Fn(&Path)) -> PathBuf {
+    let pki = keepd::pki::NodePki::ensure(
+        &dir.join("ca"),
+        "0000000000000000",
+        &["127.0.0.1".parse().unwrap()],
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    for (name, text) in [
+        ("server.crt", pki.server.cert_pem.as_str()),
+        ("server.key", pki.server.key_pem.as_str()),
+    ] {
+        let path = tls_dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        own(&path);
+    }
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, &pki.ca.cert_pem).unwrap();
+    ca_file
 }
