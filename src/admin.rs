@@ -52,7 +52,15 @@ pub enum AdminError {
     Render(#[from] crate::postgres::render::RenderError),
     #[error(transparent)]
     Native(#[from] crate::postgres::native::NativeError),
-    #[error("Postgres exited while replaying the WAL archive ({status}); its log is under {log}")]
+    #[error(
+        "interrupted: Postgres was stopped mid-replay; run `keepd restore` again, with the same \
+         target"
+    )]
+    Interrupted,
+    #[error(
+        "Postgres exited while replaying the WAL archive ({status}); its output is above, and its \
+         log under {log}"
+    )]
     Replay { status: String, log: PathBuf },
     #[error("cannot {what}: {source}")]
     Io {
@@ -211,6 +219,19 @@ pub async fn restore(
                 source,
             };
             let sealed = std::fs::read(&copy).map_err(io)?;
+            // Postgres's account can write the repository: only a copy it
+            // could not have made itself (a part keyed by the identity's
+            // seed, hkdf or hybrid) is taken.
+            let identity = NodeIdentity::load(&layout.identity_key())?;
+            let (method, _) = crate::secrets::seal::open(&identity, &sealed)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            if method == crate::config::SealMethod::X25519 {
+                return Err(io(std::io::Error::other(format!(
+                    "{} is sealed with x25519 only, which anyone may seal to this node; \
+                     copy db.enc back by hand if you trust it",
+                    copy.display()
+                ))));
+            }
             if let Some(dir) = layout.credentials().parent() {
                 fsutil::ensure_private_dir(dir).map_err(io)?;
             }
@@ -221,6 +242,15 @@ pub async fn restore(
     let (identity, credentials) = unseal(config)?;
     let rendered =
         crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
+    // Everything the replay needs is checked before the data directory is
+    // touched.
+    let pki = match Topology::of(config).issues_certificates() {
+        true => Some(NodePki::load(
+            &config.node.state_dir,
+            identity.node_id().as_str(),
+        )?),
+        false => None,
+    };
     if !layout.data_dir().join("PG_VERSION").exists() {
         crate::postgres::native::NativeCluster::prepare_restore_target(config, &rendered)?;
     }
@@ -238,22 +268,17 @@ pub async fn restore(
             source: std::io::Error::other(e),
         })??;
     // Postgres replays on its own, installed as the daemon installs it.
-    let pki = match Topology::of(config).issues_certificates() {
-        true => Some(NodePki::load(
-            &config.node.state_dir,
-            identity.node_id().as_str(),
-        )?),
-        false => None,
-    };
     let cluster = NativeCluster::prepare(
         config,
         &rendered,
         pki.as_ref(),
         credentials.backup_passphrase.clone(),
     )?;
+    // Its output until its logging starts (a bad setting, say) goes to
+    // the operator's terminal.
     let mut postmaster = cluster
         .postmaster_command()
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .map_err(|source| AdminError::Io {
             what: "start Postgres to replay the archive",
@@ -263,6 +288,13 @@ pub async fn restore(
         eprintln!("keepd: replaying the WAL archive to {target}");
         let signal = layout.data_dir().join("recovery.signal");
         let mut waited = 0u64;
+        let mut interrupt = tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::interrupt(),
+        )
+        .map_err(|source| AdminError::Io {
+            what: "handle Ctrl-C",
+            source,
+        })?;
         while signal.exists() {
             if let Some(status) = postmaster.try_wait().ok().flatten() {
                 return Err(AdminError::Replay {
@@ -270,7 +302,12 @@ pub async fn restore(
                     log: layout.postgres_log_dir(),
                 });
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                // Postgres is stopped below; `keepd restore` may be run
+                // again with the same target.
+                _ = interrupt.recv() => return Err(AdminError::Interrupted),
+            }
             waited += 1;
             if waited.is_multiple_of(50) {
                 eprintln!("keepd: still replaying ({} s)", waited / 5);
@@ -360,16 +397,16 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
-    let backups = config.backup.repository.as_ref().and_then(|_| {
+    let backups = config.backup.repository.as_ref().map(|_| {
         crate::backup::PgBackRest::new(
             config,
             credentials.backup_passphrase.as_ref(),
             &credentials.superuser,
         )
-        .ok()
+        .map_err(|e| e.to_string())
     });
     let checks = measure(&Inputs {
-        backups: backups.as_ref(),
+        backups: backups.as_ref().map(|b| b.as_ref().map_err(String::clone)),
         config,
         identity: &identity,
         superuser: &endpoint,

@@ -30,6 +30,11 @@ pub enum BackupError {
     NoPassphrase,
     #[error(transparent)]
     Account(#[from] NativeError),
+    #[error(
+        "--to {0:?} is not a moment keepd can restore to: write it as `YYYY-MM-DD HH:MM:SS` with \
+         an offset, e.g. `2026-12-01 14:05:00+00`"
+    )]
+    BadTarget(String),
     #[error("cannot run {PGBACKREST}: {0} (Debian: apt install pgbackrest)")]
     Spawn(std::io::Error),
     #[error("pgBackRest {action} failed: {message}")]
@@ -63,6 +68,45 @@ pub enum RestoreTarget {
     /// To this moment (Postgres's timestamp syntax, e.g.
     /// `2026-12-01 14:05:00+00`): commits up to it, none after.
     Time(String),
+}
+
+impl RestoreTarget {
+    /// `YYYY-MM-DD HH:MM:SS[.fraction]` and an explicit offset (`+00`,
+    /// `+01:00`, `-05`, or `Z`): checked before anything is restored, since
+    /// a moment Postgres cannot read fails only after the data directory
+    /// was overwritten.
+    pub fn time(text: &str) -> Result<RestoreTarget, BackupError> {
+        let bad = || BackupError::BadTarget(text.to_string());
+        let (date, rest) = text.trim().split_once([' ', 'T']).ok_or_else(bad)?;
+        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+        let parts: Vec<&str> = date.split('-').collect();
+        if !(parts.len() == 3 && digits(parts[0], 4) && digits(parts[1], 2) && digits(parts[2], 2))
+        {
+            return Err(bad());
+        }
+        let (clock, offset) = match rest.strip_suffix('Z') {
+            Some(clock) => (clock, "+00".to_string()),
+            None => {
+                let at = rest.rfind(['+', '-']).ok_or_else(bad)?;
+                (&rest[..at], rest[at..].to_string())
+            }
+        };
+        let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
+        let hms: Vec<&str> = hms.split(':').collect();
+        let offset_ok = {
+            let o: Vec<&str> = offset[1..].split(':').collect();
+            digits(o[0], 2) && (o.len() == 1 || (o.len() == 2 && digits(o[1], 2)))
+        };
+        if !(hms.len() == 3
+            && hms.iter().all(|p| digits(p, 2))
+            && !fraction.is_empty()
+            && fraction.bytes().all(|b| b.is_ascii_digit())
+            && offset_ok)
+        {
+            return Err(bad());
+        }
+        Ok(RestoreTarget::Time(format!("{date} {clock}{offset}")))
+    }
 }
 
 impl std::fmt::Display for RestoreTarget {
@@ -134,13 +178,22 @@ impl PgBackRest {
         self.run("stanza-create", &[]).map(drop)
     }
 
-    /// Takes a backup, printing pgBackRest's progress lines to stdout when
-    /// `progress` (the CLI) and keeping them otherwise (the schedule).
-    pub fn backup(&self, kind: BackupKind, progress: bool) -> Result<String, BackupError> {
+    /// Takes a backup for the schedule: pgBackRest is killed if the future
+    /// is dropped (keepd stopping), so a stop never waits for a backup.
+    pub async fn backup_in_background(&self, kind: BackupKind) -> Result<(), BackupError> {
         let kind = format!("--type={}", kind.name());
-        if !progress {
-            return self.run("backup", &[&kind]);
-        }
+        let mut command = tokio::process::Command::from(self.command("backup", &[&kind]));
+        let out = command
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(BackupError::Spawn)?;
+        checked("backup", out).map(drop)
+    }
+
+    /// Takes a backup, printing pgBackRest's progress lines (the CLI).
+    pub fn backup(&self, kind: BackupKind) -> Result<(), BackupError> {
+        let kind = format!("--type={}", kind.name());
         let status = self
             .command("backup", &[&kind, "--log-level-console=info"])
             .stdout(Stdio::inherit())
@@ -148,7 +201,7 @@ impl PgBackRest {
             .status()
             .map_err(BackupError::Spawn)?;
         if status.success() {
-            Ok(String::new())
+            Ok(())
         } else {
             Err(BackupError::Failed {
                 action: "backup",
@@ -306,6 +359,34 @@ fn checked(action: &'static str, out: Output) -> Result<String, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_targets_need_a_whole_moment_with_an_offset() {
+        for (given, wanted) in [
+            ("2026-12-01 14:05:00+00", "2026-12-01 14:05:00+00"),
+            (
+                "2026-12-01T14:05:00.123456Z",
+                "2026-12-01 14:05:00.123456+00",
+            ),
+            ("2026-12-01 14:05:00-05:30", "2026-12-01 14:05:00-05:30"),
+        ] {
+            assert_eq!(
+                RestoreTarget::time(given).unwrap(),
+                RestoreTarget::Time(wanted.into())
+            );
+        }
+        for bad in [
+            "yesterday",
+            "2026-12-01",
+            "2026-12-01 14:05:00",
+            "2026-12-01 14:05+00",
+            "2026-12-01 14:05:00+0",
+            "2026-12-1 14:05:00+00",
+            "2026-12-01 14:05:00.+00",
+        ] {
+            assert!(RestoreTarget::time(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_schedule_asks_for_full_then_differential_backups() {

@@ -364,7 +364,7 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
             } else {
                 BackupKind::Differential
             };
-            pgbackrest.backup(kind, true)?;
+            pgbackrest.backup(kind)?;
             println!("backup complete");
         }
         BackupCommand::List { json } => print!("{}", pgbackrest.info(json)?),
@@ -379,7 +379,7 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
 fn restore(config: &Config, to: Option<String>) -> anyhow::Result<()> {
     use keepd::backup::RestoreTarget;
     let target = match to {
-        Some(time) => RestoreTarget::Time(time),
+        Some(time) => RestoreTarget::time(&time)?,
         None => RestoreTarget::Latest,
     };
     let restored = runtime()?.block_on(keepd::admin::restore(config, target.clone()))?;

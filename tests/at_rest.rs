@@ -288,6 +288,9 @@ async fn a_single_node_becomes_the_first_member_without_losing_anything() {
         .await
         .unwrap();
     stop(daemon);
+    // Not the key this node pinned: as if it had never held another.
+    let pin = node.state_dir().join("cluster.fingerprint");
+    std::fs::remove_file(&pin).unwrap();
     let daemon = node.start_healthy();
     let mut old = SyncClient::new(daemon.addr());
     old.register("old@example.org", PASSWORD).await.unwrap();
@@ -309,6 +312,7 @@ async fn a_single_node_becomes_the_first_member_without_losing_anything() {
         .await
         .unwrap();
     stop(daemon);
+    std::fs::remove_file(&pin).unwrap();
 
     let daemon = node.start_healthy();
     let (_, founded) = node.cluster_key().await;

@@ -499,3 +499,34 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
         assert!(verified.is_some(), "{:?}", node.audit_verify());
     }
 }
+
+/// A database a single node used before clusters holds data made with that
+/// node's keys: another node may not found the cluster for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_node_that_used_the_database_founds_its_cluster() {
+    let server = start_external();
+    let (a, b) = (external_node(&server), external_node(&server));
+    let mut daemon = a.start_healthy();
+    daemon.stop();
+    // Back to schema v9, as an older keepd left it.
+    admin_rows(
+        &a,
+        "DROP TABLE keepd.cluster_members; DELETE FROM keepd.schema_migrations WHERE version = 10",
+    );
+    std::fs::remove_file(a.state_dir().join("cluster.fingerprint")).unwrap();
+    let id_a = identity(&a).node_id().to_string();
+    let out = b.command(&["run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("cannot found the cluster") && text.contains(&id_a),
+        "{text}"
+    );
+    // The node whose data it is founds it; the other then waits.
+    let _a = a.start_healthy();
+    let b = b.start();
+    let pending = wait_until(Duration::from_secs(30), || {
+        health_status(&b).filter(|(code, status)| *code == 503 && status == "pending")
+    });
+    assert!(pending.is_some(), "{}", b.log());
+}

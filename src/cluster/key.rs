@@ -123,6 +123,18 @@ impl ClusterKey {
         }
     }
 
+    /// A name for this key that says nothing about it (SHA-256 of a key
+    /// derived for the purpose), for pinning.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let check = hkdf32(
+            b"keepd cluster",
+            self.root.as_ref(),
+            b"keepd cluster fingerprint v1",
+        );
+        hex::encode(&Sha256::digest(check.as_ref())[..16])
+    }
+
     /// Whether keys were inherited from a node's identity.
     pub fn inherited_keys(&self) -> usize {
         self.inherited.len()

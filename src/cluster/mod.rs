@@ -49,6 +49,22 @@ pub enum ClusterError {
     Forged(String),
     #[error("a node cannot remove itself; run `keepd cluster remove {0}` on another member")]
     RemoveSelf(String),
+    #[error(
+        "this database was used before clusters existed by node {others}, whose keys its data \
+         was made with; this node ({node}) cannot found the cluster for it: upgrade and start \
+         that node first, then admit this one from it"
+    )]
+    NotTheFounder { node: String, others: String },
+    #[error(
+        "the cluster key sealed for this node is not the one it last held (the fingerprint in \
+         {path} differs): keepd.cluster_members was altered; find out why before removing {path}"
+    )]
+    KeyChanged { path: std::path::PathBuf },
+    #[error("cannot read or write {path}: {source}")]
+    Pin {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("dropping the login roles of node {node} failed: {source}")]
     Roles {
         node: String,
@@ -147,6 +163,24 @@ pub async fn join(
         .await?
         .get(0);
     let key = if predates_clusters {
+        // Its data was made with the keys of the node that used it: only
+        // that node may found the cluster (its login roles say which).
+        let nodes: Vec<String> = tx
+            .query(
+                "SELECT DISTINCT substring(rolname FROM '^keepd_([0-9a-f]{16})_v[0-9]+$') \
+                 FROM pg_roles WHERE rolname ~ '^keepd_[0-9a-f]{16}_v[0-9]+$'",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !nodes.is_empty() && !nodes.iter().any(|n| n == node) {
+            return Err(ClusterError::NotTheFounder {
+                node: node.into(),
+                others: nodes.join(", "),
+            });
+        }
         ClusterKey::inheriting(identity, field_versions)?
     } else {
         ClusterKey::generate()?
@@ -166,6 +200,29 @@ pub async fn join(
         "cluster founded: this node holds the new cluster key"
     );
     Ok(Membership::Member(key))
+}
+
+/// Trust on first use: the first cluster key a node holds is pinned by its
+/// fingerprint in `path`; a different key later (a row rewritten by
+/// someone who can write the table but holds no member's identity) is
+/// refused rather than used.
+pub fn check_pin(key: &ClusterKey, path: &std::path::Path) -> Result<(), ClusterError> {
+    let pin_error = |source| ClusterError::Pin {
+        path: path.to_owned(),
+        source,
+    };
+    let fingerprint = key.fingerprint();
+    match std::fs::read_to_string(path) {
+        Ok(pinned) if pinned.trim() == fingerprint => Ok(()),
+        Ok(_) => Err(ClusterError::KeyChanged {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::fsutil::write_atomic(path, format!("{fingerprint}\n").as_bytes(), None)
+                .map_err(pin_error)
+        }
+        Err(e) => Err(pin_error(e)),
+    }
 }
 
 fn open(identity: &NodeIdentity, sealed: &[u8]) -> Result<ClusterKey, ClusterError> {
@@ -249,9 +306,10 @@ pub async fn admit(
     Ok(())
 }
 
-/// Removes `node_id` from the cluster: its sealed key (so it cannot unseal
-/// the cluster key again) and its login roles, its sessions ended. The
-/// node may still hold the key in memory until it stops.
+/// Removes `node_id` from the cluster: its login roles (its sessions
+/// ended), then its row with its sealed key. Nothing is revoked by this:
+/// the node knew the cluster key and may still (the key is not rotated);
+/// what it loses is its roles and its copy in the database.
 pub async fn remove(
     client: &mut Client,
     identity: &NodeIdentity,
@@ -263,26 +321,37 @@ pub async fn remove(
     let tx = locked(client).await?;
     let row = tx
         .query_opt(
-            "DELETE FROM keepd.cluster_members WHERE node_id = $1 RETURNING public_key",
+            "SELECT public_key FROM keepd.cluster_members WHERE node_id = $1",
             &[&node_id],
         )
         .await?
         .ok_or_else(|| ClusterError::Unknown(node_id.into()))?;
     tx.commit().await?;
-    // The roles are named by the id of the key the node recorded.
-    if let Some(key) = public_key(row.get(0)) {
-        let node = NodeId::of(&key);
-        let roles = |source| ClusterError::Roles {
-            node: node_id.into(),
-            source,
-        };
-        let mut admin = RoleAdmin::new(client);
-        for version in admin.node_role_versions(&node).await.map_err(roles)? {
-            let name = login_role_name(&node, version);
-            admin.terminate_sessions(&name).await.map_err(roles)?;
-            admin.drop_role(&name).await.map_err(roles)?;
-        }
+    // The roles are named by the node's id, which must be its key's: a
+    // forged row cannot name another node's roles.
+    let node = public_key(row.get(0))
+        .map(|key| NodeId::of(&key))
+        .filter(|id| id.as_str() == node_id)
+        .ok_or_else(|| ClusterError::Forged(node_id.into()))?;
+    // Roles first: if dropping one fails, the row is still there and the
+    // command can be run again.
+    let roles = |source| ClusterError::Roles {
+        node: node_id.into(),
+        source,
+    };
+    let mut admin = RoleAdmin::new(client);
+    for version in admin.node_role_versions(&node).await.map_err(roles)? {
+        let name = login_role_name(&node, version);
+        admin.terminate_sessions(&name).await.map_err(roles)?;
+        admin.drop_role(&name).await.map_err(roles)?;
     }
+    let tx = locked(client).await?;
+    tx.execute(
+        "DELETE FROM keepd.cluster_members WHERE node_id = $1",
+        &[&node_id],
+    )
+    .await?;
+    tx.commit().await?;
     info!(node_id, "cluster: node removed");
     Ok(())
 }

@@ -57,6 +57,12 @@ impl Layout {
         self.state_dir.join("pgdata")
     }
 
+    /// The fingerprint of the cluster key this node holds (pinned on first
+    /// use).
+    pub fn cluster_pin(&self) -> PathBuf {
+        self.state_dir.join("cluster.fingerprint")
+    }
+
     /// What `keepd restore` restored, for the daemon to record in the
     /// audit trail at its next start.
     pub fn restore_note(&self) -> PathBuf {

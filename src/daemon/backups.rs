@@ -85,10 +85,8 @@ impl BackupSchedule {
         };
         info!(kind, "backup: starting");
         let started = Instant::now();
-        let pgbackrest = self.pgbackrest.clone();
-        match tokio::task::spawn_blocking(move || pgbackrest.backup(due, false)).await {
-            Ok(Ok(_)) => info!(kind, seconds = started.elapsed().as_secs(), "backup: done"),
-            Ok(Err(e)) => error!(kind, error = %e, "backup: failed; retrying in a minute"),
+        match self.pgbackrest.backup_in_background(due).await {
+            Ok(()) => info!(kind, seconds = started.elapsed().as_secs(), "backup: done"),
             Err(e) => error!(kind, error = %e, "backup: failed; retrying in a minute"),
         }
         self.status().await

@@ -208,10 +208,6 @@ struct Node {
     api_cert: Option<Arc<ApiCertificate>>,
     fd_limit: u64,
     notifier: notify::Notifier,
-    /// `api.listen` and `api.metrics_listen`, bound before anything is
-    /// written or started, so a busy port is found in the first second.
-    listener: std::net::TcpListener,
-    metrics_listener: Option<std::net::TcpListener>,
 }
 
 impl Node {
@@ -231,11 +227,13 @@ impl Node {
             config.database.pool.max_size as usize,
         )?;
         let lock = StateLock::acquire(&config.node.state_dir)?;
-        let listener = bind("api.listen", config.api.listen)?;
-        let metrics_listener = match config.api.metrics_listen {
-            Some(addr) => Some(bind("api.metrics_listen", addr)?),
-            None => None,
-        };
+        // A busy port is found in the first second, before anything is
+        // written or started; it is bound again, for good, once keepd can
+        // answer on it (bound now, clients would wait in its backlog).
+        drop(bind("api.listen", config.api.listen)?);
+        if let Some(addr) = config.api.metrics_listen {
+            drop(bind("api.metrics_listen", addr)?);
+        }
         let layout = Layout::of(&config);
         let identity_path = layout.identity_key();
         let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
@@ -255,8 +253,6 @@ impl Node {
             api_cert,
             fd_limit,
             notifier: notify::Notifier::from_env(),
-            listener,
-            metrics_listener,
         })
     }
 
@@ -409,10 +405,12 @@ impl Provisioned {
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
         drop(client);
+        let api_socket = bind("api.listen", config.api.listen)?;
         let cluster = match joined {
             Membership::Member(key) => key,
-            Membership::Pending => self.await_admission(field_versions).await?,
+            Membership::Pending => self.await_admission(&api_socket, field_versions).await?,
         };
+        cluster::check_pin(&cluster, &layout.cluster_pin())?;
         let login = rotator::login_credential(identity, credentials, &self.tls)?;
         let mut base = superuser.config.clone();
         base.application_name("keepd-pool");
@@ -461,7 +459,7 @@ impl Provisioned {
         let active_role = pool.credential_role();
         let report = Report::new(
             measure(&Inputs {
-                backups: backups.as_deref(),
+                backups: backups.as_deref().map(Ok),
                 config,
                 identity,
                 superuser,
@@ -480,9 +478,12 @@ impl Provisioned {
             addr: control_path.display().to_string(),
             source,
         })?;
-        let listener = serving("api.listen", &self.node.listener)?;
-        let metrics_listener = match &self.node.metrics_listener {
-            Some(listener) => Some(serving("api.metrics_listen", listener)?),
+        let listener = serving("api.listen", api_socket)?;
+        let metrics_listener = match config.api.metrics_listen {
+            Some(addr) => Some(serving(
+                "api.metrics_listen",
+                bind("api.metrics_listen", addr)?,
+            )?),
             None => None,
         };
         Ok(Parts {
@@ -535,11 +536,21 @@ impl Provisioned {
     /// A node the cluster has not admitted: answers 503 with the reason on
     /// every route and looks for its sealed key every ADMISSION_POLL until
     /// an operator admits it, or it is told to stop (`NotAdmitted`).
-    async fn await_admission(&self, field_versions: u32) -> Result<ClusterKey, DaemonError> {
+    async fn await_admission(
+        &self,
+        socket: &std::net::TcpListener,
+        field_versions: u32,
+    ) -> Result<ClusterKey, DaemonError> {
         let node = &self.node;
         let (stop, shutdown) = shutdown::channel();
         let trusted = TrustedProxies::new(&node.config.api.trusted_proxies);
-        let listener = serving("api.listen", &node.listener)?;
+        // A second descriptor of the socket: the API serves the first.
+        let copy = socket.try_clone().map_err(|source| DaemonError::Listen {
+            what: "api.listen",
+            addr: node.config.api.listen.to_string(),
+            source,
+        })?;
+        let listener = serving("api.listen", copy)?;
         let addr = listener.local_addr().map_err(DaemonError::Serve)?;
         info!(%addr, node_id = node.node_id, state = "pending", "api listening");
         let server = tokio::spawn(edge::serve(
@@ -605,18 +616,17 @@ fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, D
     })
 }
 
-/// The bound socket, for tokio (a second descriptor of it: serving while
-/// waiting for admission and serving the API use it in turn).
+/// The bound socket, for tokio.
 fn serving(
     what: &'static str,
-    listener: &std::net::TcpListener,
+    listener: std::net::TcpListener,
 ) -> Result<tokio::net::TcpListener, DaemonError> {
-    let listen = || tokio::net::TcpListener::from_std(listener.try_clone()?);
-    listen().map_err(|source| DaemonError::Listen {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    tokio::net::TcpListener::from_std(listener).map_err(|source| DaemonError::Listen {
         what,
-        addr: listener
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string()),
+        addr,
         source,
     })
 }
@@ -689,10 +699,6 @@ impl BroughtUp {
             "http"
         };
         info!(%addr, node_id = node.node_id, scheme, fd_limit = node.fd_limit, "api listening");
-        // The edge holds the only descriptors now: when it stops accepting,
-        // the port refuses connections instead of queueing them.
-        drop(node.listener);
-        drop(node.metrics_listener);
         let tasks = Tasks {
             watchdog: notify::Notifier::spawn_watchdog(shutdown.clone()),
             api: tokio::spawn(edge::serve(
@@ -827,8 +833,8 @@ struct Tasks {
     sealer: JoinHandle<()>,
     reencrypt: JoinHandle<()>,
     janitor: JoinHandle<()>,
-    /// Aborted at shutdown: a backup under way is not waited for (it
-    /// fails when Postgres stops, and the next start takes it again).
+    /// Aborted at shutdown: a backup under way is not waited for (its
+    /// pgBackRest is killed, and the next start takes it again).
     backups: Option<JoinHandle<()>>,
     renewal: Option<JoinHandle<()>>,
     cert_watch: Option<JoinHandle<()>>,

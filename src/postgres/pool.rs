@@ -404,7 +404,7 @@ impl ScopedTransaction {
             // schema), one statement after the other.
             conn.client.query_one(&to, &to_params).await?;
             let statement = conn.statement(role, sql).await?;
-            let affected = conn.client.execute(&statement, params).await?;
+            let affected = self.observe(conn.client.execute(&statement, params).await)?;
             conn.client.query_one(&back, &back_params).await?;
             return Ok(affected);
         };

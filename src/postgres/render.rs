@@ -224,11 +224,12 @@ fn plain_path<'a>(key: &'static str, path: &'a Path) -> Result<&'a str, RenderEr
     let text = path
         .to_str()
         .ok_or_else(|| unquotable("it is not valid UTF-8"))?;
-    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+@%:".contains(c);
+    // No `%`: Postgres expands %p and %f inside the archive command.
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+@:".contains(c);
     if !text.chars().all(plain) {
         return Err(unquotable(
             "pgBackRest's configuration and Postgres's archive command need a path of letters, \
-             digits and / . _ - + @ % : only",
+             digits and / . _ - + @ : only",
         ));
     }
     Ok(text)

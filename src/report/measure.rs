@@ -35,8 +35,8 @@ pub struct Inputs<'a> {
     /// The API's certificate as loaded (`api.tls`); None when TLS is off
     /// or the files cannot be read.
     pub api_certificate: Option<CertificateInfo>,
-    /// pgBackRest, with `backup.repository` set.
-    pub backups: Option<&'a PgBackRest>,
+    /// pgBackRest, with `backup.repository` set (or why it cannot run).
+    pub backups: Option<Result<&'a PgBackRest, String>>,
 }
 
 pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
@@ -97,9 +97,11 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
 /// Backups: the newest one within the schedule, and WAL archived.
 async fn backups(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "backup";
-    let Some(pgbackrest) = inputs.backups else {
-        return Check::new(id, Weight::Major, Status::NotApplicable, "no backup repository configured: no point-in-time recovery")
-            .recommend("set backup.repository (native provider); an external server is backed up by its cluster's tools");
+    let pgbackrest = match &inputs.backups {
+        None => return Check::new(id, Weight::Major, Status::NotApplicable, "no backup repository configured: no point-in-time recovery")
+            .recommend("set backup.repository (native provider); an external server is backed up by its cluster's tools"),
+        Some(Err(why)) => return Check::new(id, Weight::Major, Status::Fail, format!("backups are configured but cannot run: {why}")),
+        Some(Ok(pgbackrest)) => *pgbackrest,
     };
     let backup = &inputs.config.backup;
     let archiver = client
