@@ -2,6 +2,7 @@
 -- every statement is idempotent so a restart reconciles drift.
 REVOKE ALL ON DATABASE keepd FROM PUBLIC;
 REVOKE ALL ON DATABASE postgres FROM PUBLIC;
+REVOKE ALL ON DATABASE template1 FROM PUBLIC;
 REVOKE ALL ON SCHEMA public FROM PUBLIC;
 REVOKE ALL ON SCHEMA keepd FROM PUBLIC;
 REVOKE ALL ON SCHEMA keepd_audit FROM PUBLIC;

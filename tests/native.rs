@@ -286,3 +286,30 @@ fn a_cluster_of_another_major_version_is_refused_by_name() {
         "{text}"
     );
 }
+
+/// Postgres's log files past `database.postgres.log_retention` are deleted;
+/// newer ones stay.
+#[test]
+fn old_postgres_logs_are_deleted() {
+    let node = TestNode::new();
+    let mut daemon = node.start_healthy();
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    let logs = node.data_dir().join("log");
+    let (old, recent) = (
+        logs.join("postgresql-2026-01-01.log"),
+        logs.join("postgresql-recent.log"),
+    );
+    for (file, age_days) in [(&old, 20), (&recent, 3)] {
+        let f = std::fs::File::create(file).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(age_days * 86_400))
+            .unwrap();
+    }
+    let _daemon = node.start_healthy();
+    let deleted = wait_until(Duration::from_secs(10), || (!old.exists()).then_some(()));
+    assert!(
+        deleted.is_some(),
+        "a 20-day-old log survived a 14-day retention"
+    );
+    assert!(recent.exists(), "a 3-day-old log was deleted");
+}

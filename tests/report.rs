@@ -224,3 +224,39 @@ fn fallback_modes_strict_warn_permissive() {
         daemon.log()
     );
 }
+
+/// The CIS items of the managed server: a failed login really waits
+/// (auth_delay); PUBLIC's privileges (the live ACLs), the logging settings
+/// and the hba scope pass; each check names its CIS item.
+#[tokio::test(flavor = "multi_thread")]
+async fn cis_items_hold_from_outside_and_name_their_ids() {
+    let node = TestNode::new();
+    let _daemon = node.start_healthy();
+    // A wrong password: answered only after auth_delay's half second.
+    let mut config = node.pg_config();
+    config.user("keepd_superuser").password("not the password");
+    let started = std::time::Instant::now();
+    let refused = config.connect(tokio_postgres::NoTls).await;
+    assert!(refused.is_err());
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "a failed login was answered after {:?}",
+        started.elapsed()
+    );
+    let (_, report) = report(&node);
+    for (id, item) in [
+        ("auth.delay", "5.7"),
+        ("privileges.public", "4.10"),
+        ("logging.settings", "3.1"),
+        ("hba.rules", "5.10"),
+    ] {
+        assert_eq!(status(&report, id), "pass", "{id}: {report}");
+        let check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap();
+        assert_eq!(check["cis"], item, "{check}");
+    }
+}

@@ -169,6 +169,8 @@ pub struct PostgresConfig {
     pub version: Option<u32>,
     pub max_connections: u32,
     pub log_statement: LogStatement,
+    /// Postgres's log files older than this are deleted (native provider).
+    pub log_retention: HumanDuration,
     pub native: NativeConfig,
     pub docker: DockerConfig,
     pub external: ExternalConfig,
@@ -182,6 +184,7 @@ impl Default for PostgresConfig {
             version: None,
             max_connections: 100,
             log_statement: LogStatement::Ddl,
+            log_retention: HumanDuration(Duration::from_secs(14 * 86_400)),
             native: NativeConfig::default(),
             docker: DockerConfig::default(),
             external: ExternalConfig::default(),

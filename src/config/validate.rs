@@ -142,6 +142,13 @@ pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
             "at least 32 (Postgres forks a process per connection)".into(),
         ));
     }
+    if pg.log_retention.get() < Duration::from_secs(86_400) {
+        return Err(invalid(
+            "database.postgres.log_retention",
+            pg.log_retention.to_string(),
+            "at least 1d (Postgres starts a new log file each day)".into(),
+        ));
+    }
     for (key, timeout) in [
         (
             "database.postgres.native.start_timeout",

@@ -1,9 +1,12 @@
-//! Deletes what can never be used again, so no table grows without bound:
-//! Idempotency-Key records older than `api.idempotency_ttl`, and sessions
-//! that expired or were revoked. It runs as the superuser, because row-level
-//! security would otherwise show it one tenant at a time.
+//! Deletes what can never be used again, so nothing grows without bound:
+//! Idempotency-Key records older than `api.idempotency_ttl`, sessions that
+//! expired or were revoked, and Postgres's log files older than
+//! `database.postgres.log_retention`. The rows are deleted as the
+//! superuser, because row-level security would otherwise show it one
+//! tenant at a time.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Client;
 use tracing::{info, warn};
@@ -22,6 +25,8 @@ const DEAD_SESSIONS: &str =
 pub struct Janitor {
     pub superuser: Endpoint,
     pub idempotency_ttl: Duration,
+    /// The native provider's log directory and how long its files stay.
+    pub postgres_logs: Option<(PathBuf, Duration)>,
 }
 
 impl Janitor {
@@ -33,6 +38,7 @@ impl Janitor {
         let mut client: Option<Client> = None;
         let mut failing = false;
         loop {
+            self.expire_logs();
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.requested() => return,
@@ -51,6 +57,36 @@ impl Janitor {
                     failing = true;
                 }
             }
+        }
+    }
+
+    /// Deletes log files last written more than the retention ago (the
+    /// file of the current day is being written, so it is never one).
+    fn expire_logs(&self) {
+        let Some((dir, retention)) = &self.postgres_logs else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let cutoff = SystemTime::now() - *retention;
+        let mut deleted = 0;
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified < cutoff);
+            if old && entry.path().extension().is_some_and(|e| e == "log") {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => deleted += 1,
+                    Err(e) => {
+                        warn!(file = %entry.path().display(), error = %e, "janitor: cannot delete an old Postgres log")
+                    }
+                }
+            }
+        }
+        if deleted > 0 {
+            info!(files = deleted, retention = ?retention, "janitor: deleted old Postgres logs");
         }
     }
 

@@ -742,6 +742,16 @@ impl BroughtUp {
                 janitor::Janitor {
                     superuser: superuser.clone(),
                     idempotency_ttl: config.api.idempotency_ttl.get(),
+                    postgres_logs: matches!(
+                        config.database.postgres.provider,
+                        crate::config::Provider::Native
+                    )
+                    .then(|| {
+                        (
+                            node.layout.postgres_log_dir(),
+                            config.database.postgres.log_retention.get(),
+                        )
+                    }),
                 }
                 .run(shutdown.clone()),
             ),

@@ -314,6 +314,10 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     set("log_min_messages", "'warning'".into());
     set("log_min_error_statement", "'error'".into());
     set("log_checkpoints", "on".into());
+    // CIS 3.1: the SQLSTATE and where an error came from; replication
+    // commands logged though keepd runs none.
+    set("log_error_verbosity", "'verbose'".into());
+    set("log_replication_commands", "on".into());
     set("log_lock_waits", "on".into());
     set("log_timezone", "'UTC'".into());
     set("timezone", "'UTC'".into());
@@ -323,7 +327,16 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     set("fsync", "on".into());
     set("full_page_writes", "on".into());
     set("synchronous_commit", "on".into());
-    set("shared_preload_libraries", "'pg_stat_statements'".into());
+    // auth_delay (contrib, CIS 5.7): every failed authentication waits
+    // half a second before its answer, which slows guessing through
+    // Postgres itself.
+    set(
+        "shared_preload_libraries",
+        "'pg_stat_statements,auth_delay'".into(),
+    );
+    set("auth_delay.milliseconds", "500".into());
+    // No replication: no WAL sender may connect (archiving needs none).
+    set("max_wal_senders", "0".into());
     // Under systemd's MemoryDenyWriteExecute a JIT cannot work; keepd's
     // short queries never needed one.
     set("jit", "off".into());
@@ -476,6 +489,7 @@ fn initdb_scripts() -> Vec<InitdbScript> {
     let hardening = format!(
         "{intro}REVOKE ALL ON DATABASE {DATABASE} FROM PUBLIC;\n\
          REVOKE ALL ON DATABASE postgres FROM PUBLIC;\n\
+         REVOKE ALL ON DATABASE template1 FROM PUBLIC;\n\
          REVOKE ALL ON SCHEMA public FROM PUBLIC;\n\
          REVOKE ALL ON SCHEMA keepd FROM PUBLIC;\n\
          REVOKE ALL ON SCHEMA keepd_audit FROM PUBLIC;\n\

@@ -80,6 +80,8 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
         .await,
     );
     checks.push(logging(&client).await);
+    checks.push(auth_delay(&client).await);
+    checks.push(public_privileges(&client).await);
     checks.push(encryption_at_rest(&client, inputs).await);
     checks.push(audit_chain(&client, inputs).await);
     checks.push(certificate_expiry(inputs.server_certificate));
@@ -474,28 +476,94 @@ async fn logging(client: &Client) -> Check {
         show(client, "log_connections").await,
         show(client, "log_disconnections").await,
         show(client, "log_statement").await,
+        show(client, "log_error_verbosity").await,
+        show(client, "log_replication_commands").await,
     );
     match values {
-        (Ok(c), Ok(d), Ok(s)) if c == "on" && d == "on" && s != "all" => Check::new(
-            id,
-            Weight::Minor,
-            Status::Pass,
-            format!("connections and disconnections logged, log_statement = {s}"),
-        ),
-        (Ok(c), Ok(d), Ok(s)) => Check::new(
+        (Ok(c), Ok(d), Ok(s), Ok(v), Ok(r))
+            if c == "on" && d == "on" && s != "all" && v == "verbose" && r == "on" =>
+        {
+            Check::new(
+                id,
+                Weight::Minor,
+                Status::Pass,
+                format!(
+                    "connections, disconnections and replication commands logged, errors verbose, \
+                     log_statement = {s}"
+                ),
+            )
+        }
+        (Ok(c), Ok(d), Ok(s), Ok(v), Ok(r)) => Check::new(
             id,
             Weight::Minor,
             Status::Warn,
-            format!("log_connections = {c}, log_disconnections = {d}, log_statement = {s}"),
+            format!(
+                "log_connections = {c}, log_disconnections = {d}, log_statement = {s}, \
+                 log_error_verbosity = {v}, log_replication_commands = {r}"
+            ),
         )
         .recommend(
-            "log connections and disconnections; avoid log_statement = all (statements carry data)",
+            "log connections, disconnections and replication commands with verbose errors; avoid \
+             log_statement = all (statements carry data)",
         ),
         _ => Check::new(
             id,
             Weight::Minor,
             Status::Warn,
             "logging settings not readable",
+        ),
+    }
+}
+
+/// Failed authentications answered only after a delay (auth_delay).
+async fn auth_delay(client: &Client) -> Check {
+    let id = "auth.delay";
+    match show(client, "auth_delay.milliseconds").await {
+        Ok(ms) if ms.trim_end_matches("ms").parse::<u64>().is_ok_and(|n| n >= 100) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            format!("a failed authentication waits {ms} before its answer"),
+        ),
+        Ok(ms) => Check::new(id, Weight::Minor, Status::Warn, format!("auth_delay.milliseconds = {ms}"))
+            .recommend("load auth_delay with at least 100 ms (keepd's rendered configuration does)"),
+        Err(_) => Check::new(id, Weight::Minor, Status::Warn, "auth_delay is not loaded: failed logins are answered at once")
+            .recommend("add auth_delay to shared_preload_libraries (keepd's rendered configuration does; on an external server, its operator)"),
+    }
+}
+
+/// PUBLIC (every role, present and future) may not connect to the
+/// cluster's databases, nor use schema public in keepd's.
+async fn public_privileges(client: &Client) -> Check {
+    let id = "privileges.public";
+    let open = client
+        .query(
+            "SELECT d.datname FROM pg_database d WHERE d.datname IN ('keepd', 'postgres', 'template1') \
+               AND (d.datacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(d.datacl) a \
+                    WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT')) \
+             UNION ALL SELECT 'schema public' FROM pg_namespace n WHERE n.nspname = 'public' \
+               AND (n.nspacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(n.nspacl) a WHERE a.grantee = 0)) \
+             ORDER BY 1",
+            &[],
+        )
+        .await;
+    match open {
+        Ok(rows) if rows.is_empty() => Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            "PUBLIC cannot connect to keepd, postgres or template1, nor use schema public",
+        ),
+        Ok(rows) => {
+            let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            Check::new(id, Weight::Minor, Status::Warn, format!("PUBLIC keeps privileges on: {}", names.join(", ")))
+                .recommend("REVOKE ALL ON DATABASE ... FROM PUBLIC and REVOKE ALL ON SCHEMA public FROM PUBLIC (keepd's hardening script does at every start)")
+        }
+        Err(e) => Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            format!("privileges not readable: {}", describe_error(&e)),
         ),
     }
 }

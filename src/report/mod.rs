@@ -43,6 +43,9 @@ pub enum Weight {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
     pub id: &'static str,
+    /// The CIS PostgreSQL benchmark item the check measures, if one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cis: Option<&'static str>,
     pub status: Status,
     #[serde(skip)]
     pub weight: Weight,
@@ -61,6 +64,7 @@ impl Check {
     ) -> Check {
         Check {
             id,
+            cis: cis_item(id),
             status,
             weight,
             value: value.into(),
@@ -72,6 +76,22 @@ impl Check {
         self.recommendation = recommendation.into();
         self
     }
+}
+
+/// The CIS PostgreSQL benchmark items keepd's checks measure, by check id:
+/// one table, so a check and its item cannot drift apart.
+const CIS_ITEMS: [(&str, &str); 4] = [
+    ("logging.settings", "3.1"),
+    ("privileges.public", "4.10"),
+    ("auth.delay", "5.7"),
+    ("hba.rules", "5.10"),
+];
+
+fn cis_item(id: &str) -> Option<&'static str> {
+    CIS_ITEMS
+        .iter()
+        .find(|(check, _)| *check == id)
+        .map(|(_, item)| *item)
 }
 
 /// The threat model, stated with every report.
