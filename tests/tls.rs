@@ -173,6 +173,23 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
         let code = error.code().map(|c| c.code());
         assert_eq!(code, sqlstate, "{what}: {error:?}");
     }
+    // The login role reaches keepd's database only (CIS 5.10): with its
+    // certificate and password, template1 is refused by pg_hba.
+    let active = node.credentials().active().unwrap().clone();
+    let login = format!("keepd_{node_id}_v{}", active.version);
+    let login_cert = pki.issue_client(&login).unwrap();
+    let login_password = active.password.as_ref().unwrap().expose().to_string();
+    for (db, allowed) in [("keepd", true), ("template1", false), ("postgres", false)] {
+        let mut config = superuser_config(port, &login_password);
+        config.user(&login).dbname(db);
+        let result = connect(&config, &tls_with(&pki, Some(&login_cert), &tls13)).await;
+        match (allowed, result) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => assert_eq!(e.code().map(|c| c.code()), Some("28000"), "{db}: {e:?}"),
+            (allowed, other) => panic!("{login} on {db} (allowed: {allowed}): {:?}", other.err()),
+        }
+    }
+
     // The handshake failures are the server's refusals, as its log says.
     let log_dir = node.data_dir().join("log");
     let log: String = std::fs::read_dir(&log_dir)

@@ -418,9 +418,15 @@ fn pg_hba_conf(inputs: &RenderInputs) -> String {
             (_, std::net::IpAddr::V4(a)) => format!("{a}/32"),
             (_, std::net::IpAddr::V6(a)) => format!("{a}/128"),
         };
+        // As in socket mode: the superuser administers every database,
+        // login roles reach keepd's only (CIS 5.10).
         let _ = writeln!(
             out,
-            "hostssl  all       all   {address}  scram-sha-256{client_cert}"
+            "hostssl  all       {SUPERUSER}  {address}  scram-sha-256{client_cert}"
+        );
+        let _ = writeln!(
+            out,
+            "hostssl  {DATABASE}     all   {address}  scram-sha-256{client_cert}"
         );
         out.push_str("local    all       all                reject\n");
     }
@@ -658,14 +664,24 @@ mod tests {
         let allowing: Vec<_> = rows.iter().filter(|r| !r.contains(&"reject")).collect();
         assert_eq!(
             allowing,
-            [&vec![
-                "hostssl",
-                "all",
-                "all",
-                "127.0.0.1/32",
-                "scram-sha-256",
-                "clientcert=verify-full"
-            ]]
+            [
+                &vec![
+                    "hostssl",
+                    "all",
+                    SUPERUSER,
+                    "127.0.0.1/32",
+                    "scram-sha-256",
+                    "clientcert=verify-full"
+                ],
+                &vec![
+                    "hostssl",
+                    DATABASE,
+                    "all",
+                    "127.0.0.1/32",
+                    "scram-sha-256",
+                    "clientcert=verify-full"
+                ]
+            ]
         );
         assert!(rows.contains(&vec!["local", "all", "all", "reject"]));
     }

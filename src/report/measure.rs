@@ -17,7 +17,7 @@ use crate::field_crypto::FieldPlan;
 use crate::identity::NodeIdentity;
 use crate::postgres::docker::ContainerFacts;
 use crate::postgres::tls::Endpoint;
-use crate::postgres::{GROUP_ROLES, describe_error};
+use crate::postgres::{GROUP_ROLES, SUPERUSER, describe_error};
 use crate::secrets::store::CredentialStore;
 
 /// What `measure` looks at.
@@ -428,6 +428,13 @@ async fn hba_rules(client: &Client, config: &Config) -> Check {
                 .map(|r| r.1.as_str())
                 .filter(|m| !matches!(*m, "scram-sha-256" | "reject" | "cert"))
                 .collect();
+            // Scope (CIS 5.10): on keepd's own servers only its superuser
+            // may reach every database; an external server's rules are
+            // its operator's.
+            let wide = match config.database.postgres.provider {
+                Provider::External => Vec::new(),
+                Provider::Native | Provider::Docker => wide_rules(client).await,
+            };
             if errors > 0 {
                 Check::new(
                     id,
@@ -435,6 +442,14 @@ async fn hba_rules(client: &Client, config: &Config) -> Check {
                     Status::Fail,
                     format!("{errors} rule(s) in error"),
                 )
+            } else if !wide.is_empty() {
+                Check::new(
+                    id,
+                    weight,
+                    Status::Fail,
+                    format!("rules let {} reach every database", wide.join(", ")),
+                )
+                .recommend("scope every rule but the superuser's to database keepd")
             } else if !weak.is_empty() {
                 Check::new(
                     id,
@@ -448,11 +463,29 @@ async fn hba_rules(client: &Client, config: &Config) -> Check {
                     id,
                     weight,
                     Status::Pass,
-                    format!("{} rules: scram-sha-256 or reject only", rules.len()),
+                    format!(
+                        "{} rules: scram-sha-256 or reject only; login roles reach database keepd only",
+                        rules.len()
+                    ),
                 )
             }
         }
     }
+}
+
+/// The users of allowing rules that name every database, the superuser
+/// apart.
+async fn wide_rules(client: &Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT array_to_string(user_name, ',') FROM pg_hba_file_rules \
+             WHERE coalesce(auth_method, '') <> 'reject' AND 'all' = ANY(database) \
+               AND user_name <> ARRAY[$1::text]",
+            &[&SUPERUSER],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_else(|e| vec![format!("(unreadable: {})", describe_error(&e))])
 }
 
 async fn setting_is(
