@@ -288,6 +288,10 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         set("ssl_min_protocol_version", "'TLSv1.3'".into());
         set("ssl_prefer_server_ciphers", "on".into());
         set("ssl_ciphers", "'HIGH:!aNULL:!MD5:!3DES:!RC4'".into());
+        // Postgres 15 offers one ECDH group, and only NIST curves (X25519 is
+        // not an EC_KEY curve there): P-256, which every TLS 1.3 client
+        // keepd uses (rustls, libpq) offers. Named, not left to a default.
+        set("ssl_ecdh_curve", "'prime256v1'".into());
     }
 
     // Logging: to 0600 files under the data directory, one prefix that names
