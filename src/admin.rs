@@ -135,6 +135,35 @@ fn address(
     Ok((PgAddress::Tcp(address), Some(pki)))
 }
 
+/// The password as a libpq password file that exists only in memory (a
+/// memfd, 0600, left open for psql to inherit and read as /dev/fd/N): it
+/// never enters an environment, so neither psql's nor its children's
+/// (`\!`, pg_dump) hold it.
+fn passfile(
+    user: &str,
+    password: &crate::secrets::values::SecretString,
+) -> Result<std::os::fd::OwnedFd, AdminError> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use nix::sys::stat::{Mode, fchmod};
+    use std::io::Write;
+    let io = |source: std::io::Error| AdminError::Io {
+        what: "hand the password to psql",
+        source,
+    };
+    let fd = memfd_create("keepd-psql-passfile", MFdFlags::empty()).map_err(|e| io(e.into()))?;
+    fchmod(&fd, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|e| io(e.into()))?;
+    // hostname:port:database:username:password, `:` and `\` escaped.
+    let escape = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let line = zeroize::Zeroizing::new(format!(
+        "*:*:*:{}:{}\n",
+        escape(user),
+        escape(password.expose())
+    ));
+    let mut file = std::fs::File::from(fd.try_clone().map_err(io)?);
+    file.write_all(line.as_bytes()).map_err(io)?;
+    Ok(fd)
+}
+
 /// keepd's superuser (an external server's administrator) on keepd's
 /// database, as `application`.
 fn superuser_endpoint(
@@ -425,8 +454,8 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
 }
 
 /// Runs psql as `role` (`superuser` when None) with `args`, and returns
-/// its exit status. The password reaches psql through its environment
-/// (readable only by the same user and root), never argv.
+/// its exit status. The password reaches psql through an in-memory
+/// password file it inherits (`passfile`), never argv or an environment.
 pub fn psql(
     config: &Config,
     role: Option<&str>,
@@ -480,13 +509,18 @@ pub fn psql(
         Some(server) => (user, password, server.libpq_ports()),
         None => (user, password, config.network.port.to_string()),
     };
+    // Kept open until psql exits: psql reads the password from it.
+    let passfile = passfile(&user, &password)?;
     let mut command = Command::new(&program);
     command
         .args(args)
         .env("PGPORT", port)
         .env("PGDATABASE", DATABASE)
         .env("PGUSER", &user)
-        .env("PGPASSWORD", password.expose())
+        .env(
+            "PGPASSFILE",
+            format!("/dev/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&passfile)),
+        )
         .env("PGAPPNAME", "keepd-psql");
     // TCP mode: psql reads certificates from files, so a client
     // certificate for this role goes into a private directory that is

@@ -106,7 +106,8 @@ enum Command {
         command: AccountCommand,
     },
     /// Open psql on keepd's database; credentials are unsealed in memory and
-    /// passed through the environment, never the command line.
+    /// handed over as an in-memory password file, never the command line
+    /// or the environment.
     Psql {
         /// `superuser` (default), `login` (the active login role) or a login
         /// role name.

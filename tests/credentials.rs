@@ -517,3 +517,49 @@ fn the_sealed_file_lives_where_credentials_encrypted_path_says() {
     assert_eq!(node.psql("superuser", "SELECT 1").unwrap().trim(), "1");
     assert_eq!(node.report_check("credentials.sealing")["status"], "pass");
 }
+
+/// `keepd psql` hands the password over a descriptor, never the
+/// environment: psql's children (its shell escape, pg_dump) hold no secret
+/// in theirs (CIS 1.7).
+#[test]
+fn psql_children_hold_no_password_in_their_environment() {
+    let node = TestNode::new();
+    let _daemon = started(&node);
+    let out = node
+        .command(&[
+            "psql",
+            "--",
+            "-XAtq",
+            "-c",
+            "\\! cat /proc/$$/environ | tr '\\0' '\\n'",
+        ])
+        .output()
+        .unwrap();
+    let environ = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(environ.contains("PGPASSFILE=/dev/fd/"), "{environ}");
+    assert!(!environ.contains("PGPASSWORD"), "{environ}");
+    let credentials = node.credentials();
+    for secret in [
+        credentials.superuser.expose(),
+        credentials
+            .active()
+            .unwrap()
+            .password
+            .as_ref()
+            .unwrap()
+            .expose(),
+    ] {
+        assert!(
+            !environ.contains(secret),
+            "a password in psql's child's environment"
+        );
+    }
+    // And psql itself got in (as the superuser, then the login role).
+    assert_eq!(node.psql("superuser", "SELECT 1").unwrap(), "1");
+    assert_eq!(node.psql("login", "SELECT 1").unwrap(), "1");
+}
