@@ -211,11 +211,7 @@ pub async fn invite(config: &Config, ttl: std::time::Duration) -> Result<String,
 /// passphrase and the superuser's password unsealed from db.enc.
 pub fn backups(config: &Config) -> Result<crate::backup::PgBackRest, AdminError> {
     let (_, credentials) = unseal(config)?;
-    Ok(crate::backup::PgBackRest::new(
-        config,
-        credentials.backup_passphrase.as_ref(),
-        &credentials.superuser,
-    )?)
+    Ok(crate::backup::PgBackRest::new(config, &credentials)?)
 }
 
 /// What `keepd restore` did.
@@ -281,13 +277,9 @@ pub async fn restore(
         false => None,
     };
     if !layout.data_dir().join("PG_VERSION").exists() {
-        crate::postgres::native::NativeCluster::prepare_restore_target(config, &rendered)?;
+        NativeCluster::prepare_restore_target(config, &rendered)?;
     }
-    let backups = crate::backup::PgBackRest::new(
-        config,
-        credentials.backup_passphrase.as_ref(),
-        &credentials.superuser,
-    )?;
+    let backups = crate::backup::PgBackRest::new(config, &credentials)?;
     eprintln!("keepd: restoring the data directory from the backup repository");
     let wanted = target.clone();
     tokio::task::spawn_blocking(move || backups.restore(&wanted))
@@ -426,14 +418,10 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
-    let backups = config.backup.repository.as_ref().map(|_| {
-        crate::backup::PgBackRest::new(
-            config,
-            credentials.backup_passphrase.as_ref(),
-            &credentials.superuser,
-        )
-        .map_err(|e| e.to_string())
-    });
+    let backups =
+        config.backup.repository.as_ref().map(|_| {
+            crate::backup::PgBackRest::new(config, &credentials).map_err(|e| e.to_string())
+        });
     let checks = measure(&Inputs {
         backups: backups.as_ref().map(|b| b.as_ref().map_err(String::clone)),
         config,

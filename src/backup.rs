@@ -15,6 +15,7 @@ use crate::config::{Config, Layout};
 use crate::postgres::native::{NativeError, PgAccount};
 use crate::postgres::render::{PGBACKREST, STANZA};
 use crate::postgres::tls::Endpoint;
+use crate::secrets::store::Credentials;
 use crate::secrets::values::SecretString;
 
 /// The variable pgBackRest reads the repository passphrase from.
@@ -127,21 +128,18 @@ pub struct PgBackRest {
 }
 
 impl PgBackRest {
-    /// `passphrase` is the repository's, `superuser` the password pgBackRest
-    /// logs in with to start and stop a backup.
-    pub fn new(
-        config: &Config,
-        passphrase: Option<&SecretString>,
-        superuser: &SecretString,
-    ) -> Result<PgBackRest, BackupError> {
+    /// With db.enc's repository passphrase, and the superuser's password
+    /// pgBackRest logs in with to start and stop a backup.
+    pub fn new(config: &Config, credentials: &Credentials) -> Result<PgBackRest, BackupError> {
         if config.backup.repository.is_none() {
             return Err(BackupError::NotConfigured);
         }
+        let passphrase = credentials.backup_passphrase.as_ref();
         Ok(PgBackRest {
             conf: Layout::of(config).pgbackrest_conf(),
             account: PgAccount::resolve(&config.database.postgres.native.run_as)?,
             passphrase: passphrase.ok_or(BackupError::NoPassphrase)?.clone(),
-            superuser: superuser.clone(),
+            superuser: credentials.superuser.clone(),
         })
     }
 

@@ -171,7 +171,7 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
     // The repository unwritable: archiving fails, and the report says so.
     let archive = repository.join("archive");
     set_dir_modes(&archive, 0o500);
-    push_one(&client, &key, "after").await;
+    push(&client, &key, &["after"]).await;
     node.psql("superuser", "SELECT pg_switch_wal()").unwrap();
     let failing = wait_until(Duration::from_secs(30), || {
         let check = node.report_check("backup");
@@ -197,14 +197,6 @@ fn set_dir_modes(dir: &Path, mode: u32) {
         }
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-async fn push_one(client: &SyncClient, key: &keepd::client::VaultKey, label: &str) {
-    let entry = LogEntry {
-        data: label.as_bytes().to_vec(),
-        haex_timestamp: label.into(),
-    };
-    client.push("v", key, &[entry], None).await.unwrap();
 }
 
 #[test]
@@ -240,14 +232,10 @@ fn first_backup(node: &TestNode, daemon: &common::Daemon) {
 }
 
 async fn push(client: &SyncClient, key: &keepd::client::VaultKey, labels: &[&str]) {
-    let entries: Vec<LogEntry> = labels
-        .iter()
-        .map(|l| LogEntry {
-            data: l.as_bytes().to_vec(),
-            haex_timestamp: l.to_string(),
-        })
-        .collect();
-    client.push("v", key, &entries, None).await.unwrap();
+    client
+        .push("v", key, &common::labelled(labels), None)
+        .await
+        .unwrap();
 }
 
 async fn pulled(client: &SyncClient, key: &keepd::client::VaultKey) -> Vec<(i64, String)> {

@@ -195,14 +195,8 @@ async fn push_load(
             for b in 0..batches {
                 let labels: Vec<String> =
                     (0..per_batch).map(|e| format!("w{w}-b{b}-e{e}")).collect();
-                let entries: Vec<LogEntry> = labels
-                    .iter()
-                    .map(|l| LogEntry {
-                        data: l.as_bytes().to_vec(),
-                        haex_timestamp: l.clone(),
-                    })
-                    .collect();
-                let sealed = SyncClient::seal_push(&vault, &key, &entries).unwrap();
+                let sealed =
+                    SyncClient::seal_push(&vault, &key, &common::labelled(&labels)).unwrap();
                 let idempotency = common::uuid();
                 let mut node = w % daemons.len();
                 let mut attempts = 0;

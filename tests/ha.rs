@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestNode, wait_until};
-use keepd::client::{ClientError, LogEntry, SyncClient, VaultKey};
+use keepd::client::{ClientError, SyncClient, VaultKey};
 
 const PATRONI: &str = "/opt/keepd-test/patroni/bin/patroni";
 const ADMIN_PASSWORD: &str = "ha admin password";
@@ -331,14 +331,7 @@ async fn push_load(
             let mut b = 0;
             while !stop.load(Ordering::Relaxed) {
                 let labels: Vec<String> = (0..5).map(|e| format!("{tag}-w{w}-b{b}-e{e}")).collect();
-                let entries: Vec<LogEntry> = labels
-                    .iter()
-                    .map(|l| LogEntry {
-                        data: l.as_bytes().to_vec(),
-                        haex_timestamp: l.clone(),
-                    })
-                    .collect();
-                let sealed = SyncClient::seal_push("ha", &key, &entries).unwrap();
+                let sealed = SyncClient::seal_push("ha", &key, &common::labelled(&labels)).unwrap();
                 let idempotency = common::uuid();
                 let mut attempt = 0usize;
                 loop {

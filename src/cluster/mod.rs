@@ -264,6 +264,14 @@ fn public_key(bytes: &[u8]) -> Option<VerifyingKey> {
     VerifyingKey::from_bytes(bytes.try_into().ok()?).ok()
 }
 
+/// The public key a row records for `node_id`, if it is that node's (its id
+/// is the key's): a row cannot borrow another node's name.
+fn key_of(bytes: &[u8], node_id: &str) -> Result<VerifyingKey, ClusterError> {
+    public_key(bytes)
+        .filter(|key| NodeId::of(key).as_str() == node_id)
+        .ok_or_else(|| ClusterError::Forged(node_id.into()))
+}
+
 /// Admits the pending node `node_id`: the cluster key, opened with this
 /// node's identity, sealed to the public key the pending node recorded
 /// (whose id must be `node_id`, so a row cannot borrow another's name).
@@ -291,9 +299,7 @@ pub async fn admit(
         )
         .await?
         .ok_or_else(|| ClusterError::NotPending(node_id.into()))?;
-    let recipient = public_key(theirs.get(0))
-        .filter(|key| NodeId::of(key).as_str() == node_id)
-        .ok_or_else(|| ClusterError::Forged(node_id.into()))?;
+    let recipient = key_of(theirs.get(0), node_id)?;
     let sealed = seal::seal_for(&recipient, &key.to_bytes())?;
     tx.execute(
         "UPDATE keepd.cluster_members \
@@ -329,10 +335,7 @@ pub async fn remove(
     tx.commit().await?;
     // The roles are named by the node's id, which must be its key's: a
     // forged row cannot name another node's roles.
-    let node = public_key(row.get(0))
-        .map(|key| NodeId::of(&key))
-        .filter(|id| id.as_str() == node_id)
-        .ok_or_else(|| ClusterError::Forged(node_id.into()))?;
+    let node = NodeId::of(&key_of(row.get(0), node_id)?);
     // Roles first: if dropping one fails, the row is still there and the
     // command can be run again.
     let roles = |source| ClusterError::Roles {

@@ -380,18 +380,12 @@ impl Provisioned {
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
-        let backups = match config.backup.repository {
-            Some(_) => {
-                let backups = Arc::new(PgBackRest::new(
-                    config,
-                    credentials.backup_passphrase.as_ref(),
-                    &credentials.superuser,
-                )?);
+        let backups = match &config.backup.repository {
+            Some(repository) => {
+                let backups = Arc::new(PgBackRest::new(config, credentials)?);
                 let stanza = backups.clone();
                 tokio::task::spawn_blocking(move || stanza.stanza_create()).await??;
-                let copy = crate::backup::credentials_copy(
-                    config.backup.repository.as_deref().expect("matched Some"),
-                );
+                let copy = crate::backup::credentials_copy(repository);
                 let sealed = std::fs::read(layout.credentials())
                     .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
                 if let Err(source) = sealed {

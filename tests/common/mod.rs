@@ -728,3 +728,15 @@ pub fn server_tls(dir: &Path, tls_dir: &Path, own: impl Fn(&Path)) -> PathBuf {
     std::fs::write(&ca_file, &pki.ca.cert_pem).unwrap();
     ca_file
 }
+
+/// Log entries whose plaintext and timestamp are each label, so a pull
+/// shows which were stored.
+pub fn labelled(labels: &[impl AsRef<str>]) -> Vec<keepd::client::LogEntry> {
+    labels
+        .iter()
+        .map(|l| keepd::client::LogEntry {
+            data: l.as_ref().as_bytes().to_vec(),
+            haex_timestamp: l.as_ref().to_string(),
+        })
+        .collect()
+}
