@@ -31,13 +31,7 @@ fn pgbackrest_conf(node: &TestNode) -> PathBuf {
 
 /// `keepd backup ARGS`: (exit code, stdout + stderr).
 fn backup(node: &TestNode, args: &[&str]) -> (i32, String) {
-    let out = node
-        .command(&[&["backup"], args].concat())
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    node.run(&[&["backup"], args].concat())
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -281,13 +275,8 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     let token = client.token().unwrap().to_string();
     daemon.stop();
 
-    let out = node
-        .command(&["restore", "--to", &moment])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = node.run(&["restore", "--to", &moment]);
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains(&format!("restored to {moment}")), "{text}");
 
     let daemon = node.start_healthy();
@@ -386,10 +375,8 @@ async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = new.command(&["restore", "--latest"]).output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = new.run(&["restore", "--latest"]);
+    assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("db.enc taken from the backup repository"),
         "{text}"

@@ -152,13 +152,7 @@ fn identity(node: &TestNode) -> keepd::identity::NodeIdentity {
 
 /// `keepd cluster ARGS` on `node`: (exit code, stdout + stderr).
 fn cluster(node: &TestNode, args: &[&str]) -> (i32, String) {
-    let out = node
-        .command(&[&["cluster"], args].concat())
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    node.run(&[&["cluster"], args].concat())
 }
 
 fn health_status(daemon: &common::Daemon) -> Option<(u16, String)> {

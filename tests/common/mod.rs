@@ -625,7 +625,12 @@ impl TestNode {
 
     /// `keepd audit verify`: (exit code, stdout + stderr).
     pub fn audit_verify(&self) -> (i32, String) {
-        let out = self.command(&["audit", "verify"]).output().unwrap();
+        self.run(&["audit", "verify"])
+    }
+
+    /// `keepd ARGS` to its end: (exit code, stdout + stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String) {
+        let out = self.command(args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.code().unwrap_or(-1), text)
