@@ -18,7 +18,10 @@ fi
 major=$(basename "$(dirname "$bindir")")
 image=${1:-${KEEPD_TEST_DOCKER_IMAGE:-keepd-test-postgres:test}}
 
-if docker image inspect "$image" >/dev/null 2>&1; then
+# The recipe's digest labels the image, so an image built by an older
+# recipe (without pgAudit, say) is rebuilt rather than reused.
+recipe=$(sha256sum "$0" | cut -c1-16)
+if [[ $(docker image inspect -f '{{index .Config.Labels "keepd.recipe"}}' "$image" 2>/dev/null) == "$recipe" ]]; then
   echo "build-test-image: $image is present"
   exit 0
 fi
@@ -61,6 +64,10 @@ copy() {
 }
 
 packages=("postgresql-$major" libpq5 dash coreutils tzdata)
+# pgAudit, as a production image should carry it (keepd loads it when found).
+if dpkg-query -W -f '${Status}' "postgresql-$major-pgaudit" 2>/dev/null | grep -q "ok installed"; then
+  packages+=("postgresql-$major-pgaudit")
+fi
 for pkg in "${packages[@]}"; do
   while IFS= read -r path; do
     if [[ -f "$path" || -L "$path" ]]; then
@@ -101,6 +108,7 @@ tar -C "$root" -c . | docker import \
   --change "ENV PGDATA=/var/lib/postgresql/data" \
   --change "USER postgres" \
   --change 'CMD ["postgres"]' \
+  --change "LABEL keepd.recipe=$recipe" \
   --message "keepd test image: PostgreSQL $major from the host's Debian packages" \
   - "$image" >/dev/null
 echo "build-test-image: $image built ($(docker image inspect -f '{{.Size}}' "$image") bytes)"

@@ -2,7 +2,8 @@
 # Installs what keepd and its tests need on Debian/Ubuntu, idempotently:
 # the PostgreSQL server binaries (keepd runs its own cluster from them),
 # for the edge tests a real reverse proxy (nginx) and a real browser
-# (headless Chromium), pgBackRest (keepd's backups), and for the HA test
+# (headless Chromium), pgBackRest (keepd's backups), pgAudit (loaded by
+# keepd beside its server), and for the HA test
 # etcd (Debian) and Patroni (PyPI, in its own virtualenv at
 # /opt/keepd-test/patroni).
 set -euo pipefail
@@ -19,6 +20,10 @@ have_postgres || missing+=(postgresql)
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
 [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 [[ -x /usr/bin/pgbackrest ]] || missing+=(pgbackrest)
+# pgAudit for the installed major (Debian 12's is 15 when none is yet).
+pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+pg_major=${pg_major:-15}
+compgen -G "/usr/lib/postgresql/$pg_major/lib/pgaudit.so" >/dev/null || missing+=("postgresql-$pg_major-pgaudit")
 dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
 patroni_venv=/opt/keepd-test/patroni
 patroni_version=4.1.5

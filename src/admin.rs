@@ -176,7 +176,7 @@ fn superuser_endpoint(
         ExternalServer::from_config(config)?.admin_endpoint(DATABASE)
     } else {
         let (address, pki) = address(config, identity)?;
-        let tls = Tls::maybe(pki.as_ref(), SUPERUSER)?;
+        let tls = Tls::maybe(pki.map(std::sync::Arc::new).as_ref(), SUPERUSER)?;
         endpoint(
             &address,
             config.network.port,
@@ -270,10 +270,10 @@ pub async fn restore(
     // Everything the replay needs is checked before the data directory is
     // touched.
     let pki = match Topology::of(config).issues_certificates() {
-        true => Some(NodePki::load(
+        true => Some(std::sync::Arc::new(NodePki::load(
             &config.node.state_dir,
             identity.node_id().as_str(),
-        )?),
+        )?)),
         false => None,
     };
     if !layout.data_dir().join("PG_VERSION").exists() {
@@ -289,9 +289,9 @@ pub async fn restore(
             source: std::io::Error::other(e),
         })??;
     // Postgres replays on its own, installed as the daemon installs it.
-    let cluster = NativeCluster::prepare(
+    let (cluster, _) = NativeCluster::prepare(
         config,
-        &rendered,
+        crate::postgres::render::RenderInputs::of(config),
         pki.as_ref(),
         credentials.backup_passphrase.clone(),
     )?;

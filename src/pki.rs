@@ -7,10 +7,15 @@
 //! The server certificate is renewed before it expires by re-signing the
 //! same key (30 days ahead), so nothing that pinned its key breaks; one
 //! that does not chain to the current CA, outlives it, or lacks an address
-//! keepd dials is re-issued. Client certificates never touch the disk.
+//! keepd dials is re-issued. Client certificates never touch the disk and
+//! live a day at most (`CLIENT_LIFETIME`, or the rotation interval when
+//! shorter); those of a retired role are revoked (`NodePki::revoke`) in a
+//! CRL Postgres checks (`ssl_crl_file`), kept in `revoked` until they
+//! would have expired anyway.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -47,7 +52,13 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("{path} is missing; start keepd (keepd run) once to issue the node's certificates")]
     Missing { path: PathBuf },
+    #[error("the OS random number generator failed: {0}")]
+    Entropy(String),
 }
+
+/// Files of `state_dir/pki` beside the certificates.
+const REVOKED: &str = "revoked";
+const CRL: &str = "crl.pem";
 
 /// One certificate and its key, PEM.
 #[derive(Clone)]
@@ -62,7 +73,8 @@ impl std::fmt::Debug for Pair {
     }
 }
 
-/// The node's CA and server certificate.
+/// The node's CA, server certificate and CRL, and the client
+/// certificates issued from it (clones share that record).
 #[derive(Debug, Clone)]
 pub struct NodePki {
     pub dir: PathBuf,
@@ -70,11 +82,100 @@ pub struct NodePki {
     ca_end: u64,
     pub ca: Pair,
     pub server: Pair,
+    /// The revocation list Postgres checks client certificates against.
+    pub crl_pem: String,
+    client_lifetime: Duration,
+    issued: Arc<Mutex<Vec<Issued>>>,
 }
 
-/// Client certificates are issued per credential in memory; a role is
-/// rotated away long before its certificate would end.
-const CLIENT_LIFETIME: Duration = LEAF_LIFETIME;
+/// Client certificates live a day: a leaked one is useless by tomorrow,
+/// and the CRL covers the rest of its day.
+pub const CLIENT_LIFETIME: Duration = Duration::from_secs(86_400);
+/// The CRL is signed for a week and re-signed when less than half is left
+/// (the renewal task looks twice a day).
+const CRL_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+const CRL_RENEW_BEFORE: Duration = Duration::from_secs(4 * 86_400);
+
+/// A client certificate issued by this process and not yet expired.
+#[derive(Debug, Clone)]
+struct Issued {
+    role: String,
+    serial: Vec<u8>,
+    not_after: u64,
+}
+
+/// A revoked certificate, listed until it would have expired anyway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Revoked {
+    serial: Vec<u8>,
+    not_after: u64,
+    at: u64,
+}
+
+/// `revoked`: one line per certificate, `serial not_after revoked_at`
+/// (hex, unix seconds); those expired by `now` are left out.
+fn parse_revoked(text: &str, now: u64) -> Option<Vec<Revoked>> {
+    let mut list = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut fields = line.split_whitespace();
+        let entry = Revoked {
+            serial: hex::decode(fields.next()?).ok()?,
+            not_after: fields.next()?.parse().ok()?,
+            at: fields.next()?.parse().ok()?,
+        };
+        if entry.not_after > now {
+            list.push(entry);
+        }
+    }
+    Some(list)
+}
+
+fn format_revoked(list: &[Revoked]) -> String {
+    list.iter()
+        .map(|r| format!("{} {} {}\n", hex::encode(&r.serial), r.not_after, r.at))
+        .collect()
+}
+
+/// The serials a CRL lists and when it must be replaced.
+fn crl_contents(pem: &str) -> Option<(Vec<Vec<u8>>, u64)> {
+    let der =
+        rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let crl = x509_cert::crl::CertificateList::from_der(der.as_ref()).ok()?;
+    let next = crl.tbs_cert_list.next_update?.to_unix_duration().as_secs();
+    let serials = crl
+        .tbs_cert_list
+        .revoked_certificates
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.serial_number.as_bytes().to_vec())
+        .collect();
+    Some((serials, next))
+}
+
+/// A CRL of `revoked` signed by the CA.
+fn sign_crl(
+    revoked: &[Revoked],
+    now: u64,
+    issuer: &Issuer<'_, &KeyPair>,
+) -> Result<String, PkiError> {
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: offset(now.saturating_sub(3600)),
+        next_update: offset(now + CRL_LIFETIME.as_secs()),
+        crl_number: rcgen::SerialNumber::from(now),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|r| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&r.serial),
+                revocation_time: offset(r.at),
+                reason_code: Some(rcgen::RevocationReason::Superseded),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(issuer)?.pem()?)
+}
 
 /// What a certificate says about itself, for renewal decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +183,7 @@ pub struct Validity {
     pub not_after: u64,
     pub issuer: String,
     pub subject: String,
+    pub serial: Vec<u8>,
 }
 
 /// Reads validity, issuer and subject from a PEM certificate.
@@ -93,6 +195,7 @@ pub fn validity(cert_pem: &str) -> Option<Validity> {
         not_after: tbs.validity.not_after.to_unix_duration().as_secs(),
         issuer: tbs.issuer.to_string(),
         subject: tbs.subject.to_string(),
+        serial: tbs.serial_number.as_bytes().to_vec(),
     })
 }
 
@@ -121,6 +224,7 @@ fn leaf_params(
     server: bool,
     now: u64,
     ca_end: u64,
+    lifetime: Duration,
 ) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -134,11 +238,6 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth
     }];
     params.not_before = offset(now.saturating_sub(3600));
-    let lifetime = if server {
-        LEAF_LIFETIME
-    } else {
-        CLIENT_LIFETIME
-    };
     params.not_after = offset((now + lifetime.as_secs()).min(ca_end));
     params
 }
@@ -250,6 +349,7 @@ impl NodePki {
             &issuer,
             |pem| !ca_new && san_text.iter().all(|a| cert_has_ip(pem, a)),
         )?;
+        let crl_pem = Self::crl(&files, now, &issuer, ca_new)?;
         Ok(NodePki {
             dir,
             node_id: node_id.to_string(),
@@ -259,7 +359,113 @@ impl NodePki {
                 key_pem: zeroize::Zeroizing::new(ca_key.serialize_pem()),
             },
             server,
+            crl_pem,
+            client_lifetime: CLIENT_LIFETIME,
+            issued: Arc::default(),
         })
+    }
+
+    /// The revoked list without what has expired, and a CRL of exactly
+    /// it: the one in `crl.pem` while it lists the same serials, was
+    /// signed by this CA and has more than `CRL_RENEW_BEFORE` left, else a
+    /// new one.
+    fn crl(
+        files: &Files,
+        now: u64,
+        issuer: &Issuer<'_, &KeyPair>,
+        ca_new: bool,
+    ) -> Result<String, PkiError> {
+        let revoked = Self::revoked(files, now)?;
+        if files.read(REVOKED)?.as_deref() != Some(format_revoked(&revoked).as_str()) {
+            files.write(REVOKED, &format_revoked(&revoked))?;
+        }
+        let wanted: Vec<&[u8]> = revoked.iter().map(|r| r.serial.as_slice()).collect();
+        let current = files.read(CRL)?.filter(|pem| {
+            !ca_new
+                && crl_contents(pem).is_some_and(|(serials, next)| {
+                    serials.iter().map(Vec::as_slice).eq(wanted.iter().copied())
+                        && next > now + CRL_RENEW_BEFORE.as_secs()
+                })
+        });
+        match current {
+            Some(pem) => Ok(pem),
+            None => {
+                let pem = sign_crl(&revoked, now, issuer)?;
+                files.write(CRL, &pem)?;
+                info!(revoked = revoked.len(), "pki: signed the revocation list");
+                Ok(pem)
+            }
+        }
+    }
+
+    fn revoked(files: &Files, now: u64) -> Result<Vec<Revoked>, PkiError> {
+        match files.read(REVOKED)? {
+            None => Ok(Vec::new()),
+            Some(text) => parse_revoked(&text, now).ok_or_else(|| PkiError::Corrupt {
+                path: files.path(REVOKED),
+                what: "revocation record",
+            }),
+        }
+    }
+
+    /// Client certificates live `max` when that is less than a day (a
+    /// rotation interval shorter than a day).
+    pub fn with_client_lifetime(mut self, max: Duration) -> NodePki {
+        self.client_lifetime = CLIENT_LIFETIME.min(max).max(Duration::from_secs(60));
+        self
+    }
+
+    pub fn client_lifetime(&self) -> Duration {
+        self.client_lifetime
+    }
+
+    /// Revokes every unexpired client certificate this process issued to
+    /// `role` (a retired login role): recorded in `revoked` and signed
+    /// into `crl.pem`; the caller installs and applies it (a reload).
+    /// Returns how many were revoked.
+    pub fn revoke(&self, role: &str) -> Result<usize, PkiError> {
+        let now = unix(SystemTime::now());
+        let files = Files {
+            dir: self.dir.clone(),
+        };
+        let taken: Vec<Issued> = {
+            let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+            let (taken, kept) = issued
+                .drain(..)
+                .filter(|i| i.not_after > now)
+                .partition(|i| i.role == role);
+            *issued = kept;
+            taken
+        };
+        let mut revoked = Self::revoked(&files, now)?;
+        revoked.extend(taken.iter().map(|i| Revoked {
+            serial: i.serial.clone(),
+            not_after: i.not_after,
+            at: now,
+        }));
+        files.write(REVOKED, &format_revoked(&revoked))?;
+        let ca_key = self.ca_key()?;
+        let issuer = Issuer::new(ca_params(&self.node_id, now), &ca_key);
+        files.write(CRL, &sign_crl(&revoked, now, &issuer)?)?;
+        Ok(taken.len())
+    }
+
+    fn ca_key(&self) -> Result<KeyPair, PkiError> {
+        KeyPair::from_pem(&self.ca.key_pem).map_err(|_| PkiError::Corrupt {
+            path: self.dir.join("ca.key"),
+            what: "private key",
+        })
+    }
+
+    /// The files Postgres reads, by the names the rendered
+    /// postgresql.conf gives them.
+    pub fn server_files(&self) -> [(&'static str, &str); 4] {
+        [
+            ("server.crt", &self.server.cert_pem),
+            ("server.key", &self.server.key_pem),
+            ("ca.crt", &self.ca.cert_pem),
+            ("crl.pem", &self.crl_pem),
+        ]
     }
 
     /// The PKI in `state_dir/pki` as the daemon left it, for operator
@@ -295,26 +501,54 @@ impl NodePki {
                     path: files.path("ca.crt"),
                     what: "certificate",
                 })?;
+        let now = unix(SystemTime::now());
+        // A state directory from before CRLs: one signed in memory.
+        let crl_pem = match files.read(CRL)? {
+            Some(pem) => pem,
+            None => {
+                let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|_| PkiError::Corrupt {
+                    path: files.path("ca.key"),
+                    what: "private key",
+                })?;
+                let issuer = Issuer::new(ca_params(node_id, now), &ca_key);
+                sign_crl(&Self::revoked(&files, now)?, now, &issuer)?
+            }
+        };
         Ok(NodePki {
             server: pair("server")?,
             dir: files.dir.clone(),
             node_id: node_id.to_string(),
             ca_end,
             ca,
+            crl_pem,
+            client_lifetime: CLIENT_LIFETIME,
+            issued: Arc::default(),
         })
     }
 
-    /// A client certificate for `role` (its CN), with a fresh key; held in
-    /// memory only.
+    /// A client certificate for `role` (its CN), with a fresh key and a
+    /// random serial, living `client_lifetime`; held in memory only, its
+    /// serial remembered for `revoke`.
     pub fn issue_client(&self, role: &str) -> Result<Pair, PkiError> {
         let now = unix(SystemTime::now());
-        let ca_key = KeyPair::from_pem(&self.ca.key_pem).map_err(|_| PkiError::Corrupt {
-            path: self.dir.join("ca.key"),
-            what: "private key",
-        })?;
+        let ca_key = self.ca_key()?;
         let issuer = Issuer::new(ca_params(&self.node_id, now), &ca_key);
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = leaf_params(role, &[], false, now, self.ca_end).signed_by(&key, &issuer)?;
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| PkiError::Entropy(e.to_string()))?;
+        // Positive and minimal as a DER INTEGER.
+        serial[0] = (serial[0] & 0x7f).max(1);
+        let mut params = leaf_params(role, &[], false, now, self.ca_end, self.client_lifetime);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let not_after = (now + self.client_lifetime.as_secs()).min(self.ca_end);
+        let cert = params.signed_by(&key, &issuer)?;
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        issued.retain(|i| i.not_after > now);
+        issued.push(Issued {
+            role: role.to_string(),
+            serial: serial.to_vec(),
+            not_after,
+        });
         Ok(Pair {
             cert_pem: cert.pem(),
             key_pem: zeroize::Zeroizing::new(key.serialize_pem()),
@@ -350,7 +584,7 @@ impl NodePki {
         let cert_pem = match current {
             Some(pem) if keep => pem,
             previous => {
-                let pem = leaf_params(cn, sans, server, now, ca_end)
+                let pem = leaf_params(cn, sans, server, now, ca_end, LEAF_LIFETIME)
                     .signed_by(&key, issuer)?
                     .pem();
                 files.write(&format!("{name}.crt"), &pem)?;
@@ -394,6 +628,70 @@ mod tests {
     use super::*;
 
     const LOOPBACK: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
+
+    #[test]
+    fn client_certificates_live_a_day_or_the_rotation_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, SystemTime::now()).unwrap();
+        let now = unix(SystemTime::now());
+        let lives = |pki: &NodePki| {
+            validity(&pki.issue_client("r").unwrap().cert_pem)
+                .unwrap()
+                .not_after
+                .saturating_sub(now)
+        };
+        assert!((86_000..=86_400).contains(&lives(&pki)));
+        let short = pki.with_client_lifetime(Duration::from_secs(3600));
+        assert!((3_500..=3_600).contains(&lives(&short)));
+    }
+
+    #[test]
+    fn revocation_lists_a_roles_certificates_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let pki = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, t0).unwrap();
+        assert_eq!(crl_contents(&pki.crl_pem).unwrap().0.len(), 0);
+        let old = validity(&pki.issue_client("keepd_abcd_v1").unwrap().cert_pem).unwrap();
+        let new = validity(&pki.issue_client("keepd_abcd_v2").unwrap().cert_pem).unwrap();
+        assert_ne!(old.serial, new.serial, "random serials");
+        assert_eq!(pki.revoke("keepd_abcd_v1").unwrap(), 1);
+        assert_eq!(pki.revoke("keepd_abcd_v1").unwrap(), 0, "taken once");
+
+        // The next ensure keeps the CRL written by revoke: it lists exactly
+        // the revoked serial and has a week left.
+        let again = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, t0).unwrap();
+        let (serials, _) = crl_contents(&again.crl_pem).unwrap();
+        assert_eq!(serials, vec![old.serial.clone()]);
+        let kept = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, t0).unwrap();
+        assert_eq!(
+            kept.crl_pem, again.crl_pem,
+            "nothing changed: not re-signed"
+        );
+
+        // Four days on the CRL is re-signed; two days on the certificate
+        // has expired and leaves the list.
+        let later = NodePki::ensure(
+            dir.path(),
+            "abcd",
+            &LOOPBACK,
+            t0 + Duration::from_secs(86_400 + 60),
+        )
+        .unwrap();
+        assert!(crl_contents(&later.crl_pem).unwrap().0.is_empty());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pki/revoked")).unwrap(),
+            ""
+        );
+    }
+
+    #[test]
+    fn a_damaged_revocation_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        NodePki::ensure(dir.path(), "abcd", &LOOPBACK, SystemTime::now()).unwrap();
+        std::fs::write(dir.path().join("pki/revoked"), "zz not a record\n").unwrap();
+        let err = NodePki::ensure(dir.path(), "abcd", &LOOPBACK, SystemTime::now()).unwrap_err();
+        assert!(err.to_string().contains("pki/revoked"), "{err}");
+    }
 
     #[test]
     fn issues_once_then_keeps_and_renews_over_the_same_key() {

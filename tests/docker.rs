@@ -151,6 +151,11 @@ async fn hardened_container_serves_recovers_and_keeps_data() {
     assert_eq!(facts["published_ports"], 0);
     let container_check = node.report_check("docker.container");
     assert_eq!(container_check["status"], "pass", "{container_check}");
+    // The image carries pgAudit: keepd found it, loads and configures it.
+    for id in ["audit.pgaudit", "roles.superuser"] {
+        let check = node.report_check(id);
+        assert_eq!(check["status"], "pass", "{check}");
+    }
     // From inside: no interface but loopback, and the root is read-only.
     let (_, interfaces) = docker(&["exec", &container, "cat", "/proc/net/dev"]);
     let names: Vec<&str> = interfaces
@@ -365,6 +370,13 @@ async fn internal_network_mode_serves_over_tls_only() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "TLSv1.3");
+    // The superuser over the internal network, client certificate only.
+    let check = node.report_check("roles.superuser");
+    assert_eq!(check["status"], "pass", "{check}");
+    assert!(
+        check["value"].as_str().unwrap().contains("samenet"),
+        "{check}"
+    );
 }
 
 #[test]

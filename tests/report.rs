@@ -249,6 +249,8 @@ async fn cis_items_hold_from_outside_and_name_their_ids() {
         ("privileges.public", "4.10"),
         ("logging.settings", "3.1"),
         ("hba.rules", "5.10"),
+        ("audit.pgaudit", "3.2"),
+        ("roles.superuser", "5.5"),
     ] {
         assert_eq!(status(&report, id), "pass", "{id}: {report}");
         let check = report["checks"]
@@ -259,4 +261,141 @@ async fn cis_items_hold_from_outside_and_name_their_ids() {
             .unwrap();
         assert_eq!(check["cis"], item, "{check}");
     }
+}
+
+/// The Postgres log's text, every file.
+fn postgres_log(node: &TestNode) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(node.data_dir().join("log")).unwrap() {
+        text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default());
+    }
+    text
+}
+
+/// pgAudit from outside (CIS 3.2): a superuser session other than keepd's
+/// is logged statement by statement, an attempt on the audit trail is
+/// logged as an object access, passwords are redacted, and keepd's own
+/// requests add no audit line.
+#[test]
+fn pgaudit_logs_superuser_sessions_and_tampering_but_not_the_pool() {
+    let node = TestNode::new();
+    let daemon = node.start_healthy();
+    let client = daemon.client();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        client
+            .register("pgaudit@example.org", "correct horse battery")
+            .await
+            .unwrap();
+    });
+    sql(&node, "SELECT count(*) AS audited_read FROM keepd.users");
+    sql(
+        &node,
+        "CREATE ROLE keepd_pgaudit_probe PASSWORD 'hunter2-never-logged'",
+    );
+    sql(&node, "DROP ROLE keepd_pgaudit_probe");
+    let tampering = node.psql(
+        "superuser",
+        "UPDATE keepd_audit.audit_log SET action = 'FORGED' WHERE id = 1",
+    );
+    assert!(tampering.is_err(), "the trigger refuses it");
+    let log = common::wait_until(Duration::from_secs(10), || {
+        let log = postgres_log(&node);
+        log.contains("keepd_audit.audit_log").then_some(log)
+    })
+    .expect("pgAudit logged the attempt");
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("AUDIT: ")).collect();
+    assert!(
+        audit.iter().any(|l| l.contains("SESSION")
+            && l.contains("READ,SELECT")
+            && l.contains("audited_read")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("OBJECT")
+            && l.contains("UPDATE")
+            && l.contains("keepd_audit.audit_log")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("CREATE ROLE") && l.contains("<REDACTED>")),
+        "{audit:#?}"
+    );
+    let leaks: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hunter2-never-logged"))
+        .collect();
+    assert!(leaks.is_empty(), "a password reached the log: {leaks:#?}");
+    // keepd's own sessions (the registration through the pool, the
+    // sealer, the janitor) log no reads or writes of their own; the
+    // cluster key's accesses are object-logged as intended.
+    let own: Vec<&&str> = audit
+        .iter()
+        .filter(|l| l.contains("app=keepd,") && l.contains("AUDIT: SESSION"))
+        .filter(|l| l.contains(",READ,") || l.contains(",WRITE,"))
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("OBJECT") && l.contains("keepd.cluster_members")),
+        "{audit:#?}"
+    );
+    assert!(own.is_empty(), "{own:#?}");
+}
+
+/// A server without pgAudit beside it: keepd starts without loading it,
+/// the report fails the check naming the package, strict mode refuses.
+#[test]
+fn missing_pgaudit_is_a_finding_and_strict_refuses() {
+    let real = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .find(|p| p.join("postgres").exists())
+        .expect("PostgreSQL installed");
+    // The server's binaries, linked from a directory with no lib beside it.
+    let fake = tempfile::tempdir().unwrap();
+    let bin = fake.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+    }
+    std::fs::set_permissions(fake.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let extra = |mode: &str| {
+        format!(
+            "database:\n  postgres:\n    native:\n      bin_dir: {}\nsecurity:\n  fallback_mode: {mode}\n",
+            bin.display()
+        )
+    };
+    let node = TestNode::with_extra(&extra("warn"));
+    let daemon = node.start_healthy();
+    let check = node.report_check("audit.pgaudit");
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["recommendation"]
+            .as_str()
+            .unwrap()
+            .contains("postgresql-15-pgaudit"),
+        "{check}"
+    );
+    assert!(
+        daemon.log().contains("pgAudit is not installed"),
+        "{}",
+        daemon.log()
+    );
+    drop(daemon);
+
+    let strict = TestNode::with_extra(&extra("strict"));
+    let mut refused = strict.spawn();
+    let status = refused.wait_exit(Duration::from_secs(60)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(
+        refused
+            .log()
+            .contains("audit.pgaudit: pgAudit is not loaded"),
+        "{}",
+        refused.log()
+    );
 }

@@ -260,7 +260,7 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
     assert!(
         daemon
             .wait_for_log(
-                "pki: the new server certificate is applied (configuration reloaded)",
+                "pki: the new server certificate or revocation list is applied (configuration reloaded)",
                 Duration::from_secs(20)
             )
             .is_some(),
@@ -284,4 +284,122 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
     .expect("TLS works with the new certificate");
     after.query_one("SELECT 1", &[]).await.unwrap();
     assert!(daemon.wait_health(200, Duration::from_secs(5)));
+}
+
+/// The revocation list (CIS 6.8): a certificate listed in the node's
+/// revocation record is refused by Postgres once SIGHUP applies the CRL,
+/// without a restart; a rotation revokes the retired role's certificates,
+/// and what keepd issues lives a day.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_certificates_are_refused_and_rotation_revokes_its_role() {
+    let port = common::free_port();
+    let node = TestNode::with_extra(&format!(
+        "network:\n  use_unix_socket: false\n  bind_address: 127.0.0.1\n  port: {port}\n\
+         credentials:\n  rotation_grace_period: 2s\n"
+    ));
+    let daemon = node.start_healthy();
+    let node_id = daemon.get("/health").unwrap().1["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pki = NodePki::load(&node.state_dir(), &node_id).unwrap();
+    let password = node.credentials().superuser.expose().to_string();
+    let cert = pki.issue_client("keepd_superuser").unwrap();
+    let validity = keepd::pki::validity(&cert.cert_pem).unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        validity.not_after <= now + 86_400,
+        "a client certificate lives a day at most"
+    );
+    let tls13 = [&rustls::version::TLS13];
+    let tls = tls_with(&pki, Some(&cert), &tls13);
+    let client = connect(&superuser_config(port, &password), &tls)
+        .await
+        .expect("not revoked yet");
+    // keepd's own sessions present certificates keepd issued for a day.
+    let serials: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT client_serial) FROM pg_stat_ssl WHERE client_dn IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(serials >= 2, "{serials}");
+    drop(client);
+
+    let serial = hex::encode(&validity.serial);
+    let record = node.state_dir().join("pki/revoked");
+    let mut text = std::fs::read_to_string(&record).unwrap_or_default();
+    text.push_str(&format!("{serial} {} {now}\n", validity.not_after));
+    std::fs::write(&record, text).unwrap();
+    let postmaster = daemon.postmaster_pid();
+    daemon.signal(common::Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log(
+                "pki: the new server certificate or revocation list is applied (configuration reloaded)",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let refused = common::wait_until(Duration::from_secs(10), || {
+        futures_executor_block(connect(&superuser_config(port, &password), &tls)).err()
+    })
+    .expect("the revoked certificate is refused");
+    // The server's own answer: TLS alert certificate_revoked.
+    assert!(
+        format!("{refused:?}").contains("CertificateRevoked"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        daemon.postmaster_pid(),
+        postmaster,
+        "Postgres was restarted"
+    );
+    // A fresh certificate for the same role is not affected.
+    let fresh = pki.issue_client("keepd_superuser").unwrap();
+    connect(
+        &superuser_config(port, &password),
+        &tls_with(&pki, Some(&fresh), &tls13),
+    )
+    .await
+    .expect("a certificate not revoked");
+
+    // A rotation: the retired role's certificates go on the list Postgres
+    // checks, and keepd carries on with the new role's.
+    let before = node.login_roles()[0].clone();
+    assert!(node.rotate().0);
+    let revoked = daemon
+        .wait_for_log(
+            "rotation: the retired role's client certificates revoked",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    assert_eq!(revoked["role"], before.as_str());
+    assert!(revoked["revoked"].as_u64().unwrap() >= 1, "{revoked}");
+    let listed = common::wait_until(Duration::from_secs(20), || {
+        let record = std::fs::read_to_string(node.state_dir().join("pki/revoked")).ok()?;
+        let installed = std::fs::read_to_string(node.data_dir().join("crl.pem")).ok()?;
+        let lines = record.lines().count();
+        (lines >= 2
+            && installed == std::fs::read_to_string(node.state_dir().join("pki/crl.pem")).ok()?)
+        .then_some(lines)
+    });
+    assert!(listed.is_some(), "{}", daemon.log());
+    let client = SyncClient::new(daemon.addr());
+    client
+        .register("crl@example.org", "a long password")
+        .await
+        .expect("the pool connects with the new role's certificate");
+}
+
+/// Runs a future to its end on the current thread (inside a probe).
+fn futures_executor_block<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }

@@ -183,7 +183,7 @@ impl Default for PostgresConfig {
             provider: Provider::Native,
             version: None,
             max_connections: 100,
-            log_statement: LogStatement::Ddl,
+            log_statement: LogStatement::None,
             log_retention: HumanDuration(Duration::from_secs(14 * 86_400)),
             native: NativeConfig::default(),
             docker: DockerConfig::default(),

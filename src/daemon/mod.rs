@@ -40,7 +40,7 @@ use crate::pki::NodePki;
 use crate::postgres::bootstrap::{self, BootstrapError};
 use crate::postgres::migrate::{self, MigrateError};
 use crate::postgres::pool::{PoolSettings, RoleAwarePool};
-use crate::postgres::render::{self, RenderError, RenderInputs, RenderedConfig};
+use crate::postgres::render::{RenderError, RenderInputs, RenderedConfig};
 use crate::postgres::server::{Prepared, ProviderError, Server};
 use crate::postgres::supervise::Supervisor;
 use crate::postgres::tls::{Endpoint, TlsSource};
@@ -260,11 +260,15 @@ impl Node {
     /// Postgres started under supervision.
     async fn provision(self) -> Result<Provisioned, DaemonError> {
         self.notifier.status("preparing Postgres");
-        let rendered = render::render(&RenderInputs::of(&self.config))?;
         let verifier = ScramVerifier::of(&self.credentials.superuser);
-        let Prepared { server, tls, pki } = Server::prepare(
+        let Prepared {
+            server,
+            rendered,
+            tls,
+            pki,
+        } = Server::prepare(
             &self.config,
-            &rendered,
+            RenderInputs::of(&self.config),
             &self.node_id,
             verifier,
             self.credentials.backup_passphrase.clone(),
@@ -312,6 +316,8 @@ struct Parts {
     sealer: AuditSealer,
     cluster: ClusterKey,
     backups: Option<Arc<PgBackRest>>,
+    /// Wakes the certificate renewal: SIGHUP, or a revocation to apply.
+    renew: Arc<Notify>,
     control: tokio::net::UnixListener,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
@@ -413,6 +419,7 @@ impl Provisioned {
             acquire_timeout: config.database.pool.acquire_timeout.get(),
         };
         let pool = RoleAwarePool::new(base, login, pool_settings);
+        let renew = Arc::new(Notify::new());
         let rotator = Arc::new(Rotator::new(
             identity.clone(),
             store.clone(),
@@ -427,6 +434,7 @@ impl Provisioned {
             PgAccess {
                 superuser: superuser.clone(),
                 tls: self.tls.clone(),
+                pki_changed: renew.clone(),
             },
             pool.clone(),
             self.metrics.clone(),
@@ -486,6 +494,7 @@ impl Provisioned {
             sealer,
             cluster,
             backups,
+            renew,
             control,
             listener,
             metrics_listener,
@@ -675,10 +684,11 @@ impl BroughtUp {
                 addresses: vec![address],
                 superuser: maintenance.clone(),
                 installed: pki.server.cert_pem.clone(),
+                installed_crl: pki.crl_pem.clone(),
             }),
             _ => None,
         };
-        let renew = Arc::new(Notify::new());
+        let renew = parts.renew.clone();
         let web = WebPolicy {
             cors_origins: config.api.cors_origins.clone(),
             hsts: node.api_cert.is_some(),

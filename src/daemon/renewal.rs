@@ -1,6 +1,7 @@
-//! Keeps the TLS server certificate of TCP mode current while keepd runs:
-//! twice a day, and on SIGHUP, the node PKI is checked; a certificate that
-//! was renewed (re-signed over the same key) or re-issued is installed
+//! Keeps the TLS server certificate and revocation list of TCP mode
+//! current while keepd runs: twice a day, on SIGHUP and when a rotation
+//! revoked certificates, the node PKI is checked; a certificate that was
+//! renewed (re-signed over the same key) or re-issued, or a changed CRL, is installed
 //! where Postgres reads it and applied with a configuration reload, so no
 //! connection is dropped and nothing restarts.
 
@@ -27,10 +28,13 @@ pub struct CertificateRenewal {
     pub superuser: Endpoint,
     /// The server certificate Postgres has now.
     pub installed: String,
+    /// The revocation list Postgres has now.
+    pub installed_crl: String,
 }
 
 impl CertificateRenewal {
-    /// Installs and applies a changed server certificate; true if one was.
+    /// Installs and applies a changed server certificate or revocation
+    /// list; true if one was.
     async fn check(&mut self) -> Result<bool, String> {
         let pki = NodePki::ensure(
             &self.state_dir,
@@ -39,7 +43,7 @@ impl CertificateRenewal {
             SystemTime::now(),
         )
         .map_err(|e| e.to_string())?;
-        if pki.server.cert_pem == self.installed {
+        if pki.server.cert_pem == self.installed && pki.crl_pem == self.installed_crl {
             return Ok(false);
         }
         self.server.install_tls(&pki).map_err(|e| e.to_string())?;
@@ -49,6 +53,7 @@ impl CertificateRenewal {
             .await
             .map_err(|e| e.to_string())?;
         self.installed = pki.server.cert_pem.clone();
+        self.installed_crl = pki.crl_pem.clone();
         Ok(true)
     }
 
@@ -61,9 +66,11 @@ impl CertificateRenewal {
             }
             match self.check().await {
                 Ok(true) => {
-                    info!("pki: the new server certificate is applied (configuration reloaded)")
+                    info!(
+                        "pki: the new server certificate or revocation list is applied (configuration reloaded)"
+                    )
                 }
-                Ok(false) => info!("pki: the server certificate is current"),
+                Ok(false) => info!("pki: the server certificate and revocation list are current"),
                 Err(e) => {
                     error!(error = %e, "pki: cannot renew or apply the server certificate; retrying later")
                 }

@@ -65,6 +65,7 @@ pub struct Rotator {
     fault_step: Option<u8>,
     metrics: Arc<Metrics>,
     tls: TlsSource,
+    pki_changed: Arc<Notify>,
 }
 
 use crate::clock::unix_now as now;
@@ -91,6 +92,9 @@ pub fn login_credential(
 pub struct PgAccess {
     pub superuser: Endpoint,
     pub tls: TlsSource,
+    /// Told when a retired role's client certificates were revoked, so the
+    /// new CRL is installed and applied.
+    pub pki_changed: Arc<Notify>,
 }
 
 impl Rotator {
@@ -103,7 +107,11 @@ impl Rotator {
         pool: RoleAwarePool,
         metrics: Arc<Metrics>,
     ) -> Rotator {
-        let PgAccess { superuser, tls } = access;
+        let PgAccess {
+            superuser,
+            tls,
+            pki_changed,
+        } = access;
         let fault_step = std::env::var(FAULT_STEP_ENV)
             .ok()
             .and_then(|v| v.parse().ok());
@@ -118,6 +126,7 @@ impl Rotator {
             fault_step,
             metrics,
             tls,
+            pki_changed,
         }
     }
 
@@ -297,6 +306,22 @@ impl Rotator {
             step = 7,
             "rotation: retired login role dropped"
         );
+        if let TlsSource::NodePki(pki) = &self.tls {
+            // The role is gone, so its certificates admit no one; the CRL
+            // says so to Postgres before they expire.
+            match pki.revoke(&name) {
+                Ok(revoked) => {
+                    info!(
+                        role = name,
+                        revoked, "rotation: the retired role's client certificates revoked"
+                    );
+                    self.pki_changed.notify_one();
+                }
+                Err(e) => {
+                    warn!(role = name, error = %e, "rotation: cannot revoke the retired role's client certificates")
+                }
+            }
+        }
         self.step_done(7, version, started).await?;
         let mut credentials = self.credentials.lock().await;
         rotation::expire(&mut credentials, version, now());

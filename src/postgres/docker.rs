@@ -39,7 +39,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::render::RenderedConfig;
+use super::render::{RenderError, RenderInputs, RenderedConfig};
 use super::tls::{Endpoint, Tls};
 use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, superuser_verifier_statement,
@@ -62,6 +62,8 @@ const LABEL_CONFIG: &str = "io.keepd.config-hash";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
+    #[error(transparent)]
+    Render(#[from] RenderError),
     #[error(
         "cannot reach the Docker engine ({reason}); is dockerd running, and may keepd use its \
          socket (DOCKER_HOST or /var/run/docker.sock)?"
@@ -146,7 +148,7 @@ pub struct DockerNames {
     pub container: String,
     pub volume: String,
     pub network: String,
-    /// The short-lived container that reads the image's `postgres` user.
+    /// The container (created, never started) keepd reads the image from.
     pub probe: String,
     /// The short-lived container of initdb and single-user mode.
     pub one_off: String,
@@ -180,8 +182,8 @@ impl std::fmt::Display for ContainerUser {
 
 /// What a container is for, which decides its user, network and labels.
 enum Role<'a> {
-    /// Reads the image's /etc/passwd, as the image's `postgres` user by
-    /// name (its ids are what it finds out).
+    /// Reads files of the image (never started), as the image's
+    /// `postgres` user by name (its ids are what it finds out).
     Probe,
     /// initdb or single-user mode: no network.
     OneOff(ContainerUser),
@@ -395,50 +397,87 @@ impl Engine {
         }
     }
 
-    /// The UID and GID the containers run as: keepd's own when keepd is
-    /// not root (Postgres refuses root), else the image's `postgres` user,
-    /// read from the image's /etc/passwd.
-    async fn resolve_user(&self) -> Result<ContainerUser, DockerError> {
-        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-        if !uid.is_root() {
-            return Ok(ContainerUser {
-                uid: uid.as_raw(),
-                gid: gid.as_raw(),
-            });
-        }
+    /// What keepd needs to know of the image, read from a container
+    /// created (never started) from it: the UID and GID the containers run
+    /// as (keepd's own when keepd is not root, since Postgres refuses root,
+    /// else the image's `postgres` user from its /etc/passwd), and whether
+    /// it carries pgAudit beside the server on its PATH.
+    async fn probe_image(&self) -> Result<ImageFacts, DockerError> {
         let probe = &self.names.probe;
         self.remove_if_ours(probe).await?;
         self.create(probe, vec!["true".into()], false, Role::Probe)
             .await?;
+        let facts = self.read_image_facts(probe).await;
+        self.remove_if_ours(probe).await?;
+        facts
+    }
+
+    async fn read_image_facts(&self, probe: &str) -> Result<ImageFacts, DockerError> {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        let user = if uid.is_root() {
+            let passwd = self
+                .download(probe, "/etc/passwd")
+                .await
+                .map_err(api("read /etc/passwd from the image"))?;
+            passwd
+                .as_deref()
+                .and_then(|p| postgres_ids(&String::from_utf8_lossy(p)))
+                .map(|(uid, gid)| ContainerUser { uid, gid })
+                .ok_or_else(|| DockerError::NoPostgresUser {
+                    image: self.image.clone(),
+                })?
+        } else {
+            ContainerUser {
+                uid: uid.as_raw(),
+                gid: gid.as_raw(),
+            }
+        };
+        let image = self
+            .docker
+            .inspect_image(&self.image)
+            .await
+            .map_err(api("inspect image"))?;
+        let path = image
+            .config
+            .and_then(|c| c.env)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|e| e.strip_prefix("PATH=").map(str::to_owned))
+            .unwrap_or_default();
+        let mut pgaudit = false;
+        if let Some(lib) = server_lib_dir(&path) {
+            pgaudit = self
+                .download(probe, &format!("{lib}/pgaudit.so"))
+                .await
+                .map_err(api("look for pgaudit in the image"))?
+                .is_some();
+        }
+        Ok(ImageFacts { user, pgaudit })
+    }
+
+    /// One file of a container's filesystem, None when it is absent.
+    async fn download(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, bollard::errors::Error> {
         let mut tar = Vec::new();
         let mut download = self.docker.download_from_container(
-            probe,
+            container,
             Some(
                 DownloadFromContainerOptionsBuilder::new()
-                    .path("/etc/passwd")
+                    .path(path)
                     .build(),
             ),
         );
-        let mut failure = None;
         while let Some(chunk) = download.next().await {
             match chunk {
                 Ok(bytes) => tar.extend_from_slice(&bytes),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
-        self.remove_if_ours(probe).await?;
-        if let Some(e) = failure {
-            return Err(api("read /etc/passwd from the image")(e));
-        }
-        single_file_of_tar(&tar)
-            .and_then(|passwd| postgres_ids(&String::from_utf8_lossy(passwd)))
-            .map(|(uid, gid)| ContainerUser { uid, gid })
-            .ok_or_else(|| DockerError::NoPostgresUser {
-                image: self.image.clone(),
-            })
+        Ok(single_file_of_tar(&tar).map(<[u8]>::to_vec))
     }
 
     /// Writes the rendered files for the read-only mount and prepares the
@@ -587,12 +626,13 @@ impl Engine {
 
 impl DockerCluster {
     /// Everything up to (not including) starting the server container.
+    /// Renders the configuration for what the image carries.
     pub async fn prepare(
         config: &Config,
-        rendered: &RenderedConfig,
+        inputs: RenderInputs,
         node_id: &str,
         verifier: &ScramVerifier,
-    ) -> Result<DockerCluster, DockerError> {
+    ) -> Result<(DockerCluster, RenderedConfig), DockerError> {
         let settings = &config.database.postgres.docker;
         let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
             reason: e.to_string(),
@@ -601,7 +641,7 @@ impl DockerCluster {
             reason: e.to_string(),
         })?;
         let layout = Layout::of(config);
-        let engine = Engine {
+        let mut engine = Engine {
             docker,
             image: settings.image.clone(),
             node_id: node_id.to_string(),
@@ -611,21 +651,29 @@ impl DockerCluster {
             port: config.network.port,
             memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
             pids_limit: i64::from(settings.pids_limit),
-            fingerprint: rendered.fingerprint(),
+            fingerprint: String::new(),
         };
         engine.ensure_image().await?;
         engine.ensure_volume().await?;
-        let user = engine.resolve_user().await?;
-        engine.install(rendered, user)?;
+        let ImageFacts { user, pgaudit } = engine.probe_image().await?;
+        if !pgaudit {
+            warn!(image = %engine.image, "docker: the image carries no pgAudit; Postgres runs without it (the security report's audit.pgaudit)");
+        }
+        let rendered = super::render::render(&inputs.with_pgaudit(pgaudit))?;
+        engine.fingerprint = rendered.fingerprint();
+        engine.install(&rendered, user)?;
         let mut tcp = None;
         if Topology::of(config).is_tcp() {
             let (name, address) = engine.ensure_network().await?;
-            let pki = NodePki::ensure(
-                &config.node.state_dir,
-                node_id,
-                &[IpAddr::V4(address)],
-                std::time::SystemTime::now(),
-            )?;
+            let pki = Arc::new(
+                NodePki::ensure(
+                    &config.node.state_dir,
+                    node_id,
+                    &[IpAddr::V4(address)],
+                    std::time::SystemTime::now(),
+                )?
+                .with_client_lifetime(config.credentials.rotation_interval.get()),
+            );
             let tls_dir = layout.docker_tls_dir();
             install_tls(&tls_dir, &pki, user)?;
             // `keepd psql` and `keepd audit verify` read where to connect.
@@ -641,7 +689,7 @@ impl DockerCluster {
                 address,
                 tls_dir,
                 superuser_tls: Tls::for_role(&pki, SUPERUSER)?,
-                pki: Arc::new(pki),
+                pki,
             });
         }
         let cluster = DockerCluster {
@@ -656,7 +704,7 @@ impl DockerCluster {
             cluster.set_superuser_verifier(verifier).await?;
         }
         cluster.ensure_container().await?;
-        Ok(cluster)
+        Ok((cluster, rendered))
     }
 
     pub fn container_name(&self) -> &str {
@@ -969,11 +1017,7 @@ fn install_tls(dir: &Path, pki: &NodePki, user: ContainerUser) -> Result<(), Doc
         move |source| DockerError::Io { path, source }
     };
     fsutil::ensure_private_dir(dir).map_err(io(dir))?;
-    for (name, text) in [
-        ("server.crt", pki.server.cert_pem.as_str()),
-        ("server.key", pki.server.key_pem.as_str()),
-        ("ca.crt", pki.ca.cert_pem.as_str()),
-    ] {
+    for (name, text) in pki.server_files() {
         let path = dir.join(name);
         fsutil::write_atomic(&path, text.as_bytes(), Some((uid, gid))).map_err(io(&path))?;
     }
@@ -1028,6 +1072,26 @@ fn single_file_of_tar(tar: &[u8]) -> Option<&[u8]> {
     let size =
         usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
     tar.get(512..512 + size)
+}
+
+/// The server's library directory, from a PATH that names its binaries
+/// (`/usr/lib/postgresql/N/bin`, as the official and Debian images do).
+fn server_lib_dir(path: &str) -> Option<String> {
+    path.split(':').find_map(|dir| {
+        let major = dir
+            .strip_prefix("/usr/lib/postgresql/")?
+            .strip_suffix("/bin")?;
+        major
+            .chars()
+            .all(|c| c.is_ascii_digit())
+            .then(|| format!("/usr/lib/postgresql/{major}/lib"))
+    })
+}
+
+/// What `Engine::probe_image` found.
+struct ImageFacts {
+    user: ContainerUser,
+    pgaudit: bool,
 }
 
 /// The UID and GID of `postgres` in a passwd file.

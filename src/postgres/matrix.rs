@@ -97,6 +97,17 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_readonly", "keepd_audit.audit_chain", &[S]),
 ];
 
+/// What pgAudit's object logging watches (`pgaudit.role` =
+/// `AUDITOR_ROLE`): any attempt to change or remove audit entries (the
+/// triggers refuse it; the log keeps who tried), and every access to the
+/// sealed cluster keys. The auditor cannot log in and no role is a member
+/// of it, so these grants let nobody do anything.
+pub const AUDITED: &[(&str, &[Privilege])] = &[
+    ("keepd_audit.audit_log", &[U, D, Privilege::Truncate]),
+    ("keepd_audit.audit_chain", &[U, D, Privilege::Truncate]),
+    ("keepd.cluster_members", &[S, I, U, D]),
+];
+
 /// Whether `role` may use `privilege` on `table`.
 pub fn allows(role: &str, table: &str, privilege: Privilege) -> bool {
     MATRIX
@@ -118,7 +129,8 @@ pub fn schemas_of(role: &str) -> Vec<&'static str> {
 
 /// The statements that make the database's grants exactly the matrix.
 pub fn grant_statements() -> Vec<String> {
-    let roles = super::GROUP_ROLES.join(", ");
+    let auditor = super::AUDITOR_ROLE;
+    let roles = format!("{}, {auditor}", super::GROUP_ROLES.join(", "));
     let mut sql = vec![
         format!("REVOKE ALL ON ALL TABLES IN SCHEMA keepd, keepd_audit FROM PUBLIC, {roles}"),
         format!("REVOKE ALL ON SCHEMA keepd, keepd_audit FROM PUBLIC, {roles}"),
@@ -135,6 +147,10 @@ pub fn grant_statements() -> Vec<String> {
     for (role, table, privileges) in MATRIX {
         let list: Vec<&str> = privileges.iter().map(|p| p.sql()).collect();
         sql.push(format!("GRANT {} ON {table} TO {role}", list.join(", ")));
+    }
+    for (table, privileges) in AUDITED {
+        let list: Vec<&str> = privileges.iter().map(|p| p.sql()).collect();
+        sql.push(format!("GRANT {} ON {table} TO {auditor}", list.join(", ")));
     }
     sql
 }

@@ -70,6 +70,9 @@ pub const DATABASE: &str = "keepd";
 pub const SUPERUSER: &str = "keepd_superuser";
 /// NOLOGIN owner of every schema object.
 pub const OWNER_ROLE: &str = "keepd_owner";
+/// NOLOGIN role whose privileges are what pgAudit's object logging logs
+/// (`pgaudit.role`); it is granted, never used.
+pub const AUDITOR_ROLE: &str = "keepd_auditor";
 /// NOLOGIN group roles the login roles are members of.
 pub const GROUP_ROLES: [&str; 5] = [
     "keepd_sync",
@@ -128,6 +131,14 @@ pub fn endpoint(
         .dbname(dbname)
         .application_name("keepd")
         .connect_timeout(std::time::Duration::from_secs(5));
+    if user == SUPERUSER {
+        // keepd's own superuser sessions: pgAudit's common classes, not
+        // the everything its role setting asks of any other.
+        config.options(format!(
+            "-c pgaudit.log={}",
+            render::PGAUDIT_SESSION_CLASSES
+        ));
+    }
     tls::Endpoint { config, tls }
 }
 

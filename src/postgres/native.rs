@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -15,7 +16,7 @@ use nix::unistd::{Gid, Pid, Uid, User};
 use tracing::{info, warn};
 
 use super::child::ChildLauncher;
-use super::render::{self, RenderedConfig};
+use super::render::{self, RenderError, RenderInputs, RenderedConfig};
 use super::tls::{Endpoint, Tls, TlsError};
 use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, stop_ladder,
@@ -28,6 +29,8 @@ use crate::secrets::values::{ScramVerifier, SecretString};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
+    #[error(transparent)]
+    Render(#[from] RenderError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(
@@ -184,6 +187,15 @@ impl PgBinaries {
         })
     }
 
+    /// Whether the server library `name` (as `shared_preload_libraries`
+    /// names it) is installed: in `lib` beside `bin`, where Debian's,
+    /// PGDG's and source installs put them.
+    pub fn has_library(&self, name: &str) -> bool {
+        self.dir
+            .parent()
+            .is_some_and(|root| root.join("lib").join(format!("{name}.so")).is_file())
+    }
+
     fn tool(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -330,18 +342,24 @@ pub struct NativeCluster {
 impl NativeCluster {
     /// `pki` is given in TCP mode: its server certificate is installed
     /// and the superuser connects with a client certificate.
+    /// Renders the configuration for the binaries found.
     pub fn prepare(
         config: &Config,
-        rendered: &RenderedConfig,
-        pki: Option<&NodePki>,
+        inputs: RenderInputs,
+        pki: Option<&Arc<NodePki>>,
         archive_secret: Option<SecretString>,
-    ) -> Result<NativeCluster, NativeError> {
+    ) -> Result<(NativeCluster, RenderedConfig), NativeError> {
         let cluster = NativeCluster::open(config, pki, archive_secret)?;
+        let pgaudit = cluster.binaries.has_library("pgaudit");
+        if !pgaudit {
+            warn!(bin_dir = %cluster.binaries.dir.display(), package = %format!("postgresql-{}-pgaudit", cluster.binaries.major_version), "pgAudit is not installed beside the server; Postgres runs without it (the security report's audit.pgaudit)");
+        }
+        let rendered = render::render(&inputs.with_pgaudit(pgaudit))?;
         if !cluster.data_dir.join("PG_VERSION").exists() {
             cluster.initdb()?;
         }
-        cluster.install(rendered, pki)?;
-        Ok(cluster)
+        cluster.install(&rendered, pki.map(|p| &**p))?;
+        Ok((cluster, rendered))
     }
 
     /// A fresh state directory about to receive a restore (`keepd
@@ -371,7 +389,7 @@ impl NativeCluster {
     /// The cluster's settings and keepd's directories, nothing installed.
     fn open(
         config: &Config,
-        pki: Option<&NodePki>,
+        pki: Option<&Arc<NodePki>>,
         archive_secret: Option<SecretString>,
     ) -> Result<NativeCluster, NativeError> {
         let pg = &config.database.postgres;
@@ -524,7 +542,7 @@ impl NativeCluster {
     fn install(&self, rendered: &RenderedConfig, pki: Option<&NodePki>) -> Result<(), NativeError> {
         let mut files: Vec<(&str, &str)> = rendered.server_files().to_vec();
         if let Some(pki) = pki {
-            files.extend(tls_files(pki));
+            files.extend(pki.server_files());
         }
         self.write_files(&files)?;
         self.install_pgbackrest_conf(rendered)
@@ -532,7 +550,7 @@ impl NativeCluster {
 
     /// Installs a renewed server certificate (TCP mode); a reload applies it.
     pub fn install_tls(&self, pki: &NodePki) -> Result<(), NativeError> {
-        self.write_files(&tls_files(pki))
+        self.write_files(&pki.server_files())
     }
 
     /// The TCP address keepd dials, if in TCP mode.
@@ -642,16 +660,6 @@ impl NativeCluster {
             self.superuser_tls.clone(),
         )
     }
-}
-
-/// The server certificate, its key and the CA, by the names the rendered
-/// postgresql.conf uses.
-fn tls_files(pki: &NodePki) -> [(&'static str, &str); 3] {
-    [
-        ("server.crt", &pki.server.cert_pem),
-        ("server.key", &pki.server.key_pem),
-        ("ca.crt", &pki.ca.cert_pem),
-    ]
 }
 
 /// Walks up from `target` and checks the Postgres account may search every

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
+use super::{AUDITOR_ROLE, DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
 use crate::config::{Config, Layout, LogStatement, Provider, Topology};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +130,10 @@ pub struct RenderInputs {
     pub client_cert_required: bool,
     /// Continuous archiving and backups (`backup.repository`).
     pub backup: Option<BackupInputs>,
+    /// pgAudit is preloaded: the provider found its library beside the
+    /// server it runs (a missing one is the report's finding, not a
+    /// server that cannot start).
+    pub pgaudit: bool,
 }
 
 /// What pgBackRest's configuration and Postgres's archive command need.
@@ -147,6 +151,15 @@ pub struct BackupInputs {
 pub const PGBACKREST: &str = "/usr/bin/pgbackrest";
 /// The stanza: pgBackRest's name for keepd's cluster in the repository.
 pub const STANZA: &str = "keepd";
+/// What pgAudit logs of every session (keepd's own superuser sessions
+/// included).
+pub const PGAUDIT_SESSION_CLASSES: &str = "role,ddl";
+/// What it logs of any other superuser session: everything.
+pub const PGAUDIT_SUPERUSER_CLASSES: &str = "all";
+/// keepd's superuser's `CONNECTION LIMIT` (CIS 5.5): keepd's own sessions
+/// (bootstrap, janitor, backups, renewal, rotation, the supervisor's
+/// probe) with room for an operator's.
+pub const SUPERUSER_CONNECTION_LIMIT: u32 = 10;
 
 impl RenderInputs {
     pub fn of(config: &Config) -> RenderInputs {
@@ -170,7 +183,14 @@ impl RenderInputs {
                     lock_dir: layout.pgbackrest_lock_dir(),
                 }
             }),
+            pgaudit: true,
         }
+    }
+
+    /// The same inputs for a server whose libraries the provider has
+    /// looked at.
+    pub fn with_pgaudit(self, pgaudit: bool) -> RenderInputs {
+        RenderInputs { pgaudit, ..self }
     }
 }
 
@@ -285,6 +305,8 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         set("ssl_cert_file", format!("'{dir}server.crt'"));
         set("ssl_key_file", format!("'{dir}server.key'"));
         set("ssl_ca_file", format!("'{dir}ca.crt'"));
+        // Client certificates of retired roles (the node PKI's CRL).
+        set("ssl_crl_file", format!("'{dir}crl.pem'"));
         set("ssl_min_protocol_version", "'TLSv1.3'".into());
         set("ssl_prefer_server_ciphers", "on".into());
         set("ssl_ciphers", "'HIGH:!aNULL:!MD5:!3DES:!RC4'".into());
@@ -334,11 +356,26 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     // auth_delay (contrib, CIS 5.7): every failed authentication waits
     // half a second before its answer, which slows guessing through
     // Postgres itself.
-    set(
-        "shared_preload_libraries",
-        "'pg_stat_statements,auth_delay'".into(),
-    );
+    let mut preload = String::from("pg_stat_statements,auth_delay");
+    if inputs.pgaudit {
+        preload.push_str(",pgaudit");
+    }
+    set("shared_preload_libraries", format!("'{preload}'"));
     set("auth_delay.milliseconds", "500".into());
+    if inputs.pgaudit {
+        // pgAudit (CIS 3.2): every session's role and DDL statements; every
+        // statement of a superuser session other than keepd's own (the
+        // superuser's role setting, which keepd's connections override);
+        // object logging for what `AUDITOR_ROLE` is granted (tampering
+        // with the audit trail, reading the cluster key). Statement text
+        // only: passwords are redacted by pgAudit, parameters never logged.
+        set("pgaudit.log", format!("'{PGAUDIT_SESSION_CLASSES}'"));
+        set("pgaudit.log_catalog", "off".into());
+        set("pgaudit.log_parameter", "off".into());
+        set("pgaudit.log_relation", "on".into());
+        set("pgaudit.log_statement_once", "on".into());
+        set("pgaudit.role", format!("'{AUDITOR_ROLE}'"));
+    }
     // No replication: no WAL sender may connect (archiving needs none).
     set("max_wal_senders", "0".into());
     // Under systemd's MemoryDenyWriteExecute a JIT cannot work; keepd's
@@ -466,7 +503,7 @@ fn initdb_scripts() -> Vec<InitdbScript> {
     );
     roles.push_str("-- at run time from sealed credentials, so no password is ever in a file.\n");
     roles.push_str("DO $$\nBEGIN\n");
-    for role in std::iter::once(OWNER_ROLE).chain(GROUP_ROLES) {
+    for role in [OWNER_ROLE, AUDITOR_ROLE].into_iter().chain(GROUP_ROLES) {
         let _ = writeln!(
             roles,
             "  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN\n    \
@@ -474,7 +511,7 @@ fn initdb_scripts() -> Vec<InitdbScript> {
         );
     }
     roles.push_str("END\n$$;\n");
-    for role in std::iter::once(OWNER_ROLE).chain(GROUP_ROLES) {
+    for role in [OWNER_ROLE, AUDITOR_ROLE].into_iter().chain(GROUP_ROLES) {
         let _ = writeln!(
             roles,
             "ALTER ROLE {role} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS \
@@ -482,6 +519,23 @@ fn initdb_scripts() -> Vec<InitdbScript> {
         );
     }
     let _ = writeln!(roles, "ALTER DATABASE {DATABASE} OWNER TO {OWNER_ROLE};");
+    // Where keepd made the server (an external server's administrator is
+    // the operator's).
+    let _ = writeln!(
+        roles,
+        "-- keepd's superuser: a stated connection limit (Postgres does not hold superusers\n\
+         -- to it; pg_hba keeps them to the socket or the provider's private channel), and\n\
+         -- pgAudit logs every statement of its sessions but keepd's own, which ask for the\n\
+         -- common classes at connect (a setting only a superuser may pass).\n\
+         DO $$\n\
+         BEGIN\n  \
+           IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SUPERUSER}') THEN\n    \
+             ALTER ROLE {SUPERUSER} CONNECTION LIMIT {SUPERUSER_CONNECTION_LIMIT};\n    \
+             ALTER ROLE {SUPERUSER} SET pgaudit.log = '{PGAUDIT_SUPERUSER_CLASSES}';\n  \
+           END IF;\n\
+         END\n\
+         $$;"
+    );
 
     let schema = format!(
         "{intro}-- keepd's objects live in one schema owned by {OWNER_ROLE}; the tables themselves\n\
@@ -512,7 +566,15 @@ fn initdb_scripts() -> Vec<InitdbScript> {
             name: "00-extensions.sql",
             sql: format!(
                 "{intro}-- Query statistics for operators; utility statements are not tracked.\n\
-                 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;\n"
+                 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;\n\
+                 -- pgAudit's event triggers, where the server preloads it.\n\
+                 DO $$\n\
+                 BEGIN\n  \
+                   IF current_setting('shared_preload_libraries') ~ '(^|,)\\s*pgaudit\\s*(,|$)' THEN\n    \
+                     CREATE EXTENSION IF NOT EXISTS pgaudit;\n  \
+                   END IF;\n\
+                 END\n\
+                 $$;\n"
             ),
         },
         InitdbScript {
@@ -603,7 +665,7 @@ mod tests {
             assert_eq!(setting(&c, "fsync"), "on");
             assert_eq!(setting(&c, "full_page_writes"), "on");
             assert_eq!(setting(&c, "synchronous_commit"), "on");
-            assert_eq!(setting(&c, "log_statement"), "'ddl'");
+            assert_eq!(setting(&c, "log_statement"), "'none'");
             assert_eq!(setting(&c, "pg_stat_statements.track_utility"), "off");
         }
     }

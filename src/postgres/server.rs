@@ -22,7 +22,7 @@ use super::child::ChildLauncher;
 use super::docker::{ContainerFacts, DockerCluster, DockerError};
 use super::external::{ExternalError, ExternalServer};
 use super::native::{NativeCluster, NativeError};
-use super::render::RenderedConfig;
+use super::render::{RenderInputs, RenderedConfig, render};
 use super::stop_ladder;
 use super::tls::{Endpoint, TlsSource};
 use crate::config::{Backend, Config, Layout, Provider, Topology};
@@ -55,6 +55,9 @@ pub enum ProviderError {
 /// A server ready to start, and how keepd's connections to it are secured.
 pub struct Prepared {
     pub server: Server,
+    /// What the provider rendered for the server it found (external:
+    /// the inputs as configured, installed nowhere).
+    pub rendered: RenderedConfig,
     /// TLS for every role keepd logs in as.
     pub tls: TlsSource,
     /// The node PKI, when keepd issues the server's certificate (TCP mode
@@ -78,7 +81,7 @@ impl Server {
     /// verifier, never the password), and the TLS it is reached with.
     pub async fn prepare(
         config: &Config,
-        rendered: &RenderedConfig,
+        inputs: RenderInputs,
         node_id: &str,
         verifier: ScramVerifier,
         archive_secret: Option<SecretString>,
@@ -100,6 +103,7 @@ impl Server {
                 let external = ExternalServer::from_config(config)?;
                 info!(server = %external.describe(), "external postgres: keepd manages its roles and schema there and renders nothing");
                 Ok(Prepared {
+                    rendered: render(&inputs).map_err(NativeError::Render)?,
                     tls: TlsSource::Shared(external.tls()),
                     server: Server::External(Arc::new(external)),
                     pki: None,
@@ -108,9 +112,11 @@ impl Server {
             Provider::Docker => {
                 // The container's certificate names its address on the
                 // internal network, so docker issues it once it knows that.
-                let cluster = DockerCluster::prepare(config, rendered, node_id, &verifier).await?;
+                let (cluster, rendered) =
+                    DockerCluster::prepare(config, inputs, node_id, &verifier).await?;
                 let pki = cluster.pki();
                 Ok(Prepared {
+                    rendered,
                     tls: TlsSource::from_pki(pki.as_ref()),
                     server: Server::Docker(Arc::new(cluster)),
                     pki,
@@ -126,27 +132,25 @@ impl Server {
                         node_id,
                         &addresses,
                         SystemTime::now(),
-                    )?;
+                    )?
+                    .with_client_lifetime(config.credentials.rotation_interval.get());
                     Some(Arc::new(pki))
                 } else {
                     None
                 };
-                let cluster = {
-                    let (config, rendered, pki) = (config.clone(), rendered.clone(), pki.clone());
+                let (cluster, rendered) = {
+                    let (config, pki) = (config.clone(), pki.clone());
                     tokio::task::spawn_blocking(move || {
-                        let cluster = NativeCluster::prepare(
-                            &config,
-                            &rendered,
-                            pki.as_deref(),
-                            archive_secret,
-                        )?;
+                        let (cluster, rendered) =
+                            NativeCluster::prepare(&config, inputs, pki.as_ref(), archive_secret)?;
                         cluster.clear_stale_pid()?;
                         cluster.set_superuser_verifier(&verifier)?;
-                        Ok::<_, NativeError>(cluster)
+                        Ok::<_, NativeError>((cluster, rendered))
                     })
                     .await??
                 };
                 Ok(Prepared {
+                    rendered,
                     tls: TlsSource::from_pki(pki.as_ref()),
                     server: Server::Native(Arc::new(cluster)),
                     pki,

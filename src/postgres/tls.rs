@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls::client::ClientConfig;
+use rustls::client::{ClientConfig, ResolvesClientCert, WantsClientCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ConfigBuilder, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::{info, warn};
 
 use crate::pki::{NodePki, Pair, PkiError};
 
@@ -38,19 +40,87 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// TLS 1.3 as `role`, with a client certificate issued for it now.
-    pub fn for_role(pki: &NodePki, role: &str) -> Result<Tls, TlsError> {
-        let client = pki.issue_client(role)?;
-        Ok(Tls::On(MakeRustlsConnect::new(client_config(
-            &pki.ca.cert_pem,
-            Some(&client),
-            &[&rustls::version::TLS13],
-        )?)))
+    /// TLS 1.3 as `role`, presenting a client certificate issued for it
+    /// now and re-issued in memory before it expires.
+    pub fn for_role(pki: &Arc<NodePki>, role: &str) -> Result<Tls, TlsError> {
+        let resolver = RenewingClientCert::new(pki.clone(), role)?;
+        let config = roots(&pki.ca.cert_pem, &[&rustls::version::TLS13])?
+            .with_client_cert_resolver(Arc::new(resolver));
+        Ok(Tls::On(MakeRustlsConnect::new(config)))
     }
 
     /// TLS when `pki` is given (TCP mode), none otherwise.
-    pub fn maybe(pki: Option<&NodePki>, role: &str) -> Result<Tls, TlsError> {
+    pub fn maybe(pki: Option<&Arc<NodePki>>, role: &str) -> Result<Tls, TlsError> {
         pki.map_or(Ok(Tls::Off), |pki| Tls::for_role(pki, role))
+    }
+}
+
+/// A role's client certificate for every new connection: issued in
+/// memory, and issued again once less than a third of its life is left,
+/// so a pool that runs for weeks never presents an expired one (the
+/// certificates live a day; Postgres checks them at connect only).
+struct RenewingClientCert {
+    pki: Arc<NodePki>,
+    role: String,
+    current: std::sync::Mutex<(Arc<CertifiedKey>, u64)>,
+}
+
+impl std::fmt::Debug for RenewingClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RenewingClientCert({})", self.role)
+    }
+}
+
+impl RenewingClientCert {
+    fn new(pki: Arc<NodePki>, role: &str) -> Result<RenewingClientCert, TlsError> {
+        let current = issue(&pki, role)?;
+        Ok(RenewingClientCert {
+            pki,
+            role: role.to_string(),
+            current: std::sync::Mutex::new(current),
+        })
+    }
+}
+
+/// A certificate for `role` and when to replace it.
+fn issue(pki: &NodePki, role: &str) -> Result<(Arc<CertifiedKey>, u64), TlsError> {
+    let bad = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+    let pair = pki.issue_client(role)?;
+    let cert = CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).map_err(|e| bad(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+    let signer = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| bad(&e))?;
+    let not_after = crate::pki::validity(&pair.cert_pem).map_or(0, |v| v.not_after);
+    let renew_at = not_after.saturating_sub(pki.client_lifetime().as_secs() / 3);
+    Ok((Arc::new(CertifiedKey::new(vec![cert], signer)), renew_at))
+}
+
+impl ResolvesClientCert for RenewingClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if crate::clock::unix_now() >= current.1 {
+            match issue(&self.pki, &self.role) {
+                Ok(renewed) => {
+                    *current = renewed;
+                    info!(role = %self.role, "pki: client certificate renewed");
+                }
+                // The current one may still have hours left.
+                Err(e) => {
+                    warn!(role = %self.role, error = %e, "pki: cannot renew the client certificate")
+                }
+            }
+        }
+        Some(current.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -82,6 +152,24 @@ impl TlsSource {
 }
 
 /// A rustls client configuration trusting only `ca_pem`, offering
+/// `versions`, up to its client certificate.
+fn roots(
+    ca_pem: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsError> {
+    let bad = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+    let mut roots = RootCertStore::empty();
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| bad(&e))?;
+    roots.add(ca).map_err(|e| bad(&e))?;
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .map_err(|e| bad(&e))?
+            .with_root_certificates(roots),
+    )
+}
+
+/// A rustls client configuration trusting only `ca_pem`, offering
 /// `versions`, presenting `client` when given.
 pub fn client_config(
     ca_pem: &str,
@@ -89,14 +177,7 @@ pub fn client_config(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<ClientConfig, TlsError> {
     let bad = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
-    let mut roots = RootCertStore::empty();
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| bad(&e))?;
-    roots.add(ca).map_err(|e| bad(&e))?;
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .map_err(|e| bad(&e))?
-            .with_root_certificates(roots);
+    let builder = roots(ca_pem, versions)?;
     match client {
         Some(pair) => {
             let cert =
@@ -148,5 +229,39 @@ pub async fn connect(config: &Config, tls: &Tls) -> Result<Client, tokio_postgre
             tokio::spawn(connection);
             Ok(client)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_due_for_renewal_is_issued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Arc::new(
+            NodePki::ensure(
+                dir.path(),
+                "abcd",
+                &["127.0.0.1".parse().unwrap()],
+                std::time::SystemTime::now(),
+            )
+            .unwrap(),
+        );
+        let resolver = RenewingClientCert::new(pki, "keepd_abcd_v1").unwrap();
+        let first = resolver.resolve(&[], &[]).unwrap();
+        let again = resolver.resolve(&[], &[]).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "not due: the same certificate");
+        let renew_at = resolver.current.lock().unwrap().1;
+        let now = crate::clock::unix_now();
+        // Renewed with a third of its day left.
+        assert!(
+            (now + 57_000..=now + 57_600).contains(&renew_at),
+            "{renew_at}"
+        );
+        resolver.current.lock().unwrap().1 = 0;
+        let renewed = resolver.resolve(&[], &[]).unwrap();
+        assert!(!Arc::ptr_eq(&first, &renewed));
+        assert_ne!(first.cert[0], renewed.cert[0]);
     }
 }

@@ -16,8 +16,9 @@ use crate::edge::CertificateInfo;
 use crate::field_crypto::FieldPlan;
 use crate::identity::NodeIdentity;
 use crate::postgres::docker::ContainerFacts;
+use crate::postgres::render::PGAUDIT_SUPERUSER_CLASSES;
 use crate::postgres::tls::Endpoint;
-use crate::postgres::{GROUP_ROLES, SUPERUSER, describe_error};
+use crate::postgres::{AUDITOR_ROLE, GROUP_ROLES, SUPERUSER, describe_error};
 use crate::secrets::store::CredentialStore;
 
 /// What `measure` looks at.
@@ -81,6 +82,8 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     );
     checks.push(logging(&client).await);
     checks.push(auth_delay(&client).await);
+    checks.push(pgaudit(&client, config).await);
+    checks.push(superuser(&client, config).await);
     checks.push(public_privileges(&client).await);
     checks.push(encryption_at_rest(&client, inputs).await);
     checks.push(audit_chain(&client, inputs).await);
@@ -387,12 +390,25 @@ async fn client_certificates(client: &Client, config: &Config, tcp: bool) -> Che
                 && open.iter().all(|(_, _, options, _)| {
                     options.iter().any(|o| o == "clientcert=verify-full")
                 });
-            if all_verify {
+            let crl = show(client, "ssl_crl_file").await.unwrap_or_default();
+            if all_verify && crl.is_empty() {
+                Check::new(
+                    id,
+                    Weight::Major,
+                    Status::Warn,
+                    "client certificates required, but no revocation list is checked (ssl_crl_file)",
+                )
+                .recommend("restart keepd: its rendered configuration names the node's CRL")
+            } else if all_verify {
                 Check::new(
                     id,
                     Weight::Major,
                     Status::Pass,
-                    "client certificate required (verify-full) on every TCP rule",
+                    format!(
+                        "client certificate required (verify-full) on every TCP rule; keepd's live \
+                         {} h at most, revoked ones listed in {crl}",
+                        crate::pki::CLIENT_LIFETIME.as_secs() / 3600
+                    ),
                 )
             } else {
                 Check::new(
@@ -562,6 +578,190 @@ async fn auth_delay(client: &Client) -> Check {
             .recommend("load auth_delay with at least 100 ms (keepd's rendered configuration does)"),
         Err(_) => Check::new(id, Weight::Minor, Status::Warn, "auth_delay is not loaded: failed logins are answered at once")
             .recommend("add auth_delay to shared_preload_libraries (keepd's rendered configuration does; on an external server, its operator)"),
+    }
+}
+
+/// pgAudit loaded and configured as keepd renders it: every session's
+/// role and DDL statements, everything of other superuser sessions, object
+/// logging through `AUDITOR_ROLE`, no parameter values.
+async fn pgaudit(client: &Client, config: &Config) -> Check {
+    let id = "audit.pgaudit";
+    let managed = config.database.postgres.provider != Provider::External;
+    let major = show(client, "server_version_num")
+        .await
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or("N".to_string(), |v| (v / 10_000).to_string());
+    let missing = |value: String| {
+        match managed {
+        true => Check::new(id, Weight::Major, Status::Fail, value).recommend(format!(
+            "install pgAudit beside the server (Debian: postgresql-{major}-pgaudit; docker: an \
+             image that carries it) and restart keepd, which loads and configures it"
+        )),
+        false => Check::new(id, Weight::Major, Status::Warn, value).recommend(
+            "load pgAudit on the external server (shared_preload_libraries, pgaudit.log = 'role, ddl'); \
+             that is its operator's job",
+        ),
+    }
+    };
+    let preload = match show(client, "shared_preload_libraries").await {
+        Ok(v) => v,
+        Err(e) => return missing(e),
+    };
+    if !preload.split(',').any(|l| l.trim() == "pgaudit") {
+        return missing(
+            "pgAudit is not loaded: what a session does to data is not logged (CIS 3.2)".into(),
+        );
+    }
+    let mut unmet = Vec::new();
+    match show(client, "pgaudit.log").await {
+        Ok(classes) => {
+            let classes: Vec<String> = classes
+                .split(',')
+                .map(|c| c.trim().to_lowercase())
+                .collect();
+            let has = |c: &str| classes.iter().any(|x| x == c || x == "all");
+            if !(has("role") && has("ddl")) {
+                unmet.push(format!(
+                    "pgaudit.log = {} (wants role, ddl)",
+                    classes.join(",")
+                ));
+            }
+        }
+        Err(e) => unmet.push(e),
+    }
+    match show(client, "pgaudit.log_parameter").await {
+        Ok(v) if v == "off" => {}
+        Ok(v) => unmet.push(format!(
+            "pgaudit.log_parameter = {v} (parameters can hold secrets)"
+        )),
+        Err(e) => unmet.push(e),
+    }
+    let extension = client
+        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'pgaudit'", &[])
+        .await;
+    if !matches!(extension, Ok(Some(_))) {
+        unmet.push("extension pgaudit not created in database keepd".into());
+    }
+    if managed {
+        match show(client, "pgaudit.role").await {
+            Ok(v) if v == AUDITOR_ROLE => {}
+            Ok(v) => unmet.push(format!("pgaudit.role = {v:?} (wants {AUDITOR_ROLE})")),
+            Err(e) => unmet.push(e),
+        }
+        let superuser_setting = format!("pgaudit.log={PGAUDIT_SUPERUSER_CLASSES}");
+        let logged = client
+            .query_opt(
+                "SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole \
+                 WHERE r.rolname = $1 AND s.setdatabase = 0 AND $2 = ANY(s.setconfig)",
+                &[&SUPERUSER, &superuser_setting],
+            )
+            .await;
+        if !matches!(logged, Ok(Some(_))) {
+            unmet.push(format!("{SUPERUSER} lacks {superuser_setting}"));
+        }
+    }
+    if unmet.is_empty() {
+        Check::new(
+            id,
+            Weight::Major,
+            Status::Pass,
+            match managed {
+                true => {
+                    "pgAudit logs role and DDL statements, every statement of other superuser \
+                         sessions, audit-trail tampering and cluster-key reads; no parameters"
+                }
+                false => "pgAudit logs role and DDL statements; no parameters",
+            },
+        )
+    } else {
+        Check::new(id, Weight::Major, Status::Fail, unmet.join("; "))
+            .recommend("restart keepd: its rendered configuration and bootstrap set pgAudit up")
+    }
+}
+
+/// keepd's superuser (CIS 5.5): a connection limit, and reachable only
+/// over the socket or the provider's private channel with a client
+/// certificate (loopback for native, the internal network for docker).
+async fn superuser(client: &Client, config: &Config) -> Check {
+    let id = "roles.superuser";
+    let weight = Weight::Major;
+    if config.database.postgres.provider == Provider::External {
+        return Check::new(
+            id,
+            weight,
+            Status::NotApplicable,
+            "the external server's administrator and its limits are its operator's",
+        );
+    }
+    let limit = client
+        .query_one(
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+            &[&SUPERUSER],
+        )
+        .await
+        .map(|r| r.get::<_, i32>(0));
+    // Every rule that lets the superuser in over TCP.
+    let tcp = client
+        .query(
+            "SELECT coalesce(address, ''), coalesce(array_to_string(options, ','), '') \
+             FROM pg_hba_file_rules WHERE type <> 'local' AND auth_method <> 'reject' \
+               AND (user_name && ARRAY[$1::text, 'all'])",
+            &[&SUPERUSER],
+        )
+        .await;
+    let (limit, tcp) = match (limit, tcp) {
+        (Ok(limit), Ok(rows)) => (
+            limit,
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>(),
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            return Check::new(id, weight, Status::Fail, describe_error(&e));
+        }
+    };
+    let private = |address: &str| matches!(address, "127.0.0.1" | "::1" | "samenet");
+    let open: Vec<String> = tcp
+        .iter()
+        .filter(|(address, options)| {
+            !private(address) || !options.contains("clientcert=verify-full")
+        })
+        .map(|(address, options)| format!("{address} {options}").trim().to_string())
+        .collect();
+    let channel = match tcp.is_empty() {
+        true => "the Unix socket only".to_string(),
+        false => format!(
+            "{} with a client certificate only",
+            tcp.iter()
+                .map(|(a, _)| a.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    if limit < 0 {
+        Check::new(
+            id,
+            weight,
+            Status::Fail,
+            format!("{SUPERUSER} has no connection limit"),
+        )
+        .recommend("restart keepd: its bootstrap sets the limit")
+    } else if !open.is_empty() {
+        Check::new(id, weight, Status::Fail, format!("{SUPERUSER} can log in over TCP from {}", open.join("; ")))
+            .recommend("keep network.bind_address on loopback with client certificates required, or use the socket")
+    } else {
+        Check::new(
+            id,
+            weight,
+            Status::Pass,
+            format!(
+                "connection limit {limit} (stated: Postgres does not hold superusers to it), \
+                 reachable over {channel}"
+            ),
+        )
     }
 }
 

@@ -80,11 +80,16 @@ impl Check {
 
 /// The CIS PostgreSQL benchmark items keepd's checks measure, by check id:
 /// one table, so a check and its item cannot drift apart.
-const CIS_ITEMS: [(&str, &str); 4] = [
+const CIS_ITEMS: [(&str, &str); 9] = [
     ("logging.settings", "3.1"),
+    ("audit.pgaudit", "3.2"),
     ("privileges.public", "4.10"),
+    ("roles.superuser", "5.5"),
     ("auth.delay", "5.7"),
     ("hba.rules", "5.10"),
+    ("tls.minimum_version", "6.8"),
+    ("tls.client_certificates", "6.8"),
+    ("backup", "8.2"),
 ];
 
 fn cis_item(id: &str) -> Option<&'static str> {
