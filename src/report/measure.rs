@@ -519,48 +519,71 @@ async fn setting_is(
     }
 }
 
+/// CIS 3.1: what is logged, and where: connections, disconnections and
+/// replication commands with verbose errors, no statement text with data,
+/// to private files rotated daily (keepd deletes them after
+/// `database.postgres.log_retention`).
 async fn logging(client: &Client) -> Check {
     let id = "logging.settings";
-    let values = (
-        show(client, "log_connections").await,
-        show(client, "log_disconnections").await,
-        show(client, "log_statement").await,
-        show(client, "log_error_verbosity").await,
-        show(client, "log_replication_commands").await,
-    );
-    match values {
-        (Ok(c), Ok(d), Ok(s), Ok(v), Ok(r))
-            if c == "on" && d == "on" && s != "all" && v == "verbose" && r == "on" =>
-        {
-            Check::new(
-                id,
-                Weight::Minor,
-                Status::Pass,
-                format!(
-                    "connections, disconnections and replication commands logged, errors verbose, \
-                     log_statement = {s}"
-                ),
-            )
+    let mut values = Vec::new();
+    for name in [
+        "log_connections",
+        "log_disconnections",
+        "log_replication_commands",
+        "log_error_verbosity",
+        "log_statement",
+        "logging_collector",
+        "log_file_mode",
+        "log_rotation_age",
+    ] {
+        match show(client, name).await {
+            Ok(v) => values.push((name, v)),
+            Err(_) => {
+                return Check::new(
+                    id,
+                    Weight::Minor,
+                    Status::Warn,
+                    "logging settings not readable",
+                );
+            }
         }
-        (Ok(c), Ok(d), Ok(s), Ok(v), Ok(r)) => Check::new(
+    }
+    let wanted = |name: &str, value: &str| match name {
+        "log_connections"
+        | "log_disconnections"
+        | "log_replication_commands"
+        | "logging_collector" => value == "on",
+        "log_error_verbosity" => value == "verbose",
+        "log_statement" => value != "all",
+        "log_file_mode" => value == "0600",
+        // At most a day per file, so retention deletes by day.
+        "log_rotation_age" => matches!(value, "1d" | "1h" | "24h"),
+        _ => true,
+    };
+    let off: Vec<String> = values
+        .iter()
+        .filter(|(name, value)| !wanted(name, value))
+        .map(|(name, value)| format!("{name} = {value}"))
+        .collect();
+    let statement = values
+        .iter()
+        .find(|(name, _)| *name == "log_statement")
+        .map_or("", |(_, value)| value.as_str());
+    if off.is_empty() {
+        Check::new(
             id,
             Weight::Minor,
-            Status::Warn,
+            Status::Pass,
             format!(
-                "log_connections = {c}, log_disconnections = {d}, log_statement = {s}, \
-                 log_error_verbosity = {v}, log_replication_commands = {r}"
+                "connections, disconnections and replication commands logged, errors verbose, \
+                 log_statement = {statement}, daily files 0600"
             ),
         )
-        .recommend(
-            "log connections, disconnections and replication commands with verbose errors; avoid \
-             log_statement = all (statements carry data)",
-        ),
-        _ => Check::new(
-            id,
-            Weight::Minor,
-            Status::Warn,
-            "logging settings not readable",
-        ),
+    } else {
+        Check::new(id, Weight::Minor, Status::Warn, off.join(", ")).recommend(
+            "log connections, disconnections and replication commands with verbose errors to \
+             0600 files rotated daily; avoid log_statement = all (statements carry data)",
+        )
     }
 }
 
