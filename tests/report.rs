@@ -243,6 +243,27 @@ async fn cis_items_hold_from_outside_and_name_their_ids() {
         "a failed login was answered after {:?}",
         started.elapsed()
     );
+    // pg_hba admits keepd's own roles only (CIS 5.10): a login role made
+    // behind keepd's back is refused before its password is asked.
+    sql(
+        &node,
+        "CREATE ROLE intruder LOGIN PASSWORD 'intruder password'",
+    );
+    sql(&node, "GRANT CONNECT ON DATABASE keepd TO intruder");
+    let mut config = node.pg_config();
+    config.user("intruder").password("intruder password");
+    let refused = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        refused.code().map(|c| c.code()),
+        Some("28000"),
+        "{refused:?}"
+    );
+    sql(&node, "REVOKE CONNECT ON DATABASE keepd FROM intruder");
+    sql(&node, "DROP ROLE intruder");
     let (_, report) = report(&node);
     for (id, item) in [
         ("auth.delay", "5.7"),

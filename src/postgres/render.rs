@@ -436,16 +436,21 @@ fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<Strin
     Ok(out)
 }
 
+/// The users pg_hba admits to keepd's database besides the superuser: the
+/// members of a group role, which every login role keepd creates is (and
+/// no other role: a role created behind keepd's back is refused).
+const LOGIN_ROLES: &str = "+keepd_sync";
+
 fn pg_hba_conf(inputs: &RenderInputs) -> String {
     let mut out = String::from(HEADER);
     out.push_str("# TYPE   DATABASE  USER  ADDRESS      METHOD\n");
     if !inputs.topology.is_tcp() {
-        // The superuser administers every database; login roles reach
-        // keepd's database only.
+        // The superuser administers every database; keepd's login roles,
+        // and no other role, reach keepd's database only (CIS 5.10).
         let _ = writeln!(out, "local    all       {SUPERUSER}  scram-sha-256");
         let _ = writeln!(
             out,
-            "local    {DATABASE}     all              scram-sha-256"
+            "local    {DATABASE}     {LOGIN_ROLES}      scram-sha-256"
         );
         out.push_str("local    all       all                reject\n");
     } else {
@@ -460,14 +465,14 @@ fn pg_hba_conf(inputs: &RenderInputs) -> String {
             (_, std::net::IpAddr::V6(a)) => format!("{a}/128"),
         };
         // As in socket mode: the superuser administers every database,
-        // login roles reach keepd's only (CIS 5.10).
+        // keepd's login roles reach keepd's only (CIS 5.10).
         let _ = writeln!(
             out,
             "hostssl  all       {SUPERUSER}  {address}  scram-sha-256{client_cert}"
         );
         let _ = writeln!(
             out,
-            "hostssl  {DATABASE}     all   {address}  scram-sha-256{client_cert}"
+            "hostssl  {DATABASE}     {LOGIN_ROLES}  {address}  scram-sha-256{client_cert}"
         );
         out.push_str("local    all       all                reject\n");
     }
@@ -717,7 +722,7 @@ mod tests {
             allowing,
             [
                 &vec!["local", "all", "keepd_superuser", "scram-sha-256"],
-                &vec!["local", "keepd", "all", "scram-sha-256"]
+                &vec!["local", "keepd", "+keepd_sync", "scram-sha-256"]
             ]
         );
         assert!(rows.contains(&vec!["local", "all", "all", "reject"]));
@@ -742,7 +747,7 @@ mod tests {
                 &vec![
                     "hostssl",
                     DATABASE,
-                    "all",
+                    "+keepd_sync",
                     "127.0.0.1/32",
                     "scram-sha-256",
                     "clientcert=verify-full"
