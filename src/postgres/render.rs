@@ -321,11 +321,22 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     set("logging_collector", "on".into());
     set("log_destination", "'stderr'".into());
     set("log_directory", "'log'".into());
-    set("log_filename", "'postgresql-%Y-%m-%d.log'".into());
+    match provider {
+        // Inside the container's volume keepd deletes nothing: a file per
+        // weekday, overwritten a week later, keeps seven days.
+        Provider::Docker => {
+            set("log_filename", "'postgresql-%a.log'".into());
+            set("log_truncate_on_rotation", "on".into());
+        }
+        // keepd deletes files older than database.postgres.log_retention.
+        Provider::Native | Provider::External => {
+            set("log_filename", "'postgresql-%Y-%m-%d.log'".into());
+            set("log_truncate_on_rotation", "off".into());
+        }
+    }
     set("log_file_mode", "0600".into());
     set("log_rotation_age", "'1d'".into());
     set("log_rotation_size", "'100MB'".into());
-    set("log_truncate_on_rotation", "off".into());
     set("log_connections", "on".into());
     set("log_disconnections", "on".into());
     set("log_hostname", "off".into());
