@@ -5,7 +5,8 @@
 # (headless Chromium), pgBackRest (keepd's backups), pgAudit (loaded by
 # keepd beside its server), and for the HA test
 # etcd (Debian) and Patroni (PyPI, in its own virtualenv at
-# /opt/keepd-test/patroni).
+# /opt/keepd-test/patroni), and for the S3 repository test moto's S3 server
+# (PyPI, /opt/keepd-test/moto).
 set -euo pipefail
 
 have_postgres() {
@@ -25,18 +26,23 @@ pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
 pg_major=${pg_major:-15}
 compgen -G "/usr/lib/postgresql/$pg_major/lib/pgaudit.so" >/dev/null || missing+=("postgresql-$pg_major-pgaudit")
 dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
-patroni_venv=/opt/keepd-test/patroni
-patroni_version=4.1.5
-install_patroni() {
-  [[ -x $patroni_venv/bin/patroni ]] && return
-  echo "install-deps: installing Patroni $patroni_version into $patroni_venv" >&2
-  $sudo /usr/bin/python3 -m venv "$patroni_venv"
-  $sudo "$patroni_venv/bin/pip" install -q --disable-pip-version-check \
-    "patroni[etcd3,psycopg3]==$patroni_version" "psycopg[binary]"
+# PyPI tools, each in a virtualenv of its own under /opt/keepd-test:
+# Patroni for the HA test, moto's S3 server for the S3 repository test.
+install_venv() {
+  local venv=/opt/keepd-test/$1 program=$2
+  shift 2
+  [[ -x $venv/bin/$program ]] && return
+  echo "install-deps: installing $* into $venv" >&2
+  $sudo /usr/bin/python3 -m venv "$venv"
+  $sudo "$venv/bin/pip" install -q --disable-pip-version-check "$@"
+}
+install_python_tools() {
+  install_venv patroni patroni "patroni[etcd3,psycopg3]==4.1.5" "psycopg[binary]"
+  install_venv moto moto_server "moto[server]==5.2.5"
 }
 sudo=""
 if [[ ${#missing[@]} -eq 0 ]]; then
-  install_patroni
+  install_python_tools
   exit 0
 fi
 
@@ -63,4 +69,4 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_postgres || { echo "install-deps: postgresql installed but initdb/postgres not found" >&2; exit 1; }
-install_patroni
+install_python_tools

@@ -52,6 +52,15 @@ pub enum AdminError {
     Render(#[from] crate::postgres::render::RenderError),
     #[error(transparent)]
     Native(#[from] crate::postgres::native::NativeError),
+    #[error(transparent)]
+    Entropy(#[from] crate::secrets::values::EntropyError),
+    #[error("{0}")]
+    BadS3Key(&'static str),
+    #[error(
+        "no db.enc at {0}: a bucket holds no copy of it; put back the sealed db.enc kept with the \
+         identity's Shamir shares (it opens only with this identity), then restore again"
+    )]
+    NoS3Credentials(PathBuf),
     #[error(
         "interrupted: Postgres was stopped mid-replay; run `keepd restore` again, with the same \
          target"
@@ -264,6 +273,9 @@ pub async fn restore(
             eprintln!("keepd: db.enc taken from the backup repository");
         }
     }
+    if config.backup.s3.is_some() && !layout.credentials().exists() {
+        return Err(AdminError::NoS3Credentials(layout.credentials().to_owned()));
+    }
     let (identity, credentials) = unseal(config)?;
     let rendered =
         crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
@@ -293,7 +305,7 @@ pub async fn restore(
         config,
         crate::postgres::render::RenderInputs::of(config),
         pki.as_ref(),
-        credentials.backup_passphrase.clone(),
+        crate::backup::RepositoryEnv::of(&credentials),
     )?;
     // Its output until its logging starts (a bad setting, say) goes to
     // the operator's terminal.
@@ -418,10 +430,10 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
-    let backups =
-        config.backup.repository.as_ref().map(|_| {
-            crate::backup::PgBackRest::new(config, &credentials).map_err(|e| e.to_string())
-        });
+    let backups = config
+        .backup
+        .enabled()
+        .then(|| crate::backup::PgBackRest::new(config, &credentials).map_err(|e| e.to_string()));
     let checks = measure(&Inputs {
         backups: backups.as_ref().map(|b| b.as_ref().map_err(String::clone)),
         config,
@@ -569,4 +581,41 @@ pub fn psql(
         let _ = std::fs::remove_dir_all(dir);
     }
     status
+}
+
+/// Seals an S3 access key into db.enc for `backup.s3`, on a stopped node
+/// (the state lock says so). A node that never ran gets its identity and
+/// db.enc made here as its first start would make them.
+pub fn set_s3_credentials(
+    config: &Config,
+    key_id: &str,
+    secret: crate::secrets::values::SecretString,
+) -> Result<(), AdminError> {
+    if key_id.is_empty() || !key_id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(AdminError::BadS3Key(
+            "--key-id must be the access key's id: printable ASCII, no spaces",
+        ));
+    }
+    if secret.expose().is_empty() || !secret.expose().chars().all(|c| c.is_ascii_graphic()) {
+        return Err(AdminError::BadS3Key(
+            "the secret access key (one line on stdin) must be printable ASCII, no spaces",
+        ));
+    }
+    let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
+    let layout = Layout::of(config);
+    let (identity, _) = NodeIdentity::load_or_create(&layout.identity_key())?;
+    let store = CredentialStore::new(layout.credentials().to_owned());
+    let (mut credentials, method) = match store.load(&identity)? {
+        Some(found) => found,
+        None => (
+            Credentials::generate(config.credentials.password_length, crate::clock::unix_now())?,
+            config.credentials.encryption_method,
+        ),
+    };
+    credentials.s3 = Some(crate::secrets::store::S3Credentials {
+        key_id: crate::secrets::values::SecretString::new(key_id.to_string()),
+        secret,
+    });
+    store.save(&identity, method, &credentials)?;
+    Ok(())
 }

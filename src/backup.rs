@@ -3,8 +3,9 @@
 //! the repository's contents and its verification.
 //!
 //! pgBackRest always runs as Postgres's account, with an empty environment
-//! but for the repository passphrase and the superuser's password, both
-//! unsealed from db.enc: neither is ever in a file or on a command line.
+//! but for the repository passphrase, an S3 repository's access key and
+//! the superuser's password, all unsealed from db.enc: none is ever in a
+//! file or on a command line.
 //! The repository is encrypted (AES-256-CBC, pgBackRest's own), so without
 //! the node identity (or its Shamir shares) a stolen copy is useless.
 
@@ -21,14 +22,55 @@ use crate::secrets::values::SecretString;
 /// The variable pgBackRest reads the repository passphrase from.
 pub const PASSPHRASE_ENV: &str = "PGBACKREST_REPO1_CIPHER_PASS";
 
+/// What pgBackRest reads from its environment, unsealed from db.enc: the
+/// repository passphrase and, for an S3 repository, its access key. The
+/// postmaster gets it (for the archive command) and so does every
+/// pgBackRest keepd runs; Debug names the variables only.
+#[derive(Clone, Default)]
+pub struct RepositoryEnv(Vec<(&'static str, SecretString)>);
+
+impl std::fmt::Debug for RepositoryEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl RepositoryEnv {
+    pub fn of(credentials: &Credentials) -> RepositoryEnv {
+        let mut vars = Vec::new();
+        if let Some(passphrase) = &credentials.backup_passphrase {
+            vars.push((PASSPHRASE_ENV, passphrase.clone()));
+        }
+        if let Some(s3) = &credentials.s3 {
+            vars.push(("PGBACKREST_REPO1_S3_KEY", s3.key_id.clone()));
+            vars.push(("PGBACKREST_REPO1_S3_KEY_SECRET", s3.secret.clone()));
+        }
+        RepositoryEnv(vars)
+    }
+
+    pub fn apply(&self, command: &mut Command) {
+        for (name, value) in &self.0 {
+            command.env(name, value.expose());
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("backup.repository is not set: keepd takes no backups")]
+    #[error("neither backup.repository nor backup.s3 is set: keepd takes no backups")]
     NotConfigured,
     #[error(
-        "db.enc holds no repository passphrase yet: start keepd once with backup.repository set"
+        "db.enc holds no repository passphrase yet: start keepd once with backup.repository or \
+         backup.s3 set"
     )]
     NoPassphrase,
+    #[error(
+        "backup.s3 is set but db.enc holds no S3 access key: stop keepd, run `keepd backup \
+         s3-credentials --key-id ID` (the secret on stdin) and start it again"
+    )]
+    NoS3Key,
     #[error(transparent)]
     Account(#[from] NativeError),
     #[error(
@@ -123,7 +165,7 @@ impl std::fmt::Display for RestoreTarget {
 pub struct PgBackRest {
     conf: PathBuf,
     account: Option<PgAccount>,
-    passphrase: SecretString,
+    env: RepositoryEnv,
     superuser: SecretString,
 }
 
@@ -131,24 +173,28 @@ impl PgBackRest {
     /// With db.enc's repository passphrase, and the superuser's password
     /// pgBackRest logs in with to start and stop a backup.
     pub fn new(config: &Config, credentials: &Credentials) -> Result<PgBackRest, BackupError> {
-        if config.backup.repository.is_none() {
+        if !config.backup.enabled() {
             return Err(BackupError::NotConfigured);
         }
-        let passphrase = credentials.backup_passphrase.as_ref();
+        if credentials.backup_passphrase.is_none() {
+            return Err(BackupError::NoPassphrase);
+        }
+        if config.backup.s3.is_some() && credentials.s3.is_none() {
+            return Err(BackupError::NoS3Key);
+        }
         Ok(PgBackRest {
             conf: Layout::of(config).pgbackrest_conf(),
             account: PgAccount::resolve(&config.database.postgres.native.run_as)?,
-            passphrase: passphrase.ok_or(BackupError::NoPassphrase)?.clone(),
+            env: RepositoryEnv::of(credentials),
             superuser: credentials.superuser.clone(),
         })
     }
 
     fn command(&self, action: &str, extra: &[&str]) -> Command {
         let mut cmd = Command::new(PGBACKREST);
-        cmd.env_clear()
-            .env("LC_ALL", "C")
-            .env(PASSPHRASE_ENV, self.passphrase.expose())
-            .env("PGPASSWORD", self.superuser.expose())
+        cmd.env_clear().env("LC_ALL", "C");
+        self.env.apply(&mut cmd);
+        cmd.env("PGPASSWORD", self.superuser.expose())
             .current_dir("/")
             .arg(format!("--config={}", self.conf.display()))
             .arg(format!("--stanza={STANZA}"))

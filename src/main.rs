@@ -175,6 +175,13 @@ enum BackupCommand {
     /// Check every file of every backup and the WAL archive against the
     /// repository's checksums.
     Verify,
+    /// Seal the access key of backup.s3's bucket into db.enc (keepd
+    /// stopped); the secret access key is read from stdin, one line.
+    S3Credentials {
+        /// The access key's id.
+        #[arg(long, value_name = "ID")]
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -357,7 +364,7 @@ fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {
 
 fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
     use keepd::backup::BackupKind;
-    let pgbackrest = keepd::admin::backups(config)?;
+    let pgbackrest = || keepd::admin::backups(config);
     match command {
         BackupCommand::Now { full } => {
             let kind = if full {
@@ -365,13 +372,24 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
             } else {
                 BackupKind::Differential
             };
-            pgbackrest.backup(kind)?;
+            pgbackrest()?.backup(kind)?;
             println!("backup complete");
         }
-        BackupCommand::List { json } => print!("{}", pgbackrest.info(json)?),
+        BackupCommand::List { json } => print!("{}", pgbackrest()?.info(json)?),
         BackupCommand::Verify => {
-            print!("{}", pgbackrest.verify()?);
+            print!("{}", pgbackrest()?.verify()?);
             println!("backup repository verified");
+        }
+        BackupCommand::S3Credentials { key_id } => {
+            let mut line = zeroize::Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the secret access key from stdin")?;
+            let secret = keepd::secrets::values::SecretString::new(
+                line.trim_end_matches(['\n', '\r']).to_string(),
+            );
+            keepd::admin::set_s3_credentials(config, &key_id, secret)?;
+            println!("the S3 access key is sealed in db.enc; start keepd");
         }
     }
     Ok(())

@@ -397,3 +397,221 @@ async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
     });
     assert!(verified.is_some(), "{:?}", new.audit_verify());
 }
+
+/// An S3-compatible store on loopback: moto's S3 server (PyPI, in its own
+/// virtualenv from scripts/install-deps.sh) behind nginx for HTTPS, with a
+/// certificate for `localhost` that the node is given as its CA.
+struct S3Store {
+    moto: std::process::Child,
+    nginx: std::process::Child,
+    moto_port: u16,
+    port: u16,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const MOTO: &str = "/opt/keepd-test/moto/bin/moto_server";
+
+fn listening(port: u16, what: &str) {
+    let up = wait_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(up.is_some(), "{what} does not listen on {port}");
+}
+
+impl S3Store {
+    fn start(bucket: &str) -> S3Store {
+        assert!(
+            Path::new(MOTO).exists(),
+            "moto is not installed: run scripts/install-deps.sh"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let key = dir.path().join("server.key");
+        std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+        let moto_port = common::free_port();
+        let moto = std::process::Command::new(MOTO)
+            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto starts");
+        listening(moto_port, "moto");
+        let port = common::free_port();
+        let d = dir.path().display();
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root root;"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             server {{\n    listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate {ca};\n    ssl_certificate_key {key};\n\
+             client_max_body_size 0;\n    location / {{\n\
+             proxy_pass http://127.0.0.1:{moto_port};\n      proxy_set_header Host $http_host;\n\
+             proxy_request_buffering off;\n      proxy_http_version 1.1;\n    }}\n  }}\n}}\n",
+            ca = ca.display(),
+            key = key.display(),
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let nginx = std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        listening(port, "nginx");
+        let store = S3Store {
+            moto,
+            nginx,
+            moto_port,
+            port,
+            ca,
+            _dir: dir,
+        };
+        let (status, _) = store.request("PUT", &format!("/{bucket}"));
+        assert_eq!(status, 200, "bucket {bucket} created");
+        store
+    }
+
+    /// One plain request to moto itself: (status, body).
+    fn request(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.moto_port)).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\n\
+             Connection: close\r\n\r\n",
+            self.moto_port
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, answer)
+    }
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        common::kill(self.nginx.id() as i32, common::Signal::SIGTERM);
+        let _ = self.nginx.wait();
+        let _ = self.moto.kill();
+        let _ = self.moto.wait();
+    }
+}
+
+/// The repository in an S3 bucket (over HTTPS, the endpoint verified
+/// against the configured CA): the access key sealed in db.enc by
+/// `keepd backup s3-credentials`, WAL archived and backups taken there,
+/// verified, and a stopped node restored from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_bucket_holds_the_archive_and_a_node_restores_from_it() {
+    let store = S3Store::start("keepd-test");
+    let node = TestNode::with_extra(&format!(
+        "backup:\n  s3:\n    endpoint: localhost:{}\n    bucket: keepd-test\n    region: us-east-1\n    \
+         uri_style: path\n    ca_file: {}\n",
+        store.port,
+        store.ca.display()
+    ));
+    // Without the access key keepd says how to give it, before Postgres starts.
+    let mut refused = node.spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(!status.success());
+    assert!(
+        refused.log().contains("keepd backup s3-credentials"),
+        "{}",
+        refused.log()
+    );
+    assert!(common::postgres_pids(&node.data_dir()).is_empty());
+
+    let secret = "s3-secret-access-key-never-in-a-file";
+    let mut child = node
+        .command(&["backup", "s3-credentials", "--key-id", "keepd-test-key"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "{secret}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut daemon = node.start_healthy();
+    let (client, key) = account(&daemon, "s3@example.org").await;
+    push(&client, &key, &["s1", "s2"]).await;
+    first_backup(&node, &daemon);
+    let segment = node
+        .psql("superuser", "SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    let archived = wait_until(Duration::from_secs(30), || {
+        let row = node
+            .psql(
+                "superuser",
+                &format!(
+                    "SELECT last_archived_wal >= '{}' FROM pg_stat_archiver",
+                    segment.trim()
+                ),
+            )
+            .ok()?;
+        (row.trim() == "t").then_some(())
+    });
+    assert!(archived.is_some(), "{}", daemon.log());
+    let (code, text) = backup(&node, &["verify"]);
+    assert_eq!(code, 0, "{text}");
+    let (code, list) = backup(&node, &["list", "--json"]);
+    assert_eq!(code, 0, "{list}");
+    assert!(list.contains("\"type\":\"full\""), "{list}");
+    // The objects are in the bucket, under the configured path.
+    let (status, objects) = store.request("GET", "/keepd-test?prefix=keepd/");
+    assert_eq!(status, 200);
+    assert!(objects.contains("keepd/archive/keepd/"), "{objects}");
+    assert!(objects.contains("keepd/backup/keepd/"), "{objects}");
+    // The secret key is sealed: in no file keepd wrote.
+    for file in files_under(&node.state_dir()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(secret),
+            "{} holds the secret key",
+            file.display()
+        );
+    }
+
+    push(&client, &key, &["s3"]).await;
+    daemon.stop();
+    let (code, text) = node.run(&["restore", "--latest"]);
+    assert_eq!(code, 0, "{text}");
+    let daemon = node.start_healthy();
+    let mut again = SyncClient::new(daemon.addr());
+    again.set_token(client.token().map(str::to_string));
+    let labels: Vec<String> = pulled(&again, &key)
+        .await
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    assert_eq!(labels, ["s1", "s2", "s3"]);
+}

@@ -62,9 +62,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
-    /// pgBackRest's repository, a directory; unset: no backups and no WAL
-    /// archiving (the report says so).
+    /// pgBackRest's repository, a directory; unset (and no `s3`): no
+    /// backups and no WAL archiving (the report says so).
     pub repository: Option<PathBuf>,
+    /// The repository in an S3-compatible object store instead.
+    pub s3: Option<S3Config>,
     /// A full backup at least this often.
     pub full_interval: HumanDuration,
     /// A differential backup at least this often between full ones.
@@ -73,10 +75,71 @@ pub struct BackupConfig {
     pub retention_full: u32,
 }
 
+impl BackupConfig {
+    /// Whether keepd archives WAL and takes backups at all.
+    pub fn enabled(&self) -> bool {
+        self.repository.is_some() || self.s3.is_some()
+    }
+}
+
+/// An S3-compatible bucket as pgBackRest's repository, over HTTPS. The
+/// access key is sealed in db.enc (`keepd backup s3-credentials`), never
+/// in this file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Host name, with `:port` when not 443 (no scheme: always HTTPS).
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    /// Where in the bucket, an absolute path.
+    #[serde(default = "S3Config::default_path")]
+    pub path: String,
+    #[serde(default)]
+    pub uri_style: S3UriStyle,
+    /// CA certificates to verify the endpoint with; unset: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl S3Config {
+    fn default_path() -> String {
+        "/keepd".into()
+    }
+
+    /// The endpoint's host and port.
+    pub fn host_port(&self) -> (&str, u16) {
+        match self.endpoint.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().unwrap_or(443)),
+            None => (&self.endpoint, 443),
+        }
+    }
+}
+
+/// How the bucket is addressed: `bucket.endpoint` (host) or
+/// `endpoint/bucket` (path, for stores without virtual hosts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum S3UriStyle {
+    #[default]
+    Host,
+    Path,
+}
+
+impl S3UriStyle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            S3UriStyle::Host => "host",
+            S3UriStyle::Path => "path",
+        }
+    }
+}
+
 impl Default for BackupConfig {
     fn default() -> Self {
         Self {
             repository: None,
+            s3: None,
             full_interval: HumanDuration(Duration::from_secs(7 * 86_400)),
             diff_interval: HumanDuration(Duration::from_secs(86_400)),
             retention_full: 2,
@@ -906,6 +969,57 @@ mod tests {
         parse(text)
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn an_s3_repository_is_checked_field_by_field() {
+        let s3 = |fields: &str| {
+            format!(
+                "backup:\n  s3:\n    endpoint: s3.example.org\n    bucket: b\n    region: eu-1\n{fields}"
+            )
+        };
+        let ok = parse(&s3("    path: /keepd/node-a\n    uri_style: path\n")).unwrap();
+        assert!(ok.backup.enabled());
+        assert_eq!(
+            ok.backup.s3.as_ref().unwrap().host_port(),
+            ("s3.example.org", 443)
+        );
+        for (yaml, key, says) in [
+            (
+                "backup:\n  repository: /r\n  s3:\n    endpoint: e\n    bucket: b\n    region: r\n"
+                    .to_string(),
+                "backup.s3",
+                "not both",
+            ),
+            (
+                s3("").replace("s3.example.org", "https://s3.example.org"),
+                "backup.s3.endpoint",
+                "without a scheme",
+            ),
+            (
+                s3("").replace("s3.example.org", "s3.example.org:99999"),
+                "backup.s3.endpoint",
+                ":port",
+            ),
+            (
+                s3("").replace("bucket: b", "bucket: 'a b'"),
+                "backup.s3.bucket",
+                "bucket name",
+            ),
+            (
+                s3("    path: relative\n"),
+                "backup.s3.path",
+                "absolute path",
+            ),
+            (
+                s3("    uri_style: virtual\n"),
+                "backup.s3.uri_style",
+                "host",
+            ),
+        ] {
+            let msg = error(&yaml);
+            assert!(msg.contains(key) && msg.contains(says), "{yaml}: {msg}");
+        }
     }
 
     #[test]

@@ -261,15 +261,24 @@ pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(),
 }
 
 pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), Invalid> {
-    if backup.repository.is_none() {
-        return Ok(());
-    }
+    let key = match (&backup.repository, &backup.s3) {
+        (None, None) => return Ok(()),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "backup.s3",
+                "set".into(),
+                "one repository: backup.repository (a directory) or backup.s3, not both".into(),
+            ));
+        }
+        (Some(_), None) => "backup.repository",
+        (None, Some(_)) => "backup.s3",
+    };
     match provider {
         Provider::Native => {}
         Provider::External => {
             return Err(invalid(
-                "backup.repository",
-                format!("{:?}", backup.repository),
+                key,
+                "set".into(),
                 "unset with provider: external: backing up an external server is its cluster's \
                  job (pgBackRest or Barman beside Patroni, CloudNativePG's backups)"
                     .into(),
@@ -277,13 +286,16 @@ pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), In
         }
         Provider::Docker => {
             return Err(invalid(
-                "backup.repository",
-                format!("{:?}", backup.repository),
+                key,
+                "set".into(),
                 "unset with provider: docker (keepd archives and backs up the native \
                  provider's Postgres only, for now)"
                     .into(),
             ));
         }
+    }
+    if let Some(s3) = &backup.s3 {
+        s3_repository(s3)?;
     }
     if backup.retention_full == 0 {
         return Err(invalid(
@@ -309,6 +321,58 @@ pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), In
         if interval.get() < Duration::from_secs(60) {
             return Err(invalid(key, interval.to_string(), "at least 1m".into()));
         }
+    }
+    Ok(())
+}
+
+/// The S3 repository's names reach pgBackRest's configuration file
+/// unquoted: plain characters only.
+fn s3_repository(s3: &S3Config) -> Result<(), Invalid> {
+    let plain = |text: &str, extra: &str| {
+        !text.is_empty()
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+    };
+    if s3.endpoint.contains("://") {
+        return Err(invalid(
+            "backup.s3.endpoint",
+            s3.endpoint.clone(),
+            "a host name, with :port if not 443, without a scheme (always HTTPS)".into(),
+        ));
+    }
+    let (host, _) = s3.host_port();
+    let port_ok = match s3.endpoint.rsplit_once(':') {
+        Some((_, port)) => port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => true,
+    };
+    if !plain(host, ".-") || !port_ok {
+        return Err(invalid(
+            "backup.s3.endpoint",
+            s3.endpoint.clone(),
+            "a host name of letters, digits, dots and dashes, with an optional :port".into(),
+        ));
+    }
+    if !plain(&s3.bucket, ".-") {
+        return Err(invalid(
+            "backup.s3.bucket",
+            s3.bucket.clone(),
+            "a bucket name (letters, digits, dots and dashes)".into(),
+        ));
+    }
+    if !plain(&s3.region, "-") {
+        return Err(invalid(
+            "backup.s3.region",
+            s3.region.clone(),
+            "a region such as eu-central-1 (letters, digits and dashes)".into(),
+        ));
+    }
+    if !s3.path.starts_with('/') || !plain(&s3.path, "/._-") {
+        return Err(invalid(
+            "backup.s3.path",
+            s3.path.clone(),
+            "an absolute path in the bucket of letters, digits and / . _ -".into(),
+        ));
     }
     Ok(())
 }

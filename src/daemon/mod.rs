@@ -144,10 +144,13 @@ fn load_credentials(
     store: &CredentialStore,
 ) -> Result<Credentials, DaemonError> {
     let mut credentials = existing_or_new_credentials(config, layout, identity, store)?;
-    if config.backup.repository.is_some() && credentials.backup_passphrase.is_none() {
+    if config.backup.enabled() && credentials.backup_passphrase.is_none() {
         credentials.backup_passphrase = Some(crate::secrets::values::generate_password(64)?);
         store.save(identity, config.credentials.encryption_method, &credentials)?;
         info!(path = %store.path().display(), "generated and sealed the backup repository's passphrase");
+    }
+    if config.backup.s3.is_some() && credentials.s3.is_none() {
+        return Err(DaemonError::Backup(crate::backup::BackupError::NoS3Key));
     }
     Ok(credentials)
 }
@@ -271,7 +274,7 @@ impl Node {
             RenderInputs::of(&self.config),
             &self.node_id,
             verifier,
-            self.credentials.backup_passphrase.clone(),
+            crate::backup::RepositoryEnv::of(&self.credentials),
         )
         .await?;
         let password = &self.credentials.superuser;
@@ -386,21 +389,31 @@ impl Provisioned {
         let mut client = superuser.connect().await.map_err(DaemonError::Connect)?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
-        let backups = match &config.backup.repository {
-            Some(repository) => {
+        let backups = match config.backup.enabled() {
+            true => {
                 let backups = Arc::new(PgBackRest::new(config, credentials)?);
                 let stanza = backups.clone();
                 tokio::task::spawn_blocking(move || stanza.stanza_create()).await??;
-                let copy = crate::backup::credentials_copy(repository);
-                let sealed = std::fs::read(layout.credentials())
-                    .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
-                if let Err(source) = sealed {
-                    return Err(DaemonError::Directory { path: copy, source });
+                // A directory repository keeps a copy of db.enc (sealed)
+                // for a restore onto a fresh state directory; pgBackRest
+                // cannot put a file of keepd's into a bucket.
+                if let Some(repository) = &config.backup.repository {
+                    let copy = crate::backup::credentials_copy(repository);
+                    let sealed = std::fs::read(layout.credentials())
+                        .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
+                    if let Err(source) = sealed {
+                        return Err(DaemonError::Directory { path: copy, source });
+                    }
                 }
-                info!(repository = ?config.backup.repository, "backup repository ready; WAL is archived there");
+                let repository = match (&config.backup.repository, &config.backup.s3) {
+                    (Some(dir), _) => dir.display().to_string(),
+                    (None, Some(s3)) => format!("s3://{}{} at {}", s3.bucket, s3.path, s3.endpoint),
+                    (None, None) => String::new(),
+                };
+                info!(repository, "backup repository ready; WAL is archived there");
                 Some(backups)
             }
-            None => None,
+            false => None,
         };
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
@@ -772,7 +785,7 @@ impl BroughtUp {
         info!("shutting down");
         node.notifier.stopping();
         tasks.shutdown(stop).await;
-        if config.backup.repository.is_some() {
+        if config.backup.enabled() {
             // The last commits into the archive too, so a restore can
             // reach the moment of this stop.
             match crate::backup::archive_current_wal(&superuser).await {

@@ -22,6 +22,7 @@ use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, stop_ladder,
     superuser_verifier_statement,
 };
+use crate::backup::RepositoryEnv;
 use crate::config::{Config, Layout};
 use crate::fsutil;
 use crate::pki::NodePki;
@@ -335,7 +336,7 @@ pub struct NativeCluster {
     pub shutdown_timeout: Duration,
     /// pgBackRest's repository passphrase, for the archive command: in the
     /// postmaster's environment only (readable by its account and root).
-    archive_secret: Option<SecretString>,
+    archive_env: RepositoryEnv,
     pgbackrest_conf: PathBuf,
 }
 
@@ -347,9 +348,9 @@ impl NativeCluster {
         config: &Config,
         inputs: RenderInputs,
         pki: Option<&Arc<NodePki>>,
-        archive_secret: Option<SecretString>,
+        archive_env: RepositoryEnv,
     ) -> Result<(NativeCluster, RenderedConfig), NativeError> {
-        let cluster = NativeCluster::open(config, pki, archive_secret)?;
+        let cluster = NativeCluster::open(config, pki, archive_env)?;
         let pgaudit = cluster.binaries.has_library("pgaudit");
         if !pgaudit {
             warn!(bin_dir = %cluster.binaries.dir.display(), package = %format!("postgresql-{}-pgaudit", cluster.binaries.major_version), "pgAudit is not installed beside the server; Postgres runs without it (the security report's audit.pgaudit)");
@@ -369,7 +370,7 @@ impl NativeCluster {
         config: &Config,
         rendered: &RenderedConfig,
     ) -> Result<(), NativeError> {
-        let cluster = NativeCluster::open(config, None, None)?;
+        let cluster = NativeCluster::open(config, None, RepositoryEnv::default())?;
         cluster.ensure_owned_dir(&cluster.data_dir)?;
         cluster.install_pgbackrest_conf(rendered)
     }
@@ -390,7 +391,7 @@ impl NativeCluster {
     fn open(
         config: &Config,
         pki: Option<&Arc<NodePki>>,
-        archive_secret: Option<SecretString>,
+        archive_env: RepositoryEnv,
     ) -> Result<NativeCluster, NativeError> {
         let pg = &config.database.postgres;
         let data_dir = Layout::of(config).data_dir();
@@ -414,21 +415,23 @@ impl NativeCluster {
             port: config.network.port,
             start_timeout: pg.native.start_timeout.get(),
             shutdown_timeout: pg.native.shutdown_timeout.get(),
-            archive_secret,
+            archive_env,
             pgbackrest_conf: Layout::of(config).pgbackrest_conf(),
         };
         cluster.prepare_dirs(&config.node.state_dir, &config.node.runtime_dir)?;
-        if let Some(repository) = &config.backup.repository {
-            // Postgres's account writes both: it runs the archive command.
+        if config.backup.enabled() {
+            // Postgres's account writes these: it runs the archive command.
             let conf_dir = cluster
                 .pgbackrest_conf
                 .parent()
                 .expect("a file in a directory");
-            for dir in [
-                repository,
-                &Layout::of(config).pgbackrest_lock_dir(),
-                conf_dir,
-            ] {
+            let lock_dir = Layout::of(config).pgbackrest_lock_dir();
+            let dirs = [
+                Some(&lock_dir),
+                Some(&conf_dir.to_path_buf()),
+                config.backup.repository.as_ref(),
+            ];
+            for dir in dirs.into_iter().flatten() {
                 cluster.ensure_owned_dir(dir)?;
             }
         }
@@ -639,9 +642,7 @@ impl NativeCluster {
     pub fn postmaster_command(&self) -> Command {
         let mut cmd = self.command("postgres");
         cmd.arg("-D").arg(&self.data_dir).process_group(0);
-        if let Some(secret) = &self.archive_secret {
-            cmd.env(crate::backup::PASSPHRASE_ENV, secret.expose());
-        }
+        self.archive_env.apply(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{AUDITOR_ROLE, DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
-use crate::config::{Config, Layout, LogStatement, Provider, Topology};
+use crate::config::{Config, Layout, LogStatement, Provider, S3Config, Topology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -139,11 +139,18 @@ pub struct RenderInputs {
 /// What pgBackRest's configuration and Postgres's archive command need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupInputs {
-    pub repository: PathBuf,
+    pub repository: Repository,
     pub retention_full: u32,
     pub data_dir: PathBuf,
     pub conf: PathBuf,
     pub lock_dir: PathBuf,
+}
+
+/// Where pgBackRest keeps the backups and the WAL archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repository {
+    Directory(PathBuf),
+    S3(S3Config),
 }
 
 /// pgBackRest as Debian installs it (`postgresql.conf` names it whole:
@@ -173,10 +180,14 @@ impl RenderInputs {
             log_statement: config.database.postgres.log_statement,
             client_cert_required: security.require_client_cert
                 && !security.allow_client_cert_fallback,
-            backup: config.backup.repository.as_ref().map(|repository| {
+            backup: config.backup.enabled().then(|| {
                 let layout = Layout::of(config);
                 BackupInputs {
-                    repository: repository.clone(),
+                    repository: match (&config.backup.repository, &config.backup.s3) {
+                        (Some(dir), _) => Repository::Directory(dir.clone()),
+                        (None, Some(s3)) => Repository::S3(s3.clone()),
+                        (None, None) => unreachable!("enabled"),
+                    },
                     retention_full: config.backup.retention_full,
                     data_dir: layout.data_dir(),
                     conf: layout.pgbackrest_conf(),
@@ -417,11 +428,30 @@ fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<Strin
     let plain = plain_path;
     let mut out = String::from(HEADER);
     let _ = writeln!(out, "[global]");
-    let _ = writeln!(
-        out,
-        "repo1-path={}",
-        plain("backup.repository", &backup.repository)?
-    );
+    match &backup.repository {
+        Repository::Directory(dir) => {
+            let _ = writeln!(out, "repo1-path={}", plain("backup.repository", dir)?);
+        }
+        // Names checked plain by the configuration's validation; the key
+        // comes from the environment (db.enc), never this file.
+        Repository::S3(s3) => {
+            let (host, port) = s3.host_port();
+            let _ = writeln!(out, "repo1-type=s3");
+            let _ = writeln!(out, "repo1-path={}", s3.path);
+            let _ = writeln!(out, "repo1-s3-endpoint={host}");
+            let _ = writeln!(out, "repo1-storage-port={port}");
+            let _ = writeln!(out, "repo1-s3-bucket={}", s3.bucket);
+            let _ = writeln!(out, "repo1-s3-region={}", s3.region);
+            let _ = writeln!(out, "repo1-s3-uri-style={}", s3.uri_style.as_str());
+            if let Some(ca) = &s3.ca_file {
+                let _ = writeln!(
+                    out,
+                    "repo1-storage-ca-file={}",
+                    plain("backup.s3.ca_file", ca)?
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "repo1-cipher-type=aes-256-cbc");
     let _ = writeln!(out, "repo1-retention-full={}", backup.retention_full);
     let run = plain("node.runtime_dir", &backup.lock_dir)?;
@@ -843,6 +873,32 @@ mod tests {
                 script.name
             );
         }
+    }
+
+    #[test]
+    fn an_s3_repository_reaches_pgbackrest_without_its_key() {
+        let c = config(
+            "backup:\n  s3:\n    endpoint: localhost:9443\n    bucket: keepd-b\n    region: us-east-1\n    \
+             uri_style: path\n    ca_file: /etc/keepd/s3-ca.pem\n",
+        );
+        let conf = render(&RenderInputs::of(&c))
+            .unwrap()
+            .pgbackrest_conf
+            .unwrap();
+        for line in [
+            "repo1-type=s3",
+            "repo1-path=/keepd",
+            "repo1-s3-endpoint=localhost",
+            "repo1-storage-port=9443",
+            "repo1-s3-bucket=keepd-b",
+            "repo1-s3-region=us-east-1",
+            "repo1-s3-uri-style=path",
+            "repo1-storage-ca-file=/etc/keepd/s3-ca.pem",
+            "repo1-cipher-type=aes-256-cbc",
+        ] {
+            assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
+        }
+        assert!(!conf.contains("s3-key"), "no key in the file:\n{conf}");
     }
 
     #[test]

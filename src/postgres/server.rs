@@ -84,7 +84,7 @@ impl Server {
         inputs: RenderInputs,
         node_id: &str,
         verifier: ScramVerifier,
-        archive_secret: Option<SecretString>,
+        archive_env: crate::backup::RepositoryEnv,
     ) -> Result<Prepared, ProviderError> {
         // PostgreSQL is the one backend; another would start here.
         let Backend::Postgres = config.database.backend;
@@ -142,7 +142,7 @@ impl Server {
                     let (config, pki) = (config.clone(), pki.clone());
                     tokio::task::spawn_blocking(move || {
                         let (cluster, rendered) =
-                            NativeCluster::prepare(&config, inputs, pki.as_ref(), archive_secret)?;
+                            NativeCluster::prepare(&config, inputs, pki.as_ref(), archive_env)?;
                         cluster.clear_stale_pid()?;
                         cluster.set_superuser_verifier(&verifier)?;
                         Ok::<_, NativeError>((cluster, rendered))

@@ -104,7 +104,7 @@ async fn backups(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "backup";
     let pgbackrest = match &inputs.backups {
         None => return Check::new(id, Weight::Major, Status::NotApplicable, "no backup repository configured: no point-in-time recovery")
-            .recommend("set backup.repository (native provider); an external server is backed up by its cluster's tools"),
+            .recommend("set backup.repository or backup.s3 (native provider); an external server is backed up by its cluster's tools"),
         Some(Err(why)) => return Check::new(id, Weight::Major, Status::Fail, format!("backups are configured but cannot run: {why}")),
         Some(Ok(pgbackrest)) => *pgbackrest,
     };
@@ -119,7 +119,7 @@ async fn backups(client: &Client, inputs: &Inputs<'_>) -> Check {
     let archive_lag = match archiver {
         Ok(row) if row.get::<_, bool>(0) => {
             return Check::new(id, Weight::Major, Status::Fail, "WAL archiving is failing: commits since the last archived segment are on this disk only, and pg_wal grows")
-                .recommend(format!("make {} writable and reachable for Postgres's account; the Postgres log names the error", backup.repository.as_ref().map_or("the repository".into(), |p| p.display().to_string())));
+                .recommend(format!("make {} writable and reachable for Postgres's account; the Postgres log names the error", backup.repository.as_ref().map_or_else(|| backup.s3.as_ref().map_or("the repository".into(), |s3| format!("bucket {} at {}", s3.bucket, s3.endpoint)), |p| p.display().to_string())));
         }
         Ok(row) => row.get::<_, i64>(1),
         Err(e) => {

@@ -85,6 +85,16 @@ pub struct Credentials {
     /// configured (absent in files from before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_passphrase: Option<SecretString>,
+    /// The S3 repository's access key (`keepd backup s3-credentials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Credentials>,
+}
+
+/// An S3 access key pgBackRest signs its requests with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct S3Credentials {
+    pub key_id: SecretString,
+    pub secret: SecretString,
 }
 
 impl Credentials {
@@ -101,6 +111,7 @@ impl Credentials {
                 audited: false,
             }],
             backup_passphrase: None,
+            s3: None,
         })
     }
 
