@@ -64,10 +64,13 @@ copy() {
 }
 
 packages=("postgresql-$major" libpq5 dash coreutils tzdata)
-# pgAudit, as a production image should carry it (keepd loads it when found).
-if dpkg-query -W -f '${Status}' "postgresql-$major-pgaudit" 2>/dev/null | grep -q "ok installed"; then
-  packages+=("postgresql-$major-pgaudit")
-fi
+# pgAudit and pgBackRest, as a production image should carry them (keepd
+# loads pgAudit when found; backups run pgBackRest inside the container).
+for extra in "postgresql-$major-pgaudit" pgbackrest; do
+  if dpkg-query -W -f '${Status}' "$extra" 2>/dev/null | grep -q "ok installed"; then
+    packages+=("$extra")
+  fi
+done
 for pkg in "${packages[@]}"; do
   while IFS= read -r path; do
     if [[ -f "$path" || -L "$path" ]]; then
@@ -83,7 +86,7 @@ libraries() {
 }
 while IFS= read -r elf; do
   while IFS= read -r lib; do copy "$lib"; done < <(libraries "$elf")
-done < <(find "$root/usr/lib/postgresql" -type f \( -perm -u+x -o -name '*.so' \) | sed "s|^$root||")
+done < <(find "$root/usr/lib/postgresql" "$root/usr/bin" -type f \( -perm -u+x -o -name '*.so' \) | sed "s|^$root||")
 for tool in dash rm mv; do
   while IFS= read -r lib; do copy "$lib"; done < <(libraries "$(command -v "$tool")")
 done

@@ -56,6 +56,8 @@ pub enum AdminError {
     Entropy(#[from] crate::secrets::values::EntropyError),
     #[error("{0}")]
     BadS3Key(&'static str),
+    #[error("the container {0} is running: stop keepd (and the container) before a restore")]
+    ContainerRunning(String),
     #[error(
         "no db.enc at {0}: a bucket holds no copy of it; put back the sealed db.enc kept with the \
          identity's Shamir shares (it opens only with this identity), then restore again"
@@ -219,8 +221,12 @@ pub async fn invite(config: &Config, ttl: std::time::Duration) -> Result<String,
 /// pgBackRest for `keepd backup now|list|verify`, with the repository
 /// passphrase and the superuser's password unsealed from db.enc.
 pub fn backups(config: &Config) -> Result<crate::backup::PgBackRest, AdminError> {
-    let (_, credentials) = unseal(config)?;
-    Ok(crate::backup::PgBackRest::new(config, &credentials)?)
+    let (identity, credentials) = unseal(config)?;
+    Ok(crate::backup::PgBackRest::new(
+        config,
+        &credentials,
+        identity.node_id().as_str(),
+    )?)
 }
 
 /// What `keepd restore` did.
@@ -240,7 +246,6 @@ pub async fn restore(
     config: &Config,
     target: crate::backup::RestoreTarget,
 ) -> Result<Restored, AdminError> {
-    use crate::postgres::native::NativeCluster;
     let layout = Layout::of(config);
     let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
     // A fresh state directory (a disaster: only identity.key came back,
@@ -277,114 +282,188 @@ pub async fn restore(
         return Err(AdminError::NoS3Credentials(layout.credentials().to_owned()));
     }
     let (identity, credentials) = unseal(config)?;
-    let rendered =
-        crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
-    // Everything the replay needs is checked before the data directory is
-    // touched.
-    let pki = match Topology::of(config).issues_certificates() {
-        true => Some(std::sync::Arc::new(NodePki::load(
-            &config.node.state_dir,
-            identity.node_id().as_str(),
-        )?)),
-        false => None,
-    };
-    if !layout.data_dir().join("PG_VERSION").exists() {
-        NativeCluster::prepare_restore_target(config, &rendered)?;
-    }
-    let backups = crate::backup::PgBackRest::new(config, &credentials)?;
-    eprintln!("keepd: restoring the data directory from the backup repository");
-    let wanted = target.clone();
-    tokio::task::spawn_blocking(move || backups.restore(&wanted))
-        .await
-        .map_err(|e| AdminError::Io {
-            what: "run pgBackRest",
-            source: std::io::Error::other(e),
-        })??;
-    // Postgres replays on its own, installed as the daemon installs it.
-    let (cluster, _) = NativeCluster::prepare(
+    let backups =
+        crate::backup::PgBackRest::new(config, &credentials, identity.node_id().as_str())?;
+    let replay = Replay {
         config,
-        crate::postgres::render::RenderInputs::of(config),
-        pki.as_ref(),
-        crate::backup::RepositoryEnv::of(&credentials),
-    )?;
-    // Its output until its logging starts (a bad setting, say) goes to
-    // the operator's terminal.
-    let mut postmaster = cluster
-        .postmaster_command()
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .map_err(|source| AdminError::Io {
-            what: "start Postgres to replay the archive",
-            source,
-        })?;
-    let replayed = async {
-        eprintln!("keepd: replaying the WAL archive to {target}");
+        layout: &layout,
+        identity: &identity,
+        credentials: &credentials,
+        target: &target,
+    };
+    match config.database.postgres.provider {
+        Provider::Native => replay.native(&backups).await,
+        Provider::Docker => replay.docker(&backups).await,
+        // Validation refuses backups for an external server.
+        Provider::External => Err(crate::backup::BackupError::NotConfigured.into()),
+    }
+}
+
+/// A restore's replay: the data directory restored, Postgres run until it
+/// has replayed the archive to the target and promoted, the audit
+/// checkpoint moved to the restored head.
+struct Replay<'a> {
+    config: &'a Config,
+    layout: &'a Layout,
+    identity: &'a NodeIdentity,
+    credentials: &'a Credentials,
+    target: &'a crate::backup::RestoreTarget,
+}
+
+impl Replay<'_> {
+    async fn native(&self, backups: &crate::backup::PgBackRest) -> Result<Restored, AdminError> {
+        use crate::postgres::native::NativeCluster;
+        let (config, layout) = (self.config, self.layout);
+        let rendered =
+            crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
+        // Everything the replay needs is checked before the data directory
+        // is touched.
+        let pki = match Topology::of(config).issues_certificates() {
+            true => Some(std::sync::Arc::new(NodePki::load(
+                &config.node.state_dir,
+                self.identity.node_id().as_str(),
+            )?)),
+            false => None,
+        };
+        if !layout.data_dir().join("PG_VERSION").exists() {
+            NativeCluster::prepare_restore_target(config, &rendered)?;
+        }
+        eprintln!("keepd: restoring the data directory from the backup repository");
+        backups.restore(self.target).await?;
+        // Postgres replays on its own, installed as the daemon installs it.
+        let (cluster, _) = NativeCluster::prepare(
+            config,
+            crate::postgres::render::RenderInputs::of(config),
+            pki.as_ref(),
+            crate::backup::RepositoryEnv::of(self.credentials),
+        )?;
+        // Its output until its logging starts (a bad setting, say) goes to
+        // the operator's terminal.
+        let mut postmaster = cluster
+            .postmaster_command()
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(|source| AdminError::Io {
+                what: "start Postgres to replay the archive",
+                source,
+            })?;
         let signal = layout.data_dir().join("recovery.signal");
-        let mut waited = 0u64;
-        let mut interrupt = tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::interrupt(),
+        let endpoint = cluster.superuser_endpoint(&self.credentials.superuser, DATABASE);
+        let replayed = self
+            .wait_and_rebase(&endpoint, || {
+                if let Some(status) = postmaster.try_wait().ok().flatten() {
+                    return Err(AdminError::Replay {
+                        status: status.to_string(),
+                        log: layout.postgres_log_dir(),
+                    });
+                }
+                Ok(!signal.exists())
+            })
+            .await;
+        // A fast shutdown: the restored cluster is left consistent.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(postmaster.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = postmaster.wait();
+        replayed
+    }
+
+    /// The docker provider: the node's container prepared as the daemon
+    /// prepares it, pgBackRest's restore in a one-off container on the
+    /// volume, then the server container replays.
+    async fn docker(&self, backups: &crate::backup::PgBackRest) -> Result<Restored, AdminError> {
+        use crate::postgres::docker::DockerCluster;
+        let verifier = crate::secrets::values::ScramVerifier::of(&self.credentials.superuser);
+        let (cluster, _) = DockerCluster::prepare(
+            self.config,
+            crate::postgres::render::RenderInputs::of(self.config),
+            self.identity.node_id().as_str(),
+            &verifier,
+            backups.env().clone(),
         )
-        .map_err(|source| AdminError::Io {
-            what: "handle Ctrl-C",
-            source,
-        })?;
-        while signal.exists() {
-            if let Some(status) = postmaster.try_wait().ok().flatten() {
-                return Err(AdminError::Replay {
-                    status: status.to_string(),
-                    log: layout.postgres_log_dir(),
-                });
+        .await?;
+        if cluster.running().await? {
+            return Err(AdminError::ContainerRunning(
+                cluster.container_name().to_string(),
+            ));
+        }
+        eprintln!("keepd: restoring the data directory from the backup repository");
+        cluster
+            .run_one_off("pgBackRest restore", backups.restore_command(self.target))
+            .await?;
+        cluster.start().await?;
+        let endpoint = cluster.superuser_endpoint(&self.credentials.superuser, DATABASE);
+        let replayed = self.wait_and_rebase(&endpoint, || Ok(false)).await;
+        cluster.stop().await;
+        replayed
+    }
+
+    /// Waits until Postgres has replayed to the target and promoted
+    /// (`replayed` says so, or the server stops being in recovery), then
+    /// moves the audit checkpoint to the restored head, signed, and leaves
+    /// the note the daemon records at its next start.
+    async fn wait_and_rebase(
+        &self,
+        endpoint: &Endpoint,
+        mut replayed: impl FnMut() -> Result<bool, AdminError>,
+    ) -> Result<Restored, AdminError> {
+        eprintln!("keepd: replaying the WAL archive to {}", self.target);
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(
+                |source| AdminError::Io {
+                    what: "handle Ctrl-C",
+                    source,
+                },
+            )?;
+        let mut waited = 0u64;
+        let client = loop {
+            if replayed()? {
+                match endpoint.connect().await {
+                    Ok(client) => break client,
+                    Err(e) if waited > 300 => return Err(AdminError::Connect(e)),
+                    Err(_) => {}
+                }
+            } else if let Ok(client) = endpoint.connect().await {
+                // A server that answers and is out of recovery is done.
+                let recovering = client
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .map(|row| row.get::<_, bool>(0));
+                if let Ok(false) = recovering {
+                    break client;
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-                // Postgres is stopped below; `keepd restore` may be run
-                // again with the same target.
+                // Postgres is stopped by the caller; `keepd restore` may be
+                // run again with the same target.
                 _ = interrupt.recv() => return Err(AdminError::Interrupted),
             }
             waited += 1;
             if waited.is_multiple_of(50) {
                 eprintln!("keepd: still replaying ({} s)", waited / 5);
             }
-        }
-        let endpoint = cluster.superuser_endpoint(&credentials.superuser, DATABASE);
-        let mut attempts = 0;
-        let client = loop {
-            match endpoint.connect().await {
-                Ok(client) => break client,
-                Err(_) if attempts < 100 => {
-                    attempts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(AdminError::Connect(e)),
-            }
         };
         let (before, head) =
-            crate::audit::rebase_checkpoint(&client, &identity, &layout.audit_checkpoint()).await?;
+            crate::audit::rebase_checkpoint(&client, self.identity, &self.layout.audit_checkpoint())
+                .await?;
         let note = serde_json::json!({
-            "target": target.to_string(),
+            "target": self.target.to_string(),
             "restored_at_unix": crate::clock::unix_now(),
             "checkpoint_seq_before": before,
             "chain_seq_restored": head,
         });
-        fsutil::write_atomic(&layout.restore_note(), note.to_string().as_bytes(), None).map_err(
-            |source| AdminError::Io {
+        fsutil::write_atomic(&self.layout.restore_note(), note.to_string().as_bytes(), None)
+            .map_err(|source| AdminError::Io {
                 what: "record the restore for the audit trail",
                 source,
-            },
-        )?;
+            })?;
         Ok(Restored {
             checkpoint_before: before,
             chain_head: head,
         })
     }
-    .await;
-    // A fast shutdown: the restored cluster is left consistent.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(postmaster.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = postmaster.wait();
-    replayed
 }
 
 /// What `keepd cluster` does.
@@ -433,7 +512,10 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
     let backups = config
         .backup
         .enabled()
-        .then(|| crate::backup::PgBackRest::new(config, &credentials).map_err(|e| e.to_string()));
+        .then(|| {
+            crate::backup::PgBackRest::new(config, &credentials, identity.node_id().as_str())
+                .map_err(|e| e.to_string())
+        });
     let checks = measure(&Inputs {
         backups: backups.as_ref().map(|b| b.as_ref().map_err(String::clone)),
         config,

@@ -12,9 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::config::{Config, Layout};
+use crate::config::{Config, Provider};
 use crate::postgres::native::{NativeError, PgAccount};
-use crate::postgres::render::{PGBACKREST, STANZA};
+use crate::postgres::render::{BackupInputs, PGBACKREST, STANZA};
 use crate::postgres::tls::Endpoint;
 use crate::secrets::store::Credentials;
 use crate::secrets::values::SecretString;
@@ -50,6 +50,14 @@ impl RepositoryEnv {
         RepositoryEnv(vars)
     }
 
+    /// The variables as the Docker Engine takes them (`NAME=value`).
+    pub fn docker_env(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.expose()))
+            .collect()
+    }
+
     pub fn apply(&self, command: &mut Command) {
         for (name, value) in &self.0 {
             command.env(name, value.expose());
@@ -80,6 +88,8 @@ pub enum BackupError {
     BadTarget(String),
     #[error("cannot run {PGBACKREST}: {0} (Debian: apt install pgbackrest)")]
     Spawn(std::io::Error),
+    #[error("cannot run pgBackRest in the server container: {0}")]
+    Container(String),
     #[error("pgBackRest {action} failed: {message}")]
     Failed {
         action: &'static str,
@@ -152,6 +162,21 @@ impl RestoreTarget {
     }
 }
 
+impl RestoreTarget {
+    /// pgBackRest's restore options for this target.
+    fn options(&self) -> Vec<String> {
+        match self {
+            RestoreTarget::Latest => vec!["--delta".into()],
+            RestoreTarget::Time(time) => vec![
+                "--delta".into(),
+                "--type=time".into(),
+                format!("--target={time}"),
+                "--target-action=promote".into(),
+            ],
+        }
+    }
+}
+
 impl std::fmt::Display for RestoreTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -161,18 +186,31 @@ impl std::fmt::Display for RestoreTarget {
     }
 }
 
-/// pgBackRest for this node's cluster.
+/// pgBackRest for this node's cluster: on this host as Postgres's account
+/// (native), or inside the node's server container (docker).
 pub struct PgBackRest {
+    /// Its configuration, as the pgBackRest that runs sees the path.
     conf: PathBuf,
-    account: Option<PgAccount>,
+    runner: Runner,
     env: RepositoryEnv,
     superuser: SecretString,
 }
 
+enum Runner {
+    Local(Option<PgAccount>),
+    /// `docker exec` in this node's server container.
+    Container { node_id: String },
+}
+
 impl PgBackRest {
-    /// With db.enc's repository passphrase, and the superuser's password
-    /// pgBackRest logs in with to start and stop a backup.
-    pub fn new(config: &Config, credentials: &Credentials) -> Result<PgBackRest, BackupError> {
+    /// With db.enc's repository passphrase (and S3 key), and the
+    /// superuser's password pgBackRest logs in with to start and stop a
+    /// backup.
+    pub fn new(
+        config: &Config,
+        credentials: &Credentials,
+        node_id: &str,
+    ) -> Result<PgBackRest, BackupError> {
         if !config.backup.enabled() {
             return Err(BackupError::NotConfigured);
         }
@@ -182,111 +220,143 @@ impl PgBackRest {
         if config.backup.s3.is_some() && credentials.s3.is_none() {
             return Err(BackupError::NoS3Key);
         }
+        let runner = match config.database.postgres.provider {
+            Provider::Docker => Runner::Container {
+                node_id: node_id.to_string(),
+            },
+            Provider::Native | Provider::External => {
+                Runner::Local(PgAccount::resolve(&config.database.postgres.native.run_as)?)
+            }
+        };
         Ok(PgBackRest {
-            conf: Layout::of(config).pgbackrest_conf(),
-            account: PgAccount::resolve(&config.database.postgres.native.run_as)?,
+            conf: BackupInputs::of(config).conf,
+            runner,
             env: RepositoryEnv::of(credentials),
             superuser: credentials.superuser.clone(),
         })
     }
 
-    fn command(&self, action: &str, extra: &[&str]) -> Command {
+    fn args(&self, action: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            format!("--config={}", self.conf.display()),
+            format!("--stanza={STANZA}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(action.to_string());
+        args
+    }
+
+    fn local(&self, account: Option<&PgAccount>, action: &str, extra: &[&str]) -> Command {
         let mut cmd = Command::new(PGBACKREST);
         cmd.env_clear().env("LC_ALL", "C");
         self.env.apply(&mut cmd);
         cmd.env("PGPASSWORD", self.superuser.expose())
             .current_dir("/")
-            .arg(format!("--config={}", self.conf.display()))
-            .arg(format!("--stanza={STANZA}"))
-            .args(extra)
-            .arg(action)
+            .args(self.args(action, extra))
             .stdin(Stdio::null());
-        if let Some(account) = &self.account {
+        if let Some(account) = account {
             use std::os::unix::process::CommandExt;
             cmd.uid(account.uid.as_raw()).gid(account.gid.as_raw());
         }
         cmd
     }
 
-    fn run(&self, action: &'static str, extra: &[&str]) -> Result<String, BackupError> {
-        let out = self
-            .command(action, extra)
-            .output()
-            .map_err(BackupError::Spawn)?;
-        checked(action, out)
+    /// Runs `action`; its output, or an error with it. Dropping the
+    /// future kills a local pgBackRest (keepd stopping never waits for a
+    /// backup); one in a container ends with the container.
+    async fn run(&self, action: &'static str, extra: &[&str], echo: bool) -> Result<String, BackupError> {
+        match &self.runner {
+            Runner::Local(account) => {
+                let mut command = self.local(account.as_ref(), action, extra);
+                if echo {
+                    command.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+                }
+                let out = tokio::process::Command::from(command)
+                    .kill_on_drop(true)
+                    .output()
+                    .await
+                    .map_err(BackupError::Spawn)?;
+                checked(action, out)
+            }
+            Runner::Container { node_id } => {
+                let mut cmd = vec![PGBACKREST.to_string()];
+                cmd.extend(self.args(action, extra));
+                let mut env = self.env.docker_env();
+                env.push(format!("PGPASSWORD={}", self.superuser.expose()));
+                env.push("LC_ALL=C".into());
+                let (code, output) =
+                    crate::postgres::docker::exec_in_server(node_id, cmd, env, echo)
+                        .await
+                        .map_err(|e| BackupError::Container(e.to_string()))?;
+                match code {
+                    0 => Ok(output),
+                    code => Err(BackupError::Failed {
+                        action,
+                        message: format!("exited with {code}: {}", output.trim()),
+                    }),
+                }
+            }
+        }
     }
 
     /// Creates the stanza in the repository if it is not there (every
     /// start: cheap, and it checks the repository and the archive).
-    pub fn stanza_create(&self) -> Result<(), BackupError> {
-        self.run("stanza-create", &[]).map(drop)
+    pub async fn stanza_create(&self) -> Result<(), BackupError> {
+        self.run("stanza-create", &[], false).await.map(drop)
     }
 
-    /// Takes a backup for the schedule: pgBackRest is killed if the future
-    /// is dropped (keepd stopping), so a stop never waits for a backup.
+    /// Takes a backup for the schedule.
     pub async fn backup_in_background(&self, kind: BackupKind) -> Result<(), BackupError> {
         let kind = format!("--type={}", kind.name());
-        let mut command = tokio::process::Command::from(self.command("backup", &[&kind]));
-        let out = command
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(BackupError::Spawn)?;
-        checked("backup", out).map(drop)
+        self.run("backup", &[&kind], false).await.map(drop)
     }
 
     /// Takes a backup, printing pgBackRest's progress lines (the CLI).
-    pub fn backup(&self, kind: BackupKind) -> Result<(), BackupError> {
+    pub async fn backup(&self, kind: BackupKind) -> Result<(), BackupError> {
         let kind = format!("--type={}", kind.name());
-        let status = self
-            .command("backup", &[&kind, "--log-level-console=info"])
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .status()
-            .map_err(BackupError::Spawn)?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(BackupError::Failed {
-                action: "backup",
-                message: format!("exited with {status} (its output is above)"),
-            })
-        }
+        self.run("backup", &[&kind, "--log-level-console=info"], true)
+            .await
+            .map(drop)
     }
 
     /// The repository's backups and WAL archive, as pgBackRest reports
     /// them (`--output=json` for programs).
-    pub fn info(&self, json: bool) -> Result<String, BackupError> {
-        if json {
-            self.run("info", &["--output=json"])
-        } else {
-            self.run("info", &[])
+    pub async fn info(&self, json: bool) -> Result<String, BackupError> {
+        match json {
+            true => self.run("info", &["--output=json"], false).await,
+            false => self.run("info", &[], false).await,
         }
     }
 
-    /// Restores the data directory (in place, only what differs) from the
-    /// latest backup before the target, and sets Postgres up to replay the
-    /// archive to it and then promote. Postgres must be stopped.
-    pub fn restore(&self, target: &RestoreTarget) -> Result<(), BackupError> {
-        match target {
-            RestoreTarget::Latest => self.run("restore", &["--delta"]),
-            RestoreTarget::Time(time) => self.run(
-                "restore",
-                &[
-                    "--delta",
-                    "--type=time",
-                    &format!("--target={time}"),
-                    "--target-action=promote",
-                ],
-            ),
-        }
-        .map(drop)
+    /// A restore's command line (in place, only what differs, from the
+    /// latest backup before the target; Postgres then replays the archive
+    /// to it and promotes), for the docker provider's one-off container.
+    pub fn restore_command(&self, target: &RestoreTarget) -> Vec<String> {
+        let options = target.options();
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        let mut cmd = vec![PGBACKREST.to_string()];
+        cmd.extend(self.args("restore", &options));
+        cmd
+    }
+
+    /// Restores the data directory on this host (native; Postgres
+    /// stopped).
+    pub async fn restore(&self, target: &RestoreTarget) -> Result<(), BackupError> {
+        let options = target.options();
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        self.run("restore", &options, false).await.map(drop)
+    }
+
+    /// What pgBackRest reads from its environment, for a container that
+    /// runs it.
+    pub fn env(&self) -> &RepositoryEnv {
+        &self.env
     }
 
     /// Checks every file of every backup and the WAL archive against the
     /// checksums in the repository's manifests.
-    pub fn verify(&self) -> Result<String, BackupError> {
-        self.run("verify", &[])
+    pub async fn verify(&self) -> Result<String, BackupError> {
+        self.run("verify", &[], false).await
     }
 }
 

@@ -372,12 +372,14 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
             } else {
                 BackupKind::Differential
             };
-            pgbackrest()?.backup(kind)?;
+            runtime()?.block_on(pgbackrest()?.backup(kind))?;
             println!("backup complete");
         }
-        BackupCommand::List { json } => print!("{}", pgbackrest()?.info(json)?),
+        BackupCommand::List { json } => {
+            print!("{}", runtime()?.block_on(pgbackrest()?.info(json))?)
+        }
         BackupCommand::Verify => {
-            print!("{}", pgbackrest()?.verify()?);
+            print!("{}", runtime()?.block_on(pgbackrest()?.verify())?);
             println!("backup repository verified");
         }
         BackupCommand::S3Credentials { key_id } => {

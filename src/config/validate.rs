@@ -273,26 +273,14 @@ pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), In
         (Some(_), None) => "backup.repository",
         (None, Some(_)) => "backup.s3",
     };
-    match provider {
-        Provider::Native => {}
-        Provider::External => {
-            return Err(invalid(
-                key,
-                "set".into(),
-                "unset with provider: external: backing up an external server is its cluster's \
-                 job (pgBackRest or Barman beside Patroni, CloudNativePG's backups)"
-                    .into(),
-            ));
-        }
-        Provider::Docker => {
-            return Err(invalid(
-                key,
-                "set".into(),
-                "unset with provider: docker (keepd archives and backs up the native \
-                 provider's Postgres only, for now)"
-                    .into(),
-            ));
-        }
+    if provider == Provider::External {
+        return Err(invalid(
+            key,
+            "set".into(),
+            "unset with provider: external: backing up an external server is its cluster's \
+             job (pgBackRest or Barman beside Patroni, CloudNativePG's backups)"
+                .into(),
+        ));
     }
     if let Some(s3) = &backup.s3 {
         s3_repository(s3)?;

@@ -93,14 +93,9 @@ impl BackupSchedule {
     }
 
     async fn status(&self) -> Option<BackupStatus> {
-        let pgbackrest = self.pgbackrest.clone();
-        let info = tokio::task::spawn_blocking(move || pgbackrest.info(true)).await;
-        match info.map(|r| r.and_then(|json| BackupStatus::from_info(&json))) {
-            Ok(Ok(status)) => Some(status),
-            Ok(Err(e)) => {
-                warn!(error = %e, "backup: cannot read the repository");
-                None
-            }
+        let info = self.pgbackrest.info(true).await;
+        match info.and_then(|json| BackupStatus::from_info(&json)) {
+            Ok(status) => Some(status),
             Err(e) => {
                 warn!(error = %e, "backup: cannot read the repository");
                 None

@@ -391,9 +391,8 @@ impl Provisioned {
         info!(applied = ?applied, "schema up to date");
         let backups = match config.backup.enabled() {
             true => {
-                let backups = Arc::new(PgBackRest::new(config, credentials)?);
-                let stanza = backups.clone();
-                tokio::task::spawn_blocking(move || stanza.stanza_create()).await??;
+                let backups = Arc::new(PgBackRest::new(config, credentials, &self.node.node_id)?);
+                backups.stanza_create().await?;
                 // A directory repository keeps a copy of db.enc (sealed)
                 // for a restore onto a fresh state directory; pgBackRest
                 // cannot put a file of keepd's into a bucket.

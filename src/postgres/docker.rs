@@ -39,7 +39,9 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::render::{RenderError, RenderInputs, RenderedConfig};
+use super::render::container::REPOSITORY;
+use super::render::{PGBACKREST, PGBACKREST_CONF, RenderError, RenderInputs, RenderedConfig};
+use crate::backup::RepositoryEnv;
 use super::tls::{Endpoint, Tls};
 use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, superuser_verifier_statement,
@@ -49,12 +51,11 @@ use crate::fsutil;
 use crate::pki::NodePki;
 use crate::secrets::values::{ScramVerifier, SecretString};
 
-/// Where things live inside the container (the official image's layout).
+/// Where things live inside the container (the official image's layout;
+/// what the rendered files name is `render::container`).
 const DATA_MOUNT: &str = "/var/lib/postgresql/data";
-const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
-const CONF_MOUNT: &str = "/etc/keepd";
-const SOCKET_MOUNT: &str = "/var/run/postgresql";
 const TLS_MOUNT: &str = "/etc/keepd-tls";
+use super::render::container::{CONF as CONF_MOUNT, PGDATA, SOCKET as SOCKET_MOUNT};
 
 const LABEL_MANAGED: &str = "io.keepd.managed";
 const LABEL_NODE: &str = "io.keepd.node-id";
@@ -64,6 +65,17 @@ const LABEL_CONFIG: &str = "io.keepd.config-hash";
 pub enum DockerError {
     #[error(transparent)]
     Render(#[from] RenderError),
+    #[error(
+        "backups are configured but the image {image} has no /usr/bin/pgbackrest: use an image \
+         with pgBackRest installed (FROM postgres, apt-get install pgbackrest), or unset backup.*"
+    )]
+    NoPgBackRest { image: String },
+    #[error("pgBackRest in container {container} exited with {code}: {output}")]
+    Exec {
+        container: String,
+        code: i64,
+        output: String,
+    },
     #[error(
         "cannot reach the Docker engine ({reason}); is dockerd running, and may keepd use its \
          socket (DOCKER_HOST or /var/run/docker.sock)?"
@@ -205,6 +217,16 @@ struct Engine {
     memory_bytes: i64,
     pids_limit: i64,
     fingerprint: String,
+    /// Backups: the host directory of a directory repository, an S3 CA
+    /// file, and what pgBackRest reads from its environment.
+    backup: Option<BackupMounts>,
+}
+
+/// What the containers of a node with backups mount and are given.
+struct BackupMounts {
+    repository: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    env: RepositoryEnv,
 }
 
 /// The node's Postgres container, built only once its user and (in TCP
@@ -452,7 +474,16 @@ impl Engine {
                 .map_err(api("look for pgaudit in the image"))?
                 .is_some();
         }
-        Ok(ImageFacts { user, pgaudit })
+        let pgbackrest = self
+            .download(probe, PGBACKREST)
+            .await
+            .map_err(api("look for pgBackRest in the image"))?
+            .is_some();
+        Ok(ImageFacts {
+            user,
+            pgaudit,
+            pgbackrest,
+        })
     }
 
     /// One file of a container's filesystem, None when it is absent.
@@ -489,11 +520,26 @@ impl Engine {
         };
         // The files hold no secret; the container's user must read them.
         fsutil::ensure_dir_mode(&self.conf_dir, 0o755).map_err(io(&self.conf_dir))?;
-        for (name, text) in rendered.server_files() {
+        let pgbackrest = rendered
+            .pgbackrest_conf
+            .as_deref()
+            .map(|conf| (PGBACKREST_CONF, conf));
+        for (name, text) in rendered.server_files().into_iter().chain(pgbackrest) {
             let path = self.conf_dir.join(name);
             fsutil::write_atomic(&path, text.as_bytes(), None).map_err(io(&path))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
                 .map_err(io(&path))?;
+        }
+        let repository = self.backup.as_ref().and_then(|b| b.repository.as_ref());
+        if let Some(repository) = repository {
+            // The container's user writes the archive and the backups.
+            fsutil::ensure_private_dir(repository).map_err(io(repository))?;
+            nix::unistd::chown(
+                repository,
+                Some(nix::unistd::Uid::from_raw(user.uid)),
+                Some(nix::unistd::Gid::from_raw(user.gid)),
+            )
+            .map_err(|e| io(repository)(e.into()))?;
         }
         fsutil::ensure_private_dir(&self.socket_dir).map_err(io(&self.socket_dir))?;
         nix::unistd::chown(
@@ -513,6 +559,14 @@ impl Engine {
             format!("{}:{SOCKET_MOUNT}:rw", self.socket_dir.display()),
             format!("{}:{DATA_MOUNT}:rw", self.names.volume),
         ];
+        if let Some(backup) = &self.backup {
+            if let Some(repository) = &backup.repository {
+                binds.push(format!("{}:{REPOSITORY}:rw", repository.display()));
+            }
+            if let Some(ca) = &backup.ca_file {
+                binds.push(format!("{}:{}:ro", ca.display(), ca.display()));
+            }
+        }
         let network = match network {
             Some(net) => {
                 binds.push(format!("{}:{TLS_MOUNT}:ro", net.tls_dir.display()));
@@ -558,13 +612,19 @@ impl Engine {
                 (user.to_string(), network)
             }
         };
+        let mut env = vec![format!("PGDATA={PGDATA}"), "LC_ALL=C".into()];
+        // The archive command (server) and a restore (one-off) read the
+        // repository's passphrase and key from their environment.
+        if let (Role::Server(..) | Role::OneOff(_), Some(backup)) = (&role, &self.backup) {
+            env.extend(backup.env.docker_env());
+        }
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             user: Some(user),
             // The official image's entrypoint would re-run its own setup.
             entrypoint: Some(vec![]),
             cmd: Some(cmd),
-            env: Some(vec![format!("PGDATA={PGDATA}"), "LC_ALL=C".into()]),
+            env: Some(env),
             labels: Some(labels),
             open_stdin: Some(stdin),
             stdin_once: Some(stdin),
@@ -632,6 +692,7 @@ impl DockerCluster {
         inputs: RenderInputs,
         node_id: &str,
         verifier: &ScramVerifier,
+        archive_env: RepositoryEnv,
     ) -> Result<(DockerCluster, RenderedConfig), DockerError> {
         let settings = &config.database.postgres.docker;
         let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
@@ -652,10 +713,24 @@ impl DockerCluster {
             memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
             pids_limit: i64::from(settings.pids_limit),
             fingerprint: String::new(),
+            backup: config.backup.enabled().then(|| BackupMounts {
+                repository: config.backup.repository.clone(),
+                ca_file: config.backup.s3.as_ref().and_then(|s3| s3.ca_file.clone()),
+                env: archive_env,
+            }),
         };
         engine.ensure_image().await?;
         engine.ensure_volume().await?;
-        let ImageFacts { user, pgaudit } = engine.probe_image().await?;
+        let ImageFacts {
+            user,
+            pgaudit,
+            pgbackrest,
+        } = engine.probe_image().await?;
+        if engine.backup.is_some() && !pgbackrest {
+            return Err(DockerError::NoPgBackRest {
+                image: engine.image.clone(),
+            });
+        }
         if !pgaudit {
             warn!(image = %engine.image, "docker: the image carries no pgAudit; Postgres runs without it (the security report's audit.pgaudit)");
         }
@@ -800,6 +875,16 @@ impl DockerCluster {
         Ok(output)
     }
 
+    /// Runs `cmd` in a one-off container on the data volume (with the
+    /// backup repository and its environment when backups are on).
+    pub async fn run_one_off(
+        &self,
+        what: &'static str,
+        cmd: Vec<String>,
+    ) -> Result<String, DockerError> {
+        self.one_off(what, cmd, None).await
+    }
+
     /// initdb on the volume when it holds no cluster yet, into a scratch
     /// directory renamed into place, so a crash leaves no half cluster.
     async fn initdb(&self) -> Result<(), DockerError> {
@@ -846,7 +931,7 @@ impl DockerCluster {
         Ok(())
     }
 
-    async fn running(&self) -> Result<bool, DockerError> {
+    pub async fn running(&self) -> Result<bool, DockerError> {
         match self.inspect().await {
             Ok(found) => Ok(found.state.and_then(|s| s.running).unwrap_or(false)),
             Err(e) if not_found(&e) => Ok(false),
@@ -1029,6 +1114,54 @@ fn install_tls(dir: &Path, pki: &NodePki, user: ContainerUser) -> Result<(), Doc
     .map_err(|e| io(dir)(e.into()))
 }
 
+/// Runs `cmd` with `env` in node `node_id`'s running server container
+/// (`docker exec`, as the container's user): its exit code and output,
+/// each piece also printed as it comes when `echo` (a long backup's
+/// progress).
+pub async fn exec_in_server(
+    node_id: &str,
+    cmd: Vec<String>,
+    env: Vec<String>,
+    echo: bool,
+) -> Result<(i64, String), DockerError> {
+    let docker = Docker::connect_with_local_defaults().map_err(|e| DockerError::Engine {
+        reason: e.to_string(),
+    })?;
+    let container = DockerNames::for_node(node_id).container;
+    let config = bollard::models::ExecConfig {
+        cmd: Some(cmd),
+        env: Some(env),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    let created = docker
+        .create_exec(&container, config)
+        .await
+        .map_err(api("create an exec in the server container (is keepd running?)"))?;
+    let mut output = String::new();
+    if let bollard::exec::StartExecResults::Attached { output: mut stream, .. } = docker
+        .start_exec(&created.id, None)
+        .await
+        .map_err(api("start an exec"))?
+    {
+        while let Some(Ok(chunk)) = stream.next().await {
+            let text = chunk.to_string();
+            if echo {
+                print!("{text}");
+            }
+            output.push_str(&text);
+        }
+    }
+    let code = docker
+        .inspect_exec(&created.id)
+        .await
+        .map_err(api("inspect an exec"))?
+        .exit_code
+        .unwrap_or(-1);
+    Ok((code, output))
+}
+
 /// The security-relevant settings of node `node_id`'s container, from the
 /// engine (for `keepd report`).
 pub async fn container_facts(node_id: &str) -> Result<ContainerFacts, DockerError> {
@@ -1092,6 +1225,7 @@ fn server_lib_dir(path: &str) -> Option<String> {
 struct ImageFacts {
     user: ContainerUser,
     pgaudit: bool,
+    pgbackrest: bool,
 }
 
 /// The UID and GID of `postgres` in a passwd file.

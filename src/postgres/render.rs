@@ -106,7 +106,7 @@ impl RenderedConfig {
 /// Where Postgres puts its Unix socket for this configuration.
 pub fn socket_dir(config: &Config) -> PathBuf {
     match config.database.postgres.provider {
-        Provider::Docker => PathBuf::from("/var/run/postgresql"),
+        Provider::Docker => PathBuf::from(container::SOCKET),
         Provider::Native | Provider::External => Layout::of(config).socket_dir(),
     }
 }
@@ -146,11 +146,73 @@ pub struct BackupInputs {
     pub lock_dir: PathBuf,
 }
 
+impl BackupInputs {
+    /// The paths as pgBackRest sees them: the host's for native, the
+    /// container's for docker (a directory repository mounted at
+    /// `container::REPOSITORY`, an S3 CA file at its own path).
+    pub fn of(config: &Config) -> BackupInputs {
+        let s3 = config.backup.s3.clone().map(Repository::S3);
+        let retention_full = config.backup.retention_full;
+        match config.database.postgres.provider {
+            Provider::Docker => BackupInputs {
+                repository: config
+                    .backup
+                    .repository
+                    .as_ref()
+                    .map(|_| Repository::Directory(container::REPOSITORY.into()))
+                    .or(s3)
+                    .expect("backups enabled"),
+                retention_full,
+                data_dir: container::PGDATA.into(),
+                conf: Path::new(container::CONF).join(PGBACKREST_CONF),
+                lock_dir: container::PGBACKREST_RUN.into(),
+            },
+            Provider::Native | Provider::External => {
+                let layout = Layout::of(config);
+                BackupInputs {
+                    repository: config
+                        .backup
+                        .repository
+                        .clone()
+                        .map(Repository::Directory)
+                        .or(s3)
+                        .expect("backups enabled"),
+                    retention_full,
+                    data_dir: layout.data_dir(),
+                    conf: layout.pgbackrest_conf(),
+                    lock_dir: layout.pgbackrest_lock_dir(),
+                }
+            }
+        }
+    }
+}
+
+/// The file name of pgBackRest's configuration.
+pub const PGBACKREST_CONF: &str = "pgbackrest.conf";
+
 /// Where pgBackRest keeps the backups and the WAL archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repository {
     Directory(PathBuf),
     S3(S3Config),
+}
+
+/// The docker provider's layout inside the container, which the rendered
+/// files name (the provider mounts what they point at).
+pub mod container {
+    /// The data directory, on the node's volume.
+    pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
+    /// The rendered files, a read-only bind mount.
+    pub const CONF: &str = "/etc/keepd";
+    /// The socket directory, a bind mount shared with keepd.
+    pub const SOCKET: &str = "/var/run/postgresql";
+    /// A directory repository (`backup.repository`), a read-write bind mount.
+    pub const REPOSITORY: &str = "/var/lib/keepd-backup";
+    /// pgBackRest's lock and spool directory, on the container's tmpfs.
+    pub const PGBACKREST_RUN: &str = "/tmp/pgbackrest";
+    /// TCP mode's socket for pgBackRest alone, on the tmpfs (keepd itself
+    /// reaches the server over TLS).
+    pub const BACKUP_SOCKET: &str = "/tmp";
 }
 
 /// pgBackRest as Debian installs it (`postgresql.conf` names it whole:
@@ -180,20 +242,7 @@ impl RenderInputs {
             log_statement: config.database.postgres.log_statement,
             client_cert_required: security.require_client_cert
                 && !security.allow_client_cert_fallback,
-            backup: config.backup.enabled().then(|| {
-                let layout = Layout::of(config);
-                BackupInputs {
-                    repository: match (&config.backup.repository, &config.backup.s3) {
-                        (Some(dir), _) => Repository::Directory(dir.clone()),
-                        (None, Some(s3)) => Repository::S3(s3.clone()),
-                        (None, None) => unreachable!("enabled"),
-                    },
-                    retention_full: config.backup.retention_full,
-                    data_dir: layout.data_dir(),
-                    conf: layout.pgbackrest_conf(),
-                    lock_dir: layout.pgbackrest_lock_dir(),
-                }
-            }),
+            backup: config.backup.enabled().then(|| BackupInputs::of(config)),
             pgaudit: true,
         }
     }
@@ -299,7 +348,10 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
             (_, addr) => addr.to_string(),
         };
         set("listen_addresses", quote("network.bind_address", &bind)?);
-        set("unix_socket_directories", "''".into());
+        match backup_socket(inputs) {
+            Some(dir) => set("unix_socket_directories", format!("'{dir}'")),
+            None => set("unix_socket_directories", "''".into()),
+        }
     }
     set("port", inputs.port.to_string());
     set("max_connections", inputs.max_connections.to_string());
@@ -466,11 +518,11 @@ fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<Strin
         "pg1-path={}",
         plain("node.state_dir", &backup.data_dir)?
     );
-    let _ = writeln!(
-        out,
-        "pg1-socket-path={}",
-        plain("node.runtime_dir", &inputs.socket_dir)?
-    );
+    let socket = match backup_socket(inputs) {
+        Some(dir) => dir,
+        None => plain("node.runtime_dir", &inputs.socket_dir)?,
+    };
+    let _ = writeln!(out, "pg1-socket-path={socket}");
     let _ = writeln!(out, "pg1-port={}", inputs.port);
     let _ = writeln!(out, "pg1-user={SUPERUSER}");
     let _ = writeln!(out, "pg1-database={DATABASE}");
@@ -481,6 +533,15 @@ fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<Strin
 /// members of a group role, which every login role keepd creates is (and
 /// no other role: a role created behind keepd's back is refused).
 const LOGIN_ROLES: &str = "+keepd_sync";
+
+/// A container reached over TCP keeps a socket on its tmpfs for the
+/// pgBackRest that runs inside it (backups on).
+fn backup_socket(inputs: &RenderInputs) -> Option<&'static str> {
+    (inputs.topology.provider == Provider::Docker
+        && inputs.topology.is_tcp()
+        && inputs.backup.is_some())
+    .then_some(container::BACKUP_SOCKET)
+}
 
 fn pg_hba_conf(inputs: &RenderInputs) -> String {
     let mut out = String::from(HEADER);
@@ -515,6 +576,10 @@ fn pg_hba_conf(inputs: &RenderInputs) -> String {
             out,
             "hostssl  {DATABASE}     {LOGIN_ROLES}  {address}  scram-sha-256{client_cert}"
         );
+        if backup_socket(inputs).is_some() {
+            // pgBackRest inside the container, on its socket there.
+            let _ = writeln!(out, "local    all       {SUPERUSER}  scram-sha-256");
+        }
         out.push_str("local    all       all                reject\n");
     }
     out.push_str("# Everything else is rejected, TLS or not.\n");

@@ -133,6 +133,7 @@ async fn backups(client: &Client, inputs: &Inputs<'_>) -> Check {
     };
     let info = pgbackrest
         .info(true)
+        .await
         .and_then(|json| BackupStatus::from_info(&json));
     let now = crate::clock::unix_now();
     let allowed = backup.diff_interval.get().as_secs() + 3600;
