@@ -409,13 +409,13 @@ impl Replay<'_> {
         mut replayed: impl FnMut() -> Result<bool, AdminError>,
     ) -> Result<Restored, AdminError> {
         eprintln!("keepd: replaying the WAL archive to {}", self.target);
-        let mut interrupt =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(
-                |source| AdminError::Io {
-                    what: "handle Ctrl-C",
-                    source,
-                },
-            )?;
+        let mut interrupt = tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::interrupt(),
+        )
+        .map_err(|source| AdminError::Io {
+            what: "handle Ctrl-C",
+            source,
+        })?;
         let mut waited = 0u64;
         let client = loop {
             if replayed()? {
@@ -445,20 +445,27 @@ impl Replay<'_> {
                 eprintln!("keepd: still replaying ({} s)", waited / 5);
             }
         };
-        let (before, head) =
-            crate::audit::rebase_checkpoint(&client, self.identity, &self.layout.audit_checkpoint())
-                .await?;
+        let (before, head) = crate::audit::rebase_checkpoint(
+            &client,
+            self.identity,
+            &self.layout.audit_checkpoint(),
+        )
+        .await?;
         let note = serde_json::json!({
             "target": self.target.to_string(),
             "restored_at_unix": crate::clock::unix_now(),
             "checkpoint_seq_before": before,
             "chain_seq_restored": head,
         });
-        fsutil::write_atomic(&self.layout.restore_note(), note.to_string().as_bytes(), None)
-            .map_err(|source| AdminError::Io {
-                what: "record the restore for the audit trail",
-                source,
-            })?;
+        fsutil::write_atomic(
+            &self.layout.restore_note(),
+            note.to_string().as_bytes(),
+            None,
+        )
+        .map_err(|source| AdminError::Io {
+            what: "record the restore for the audit trail",
+            source,
+        })?;
         Ok(Restored {
             checkpoint_before: before,
             chain_head: head,
@@ -509,13 +516,10 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())
         .flatten();
-    let backups = config
-        .backup
-        .enabled()
-        .then(|| {
-            crate::backup::PgBackRest::new(config, &credentials, identity.node_id().as_str())
-                .map_err(|e| e.to_string())
-        });
+    let backups = config.backup.enabled().then(|| {
+        crate::backup::PgBackRest::new(config, &credentials, identity.node_id().as_str())
+            .map_err(|e| e.to_string())
+    });
     let checks = measure(&Inputs {
         backups: backups.as_ref().map(|b| b.as_ref().map_err(String::clone)),
         config,

@@ -199,7 +199,9 @@ pub struct PgBackRest {
 enum Runner {
     Local(Option<PgAccount>),
     /// `docker exec` in this node's server container.
-    Container { node_id: String },
+    Container {
+        node_id: String,
+    },
 }
 
 impl PgBackRest {
@@ -264,7 +266,12 @@ impl PgBackRest {
     /// Runs `action`; its output, or an error with it. Dropping the
     /// future kills a local pgBackRest (keepd stopping never waits for a
     /// backup); one in a container ends with the container.
-    async fn run(&self, action: &'static str, extra: &[&str], echo: bool) -> Result<String, BackupError> {
+    async fn run(
+        &self,
+        action: &'static str,
+        extra: &[&str],
+        echo: bool,
+    ) -> Result<String, BackupError> {
         match &self.runner {
             Runner::Local(account) => {
                 let mut command = self.local(account.as_ref(), action, extra);

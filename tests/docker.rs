@@ -296,7 +296,18 @@ async fn internal_network_mode_serves_over_tls_only() {
     if !engine_ready() {
         return;
     }
-    let node = docker_node_with("network:\n  use_unix_socket: false\n");
+    // With backups: pgBackRest inside reaches the server over a socket on
+    // the container's tmpfs, which the host never sees.
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        repo.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let node = docker_node_with(&format!(
+        "network:\n  use_unix_socket: false\nbackup:\n  repository: {}\n",
+        repo.path().join("repo").display()
+    ));
     let daemon = node.start();
     let mut cleanup = Cleanup(None);
     let node_id = healthy(&daemon);
@@ -400,4 +411,97 @@ fn an_absent_image_that_cannot_be_pulled_names_the_setting() {
         "{log}"
     );
     assert!(log.contains("docker: image absent, pulling it"), "{log}");
+}
+
+/// Backups on the docker provider: WAL archived and backups taken by the
+/// pgBackRest inside the container (the image carries it) into a
+/// repository bind-mounted from the host; a stopped node restored to a
+/// moment through a one-off container, then the server container's
+/// replay; the audit trail names the restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_run_in_the_container_and_a_stopped_node_restores_to_a_moment() {
+    if !engine_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let repository = dir.path().join("repo");
+    let node = docker_node_with(&format!(
+        "backup:\n  repository: {}\n",
+        repository.display()
+    ));
+    let mut daemon = node.start();
+    let mut cleanup = Cleanup(None);
+    cleanup.0 = Some(healthy(&daemon));
+    let mut client = SyncClient::new(daemon.addr());
+    client
+        .register("dockerbackup@example.org", PASSWORD)
+        .await
+        .unwrap();
+    client
+        .login("dockerbackup@example.org", PASSWORD)
+        .await
+        .unwrap();
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    client
+        .push("v", &key, &common::labelled(&["a1", "a2"]), None)
+        .await
+        .unwrap();
+    let first = common::wait_until(Duration::from_secs(90), || {
+        (node.report_check("backup")["status"] == "pass").then_some(())
+    });
+    assert!(first.is_some(), "{}", daemon.log());
+    let (code, list) = node.run(&["backup", "list", "--json"]);
+    assert_eq!(code, 0, "{list}");
+    assert!(list.contains("\"type\":\"full\""), "{list}");
+    let (code, text) = node.run(&["backup", "verify"]);
+    assert_eq!(code, 0, "{text}");
+    // The archive is on the host, written by the container's user.
+    assert!(repository.join("archive/keepd").is_dir());
+
+    std::thread::sleep(Duration::from_millis(1200));
+    let moment = node
+        .psql(
+            "superuser",
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1200));
+    client
+        .push("v", &key, &common::labelled(&["b1"]), None)
+        .await
+        .unwrap();
+    let token = client.token().unwrap().to_string();
+    stop(&mut daemon);
+
+    let (code, text) = node.run(&["restore", "--to", &moment]);
+    assert_eq!(code, 0, "{text}");
+    let daemon = node.start();
+    healthy(&daemon);
+    let mut again = SyncClient::new(daemon.addr());
+    again.set_token(Some(token));
+    let page = again.pull("v", 0, 100).await.unwrap();
+    let labels: Vec<String> = page
+        .logs
+        .iter()
+        .map(|e| {
+            String::from_utf8(key.decrypt_entry(&e.encrypted_data, &e.nonce).unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        ["a1", "a2"],
+        "exactly what was acknowledged up to {moment}"
+    );
+    let verified = common::wait_until(Duration::from_secs(20), || {
+        let (code, text) = node.audit_verify();
+        (code == 0 && text.contains("restored from a backup")).then_some(text)
+    });
+    assert!(verified.is_some(), "{}", node.audit_verify().1);
 }

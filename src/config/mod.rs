@@ -58,7 +58,8 @@ pub struct Config {
     pub backup: BackupConfig,
 }
 
-/// Continuous archiving and backups with pgBackRest (native provider).
+/// Continuous archiving and backups with pgBackRest (native and docker
+/// providers; a bucket for native only).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {

@@ -283,6 +283,16 @@ pub(super) fn backup(backup: &BackupConfig, provider: Provider) -> Result<(), In
         ));
     }
     if let Some(s3) = &backup.s3 {
+        if provider == Provider::Docker {
+            return Err(invalid(
+                "backup.s3",
+                "set".into(),
+                "unset with provider: docker: its container has no route out (no network, or an \
+                 internal one), so no bucket is reachable; use backup.repository (a directory, \
+                 which may be a mounted remote filesystem)"
+                    .into(),
+            ));
+        }
         s3_repository(s3)?;
     }
     if backup.retention_full == 0 {

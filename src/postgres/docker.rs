@@ -41,11 +41,11 @@ use tracing::{info, warn};
 
 use super::render::container::REPOSITORY;
 use super::render::{PGBACKREST, PGBACKREST_CONF, RenderError, RenderInputs, RenderedConfig};
-use crate::backup::RepositoryEnv;
 use super::tls::{Endpoint, Tls};
 use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, superuser_verifier_statement,
 };
+use crate::backup::RepositoryEnv;
 use crate::config::{Config, Layout, Topology};
 use crate::fsutil;
 use crate::pki::NodePki;
@@ -217,15 +217,16 @@ struct Engine {
     memory_bytes: i64,
     pids_limit: i64,
     fingerprint: String,
-    /// Backups: the host directory of a directory repository, an S3 CA
-    /// file, and what pgBackRest reads from its environment.
+    /// Backups: the repository's host directory, and what pgBackRest
+    /// reads from its environment.
     backup: Option<BackupMounts>,
 }
 
-/// What the containers of a node with backups mount and are given.
+/// What the containers of a node with backups mount and are given (a
+/// directory repository: validation refuses a bucket, which a container
+/// without a route out could not reach).
 struct BackupMounts {
-    repository: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
+    repository: PathBuf,
     env: RepositoryEnv,
 }
 
@@ -530,8 +531,7 @@ impl Engine {
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
                 .map_err(io(&path))?;
         }
-        let repository = self.backup.as_ref().and_then(|b| b.repository.as_ref());
-        if let Some(repository) = repository {
+        if let Some(BackupMounts { repository, .. }) = &self.backup {
             // The container's user writes the archive and the backups.
             fsutil::ensure_private_dir(repository).map_err(io(repository))?;
             nix::unistd::chown(
@@ -560,12 +560,7 @@ impl Engine {
             format!("{}:{DATA_MOUNT}:rw", self.names.volume),
         ];
         if let Some(backup) = &self.backup {
-            if let Some(repository) = &backup.repository {
-                binds.push(format!("{}:{REPOSITORY}:rw", repository.display()));
-            }
-            if let Some(ca) = &backup.ca_file {
-                binds.push(format!("{}:{}:ro", ca.display(), ca.display()));
-            }
+            binds.push(format!("{}:{REPOSITORY}:rw", backup.repository.display()));
         }
         let network = match network {
             Some(net) => {
@@ -713,11 +708,14 @@ impl DockerCluster {
             memory_bytes: i64::from(settings.memory_mb) * 1024 * 1024,
             pids_limit: i64::from(settings.pids_limit),
             fingerprint: String::new(),
-            backup: config.backup.enabled().then(|| BackupMounts {
-                repository: config.backup.repository.clone(),
-                ca_file: config.backup.s3.as_ref().and_then(|s3| s3.ca_file.clone()),
-                env: archive_env,
-            }),
+            backup: config
+                .backup
+                .repository
+                .clone()
+                .map(|repository| BackupMounts {
+                    repository,
+                    env: archive_env,
+                }),
         };
         engine.ensure_image().await?;
         engine.ensure_volume().await?;
@@ -1135,12 +1133,13 @@ pub async fn exec_in_server(
         attach_stderr: Some(true),
         ..Default::default()
     };
-    let created = docker
-        .create_exec(&container, config)
-        .await
-        .map_err(api("create an exec in the server container (is keepd running?)"))?;
+    let created = docker.create_exec(&container, config).await.map_err(api(
+        "create an exec in the server container (is keepd running?)",
+    ))?;
     let mut output = String::new();
-    if let bollard::exec::StartExecResults::Attached { output: mut stream, .. } = docker
+    if let bollard::exec::StartExecResults::Attached {
+        output: mut stream, ..
+    } = docker
         .start_exec(&created.id, None)
         .await
         .map_err(api("start an exec"))?

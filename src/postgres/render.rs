@@ -148,8 +148,8 @@ pub struct BackupInputs {
 
 impl BackupInputs {
     /// The paths as pgBackRest sees them: the host's for native, the
-    /// container's for docker (a directory repository mounted at
-    /// `container::REPOSITORY`, an S3 CA file at its own path).
+    /// container's for docker (the repository mounted at
+    /// `container::REPOSITORY`).
     pub fn of(config: &Config) -> BackupInputs {
         let s3 = config.backup.s3.clone().map(Repository::S3);
         let retention_full = config.backup.retention_full;

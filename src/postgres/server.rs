@@ -113,8 +113,7 @@ impl Server {
                 // The container's certificate names its address on the
                 // internal network, so docker issues it once it knows that.
                 let (cluster, rendered) =
-                    DockerCluster::prepare(config, inputs, node_id, &verifier, archive_env)
-                        .await?;
+                    DockerCluster::prepare(config, inputs, node_id, &verifier, archive_env).await?;
                 let pki = cluster.pki();
                 Ok(Prepared {
                     rendered,
