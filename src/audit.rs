@@ -103,6 +103,10 @@ pub enum AuditAction {
     PasswordChange,
     AccountErase,
     VaultKeyStore,
+    /// A vault key re-wrapped (the same key under a new password).
+    VaultKeyRewrap,
+    /// A vault erased with its key and entries.
+    VaultDelete,
     SyncPush,
     DeviceAdd,
     DeviceRevoke,
@@ -126,6 +130,8 @@ impl AuditAction {
             AuditAction::PasswordChange => "PASSWORD_CHANGE",
             AuditAction::AccountErase => "ACCOUNT_ERASE",
             AuditAction::VaultKeyStore => "VAULT_KEY_STORE",
+            AuditAction::VaultKeyRewrap => "VAULT_KEY_REWRAP",
+            AuditAction::VaultDelete => "VAULT_DELETE",
             AuditAction::SyncPush => "SYNC_PUSH",
             AuditAction::DeviceAdd => "DEVICE_ADD",
             AuditAction::DeviceRevoke => "DEVICE_REVOKE",
@@ -146,7 +152,8 @@ impl AuditAction {
             | AuditAction::PasswordChange
             | AuditAction::AccountErase => "keepd.users",
             AuditAction::Login | AuditAction::Logout => "keepd.sessions",
-            AuditAction::VaultKeyStore => "keepd.vault_keys",
+            AuditAction::VaultKeyStore | AuditAction::VaultKeyRewrap => "keepd.vault_keys",
+            AuditAction::VaultDelete => "keepd.vaults",
             AuditAction::SyncPush => "keepd.sync_logs",
             AuditAction::DeviceAdd | AuditAction::DeviceRevoke => "keepd.devices",
             AuditAction::BackupCreate => "keepd.backups",

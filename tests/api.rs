@@ -1638,3 +1638,163 @@ async fn concurrent_pulls_of_a_large_vault_stay_within_a_memory_bound() {
         "memory held after the pulls: {before} -> {after} MiB"
     );
 }
+
+/// Vault management (GET /sync/vaults paged, PATCH of a vault key guarded
+/// by its version, DELETE of one vault giving its bytes back), wrong-key
+/// protection through keyCheck, the HaexHub shapes without keyCheck still
+/// accepted, and a first sync of 10,000 entries with the defaults.
+#[tokio::test(flavor = "multi_thread")]
+async fn vaults_are_listed_rekeyed_and_erased_and_a_wrong_key_stores_nothing() {
+    let (node, daemon) = api_node("");
+    let (client, _) = user(&daemon).await;
+    let k1 = client.create_vault("v1", PASSWORD).await.unwrap();
+    let k2 = client.create_vault("v2", PASSWORD).await.unwrap();
+    client.create_vault("v3", PASSWORD).await.unwrap();
+    client
+        .push("v1", &k1, &entries(3, "a"), None)
+        .await
+        .unwrap();
+
+    // Listed in vaultId order, two at a time.
+    let first = client.vaults(2, None).await.unwrap();
+    let ids = |page: &Value| -> Vec<String> {
+        page["vaults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["vaultId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&first), ["v1", "v2"]);
+    assert_eq!(first["nextCursor"], "v2");
+    let v1 = &first["vaults"][0];
+    assert_eq!(
+        (v1["entryCount"].as_i64(), v1["lastSequence"].as_i64()),
+        (Some(3), Some(3))
+    );
+    let bytes = v1["bytes"].as_u64().unwrap();
+    assert!(bytes > 0);
+    let second = client.vaults(2, Some("v2")).await.unwrap();
+    assert_eq!(ids(&second), ["v3"]);
+    assert!(second["nextCursor"].is_null());
+    let (status, _) = raw(&client, Method::GET, "/sync/vaults?limit=0", "").await;
+    assert_eq!(status, 400);
+
+    // The wrong key: refused, nothing stored.
+    let wrong = client
+        .push("v1", &k2, &entries(1, "x"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (wrong.status(), wrong.code()),
+        (Some(409), Some("wrong_vault_key")),
+        "{wrong}"
+    );
+    assert_eq!(client.pull("v1", 0, 100).await.unwrap().logs.len(), 3);
+    // HaexHub's shapes, without keyCheck, work as before.
+    let (data, nonce) = k1.encrypt_entry(b"plain client").unwrap();
+    let body = serde_json::json!({"vaultId": "v1", "logs": [{"encryptedData": data, "nonce": nonce, "haexTimestamp": "t"}]});
+    let pushed = raw(&client, Method::POST, "/sync/push", &body.to_string()).await;
+    assert_eq!(pushed.0, 200, "{pushed:?}");
+
+    // Re-wrapped under a new password, version by version.
+    let record = raw(&client, Method::GET, "/sync/vault-key/v1", "").await;
+    assert_eq!(record.1["vaultKey"]["version"], 1);
+    assert_eq!(record.1["vaultKey"]["keyCheck"], k1.key_check().as_str());
+    let done = client
+        .rewrap_vault("v1", &k1, "a new password", 1)
+        .await
+        .unwrap();
+    assert_eq!(done["version"], 2);
+    let stale = client
+        .rewrap_vault("v1", &k1, "another", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (stale.status(), stale.code()),
+        (Some(409), Some("stale_vault_key")),
+        "{stale}"
+    );
+    let reopened = client.open_vault("v1", "a new password").await.unwrap();
+    let page = client.pull("v1", 0, 100).await.unwrap();
+    let first_entry = reopened
+        .decrypt_entry(&page.logs[0].encrypted_data, &page.logs[0].nonce)
+        .unwrap();
+    assert_eq!(first_entry, b"a-0");
+    assert!(
+        client.open_vault("v1", PASSWORD).await.is_err(),
+        "the old password no longer opens it"
+    );
+
+    // Erased: its bytes back in the quota, its key and entries gone, audited.
+    let before = client.account().await.unwrap();
+    let erased = client.delete_vault("v1").await.unwrap();
+    assert_eq!(erased["entryCount"], 4);
+    let after = client.account().await.unwrap();
+    assert_eq!(
+        usage(&before).0 - usage(&after).0,
+        erased["bytes"].as_u64().unwrap()
+    );
+    assert_eq!(usage(&before).1 - 1, usage(&after).1, "one vault fewer");
+    assert!(erased["bytes"].as_u64().unwrap() >= bytes);
+    let gone = raw(&client, Method::GET, "/sync/vault-key/v1", "").await;
+    assert_eq!((gone.0, code(&gone)), (404, "vault_not_found"));
+    let again = raw(&client, Method::DELETE, "/sync/vault/v1", "").await;
+    assert_eq!((again.0, code(&again)), (404, "vault_not_found"));
+    assert_eq!(ids(&client.vaults(10, None).await.unwrap()), ["v2", "v3"]);
+    let audited = sql_rows(
+        &node,
+        "SELECT count(*) FROM keepd_audit.audit_log WHERE action IN ('VAULT_DELETE', 'VAULT_KEY_REWRAP')",
+    )
+    .await;
+    assert_eq!(audited[0].get::<_, i64>(0), 2);
+
+    // A first sync of 10,000 small entries, one request, default settings.
+    let big = entries(10_000, "first-sync");
+    let result = client.push("v2", &k2, &big, None).await.unwrap();
+    assert_eq!(result.count, 10_000);
+    assert_eq!(
+        client.vaults(10, None).await.unwrap()["vaults"][0]["entryCount"],
+        10_000
+    );
+}
+
+/// GET /devices is paged like GET /backups.
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_are_listed_a_page_at_a_time() {
+    let (_node, daemon) = api_node("");
+    let (client, _) = user(&daemon).await;
+    for i in 0..3 {
+        client
+            .register_device(
+                &format!("device {i}"),
+                &keepd::client::DeviceKey::generate().unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let first = raw(&client, Method::GET, "/devices?limit=2", "").await;
+    assert_eq!(first.0, 200, "{first:?}");
+    assert_eq!(first.1["devices"].as_array().unwrap().len(), 2);
+    let cursor = first.1["nextCursor"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .to_string();
+    let second = raw(
+        &client,
+        Method::GET,
+        &format!("/devices?limit=2&after={cursor}"),
+        "",
+    )
+    .await;
+    let names: Vec<&str> = second.1["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["deviceName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["device 2"]);
+    assert!(second.1["nextCursor"].is_null());
+    let bad = raw(&client, Method::GET, "/devices?limit=1000", "").await;
+    assert_eq!((bad.0, code(&bad)), (400, "invalid_limit"));
+}

@@ -60,8 +60,11 @@ pub struct DeviceResponse {
 }
 
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct DevicesResponse {
     devices: Vec<Device>,
+    /// Pass as `after` for the next page; null on the last page.
+    next_cursor: Option<Uuid>,
 }
 
 /// How sensitive a backup is (the seeds' classification).
@@ -166,6 +169,15 @@ pub struct Backup {
 #[derive(Serialize, ToSchema)]
 pub struct BackupResponse {
     backup: Backup,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DevicesPage {
+    /// 1 to 100 (default 20).
+    limit: Option<i64>,
+    /// The `nextCursor` of the previous page.
+    after: Option<Uuid>,
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -277,20 +289,48 @@ pub(super) async fn register_device(
     ))
 }
 
-/// The account's devices, revoked ones included.
+/// The account's devices, revoked ones included, oldest first, a page at
+/// a time.
 #[utoipa::path(get, path = "/devices", tag = "devices",
-    responses((status = 200, body = DevicesResponse), (status = 401, body = ErrorBody)),
+    params(DevicesPage),
+    responses(
+        (status = 200, body = DevicesResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    ),
     security(("bearer" = [])))]
 pub(super) async fn list_devices(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
+    ApiQuery(page): ApiQuery<DevicesPage>,
 ) -> Result<Json<DevicesResponse>, ApiError> {
+    let limit = page_limit(page.limit)?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let found = devices::list(&tx, &api.fields, auth.user).await?;
+    // One more than asked tells whether there is another page.
+    let found = devices::list(&tx, &api.fields, auth.user, page.after, limit + 1).await?;
     tx.commit().await?;
+    let mut devices: Vec<Device> = found.into_iter().map(Device::from).collect();
+    let next_cursor = if devices.len() as i64 > limit {
+        devices.truncate(limit as usize);
+        devices.last().map(|d| d.id)
+    } else {
+        None
+    };
     Ok(Json(DevicesResponse {
-        devices: found.into_iter().map(Device::from).collect(),
+        devices,
+        next_cursor,
     }))
+}
+
+/// A page size, 1 to `MAX_PAGE` (default `DEFAULT_PAGE`).
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    Ok(limit)
 }
 
 /// Revokes a device: its signatures are no longer accepted.
@@ -462,13 +502,7 @@ pub(super) async fn list_backups(
     auth: UserAuth,
     ApiQuery(page): ApiQuery<BackupsPage>,
 ) -> Result<Json<BackupsResponse>, ApiError> {
-    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` must be 1 to {MAX_PAGE}"),
-        ));
-    }
+    let limit = page_limit(page.limit)?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
     // One more than asked tells whether there is another page.
     let found = backups::page(&tx, auth.user, page.before, limit + 1).await?;

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, UserAuth};
+use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
 use super::store::logs::{self, NewEntry};
 use super::store::vaults::{self, WrappedKey};
 use super::{Api, iso8601};
@@ -34,6 +34,9 @@ const MAX_TIMESTAMP_CHARS: usize = 200;
 const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
 const DEFAULT_PULL_LIMIT: i64 = 100;
 const MAX_PULL_LIMIT: i64 = 1000;
+const MAX_KEY_CHECK_CHARS: usize = 200;
+const DEFAULT_VAULT_PAGE: i64 = 100;
+const MAX_VAULT_PAGE: i64 = 1000;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -45,6 +48,11 @@ pub struct StoreVaultKeyBody {
     salt: String,
     /// Base64.
     nonce: String,
+    /// Optional: base64 of a value the client derives from the vault key
+    /// (keepd's client: HMAC-SHA256 of the key over `keepd vault key check
+    /// v1`), which reveals nothing of it; a push carrying another one is
+    /// refused with 409 `wrong_vault_key`.
+    key_check: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -70,6 +78,13 @@ pub struct VaultKey {
     salt: String,
     nonce: String,
     created_at: String,
+    /// Starts at 1 and grows with each re-wrap; `PATCH` names the version
+    /// it replaces.
+    version: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated_at: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -94,6 +109,10 @@ pub struct PushEntry {
 pub struct PushBody {
     vault_id: String,
     logs: Vec<PushEntry>,
+    /// Optional: the vault key's check value (see `POST /sync/vault-key`);
+    /// when the vault's record has one and this differs, nothing is stored
+    /// (409 `wrong_vault_key`).
+    key_check: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -249,6 +268,20 @@ pub(super) fn check_base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError
     }
 }
 
+/// A key check, when given: base64 of at most `MAX_KEY_CHECK_CHARS`.
+fn check_key_check(key_check: Option<&str>) -> Result<(), ApiError> {
+    if let Some(value) = key_check {
+        if value.len() > MAX_KEY_CHECK_CHARS {
+            return Err(ApiError::bad_request(
+                "invalid_key_check",
+                format!("`keyCheck` must be at most {MAX_KEY_CHECK_CHARS} characters of base64"),
+            ));
+        }
+        check_base64("keyCheck", value)?;
+    }
+    Ok(())
+}
+
 fn vault_not_found() -> ApiError {
     ApiError::not_found(
         "vault_not_found",
@@ -276,6 +309,7 @@ pub(super) async fn store_vault_key(
     check_base64("encryptedVaultKey", &body.encrypted_vault_key)?;
     check_base64("salt", &body.salt)?;
     check_base64("nonce", &body.nonce)?;
+    check_key_check(body.key_check.as_deref())?;
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let Some(vault) = vaults::create(&tx, auth.user, &body.vault_id).await? else {
         return Err(ApiError::new(
@@ -289,7 +323,15 @@ pub(super) async fn store_vault_key(
         salt: body.salt,
         nonce: body.nonce,
     };
-    let (key_id, created_at) = vaults::store_key(&tx, &api.fields, vault, auth.user, key).await?;
+    let (key_id, created_at) = vaults::store_key(
+        &tx,
+        &api.fields,
+        vault,
+        auth.user,
+        key,
+        body.key_check.as_deref(),
+    )
+    .await?;
     api.check_quotas(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "vault": vault});
     api.audit(&mut tx, AuditAction::VaultKeyStore, 1, started, metadata)
@@ -333,6 +375,9 @@ pub(super) async fn vault_key(
             salt: stored.key.salt,
             nonce: stored.key.nonce,
             created_at: iso8601(stored.created_at),
+            version: stored.version,
+            key_check: stored.key_check,
+            updated_at: stored.updated_at.map(iso8601),
         },
     }))
 }
@@ -386,6 +431,7 @@ pub(super) async fn push(
             ),
         ));
     }
+    check_key_check(body.key_check.as_deref())?;
     let fingerprint = push_fingerprint(&body);
     let mut entries = Vec::with_capacity(count);
     for (i, entry) in body.logs.into_iter().enumerate() {
@@ -420,6 +466,20 @@ pub(super) async fn push(
         && let Some(first) = stored_push(&api, &tx, &auth, key, &fingerprint).await?
     {
         return Ok(Json(first));
+    }
+    if let Some(sent) = &body.key_check {
+        let stored = vaults::key_check(&tx, auth.user, &body.vault_id)
+            .await?
+            .ok_or_else(vault_not_found)?;
+        if stored.is_some_and(|stored| stored != *sent) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "wrong_vault_key",
+                "this push was encrypted under another key than the vault's (its keyCheck \
+                 differs); nothing was stored: fetch the vault's key with GET \
+                 /sync/vault-key/{vaultId}",
+            ));
+        }
     }
     let appended = logs::append(&tx, &api.fields, auth.user, &body.vault_id, entries)
         .await?
@@ -646,4 +706,238 @@ mod tests {
             );
         }
     }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VaultsPage {
+    /// 1 to 1000 (default 100).
+    limit: Option<i64>,
+    /// The `nextCursor` of the previous page (a vaultId).
+    after: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultSummary {
+    vault_id: String,
+    created_at: String,
+    entry_count: i64,
+    /// What the entries hold, as the client sent them (counted against
+    /// api.quotas.storage_bytes).
+    bytes: i64,
+    last_sequence: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultsResponse {
+    vaults: Vec<VaultSummary>,
+    /// Pass as `after` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// The caller's vaults in vaultId order, a page at a time.
+#[utoipa::path(get, path = "/sync/vaults", tag = "sync",
+    params(VaultsPage),
+    responses(
+        (status = 200, body = VaultsResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn list_vaults(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiQuery(page): ApiQuery<VaultsPage>,
+) -> Result<Json<VaultsResponse>, ApiError> {
+    let limit = page.limit.unwrap_or(DEFAULT_VAULT_PAGE);
+    if !(1..=MAX_VAULT_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` must be 1 to {MAX_VAULT_PAGE}"),
+        ));
+    }
+    if let Some(after) = &page.after {
+        check_vault_id(after)?;
+    }
+    let tx = auth.begin(&api, GroupRole::Query).await?;
+    // One more than asked tells whether there is another page.
+    let found = vaults::list(&tx, auth.user, page.after.as_deref(), limit + 1).await?;
+    tx.commit().await?;
+    let mut vaults: Vec<VaultSummary> = found
+        .into_iter()
+        .map(|v| VaultSummary {
+            vault_id: v.vault_id,
+            created_at: iso8601(v.created_at),
+            entry_count: v.entries,
+            bytes: v.bytes,
+            last_sequence: v.entries,
+        })
+        .collect();
+    let next_cursor = if vaults.len() as i64 > limit {
+        vaults.truncate(limit as usize);
+        vaults.last().map(|v| v.vault_id.clone())
+    } else {
+        None
+    };
+    Ok(Json(VaultsResponse {
+        vaults,
+        next_cursor,
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteVaultResponse {
+    message: &'static str,
+    vault_id: String,
+    /// The entries erased with it.
+    entry_count: i64,
+    /// The bytes returned to the account's storage quota.
+    bytes: i64,
+}
+
+/// Erases one vault: its key record and every entry, in one transaction.
+#[utoipa::path(delete, path = "/sync/vault/{vaultId}", tag = "sync",
+    params(("vaultId" = String, Path, description = "The client's vault id")),
+    responses(
+        (status = 200, body = DeleteVaultResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn delete_vault(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiPath(vault_id): ApiPath<String>,
+) -> Result<Json<DeleteVaultResponse>, ApiError> {
+    let started = Instant::now();
+    check_vault_id(&vault_id)?;
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
+    let erased = vaults::delete(&tx, auth.user, &vault_id)
+        .await?
+        .ok_or_else(vault_not_found)?;
+    let metadata = json!({
+        "user": api.user_ref(auth.user),
+        "vault": erased.vault,
+        "entries": erased.entries,
+        "bytes": erased.bytes,
+    });
+    api.audit(
+        &mut tx,
+        AuditAction::VaultDelete,
+        erased.entries,
+        started,
+        metadata,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(DeleteVaultResponse {
+        message: "Vault erased",
+        vault_id,
+        entry_count: erased.entries,
+        bytes: erased.bytes,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RewrapVaultKeyBody {
+    /// Base64: the same vault key, encrypted under the new password.
+    encrypted_vault_key: String,
+    /// Base64.
+    salt: String,
+    /// Base64.
+    nonce: String,
+    /// The version this replaces, as `GET /sync/vault-key/{vaultId}`
+    /// answered it: another device's re-wrap in between is a 409, never
+    /// overwritten.
+    version: i32,
+    /// Optional: a key check for a record that had none.
+    key_check: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RewrapVaultKeyResponse {
+    message: &'static str,
+    vault_id: String,
+    version: i32,
+    updated_at: String,
+}
+
+/// Replaces a vault's wrapped key (the same key re-wrapped, after a
+/// password change), if it is still at the version the client read.
+#[utoipa::path(patch, path = "/sync/vault-key/{vaultId}", tag = "sync",
+    params(("vaultId" = String, Path, description = "The client's vault id")),
+    request_body = RewrapVaultKeyBody,
+    responses(
+        (status = 200, body = RewrapVaultKeyResponse),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The record is at another version: read it again", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn rewrap_vault_key(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiPath(vault_id): ApiPath<String>,
+    ApiJson(body): ApiJson<RewrapVaultKeyBody>,
+) -> Result<Json<RewrapVaultKeyResponse>, ApiError> {
+    let started = Instant::now();
+    check_vault_id(&vault_id)?;
+    check_base64("encryptedVaultKey", &body.encrypted_vault_key)?;
+    check_base64("salt", &body.salt)?;
+    check_base64("nonce", &body.nonce)?;
+    check_key_check(body.key_check.as_deref())?;
+    if body.version < 1 {
+        return Err(ApiError::bad_request(
+            "invalid_version",
+            "`version` must be the record's version, 1 or more",
+        ));
+    }
+    let key = WrappedKey {
+        encrypted_vault_key: body.encrypted_vault_key,
+        salt: body.salt,
+        nonce: body.nonce,
+    };
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
+    let done = vaults::rewrap(
+        &tx,
+        &api.fields,
+        auth.user,
+        &vault_id,
+        body.version,
+        key,
+        body.key_check.as_deref(),
+    )
+    .await?;
+    let (version, updated_at) = match done {
+        vaults::Rewrapped::Done {
+            version,
+            updated_at,
+        } => (version, updated_at),
+        vaults::Rewrapped::Stale { current } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "stale_vault_key",
+                format!(
+                    "the vault key record is at version {current}, not {}: another device \
+                     changed it; read it again with GET /sync/vault-key/{{vaultId}}",
+                    body.version
+                ),
+            ));
+        }
+        vaults::Rewrapped::Missing => return Err(vault_not_found()),
+    };
+    let metadata = json!({"user": api.user_ref(auth.user), "version": version});
+    api.audit(&mut tx, AuditAction::VaultKeyRewrap, 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(RewrapVaultKeyResponse {
+        message: "Vault key replaced",
+        vault_id,
+        version,
+        updated_at: iso8601(updated_at),
+    }))
 }

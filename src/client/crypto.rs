@@ -69,7 +69,12 @@ pub struct WrappedVaultKey {
     pub encrypted_vault_key: String,
     pub salt: String,
     pub nonce: String,
+    /// The key's check value (`VaultKey::key_check`), sent with it.
+    pub key_check: Option<String>,
 }
+
+/// What a vault key's check value is the HMAC of.
+const KEY_CHECK_LABEL: &[u8] = b"keepd vault key check v1";
 
 /// A vault's symmetric key, held only by clients.
 pub struct VaultKey(Zeroizing<[u8; 32]>);
@@ -102,7 +107,20 @@ impl VaultKey {
             encrypted_vault_key: BASE64.encode(sealed),
             salt: BASE64.encode(salt),
             nonce: BASE64.encode(nonce),
+            key_check: Some(self.key_check()),
         })
+    }
+
+    /// Base64 of HMAC-SHA256(key, `keepd vault key check v1`): the server
+    /// compares it between the vault's record and a push, so a device with
+    /// the wrong key cannot store what no other device could read; it
+    /// reveals nothing of the key (HMAC is a PRF).
+    pub fn key_check(&self) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.0.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(KEY_CHECK_LABEL);
+        BASE64.encode(mac.finalize().into_bytes())
     }
 
     /// The key back from its stored form, given the password.

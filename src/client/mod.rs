@@ -447,14 +447,64 @@ impl SyncClient {
         vault_id: &str,
         wrapped: &WrappedVaultKey,
     ) -> Result<Value, ClientError> {
-        let body = json!({
+        let mut body = json!({
             "vaultId": vault_id,
             "encryptedVaultKey": wrapped.encrypted_vault_key,
             "salt": wrapped.salt,
             "nonce": wrapped.nonce,
         });
+        if let Some(check) = &wrapped.key_check {
+            body["keyCheck"] = json!(check);
+        }
         self.call(Method::POST, "/sync/vault-key", &[], Some(body))
             .await
+    }
+
+    /// The caller's vaults, a page at a time (`after`: the previous
+    /// page's `nextCursor`).
+    pub async fn vaults(&self, limit: u32, after: Option<&str>) -> Result<Value, ClientError> {
+        let mut path = format!("/sync/vaults?limit={limit}");
+        if let Some(after) = after {
+            path.push_str(&format!("&after={after}"));
+        }
+        self.call(Method::GET, &path, &[], None).await
+    }
+
+    /// Erases a vault with its key and entries.
+    pub async fn delete_vault(&self, vault_id: &str) -> Result<Value, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/sync/vault/{vault_id}"),
+            &[],
+            None,
+        )
+        .await
+    }
+
+    /// Re-wraps a vault's key under `new_password` (after a password
+    /// change), replacing the record at `version` and no other.
+    pub async fn rewrap_vault(
+        &self,
+        vault_id: &str,
+        key: &VaultKey,
+        new_password: &str,
+        version: i64,
+    ) -> Result<Value, ClientError> {
+        let wrapped = key.wrap(new_password)?;
+        let body = json!({
+            "encryptedVaultKey": wrapped.encrypted_vault_key,
+            "salt": wrapped.salt,
+            "nonce": wrapped.nonce,
+            "version": version,
+            "keyCheck": wrapped.key_check,
+        });
+        self.call(
+            Method::PATCH,
+            &format!("/sync/vault-key/{vault_id}"),
+            &[],
+            Some(body),
+        )
+        .await
     }
 
     /// Fetches and unwraps a vault's key with `password`.
@@ -482,6 +532,7 @@ impl SyncClient {
             encrypted_vault_key: field("encryptedVaultKey")?,
             salt: field("salt")?,
             nonce: field("nonce")?,
+            key_check: stored["keyCheck"].as_str().map(str::to_string),
         };
         Ok(VaultKey::unwrap(&wrapped, password)?)
     }
@@ -514,7 +565,11 @@ impl SyncClient {
                 "haexTimestamp": entry.haex_timestamp,
             }));
         }
-        Ok(SealedPush(json!({"vaultId": vault_id, "logs": logs})))
+        Ok(SealedPush(json!({
+            "vaultId": vault_id,
+            "logs": logs,
+            "keyCheck": key.key_check(),
+        })))
     }
 
     /// Sends a sealed push (again, when retrying).

@@ -690,7 +690,7 @@ impl Default for ApiConfig {
             quotas: QuotasConfig::default(),
             registration: Registration::Open,
             max_body_bytes: 8 * 1024 * 1024,
-            max_push_entries: 1000,
+            max_push_entries: 10_000,
             max_entry_bytes: 1024 * 1024,
             max_pull_bytes: 8 * 1024 * 1024,
             request_timeout: HumanDuration(Duration::from_secs(15)),

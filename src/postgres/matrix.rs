@@ -62,8 +62,10 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     // Every transaction for a caller checks the caller's session in it.
     ("keepd_sync", "keepd.sessions", &[S]),
-    ("keepd_sync", "keepd.vaults", &[S, I, U]),
-    ("keepd_sync", "keepd.vault_keys", &[S, I]),
+    // DELETE: a vault erased with its key and entries (DELETE
+    // /sync/vault); UPDATE of a key: re-wrapped under a new password.
+    ("keepd_sync", "keepd.vaults", &[S, I, U, D]),
+    ("keepd_sync", "keepd.vault_keys", &[S, I, U]),
     ("keepd_sync", "keepd.sync_logs", &[S, I]),
     // UPDATE: an expired Idempotency-Key record is replaced in place.
     ("keepd_sync", "keepd.push_requests", &[S, I, U]),

@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster_members",
         sql: include_str!("../../migrations/0010_cluster_members.sql"),
     },
+    Migration {
+        version: 11,
+        name: "vault_management",
+        sql: include_str!("../../migrations/0011_vault_management.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -14,8 +14,11 @@ const INSERT_DEVICE: &str = "INSERT INTO keepd.devices \
      (id, user_id, device_name, public_key, proven_at) VALUES ($1, $2, $3, $4, now()) \
      ON CONFLICT (public_key) WHERE proven_at IS NOT NULL DO NOTHING RETURNING created_at";
 
+/// The user's devices, oldest first, after device `$2`, at most `$3`.
 const LIST_DEVICES: &str = "SELECT id, device_name, public_key, created_at, revoked_at \
-     FROM keepd.devices WHERE user_id = $1 ORDER BY created_at, id";
+     FROM keepd.devices WHERE user_id = $1 AND ($2::uuid IS NULL OR (created_at, id) > \
+       (SELECT created_at, id FROM keepd.devices WHERE user_id = $1 AND id = $2)) \
+     ORDER BY created_at, id LIMIT $3";
 
 const REVOKE_DEVICE: &str = "UPDATE keepd.devices SET revoked_at = now() \
      WHERE user_id = $1 AND id = $2 AND revoked_at IS NULL";
@@ -58,8 +61,10 @@ pub async fn list(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     user: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
 ) -> Result<Vec<Device>, StoreError> {
-    let rows = tx.query(LIST_DEVICES, &[&user]).await?;
+    let rows = tx.query(LIST_DEVICES, &[&user, &after, &limit]).await?;
     rows.iter()
         .map(|row| {
             Ok(Device {

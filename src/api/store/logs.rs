@@ -19,7 +19,7 @@ use crate::postgres::pool::ScopedTransaction;
 /// a rolled-back push gives its numbers back. No row when the user has no
 /// such vault.
 const APPEND: &str = "WITH reserved AS ( \
-       UPDATE keepd.vaults SET last_sequence = last_sequence + $3 \
+       UPDATE keepd.vaults SET last_sequence = last_sequence + $3, bytes = bytes + $9 \
        WHERE user_id = $1 AND vault_id = $2 RETURNING id, last_sequence - $3 AS base) \
      INSERT INTO keepd.sync_logs \
        (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
@@ -142,6 +142,7 @@ pub async fn append(
                 &nonces,
                 &stamps,
                 &sizes,
+                &sizes.iter().sum::<i64>(),
             ],
         )
         .await?;
