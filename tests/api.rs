@@ -1798,3 +1798,123 @@ async fn devices_are_listed_a_page_at_a_time() {
     let bad = raw(&client, Method::GET, "/devices?limit=1000", "").await;
     assert_eq!((bad.0, code(&bad)), (400, "invalid_limit"));
 }
+
+/// Live updates over real HTTP: the head first, each commit after, never
+/// another account's vault nor ciphertext; a reconnect with
+/// Last-Event-ID resumes without a gap; the per-account cap answers 429;
+/// the reference client's `watch` turns events into pulls.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_follow_commits_resume_without_a_gap_and_are_capped() {
+    let (_node, daemon) = api_node("  events:\n    max_streams_per_account: 2\n");
+    let (client, _) = user(&daemon).await;
+    let (other, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let other_key = other.create_vault("v", PASSWORD).await.unwrap();
+    let mut stream = client.events("v", None).await.unwrap();
+    assert_eq!(next_event(&mut stream).await.sequence, 0, "the head first");
+    other
+        .push("v", &other_key, &entries(3, "o"), None)
+        .await
+        .unwrap();
+    client
+        .push("v", &key, &entries(2, "a"), None)
+        .await
+        .unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!(
+        (event.vault_id.as_str(), event.sequence),
+        ("v", 2),
+        "mine only"
+    );
+    drop(stream);
+
+    // Disconnected while a push commits: the reconnect starts from there.
+    client
+        .push("v", &key, &entries(1, "b"), None)
+        .await
+        .unwrap();
+    let mut resumed = client.events("v", Some(2)).await.unwrap();
+    assert_eq!(next_event(&mut resumed).await.sequence, 3);
+    let mut current = client.events("v", Some(3)).await.unwrap();
+    client
+        .push("v", &key, &entries(1, "c"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut current).await.sequence,
+        4,
+        "no head event when seen"
+    );
+    assert_eq!(next_event(&mut resumed).await.sequence, 4);
+
+    // Two streams for this account: a third is refused.
+    let refused = client.events("v", None).await.err().expect("capped");
+    assert_eq!(
+        (refused.status(), refused.code()),
+        (Some(429), Some("too_many_streams")),
+        "{refused}"
+    );
+    let missing = other
+        .events("nope", None)
+        .await
+        .err()
+        .expect("no such vault");
+    assert_eq!(missing.status(), Some(404));
+    drop((resumed, current));
+
+    // The server notices the closed streams and gives their places back;
+    // the framing is SSE's, the id the sequence, and no ciphertext.
+    let mut raw = common::wait_until_async(Duration::from_secs(10), || client.events("v", None))
+        .await
+        .expect("a stream opens again once the others closed");
+    let block = tokio::time::timeout(Duration::from_secs(5), raw.next_block())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        block.contains("event: sync")
+            && block.contains("id: 4")
+            && block.contains(r#""sequence":4"#),
+        "{block}"
+    );
+    assert!(
+        !block.contains("encryptedData") && !block.contains("nonce"),
+        "{block}"
+    );
+    drop(raw);
+
+    // watch: events become pulls, up to what a background push stored.
+    let mut pusher = daemon.client();
+    pusher.set_token(client.token().map(str::to_string));
+    let background = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let key = key;
+        pusher
+            .push("v", &key, &entries(5, "w"), None)
+            .await
+            .unwrap();
+    });
+    let mut seen = Vec::new();
+    let last = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.watch("v", 4, |page| {
+            seen.extend(page.logs.iter().map(|e| e.sequence));
+            seen.len() < 5
+        }),
+    )
+    .await
+    .expect("watch sees the push")
+    .unwrap();
+    background.await.unwrap();
+    assert_eq!(seen, [5, 6, 7, 8, 9]);
+    assert_eq!(last, 9);
+}
+
+async fn next_event(stream: &mut keepd::client::EventStream) -> keepd::client::VaultEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .expect("the stream goes on")
+}

@@ -13,6 +13,7 @@
 mod auth;
 mod devices;
 mod error;
+pub mod events;
 mod extract;
 mod health;
 mod limits;
@@ -76,6 +77,7 @@ pub struct ApiSettings {
     pub trusted_proxies: TrustedProxies,
     /// How long an Idempotency-Key names its first request.
     pub idempotency_ttl: Duration,
+    pub events: crate::config::EventsConfig,
 }
 
 /// What browsers are told, from `api.*`.
@@ -104,6 +106,8 @@ pub struct Api {
     health: HealthProbe,
     fields: Arc<FieldCipher>,
     openapi: OnceLock<String>,
+    /// Live-update streams and their fan-out (`events::listen` feeds it).
+    pub events: Arc<events::Events>,
 }
 
 impl Api {
@@ -124,6 +128,10 @@ impl Api {
             node_id: identity.node_id().to_string(),
             limits: limits::Limits::new(&settings.rate_limits),
             public_routes: OnceLock::new(),
+            events: Arc::new(events::Events::new(
+                settings.events.max_streams as usize,
+                settings.events.max_streams_per_account as usize,
+            )),
             settings,
             health: HealthProbe::new(postgres, pool.clone()),
             pool,
@@ -222,6 +230,7 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(sync::store_vault_key))
         .routes(routes!(sync::vault_key, sync::rewrap_vault_key))
         .routes(routes!(sync::list_vaults))
+        .routes(routes!(sync::events))
         .routes(routes!(sync::delete_vault))
         .routes(routes!(sync::push))
         .routes(routes!(sync::pull))

@@ -526,7 +526,16 @@ pub(super) async fn push(
         let won = logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await?;
         Ok::<_, ApiError>((!won).then_some(key.as_str()))
     };
-    let (_, lost_to) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved)?;
+    let announced = logs::announce(
+        &tx,
+        super::events::VaultEvent {
+            vault: appended.vault,
+            sequence: last,
+        },
+    );
+    let (_, lost_to, _) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved, async {
+        announced.await.map_err(ApiError::from)
+    })?;
     if let Some(key) = lost_to {
         // A concurrent retry with this key committed first: this attempt
         // is rolled back and the first result is the answer.
@@ -940,4 +949,64 @@ pub(super) async fn rewrap_vault_key(
         version,
         updated_at: iso8601(updated_at),
     }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsQuery {
+    /// The vault to watch.
+    vault_id: String,
+}
+
+/// Live updates of one vault as Server-Sent Events: `event: sync`, `id`
+/// the sequence, `data` `{"vaultId", "sequence"}` whenever entries commit
+/// (on any node of a cluster), never ciphertext; the first event is the
+/// vault's head (past `Last-Event-ID` when given, so a reconnect resumes
+/// without a gap); a comment line every `api.events.heartbeat`. A stream
+/// that falls behind is ended: reconnect with `Last-Event-ID`.
+#[utoipa::path(get, path = "/sync/events", tag = "sync",
+    params(EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "The last sequence this client has seen")),
+    responses(
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 429, description = "api.events.max_streams or max_streams_per_account reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn events(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{KeepAlive, Sse};
+    check_vault_id(&query.vault_id)?;
+    let seen = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        {
+            Some(seen) if seen >= 0 => Some(seen),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_last_event_id",
+                    "Last-Event-ID must be a sequence this stream sent (0 or more)",
+                ));
+            }
+        },
+    };
+    // Subscribed before the head is read: nothing in between is missed.
+    let (receiver, slot) = api.events.subscribe(auth.user)?;
+    let tx = auth.begin(&api, GroupRole::Query).await?;
+    let head = vaults::head(&tx, auth.user, &query.vault_id).await?;
+    tx.commit().await?;
+    let (vault, head) = head.ok_or_else(vault_not_found)?;
+    let stream = super::events::watch(receiver, slot, vault, query.vault_id, head, seen);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(api.settings.events.heartbeat.get()))
+        .into_response())
 }

@@ -197,6 +197,67 @@ pub struct PullResult {
     pub has_more: bool,
 }
 
+/// One live update: the vault's new last sequence.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultEvent {
+    pub vault_id: String,
+    pub sequence: i64,
+}
+
+/// An open `GET /sync/events` stream.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buffer: String,
+    _sender: SendRequest<Full<Bytes>>,
+}
+
+impl EventStream {
+    /// The next event; None when the server ended the stream (reconnect
+    /// with `Last-Event-ID`). Heartbeat comments are skipped.
+    pub async fn next(&mut self) -> Result<Option<VaultEvent>, ClientError> {
+        let Some(block) = self.next_block().await? else {
+            return Ok(None);
+        };
+        let data: String = block
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim)
+            .collect();
+        serde_json::from_str(&data)
+            .map(Some)
+            .map_err(|e| ClientError::Decode(format!("event {data:?}: {e}")))
+    }
+
+    /// The next event as the server framed it (`event:`, `id:`, `data:`
+    /// lines); heartbeat comments are skipped.
+    pub async fn next_block(&mut self) -> Result<Option<String>, ClientError> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if block.lines().any(|line| line.starts_with("data:")) {
+                    return Ok(Some(block));
+                }
+                continue;
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(ClientError::Transport {
+                        addr: "event stream".into(),
+                        reason: e.to_string(),
+                    });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(bytes) = frame.into_data() {
+                        self.buffer.push_str(&String::from_utf8_lossy(&bytes));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A push request as encrypted once: the same bytes on every retry.
 #[derive(Debug, Clone)]
 pub struct SealedPush(Value);
@@ -599,6 +660,87 @@ impl SyncClient {
             .call(Method::POST, "/sync/pull", &[], Some(body))
             .await?;
         Self::decode(answer)
+    }
+
+    /// Opens `GET /sync/events` for `vault_id` on a connection of its own,
+    /// resuming after `last_event_id` when given.
+    pub async fn events(
+        &self,
+        vault_id: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<EventStream, ClientError> {
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/sync/events?vaultId={vault_id}"))
+            .header("host", self.endpoint.authority())
+            .header("accept", "text/event-stream");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| self.transport(e))?;
+        let mut sender = self.connect(None).await?;
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(request))
+            .await
+            .map_err(|_| self.transport("no answer within 30s"))?
+            .map_err(|e| self.transport(e))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.transport(e))?
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let error = &body["error"];
+            return Err(ClientError::Api {
+                status,
+                code: error["code"].as_str().unwrap_or("").to_string(),
+                message: error["message"].as_str().unwrap_or("").to_string(),
+                retry_after: None,
+            });
+        }
+        Ok(EventStream {
+            body: response.into_body(),
+            buffer: String::new(),
+            _sender: sender,
+        })
+    }
+
+    /// Follows a vault: every event becomes pulls of what came after
+    /// `after`, each page handed to `on_page` (which says whether to go
+    /// on); a stream that ends is opened again with `Last-Event-ID`, so
+    /// nothing is missed. Returns the last sequence seen.
+    pub async fn watch(
+        &self,
+        vault_id: &str,
+        mut after: i64,
+        mut on_page: impl FnMut(&PullResult) -> bool,
+    ) -> Result<i64, ClientError> {
+        loop {
+            let mut events = self.events(vault_id, Some(after)).await?;
+            while let Some(event) = events.next().await? {
+                while event.sequence > after {
+                    let page = self.pull(vault_id, after, 1000).await?;
+                    let Some(last) = page.logs.last().map(|e| e.sequence) else {
+                        break;
+                    };
+                    after = last;
+                    if !on_page(&page) {
+                        return Ok(after);
+                    }
+                    if !page.has_more {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Registers `device`'s public key with its proof of possession;

@@ -671,6 +671,31 @@ pub struct ApiConfig {
     /// listener.
     #[serde(deserialize_with = "optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Live updates (`GET /sync/events`, Server-Sent Events).
+    pub events: EventsConfig,
+}
+
+/// The bounds of live-update streams.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Streams open on this node at most (429 `too_many_streams` past it).
+    pub max_streams: u32,
+    /// Streams one account may hold open at most.
+    pub max_streams_per_account: u32,
+    /// A comment line this often keeps proxies from closing an idle stream
+    /// (under `api.idle_timeout`).
+    pub heartbeat: HumanDuration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 1000,
+            max_streams_per_account: 5,
+            heartbeat: HumanDuration(Duration::from_secs(15)),
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -696,6 +721,7 @@ impl Default for ApiConfig {
             request_timeout: HumanDuration(Duration::from_secs(15)),
             idempotency_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
             metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9187))),
+            events: EventsConfig::default(),
         }
     }
 }

@@ -376,6 +376,32 @@ fn s3_repository(s3: &S3Config) -> Result<(), Invalid> {
 }
 
 pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
+    let events = &api.events;
+    if events.max_streams == 0 {
+        return Err(invalid(
+            "api.events.max_streams",
+            "0".into(),
+            "1 or more streams".into(),
+        ));
+    }
+    if !(1..=events.max_streams).contains(&events.max_streams_per_account) {
+        return Err(invalid(
+            "api.events.max_streams_per_account",
+            events.max_streams_per_account.to_string(),
+            format!("1 to api.events.max_streams ({})", events.max_streams),
+        ));
+    }
+    let heartbeat = events.heartbeat.get();
+    if heartbeat < Duration::from_secs(1) || heartbeat * 2 > api.idle_timeout.get() {
+        return Err(invalid(
+            "api.events.heartbeat",
+            events.heartbeat.to_string(),
+            format!(
+                "1s to half of api.idle_timeout ({}), so an idle stream is never closed",
+                api.idle_timeout
+            ),
+        ));
+    }
     if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400))
         .contains(&api.idempotency_ttl.get())
     {

@@ -708,6 +708,7 @@ impl BroughtUp {
         let metrics_api = parts
             .metrics_listener
             .map(|listener| (listener, api.clone()));
+        let events = api.events.clone();
         let app = api::router(api, &web);
         let scheme = if node.api_cert.is_some() {
             "https"
@@ -735,6 +736,11 @@ impl BroughtUp {
                 shutdown.clone(),
             )),
             sealer: tokio::spawn(parts.sealer.run(shutdown.clone())),
+            events: tokio::spawn(crate::api::events::listen(
+                superuser.clone(),
+                events,
+                shutdown.clone(),
+            )),
             reencrypt: tokio::spawn(
                 reencrypt::Reencryption {
                     fields,
@@ -815,6 +821,7 @@ fn api_settings(config: &Config, trusted_proxies: TrustedProxies) -> ApiSettings
         body_timeout: config.api.body_timeout.get(),
         trusted_proxies,
         idempotency_ttl: config.api.idempotency_ttl.get(),
+        events: config.api.events.clone(),
     }
 }
 
@@ -859,6 +866,8 @@ struct Tasks {
     sealer: JoinHandle<()>,
     reencrypt: JoinHandle<()>,
     janitor: JoinHandle<()>,
+    /// LISTENs for new entries and feeds the live-update streams.
+    events: JoinHandle<()>,
     /// Aborted at shutdown: a backup under way is not waited for (its
     /// pgBackRest is killed, and the next start takes it again).
     backups: Option<JoinHandle<()>>,
@@ -884,7 +893,8 @@ impl Tasks {
             self.control,
             self.sealer,
             self.reencrypt,
-            self.janitor
+            self.janitor,
+            self.events
         );
         if let Some(task) = self.backups {
             task.abort();

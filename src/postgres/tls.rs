@@ -205,6 +205,28 @@ impl Endpoint {
         connect(&self.config, &self.tls).await
     }
 
+    /// Connects, LISTENs on `channel` and hands each notification's
+    /// payload to `on_notify`; the client (dropped: the connection ends)
+    /// and the connection's task, which ends when the connection does.
+    pub async fn listen(
+        &self,
+        channel: &'static str,
+        on_notify: impl Fn(&str) + Send + 'static,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let (client, task) = match &self.tls {
+            Tls::Off => {
+                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                (client, tokio::spawn(forward(connection, on_notify)))
+            }
+            Tls::On(make) => {
+                let (client, connection) = self.config.connect(make.clone()).await?;
+                (client, tokio::spawn(forward(connection, on_notify)))
+            }
+        };
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        Ok((client, task))
+    }
+
     /// The same server and credentials, another database.
     pub fn database(&self, dbname: &str) -> Endpoint {
         let mut config = self.config.clone();
@@ -212,6 +234,21 @@ impl Endpoint {
         Endpoint {
             config,
             tls: self.tls.clone(),
+        }
+    }
+}
+
+/// Drives a connection, handing notifications to `on_notify`, until it ends.
+async fn forward<S, T>(mut connection: tokio_postgres::Connection<S, T>, on_notify: impl Fn(&str))
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(Ok(message)) = messages.next().await {
+        if let tokio_postgres::AsyncMessage::Notification(note) = message {
+            on_notify(note.payload());
         }
     }
 }

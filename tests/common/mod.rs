@@ -367,6 +367,23 @@ pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
     }
 }
 
+/// `wait_until` for an async probe that succeeds with Ok.
+pub async fn wait_until_async<T, E, F: std::future::Future<Output = Result<T, E>>>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(v) = probe().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A plain HTTP/1.1 GET: (status, body text); None when nothing answers.
 pub fn http_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;

@@ -97,6 +97,21 @@ pub struct Entry<'a> {
     pub created_at: SystemTime,
 }
 
+/// Tells every node's watchers, at commit, the vault's new last sequence
+/// (`api::events`).
+const ANNOUNCE: &str = "SELECT pg_notify($1, $2)";
+
+/// Announces `event` to the vault's watchers once `tx` commits (a rolled
+/// back push announces nothing).
+pub async fn announce(
+    tx: &ScopedTransaction,
+    event: crate::api::events::VaultEvent,
+) -> Result<(), StoreError> {
+    tx.query(ANNOUNCE, &[&crate::api::events::CHANNEL, &event.payload()])
+        .await?;
+    Ok(())
+}
+
 /// A stored batch: the vault's row id and the entries in sequence order.
 pub struct Appended {
     pub vault: Uuid,

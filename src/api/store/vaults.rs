@@ -41,6 +41,9 @@ const REWRAP: &str = "UPDATE keepd.vault_keys k SET encrypted_vault_key = $4, sa
 const KEY_VERSION: &str = "SELECT k.version FROM keepd.vaults v \
      JOIN keepd.vault_keys k ON k.vault = v.id WHERE v.user_id = $1 AND v.vault_id = $2";
 
+const HEAD: &str =
+    "SELECT id, last_sequence FROM keepd.vaults WHERE user_id = $1 AND vault_id = $2";
+
 /// The user's vaults after `$2` (by vaultId), at most `$3`.
 const LIST: &str = "SELECT vault_id, created_at, last_sequence, bytes FROM keepd.vaults \
      WHERE user_id = $1 AND ($2::text IS NULL OR vault_id > $2) \
@@ -205,6 +208,16 @@ pub async fn rewrap(
         },
         None => Rewrapped::Missing,
     })
+}
+
+/// The vault's row id and last sequence; None when there is no such vault.
+pub async fn head(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    vault_id: &str,
+) -> Result<Option<(Uuid, i64)>, StoreError> {
+    let rows = tx.query(HEAD, &[&user, &vault_id]).await?;
+    Ok(rows.first().map(|row| (row.get(0), row.get(1))))
 }
 
 /// The user's vaults in vaultId order after `after`, at most `limit`.
