@@ -387,9 +387,19 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
         data: b"from node 3".to_vec(),
         haex_timestamp: "t".into(),
     };
-    three.push("v", &key, &[entry], None).await.unwrap();
     let mut one = SyncClient::new(addrs[0]);
     one.set_token(Some(token.clone()));
+    // A watcher on node 1 hears of the push node 3 commits (LISTEN/NOTIFY
+    // through the shared database).
+    let mut events = one.events("v", Some(0)).await.unwrap();
+    three.push("v", &key, &[entry], None).await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("node 1's stream hears node 3's push")
+        .unwrap()
+        .unwrap();
+    assert_eq!(heard.sequence, 1);
+    drop(events);
     let (sequences, labels) = common::pull_all(&one, &key, "v").await;
     assert_eq!(
         (sequences, labels),
