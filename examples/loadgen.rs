@@ -6,6 +6,12 @@
 //! duplicate) and that every acknowledged entry is there.
 //!
 //!     cargo run --release --example loadgen -- --addr 127.0.0.1:8787
+//!     cargo run --release --example loadgen -- --addr 127.0.0.1:8787 --events 200
+//!
+//! `--events N` measures live updates instead: a watcher holds
+//! `GET /sync/events` open while another client pushes one entry N times;
+//! the time from sending a push to the watcher's event for it bounds the
+//! time from commit to event from above.
 //!
 //! The account it creates needs two auth attempts (register, login).
 
@@ -28,6 +34,10 @@ struct Args {
     /// Concurrent clients per scenario.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Instead of the scenarios: how long a watcher waits for the event of
+    /// a push, over this many pushes one after another.
+    #[arg(long, value_name = "PUSHES")]
+    events: Option<usize>,
 }
 
 const PUSH_BATCH: usize = 50;
@@ -204,6 +214,10 @@ async fn main() {
     client.login(&email, PASSWORD).await.expect("login");
     let token = client.token().expect("token").to_string();
     let key = Arc::new(VaultKey::generate().expect("key"));
+    if let Some(pushes) = args.events {
+        event_latency(&client, args.addr, pushes).await;
+        return;
+    }
 
     let scenarios = [
         Scenario {
@@ -267,4 +281,37 @@ async fn main() {
         );
     }
     println!("\ncorrectness: every vault holds exactly 1..N, every acknowledged entry stored");
+}
+
+/// p50, p99 and max of push-sent → event-received over `pushes` pushes.
+async fn event_latency(client: &SyncClient, addr: SocketAddr, pushes: usize) {
+    let key = client
+        .create_vault("events", PASSWORD)
+        .await
+        .expect("vault");
+    let mut events = client.events("events", None).await.expect("stream");
+    events.next().await.expect("head").expect("head");
+    let mut pusher = SyncClient::new(addr);
+    pusher.set_token(client.token().map(str::to_string));
+    let mut waits = Vec::with_capacity(pushes);
+    for i in 0..pushes {
+        let entry = batch(i, 1);
+        let sent = Instant::now();
+        let push = pusher.push("events", &key, &entry, None);
+        let heard = async {
+            let event = events.next().await.expect("event").expect("stream open");
+            (event.sequence, sent.elapsed())
+        };
+        let (pushed, (sequence, waited)) = tokio::join!(push, heard);
+        pushed.expect("push");
+        assert_eq!(sequence, i as i64 + 1, "every commit, in order");
+        waits.push(waited);
+    }
+    waits.sort();
+    println!(
+        "events: {pushes} pushes, push sent -> event received p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&waits, 0.5),
+        percentile(&waits, 0.99),
+        percentile(&waits, 1.0)
+    );
 }

@@ -27,7 +27,8 @@ pg_major=${pg_major:-15}
 compgen -G "/usr/lib/postgresql/$pg_major/lib/pgaudit.so" >/dev/null || missing+=("postgresql-$pg_major-pgaudit")
 dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
 # PyPI tools, each in a virtualenv of its own under /opt/keepd-test:
-# Patroni for the HA test, moto's S3 server for the S3 repository test.
+# Patroni for the HA test, moto's S3 server for the S3 repository test,
+# schemathesis for the OpenAPI contract test.
 install_venv() {
   local venv=/opt/keepd-test/$1 program=$2
   shift 2
@@ -39,6 +40,7 @@ install_venv() {
 install_python_tools() {
   install_venv patroni patroni "patroni[etcd3,psycopg3]==4.1.5" "psycopg[binary]"
   install_venv moto moto_server "moto[server]==5.2.5"
+  install_venv schemathesis schemathesis "schemathesis==4.32.5"
 }
 sudo=""
 if [[ ${#missing[@]} -eq 0 ]]; then

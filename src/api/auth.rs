@@ -27,21 +27,24 @@ use crate::postgres::pool::{GroupRole, OperationContext};
 use crate::secrets::values::SecretString;
 
 const MIN_PASSWORD_CHARS: usize = 8;
-const MAX_PASSWORD_BYTES: usize = 1024;
+/// In characters, as the OpenAPI document states it (at most 1 KiB).
+const MAX_PASSWORD_CHARS: usize = 256;
 const MAX_EMAIL_BYTES: usize = 254;
 
 #[derive(Deserialize, ToSchema)]
 pub struct CredentialsBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     password: SecretString,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     password: SecretString,
     /// A code from `keepd account invite`; needed when the operator set
     /// `api.registration: invite`, ignored otherwise.
@@ -51,9 +54,9 @@ pub struct RegisterBody {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChangePasswordBody {
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     current_password: SecretString,
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     new_password: SecretString,
 }
 
@@ -62,7 +65,7 @@ pub struct ChangePasswordBody {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeleteAccountBody {
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     current_password: SecretString,
 }
 
@@ -163,13 +166,11 @@ fn normalise_email(email: &str) -> Result<String, ApiError> {
 
 fn check_password(password: &SecretString, field: &str) -> Result<(), ApiError> {
     let text = password.expose();
-    if text.chars().count() < MIN_PASSWORD_CHARS || text.len() > MAX_PASSWORD_BYTES {
+    let chars = text.chars().count();
+    if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
         return Err(ApiError::bad_request(
             "weak_password",
-            format!(
-                "`{field}` must have at least {MIN_PASSWORD_CHARS} characters and at most \
-                 {MAX_PASSWORD_BYTES} bytes"
-            ),
+            format!("`{field}` must have {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"),
         ));
     }
     Ok(())

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
+use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, whole};
 use super::store::backups::{self, NewBackup};
 use super::store::devices;
 use super::sync::{check_base64, check_text};
@@ -35,11 +35,14 @@ const MAX_PAGE: i64 = 100;
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterDeviceBody {
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]+$")]
     device_name: String,
     /// Base64 of the 32-byte Ed25519 public key.
+    #[schema(format = Byte, pattern = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")]
     public_key: String,
     /// Base64 Ed25519 signature by this key over the registration message
     /// (docs/api.md): the device proves it holds the private key.
+    #[schema(format = Byte, pattern = r"^[A-Za-z0-9+/]{85}[AQgw]==$")]
     proof: String,
 }
 
@@ -99,16 +102,22 @@ impl DataClassification {
 pub struct StoreBackupBody {
     device_id: Uuid,
     /// Base64 ciphertext.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     ciphertext: String,
     /// Base64.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     nonce: String,
     /// Base64 AEAD tag.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     auth_tag: String,
     /// Base64 Ed25519 signature by the device's key: version 2 over the
     /// backup message of docs/api.md, version 1 (legacy) over the raw
     /// ciphertext bytes.
+    #[schema(format = Byte, pattern = r"^[A-Za-z0-9+/]{85}[AQgw]==$")]
     signature: String,
     /// 1 (legacy, the default) or 2.
+    #[serde(default, deserialize_with = "whole::option_u8")]
+    #[schema(minimum = 1, maximum = 2)]
     signature_version: Option<u8>,
     data_classification: DataClassification,
 }
@@ -175,6 +184,7 @@ pub struct BackupResponse {
 #[into_params(parameter_in = Query)]
 pub struct DevicesPage {
     /// 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// The `nextCursor` of the previous page.
     after: Option<Uuid>,
@@ -184,6 +194,7 @@ pub struct DevicesPage {
 #[into_params(parameter_in = Query)]
 pub struct BackupsPage {
     /// 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// The `nextCursor` of the previous page.
     before: Option<Uuid>,

@@ -193,3 +193,50 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
         })
     }
 }
+
+/// Integers in a JSON body as JSON Schema counts them: `566` and `566.0`
+/// alike (a number whose fraction is zero is an integer there, and a
+/// generated client may send either); a fraction or an out-of-range value
+/// is refused by name.
+pub mod whole {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    fn exact<'de, D: Deserializer<'de>>(number: serde_json::Number) -> Result<i64, D::Error> {
+        if let Some(n) = number.as_i64() {
+            return Ok(n);
+        }
+        match number.as_f64() {
+            Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64 => {
+                Ok(f as i64)
+            }
+            _ => Err(D::Error::custom(format!(
+                "{number} is not a whole number in range"
+            ))),
+        }
+    }
+
+    pub fn i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+        exact::<D>(serde_json::Number::deserialize(deserializer)?)
+    }
+
+    pub fn option_i64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+        match Option::<serde_json::Number>::deserialize(deserializer)? {
+            Some(number) => exact::<D>(number).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn i32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i32, D::Error> {
+        let n = i64(deserializer)?;
+        i32::try_from(n).map_err(|_| D::Error::custom(format!("{n} is out of range")))
+    }
+
+    pub fn option_u8<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u8>, D::Error> {
+        match option_i64(deserializer)? {
+            Some(n) => u8::try_from(n)
+                .map(Some)
+                .map_err(|_| D::Error::custom(format!("{n} is out of range"))),
+            None => Ok(None),
+        }
+    }
+}

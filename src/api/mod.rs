@@ -240,10 +240,128 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(devices::backup))
 }
 
+/// The router and its OpenAPI document, completed with what every route
+/// can answer.
+fn parts() -> (Router<Arc<Api>>, utoipa::openapi::OpenApi) {
+    let (router, mut openapi) = routes().split_for_parts();
+    complete(&mut openapi);
+    (router, openapi)
+}
+
+/// The answers the layers in front of every handler give, stated on
+/// every operation they can reach, so the document holds every status a
+/// generated client may meet: 429 and 503 everywhere (rate limits, a
+/// database that is away, `api.request_timeout`, a node not admitted),
+/// 400 where a path or query is parsed, and 400 / 408 / 413 / 415 where a
+/// JSON body is read.
+fn complete(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            item.get.as_mut(),
+            item.post.as_mut(),
+            item.put.as_mut(),
+            item.patch.as_mut(),
+            item.delete.as_mut(),
+        ];
+        for operation in operations.into_iter().flatten() {
+            let mut common = vec![
+                ("429", "Too many requests (`rate_limited`, `Retry-After`)"),
+                (
+                    "503",
+                    "Nothing was done; retry after `Retry-After` (`database_unavailable`, \
+                     `not_admitted`)",
+                ),
+            ];
+            if operation.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                common.push(("400", "A path or query parameter is malformed"));
+            }
+            if operation.request_body.is_some() {
+                common.extend([
+                    ("400", "The body is not the JSON this route takes"),
+                    ("408", "The body did not arrive within `api.body_timeout`"),
+                    ("413", "The body is larger than `api.max_body_bytes`"),
+                    ("415", "The body is not `application/json`"),
+                ]);
+            }
+            let responses = &mut operation.responses.responses;
+            for (status, description) in common {
+                responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
+    }
+    link_created_to_readers(openapi);
+}
+
+/// Links from the operations that create a vault, a device or a backup to
+/// those that read, change or remove it, so a generated client (and
+/// schemathesis's stateful phase) can follow them.
+fn link_created_to_readers(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::link::LinkBuilder;
+    const VAULT: &str = "$request.body#/vaultId";
+    let links: [(&str, &str, &str, &str, &str); 6] = [
+        ("/sync/vault-key", "201", "vault_key", "vaultId", VAULT),
+        (
+            "/sync/vault-key",
+            "201",
+            "rewrap_vault_key",
+            "vaultId",
+            VAULT,
+        ),
+        ("/sync/vault-key", "201", "events", "vaultId", VAULT),
+        ("/sync/vault-key", "201", "delete_vault", "vaultId", VAULT),
+        (
+            "/devices",
+            "201",
+            "revoke_device",
+            "id",
+            "$response.body#/device/id",
+        ),
+        (
+            "/backups",
+            "201",
+            "backup",
+            "id",
+            "$response.body#/backup/id",
+        ),
+    ];
+    for (path, status, target, parameter, expression) in links {
+        let Some(operation) = openapi
+            .paths
+            .paths
+            .get_mut(path)
+            .and_then(|item| item.post.as_mut())
+        else {
+            continue;
+        };
+        if let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) {
+            let link = LinkBuilder::new()
+                .operation_id(target)
+                .parameter(parameter, expression)
+                .build();
+            response.links.insert(target.to_string(), link.into());
+        }
+    }
+}
+
 /// The OpenAPI document as served at `/openapi.json`.
 pub fn openapi_document() -> String {
-    let (_, openapi) = routes().split_for_parts();
-    openapi
+    parts()
+        .1
         .to_pretty_json()
         .expect("the OpenAPI document serialises")
 }
@@ -251,7 +369,7 @@ pub fn openapi_document() -> String {
 /// The public router: every route of the OpenAPI document, behind the
 /// layers every answer passes.
 pub fn router(api: Arc<Api>, web: &WebPolicy) -> Router {
-    let (router, openapi) = routes().split_for_parts();
+    let (router, openapi) = parts();
     let _ = api.public_routes.set(public_routes(&openapi));
     let _ = api.openapi.set(
         openapi

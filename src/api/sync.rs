@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth};
+use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, whole};
 use super::store::logs::{self, NewEntry};
 use super::store::vaults::{self, WrappedKey};
 use super::{Api, iso8601};
@@ -41,17 +41,26 @@ const MAX_VAULT_PAGE: i64 = 1000;
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoreVaultKeyBody {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     vault_id: String,
     /// Base64: the vault key encrypted client-side.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     encrypted_vault_key: String,
     /// Base64.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     salt: String,
     /// Base64.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     nonce: String,
     /// Optional: base64 of a value the client derives from the vault key
     /// (keepd's client: HMAC-SHA256 of the key over `keepd vault key check
     /// v1`), which reveals nothing of it; a push carrying another one is
     /// refused with 409 `wrong_vault_key`.
+    #[schema(format = Byte, max_length = 200, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     key_check: Option<String>,
 }
 
@@ -96,22 +105,34 @@ pub struct VaultKeyResponse {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PushEntry {
-    /// Base64 ciphertext of one CRDT log entry.
+    /// Base64 ciphertext of one CRDT log entry (at most
+    /// `api.max_entry_bytes` decoded, 413 beyond).
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     encrypted_data: String,
     /// Base64 AES-GCM nonce.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     nonce: String,
     /// The client's hybrid logical clock timestamp.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000]+$")]
     haex_timestamp: String,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PushBody {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     vault_id: String,
+    /// 1 to `api.max_push_entries` (10,000 by default) entries.
+    #[schema(min_items = 1)]
     logs: Vec<PushEntry>,
     /// Optional: the vault key's check value (see `POST /sync/vault-key`);
     /// when the vault's record has one and this differs, nothing is stored
     /// (409 `wrong_vault_key`).
+    #[schema(format = Byte, max_length = 200, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     key_check: Option<String>,
 }
 
@@ -135,11 +156,19 @@ pub struct PushResponse {
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PullBody {
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     vault_id: String,
     /// Entries with a greater sequence are returned (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole::i64")]
+    #[schema(minimum = 0)]
     after_sequence: i64,
     /// 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "whole::option_i64")]
+    #[schema(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -352,7 +381,7 @@ pub(super) async fn store_vault_key(
 
 /// A vault's encrypted key.
 #[utoipa::path(get, path = "/sync/vault-key/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id")),
+    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
     responses(
         (status = 200, body = VaultKeyResponse),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -403,7 +432,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 #[utoipa::path(post, path = "/sync/push", tag = "sync",
     request_body = PushBody,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "A retry with the same key returns the first result and stores nothing again")),
+        description = "A retry with the same key returns the first result and stores nothing again",
+        pattern = r"^[\x21-\x7E](?:[\x20-\x7E]{0,198}[\x21-\x7E])?$")),
     responses(
         (status = 200, body = PushResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -721,8 +751,14 @@ mod tests {
 #[into_params(parameter_in = Query)]
 pub struct VaultsPage {
     /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// The `nextCursor` of the previous page (a vaultId).
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     after: Option<String>,
 }
 
@@ -808,7 +844,7 @@ pub struct DeleteVaultResponse {
 
 /// Erases one vault: its key record and every entry, in one transaction.
 #[utoipa::path(delete, path = "/sync/vault/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id")),
+    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
     responses(
         (status = 200, body = DeleteVaultResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -853,16 +889,22 @@ pub(super) async fn delete_vault(
 #[serde(rename_all = "camelCase")]
 pub struct RewrapVaultKeyBody {
     /// Base64: the same vault key, encrypted under the new password.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     encrypted_vault_key: String,
     /// Base64.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     salt: String,
     /// Base64.
+    #[schema(format = Byte, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     nonce: String,
     /// The version this replaces, as `GET /sync/vault-key/{vaultId}`
     /// answered it: another device's re-wrap in between is a 409, never
     /// overwritten.
+    #[serde(deserialize_with = "whole::i32")]
+    #[schema(minimum = 1)]
     version: i32,
     /// Optional: a key check for a record that had none.
+    #[schema(format = Byte, max_length = 200, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     key_check: Option<String>,
 }
 
@@ -878,7 +920,7 @@ pub struct RewrapVaultKeyResponse {
 /// Replaces a vault's wrapped key (the same key re-wrapped, after a
 /// password change), if it is still at the version the client read.
 #[utoipa::path(patch, path = "/sync/vault-key/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id")),
+    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
     request_body = RewrapVaultKeyBody,
     responses(
         (status = 200, body = RewrapVaultKeyResponse),
@@ -951,11 +993,30 @@ pub(super) async fn rewrap_vault_key(
     }))
 }
 
+/// One event of `GET /sync/events` as the stream frames it.
+#[derive(ToSchema)]
+#[allow(dead_code)] // a description for the OpenAPI document only
+pub struct SyncEventFrame {
+    /// Always `sync`.
+    #[schema(pattern = "^sync$")]
+    event: String,
+    /// The vault's new last sequence, which `Last-Event-ID` resumes from.
+    #[schema(pattern = "^[0-9]+$")]
+    id: String,
+    /// JSON text: `{"vaultId": "...", "sequence": N}`; never ciphertext.
+    data: String,
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct EventsQuery {
     /// The vault to watch.
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
     vault_id: String,
 }
 
@@ -967,9 +1028,10 @@ pub struct EventsQuery {
 /// that falls behind is ended: reconnect with `Last-Event-ID`.
 #[utoipa::path(get, path = "/sync/events", tag = "sync",
     params(EventsQuery,
-        ("Last-Event-ID" = Option<i64>, Header, description = "The last sequence this client has seen")),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false,
+            description = "The last sequence this client has seen", minimum = 0)),
     responses(
-        (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An event stream", content_type = "text/event-stream", body = SyncEventFrame),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 429, description = "api.events.max_streams or max_streams_per_account reached", body = ErrorBody),
