@@ -19,7 +19,7 @@ conns=8
 
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 scripts/install-deps.sh
-cargo build --release --locked --bin keepd
+cargo build --release --locked --bin keepd --example loadgen
 keepd=$root/target/release/keepd
 pgbin=$(dirname "$(compgen -G '/usr/lib/postgresql/*/bin/pgbench' | sort -V | tail -1)")
 
@@ -206,6 +206,12 @@ usage_ok=$(sql "SELECT bool_and(u.storage_bytes = (SELECT coalesce(sum(size_byte
                   FROM keepd.sync_logs l WHERE l.user_id = u.user_id)) FROM keepd.account_usage u")
 [[ $bad == 0 && $usage_ok == t ]] || { say "bench: correctness check failed ($bad vaults, usage $usage_ok)"; exit 1; }
 
+# Live updates: a watcher holds GET /sync/events while pushes of one
+# entry commit one after another; push sent -> event received.
+say "bench: live-update latency (200 pushes)"
+events=$(taskset -c 1 "$root/target/release/examples/loadgen" --addr "127.0.0.1:$port" --events 200)
+read -r events_p50 events_p99 events_max < <(awk '/^events:/ {print $10, $13, $16}' <<<"$events")
+
 say "bench: stopping keepd; the same cluster without it, for pgbench"
 pgdata=$work/state/pgdata
 owner=$(stat -c %U "$pgdata")
@@ -294,6 +300,7 @@ keepd $("$keepd" --version 2>/dev/null | awk '{print $2}') · $(nproc) CPUs · $
 | P3 role and tenant switch + RLS, one connection (pgbench) | $scoped_ms ms vs $unscoped_ms ms without; keepd pull p50 at 1 connection $pull1_p50 ms | $(awk -v s="$scoped_ms" -v u="$unscoped_ms" -v k="$pull1_p50" 'BEGIN {printf "%.1f %% of a pull", 100 * (s - u) / k}') |
 | P4 16 writers: one vault vs 100 vaults | $hot16_rps vs $spread16_rps req/s | $(ratio "$hot16_rps" "$spread16_rps") |
 | P5 keepd memory under the pull run | $rss_before MiB before, $rss_peak MiB peak, $rss_after MiB after the runs | |
+| E1 live update: push sent -> event received, 200 pushes | p50 $events_p50 ms, p99 $events_p99 ms, max $events_max ms | |
 
 Correctness: every vault holds exactly 1..N; the usage row equals the bytes stored; no request failed.
 EOF
