@@ -253,7 +253,7 @@ push_sql=$(statement APPEND '$1=:uid' "\$2='spread-' || :v" '$3=50' \
   '$5::text[]=array_fill(:data::text, ARRAY[50])' \
   "\$6::text[]=array_fill('bm9uY2Vub25jZQ=='::text, ARRAY[50])" \
   "\$7::text[]=ARRAY(SELECT lpad(g::text, 12, '0') FROM generate_series(1, 50) g)" \
-  '$8::int8[]=array_fill(712::int8, ARRAY[50])')
+  '$8::int8[]=array_fill(712::int8, ARRAY[50])' '$9=35600')
 scope="SELECT set_config('role', 'keepd_query', true), set_config('keepd.user_id', :uid, true), set_config('keepd.email_hmac', '', true);"
 # The same statements without switching role or tenant (as the superuser,
 # so row-level security does not apply either).
@@ -261,7 +261,10 @@ noscope="SELECT set_config('keepd.unused', :uid, true), set_config('keepd.unused
 printf '\\set after random(0, 1900)\n%s;\n' "$pull_sql" >"$work/ceiling/pull.sql"
 printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$scope" "$pull_sql" >"$work/ceiling/pull-scoped.sql"
 printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$noscope" "$pull_sql" >"$work/ceiling/pull-unscoped.sql"
-printf '\\set v random(1, 100)\nBEGIN;\n%s;\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push.sql"
+# A push also announces its commit to live-update watchers, as keepd's
+# does; push-quiet.sql is the same without, for the cost of announcing.
+printf '\\set v random(1, 100)\nBEGIN;\n%s;\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push-quiet.sql"
+printf '\\set v random(1, 100)\nBEGIN;\n%s;\nSELECT pg_notify('"'"'keepd_events'"'"', :uid);\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push.sql"
 
 bench() { # SCRIPT CLIENTS: "tps latency_ms"
   local out
@@ -274,6 +277,7 @@ bench() { # SCRIPT CLIENTS: "tps latency_ms"
 say "bench: ceiling runs"
 read -r ceil_pull_tps _ < <(bench pull.sql $conns)
 read -r ceil_push_tps _ < <(bench push.sql $conns)
+read -r ceil_quiet_tps _ < <(bench push-quiet.sql $conns)
 # One connection, so latency is the measure: the two scripts drawn at
 # random, transaction by transaction, in one run (pgbench reports each
 # script's latency), so the machine's drift between runs cannot favour
@@ -301,6 +305,7 @@ keepd $("$keepd" --version 2>/dev/null | awk '{print $2}') · $(nproc) CPUs · $
 | P4 16 writers: one vault vs 100 vaults | $hot16_rps vs $spread16_rps req/s | $(ratio "$hot16_rps" "$spread16_rps") |
 | P5 keepd memory under the pull run | $rss_before MiB before, $rss_peak MiB peak, $rss_after MiB after the runs | |
 | E1 live update: push sent -> event received, 200 pushes | p50 $events_p50 ms, p99 $events_p99 ms, max $events_max ms | |
+| E2 the push ceiling with and without announcing (NOTIFY serialises commits) | $ceil_push_tps vs $ceil_quiet_tps tps; keepd's push over the quiet ceiling | $(ratio "$push_rps" "$ceil_quiet_tps") |
 
 Correctness: every vault holds exactly 1..N; the usage row equals the bytes stored; no request failed.
 EOF

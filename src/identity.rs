@@ -168,12 +168,27 @@ impl NodeIdentity {
     /// Writes this identity to `path` (0600, parent 0700); an existing file
     /// is never overwritten.
     pub fn write_new(&self, path: &Path) -> Result<(), IdentityError> {
+        self.write(path, true)
+    }
+
+    /// Writes the key as a new 0600 file where an operator asked for it
+    /// (`keepd recovery combine --out`): a missing directory is made
+    /// private, an existing one (`/tmp`, say) is left as it is.
+    pub fn write_new_at(&self, path: &Path) -> Result<(), IdentityError> {
+        self.write(path, false)
+    }
+
+    fn write(&self, path: &Path, tighten_dir: bool) -> Result<(), IdentityError> {
         let write_err = |source| IdentityError::Write {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            fsutil::ensure_private_dir(dir).map_err(write_err)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            match tighten_dir {
+                true => fsutil::ensure_private_dir(dir),
+                false => fsutil::create_dir_if_missing(dir, 0o700),
+            }
+            .map_err(write_err)?;
         }
         let text = self.encode();
         // create_new: a key that appeared since we looked is never overwritten.

@@ -24,7 +24,7 @@ struct Cli {
         long,
         global = true,
         value_name = "FILE",
-        default_value = "/etc/keepd/keepd.yaml"
+        default_value = keepd::config::DEFAULT_CONFIG_PATH
     )]
     config: PathBuf,
     #[command(subcommand)]

@@ -368,7 +368,7 @@ pub fn restore(identity: &NodeIdentity, path: &Path) -> Result<(), RecoveryError
             path: path.to_owned(),
         });
     }
-    Ok(identity.write_new(path)?)
+    Ok(identity.write_new_at(path)?)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
 use common::{TestNode, keepd_bin};
@@ -244,6 +245,31 @@ fn recovery_split_and_combine_through_the_cli() {
         "{}",
         stderr(&again)
     );
+    // --out into a shared directory: the file is private, the directory
+    // keeps its mode.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = shared.path().join("identity.key");
+    let elsewhere = node
+        .command(&[
+            "recovery",
+            "combine",
+            "--out",
+            out.to_str().unwrap(),
+            shares[1].to_str().unwrap(),
+            shares[2].to_str().unwrap(),
+            shares[3].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(elsewhere.status.success(), "{}", stderr(&elsewhere));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode(shared.path()),
+        0o1777,
+        "the directory was left as it was"
+    );
+    assert_eq!(mode(&out), 0o600);
 }
 
 #[test]

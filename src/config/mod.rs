@@ -27,7 +27,7 @@ pub use topology::{Topology, Transport};
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {source}{}", read_hint(path, source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -42,6 +42,23 @@ pub enum ConfigError {
         allowed: String,
     },
 }
+
+/// What to do about a config file that cannot be read.
+fn read_hint(path: &Path, error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound if path == Path::new(DEFAULT_CONFIG_PATH) => {
+            "; copy config/keepd.example.yaml there (the installed default), or pass --config FILE"
+        }
+        std::io::ErrorKind::NotFound => "; check the path given to --config",
+        std::io::ErrorKind::PermissionDenied => {
+            "; keepd's user must be able to read it (0640, group keepd)"
+        }
+        _ => "",
+    }
+}
+
+/// Where `--config` points when not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/keepd/keepd.yaml";
 
 /// The whole keepd configuration with every default applied.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -889,6 +906,51 @@ fn optional_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Pa
     Ok(text.filter(|t| !t.trim().is_empty()).map(PathBuf::from))
 }
 
+/// A parse error as an operator reads it: the key path once (none when
+/// the YAML itself is broken, where the parser's line and column say
+/// where), and kinds in words instead of Rust's type names.
+fn humane(key: &str, error: &serde_norway::Error) -> String {
+    let mut text = error.to_string();
+    // The parser's message may start with the path already.
+    if let Some(rest) = text.strip_prefix(&format!("{key}: ")) {
+        text = rest.to_string();
+    }
+    for (rust, words) in [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i16", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        text = text.replace(rust, words);
+    }
+    if let Some(start) = text.find("expected struct ") {
+        // `expected struct NodeConfig`: a section of settings.
+        let end = text[start + 16..]
+            .find(|c: char| !c.is_alphanumeric())
+            .map_or(text.len(), |i| start + 16 + i);
+        text.replace_range(start..end, "expected a section of settings (a mapping)");
+    }
+    let broken = key.is_empty() || key == "." || key.contains('?');
+    match (broken, error.location()) {
+        (true, Some(at)) if !text.contains("line ") => format!(
+            "invalid YAML at line {}, column {}: {text}",
+            at.line(),
+            at.column()
+        ),
+        (true, _) => format!("invalid YAML: {text}"),
+        (false, _) => format!("at `{key}`: {text}"),
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file; relative paths are taken
     /// from the working directory so `config/dev.yaml` keeps state beside it.
@@ -916,14 +978,9 @@ impl Config {
             serde_path_to_error::deserialize(deserializer).map_err(|err| {
                 let key = err.path().to_string();
                 let inner = err.into_inner();
-                let message = if key == "." || key.is_empty() {
-                    inner.to_string()
-                } else {
-                    format!("at `{key}`: {inner}")
-                };
                 ConfigError::Syntax {
                     path: path.to_owned(),
-                    message,
+                    message: humane(&key, &inner),
                 }
             })?
         };
@@ -1046,6 +1103,33 @@ mod tests {
         ] {
             let msg = error(&yaml);
             assert!(msg.contains(key) && msg.contains(says), "{yaml}: {msg}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key_once_in_plain_words() {
+        let msg = error("database:\n  postgres:\n    max_connections: lots\n");
+        assert!(
+            msg.contains("at `database.postgres.max_connections`"),
+            "{msg}"
+        );
+        assert_eq!(msg.matches("max_connections").count(), 1, "{msg}");
+        assert!(
+            msg.contains("a whole number") && !msg.contains("u32"),
+            "{msg}"
+        );
+        let msg = error("node:\n\tstate_dir: /a\n");
+        assert!(msg.contains("line 2 column 1"), "{msg}");
+        assert!(!msg.contains('?'), "{msg}");
+        for level in ["verbose", "", "keepd=loud", "debug,chatty"] {
+            let msg = error(&format!("log:\n  level: {level:?}\n"));
+            assert!(
+                msg.contains("log.level") && msg.contains("off, error, warn"),
+                "{level}: {msg}"
+            );
+        }
+        for level in ["info", "WARN", "keepd=debug,warn", "off"] {
+            parse(&format!("log:\n  level: {level}\n")).unwrap();
         }
     }
 

@@ -32,11 +32,27 @@ pub(super) fn node(node: &NodeConfig) -> Result<(), Invalid> {
 }
 
 pub(super) fn log(log: &LogConfig) -> Result<(), Invalid> {
-    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+    // A bare word that is not a level is a target to tracing's filter
+    // (`verbose` would silence everything else): only levels, and
+    // `target=level` directives, are taken.
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |word: &str| LEVELS.contains(&word.trim().to_ascii_lowercase().as_str());
+    let directives_ok = !log.level.trim().is_empty()
+        && log
+            .level
+            .split(',')
+            .all(|directive| match directive.rsplit_once('=') {
+                Some((target, level)) => !target.trim().is_empty() && is_level(level),
+                None => is_level(directive),
+            });
+    let parses = tracing_subscriber::EnvFilter::try_new(&log.level).is_ok();
+    if !(directives_ok && parses) {
         return Err(invalid(
             "log.level",
             format!("{:?}", log.level),
-            format!("a level (error, warn, info, debug, trace) or filter directive ({err})"),
+            "one of off, error, warn, info, debug, trace, or directives like \
+             `keepd=debug,warn` (target=level, separated by commas)"
+                .into(),
         ));
     }
     Ok(())

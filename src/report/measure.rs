@@ -1089,19 +1089,21 @@ fn file_modes(config: &Config) -> Check {
     let layout = Layout::of(config);
     // (path, the bits it must not have)
     let expected = [
-        (layout.state_dir().to_owned(), 0o027),
-        (layout.runtime_dir().to_owned(), 0o027),
-        (layout.identity_key(), 0o077),
-        (layout.credentials().to_owned(), 0o077),
-        (layout.data_dir(), 0o077),
-        (layout.pki_dir(), 0o077),
-        (layout.postgres_log_dir(), 0o077),
+        ("state", layout.state_dir().to_owned(), 0o027),
+        ("runtime", layout.runtime_dir().to_owned(), 0o027),
+        ("identity", layout.identity_key(), 0o077),
+        ("db.enc", layout.credentials().to_owned(), 0o077),
+        ("data", layout.data_dir(), 0o077),
+        ("pki", layout.pki_dir(), 0o077),
+        ("logs", layout.postgres_log_dir(), 0o077),
     ];
     let mut exposed = Vec::new();
-    let mut checked = 0;
-    for (path, forbidden) in expected {
+    // Only what exists is counted and named (no pki in socket mode, no
+    // data directory on an external server).
+    let mut checked = Vec::new();
+    for (name, path, forbidden) in expected {
         if let Some(m) = mode(&path) {
-            checked += 1;
+            checked.push(name);
             if m & forbidden != 0 {
                 exposed.push(format!("{} is {m:o}", path.display()));
             }
@@ -1112,7 +1114,7 @@ fn file_modes(config: &Config) -> Check {
             id,
             Weight::Major,
             Status::Pass,
-            format!("{checked} paths private (state, runtime, identity, db.enc, data, pki, logs)"),
+            format!("{} paths private ({})", checked.len(), checked.join(", ")),
         )
     } else {
         Check::new(id, Weight::Major, Status::Fail, exposed.join("; "))
