@@ -65,8 +65,12 @@ pub async fn apply(
                 script: script.name,
                 source,
             })?;
-        info!(script = script.name, "applied initdb script");
     }
+    // One line for all of them: a healthy start stays short.
+    info!(
+        scripts = rendered.initdb.len(),
+        "applied the initdb scripts"
+    );
     drop(admin);
     Ok(())
 }
