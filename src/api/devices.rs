@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, whole};
+use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, page_limit, whole};
 use super::store::backups::{self, NewBackup};
 use super::store::devices;
 use super::sync::{check_base64, check_text};
@@ -314,7 +314,7 @@ pub(super) async fn list_devices(
     auth: UserAuth,
     ApiQuery(page): ApiQuery<DevicesPage>,
 ) -> Result<Json<DevicesResponse>, ApiError> {
-    let limit = page_limit(page.limit)?;
+    let limit = page_limit(page.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
     // One more than asked tells whether there is another page.
     let found = devices::list(&tx, &api.fields, auth.user, page.after, limit + 1).await?;
@@ -330,18 +330,6 @@ pub(super) async fn list_devices(
         devices,
         next_cursor,
     }))
-}
-
-/// A page size, 1 to `MAX_PAGE` (default `DEFAULT_PAGE`).
-fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    let limit = limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` must be 1 to {MAX_PAGE}"),
-        ));
-    }
-    Ok(limit)
 }
 
 /// Revokes a device: its signatures are no longer accepted.
@@ -513,7 +501,7 @@ pub(super) async fn list_backups(
     auth: UserAuth,
     ApiQuery(page): ApiQuery<BackupsPage>,
 ) -> Result<Json<BackupsResponse>, ApiError> {
-    let limit = page_limit(page.limit)?;
+    let limit = page_limit(page.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
     // One more than asked tells whether there is another page.
     let found = backups::page(&tx, auth.user, page.before, limit + 1).await?;

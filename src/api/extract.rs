@@ -194,6 +194,19 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
     }
 }
 
+/// A page size: `limit` when given, else `default`; 1 to `max`, or 400
+/// `invalid_limit` naming the range.
+pub fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("`limit` must be 1 to {max}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Integers in a JSON body as JSON Schema counts them: `566` and `566.0`
 /// alike (a number whose fraction is zero is an integer there, and a
 /// generated client may send either); a fraction or an out-of-range value

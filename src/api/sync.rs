@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, whole};
+use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, page_limit, whole};
 use super::store::logs::{self, NewEntry};
 use super::store::vaults::{self, WrappedKey};
 use super::{Api, iso8601};
@@ -652,13 +652,7 @@ pub(super) async fn pull(
     ApiJson(body): ApiJson<PullBody>,
 ) -> Result<Response, ApiError> {
     check_vault_id(&body.vault_id)?;
-    let limit = body.limit.unwrap_or(DEFAULT_PULL_LIMIT);
-    if !(1..=MAX_PULL_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` must be 1 to {MAX_PULL_LIMIT}"),
-        ));
-    }
+    let limit = page_limit(body.limit, DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT)?;
     if body.after_sequence < 0 {
         return Err(ApiError::bad_request(
             "invalid_after_sequence",
@@ -795,13 +789,7 @@ pub(super) async fn list_vaults(
     auth: UserAuth,
     ApiQuery(page): ApiQuery<VaultsPage>,
 ) -> Result<Json<VaultsResponse>, ApiError> {
-    let limit = page.limit.unwrap_or(DEFAULT_VAULT_PAGE);
-    if !(1..=MAX_VAULT_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            format!("`limit` must be 1 to {MAX_VAULT_PAGE}"),
-        ));
-    }
+    let limit = page_limit(page.limit, DEFAULT_VAULT_PAGE, MAX_VAULT_PAGE)?;
     if let Some(after) = &page.after {
         check_vault_id(after)?;
     }

@@ -99,6 +99,16 @@ pub enum Rewrapped {
     Missing,
 }
 
+/// The wrapped key's three columns as they are stored (sealed at rest
+/// when the configuration says so).
+fn seal(fields: &FieldCipher, key: WrappedKey) -> (String, String, String) {
+    (
+        fields.seal_text(column::VAULT_KEY, key.encrypted_vault_key),
+        fields.seal_text(column::VAULT_KEY_SALT, key.salt),
+        fields.seal_text(column::VAULT_KEY_NONCE, key.nonce),
+    )
+}
+
 /// Creates the vault; its row id, or None when the user already has it.
 pub async fn create(
     tx: &ScopedTransaction,
@@ -121,11 +131,7 @@ pub async fn store_key(
     key_check: Option<&str>,
 ) -> Result<(Uuid, SystemTime), StoreError> {
     let id = Uuid::new_v4();
-    let sealed = (
-        fields.seal_text(column::VAULT_KEY, key.encrypted_vault_key),
-        fields.seal_text(column::VAULT_KEY_SALT, key.salt),
-        fields.seal_text(column::VAULT_KEY_NONCE, key.nonce),
-    );
+    let sealed = seal(fields, key);
     let row = tx
         .query_one(
             INSERT_VAULT_KEY,
@@ -182,11 +188,7 @@ pub async fn rewrap(
     key: WrappedKey,
     key_check: Option<&str>,
 ) -> Result<Rewrapped, StoreError> {
-    let sealed = (
-        fields.seal_text(column::VAULT_KEY, key.encrypted_vault_key),
-        fields.seal_text(column::VAULT_KEY_SALT, key.salt),
-        fields.seal_text(column::VAULT_KEY_NONCE, key.nonce),
-    );
+    let sealed = seal(fields, key);
     let rows = tx
         .query(
             REWRAP,
