@@ -280,7 +280,10 @@ fn main() -> ExitCode {
             dry_run,
         } => service(&cli.config, command, target, docker, dry_run),
         Command::Psql { role, args } => match keepd::admin::psql(&config, role.as_deref(), &args) {
-            Ok(status) => return ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+            // keepd's codes, not psql's: its 2 (cannot connect) is a
+            // runtime failure here, where 2 means a usage error.
+            Ok(status) if status.success() => return ExitCode::SUCCESS,
+            Ok(_) => return ExitCode::from(1),
             Err(e) => Err(e.into()),
         },
     };
@@ -292,6 +295,14 @@ fn main() -> ExitCode {
                     || c.is::<RenderError>()
                     || c.downcast_ref::<keepd::daemon::DaemonError>()
                         .is_some_and(keepd::daemon::DaemonError::is_configuration)
+                    || c.downcast_ref::<keepd::admin::AdminError>()
+                        .is_some_and(|a| {
+                            matches!(
+                                a,
+                                keepd::admin::AdminError::UnknownRole { .. }
+                                    | keepd::admin::AdminError::BadS3Key(_)
+                            )
+                        })
                     || c.downcast_ref::<RecoveryError>().is_some_and(|r| {
                         matches!(
                             r,

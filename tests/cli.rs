@@ -317,3 +317,36 @@ fn recovery_split_takes_its_defaults_from_the_configuration() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("any 3 rebuild"));
 }
+
+/// Exit codes as documented: 2 for what a setting or argument got wrong,
+/// 1 for what failed at run time, whatever psql itself would say.
+#[test]
+fn exit_codes_say_whose_mistake_it_was() {
+    // A version this host does not have, on a fresh node: a setting.
+    let node = TestNode::with_extra("database:\n  postgres:\n    version: 99\n");
+    let out = node.command(&["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // A bin_dir without the server's tools: a setting.
+    let empty = tempfile::tempdir().unwrap();
+    let node = TestNode::with_extra(&format!(
+        "database:\n  postgres:\n    native:\n      bin_dir: {}\n",
+        empty.path().display()
+    ));
+    let out = node.command(&["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let node = TestNode::new();
+    let daemon = node.start_healthy();
+    let out = node
+        .command(&["psql", "--role", "nosuch", "--", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "an argument: {}", stderr(&out));
+    drop(daemon);
+    // No daemon: psql cannot connect (its own code would be 2).
+    let out = node
+        .command(&["psql", "--", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}

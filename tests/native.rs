@@ -285,6 +285,7 @@ fn a_cluster_of_another_major_version_is_refused_by_name() {
         text.contains("database.postgres.version asks for 99"),
         "{text}"
     );
+    assert_eq!(out.status.code(), Some(2), "a setting's error: {text}");
 }
 
 /// Postgres's log files past `database.postgres.log_retention` are deleted;

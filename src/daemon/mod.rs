@@ -129,7 +129,13 @@ impl DaemonError {
     /// A setting that cannot work as written (exit 2), not a failure at
     /// run time.
     pub fn is_configuration(&self) -> bool {
-        matches!(self, DaemonError::ApiTls(_) | DaemonError::Edge(_))
+        match self {
+            DaemonError::ApiTls(_) | DaemonError::Edge(_) => true,
+            DaemonError::Provider(crate::postgres::server::ProviderError::Native(e)) => {
+                e.is_configuration()
+            }
+            _ => false,
+        }
     }
 }
 

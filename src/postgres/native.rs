@@ -55,6 +55,9 @@ pub enum NativeError {
         data_dir: PathBuf,
         data: u32,
         wanted: String,
+        /// A setting asked for the other major (a configuration error),
+        /// rather than the host lacking this one.
+        by_setting: bool,
     },
     #[error(
         "cannot create the system user `{user}` for Postgres ({reason}); create it \
@@ -107,6 +110,19 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 pub struct PgBinaries {
     pub dir: PathBuf,
     pub major_version: u32,
+}
+
+impl NativeError {
+    /// A setting names what this host does not have (exit 2): binaries of
+    /// a version or in a directory that are not there, or another major
+    /// than the cluster's.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            NativeError::BinariesNotFound { .. } | NativeError::BinDirIncomplete { .. } => true,
+            NativeError::MajorMismatch { by_setting, .. } => *by_setting,
+            _ => false,
+        }
+    }
 }
 
 impl PgBinaries {
@@ -216,27 +232,32 @@ fn binaries_for(
     let Some(data) = data else {
         return PgBinaries::locate(bin_dir, configured);
     };
-    let mismatch = |wanted: String| NativeError::MajorMismatch {
+    let mismatch = |wanted: String, by_setting: bool| NativeError::MajorMismatch {
         data_dir: data_dir.to_owned(),
         data,
         wanted,
+        by_setting,
     };
     if let Some(version) = configured.filter(|v| *v != data) {
-        return Err(mismatch(format!(
-            "database.postgres.version asks for {version}"
-        )));
+        return Err(mismatch(
+            format!("database.postgres.version asks for {version}"),
+            true,
+        ));
     }
     match PgBinaries::locate(bin_dir, Some(data)) {
         Ok(binaries) if binaries.major_version == data => Ok(binaries),
-        Ok(binaries) => Err(mismatch(format!(
-            "database.postgres.native.bin_dir holds PostgreSQL {}",
-            binaries.major_version
-        ))),
+        Ok(binaries) => Err(mismatch(
+            format!(
+                "database.postgres.native.bin_dir holds PostgreSQL {}",
+                binaries.major_version
+            ),
+            true,
+        )),
         Err(NativeError::BinariesNotFound { .. }) => {
             let installed = PgBinaries::locate(bin_dir, None)
                 .map(|b| format!("only PostgreSQL {} is installed", b.major_version))
                 .unwrap_or_else(|_| "no PostgreSQL is installed".into());
-            Err(mismatch(installed))
+            Err(mismatch(installed, false))
         }
         Err(e) => Err(e),
     }
