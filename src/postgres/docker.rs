@@ -423,8 +423,9 @@ impl Engine {
     /// What keepd needs to know of the image, read from a container
     /// created (never started) from it: the UID and GID the containers run
     /// as (keepd's own when keepd is not root, since Postgres refuses root,
-    /// else the image's `postgres` user from its /etc/passwd), and whether
-    /// it carries pgAudit beside the server on its PATH.
+    /// else the image's `postgres` user from its /etc/passwd), whether it
+    /// carries pgAudit beside the server on its PATH, and, with backups on,
+    /// that it carries pgBackRest (the archive command runs inside).
     async fn probe_image(&self) -> Result<ImageFacts, DockerError> {
         let probe = &self.names.probe;
         self.remove_if_ours(probe).await?;
@@ -475,16 +476,19 @@ impl Engine {
                 .map_err(api("look for pgaudit in the image"))?
                 .is_some();
         }
-        let pgbackrest = self
-            .download(probe, PGBACKREST)
-            .await
-            .map_err(api("look for pgBackRest in the image"))?
-            .is_some();
-        Ok(ImageFacts {
-            user,
-            pgaudit,
-            pgbackrest,
-        })
+        // A binary of megabytes: fetched only when backups need it.
+        if self.backup.is_some()
+            && self
+                .download(probe, PGBACKREST)
+                .await
+                .map_err(api("look for pgBackRest in the image"))?
+                .is_none()
+        {
+            return Err(DockerError::NoPgBackRest {
+                image: self.image.clone(),
+            });
+        }
+        Ok(ImageFacts { user, pgaudit })
     }
 
     /// One file of a container's filesystem, None when it is absent.
@@ -719,16 +723,7 @@ impl DockerCluster {
         };
         engine.ensure_image().await?;
         engine.ensure_volume().await?;
-        let ImageFacts {
-            user,
-            pgaudit,
-            pgbackrest,
-        } = engine.probe_image().await?;
-        if engine.backup.is_some() && !pgbackrest {
-            return Err(DockerError::NoPgBackRest {
-                image: engine.image.clone(),
-            });
-        }
+        let ImageFacts { user, pgaudit } = engine.probe_image().await?;
         if !pgaudit {
             warn!(image = %engine.image, "docker: the image carries no pgAudit; Postgres runs without it (the security report's audit.pgaudit)");
         }
@@ -1224,7 +1219,6 @@ fn server_lib_dir(path: &str) -> Option<String> {
 struct ImageFacts {
     user: ContainerUser,
     pgaudit: bool,
-    pgbackrest: bool,
 }
 
 /// The UID and GID of `postgres` in a passwd file.
