@@ -64,29 +64,8 @@ async fn wal_is_archived_and_backups_are_taken_listed_and_verified() {
     };
     client.push("v", &key, &[entry], None).await.unwrap();
 
-    // Continuous archiving: a finished segment reaches the repository
-    // (an attempt before the stanza existed, at the first start, may have
-    // failed; the last word must be a success).
-    let segment = node
-        .psql("superuser", "SELECT pg_walfile_name(pg_switch_wal())")
-        .unwrap();
-    let archived = wait_until(Duration::from_secs(30), || {
-        let row = node
-            .psql(
-                "superuser",
-                &format!(
-                    "SELECT last_archived_wal >= '{}' AND (last_failed_time IS NULL \
-                     OR last_failed_time < last_archived_time) FROM pg_stat_archiver",
-                    segment.trim()
-                ),
-            )
-            .unwrap();
-        (row.trim() == "t").then_some(())
-    });
-    assert!(
-        archived.is_some(),
-        "the WAL segment {segment} was not archived within 30 s"
-    );
+    // Continuous archiving: a finished segment reaches the repository.
+    archive_a_segment(&node, &daemon);
 
     // The schedule takes the first (full) backup right after the start.
     let first = wait_until(Duration::from_secs(60), || {
@@ -208,6 +187,34 @@ fn backups_of_an_external_server_are_its_clusters_job() {
     );
 }
 
+/// Ends the current WAL segment and waits until it is archived (an
+/// attempt before the stanza existed, at the first start, may have failed;
+/// the last word must be a success).
+fn archive_a_segment(node: &TestNode, daemon: &common::Daemon) {
+    let segment = node
+        .psql("superuser", "SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    let archived = wait_until(Duration::from_secs(30), || {
+        let row = node
+            .psql(
+                "superuser",
+                &format!(
+                    "SELECT last_archived_wal >= '{}' AND (last_failed_time IS NULL \
+                     OR last_failed_time < last_archived_time) FROM pg_stat_archiver",
+                    segment.trim()
+                ),
+            )
+            .ok()?;
+        (row.trim() == "t").then_some(())
+    });
+    assert!(
+        archived.is_some(),
+        "the WAL segment {} was not archived within 30 s:\n{}",
+        segment.trim(),
+        daemon.log()
+    );
+}
+
 /// An account with vault `v` on `daemon`.
 async fn account(daemon: &common::Daemon, email: &str) -> (SyncClient, keepd::client::VaultKey) {
     let mut client = SyncClient::new(daemon.addr());
@@ -260,16 +267,7 @@ async fn a_stopped_node_restores_to_a_moment_and_carries_on() {
     let (code, text) = backup(&node, &["now", "--full"]);
     assert_eq!(code, 0, "{text}");
     push(&client, &key, &["b1", "b2"]).await;
-    std::thread::sleep(Duration::from_millis(1200));
-    let moment = node
-        .psql(
-            "superuser",
-            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
-        )
-        .unwrap()
-        .trim()
-        .to_string();
-    std::thread::sleep(Duration::from_millis(1200));
+    let moment = node.restore_moment();
     push(&client, &key, &["c1", "c2"]).await;
     let level = report_level(&node);
     let token = client.token().unwrap().to_string();
@@ -565,22 +563,7 @@ async fn an_s3_bucket_holds_the_archive_and_a_node_restores_from_it() {
     let (client, key) = account(&daemon, "s3@example.org").await;
     push(&client, &key, &["s1", "s2"]).await;
     first_backup(&node, &daemon);
-    let segment = node
-        .psql("superuser", "SELECT pg_walfile_name(pg_switch_wal())")
-        .unwrap();
-    let archived = wait_until(Duration::from_secs(30), || {
-        let row = node
-            .psql(
-                "superuser",
-                &format!(
-                    "SELECT last_archived_wal >= '{}' FROM pg_stat_archiver",
-                    segment.trim()
-                ),
-            )
-            .ok()?;
-        (row.trim() == "t").then_some(())
-    });
-    assert!(archived.is_some(), "{}", daemon.log());
+    archive_a_segment(&node, &daemon);
     let (code, text) = backup(&node, &["verify"]);
     assert_eq!(code, 0, "{text}");
     let (code, list) = backup(&node, &["list", "--json"]);

@@ -463,16 +463,7 @@ async fn backups_run_in_the_container_and_a_stopped_node_restores_to_a_moment() 
     // The archive is on the host, written by the container's user.
     assert!(repository.join("archive/keepd").is_dir());
 
-    std::thread::sleep(Duration::from_millis(1200));
-    let moment = node
-        .psql(
-            "superuser",
-            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
-        )
-        .unwrap()
-        .trim()
-        .to_string();
-    std::thread::sleep(Duration::from_millis(1200));
+    let moment = node.restore_moment();
     client
         .push("v", &key, &common::labelled(&["b1"]), None)
         .await

@@ -256,17 +256,7 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
     // with a reload on SIGHUP, without a restart.
     let postmaster = daemon.postmaster_pid();
     std::fs::remove_file(node.state_dir().join("pki/server.crt")).unwrap();
-    daemon.signal(common::Signal::SIGHUP);
-    assert!(
-        daemon
-            .wait_for_log(
-                "pki: the new server certificate or revocation list is applied (configuration reloaded)",
-                Duration::from_secs(20)
-            )
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    sighup_applies_the_pki(&daemon);
     let issued = std::fs::read_to_string(node.state_dir().join("pki/server.crt")).unwrap();
     let installed = std::fs::read_to_string(node.data_dir().join("server.crt")).unwrap();
     assert_eq!(issued, installed);
@@ -337,17 +327,7 @@ async fn revoked_certificates_are_refused_and_rotation_revokes_its_role() {
     text.push_str(&format!("{serial} {} {now}\n", validity.not_after));
     std::fs::write(&record, text).unwrap();
     let postmaster = daemon.postmaster_pid();
-    daemon.signal(common::Signal::SIGHUP);
-    assert!(
-        daemon
-            .wait_for_log(
-                "pki: the new server certificate or revocation list is applied (configuration reloaded)",
-                Duration::from_secs(20)
-            )
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    sighup_applies_the_pki(&daemon);
     let refused = common::wait_until(Duration::from_secs(10), || {
         futures_executor_block(connect(&superuser_config(port, &password), &tls)).err()
     })
@@ -397,6 +377,22 @@ async fn revoked_certificates_are_refused_and_rotation_revokes_its_role() {
         .register("crl@example.org", "a long password")
         .await
         .expect("the pool connects with the new role's certificate");
+}
+
+/// SIGHUP, and the renewal task's word that what changed in the PKI (a
+/// certificate, the revocation list) is installed and reloaded.
+fn sighup_applies_the_pki(daemon: &common::Daemon) {
+    daemon.signal(common::Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log(
+                "pki: the new server certificate or revocation list is applied (configuration reloaded)",
+                Duration::from_secs(20)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
 }
 
 /// Runs a future to its end on the current thread (inside a probe).

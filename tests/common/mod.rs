@@ -367,6 +367,25 @@ pub fn wait_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) ->
     }
 }
 
+impl TestNode {
+    /// A moment to restore to, as `keepd restore --to` takes it, with a
+    /// second and more on either side so the commits before and after it
+    /// cannot fall into the same instant.
+    pub fn restore_moment(&self) -> String {
+        std::thread::sleep(Duration::from_millis(1200));
+        let moment = self
+            .psql(
+                "superuser",
+                "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+            )
+            .unwrap()
+            .trim()
+            .to_string();
+        std::thread::sleep(Duration::from_millis(1200));
+        moment
+    }
+}
+
 /// `wait_until` for an async probe that succeeds with Ok.
 pub async fn wait_until_async<T, E, F: std::future::Future<Output = Result<T, E>>>(
     timeout: Duration,
