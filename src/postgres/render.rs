@@ -94,7 +94,7 @@ impl RenderedConfig {
             .map(|(name, text)| (name.to_string(), text))
             .collect();
         if let Some(conf) = &self.pgbackrest_conf {
-            files.push(("pgbackrest.conf".into(), conf));
+            files.push((PGBACKREST_CONF.into(), conf));
         }
         for script in &self.initdb {
             files.push((format!("initdb/{}", script.name), script.sql.as_str()));
@@ -151,17 +151,12 @@ impl BackupInputs {
     /// container's for docker (the repository mounted at
     /// `container::REPOSITORY`).
     pub fn of(config: &Config) -> BackupInputs {
-        let s3 = config.backup.s3.clone().map(Repository::S3);
         let retention_full = config.backup.retention_full;
         match config.database.postgres.provider {
+            // A directory only: validation refuses a bucket, which the
+            // container could not reach.
             Provider::Docker => BackupInputs {
-                repository: config
-                    .backup
-                    .repository
-                    .as_ref()
-                    .map(|_| Repository::Directory(container::REPOSITORY.into()))
-                    .or(s3)
-                    .expect("backups enabled"),
+                repository: Repository::Directory(container::REPOSITORY.into()),
                 retention_full,
                 data_dir: container::PGDATA.into(),
                 conf: Path::new(container::CONF).join(PGBACKREST_CONF),
@@ -175,7 +170,7 @@ impl BackupInputs {
                         .repository
                         .clone()
                         .map(Repository::Directory)
-                        .or(s3)
+                        .or_else(|| config.backup.s3.clone().map(Repository::S3))
                         .expect("backups enabled"),
                     retention_full,
                     data_dir: layout.data_dir(),
