@@ -440,38 +440,16 @@ impl S3Store {
             .expect("moto starts");
         listening(moto_port, "moto");
         let port = common::free_port();
-        let d = dir.path().display();
-        let user = if nix::unistd::geteuid().is_root() {
-            "user root root;"
-        } else {
-            ""
-        };
-        let conf = format!(
-            "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
-             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen 127.0.0.1:{port} ssl;\n\
+        let server = format!(
+            "    listen 127.0.0.1:{port} ssl;\n\
              ssl_certificate {ca};\n    ssl_certificate_key {key};\n\
              client_max_body_size 0;\n    location / {{\n\
              proxy_pass http://127.0.0.1:{moto_port};\n      proxy_set_header Host $http_host;\n\
-             proxy_request_buffering off;\n      proxy_http_version 1.1;\n    }}\n  }}\n}}\n",
+             proxy_request_buffering off;\n      proxy_http_version 1.1;\n    }}",
             ca = ca.display(),
             key = key.display(),
         );
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, conf).unwrap();
-        let nginx = std::process::Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(&path)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nginx starts");
-        listening(port, "nginx");
+        let nginx = common::start_nginx(dir.path(), port, &server);
         let store = S3Store {
             moto,
             nginx,

@@ -526,36 +526,16 @@ struct Nginx {
 
 impl Nginx {
     fn start(upstream: SocketAddr) -> Nginx {
-        let binary = "/usr/sbin/nginx";
-        assert!(
-            std::path::Path::new(binary).exists(),
-            "nginx is not installed: run scripts/install-deps.sh"
-        );
         let dir = tempfile::tempdir().unwrap();
         let port = common::free_port();
-        let d = dir.path().display();
-        let user = if nix::unistd::geteuid().is_root() {
-            "user root root;"
-        } else {
-            ""
-        };
-        let conf = format!(
-            "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
-             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
-             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+        let server = format!(
+            "    listen 127.0.0.1:{port};\n    location / {{\n\
              proxy_pass http://{upstream};\n      proxy_bind 127.0.0.5;\n\
              proxy_http_version 1.1;\n\
-             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}"
         );
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, conf).unwrap();
-        let mut cmd = std::process::Command::new(binary);
-        cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
         Nginx {
-            child: spawn_listening(cmd, port, "nginx"),
+            child: common::start_nginx(dir.path(), port, &server),
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             _dir: dir,
         }

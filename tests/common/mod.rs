@@ -386,6 +386,48 @@ impl TestNode {
     }
 }
 
+/// nginx from Debian's packages in the foreground, its files under `dir`,
+/// serving one `server { ... }` block whose body is `server`; returned
+/// once `port` listens. As root its workers run as root too, so they can
+/// read the test's files.
+pub fn start_nginx(dir: &Path, port: u16, server: &str) -> std::process::Child {
+    let binary = "/usr/sbin/nginx";
+    assert!(
+        Path::new(binary).exists(),
+        "nginx is not installed: run scripts/install-deps.sh"
+    );
+    let d = dir.display();
+    let user = if nix::unistd::geteuid().is_root() {
+        "user root root;"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n{server}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(up.is_some(), "nginx does not listen on {port}");
+    child
+}
+
 /// `wait_until` for an async probe that succeeds with Ok.
 pub async fn wait_until_async<T, E, F: std::future::Future<Output = Result<T, E>>>(
     timeout: Duration,
