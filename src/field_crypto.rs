@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use zeroize::Zeroizing;
 
 use crate::cluster::{ClusterKey, Purpose};
-use crate::config::{AtRestMethod, Config, FieldAlgorithm};
+use crate::config::{Config, FieldAlgorithm};
 
 const TEXT_PREFIX: &str = "kf1:";
 const BYTES_PREFIX: &[u8] = b"KF1";
@@ -183,7 +183,7 @@ impl FieldPlan {
         // The configured algorithm is the one this module implements; a
         // second would be a new arm here and a new stored-form prefix.
         let FieldAlgorithm::Aes256Gcm = at_rest.application.algorithm;
-        let enabled = at_rest.enabled && at_rest.method == AtRestMethod::Application;
+        let enabled = at_rest.enabled && at_rest.method.encrypts_fields();
         let mut columns = BTreeSet::new();
         let mut unsupported = Vec::new();
         let configured = at_rest

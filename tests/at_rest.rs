@@ -334,3 +334,132 @@ async fn a_single_node_becomes_the_first_member_without_losing_anything() {
     login.login("old@example.org", PASSWORD).await.unwrap();
     stop(daemon);
 }
+
+/// Why a real dm-crypt volume cannot be made here, if it cannot.
+fn no_device_mapper() -> Option<String> {
+    if !std::path::Path::new("/dev/mapper/control").exists() {
+        return Some("this kernel has no device-mapper (/dev/mapper/control is absent)".into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("making a dm-crypt volume takes root".into());
+    }
+    let tools = ["cryptsetup", "losetup", "mkfs.ext4", "mount"];
+    tools
+        .iter()
+        .find(|tool| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|tool| format!("{tool} is not installed (scripts/install-deps.sh installs it)"))
+}
+
+fn sh(script: &str) {
+    let out = std::process::Command::new("sh")
+        .args(["-ec", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Unmounts, closes and detaches the test volume whatever happens.
+struct CryptVolume {
+    name: String,
+    mount: std::path::PathBuf,
+    loop_file: std::path::PathBuf,
+}
+
+impl Drop for CryptVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "umount {m}; cryptsetup close {n}; losetup -j {f} -O NAME -n | xargs -r losetup -d",
+                    m = self.mount.display(),
+                    n = self.name,
+                    f = self.loop_file.display()
+                ),
+            ])
+            .status();
+    }
+}
+
+/// A data directory on a real LUKS2 volume: the report reads the cipher and
+/// key size from the kernel's table, and a weaker volume than
+/// `encryption_at_rest.luks` asks for fails the check.
+#[test]
+fn a_data_directory_on_dm_crypt_is_measured() {
+    if let Some(reason) = no_device_mapper() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let node = TestNode::with_extra(
+        "encryption_at_rest:\n  enabled: true\n  method: luks\n  luks:\n    \
+         cipher: aes-xts-plain64\n    key_size: 512\n",
+    );
+    let name = format!("keepd-test-{}", common::uuid());
+    let loop_file = node.dir.path().join("volume.img");
+    let volume = CryptVolume {
+        name: name.clone(),
+        mount: node.state_dir(),
+        loop_file: loop_file.clone(),
+    };
+    let key = node.dir.path().join("volume.key");
+    std::fs::write(&key, common::uuid()).unwrap();
+    sh(&format!(
+        "truncate -s 96M {f}; dev=$(losetup -f --show {f}); \
+         cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+           --cipher aes-xts-plain64 --key-size 512 --key-file {k} $dev; \
+         cryptsetup open --key-file {k} $dev {name}; mkfs.ext4 -q /dev/mapper/{name}; \
+         mkdir -p {m}; mount /dev/mapper/{name} {m}; chmod 700 {m}",
+        f = loop_file.display(),
+        k = key.display(),
+        m = volume.mount.display(),
+    ));
+    let daemon = node.start_healthy();
+    let check = node.report_check("encryption_at_rest");
+    assert_eq!(check["status"], "pass", "{check}");
+    let value = check["value"].as_str().unwrap();
+    assert!(
+        value.contains(&format!("dm-crypt volume {name} (LUKS2, aes-xts-plain64 with a 512-bit key)")),
+        "{value}"
+    );
+    drop(daemon);
+
+    // Asking for more than the volume has fails, naming both.
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, yaml.replace("key_size: 512", "key_size: 1024")).unwrap();
+    let check = node.report_check("encryption_at_rest");
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["value"].as_str().unwrap().contains("at least a 1024-bit key"),
+        "{check}"
+    );
+    drop(volume);
+}
+
+/// Method luks on a directory that is not on dm-crypt: the check fails
+/// naming the device (or why it is unknown), on any machine.
+#[test]
+fn method_luks_on_a_plain_directory_fails_naming_the_device() {
+    let node = TestNode::with_extra("encryption_at_rest:\n  enabled: true\n  method: luks\n");
+    let daemon = node.start_healthy();
+    let check = node.report_check("encryption_at_rest");
+    assert_eq!(check["status"], "fail", "{check}");
+    let value = check["value"].as_str().unwrap();
+    assert!(
+        value.contains("which is not dm-crypt") || value.contains("the volume is unknown"),
+        "{value}"
+    );
+    assert!(
+        check["recommendation"].as_str().unwrap().contains("cryptsetup luksFormat"),
+        "{check}"
+    );
+    drop(daemon);
+}

@@ -543,11 +543,23 @@ pub struct EncryptionAtRestConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AtRestMethod {
+    /// keepd encrypts the configured columns (AES-256-GCM).
     #[default]
     Application,
+    /// The data directory must sit on a dm-crypt volume as `luks` says.
     Luks,
-    Tde,
+    /// Both.
     Hybrid,
+}
+
+impl AtRestMethod {
+    pub fn encrypts_fields(self) -> bool {
+        matches!(self, AtRestMethod::Application | AtRestMethod::Hybrid)
+    }
+
+    pub fn needs_volume(self) -> bool {
+        matches!(self, AtRestMethod::Luks | AtRestMethod::Hybrid)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -586,20 +598,21 @@ pub struct EncryptedFields {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+/// What the dm-crypt volume under the data directory must be (methods
+/// luks and hybrid): keepd measures the running mapping, it does not
+/// create or open one.
 pub struct LuksConfig {
-    pub volume_size: String,
+    /// The kernel's cipher spec, as `cryptsetup status` shows it.
     pub cipher: String,
+    /// The least key size, in bits.
     pub key_size: u32,
-    pub hash_algorithm: String,
 }
 
 impl Default for LuksConfig {
     fn default() -> Self {
         Self {
-            volume_size: "50GB".into(),
             cipher: "aes-xts-plain64".into(),
             key_size: 512,
-            hash_algorithm: "sha512".into(),
         }
     }
 }

@@ -9,9 +9,10 @@ use std::time::SystemTime;
 
 use tokio_postgres::Client;
 
+use super::volume::Volume;
 use super::{Check, Status, Weight};
 use crate::backup::{BackupStatus, PgBackRest};
-use crate::config::{AtRestMethod, Config, Layout, Provider, Topology, Transport};
+use crate::config::{Config, Layout, LuksConfig, Provider, Topology, Transport};
 use crate::edge::CertificateInfo;
 use crate::field_crypto::FieldPlan;
 use crate::identity::NodeIdentity;
@@ -827,28 +828,43 @@ async fn public_privileges(client: &Client) -> Check {
 
 async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "encryption_at_rest";
-    let at_rest = &inputs.config.encryption_at_rest;
-    let luks = "put the data directory on an encrypted volume (LUKS) for defense in depth";
+    let config = inputs.config;
+    let at_rest = &config.encryption_at_rest;
+    let volume = match Topology::of(config).provider {
+        Provider::Native => Some(super::volume::under(&Layout::of(config).data_dir())),
+        // The data is in a Docker volume or on another server: its disk
+        // is not this node's to measure.
+        Provider::Docker | Provider::External => None,
+    };
+    let on_volume = match &volume {
+        Some(Volume::Encrypted(v)) => Some(v.to_string()),
+        _ => None,
+    };
     if !at_rest.enabled {
-        return Check::new(
-            id,
-            Weight::Minor,
-            Status::Warn,
-            "not enabled: table data is plaintext on disk (client payloads are ciphertext anyway)",
-        )
-        .recommend(luks);
+        return match on_volume {
+            Some(v) => Check::new(id, Weight::Minor, Status::Pass, format!("the data directory is on {v}")),
+            None => Check::new(
+                id,
+                Weight::Minor,
+                Status::Warn,
+                "not enabled: table data is plaintext on disk (client payloads are ciphertext anyway)",
+            )
+            .recommend("put the data directory on an encrypted volume (LUKS) for defense in depth"),
+        };
     }
-    if at_rest.method != AtRestMethod::Application {
-        let method = format!("{:?}", at_rest.method).to_lowercase();
-        // keepd does not create or open volumes; the requested volume is
-        // named so the operator can build it (issue 22 tracks managing it).
-        let luks = &at_rest.luks;
-        let volume = format!(
-            "a {} LUKS volume, {} with a {}-bit key and {}",
-            luks.volume_size, luks.cipher, luks.key_size, luks.hash_algorithm
-        );
-        return Check::new(id, Weight::Major, Status::Fail, format!("method {method} was asked for ({volume}) but keepd cannot provide it here (no managed LUKS volume or TDE-capable server)"))
-            .recommend(format!("use method: application, or put the data directory on {volume} yourself and disable this"));
+    if at_rest.method.needs_volume() {
+        if let Err(unmet) = volume_meets(volume.as_ref(), &at_rest.luks) {
+            return unmet;
+        }
+        if !at_rest.method.encrypts_fields() {
+            let v = on_volume.unwrap_or_default();
+            return Check::new(
+                id,
+                Weight::Major,
+                Status::Pass,
+                format!("the data directory is on {v}"),
+            );
+        }
     }
     let fields = FieldPlan::new(inputs.config);
     let version = fields.current_version();
@@ -913,6 +929,41 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
             Status::Pass,
             format!("AES-256-GCM on {} under key v{version}", names.join(", ")),
         )
+    }
+}
+
+/// Whether the volume under the data directory is what methods luks and
+/// hybrid ask for (`encryption_at_rest.luks`); the failing check if not.
+fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<(), Check> {
+    let id = "encryption_at_rest";
+    let fail = |value: String, fix: &str| {
+        Err(Check::new(id, Weight::Major, Status::Fail, value).recommend(fix.to_string()))
+    };
+    let build = "move the data directory onto a dm-crypt volume (cryptsetup luksFormat --type luks2; see docs/operations.md), or use method: application";
+    match volume {
+        None => fail(
+            "method luks: the data is not on this node's disk (docker or external provider), so keepd cannot measure its volume".into(),
+            "use method: application, and encrypt the Docker host's or the server's disk yourself",
+        ),
+        Some(Volume::Plain(device)) => fail(format!("method luks, but the data directory is on {device}, which is not dm-crypt"), build),
+        Some(Volume::Unknown(why)) => fail(format!("method luks, but the volume is unknown: {why}"), build),
+        Some(Volume::Encrypted(v)) => match &v.table {
+            Err(why) => Err(Check::new(
+                id,
+                Weight::Major,
+                Status::Warn,
+                format!("the data directory is on {v}; its cipher and key size are not readable here: {why}"),
+            )
+            .recommend("run `keepd report` as root to measure the cipher and key size")),
+            Ok(t) if t.cipher != wanted.cipher || t.key_bits < wanted.key_size => fail(
+                format!(
+                    "the data directory is on {v}, not {} with at least a {}-bit key (encryption_at_rest.luks)",
+                    wanted.cipher, wanted.key_size
+                ),
+                "re-encrypt the volume (cryptsetup reencrypt) or change encryption_at_rest.luks",
+            ),
+            Ok(_) => Ok(()),
+        },
     }
 }
 

@@ -14,6 +14,7 @@
 //! No finding at all is `maximum`.
 
 pub mod measure;
+mod volume;
 
 use serde::Serialize;
 
