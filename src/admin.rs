@@ -1,6 +1,6 @@
 //! Operator commands that talk to the managed database directly, with
 //! credentials unsealed from `db.enc` in memory: `keepd psql`, `keepd
-//! report`, `keepd audit verify` and `keepd account invite`.
+//! report`, `keepd audit verify`.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
@@ -40,8 +40,6 @@ pub enum AdminError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
-    #[error(transparent)]
-    Invite(#[from] crate::api::InviteError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
@@ -208,14 +206,6 @@ pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = Layout::of(config).audit_checkpoint();
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
-}
-
-/// `keepd account invite`: a new single-use invite code, valid for `ttl`.
-pub async fn invite(config: &Config, ttl: std::time::Duration) -> Result<String, AdminError> {
-    let (identity, credentials) = unseal(config)?;
-    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-account-invite")?;
-    let client = endpoint.connect().await.map_err(AdminError::Connect)?;
-    Ok(crate::api::create_invite(&client, ttl).await?)
 }
 
 /// pgBackRest for `keepd backup now|list|verify`, with the repository

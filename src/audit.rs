@@ -114,6 +114,12 @@ pub enum AuditAction {
     /// The database was restored from a backup (`keepd restore`): the
     /// chain continues from the restored point.
     NodeRestore,
+    /// The operator's account commands (`keepd account`): source
+    /// component `control`, the operator's uid in the metadata.
+    AccountDisable,
+    AccountEnable,
+    AccountDelete,
+    InviteCreate,
 }
 
 impl AuditAction {
@@ -137,6 +143,10 @@ impl AuditAction {
             AuditAction::DeviceRevoke => "DEVICE_REVOKE",
             AuditAction::BackupCreate => "BACKUP_CREATE",
             AuditAction::NodeRestore => "NODE_RESTORE",
+            AuditAction::AccountDisable => "ACCOUNT_DISABLE",
+            AuditAction::AccountEnable => "ACCOUNT_ENABLE",
+            AuditAction::AccountDelete => "ACCOUNT_DELETE",
+            AuditAction::InviteCreate => "INVITE_CREATE",
         }
     }
 
@@ -150,7 +160,11 @@ impl AuditAction {
             AuditAction::UserRegister
             | AuditAction::LoginFailed
             | AuditAction::PasswordChange
-            | AuditAction::AccountErase => "keepd.users",
+            | AuditAction::AccountErase
+            | AuditAction::AccountDisable
+            | AuditAction::AccountEnable
+            | AuditAction::AccountDelete => "keepd.users",
+            AuditAction::InviteCreate => "keepd.invites",
             AuditAction::Login | AuditAction::Logout => "keepd.sessions",
             AuditAction::VaultKeyStore | AuditAction::VaultKeyRewrap => "keepd.vault_keys",
             AuditAction::VaultDelete => "keepd.vaults",

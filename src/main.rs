@@ -8,15 +8,34 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use keepd::api::operator::{AccountRef, AccountSummary, AccountView};
 use keepd::config::{Config, ConfigError};
+use keepd::daemon::control::{self, Request};
 use keepd::postgres::render::{self, RenderError};
 use keepd::recovery::{self, RecoveryError};
+
+/// The closing paragraph of a command's `--help` (and man page): examples,
+/// then what its exit status means.
+macro_rules! help {
+    (codes: $codes:literal; $($example:literal),+ $(,)?) => {
+        concat!("Examples:\n", $("  ", $example, "\n",)+ "\nExit status: ", $codes)
+    };
+    ($($example:literal),+ $(,)?) => {
+        help!(codes: "0 done; 1 it failed (the message says why); 2 a usage or configuration error \
+                      (bad arguments or keepd.yaml)"; $($example),+)
+    };
+}
 
 #[derive(Parser)]
 #[command(
     name = "keepd",
     version,
-    about = "A zero-knowledge sync service on a PostgreSQL instance nobody else can reach"
+    about = "A zero-knowledge sync service on a PostgreSQL instance nobody else can reach",
+    after_help = help!(
+        "keepd run --config /etc/keepd/keepd.yaml",
+        "keepd report",
+        "keepd account list"
+    )
 )]
 struct Cli {
     /// The configuration file (YAML).
@@ -34,19 +53,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground until SIGTERM or SIGINT.
+    #[command(after_help = help!(
+        codes: "0 stopped by a signal; 1 a runtime failure (Postgres would not start, a port is taken, \
+                the report is below security.minimum_level in strict mode); 2 a configuration error";
+        "keepd run --config /etc/keepd/keepd.yaml"
+    ))]
     Run,
     /// Write postgresql.conf, pg_hba.conf, pg_ident.conf and initdb/*.sql
     /// exactly as `run` would install them; changes nothing else.
+    #[command(after_help = help!("keepd render --out /tmp/keepd-render"))]
     Render {
         /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
     /// Ask the running daemon to rotate its database credentials now.
+    #[command(after_help = help!("keepd rotate"))]
     Rotate,
     /// Measure and print the security report (the live system, not the
-    /// configuration); exit 1 when the level is below
-    /// security.minimum_level.
+    /// configuration).
+    #[command(after_help = help!(
+        codes: "0 the level is at least security.minimum_level; 1 it is below, or keepd's Postgres \
+                cannot be reached; 2 a configuration error";
+        "keepd report",
+        "keepd report --json | jq .level"
+    ))]
     Report {
         /// The stable machine form: level, checks[] (id, status, value,
         /// recommendation) and the threat model.
@@ -54,12 +85,18 @@ enum Command {
         json: bool,
     },
     /// Work with the hash-chained audit trail.
+    #[command(after_help = help!("keepd audit verify"))]
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
     /// Install, remove or print keepd's service definition (systemd unit,
-    /// launchd plist).
+    /// launchd plist), with its manual page and shell completions.
+    #[command(after_help = help!(
+        "keepd service install --config /etc/keepd/keepd.yaml",
+        "keepd service install --docker --dry-run",
+        "keepd service print"
+    ))]
     Service {
         #[command(subcommand)]
         command: ServiceCommand,
@@ -74,18 +111,27 @@ enum Command {
         dry_run: bool,
     },
     /// Shamir shares of the node identity key, for recovery.
+    #[command(after_help = help!(
+        "keepd recovery split --out /media/usb/shares",
+        "keepd recovery combine share-1.txt share-3.txt share-4.txt"
+    ))]
     Recovery {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
     /// Backups with pgBackRest (backup.repository): take one, list them,
     /// verify the repository.
+    #[command(after_help = help!("keepd backup now", "keepd backup list", "keepd backup verify"))]
     Backup {
         #[command(subcommand)]
         command: BackupCommand,
     },
     /// Restore the database of this stopped node from the backup
     /// repository: to the end of the WAL archive, or to a moment.
+    #[command(after_help = help!(
+        "keepd restore --latest",
+        "keepd restore --to '2026-12-01 14:05:00+00'"
+    ))]
     Restore {
         /// Everything the archive holds.
         #[arg(long, conflicts_with = "to", required_unless_present = "to")]
@@ -96,11 +142,14 @@ enum Command {
     },
     /// The nodes sharing this node's database: list them, admit a node
     /// that waits, remove one.
+    #[command(after_help = help!("keepd cluster status", "keepd cluster admit 3f9a...c2"))]
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// Manage accounts.
+    /// Manage the accounts of the running daemon (over its control
+    /// socket; the CLI never opens the database for this).
+    #[command(after_help = help!("keepd account list", "keepd account disable alice@example.com"))]
     Account {
         #[command(subcommand)]
         command: AccountCommand,
@@ -108,6 +157,12 @@ enum Command {
     /// Open psql on keepd's database; credentials are unsealed in memory and
     /// handed over as an in-memory password file, never the command line
     /// or the environment.
+    #[command(after_help = help!(
+        codes: "0 psql succeeded; 1 psql failed or could not connect; 2 a usage or configuration \
+                error (an unknown --role)";
+        "keepd psql",
+        "keepd psql --role login -- -c 'SELECT count(*) FROM keepd.users'"
+    ))]
     Psql {
         /// `superuser` (default), `login` (the active login role) or a login
         /// role name.
@@ -117,15 +172,36 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<String>,
     },
+    /// Print the manual page (roff), or write one page per command into
+    /// a directory.
+    #[command(after_help = help!("keepd man | man -l -", "keepd man --out /usr/local/share/man/man1"))]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Print the completion script of a shell.
+    #[command(after_help = help!(
+        "keepd completions bash > /etc/bash_completion.d/keepd",
+        "keepd completions zsh > \"${fpath[1]}/_keepd\""
+    ))]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum ServiceCommand {
-    /// Write the definition (and create the service user) and enable it.
+    /// Write the definition (and create the service user), the manual
+    /// pages and completions, and enable it.
+    #[command(after_help = help!("keepd service install"))]
     Install,
-    /// Disable and remove the definition; state and config stay.
+    /// Disable and remove the definition, manual pages and completions;
+    /// state and config stay.
+    #[command(after_help = help!("keepd service uninstall"))]
     Uninstall,
     /// Print the definition.
+    #[command(after_help = help!("keepd service print --target launchd"))]
     Print,
 }
 
@@ -133,6 +209,11 @@ enum ServiceCommand {
 enum RecoveryCommand {
     /// Split the identity key (node.state_dir/identity.key) into shares,
     /// any THRESHOLD of which rebuild it; one file per share in DIR.
+    #[command(after_help = help!(
+        "keepd recovery split --out /media/usb/shares",
+        "keepd recovery split --shares 3 --threshold 2 --shareholder ops@example.com \
+         --shareholder cto@example.com --shareholder safe --out shares"
+    ))]
     Split {
         /// Default: encryption_at_rest.recovery.shamir.total_shares.
         #[arg(long, value_name = "N")]
@@ -149,6 +230,10 @@ enum RecoveryCommand {
     },
     /// Rebuild the identity key from share files and write it to
     /// node.state_dir/identity.key (or --out), never overwriting a key.
+    #[command(after_help = help!(
+        "keepd recovery combine share-1.txt share-3.txt share-4.txt",
+        "keepd recovery combine --out /tmp/identity.key share-*.txt"
+    ))]
     Combine {
         #[arg(required = true, value_name = "SHARE")]
         shares: Vec<PathBuf>,
@@ -161,12 +246,14 @@ enum RecoveryCommand {
 enum BackupCommand {
     /// Take a backup now: differential (full when there is none yet),
     /// with its progress.
+    #[command(after_help = help!("keepd backup now", "keepd backup now --full"))]
     Now {
         /// A full backup instead.
         #[arg(long)]
         full: bool,
     },
     /// The backups in the repository and the WAL archive's range.
+    #[command(after_help = help!("keepd backup list", "keepd backup list --json"))]
     List {
         /// pgBackRest's JSON.
         #[arg(long)]
@@ -174,9 +261,17 @@ enum BackupCommand {
     },
     /// Check every file of every backup and the WAL archive against the
     /// repository's checksums.
+    #[command(after_help = help!(
+        codes: "0 every file checks; 1 a file or the archive does not (named), or the repository \
+                cannot be read; 2 a configuration error";
+        "keepd backup verify"
+    ))]
     Verify,
     /// Seal the access key of backup.s3's bucket into db.enc (keepd
     /// stopped); the secret access key is read from stdin, one line.
+    #[command(after_help = help!(
+        "keepd backup s3-credentials --key-id AKIA... < secret-key.txt"
+    ))]
     S3Credentials {
         /// The access key's id.
         #[arg(long, value_name = "ID")]
@@ -188,17 +283,21 @@ enum BackupCommand {
 enum ClusterCommand {
     /// Every node: admitted or pending, its key's fingerprint, who
     /// admitted it and when.
+    #[command(after_help = help!("keepd cluster status"))]
     Status,
     /// The nodes waiting to be admitted, with the fingerprint to compare
     /// with what the waiting node logs.
+    #[command(after_help = help!("keepd cluster pending"))]
     Pending,
     /// Admit a waiting node: the cluster key, sealed to its public key.
+    #[command(after_help = help!("keepd cluster admit 3f9a...c2"))]
     Admit {
         #[arg(value_name = "NODE_ID")]
         node_id: String,
     },
     /// Remove a node: its sealed key and its login roles (its sessions
     /// are ended); run it on another member.
+    #[command(after_help = help!("keepd cluster remove 3f9a...c2"))]
     Remove {
         #[arg(value_name = "NODE_ID")]
         node_id: String,
@@ -207,8 +306,69 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum AccountCommand {
+    /// The accounts on this server, in id order: created, state, live
+    /// sessions and what each stores. keepd keeps no email, only its HMAC.
+    #[command(after_help = help!(
+        "keepd account list",
+        "keepd account list --after 0192f1c4-... --limit 500",
+        "keepd account list --json"
+    ))]
+    List {
+        /// Start after this account id (the last line of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<uuid::Uuid>,
+        /// Accounts per page.
+        #[arg(long, value_name = "N", default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One account, by id or email: its usage against api.quotas.
+    #[command(after_help = help!(
+        "keepd account show alice@example.com",
+        "keepd account show 0192f1c4-7f7e-7c3a-9d1e-4f7a2b6c8d90 --json"
+    ))]
+    Show {
+        /// The account's id (a UUID, as `keepd account list` prints) or
+        /// its email.
+        #[arg(value_name = "ACCOUNT")]
+        account: AccountRef,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable an account: its sessions end at once and it cannot log in
+    /// (403 `account_disabled`) until enabled; nothing it stored is lost.
+    #[command(after_help = help!("keepd account disable alice@example.com"))]
+    Disable {
+        /// The account's id (a UUID, as `keepd account list` prints) or
+        /// its email.
+        #[arg(value_name = "ACCOUNT")]
+        account: AccountRef,
+    },
+    /// Let a disabled account log in again.
+    #[command(after_help = help!("keepd account enable alice@example.com"))]
+    Enable {
+        /// The account's id (a UUID, as `keepd account list` prints) or
+        /// its email.
+        #[arg(value_name = "ACCOUNT")]
+        account: AccountRef,
+    },
+    /// Erase an account and everything it stored (vaults, entries,
+    /// devices, backups); audited as the operator's. Cannot be undone.
+    #[command(after_help = help!("keepd account delete alice@example.com --yes"))]
+    Delete {
+        /// The account's id (a UUID, as `keepd account list` prints) or
+        /// its email.
+        #[arg(value_name = "ACCOUNT")]
+        account: AccountRef,
+        /// Confirm the erasure.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Print a single-use invite code for `POST /auth/register`
     /// (`inviteCode`), needed when api.registration is `invite`.
+    #[command(after_help = help!("keepd account invite", "keepd account invite --ttl 30m"))]
     Invite {
         /// How long the code stays valid: 30m, 7d, ...
         #[arg(long, value_name = "DURATION", default_value = "7d")]
@@ -218,13 +378,25 @@ enum AccountCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the chain and check the signed checkpoint: exit 0 when
-    /// intact, 1 naming the first bad entry.
+    /// Recompute the chain and check the signed checkpoint.
+    #[command(after_help = help!(
+        codes: "0 the chain is intact; 1 it is not (the first bad entry is named), or the database \
+                cannot be reached; 2 a configuration error";
+        "keepd audit verify"
+    ))]
     Verify,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Documentation needs no configuration (a package build has none).
+    match &cli.command {
+        Command::Man { out } => return finish(manual(out.as_deref())),
+        Command::Completions { shell } => {
+            return finish(to_stdout(completions(*shell).as_bytes()));
+        }
+        _ => {}
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
@@ -267,9 +439,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Recovery { command } => recovery(&config, command),
-        Command::Account {
-            command: AccountCommand::Invite { ttl },
-        } => invite(&config, ttl.get()),
+        Command::Account { command } => account(&config, command),
         Command::Cluster { command } => cluster(&config, command),
         Command::Backup { command } => backup(&config, command),
         Command::Restore { latest: _, to } => restore(&config, to),
@@ -286,12 +456,25 @@ fn main() -> ExitCode {
             Ok(_) => return ExitCode::from(1),
             Err(e) => Err(e.into()),
         },
+        Command::Man { .. } | Command::Completions { .. } => unreachable!("answered above"),
     };
+    finish(result)
+}
+
+/// A mistake in how keepd was called that clap cannot see (a missing
+/// confirmation, say): exit 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// The exit code of a command's outcome, its error printed.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let usage = e.chain().any(|c| {
                 c.is::<ConfigError>()
+                    || c.is::<UsageError>()
                     || c.is::<RenderError>()
                     || c.downcast_ref::<keepd::daemon::DaemonError>()
                         .is_some_and(keepd::daemon::DaemonError::is_configuration)
@@ -362,15 +545,241 @@ fn release_large_buffers() {
     }
 }
 
-fn invite(config: &Config, ttl: std::time::Duration) -> anyhow::Result<()> {
-    let code = runtime()?.block_on(keepd::admin::invite(config, ttl))?;
-    if config.api.registration != keepd::config::Registration::Invite {
-        eprintln!(
-            "keepd: note: api.registration is not `invite`; registration does not ask for this code"
-        );
+fn account(config: &Config, command: AccountCommand) -> anyhow::Result<()> {
+    /// How the answer's data is printed.
+    enum Shown {
+        Page(u32),
+        Account,
+        Gone,
+        Invite,
     }
-    println!("{code}");
+    let (request, shown, json) = match command {
+        AccountCommand::List { after, limit, json } => (
+            Request::AccountList { after, limit },
+            Shown::Page(limit),
+            json,
+        ),
+        AccountCommand::Show { account, json } => {
+            (Request::AccountShow { account }, Shown::Account, json)
+        }
+        AccountCommand::Disable { account } => {
+            (Request::AccountDisable { account }, Shown::Account, false)
+        }
+        AccountCommand::Enable { account } => {
+            (Request::AccountEnable { account }, Shown::Account, false)
+        }
+        AccountCommand::Delete { account, yes } => {
+            if !yes {
+                return Err(UsageError(format!(
+                    "deleting {account} erases it and everything it stored, for good; \
+                     repeat with --yes to confirm"
+                ))
+                .into());
+            }
+            (Request::AccountDelete { account }, Shown::Gone, false)
+        }
+        AccountCommand::Invite { ttl } => {
+            let ttl_seconds = ttl.get().as_secs().max(1);
+            (Request::AccountInvite { ttl_seconds }, Shown::Invite, false)
+        }
+    };
+    let answer = runtime()?.block_on(control::request(
+        &keepd::config::Layout::of(config).control_socket(),
+        &request,
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer.data)?);
+        return Ok(());
+    }
+    match shown {
+        Shown::Page(limit) => {
+            let page: Vec<AccountSummary> = serde_json::from_value(answer.data)?;
+            print!("{}", account_table(&page));
+            if let Some(last) = page.last().filter(|_| page.len() == limit as usize) {
+                println!("more: keepd account list --after {}", last.id);
+            }
+        }
+        Shown::Account => {
+            let view: AccountView = serde_json::from_value(answer.data)?;
+            print!("{}", account_card(&view));
+            if answer.message != "account" {
+                println!("{}", answer.message);
+            }
+        }
+        Shown::Gone => {
+            let gone: AccountSummary = serde_json::from_value(answer.data)?;
+            println!("account {}: {}", gone.id, answer.message);
+        }
+        Shown::Invite => {
+            if config.api.registration != keepd::config::Registration::Invite {
+                eprintln!(
+                    "keepd: note: api.registration is not `invite`; registration does not ask for this code"
+                );
+            }
+            println!("{}", answer.data.as_str().unwrap_or_default());
+        }
+    }
     Ok(())
+}
+
+fn account_table(page: &[AccountSummary]) -> String {
+    let mut out = format!(
+        "{:<36}  {:<20}  {:<8}  {:>8}  {:>6}  {:>7}  {:>7}  {:>10}\n",
+        "ID", "CREATED", "STATE", "SESSIONS", "VAULTS", "DEVICES", "BACKUPS", "STORED"
+    );
+    for a in page {
+        out.push_str(&format!(
+            "{:<36}  {:<20}  {:<8}  {:>8}  {:>6}  {:>7}  {:>7}  {:>10}\n",
+            a.id,
+            a.created_at,
+            if a.disabled_at.is_some() {
+                "disabled"
+            } else {
+                "active"
+            },
+            a.live_sessions,
+            a.usage.vaults,
+            a.usage.devices,
+            a.usage.backups,
+            bytes(a.usage.storage_bytes)
+        ));
+    }
+    if page.is_empty() {
+        out.push_str("no account\n");
+    }
+    out
+}
+
+/// One account against its quotas (0: no limit).
+fn account_card(view: &AccountView) -> String {
+    let a = &view.account;
+    let of = |used: String, limit: u64, shown: String| {
+        if limit == 0 {
+            format!("{used} (no limit)")
+        } else {
+            format!("{used} of {shown}")
+        }
+    };
+    let state = match &a.disabled_at {
+        Some(at) => format!("disabled since {at}"),
+        None => "active".to_string(),
+    };
+    let q = &view.quotas;
+    format!(
+        "account   {}\ncreated   {}\nstate     {state}\nsessions  {} live\nstored    {}\n\
+         vaults    {}\ndevices   {}\nbackups   {}\n",
+        a.id,
+        a.created_at,
+        a.live_sessions,
+        of(
+            bytes(a.usage.storage_bytes),
+            q.storage_bytes,
+            bytes(q.storage_bytes)
+        ),
+        of(a.usage.vaults.to_string(), q.vaults, q.vaults.to_string()),
+        of(
+            a.usage.devices.to_string(),
+            q.devices,
+            q.devices.to_string()
+        ),
+        of(
+            a.usage.backups.to_string(),
+            q.backups,
+            q.backups.to_string()
+        ),
+    )
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// The manual: keepd(1) on stdout, or a page per command in `out`.
+fn manual(out: Option<&Path>) -> anyhow::Result<()> {
+    let pages = man_pages();
+    match out {
+        None => to_stdout(pages[0].1.as_bytes())?,
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            for (name, roff) in &pages {
+                let path = dir.join(name);
+                std::fs::write(&path, roff)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            println!("wrote {} manual pages to {}", pages.len(), dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is
+/// not a failure.
+fn to_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// keepd.1 first, then keepd-account.1, keepd-account-list.1, ... (the
+/// names clap_mangen gives: the command path joined by dashes).
+fn man_pages() -> Vec<(String, String)> {
+    fn walk(command: &clap::Command, pages: &mut Vec<(String, String)>) {
+        let mut roff = Vec::new();
+        clap_mangen::Man::new(command.clone())
+            .render(&mut roff)
+            .expect("rendering into memory cannot fail");
+        let name = command.get_display_name().unwrap_or(command.get_name());
+        pages.push((
+            format!("{name}.1"),
+            String::from_utf8(roff).expect("roff is text"),
+        ));
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, pages);
+        }
+    }
+    use clap::CommandFactory;
+    let mut command = Cli::command().disable_help_subcommand(true);
+    command.build();
+    let mut pages = Vec::new();
+    walk(&command, &mut pages);
+    pages
+}
+
+/// What `keepd service install` puts beside the service.
+fn documentation() -> keepd::service::Documentation {
+    use clap_complete::Shell;
+    keepd::service::Documentation {
+        man_pages: man_pages(),
+        completions: [
+            ("bash", Shell::Bash),
+            ("zsh", Shell::Zsh),
+            ("fish", Shell::Fish),
+        ]
+        .into_iter()
+        .map(|(name, shell)| (name, completions(shell)))
+        .collect(),
+    }
+}
+
+fn completions(shell: clap_complete::Shell) -> String {
+    use clap::CommandFactory;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "keepd", &mut out);
+    String::from_utf8(out).expect("completion scripts are text")
 }
 
 fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
@@ -465,12 +874,11 @@ fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
 }
 
 fn rotate(config: &Config) -> anyhow::Result<()> {
-    let request = keepd::daemon::control::Request::Rotate;
-    let message = runtime()?.block_on(keepd::daemon::control::request(
+    let answer = runtime()?.block_on(control::request(
         &keepd::config::Layout::of(config).control_socket(),
-        &request,
+        &Request::Rotate,
     ))?;
-    println!("{message}");
+    println!("{}", answer.message);
     Ok(())
 }
 
@@ -498,8 +906,10 @@ fn service(
             }
             return Ok(());
         }
-        ServiceCommand::Install => service::install_steps(target, &binary, &config, docker),
-        ServiceCommand::Uninstall => service::uninstall_steps(target),
+        ServiceCommand::Install => {
+            service::install_steps(target, &binary, &config, docker, &documentation())
+        }
+        ServiceCommand::Uninstall => service::uninstall_steps(target, &documentation()),
     };
     if dry_run {
         for step in &steps {
@@ -588,4 +998,60 @@ fn write_rendered(config: &Config, out: &Path) -> anyhow::Result<()> {
         rendered.fingerprint()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_has_examples_and_exit_codes() {
+        fn walk(command: &clap::Command, path: &str) {
+            let help = command
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains("Examples:\n  keepd") && help.contains("\nExit status: 0 "),
+                "`{path} --help` lacks examples or exit codes: {help:?}"
+            );
+            for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        Cli::command().debug_assert();
+        walk(&Cli::command(), "keepd");
+    }
+
+    #[test]
+    fn a_manual_page_per_command() {
+        let pages = man_pages();
+        let names: Vec<&str> = pages.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names[0], "keepd.1");
+        for expected in [
+            "keepd-account.1",
+            "keepd-account-disable.1",
+            "keepd-backup-verify.1",
+        ] {
+            assert!(names.contains(&expected), "{names:?}");
+        }
+        assert!(!names.iter().any(|n| n.contains("help")), "{names:?}");
+        let (_, disable) = pages
+            .iter()
+            .find(|(name, _)| name == "keepd-account-disable.1")
+            .unwrap();
+        assert!(disable.contains(".TH keepd-account-disable 1"), "{disable}");
+        assert!(disable.contains("account_disabled") && disable.contains("Exit status"));
+    }
+
+    #[test]
+    fn completions_know_the_commands() {
+        let bash = completions(clap_complete::Shell::Bash);
+        assert!(
+            bash.contains("_keepd()") && bash.contains("disable"),
+            "{bash}"
+        );
+        assert!(completions(clap_complete::Shell::Zsh).starts_with("#compdef keepd"));
+    }
 }

@@ -14,6 +14,54 @@ const UNIT_PATH: &str = "/etc/systemd/system/keepd.service";
 const DROPIN_PATH: &str = "/etc/systemd/system/keepd.service.d/docker.conf";
 const PLIST_PATH: &str = "/Library/LaunchDaemons/dev.keepd.plist";
 
+/// Where an install from the binary puts its manual pages and completions
+/// (a package uses /usr/share instead): the places man, bash-completion,
+/// zsh and fish look in by default.
+const MAN_DIR: &str = "/usr/local/share/man/man1";
+const COMPLETION_PATHS: [(&str, &str); 3] = [
+    ("bash", "/usr/local/share/bash-completion/completions/keepd"),
+    ("zsh", "/usr/local/share/zsh/site-functions/_keepd"),
+    (
+        "fish",
+        "/usr/local/share/fish/vendor_completions.d/keepd.fish",
+    ),
+];
+
+/// The manual pages (file name, roff) and completion scripts (shell,
+/// script) the binary generates from its own command line.
+#[derive(Debug, Clone, Default)]
+pub struct Documentation {
+    pub man_pages: Vec<(String, String)>,
+    pub completions: Vec<(&'static str, String)>,
+}
+
+impl Documentation {
+    fn install(&self) -> Vec<Step> {
+        let pages = self.man_pages.iter().map(|(name, roff)| Step::Write {
+            path: Path::new(MAN_DIR).join(name),
+            contents: roff.clone(),
+        });
+        let scripts = self.completions.iter().filter_map(|(shell, script)| {
+            let (_, path) = COMPLETION_PATHS.iter().find(|(s, _)| s == shell)?;
+            Some(Step::Write {
+                path: path.into(),
+                contents: script.clone(),
+            })
+        });
+        pages.chain(scripts).collect()
+    }
+
+    fn uninstall(&self) -> Vec<Step> {
+        let pages = self.man_pages.iter().map(|(name, _)| Step::Remove {
+            path: Path::new(MAN_DIR).join(name),
+        });
+        let scripts = COMPLETION_PATHS
+            .iter()
+            .map(|(_, path)| Step::Remove { path: path.into() });
+        pages.chain(scripts).collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     Systemd,
@@ -132,8 +180,15 @@ fn run(program: &str, args: &[&str]) -> Step {
 }
 
 /// The steps that install keepd as a service of `target`.
-pub fn install_steps(target: Target, binary: &Path, config: &Path, docker: bool) -> Vec<Step> {
-    match target {
+pub fn install_steps(
+    target: Target,
+    binary: &Path,
+    config: &Path,
+    docker: bool,
+    docs: &Documentation,
+) -> Vec<Step> {
+    let mut steps = docs.install();
+    steps.extend(match target {
         Target::Systemd => {
             let mut steps = vec![
                 // The service account, if missing (useradd refuses a
@@ -167,12 +222,13 @@ pub fn install_steps(target: Target, binary: &Path, config: &Path, docker: bool)
             },
             run("launchctl", &["load", "-w", PLIST_PATH]),
         ],
-    }
+    });
+    steps
 }
 
 /// The steps that remove it (state and configuration stay).
-pub fn uninstall_steps(target: Target) -> Vec<Step> {
-    match target {
+pub fn uninstall_steps(target: Target, docs: &Documentation) -> Vec<Step> {
+    let mut steps = match target {
         Target::Systemd => vec![
             run("systemctl", &["disable", "--now", "keepd.service"]),
             Step::Remove {
@@ -189,7 +245,9 @@ pub fn uninstall_steps(target: Target) -> Vec<Step> {
                 path: PLIST_PATH.into(),
             },
         ],
-    }
+    };
+    steps.extend(docs.uninstall());
+    steps
 }
 
 /// Carries out `steps`, stopping at the first failure.
@@ -258,11 +316,28 @@ mod tests {
             .parse()
             .unwrap();
         assert!(limit >= 1024 + crate::edge::RESERVED_FDS + 1000);
-        let steps = install_steps(Target::Systemd, Path::new("/b"), Path::new("/c"), true);
-        assert!(
+        let docs = Documentation {
+            man_pages: vec![("keepd.1".into(), ".TH keepd 1".into())],
+            completions: vec![("bash", "complete -F _keepd keepd".into())],
+        };
+        let steps = install_steps(
+            Target::Systemd,
+            Path::new("/b"),
+            Path::new("/c"),
+            true,
+            &docs,
+        );
+        let writes = |target: &str| {
             steps
                 .iter()
-                .any(|s| matches!(s, Step::Write { path, .. } if path == Path::new(DROPIN_PATH)))
-        );
+                .any(|s| matches!(s, Step::Write { path, .. } if path == Path::new(target)))
+        };
+        assert!(writes(DROPIN_PATH));
+        assert!(writes("/usr/local/share/man/man1/keepd.1"));
+        assert!(writes("/usr/local/share/bash-completion/completions/keepd"));
+        let removed = uninstall_steps(Target::Systemd, &docs);
+        assert!(removed.iter().any(
+            |s| matches!(s, Step::Remove { path } if path == Path::new("/usr/local/share/man/man1/keepd.1"))
+        ));
     }
 }

@@ -1546,6 +1546,123 @@ async fn registration_open_invite_or_closed() {
     );
 }
 
+/// `keepd account`, run as an operator would: over the control socket.
+fn operator(node: &TestNode, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["account"];
+    all.extend_from_slice(args);
+    let out = node.command(&all).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_lists_shows_disables_enables_and_deletes_accounts() {
+    let (node, daemon) = api_node("  quotas:\n    vaults: 7\n");
+    let (client, email) = user(&daemon).await;
+    let vault = client.create_vault("notes", PASSWORD).await.unwrap();
+    client
+        .push("notes", &vault, &entries(3, "n"), None)
+        .await
+        .unwrap();
+    let id = client.account().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (code, listed, err) = operator(&node, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(row.contains("active"), "{row}");
+    // By email (keepd looks it up by HMAC), against api.quotas.
+    let (code, shown, err) = operator(&node, &["show", &email.to_uppercase()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.contains(&id) && shown.contains("1 of 7"), "{shown}");
+    assert!(!shown.contains(&email), "keepd keeps no address: {shown}");
+    let (_, json, _) = operator(&node, &["show", &id, "--json"]);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["account"]["live_sessions"], 1);
+    assert!(json["account"]["usage"]["storage_bytes"].as_u64().unwrap() > 0);
+
+    // Disabled: the open session ends, login is refused with its own code.
+    let (code, said, err) = operator(&node, &["disable", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(said.contains("disabled since"), "{said}");
+    let e = client.account().await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    let mut again = daemon.client();
+    let e = again.login(&email, PASSWORD).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(403), Some("account_disabled"))
+    );
+    // The wrong password still hears only that the credentials are wrong.
+    let e = again.login(&email, "not the password").await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_credentials"));
+    let (code, _, err) = operator(&node, &["disable", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already disabled"), "{err}");
+
+    let (code, _, err) = operator(&node, &["enable", &email]);
+    assert_eq!(code, 0, "{err}");
+    again.login(&email, PASSWORD).await.unwrap();
+    assert_eq!(again.pull("notes", 0, 10).await.unwrap().logs.len(), 3);
+
+    // Deleting asks for --yes (a usage error), then erases everything.
+    let (code, _, err) = operator(&node, &["delete", &id]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--yes"), "{err}");
+    let (code, said, err) = operator(&node, &["delete", &id, "--yes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(said.contains("deleted"), "{said}");
+    let e = again.login(&email, PASSWORD).await.unwrap_err();
+    assert_eq!(e.code(), Some("invalid_credentials"));
+    let left = sql_rows(
+        &node,
+        &format!("SELECT (SELECT count(*) FROM keepd.users WHERE id = '{id}') + (SELECT count(*) FROM keepd.sync_logs WHERE user_id = '{id}')"),
+    )
+    .await;
+    assert_eq!(left[0].get::<_, i64>(0), 0);
+    let (code, _, err) = operator(&node, &["show", &id]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no account"), "{err}");
+    let (code, _, err) = operator(&node, &["show", "alice"]);
+    assert_eq!(code, 2, "not an id or an email: {err}");
+
+    // Audited as the operator's, naming neither the email nor the id.
+    let audit = sql_rows(
+        &node,
+        "SELECT action, source_component, metadata::text FROM keepd_audit.audit_log \
+         WHERE action IN ('ACCOUNT_DISABLE', 'ACCOUNT_ENABLE', 'ACCOUNT_DELETE') ORDER BY id",
+    )
+    .await;
+    let actions: Vec<String> = audit.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        actions,
+        ["ACCOUNT_DISABLE", "ACCOUNT_ENABLE", "ACCOUNT_DELETE"]
+    );
+    let uid = nix::unistd::geteuid().as_raw();
+    for row in &audit {
+        assert_eq!(row.get::<_, String>(1), "control");
+        let metadata: String = row.get(2);
+        assert!(metadata.contains(&format!("\"uid\": {uid}")), "{metadata}");
+        assert!(
+            !metadata.contains(&id) && !metadata.contains(&email),
+            "{metadata}"
+        );
+    }
+    drop(daemon);
+    // With no daemon, the CLI says so and touches no database.
+    let (code, _, err) = operator(&node, &["list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not appear to be running"), "{err}");
+}
+
 /// keepd's resident memory now and at its peak, in MiB (/proc).
 fn memory_mib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -92,17 +92,17 @@ fn sealed_file_and_role_model_are_as_specified() {
         .unwrap();
     assert_eq!(
         groups,
-        "keepd_audit,keepd_auth,keepd_query,keepd_readonly,keepd_sync"
+        "keepd_audit,keepd_auth,keepd_operator,keepd_query,keepd_readonly,keepd_sync"
     );
     let nologin = node
         .psql(
             "superuser",
             "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles \
-             WHERE rolname IN ('keepd_owner','keepd_sync','keepd_query','keepd_auth','keepd_audit','keepd_readonly') \
+             WHERE rolname IN ('keepd_owner','keepd_sync','keepd_query','keepd_auth','keepd_audit','keepd_readonly','keepd_operator') \
              AND NOT rolcanlogin AND NOT rolsuper",
         )
         .unwrap();
-    assert_eq!(nologin.split(',').count(), 6, "{nologin}");
+    assert_eq!(nologin.split(',').count(), 7, "{nologin}");
     let owned = node
         .psql(
             "superuser",

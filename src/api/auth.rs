@@ -138,7 +138,7 @@ fn is_format(c: char) -> bool {
 /// case, trimmed; or why it is not an email address. Control and format
 /// characters are refused rather than dropped, so `a@b.c` and the same
 /// text with a zero-width space can never be two accounts.
-fn normalise_email(email: &str) -> Result<String, ApiError> {
+pub(super) fn normalise_email(email: &str) -> Result<String, ApiError> {
     use unicode_normalization::UnicodeNormalization;
     if email.chars().any(|c| c.is_control() || is_format(c)) {
         return Err(ApiError::bad_request(
@@ -174,6 +174,14 @@ fn check_password(password: &SecretString, field: &str) -> Result<(), ApiError> 
         ));
     }
     Ok(())
+}
+
+fn account_disabled() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "account_disabled",
+        "this account is disabled by the operator of this server; ask them to enable it",
+    )
 }
 
 fn invalid_credentials() -> ApiError {
@@ -309,6 +317,7 @@ pub(super) async fn register(
     responses(
         (status = 200, body = LoginBody),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "`account_disabled`: the operator disabled the account"),
         (status = 429, body = ErrorBody),
     ))]
 pub(super) async fn login(
@@ -338,6 +347,20 @@ pub(super) async fn login(
     let succeeded = matches && account.is_some();
     api.limits.login_result(&email_hmac, client.0, succeeded);
     let (id, created_at) = match account {
+        // Told only to whoever knows the password: the answer says
+        // nothing about an address to anyone else.
+        Some(account) if matches && account.disabled => {
+            let metadata = json!({"user": api.user_ref(account.id), "client": client_ref, "reason": "disabled"});
+            let entry = audit::AuditEntry {
+                action: AuditAction::LoginFailed,
+                rows_affected: 0,
+                duration: started.elapsed(),
+                source_component: "api",
+                metadata,
+            };
+            audit::record_alone(&api.pool, &api.node_id, &entry).await?;
+            return Err(account_disabled());
+        }
         Some(account) if matches => (account.id, account.created_at),
         _ => {
             let entry = audit::AuditEntry {

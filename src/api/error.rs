@@ -52,6 +52,11 @@ impl ApiError {
         }
     }
 
+    /// What went wrong, for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
@@ -195,6 +200,7 @@ impl From<super::store::StoreError> for ApiError {
         match e {
             StoreError::Pool(e) => e.into(),
             StoreError::Field(e) => e.into(),
+            other @ StoreError::Random(_) => ApiError::internal("store", &other),
         }
     }
 }

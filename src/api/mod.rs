@@ -18,6 +18,7 @@ mod extract;
 mod health;
 mod limits;
 mod meta;
+pub mod operator;
 mod store;
 mod sync;
 
@@ -44,7 +45,6 @@ use zeroize::Zeroizing;
 pub use error::{ApiError, ErrorBody};
 use extract::ClientAddr;
 pub use health::{HealthProbe, pending_router};
-pub use store::invites::{InviteError, create as create_invite};
 
 use crate::audit::{self, AuditAction, AuditEntry, AuditIdentifiers};
 use crate::cluster::{ClusterKey, Purpose};

@@ -715,6 +715,7 @@ impl BroughtUp {
             .metrics_listener
             .map(|listener| (listener, api.clone()));
         let events = api.events.clone();
+        let operator = api.clone();
         let app = api::router(api, &web);
         let scheme = if node.api_cert.is_some() {
             "https"
@@ -739,6 +740,7 @@ impl BroughtUp {
             control: tokio::spawn(control::serve(
                 parts.control,
                 parts.rotator,
+                operator,
                 shutdown.clone(),
             )),
             sealer: tokio::spawn(parts.sealer.run(shutdown.clone())),

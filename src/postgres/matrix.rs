@@ -84,6 +84,13 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     // The audit trail: append and read, nothing else.
     ("keepd_audit", "keepd_audit.audit_log", &[S, I]),
     ("keepd_audit", "keepd_audit.audit_chain", &[S, I]),
+    // The operator's account commands (`keepd account`, control socket):
+    // every account's row, sessions and usage; disabling ends sessions,
+    // deleting erases (the rest follows by cascade); invites are issued.
+    ("keepd_operator", "keepd.users", &[S, U, D]),
+    ("keepd_operator", "keepd.sessions", &[S, U]),
+    ("keepd_operator", "keepd.account_usage", &[S]),
+    ("keepd_operator", "keepd.invites", &[I]),
     // Read-only access to everything.
     ("keepd_readonly", "keepd.users", &[S]),
     ("keepd_readonly", "keepd.sessions", &[S]),

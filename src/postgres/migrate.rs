@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "vault_management",
         sql: include_str!("../../migrations/0011_vault_management.sql"),
     },
+    Migration {
+        version: 12,
+        name: "operator",
+        sql: include_str!("../../migrations/0012_operator.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -74,12 +74,13 @@ pub const OWNER_ROLE: &str = "keepd_owner";
 /// (`pgaudit.role`); it is granted, never used.
 pub const AUDITOR_ROLE: &str = "keepd_auditor";
 /// NOLOGIN group roles the login roles are members of.
-pub const GROUP_ROLES: [&str; 5] = [
+pub const GROUP_ROLES: [&str; 6] = [
     "keepd_sync",
     "keepd_query",
     "keepd_auth",
     "keepd_audit",
     "keepd_readonly",
+    "keepd_operator",
 ];
 
 /// A Postgres error as an operator needs it: the server's own message with

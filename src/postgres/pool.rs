@@ -38,6 +38,8 @@ pub enum GroupRole {
     Auth,
     Audit,
     Readonly,
+    /// The operator's account commands (`keepd account`).
+    Operator,
 }
 
 impl GroupRole {
@@ -48,6 +50,7 @@ impl GroupRole {
             GroupRole::Auth => "keepd_auth",
             GroupRole::Audit => "keepd_audit",
             GroupRole::Readonly => "keepd_readonly",
+            GroupRole::Operator => "keepd_operator",
         }
     }
 }

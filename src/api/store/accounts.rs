@@ -13,8 +13,8 @@ const INSERT_USER: &str = "INSERT INTO keepd.users (id, email_hmac, password_has
      VALUES ($1, $2, $3) ON CONFLICT (email_hmac) DO NOTHING RETURNING created_at";
 
 /// The account for a login (visible through the email-HMAC policy).
-const USER_BY_EMAIL: &str =
-    "SELECT id, password_hash, created_at FROM keepd.users WHERE email_hmac = $1";
+const USER_BY_EMAIL: &str = "SELECT id, password_hash, created_at, disabled_at IS NOT NULL \
+     FROM keepd.users WHERE email_hmac = $1";
 
 const PASSWORD_HASH: &str = "SELECT password_hash FROM keepd.users WHERE id = $1";
 
@@ -39,6 +39,8 @@ pub struct Account {
     pub id: Uuid,
     pub password_hash: String,
     pub created_at: SystemTime,
+    /// By the operator (`keepd account disable`): it may not log in.
+    pub disabled: bool,
 }
 
 /// Creates the account; its creation time, or None when the email is taken.
@@ -63,6 +65,7 @@ pub async fn by_email(
         id: row.get(0),
         password_hash: row.get(1),
         created_at: row.get(2),
+        disabled: row.get(3),
     }))
 }
 
@@ -118,4 +121,96 @@ pub async fn revoke_session(tx: &ScopedTransaction, session: Uuid) -> Result<u64
 /// Ends every session of the account; how many.
 pub async fn revoke_all_sessions(tx: &ScopedTransaction, user: Uuid) -> Result<u64, StoreError> {
     Ok(tx.execute(REVOKE_ALL_SESSIONS, &[&user]).await?)
+}
+
+/// The operator's view (`keepd account`, as `keepd_operator`, whose
+/// policies show every account): an account with its live sessions and
+/// what it stores.
+const SUMMARY: &str = "SELECT u.id, to_char(u.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+       to_char(u.disabled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+       (SELECT count(*) FROM keepd.sessions s \
+         WHERE s.user_id = u.id AND s.revoked_at IS NULL AND s.expires_at > now()), \
+       coalesce(a.storage_bytes, 0), coalesce(a.vaults, 0), coalesce(a.devices, 0), \
+       coalesce(a.backups, 0) \
+     FROM keepd.users u LEFT JOIN keepd.account_usage a ON a.user_id = u.id";
+
+/// A page of accounts in id order, after `$1` (nil for the first).
+const LIST: &str = "ORDER BY u.id LIMIT $2";
+
+/// Disables or enables; no row when the account is unknown or already so.
+const SET_DISABLED: &str = "UPDATE keepd.users \
+     SET disabled_at = CASE WHEN $2 THEN now() END \
+     WHERE id = $1 AND (disabled_at IS NOT NULL) <> $2";
+
+/// An account as the operator sees it: no email (keepd keeps only its
+/// HMAC), no data.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub id: Uuid,
+    pub created_at: String,
+    pub disabled_at: Option<String>,
+    pub live_sessions: u64,
+    pub usage: super::usage::Usage,
+}
+
+fn summary(row: &tokio_postgres::Row) -> Summary {
+    let count = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+    let small = |i: usize| u64::try_from(row.get::<_, i32>(i)).unwrap_or(0);
+    Summary {
+        id: row.get(0),
+        created_at: row.get(1),
+        disabled_at: row.get(2),
+        live_sessions: count(3),
+        usage: super::usage::Usage {
+            storage_bytes: count(4),
+            vaults: small(5),
+            devices: small(6),
+            backups: small(7),
+        },
+    }
+}
+
+/// Up to `limit` accounts after `after`, in id order.
+pub async fn list(
+    tx: &ScopedTransaction,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Summary>, StoreError> {
+    let sql = format!("{SUMMARY} WHERE u.id > $1 {LIST}");
+    let rows = tx
+        .query(&sql, &[&after.unwrap_or(Uuid::nil()), &limit])
+        .await?;
+    Ok(rows.iter().map(summary).collect())
+}
+
+/// One account, by id or by the HMAC of its email.
+pub async fn find(tx: &ScopedTransaction, key: &Lookup) -> Result<Option<Summary>, StoreError> {
+    let rows = match key {
+        Lookup::Id(id) => {
+            tx.query(&format!("{SUMMARY} WHERE u.id = $1"), &[id])
+                .await?
+        }
+        Lookup::EmailHmac(hmac) => {
+            tx.query(&format!("{SUMMARY} WHERE u.email_hmac = $1"), &[hmac])
+                .await?
+        }
+    };
+    Ok(rows.first().map(summary))
+}
+
+/// How the operator names an account.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Id(Uuid),
+    EmailHmac(Vec<u8>),
+}
+
+/// Disables (`true`) or enables the account; false when it is unknown or
+/// already in that state.
+pub async fn set_disabled(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    disabled: bool,
+) -> Result<bool, StoreError> {
+    Ok(tx.execute(SET_DISABLED, &[&user, &disabled]).await? > 0)
 }

@@ -22,12 +22,11 @@ fn code_hash(code: &str) -> Vec<u8> {
 }
 
 /// A new invite code valid for `ttl`: 128 random bits, as hex.
-pub async fn create(client: &tokio_postgres::Client, ttl: Duration) -> Result<String, InviteError> {
+pub async fn create(tx: &ScopedTransaction, ttl: Duration) -> Result<String, StoreError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| InviteError::Random(e.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(|e| StoreError::Random(e.to_string()))?;
     let code = hex::encode(bytes);
-    client
-        .execute(CREATE, &[&code_hash(&code), &ttl.as_secs_f64()])
+    tx.execute(CREATE, &[&code_hash(&code), &ttl.as_secs_f64()])
         .await?;
     Ok(code)
 }
@@ -36,12 +35,4 @@ pub async fn create(client: &tokio_postgres::Client, ttl: Duration) -> Result<St
 /// expired.
 pub async fn consume(tx: &ScopedTransaction, code: &str, user: Uuid) -> Result<bool, StoreError> {
     Ok(tx.execute(CONSUME, &[&code_hash(code), &user]).await? > 0)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum InviteError {
-    #[error("cannot store the invite: {}", crate::postgres::describe_error(.0))]
-    Sql(#[from] tokio_postgres::Error),
-    #[error("no randomness for an invite code: {0}")]
-    Random(String),
 }

@@ -23,4 +23,6 @@ pub enum StoreError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Field(#[from] FieldError),
+    #[error("no randomness: {0}")]
+    Random(String),
 }

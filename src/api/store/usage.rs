@@ -11,7 +11,7 @@ const USAGE: &str = "SELECT storage_bytes, vaults, devices, backups \
      FROM keepd.account_usage WHERE user_id = $1";
 
 /// An account's usage, or its quotas (0 = unlimited).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub storage_bytes: u64,
     pub vaults: u64,
