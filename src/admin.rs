@@ -98,6 +98,21 @@ pub enum AdminError {
     },
 }
 
+impl AdminError {
+    /// Whether the command was called wrongly (exit 2): an argument or
+    /// setting, not the state of the node.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            AdminError::UnknownRole { .. } | AdminError::BadS3Key(_) => true,
+            AdminError::Backup(e) => e.is_configuration(),
+            AdminError::Native(e) => e.is_configuration(),
+            AdminError::Render(_) => true,
+            AdminError::Cluster(crate::cluster::ClusterError::RemoveSelf(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// The node identity and its unsealed credentials; never creates either.
 fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
     let layout = Layout::of(config);
@@ -237,6 +252,9 @@ pub async fn restore(
     target: crate::backup::RestoreTarget,
 ) -> Result<Restored, AdminError> {
     let layout = Layout::of(config);
+    // Without its identity a node has nothing to restore into: refused
+    // before the lock writes anything.
+    NodeIdentity::load(&layout.identity_key())?;
     let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
     // A fresh state directory (a disaster: only identity.key came back,
     // from its Shamir shares): db.enc from the repository's copy.

@@ -97,6 +97,13 @@ pub enum BackupError {
     },
 }
 
+impl BackupError {
+    /// A setting or argument keepd cannot work with (exit 2).
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, BackupError::NotConfigured | BackupError::BadTarget(_))
+    }
+}
+
 /// A backup's kind, as pgBackRest names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackupKind {

@@ -22,6 +22,11 @@ const MAGIC_LINE: &str = "keepd-identity: v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    #[error(
+        "no identity key at {path}: this node has not run yet (start it with `keepd run`, \
+         check --config and node.state_dir), or rebuild the key with `keepd recovery combine`"
+    )]
+    Missing { path: PathBuf },
     #[error("cannot read identity key {path}: {source}")]
     Read {
         path: PathBuf,
@@ -133,9 +138,14 @@ impl NodeIdentity {
     }
 
     pub fn load(path: &Path) -> Result<NodeIdentity, IdentityError> {
-        let read_err = |source| IdentityError::Read {
-            path: path.to_owned(),
-            source,
+        let read_err = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotFound => IdentityError::Missing {
+                path: path.to_owned(),
+            },
+            _ => IdentityError::Read {
+                path: path.to_owned(),
+                source,
+            },
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.permissions().mode() & 0o777;

@@ -479,13 +479,9 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
                     || c.downcast_ref::<keepd::daemon::DaemonError>()
                         .is_some_and(keepd::daemon::DaemonError::is_configuration)
                     || c.downcast_ref::<keepd::admin::AdminError>()
-                        .is_some_and(|a| {
-                            matches!(
-                                a,
-                                keepd::admin::AdminError::UnknownRole { .. }
-                                    | keepd::admin::AdminError::BadS3Key(_)
-                            )
-                        })
+                        .is_some_and(keepd::admin::AdminError::is_usage)
+                    || c.downcast_ref::<keepd::backup::BackupError>()
+                        .is_some_and(keepd::backup::BackupError::is_configuration)
                     || c.downcast_ref::<RecoveryError>().is_some_and(|r| {
                         matches!(
                             r,

@@ -349,4 +349,49 @@ fn exit_codes_say_whose_mistake_it_was() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // No backup.repository: a setting; an unreadable moment: an argument.
+    let out = node.command(&["backup", "list"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("backup.repository"),
+        "{}",
+        stderr(&out)
+    );
+    let out = node
+        .command(&["restore", "--to", "yesterday-ish"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = node
+        .command(&["account", "delete", "a@b.example"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no --yes: {}", stderr(&out));
+
+    // A node that never ran: each command says so, exits 1 and writes
+    // nothing (not even the state directory).
+    let fresh = TestNode::new();
+    for args in [
+        &["report"][..],
+        &["audit", "verify"],
+        &["restore", "--latest"],
+        &["backup", "now"],
+        &["cluster", "status"],
+        &["recovery", "split", "--out", "/nonexistent/shares"],
+        &["rotate"],
+        &["account", "list"],
+        &["psql"],
+    ] {
+        let out = fresh.command(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        let said = stderr(&out);
+        assert!(
+            said.contains("has not run yet") || said.contains("does not appear to be running"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            !fresh.state_dir().exists(),
+            "{args:?} wrote the state directory"
+        );
+    }
 }
