@@ -107,7 +107,6 @@ impl AdminError {
             AdminError::Backup(e) => e.is_configuration(),
             AdminError::Native(e) => e.is_configuration(),
             AdminError::Render(_) => true,
-            AdminError::Cluster(crate::cluster::ClusterError::RemoveSelf(_)) => true,
             _ => false,
         }
     }

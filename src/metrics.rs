@@ -45,6 +45,12 @@ pub struct Metrics {
     /// The measured security level, 1 (reduced) to 4 (maximum); 0 before
     /// the first report.
     security_level: AtomicU64,
+    /// `security.minimum_level` on the same scale, so an alert compares
+    /// the two.
+    security_minimum: AtomicU64,
+    /// 1 when backups are configured: a backup time of 0 then means none
+    /// was taken, not that none is expected.
+    backup_enabled: AtomicU64,
     /// Unix seconds of the newest backup and of the newest archived WAL
     /// segment (0: none), and whether archiving is failing now; kept by
     /// the backup schedule.
@@ -112,9 +118,16 @@ impl Metrics {
         }
     }
 
-    /// The level of the last security report, 1 (reduced) to 4 (maximum).
-    pub fn set_security_level(&self, ordinal: u64) {
-        self.security_level.store(ordinal, Ordering::Relaxed);
+    /// The level of the last security report and the configured minimum,
+    /// 1 (reduced) to 4 (maximum).
+    pub fn set_security_level(&self, measured: u64, minimum: u64) {
+        self.security_level.store(measured, Ordering::Relaxed);
+        self.security_minimum.store(minimum, Ordering::Relaxed);
+    }
+
+    pub fn set_backup_enabled(&self, enabled: bool) {
+        self.backup_enabled
+            .store(u64::from(enabled), Ordering::Relaxed);
     }
 
     /// What the backup schedule last saw.
@@ -272,6 +285,18 @@ impl Metrics {
                 load(&self.security_level),
             ),
             (
+                "keepd_security_minimum_level",
+                "gauge",
+                "security.minimum_level: 1 reduced, 2 moderate, 3 high, 4 maximum.",
+                load(&self.security_minimum),
+            ),
+            (
+                "keepd_backup_enabled",
+                "gauge",
+                "1 when backup.repository or backup.s3 is set.",
+                load(&self.backup_enabled),
+            ),
+            (
                 "keepd_backup_last_success_timestamp_seconds",
                 "gauge",
                 "When the newest backup in the repository finished, unix seconds (0: none).",
@@ -417,7 +442,8 @@ mod tests {
         metrics.rotation_completed();
         metrics.observe_response(404);
         metrics.observe_response(200);
-        metrics.set_security_level(3);
+        metrics.set_security_level(3, 2);
+        metrics.set_backup_enabled(true);
         let _open = metrics.connection_opened();
         metrics.connection_refused("max_connections_per_client");
         let text = metrics.render(&Gauges {
@@ -445,6 +471,8 @@ mod tests {
             r#"keepd_http_connections_refused_total{cap="max_connections_per_client"} 1"#,
             "keepd_http_connections_open 1",
             "keepd_security_level 3",
+            "keepd_security_minimum_level 2",
+            "keepd_backup_enabled 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

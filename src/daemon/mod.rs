@@ -491,7 +491,11 @@ impl Provisioned {
             .await,
         );
         policy::apply(config, &report)?;
-        self.metrics.set_security_level(report.level() as u64 + 1);
+        self.metrics.set_security_level(
+            report.level() as u64 + 1,
+            config.security.minimum_level as u64 + 1,
+        );
+        self.metrics.set_backup_enabled(config.backup.enabled());
         let control_path = layout.control_socket();
         let control = control::bind(&control_path).map_err(|source| DaemonError::Listen {
             what: "the control socket",
