@@ -3,10 +3,13 @@
 # the PostgreSQL server binaries (keepd runs its own cluster from them),
 # for the edge tests a real reverse proxy (nginx) and a real browser
 # (headless Chromium), pgBackRest (keepd's backups), pgAudit (loaded by
-# keepd beside its server), and for the HA test
+# keepd beside its server), Prometheus and promtool (the contrib/ dashboard
+# and alert rules are checked against a real one), and for the HA test
 # etcd (Debian) and Patroni (PyPI, in its own virtualenv at
-# /opt/keepd-test/patroni), and for the S3 repository test moto's S3 server
-# (PyPI, /opt/keepd-test/moto).
+# /opt/keepd-test/patroni), for the S3 repository test moto's S3 server
+# (PyPI, /opt/keepd-test/moto), and for the packaging test debootstrap
+# (the Debian 12 base image, scripts/build-debian-base.sh), dpkg-dev and
+# cargo-deb (crates.io; the .deb, scripts/build-deb.sh), and cryptsetup.
 set -euo pipefail
 
 have_postgres() {
@@ -21,6 +24,13 @@ have_postgres || missing+=(postgresql)
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
 [[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 [[ -x /usr/bin/pgbackrest ]] || missing+=(pgbackrest)
+[[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
+# The LUKS measurement test makes a real volume where the kernel has
+# device-mapper (it skips, saying so, where not).
+[[ -x /usr/sbin/cryptsetup ]] || missing+=(cryptsetup-bin)
+# cargo-deb's $auto dependencies come from dpkg-shlibdeps.
+[[ -x /usr/bin/dpkg-shlibdeps ]] || missing+=(dpkg-dev)
+[[ -x /usr/bin/prometheus && -x /usr/bin/promtool ]] || missing+=(prometheus)
 # pgAudit for the installed major (Debian 12's is 15 when none is yet).
 pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
 pg_major=${pg_major:-15}
@@ -42,9 +52,18 @@ install_python_tools() {
   install_venv moto moto_server "moto[server]==5.2.5"
   install_venv schemathesis schemathesis "schemathesis==4.32.5"
 }
+# cargo-deb, pinned, built once into ~/.cargo/bin (a few minutes).
+CARGO_DEB_VERSION=3.8.0
+install_cargo_tools() {
+  if [[ $(cargo deb --version 2>/dev/null) != "cargo-deb $CARGO_DEB_VERSION" ]]; then
+    echo "install-deps: installing cargo-deb $CARGO_DEB_VERSION" >&2
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+  fi
+}
 sudo=""
 if [[ ${#missing[@]} -eq 0 ]]; then
   install_python_tools
+  install_cargo_tools
   exit 0
 fi
 
@@ -71,4 +90,14 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
 fi
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_postgres || { echo "install-deps: postgresql installed but initdb/postgres not found" >&2; exit 1; }
+# The tests run their own Prometheus on a free port; the package's service
+# (enabled by its postinst, on port 9090) is not wanted.
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+  if [[ -d /run/systemd/system ]]; then
+    $sudo systemctl disable --now --quiet prometheus.service || true
+  else
+    $sudo systemctl disable --quiet prometheus.service || true
+  fi
+fi
 install_python_tools
+install_cargo_tools

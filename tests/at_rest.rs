@@ -427,18 +427,27 @@ fn a_data_directory_on_dm_crypt_is_measured() {
     assert_eq!(check["status"], "pass", "{check}");
     let value = check["value"].as_str().unwrap();
     assert!(
-        value.contains(&format!("dm-crypt volume {name} (LUKS2, aes-xts-plain64 with a 512-bit key)")),
+        value.contains(&format!(
+            "dm-crypt volume {name} (LUKS2, aes-xts-plain64 with a 512-bit key)"
+        )),
         "{value}"
     );
     drop(daemon);
 
     // Asking for more than the volume has fails, naming both.
     let yaml = std::fs::read_to_string(&node.config).unwrap();
-    std::fs::write(&node.config, yaml.replace("key_size: 512", "key_size: 1024")).unwrap();
+    std::fs::write(
+        &node.config,
+        yaml.replace("key_size: 512", "key_size: 1024"),
+    )
+    .unwrap();
     let check = node.report_check("encryption_at_rest");
     assert_eq!(check["status"], "fail", "{check}");
     assert!(
-        check["value"].as_str().unwrap().contains("at least a 1024-bit key"),
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("at least a 1024-bit key"),
         "{check}"
     );
     drop(volume);
@@ -458,7 +467,10 @@ fn method_luks_on_a_plain_directory_fails_naming_the_device() {
         "{value}"
     );
     assert!(
-        check["recommendation"].as_str().unwrap().contains("cryptsetup luksFormat"),
+        check["recommendation"]
+            .as_str()
+            .unwrap()
+            .contains("cryptsetup luksFormat"),
         "{check}"
     );
     drop(daemon);

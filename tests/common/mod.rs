@@ -728,25 +728,32 @@ pub fn uuid() -> String {
 /// The Postgres image the docker tests use (scripts/build-test-image.sh).
 pub const DOCKER_IMAGE: &str = "keepd-test-postgres:test";
 
-/// Whether the engine answers; builds the test image once (under a lock,
-/// as tests run in parallel processes) when it is missing.
-pub fn docker_engine_ready() -> bool {
+/// Whether a Docker engine answers (saying why not, for a test to skip).
+pub fn docker_engine_answers() -> bool {
     match Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])
         .output()
     {
-        Ok(out) if out.status.success() => {}
+        Ok(out) if out.status.success() => true,
         Ok(out) => {
             eprintln!(
                 "skipping: no Docker engine answers: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
-            return false;
+            false
         }
         Err(e) => {
             eprintln!("skipping: the docker CLI cannot run: {e}");
-            return false;
+            false
         }
+    }
+}
+
+/// Whether the engine answers; builds the test image once (under a lock,
+/// as tests run in parallel processes) when it is missing.
+pub fn docker_engine_ready() -> bool {
+    if !docker_engine_answers() {
+        return false;
     }
     let lock_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-image.lock");
     let lock = std::fs::File::create(&lock_path).unwrap();
