@@ -1613,6 +1613,32 @@ async fn operator_lists_shows_disables_enables_and_deletes_accounts() {
     again.login(&email, PASSWORD).await.unwrap();
     assert_eq!(again.pull("notes", 0, 10).await.unwrap().logs.len(), 3);
 
+    // A disable while logins are in flight leaves no live session: each
+    // login either finished before it (its session ended by it) or hears
+    // account_disabled.
+    let logins: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = daemon.client();
+            let email = email.clone();
+            tokio::spawn(async move {
+                for _ in 0..4 {
+                    if let Err(e) = c.login(&email, PASSWORD).await {
+                        assert_eq!(e.code(), Some("account_disabled"), "{e}");
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (code, _, err) = operator(&node, &["disable", &id]);
+    assert_eq!(code, 0, "{err}");
+    for login in logins {
+        login.await.unwrap();
+    }
+    let (_, json, _) = operator(&node, &["show", &id, "--json"]);
+    let json: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["account"]["live_sessions"], 0, "{json}");
+
     // Deleting asks for --yes (a usage error), then erases everything.
     let (code, _, err) = operator(&node, &["delete", &id]);
     assert_eq!(code, 2);
@@ -1644,7 +1670,12 @@ async fn operator_lists_shows_disables_enables_and_deletes_accounts() {
     let actions: Vec<String> = audit.iter().map(|r| r.get(0)).collect();
     assert_eq!(
         actions,
-        ["ACCOUNT_DISABLE", "ACCOUNT_ENABLE", "ACCOUNT_DELETE"]
+        [
+            "ACCOUNT_DISABLE",
+            "ACCOUNT_ENABLE",
+            "ACCOUNT_DISABLE",
+            "ACCOUNT_DELETE"
+        ]
     );
     let uid = nix::unistd::geteuid().as_raw();
     for row in &audit {

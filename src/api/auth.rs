@@ -384,7 +384,10 @@ pub(super) async fn login(
         .pool
         .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
         .await?;
-    accounts::open_session(&tx, session, id, expires_at).await?;
+    if !accounts::open_session(&tx, session, id, expires_at).await? {
+        // Disabled (or erased) while the password was being checked.
+        return Err(account_disabled());
+    }
     let metadata = json!({"user": api.user_ref(id), "client": client_ref});
     api.audit(&mut tx, AuditAction::Login, 1, started, metadata)
         .await?;

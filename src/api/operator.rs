@@ -194,7 +194,11 @@ impl Api {
         let started = Instant::now();
         let mut tx = self.operator_tx().await?;
         let found = self.resolve(&tx, account).await?;
-        accounts::delete(&tx, found.id).await?;
+        let rows = accounts::delete(&tx, found.id).await?;
+        if rows == 0 {
+            // Erased by its owner in between.
+            return Err(OperatorError::NotFound(account.clone()));
+        }
         self.operator_audit(
             &mut tx,
             operator,

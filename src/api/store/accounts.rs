@@ -25,6 +25,12 @@ const DELETE_USER: &str = "DELETE FROM keepd.users WHERE id = $1";
 const INSERT_SESSION: &str =
     "INSERT INTO keepd.sessions (id, user_id, expires_at) VALUES ($1, $2, $3)";
 
+/// Locks the account row against a concurrent disable (whose UPDATE
+/// conflicts with FOR SHARE, unlike the session's foreign-key check):
+/// either the disable waits and then ends the new session too, or the
+/// login waits and sees the account disabled.
+const STILL_ENABLED: &str = "SELECT disabled_at IS NULL FROM keepd.users WHERE id = $1 FOR SHARE";
+
 const SESSION_IS_LIVE: &str = "SELECT 1 FROM keepd.sessions \
      WHERE id = $1 AND revoked_at IS NULL AND expires_at > now()";
 
@@ -91,15 +97,21 @@ pub async fn delete(tx: &ScopedTransaction, user: Uuid) -> Result<u64, StoreErro
     Ok(tx.execute(DELETE_USER, &[&user]).await?)
 }
 
+/// Opens a session unless the account was disabled (or erased) since the
+/// password was checked; whether it did.
 pub async fn open_session(
     tx: &ScopedTransaction,
     session: Uuid,
     user: Uuid,
     expires_at: SystemTime,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
+    let enabled = tx.query(STILL_ENABLED, &[&user]).await?;
+    if !enabled.first().is_some_and(|row| row.get::<_, bool>(0)) {
+        return Ok(false);
+    }
     tx.execute(INSERT_SESSION, &[&session, &user, &expires_at])
         .await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Opens the transaction of `ctx` with the session's liveness checked in
