@@ -432,9 +432,9 @@ fn a_data_directory_on_dm_crypt_is_measured() {
         )),
         "{value}"
     );
-    drop(daemon);
 
-    // Asking for more than the volume has fails, naming both.
+    // Asking for more than the volume has fails, naming both (`keepd
+    // report` reads the file; the running daemon keeps Postgres up).
     let yaml = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(
         &node.config,
@@ -450,6 +450,7 @@ fn a_data_directory_on_dm_crypt_is_measured() {
             .contains("at least a 1024-bit key"),
         "{check}"
     );
+    drop(daemon);
     drop(volume);
 }
 

@@ -837,7 +837,14 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         Provider::Docker | Provider::External => None,
     };
     let on_volume = match &volume {
-        Some(Volume::Encrypted(v)) => Some(v.to_string()),
+        Some(Volume::Encrypted(v))
+            if !v
+                .table
+                .as_ref()
+                .is_ok_and(|t| t.cipher.starts_with("cipher_null")) =>
+        {
+            Some(v.to_string())
+        }
         _ => None,
     };
     if !at_rest.enabled {
@@ -955,6 +962,10 @@ fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<(), Chec
                 format!("the data directory is on {v}; its cipher and key size are not readable here: {why}"),
             )
             .recommend("run `keepd report` as root to measure the cipher and key size")),
+            Ok(t) if t.cipher.starts_with("cipher_null") => fail(
+                format!("the data directory is on {v}, which encrypts nothing"),
+                build,
+            ),
             Ok(t) if t.cipher != wanted.cipher || t.key_bits < wanted.key_size => fail(
                 format!(
                     "the data directory is on {v}, not {} with at least a {}-bit key (encryption_at_rest.luks)",

@@ -163,6 +163,16 @@ impl Report {
         level(&self.checks)
     }
 
+    /// Whether the live system was measured at all: false when keepd's
+    /// Postgres could not be reached (the report then holds only what
+    /// the configuration and files say).
+    pub fn measured(&self) -> bool {
+        !self
+            .checks
+            .iter()
+            .any(|c| c.id == "postgres.reachable" && c.status == Status::Fail)
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("the report serialises")
     }

@@ -94,8 +94,14 @@ fn device_name(block: &Path) -> Option<String> {
         .map(|n| format!("/dev/{n}"))
 }
 
-/// The first dm-crypt mapping at or below `block` (its `slaves`, and the
-/// disk a partition belongs to): (name, format).
+/// Formats cryptsetup names its encrypting mappings by (`CRYPT-FORMAT-…`
+/// in `dm/uuid`); INTEGRITY and VERITY mappings encrypt nothing.
+const ENCRYPTING: [&str; 5] = ["LUKS1", "LUKS2", "PLAIN", "TCRYPT", "BITLK"];
+
+/// The dm-crypt mapping that `block` is, or that every device under it
+/// leads to (LVM's `slaves`, the disk a partition belongs to): (name,
+/// format). A stack with one plain leg (a volume group extended onto a
+/// plain disk, a RAID with one unencrypted member) is not encrypted.
 fn crypt_below(block: &Path, depth: u32) -> Option<(String, String)> {
     // Device stacks are a few levels deep; the bound stops a loop.
     if depth > 8 {
@@ -105,7 +111,10 @@ fn crypt_below(block: &Path, depth: u32) -> Option<(String, String)> {
     if let Ok(uuid) = std::fs::read_to_string(block.join("dm/uuid"))
         && let Some(rest) = uuid.trim().strip_prefix("CRYPT-")
     {
-        let format = rest.split('-').next().unwrap_or("dm-crypt").to_string();
+        let format = rest.split('-').next().unwrap_or_default().to_string();
+        if !ENCRYPTING.contains(&format.as_str()) {
+            return None;
+        }
         let name = std::fs::read_to_string(block.join("dm/name"))
             .map(|n| n.trim().to_string())
             .unwrap_or_default();
@@ -120,14 +129,25 @@ fn crypt_below(block: &Path, depth: u32) -> Option<(String, String)> {
         below.push(disk.to_path_buf());
     }
     below.sort();
-    below.iter().find_map(|b| crypt_below(b, depth + 1))
+    let mut found = None;
+    for device in &below {
+        // Every leg must be encrypted; the first mapping names the volume.
+        let leg = crypt_below(device, depth + 1)?;
+        found.get_or_insert(leg);
+    }
+    found
 }
 
 fn dmsetup_table(name: &str) -> Result<String, String> {
     let out = Command::new("dmsetup")
         .args(["table", "--target", "crypt", name])
         .output()
-        .map_err(|e| format!("cannot run dmsetup: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "dmsetup is not installed (Debian: apt install dmsetup)".to_string()
+            }
+            _ => format!("cannot run dmsetup: {e}"),
+        })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -263,6 +283,23 @@ mod tests {
             panic!("not found");
         };
         assert_eq!(unread.table, Err("needs root".into()));
+    }
+
+    #[test]
+    fn a_stack_with_a_plain_leg_or_an_integrity_mapping_is_plain() {
+        let sys = tempfile::tempdir().unwrap();
+        fake_sysfs(sys.path(), true);
+        let lvm = sys.path().join("devices/virtual/block/dm-1");
+        // The volume group extended onto a plain disk.
+        let sdb = sys.path().join("devices/pci/sdb");
+        std::fs::create_dir_all(&sdb).unwrap();
+        std::os::unix::fs::symlink(&sdb, lvm.join("slaves/sdb")).unwrap();
+        assert_eq!(crypt_below(&lvm, 0), None);
+        std::fs::remove_file(lvm.join("slaves/sdb")).unwrap();
+        assert_eq!(crypt_below(&lvm, 0), Some(("vault".into(), "LUKS2".into())));
+        let crypt = sys.path().join("devices/virtual/block/dm-0/dm/uuid");
+        std::fs::write(crypt, "CRYPT-INTEGRITY-0f1e-vault\n").unwrap();
+        assert_eq!(crypt_below(&lvm, 0), None);
     }
 
     #[test]
