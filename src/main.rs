@@ -417,7 +417,7 @@ fn main() -> ExitCode {
                     } else {
                         println!("{}", report.render_box());
                     }
-                    if report.level() < config.security.minimum_level {
+                    if report.level() < config.security.minimum_level || !report.measured() {
                         return ExitCode::from(1);
                     }
                     Ok(())

@@ -187,8 +187,8 @@ pub fn install_steps(
     docker: bool,
     docs: &Documentation,
 ) -> Vec<Step> {
-    let mut steps = docs.install();
-    steps.extend(match target {
+    // The documentation last: a failed step leaves none of it behind.
+    let mut steps = match target {
         Target::Systemd => {
             let mut steps = vec![
                 // The service account, if missing (useradd refuses a
@@ -222,7 +222,8 @@ pub fn install_steps(
             },
             run("launchctl", &["load", "-w", PLIST_PATH]),
         ],
-    });
+    };
+    steps.extend(docs.install());
     steps
 }
 

@@ -349,6 +349,15 @@ fn exit_codes_say_whose_mistake_it_was() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // A stopped node's report measures nothing live: 1, whatever the level.
+    let yaml = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        format!("{yaml}security:\n  minimum_level: reduced\n"),
+    )
+    .unwrap();
+    let out = node.command(&["report"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // No backup.repository: a setting; an unreadable moment: an argument.
     let out = node.command(&["backup", "list"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

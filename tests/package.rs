@@ -400,8 +400,10 @@ fn the_deb_installs_on_debian_12_and_its_unit_command_serves() {
         "-v",
         &format!("{APT_CACHE}:/var/cache/apt/archives"),
         BASE_IMAGE,
+        // Bounded: a test process killed before its cleanup leaves no
+        // container behind for long.
         "sleep",
-        "infinity",
+        "1800",
     ]);
     // As a user would install it, recommends and all; the image's
     // docker-clean (which empties apt's download cache) is left out so the
