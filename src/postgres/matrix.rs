@@ -85,9 +85,10 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_audit", "keepd_audit.audit_log", &[S, I]),
     ("keepd_audit", "keepd_audit.audit_chain", &[S, I]),
     // The operator's account commands (`keepd account`, control socket):
-    // every account's row, sessions and usage; disabling ends sessions,
-    // deleting erases (the rest follows by cascade); invites are issued.
-    ("keepd_operator", "keepd.users", &[S, U, D]),
+    // every account's row (some columns only: `COLUMNS`), sessions and
+    // usage; disabling ends sessions, deleting erases (the rest follows by
+    // cascade); invites are issued.
+    ("keepd_operator", "keepd.users", &[D]),
     ("keepd_operator", "keepd.sessions", &[S, U]),
     ("keepd_operator", "keepd.account_usage", &[S]),
     ("keepd_operator", "keepd.invites", &[I]),
@@ -104,6 +105,19 @@ pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
     ("keepd_readonly", "keepd.invites", &[S]),
     ("keepd_readonly", "keepd_audit.audit_log", &[S]),
     ("keepd_readonly", "keepd_audit.audit_chain", &[S]),
+];
+
+/// Privileges a role holds on some columns of a table only, never the
+/// whole table: the operator reads and changes what it manages of an
+/// account, never its password hash.
+pub const COLUMNS: &[(&str, &str, Privilege, &[&str])] = &[
+    (
+        "keepd_operator",
+        "keepd.users",
+        S,
+        &["id", "email_hmac", "created_at", "disabled_at"],
+    ),
+    ("keepd_operator", "keepd.users", U, &["disabled_at"]),
 ];
 
 /// What pgAudit's object logging watches (`pgaudit.role` =
@@ -156,6 +170,13 @@ pub fn grant_statements() -> Vec<String> {
     for (role, table, privileges) in MATRIX {
         let list: Vec<&str> = privileges.iter().map(|p| p.sql()).collect();
         sql.push(format!("GRANT {} ON {table} TO {role}", list.join(", ")));
+    }
+    for (role, table, privilege, columns) in COLUMNS {
+        sql.push(format!(
+            "GRANT {} ({}) ON {table} TO {role}",
+            privilege.sql(),
+            columns.join(", ")
+        ));
     }
     for (table, privileges) in AUDITED {
         let list: Vec<&str> = privileges.iter().map(|p| p.sql()).collect();
