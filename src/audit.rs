@@ -602,6 +602,23 @@ pub async fn verify(
     identity: &NodeIdentity,
     checkpoint: &Path,
 ) -> Result<Verdict, AuditError> {
+    // One snapshot for the chain and the count of what it does not hold
+    // yet: read apart, the sealer could seal everything in between and
+    // the verdict would count those entries nowhere.
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let verdict = verify_in_snapshot(client, identity, checkpoint).await;
+    // Read only: ending it by rollback also clears an aborted one.
+    client.batch_execute("ROLLBACK").await?;
+    verdict
+}
+
+async fn verify_in_snapshot(
+    client: &tokio_postgres::Client,
+    identity: &NodeIdentity,
+    checkpoint: &Path,
+) -> Result<Verdict, AuditError> {
     let keys = AuditKeys::new(identity);
     let rows = client
         .query(

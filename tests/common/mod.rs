@@ -193,6 +193,9 @@ pub fn tls_client(
 pub struct Daemon {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr into `lines`; awaited once keepd exits, so the log is
+    /// whole when a test reads it.
+    reader: std::thread::JoinHandle<()>,
     addr: Option<SocketAddr>,
     data_dir: PathBuf,
     /// The CA of the API's certificate when it serves HTTPS.
@@ -211,7 +214,7 @@ impl Daemon {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -219,6 +222,7 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             lines,
+            reader,
             addr: None,
             data_dir,
             tls_ca: None,
@@ -316,7 +320,13 @@ impl Daemon {
 
     /// Waits for keepd to exit; None on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_until(timeout, || self.child.try_wait().ok().flatten())
+        let status = wait_until(timeout, || self.child.try_wait().ok().flatten())?;
+        // keepd's last lines (its refusal) may still be in the pipe; a
+        // child that inherited it must not hold the test, hence the bound.
+        wait_until(Duration::from_secs(5), || {
+            self.reader.is_finished().then_some(())
+        });
+        Some(status)
     }
 
     /// SIGTERM, and a clean exit within 30 s.
