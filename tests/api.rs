@@ -1659,6 +1659,9 @@ async fn operator_lists_shows_disables_enables_and_deletes_accounts() {
     assert!(err.contains("no account"), "{err}");
     let (code, _, err) = operator(&node, &["show", "alice"]);
     assert_eq!(code, 2, "not an id or an email: {err}");
+    let (code, _, err) = operator(&node, &["show", "alice@nowhere"]);
+    assert_eq!(code, 2, "not an address: {err}");
+    assert!(err.contains("name@example.com"), "{err}");
 
     // Audited as the operator's, naming neither the email nor the id.
     let audit = sql_rows(

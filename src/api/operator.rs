@@ -35,7 +35,10 @@ impl std::str::FromStr for AccountRef {
             return Ok(AccountRef::Id(id));
         }
         if text.contains('@') {
-            return Ok(AccountRef::Email(text.to_string()));
+            // Checked here too, so a malformed address is a usage error.
+            return super::auth::normalise_email(text)
+                .map(AccountRef::Email)
+                .map_err(|e| e.message().to_string());
         }
         Err(format!(
             "`{text}` is neither an account id (a UUID, as `keepd account list` prints) nor an email"
