@@ -134,7 +134,10 @@ async fn handle(
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(64 * 1024);
-    reader.read_line(&mut line).await?;
+    // A client that connects and says nothing does not hold a task.
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let response = match (operator, serde_json::from_str::<Request>(&line)) {
         (None, _) => Response::refused(
             "permission denied: only keepd's own user and root may use the control socket",
