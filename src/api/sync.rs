@@ -381,7 +381,7 @@ pub(super) async fn store_vault_key(
 
 /// A vault's encrypted key.
 #[utoipa::path(get, path = "/sync/vault-key/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
+    params(VaultIdPath),
     responses(
         (status = 200, body = VaultKeyResponse),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -741,6 +741,22 @@ mod tests {
     }
 }
 
+/// The `{vaultId}` of the vault routes, as the document states it (the
+/// handlers take it with `ApiPath<String>` and `check_vault_id`).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code, reason = "only the OpenAPI derive reads it")]
+pub struct VaultIdPath {
+    /// The client's vault id
+    #[param(
+        rename = "vaultId",
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$"
+    )]
+    vault_id: String,
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct VaultsPage {
@@ -832,7 +848,7 @@ pub struct DeleteVaultResponse {
 
 /// Erases one vault: its key record and every entry, in one transaction.
 #[utoipa::path(delete, path = "/sync/vault/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
+    params(VaultIdPath),
     responses(
         (status = 200, body = DeleteVaultResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -908,7 +924,7 @@ pub struct RewrapVaultKeyResponse {
 /// Replaces a vault's wrapped key (the same key re-wrapped, after a
 /// password change), if it is still at the version the client read.
 #[utoipa::path(patch, path = "/sync/vault-key/{vaultId}", tag = "sync",
-    params(("vaultId" = String, Path, description = "The client's vault id", min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$")),
+    params(VaultIdPath),
     request_body = RewrapVaultKeyBody,
     responses(
         (status = 200, body = RewrapVaultKeyResponse),
