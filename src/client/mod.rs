@@ -71,6 +71,20 @@ pub struct Answer {
     pub text: String,
 }
 
+impl Answer {
+    /// keepd's error body (`{"error":{"code","message"}}`) as an error;
+    /// the text when the body is not one.
+    fn into_error(self) -> ClientError {
+        let error = &self.body["error"];
+        ClientError::Api {
+            status: self.status,
+            code: error["code"].as_str().unwrap_or("").to_string(),
+            message: error["message"].as_str().unwrap_or(&self.text).to_string(),
+            retry_after: self.retry_after,
+        }
+    }
+}
+
 /// Which certificates an HTTPS endpoint may present.
 pub enum Trust {
     /// Only those issued by this CA (PEM), e.g. a private CA.
@@ -345,6 +359,18 @@ impl SyncClient {
         Ok(sender)
     }
 
+    /// A request to the endpoint, with the session's token when logged in.
+    fn request(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.endpoint.authority());
+        match &self.token {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request,
+        }
+    }
+
     /// Any request, raw: for tests that send what a client should not.
     pub async fn send(
         &self,
@@ -353,15 +379,9 @@ impl SyncClient {
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, ClientError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.endpoint.authority());
+        let mut request = self.request(method, path);
         if body.is_some() {
             request = request.header("content-type", "application/json");
-        }
-        if let Some(token) = &self.token {
-            request = request.header("authorization", format!("Bearer {token}"));
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -377,30 +397,38 @@ impl SyncClient {
                 .send_request(request)
                 .await
                 .map_err(|e| self.transport(e))?;
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.transport(e))?
-                .to_bytes();
-            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let answer = self.read_answer(response).await?;
             *slot = Some(sender);
-            Ok(Answer {
-                status,
-                retry_after,
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                text,
-            })
+            Ok(answer)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| self.transport("no answer within 30s"))?
+    }
+
+    /// The whole answer: status, `Retry-After`, the body as JSON and text.
+    async fn read_answer(
+        &self,
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<Answer, ClientError> {
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.transport(e))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            retry_after,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        })
     }
 
     /// A JSON request whose non-2xx answer becomes `ClientError::Api`.
@@ -416,16 +444,7 @@ impl SyncClient {
         if (200..300).contains(&answer.status) {
             return Ok(answer.body);
         }
-        let error = &answer.body["error"];
-        Err(ClientError::Api {
-            status: answer.status,
-            code: error["code"].as_str().unwrap_or("").to_string(),
-            message: error["message"]
-                .as_str()
-                .unwrap_or(&answer.text)
-                .to_string(),
-            retry_after: answer.retry_after,
-        })
+        Err(answer.into_error())
     }
 
     fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ClientError> {
@@ -669,14 +688,9 @@ impl SyncClient {
         vault_id: &str,
         last_event_id: Option<i64>,
     ) -> Result<EventStream, ClientError> {
-        let mut request = Request::builder()
-            .method(Method::GET)
-            .uri(format!("/sync/events?vaultId={vault_id}"))
-            .header("host", self.endpoint.authority())
+        let mut request = self
+            .request(Method::GET, &format!("/sync/events?vaultId={vault_id}"))
             .header("accept", "text/event-stream");
-        if let Some(token) = &self.token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
@@ -688,22 +702,8 @@ impl SyncClient {
             .await
             .map_err(|_| self.transport("no answer within 30s"))?
             .map_err(|e| self.transport(e))?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| self.transport(e))?
-                .to_bytes();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let error = &body["error"];
-            return Err(ClientError::Api {
-                status,
-                code: error["code"].as_str().unwrap_or("").to_string(),
-                message: error["message"].as_str().unwrap_or("").to_string(),
-                retry_after: None,
-            });
+        if response.status() != 200 {
+            return Err(self.read_answer(response).await?.into_error());
         }
         Ok(EventStream {
             body: response.into_body(),
