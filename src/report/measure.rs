@@ -830,27 +830,17 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "encryption_at_rest";
     let config = inputs.config;
     let at_rest = &config.encryption_at_rest;
-    let volume = match Topology::of(config).provider {
+    // Measured only where the outcome depends on it (sysfs and dmsetup).
+    let volume = || match Topology::of(config).provider {
         Provider::Native => Some(super::volume::under(&Layout::of(config).data_dir())),
         // The data is in a Docker volume or on another server: its disk
         // is not this node's to measure.
         Provider::Docker | Provider::External => None,
     };
-    let on_volume = match &volume {
-        Some(Volume::Encrypted(v))
-            if !v
-                .table
-                .as_ref()
-                .is_ok_and(|t| t.cipher.starts_with("cipher_null")) =>
-        {
-            Some(v.to_string())
-        }
-        _ => None,
-    };
     if !at_rest.enabled {
-        return match on_volume {
-            Some(v) => Check::new(id, Weight::Minor, Status::Pass, format!("the data directory is on {v}")),
-            None => Check::new(
+        return match volume() {
+            Some(Volume::Encrypted(v)) if v.encrypts() => Check::new(id, Weight::Minor, Status::Pass, format!("the data directory is on {v}")),
+            _ => Check::new(
                 id,
                 Weight::Minor,
                 Status::Warn,
@@ -860,11 +850,11 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         };
     }
     if at_rest.method.needs_volume() {
-        if let Err(unmet) = volume_meets(volume.as_ref(), &at_rest.luks) {
-            return unmet;
-        }
+        let v = match volume_meets(volume().as_ref(), &at_rest.luks) {
+            Ok(v) => v,
+            Err(unmet) => return unmet,
+        };
         if !at_rest.method.encrypts_fields() {
-            let v = on_volume.unwrap_or_default();
             return Check::new(
                 id,
                 Weight::Major,
@@ -940,8 +930,9 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
 }
 
 /// Whether the volume under the data directory is what methods luks and
-/// hybrid ask for (`encryption_at_rest.luks`); the failing check if not.
-fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<(), Check> {
+/// hybrid ask for (`encryption_at_rest.luks`): the volume as the report
+/// names it, or the failing check.
+fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<String, Check> {
     let id = "encryption_at_rest";
     let fail = |value: String, fix: &str| {
         Err(Check::new(id, Weight::Major, Status::Fail, value).recommend(fix.to_string()))
@@ -962,7 +953,7 @@ fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<(), Chec
                 format!("the data directory is on {v}; its cipher and key size are not readable here: {why}"),
             )
             .recommend("run `keepd report` as root to measure the cipher and key size")),
-            Ok(t) if t.cipher.starts_with("cipher_null") => fail(
+            Ok(_) if !v.encrypts() => fail(
                 format!("the data directory is on {v}, which encrypts nothing"),
                 build,
             ),
@@ -973,7 +964,7 @@ fn volume_meets(volume: Option<&Volume>, wanted: &LuksConfig) -> Result<(), Chec
                 ),
                 "re-encrypt the volume (cryptsetup reencrypt) or change encryption_at_rest.luks",
             ),
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(v.to_string()),
         },
     }
 }

@@ -40,6 +40,17 @@ pub struct CryptTable {
     pub key_bits: u32,
 }
 
+impl CryptVolume {
+    /// False when the table is read and its cipher is `cipher_null`; an
+    /// unread table is taken at its mapping's word.
+    pub fn encrypts(&self) -> bool {
+        !self
+            .table
+            .as_ref()
+            .is_ok_and(|t| t.cipher.starts_with("cipher_null"))
+    }
+}
+
 impl std::fmt::Display for CryptVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "dm-crypt volume {} ({}", self.name, self.format)?;
