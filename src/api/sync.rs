@@ -415,8 +415,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
+    // Visible ASCII only (0x21..=0x7E): `to_str` alone admits spaces and
+    // tabs, which the documented form and the OpenAPI pattern exclude.
+    let bytes = value.as_bytes();
     match value.to_str() {
-        Ok(key) if !key.is_empty() && key.chars().count() <= MAX_IDEMPOTENCY_KEY_CHARS => {
+        Ok(key)
+            if !bytes.is_empty()
+                && bytes.len() <= MAX_IDEMPOTENCY_KEY_CHARS
+                && bytes.iter().all(|b| (0x21..=0x7E).contains(b)) =>
+        {
             Ok(Some(key.to_string()))
         }
         _ => Err(ApiError::bad_request(
@@ -433,7 +440,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     request_body = PushBody,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "A retry with the same key returns the first result and stores nothing again",
-        pattern = r"^[\x21-\x7E](?:[\x20-\x7E]{0,198}[\x21-\x7E])?$")),
+        pattern = r"^[\x21-\x7E]{1,200}$")),
     responses(
         (status = 200, body = PushResponse),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -701,6 +708,34 @@ pub(super) async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_only() {
+        let key = |value: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(value).unwrap(),
+            );
+            idempotency_key(&headers)
+        };
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(key(b"retry-1").unwrap().as_deref(), Some("retry-1"));
+        let edges: String = (0x21u8..=0x7E).map(char::from).collect();
+        assert_eq!(key(edges.as_bytes()).unwrap().as_deref(), Some(&*edges));
+        assert!(key(&[b'k'; MAX_IDEMPOTENCY_KEY_CHARS]).is_ok());
+        for bad in [
+            &b"a b"[..],
+            b"a\tb",
+            b"",
+            b"caf\xc3\xa9",
+            b"\x80",
+            &[b'k'; MAX_IDEMPOTENCY_KEY_CHARS + 1],
+        ] {
+            let e = key(bad).expect_err(&format!("{bad:?} was accepted"));
+            assert_eq!(e.code(), "invalid_idempotency_key");
+        }
+    }
 
     #[test]
     fn pull_answer_is_what_serde_json_writes() {
