@@ -370,7 +370,7 @@ enum AccountCommand {
     /// (`inviteCode`), needed when api.registration is `invite`.
     #[command(after_help = help!("keepd account invite", "keepd account invite --ttl 30m"))]
     Invite {
-        /// How long the code stays valid: 30m, 7d, ...
+        /// How long the code stays valid: 30m, 7d, ... (at most 365d)
         #[arg(long, value_name = "DURATION", default_value = "7d")]
         ttl: keepd::config::HumanDuration,
     },
@@ -575,6 +575,12 @@ fn account(config: &Config, command: AccountCommand) -> anyhow::Result<()> {
             (Request::AccountDelete { account }, Shown::Gone, false)
         }
         AccountCommand::Invite { ttl } => {
+            if ttl.get() > keepd::api::operator::MAX_INVITE_TTL {
+                return Err(UsageError(format!(
+                    "--ttl {ttl} is too long: an invite code stays valid for at most 365d"
+                ))
+                .into());
+            }
             let ttl_seconds = ttl.get().as_secs().max(1);
             (Request::AccountInvite { ttl_seconds }, Shown::Invite, false)
         }

@@ -318,6 +318,36 @@ fn recovery_split_takes_its_defaults_from_the_configuration() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("any 3 rebuild"));
 }
 
+/// An invite's lifetime is bounded by the CLI itself: past a year it is a
+/// usage error naming the maximum (not Postgres's "timestamp out of
+/// range"), and nothing reaches the daemon, so a node that never ran says
+/// so only for a lifetime within the bound.
+#[test]
+fn an_invite_ttl_past_a_year_is_a_usage_error() {
+    let fresh = TestNode::new();
+    for ttl in ["99999999999d", "366d", "53w"] {
+        let out = fresh
+            .command(&["account", "invite", "--ttl", ttl])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{ttl}: {}", stderr(&out));
+        let said = stderr(&out);
+        assert!(said.contains("at most 365d"), "{ttl}: {said}");
+        assert!(!said.contains("out of range"), "{ttl}: {said}");
+    }
+    assert!(!fresh.state_dir().exists(), "the state directory was written");
+    let out = fresh
+        .command(&["account", "invite", "--ttl", "365d"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("has not run yet") || said.contains("does not appear to be running"),
+        "{said}"
+    );
+}
+
 /// Exit codes as documented: 2 for what a setting or argument got wrong,
 /// 1 for what failed at run time, whatever psql itself would say.
 #[test]

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::Api;
 pub use super::store::accounts::Summary as AccountSummary;
-use super::store::accounts::{self, Lookup, Summary};
+use super::store::accounts::{self, Lookup, SessionEnd, Summary};
 use super::store::usage::Usage;
 use super::store::{self, StoreError};
 use crate::audit::{self, AuditAction, AuditEntry, AuditError};
@@ -62,6 +62,11 @@ pub struct AccountView {
     pub quotas: Usage,
 }
 
+/// The longest an invite code may stay valid (`keepd account invite
+/// --ttl`): a year. Longer is refused as a usage error by the CLI and by
+/// the daemon, before Postgres would answer "timestamp out of range".
+pub const MAX_INVITE_TTL: Duration = Duration::from_secs(365 * 86_400);
+
 /// Who asked, from the socket's peer credentials; the audit names them.
 #[derive(Debug, Clone, Copy)]
 pub struct Operator {
@@ -76,6 +81,8 @@ pub enum OperatorError {
     Already(Uuid, &'static str),
     #[error("{0}")]
     BadEmail(String),
+    #[error("an invite code stays valid for at most 365d (--ttl)")]
+    TtlTooLong,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -172,7 +179,7 @@ impl Api {
             return Err(OperatorError::Already(found.id, state));
         }
         let action = if disabled {
-            accounts::revoke_all_sessions(&tx, found.id).await?;
+            accounts::revoke_all_sessions(&tx, found.id, SessionEnd::AccountDisabled).await?;
             AuditAction::AccountDisable
         } else {
             AuditAction::AccountEnable
@@ -220,6 +227,9 @@ impl Api {
         operator: Operator,
         ttl: Duration,
     ) -> Result<String, OperatorError> {
+        if ttl > MAX_INVITE_TTL {
+            return Err(OperatorError::TtlTooLong);
+        }
         let started = Instant::now();
         let mut tx = self.operator_tx().await?;
         let code = store::invites::create(&tx, ttl).await?;
