@@ -813,6 +813,56 @@ async fn devices_and_signed_backups() {
     );
 }
 
+/// With `api.backups.accept_v1_signatures: false`, a backup signed over
+/// its ciphertext alone (signature version 1, explicit or by default) is
+/// refused with a code and a message naming the setting; version 2 is
+/// stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_backup_signatures_can_be_refused() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let (node, daemon) = api_node("  backups:\n    accept_v1_signatures: false\n");
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let device = DeviceKey::generate().unwrap();
+    let device_id = client.register_device("laptop", &device).await.unwrap();
+    let backup = key.encrypt_backup(b"payload").unwrap();
+    let legacy = |version: Option<u8>| {
+        let mut body = json!({
+            "deviceId": device_id,
+            "ciphertext": B64.encode(&backup.ciphertext),
+            "nonce": B64.encode(&backup.nonce),
+            "authTag": B64.encode(&backup.auth_tag),
+            "signature": device.sign(&backup.ciphertext),
+            "dataClassification": "Internal",
+        });
+        if let Some(version) = version {
+            body["signatureVersion"] = json!(version);
+        }
+        body.to_string()
+    };
+    for version in [None, Some(1)] {
+        let answer = raw(&client, Method::POST, "/backups", &legacy(version)).await;
+        assert_eq!(
+            (answer.0, code(&answer)),
+            (400, "legacy_signature_refused"),
+            "{version:?}: {answer:?}"
+        );
+        let message = answer.1["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("api.backups.accept_v1_signatures"),
+            "{message}"
+        );
+    }
+    let stored = sql_rows(&node, "SELECT count(*) FROM keepd.backups").await;
+    assert_eq!(stored[0].get::<_, i64>(0), 0, "a refused backup was stored");
+    // keepd's client signs version 2: accepted.
+    client
+        .store_backup(&device_id, &device, &key, b"payload", "Internal")
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_proves_its_key_and_a_key_serves_one_account() {
     let (_node, daemon) = api_node("");

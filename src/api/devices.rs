@@ -115,7 +115,8 @@ pub struct StoreBackupBody {
     /// ciphertext bytes.
     #[schema(format = Byte, pattern = r"^[A-Za-z0-9+/]{85}[AQgw]==$")]
     signature: String,
-    /// 1 (legacy, the default) or 2.
+    /// 1 (legacy, the default; refused where
+    /// `api.backups.accept_v1_signatures` is false) or 2.
     #[serde(default, deserialize_with = "whole::option_u8")]
     #[schema(minimum = 1, maximum = 2)]
     signature_version: Option<u8>,
@@ -365,7 +366,7 @@ pub(super) async fn revoke_device(
     request_body = StoreBackupBody,
     responses(
         (status = 201, body = StoreBackupResponse),
-        (status = 400, description = "Malformed input or a signature that does not verify", body = ErrorBody),
+        (status = 400, description = "Malformed input, a signature that does not verify, or signature version 1 where api.backups.accept_v1_signatures is false", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Not a device of this account, or revoked", body = ErrorBody),
         (status = 409, description = "The account holds this same backup", body = ErrorBody),
@@ -398,6 +399,15 @@ pub(super) async fn store_backup(
             ));
         }
     };
+    if version == 1 && !api.settings.backups.accept_v1_signatures {
+        return Err(ApiError::bad_request(
+            "legacy_signature_refused",
+            "signature version 1 (over the ciphertext alone; also what an absent \
+             `signatureVersion` means) is refused on this server \
+             (api.backups.accept_v1_signatures is false): sign the version 2 backup message \
+             (docs/api.md) and send `signatureVersion: 2`",
+        ));
+    }
     let classification = body.data_classification.as_str();
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let Some(device) = devices::key(&tx, auth.user, body.device_id).await? else {

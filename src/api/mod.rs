@@ -69,6 +69,8 @@ pub struct ApiSettings {
     pub max_pull_bytes: usize,
     pub rate_limits: RateLimitsConfig,
     pub quotas: QuotasConfig,
+    /// What `POST /backups` accepts (`api.backups`).
+    pub backups: crate::config::ApiBackupsConfig,
     pub registration: Registration,
     pub request_timeout: Duration,
     /// A request body must arrive within this (408 beyond).

@@ -679,6 +679,8 @@ pub struct ApiConfig {
     pub rate_limits: RateLimitsConfig,
     /// What one account may store (413 `quota_exceeded` past it).
     pub quotas: QuotasConfig,
+    /// Encrypted backups (`POST /backups`).
+    pub backups: ApiBackupsConfig,
     /// Who may create an account: `open`, `invite` or `closed`.
     pub registration: Registration,
     /// Largest request body accepted, in bytes (413 beyond).
@@ -743,6 +745,7 @@ impl Default for ApiConfig {
             cors_origins: Vec::new(),
             rate_limits: RateLimitsConfig::default(),
             quotas: QuotasConfig::default(),
+            backups: ApiBackupsConfig::default(),
             registration: Registration::Open,
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 10_000,
@@ -883,6 +886,25 @@ impl Default for QuotasConfig {
             vaults: 100,
             devices: 50,
             backups: 1000,
+        }
+    }
+}
+
+/// What `POST /backups` accepts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiBackupsConfig {
+    /// Accept signature version 1 (legacy: over the ciphertext alone, so a
+    /// device's signature can be replayed with another nonce, tag or
+    /// classification). On for clients written to the HaexHub shapes; the
+    /// security report warns while it is.
+    pub accept_v1_signatures: bool,
+}
+
+impl Default for ApiBackupsConfig {
+    fn default() -> Self {
+        Self {
+            accept_v1_signatures: true,
         }
     }
 }

@@ -828,6 +828,7 @@ fn api_settings(config: &Config, trusted_proxies: TrustedProxies) -> ApiSettings
         max_pull_bytes: config.api.max_pull_bytes,
         rate_limits: config.api.rate_limits.clone(),
         quotas: config.api.quotas.clone(),
+        backups: config.api.backups.clone(),
         registration: config.api.registration,
         request_timeout: config.api.request_timeout.get(),
         body_timeout: config.api.body_timeout.get(),

@@ -61,6 +61,7 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
                 )
                 .recommend("start keepd (or its server) and run the report again"),
             );
+            checks.push(backup_signatures(config));
             return checks;
         }
     };
@@ -97,7 +98,36 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
         inputs.identity.node_id().as_str(),
     ));
     checks.push(backups(&client, inputs).await);
+    checks.push(backup_signatures(config));
     checks
+}
+
+/// Whether a backup signed over its ciphertext alone is still accepted:
+/// such a signature can be replayed with another nonce, tag or
+/// classification.
+fn backup_signatures(config: &Config) -> Check {
+    let id = "api.backup_signatures";
+    if config.api.backups.accept_v1_signatures {
+        Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "legacy version 1 backup signatures (over the ciphertext alone) are accepted: \
+             one can be replayed with another nonce, tag or classification",
+        )
+        .recommend(
+            "once every client sends signatureVersion 2, set \
+             api.backups.accept_v1_signatures: false",
+        )
+    } else {
+        Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            "only version 2 backup signatures (binding device, classification, nonce and tag) \
+             are accepted",
+        )
+    }
 }
 
 /// Backups: the newest one within the schedule, and WAL archived.
@@ -1290,5 +1320,38 @@ fn container(facts: Option<&ContainerFacts>, config: &Config, node_id: &str) -> 
     } else {
         Check::new(id, Weight::Major, Status::Fail, problems.join("; "))
             .recommend("let keepd recreate its container (remove it; keepd creates it hardened)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_backup_signatures_warn_while_accepted() {
+        let mut config = Config::default();
+        assert!(config.api.backups.accept_v1_signatures, "the default");
+        let check = backup_signatures(&config);
+        assert_eq!(
+            (check.id, check.status, check.weight),
+            ("api.backup_signatures", Status::Warn, Weight::Minor)
+        );
+        assert!(check.value.contains("version 1"), "{}", check.value);
+        assert!(
+            check
+                .recommendation
+                .contains("api.backups.accept_v1_signatures: false"),
+            "{}",
+            check.recommendation
+        );
+        // A minor warning: the level is high at best, never lower.
+        assert_eq!(
+            super::super::level(&[check]),
+            crate::config::SecurityLevel::High
+        );
+        config.api.backups.accept_v1_signatures = false;
+        let check = backup_signatures(&config);
+        assert_eq!(check.status, Status::Pass);
+        assert!(check.recommendation.is_empty());
     }
 }
