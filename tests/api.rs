@@ -1299,8 +1299,20 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
         .unwrap_err();
     assert_eq!(e.code(), Some("quota_exceeded"));
     assert!(e.to_string().contains("api.quotas.devices"), "{e}");
+    // A revoked device still counts, until the janitor purges it (here
+    // the operator, as the janitor's statement does).
     client.revoke_device(&phone_id).await.unwrap();
     let laptop = DeviceKey::generate().unwrap();
+    let e = client.register_device("laptop", &laptop).await.unwrap_err();
+    assert_eq!(e.code(), Some("quota_exceeded"), "{e}");
+    node.superuser()
+        .await
+        .execute(
+            "DELETE FROM keepd.devices WHERE revoked_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
     let laptop_id = client.register_device("laptop", &laptop).await.unwrap();
 
     client
@@ -1372,6 +1384,82 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
     client.delete_account(PASSWORD).await.unwrap();
     let left = sql_rows(&node, "SELECT count(*) FROM keepd.account_usage").await;
     assert_eq!(left[0].get::<_, i64>(0), 0, "erasure removes the usage row");
+}
+
+/// Registering and revoking cannot grow the devices table without bound:
+/// a revoked device counts against `api.quotas.devices` until the janitor
+/// purges it, `revoked_device_retention` after its revocation, and the
+/// refusal says so; a revoked device whose backups are stored is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_devices_count_against_the_cap_until_purged() {
+    // The janitor sweeps every half idempotency TTL: every second here.
+    let (node, daemon) = api_node(
+        "  idempotency_ttl: 2s\n  quotas:\n    devices: 2\n    revoked_device_retention: 3s\n",
+    );
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let (signer, spare) = (
+        DeviceKey::generate().unwrap(),
+        DeviceKey::generate().unwrap(),
+    );
+    let signer_id = client.register_device("signer", &signer).await.unwrap();
+    let spare_id = client.register_device("spare", &spare).await.unwrap();
+    let backup = client
+        .store_backup(&signer_id, &signer, &key, b"keep me", "Internal")
+        .await
+        .unwrap();
+    client.revoke_device(&spare_id).await.unwrap();
+    let e = client
+        .register_device("third", &DeviceKey::generate().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(413), Some("quota_exceeded")));
+    let said = e.to_string();
+    for part in [
+        "api.quotas.devices allows 2",
+        "1 of them revoked",
+        "api.quotas.revoked_device_retention (3s)",
+    ] {
+        assert!(said.contains(part), "{part:?} not in {said}");
+    }
+    assert_eq!(
+        usage(&client.account().await.unwrap()).2,
+        2,
+        "revoked ones count"
+    );
+    client.revoke_device(&signer_id).await.unwrap();
+
+    // Past the retention the janitor purges the spare; the signer, whose
+    // backup is stored, stays (and counts), its backup with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = sql_rows(&node, "SELECT count(*) FROM keepd.devices").await[0].get::<_, i64>(0);
+        if left == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked spare was not purged ({left} devices)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = client.devices().await.unwrap();
+    assert_eq!(listed["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["devices"][0]["id"], signer_id);
+    assert_eq!(
+        client.restore_backup(&backup, &key).await.unwrap(),
+        b"keep me"
+    );
+    assert_eq!(usage(&client.account().await.unwrap()).2, 1);
+    client
+        .register_device("third", &DeviceKey::generate().unwrap())
+        .await
+        .unwrap();
+    let e = client
+        .register_device("fourth", &DeviceKey::generate().unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("1 of them revoked"), "{e}");
 }
 
 /// A node behind a trusted proxy (the test itself, on loopback), with

@@ -21,12 +21,12 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, page_limit, whole};
 use super::store::backups::{self, NewBackup};
-use super::store::devices;
+use super::store::{devices, usage};
 use super::sync::{check_base64, check_text};
 use super::{Api, iso8601};
 use crate::audit::AuditAction;
 use crate::device_messages;
-use crate::postgres::pool::GroupRole;
+use crate::postgres::pool::{GroupRole, ScopedTransaction};
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
 const DEFAULT_PAGE: i64 = 20;
@@ -281,7 +281,7 @@ pub(super) async fn register_device(
             "this public key is registered already; generate a new key pair for this device",
         ));
     };
-    api.check_quotas(&tx, auth.user).await?;
+    device_quota(&api, &tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "device": id});
     api.audit(&mut tx, AuditAction::DeviceAdd, 1, started, metadata)
         .await?;
@@ -298,6 +298,30 @@ pub(super) async fn register_device(
                 revoked_at: None,
             },
         }),
+    ))
+}
+
+/// 413 `quota_exceeded` when the device just added takes the account past
+/// `api.quotas.devices`. Revoked devices count until the janitor purges
+/// them, so registering and revoking cannot grow the table without bound;
+/// the message says how many are revoked and when they go.
+async fn device_quota(api: &Api, tx: &ScopedTransaction, user: Uuid) -> Result<(), ApiError> {
+    let quotas = &api.settings.quotas;
+    let usage = usage::of(tx, user).await?;
+    let Some(exceeded) = usage.exceeds(&usage::Usage::from(quotas)) else {
+        return Ok(());
+    };
+    let revoked = devices::revoked(tx, user).await?;
+    Err(ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "quota_exceeded",
+        format!(
+            "this would bring the account to {} where {} allows {}, {revoked} of them revoked: \
+             a revoked device counts until it is purged, api.quotas.revoked_device_retention \
+             ({}) after its revocation (one whose backups are still stored is kept with them); \
+             nothing was stored (GET /account shows usage and quotas)",
+            exceeded.would_be, exceeded.quota, exceeded.limit, quotas.revoked_device_retention
+        ),
     ))
 }
 

@@ -874,9 +874,13 @@ pub struct QuotasConfig {
     /// Bytes of log entries and backups, as the client sent them.
     pub storage_bytes: u64,
     pub vaults: u32,
-    /// Devices not revoked.
+    /// Devices, revoked ones included until they are purged.
     pub devices: u32,
     pub backups: u32,
+    /// A revoked device is deleted this long after its revocation (and
+    /// stops counting against `devices`), unless backups it signed are
+    /// still stored.
+    pub revoked_device_retention: HumanDuration,
 }
 
 impl Default for QuotasConfig {
@@ -886,6 +890,7 @@ impl Default for QuotasConfig {
             vaults: 100,
             devices: 50,
             backups: 1000,
+            revoked_device_retention: HumanDuration(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -1062,6 +1067,7 @@ impl Config {
             validate::database(&self.database),
             validate::encryption_at_rest(&self.encryption_at_rest),
             validate::api(&self.api),
+            validate::quotas(&self.api.quotas),
             validate::backup(&self.backup, self.database.postgres.provider),
         ];
         for result in sections {
@@ -1288,6 +1294,24 @@ security:
     fn grace_must_be_shorter_than_interval() {
         let msg = error("credentials:\n  rotation_interval: 1h\n  rotation_grace_period: 2h\n");
         assert!(msg.contains("rotation_grace_period"), "{msg}");
+    }
+
+    #[test]
+    fn revoked_device_retention_is_bounded() {
+        for bad in ["0s", "366d"] {
+            let msg = error(&format!(
+                "api:\n  quotas:\n    revoked_device_retention: {bad}\n"
+            ));
+            assert!(
+                msg.contains("api.quotas.revoked_device_retention") && msg.contains("1s to 365d"),
+                "{msg}"
+            );
+        }
+        let ok = parse("api:\n  quotas:\n    revoked_device_retention: 7d\n").unwrap();
+        assert_eq!(
+            ok.api.quotas.revoked_device_retention.get(),
+            Duration::from_secs(7 * 86_400)
+        );
     }
 
     #[test]

@@ -391,6 +391,18 @@ fn s3_repository(s3: &S3Config) -> Result<(), Invalid> {
     Ok(())
 }
 
+pub(super) fn quotas(quotas: &QuotasConfig) -> Result<(), Invalid> {
+    let retention = quotas.revoked_device_retention;
+    if !(Duration::from_secs(1)..=Duration::from_secs(365 * 86_400)).contains(&retention.get()) {
+        return Err(invalid(
+            "api.quotas.revoked_device_retention",
+            retention.to_string(),
+            "1s to 365d (a revoked device counts against api.quotas.devices until then)".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
     let events = &api.events;
     if events.max_streams == 0 {

@@ -1,6 +1,9 @@
 //! Deletes what can never be used again, so nothing grows without bound:
 //! Idempotency-Key records older than `api.idempotency_ttl`, sessions that
-//! expired or were revoked, and Postgres's log files older than
+//! expired or were revoked, devices revoked longer than
+//! `api.quotas.revoked_device_retention` ago (unless backups they signed
+//! are still stored: those name the device, and a client verifies them
+//! with its key), and Postgres's log files older than
 //! `database.postgres.log_retention`. The rows are deleted as the
 //! superuser, because row-level security would otherwise show it one
 //! tenant at a time.
@@ -32,9 +35,18 @@ const EXPIRED_PUSHES: &str =
 const DEAD_SESSIONS: &str = "WITH why AS (SELECT set_config('keepd.session_end', 'session_expired', true)) \
      DELETE FROM keepd.sessions USING why WHERE expires_at <= now() OR revoked_at IS NOT NULL";
 
+/// Devices revoked more than `$1` seconds ago that no stored backup names
+/// (deleting one would take its backups with it). Deleting them gives
+/// their place under `api.quotas.devices` back.
+const PURGED_DEVICES: &str = "DELETE FROM keepd.devices d \
+     WHERE d.revoked_at <= now() - make_interval(secs => $1) \
+       AND NOT EXISTS (SELECT 1 FROM keepd.backups b WHERE b.device_id = d.id)";
+
 pub struct Janitor {
     pub superuser: Endpoint,
     pub idempotency_ttl: Duration,
+    /// How long a revoked device is kept (`api.quotas.revoked_device_retention`).
+    pub revoked_device_retention: Duration,
     /// The native provider's log directory and how long its files stay.
     pub postgres_logs: Option<(PathBuf, Duration)>,
 }
@@ -108,10 +120,14 @@ impl Janitor {
         let ttl = self.idempotency_ttl.as_secs_f64();
         let pushes = db.execute(EXPIRED_PUSHES, &[&ttl]).await?;
         let sessions = db.execute(DEAD_SESSIONS, &[]).await?;
-        if pushes + sessions > 0 {
+        let retention = self.revoked_device_retention.as_secs_f64();
+        let devices = db.execute(PURGED_DEVICES, &[&retention]).await?;
+        if pushes + sessions + devices > 0 {
             info!(
                 idempotency_records = pushes,
-                sessions, "janitor: deleted expired records"
+                sessions,
+                revoked_devices = devices,
+                "janitor: deleted expired records"
             );
         }
         Ok(())
@@ -262,6 +278,7 @@ mod tests {
                 tls: crate::postgres::tls::Tls::Off,
             },
             idempotency_ttl: Duration::from_secs(60),
+            revoked_device_retention: Duration::from_secs(60),
             postgres_logs: Some((log.clone(), RETENTION)),
         };
         let mut refused = false;
@@ -300,7 +317,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir(tmp.path().join("pgdata")).unwrap();
         let missing = expire_log_files(&tmp.path().join("pgdata/log"), RETENTION).unwrap_err();
-        assert!(matches!(missing, LogDirError::Open(Errno::ENOENT)), "{missing:?}");
+        assert!(
+            matches!(missing, LogDirError::Open(Errno::ENOENT)),
+            "{missing:?}"
+        );
         std::fs::write(tmp.path().join("pgdata/log"), "").unwrap();
         let file = expire_log_files(&tmp.path().join("pgdata/log"), RETENTION).unwrap_err();
         assert!(matches!(file, LogDirError::NotDirectory), "{file:?}");

@@ -776,6 +776,7 @@ impl BroughtUp {
                 janitor::Janitor {
                     superuser: superuser.clone(),
                     idempotency_ttl: config.api.idempotency_ttl.get(),
+                    revoked_device_retention: config.api.quotas.revoked_device_retention.get(),
                     postgres_logs: matches!(
                         config.database.postgres.provider,
                         crate::config::Provider::Native

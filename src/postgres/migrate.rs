@@ -89,6 +89,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "operator",
         sql: include_str!("../../migrations/0012_operator.sql"),
     },
+    Migration {
+        version: 14,
+        name: "usage_rule",
+        sql: include_str!("../../migrations/0014_usage_rule.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

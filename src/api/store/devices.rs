@@ -23,6 +23,11 @@ const LIST_DEVICES: &str = "SELECT id, device_name, public_key, created_at, revo
 const REVOKE_DEVICE: &str = "UPDATE keepd.devices SET revoked_at = now() \
      WHERE user_id = $1 AND id = $2 AND revoked_at IS NULL";
 
+/// The user's revoked devices (they count against `api.quotas.devices`
+/// until the janitor purges them).
+const REVOKED_DEVICES: &str =
+    "SELECT count(*) FROM keepd.devices WHERE user_id = $1 AND revoked_at IS NOT NULL";
+
 const DEVICE_KEY: &str =
     "SELECT public_key, revoked_at IS NOT NULL FROM keepd.devices WHERE user_id = $1 AND id = $2";
 
@@ -81,6 +86,12 @@ pub async fn list(
 /// Revokes an active device; false when there is none with this id.
 pub async fn revoke(tx: &ScopedTransaction, user: Uuid, device: Uuid) -> Result<bool, StoreError> {
     Ok(tx.execute(REVOKE_DEVICE, &[&user, &device]).await? > 0)
+}
+
+/// How many of the user's devices are revoked (and not yet purged).
+pub async fn revoked(tx: &ScopedTransaction, user: Uuid) -> Result<u64, StoreError> {
+    let row = tx.query_one(REVOKED_DEVICES, &[&user]).await?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
 pub async fn key(
