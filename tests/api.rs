@@ -1315,10 +1315,26 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
         .unwrap();
     let laptop_id = client.register_device("laptop", &laptop).await.unwrap();
 
-    client
+    let one = client
         .store_backup(&laptop_id, &laptop, &key, b"one", "Internal")
         .await
         .unwrap();
+    // Storage counts a backup's decoded bytes (ciphertext, nonce, tag),
+    // as it does an entry's.
+    {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD as B64;
+        let (status, whole) = raw(&client, Method::GET, &format!("/backups/{one}"), "").await;
+        assert_eq!(status, 200, "{whole}");
+        let decoded = |k: &str| {
+            B64.decode(whole["backup"][k].as_str().unwrap())
+                .unwrap()
+                .len() as u64
+        };
+        let size = decoded("ciphertext") + decoded("nonce") + decoded("authTag");
+        assert_eq!(whole["backup"]["sizeBytes"], size);
+        assert_eq!(usage(&client.account().await.unwrap()).0, size);
+    }
     let e = client
         .store_backup(&laptop_id, &laptop, &key, b"two", "Internal")
         .await
@@ -1366,6 +1382,16 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
     .await;
     assert_eq!(bytes as i64, stored[0].get::<_, i64>(0), "usage is exact");
     assert_eq!(accepted as i64, stored[0].get::<_, i64>(1));
+    // An entry counts its decoded bytes: 700 of data, the nonce, the
+    // timestamp.
+    let decoded = sql_rows(
+        &node,
+        "SELECT bool_and(size_bytes = octet_length(decode(encrypted_data, 'base64')) \
+           + octet_length(decode(nonce, 'base64')) + octet_length(haex_timestamp)) \
+         FROM keepd.sync_logs",
+    )
+    .await;
+    assert_eq!(decoded[0].get::<_, Option<bool>>(0), Some(true));
     assert!(bytes > 20000 - 1000, "the quota was nearly filled: {bytes}");
 
     // Erasing a vault (here by the operator, as the cascade an erasure

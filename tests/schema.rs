@@ -721,6 +721,8 @@ async fn a_truncated_tail_is_detected_by_the_checkpoint() {
 
 /// Schema v6 counts what accounts stored before it: an upgrade of a
 /// database holding data (in a database of its own, built to v5 first).
+/// Schema v14 counts it again under one rule (decoded bytes; revoked
+/// devices too), values sealed at rest included.
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrading_to_usage_counts_what_accounts_already_hold() {
     let (node, _daemon) = started();
@@ -773,8 +775,8 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
                ('{alice}', '\\x01', 'h'), ('{bob}', '\\x02', 'h'); \
              INSERT INTO keepd.vaults (id, user_id, vault_id) VALUES ('{vault}', '{alice}', 'v'); \
              INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) VALUES \
-               (gen_random_uuid(), '{vault}', '{alice}', 1, 'aaaa', 'nn', 't1'), \
-               (gen_random_uuid(), '{vault}', '{alice}', 2, 'bbbbbbbb', 'nn', 't2'); \
+               (gen_random_uuid(), '{vault}', '{alice}', 1, 'aaaa', 'bm4=', 't1'), \
+               (gen_random_uuid(), '{vault}', '{alice}', 2, 'bbbbbbbb', 'bm4=', 't2'); \
              INSERT INTO keepd.devices (id, user_id, device_name, public_key, revoked_at) VALUES \
                ('{device}', '{alice}', 'd', sha256('a'), NULL), \
                (gen_random_uuid(), '{alice}', 'old', sha256('b'), now()); \
@@ -783,30 +785,88 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
         ))
         .await
         .unwrap();
-    migrate::apply(&mut client, migrate::MIGRATIONS)
-        .await
-        .unwrap();
-    let rows = client
-        .query(
-            "SELECT user_id::text, storage_bytes, vaults, devices, backups \
-             FROM keepd.account_usage ORDER BY storage_bytes DESC",
-            &[],
-        )
-        .await
-        .unwrap();
-    let usage: Vec<(String, i64, i32, i32, i32)> = rows
+    let before_v14: Vec<Migration> = migrate::MIGRATIONS
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .copied()
+        .filter(|m| m.version < 14)
         .collect();
-    // Entries: 4+2+2 and 8+2+2 bytes; the backup's 100; both devices
-    // (from v14 a revoked one counts until it is purged).
+    migrate::apply(&mut client, &before_v14).await.unwrap();
+    let usage = |client: tokio_postgres::Client| async move {
+        let rows = client
+            .query(
+                "SELECT user_id::text, storage_bytes, vaults, devices, backups \
+                 FROM keepd.account_usage ORDER BY storage_bytes DESC",
+                &[],
+            )
+            .await
+            .unwrap();
+        let usage: Vec<(String, i64, i32, i32, i32)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect();
+        (client, usage)
+    };
+    let (mut client, counted) = usage(client).await;
+    // v6: entries as their text, 4+4+2 and 8+4+2 bytes; the backup's 100;
+    // one live device.
     assert_eq!(
-        usage,
+        counted,
         vec![
-            (alice.clone(), 8 + 12 + 100, 1, 2, 1),
+            (alice.clone(), 10 + 14 + 100, 1, 1, 1),
             (bob.clone(), 0, 0, 0, 0)
         ]
     );
+
+    // Values sealed at rest (their stored form only matters here): an
+    // entry whose encryptedData was 8 characters of base64, nonce 4 and
+    // timestamp 2 bytes; a backup of 5 bytes of ciphertext (sealed), a
+    // 12-byte nonce (in the clear) and a 16-byte tag (sealed).
+    client
+        .batch_execute(&format!(
+            "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp) VALUES \
+               (gen_random_uuid(), '{vault}', '{alice}', 3, \
+                'kf1:1:' || encode(decode(repeat('00', 28 + 8), 'hex'), 'base64'), \
+                'kf1:1:' || encode(decode(repeat('00', 28 + 4), 'hex'), 'base64'), \
+                'kf1:1:' || encode(decode(repeat('00', 28 + 2), 'hex'), 'base64')); \
+             INSERT INTO keepd.backups (id, user_id, device_id, ciphertext, nonce, auth_tag, signature, data_classification, size_bytes) VALUES \
+               (gen_random_uuid(), '{alice}', '{device}', \
+                '\\x4b463100000001'::bytea || decode(repeat('00', 28 + 5), 'hex'), \
+                decode(repeat('00', 12), 'hex'), \
+                '\\x4b463100000001'::bytea || decode(repeat('00', 28 + 16), 'hex'), \
+                '\\x00', 'Internal', 1);"
+        ))
+        .await
+        .unwrap();
+    migrate::apply(&mut client, migrate::MIGRATIONS)
+        .await
+        .unwrap();
+    let (client, counted) = usage(client).await;
+    // v14: the decoded bytes. Entries 3+2+2 and 6+2+2; the sealed one
+    // 6 (8 characters of base64 whose padding sealing hides: counted
+    // high) + 3 + 2; backups 1+1+1 and 5+12+16. Both devices count (a
+    // revoked one until it is purged).
+    assert_eq!(
+        counted,
+        vec![
+            (alice.clone(), 7 + 10 + 11 + 3 + 33, 1, 2, 2),
+            (bob.clone(), 0, 0, 0, 0)
+        ]
+    );
+    let vault_bytes: i64 = client
+        .query_one("SELECT bytes FROM keepd.vaults", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(vault_bytes, 7 + 10 + 11);
+    let helpers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'v14\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(helpers, 0, "the migration's helpers were left behind");
     // Row-level security is forced again on every table the backfill read.
     let unforced: i64 = client
         .query_one(

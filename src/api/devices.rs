@@ -138,6 +138,8 @@ pub struct BackupSummary {
     id: Uuid,
     device_id: Uuid,
     data_classification: DataClassification,
+    /// What the backup counts against `api.quotas.storage_bytes`: its
+    /// ciphertext, nonce and tag, decoded.
     size_bytes: i64,
     created_at: String,
     /// 1 (legacy: over the ciphertext only) or 2.

@@ -871,7 +871,8 @@ impl Default for RateLimitsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuotasConfig {
-    /// Bytes of log entries and backups, as the client sent them.
+    /// Bytes of log entries and backups as the client sent them, decoded
+    /// (docs/api.md, "Limits").
     pub storage_bytes: u64,
     pub vaults: u32,
     /// Devices, revoked ones included until they are purged.

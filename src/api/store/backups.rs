@@ -82,7 +82,8 @@ pub async fn store(
     backup: NewBackup,
 ) -> Result<Option<(Uuid, i64, SystemTime)>, StoreError> {
     let id = Uuid::new_v4();
-    let size = backup.ciphertext.len() as i64;
+    // The rule log entries follow too: the decoded bytes the client sent.
+    let size = (backup.ciphertext.len() + backup.nonce.len() + backup.auth_tag.len()) as i64;
     let content_hash = backup.content_hash();
     let version = backup.signature_version;
     let sealed = (

@@ -71,11 +71,26 @@ pub struct NewEntry {
 }
 
 impl NewEntry {
-    /// What the entry counts against `api.quotas.storage_bytes`: its text
-    /// as sent, before any sealing at rest.
+    /// What the entry counts against `api.quotas.storage_bytes`, by the
+    /// rule backups follow too: the bytes the client sent, decoded
+    /// (`encryptedData` and `nonce` from their base64, `haexTimestamp` as
+    /// UTF-8), before any sealing at rest.
     pub fn size_bytes(&self) -> i64 {
-        (self.encrypted_data.len() + self.nonce.len() + self.haex_timestamp.len()) as i64
+        (decoded_len(&self.encrypted_data) + decoded_len(&self.nonce) + self.haex_timestamp.len())
+            as i64
     }
+}
+
+/// The length of what standard, padded base64 (checked by the handler)
+/// decodes to, without decoding it.
+fn decoded_len(base64: &str) -> usize {
+    let padding = base64
+        .bytes()
+        .rev()
+        .take_while(|&b| b == b'=')
+        .count()
+        .min(2);
+    (base64.len() / 4 * 3).saturating_sub(padding)
 }
 
 /// What storing an entry gave it.
@@ -293,4 +308,34 @@ pub async fn save_push(
         )
         .await?;
     Ok(saved > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+
+    use super::*;
+
+    #[test]
+    fn an_entry_counts_its_decoded_bytes() {
+        for n in 1..=64 {
+            let text = BASE64.encode(vec![7u8; n]);
+            assert_eq!(decoded_len(&text), n, "{text}");
+        }
+        // 700 bytes of ciphertext, a 12-byte nonce, a 6-byte timestamp: 718,
+        // not the 958 characters their base64 and the timestamp take.
+        let entry = NewEntry {
+            encrypted_data: BASE64.encode([1u8; 700]),
+            nonce: BASE64.encode([2u8; 12]),
+            haex_timestamp: "t-0001".into(),
+        };
+        assert_eq!(entry.size_bytes(), 718);
+        // A timestamp counts its UTF-8 bytes.
+        let entry = NewEntry {
+            haex_timestamp: "é".into(),
+            ..entry
+        };
+        assert_eq!(entry.size_bytes(), 700 + 12 + 2);
+    }
 }
