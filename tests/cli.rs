@@ -335,7 +335,10 @@ fn an_invite_ttl_past_a_year_is_a_usage_error() {
         assert!(said.contains("at most 365d"), "{ttl}: {said}");
         assert!(!said.contains("out of range"), "{ttl}: {said}");
     }
-    assert!(!fresh.state_dir().exists(), "the state directory was written");
+    assert!(
+        !fresh.state_dir().exists(),
+        "the state directory was written"
+    );
     let out = fresh
         .command(&["account", "invite", "--ttl", "365d"])
         .output()
