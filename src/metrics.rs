@@ -40,6 +40,8 @@ pub struct Metrics {
     connections_open: AtomicU64,
     refused_total: AtomicU64,
     refused_per_client: AtomicU64,
+    /// Connections closed to make room for a newcomer at the cap.
+    evicted_total: AtomicU64,
     rotations: AtomicU64,
     postgres_restarts: AtomicU64,
     /// The measured security level, 1 (reduced) to 4 (maximum); 0 before
@@ -116,6 +118,11 @@ impl Metrics {
         } else {
             self.refused_per_client.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A connection closed to make room for a new one (`edge::slots`).
+    pub fn connection_evicted(&self) {
+        self.evicted_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The level of the last security report and the configured minimum,
@@ -216,6 +223,13 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP keepd_http_connections_evicted_total Connections without a request open closed to admit a new one at api.max_connections.\n\
+             # TYPE keepd_http_connections_evicted_total counter\n\
+             keepd_http_connections_evicted_total {}",
+            self.evicted_total.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP keepd_build_info keepd's version.\n# TYPE keepd_build_info gauge\n\

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
+use super::store::accounts::SessionEnd;
 use super::store::usage::{self, Usage};
 use super::store::{accounts, invites};
 use super::{Api, iso8601};
@@ -413,7 +414,7 @@ pub(super) async fn logout(
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
-    let revoked = accounts::revoke_session(&tx, auth.session).await?;
+    let revoked = accounts::revoke_session(&tx, auth.session, SessionEnd::Logout).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});
     api.audit(
         &mut tx,
@@ -451,7 +452,8 @@ pub(super) async fn change_password(
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     accounts::set_password(&tx, auth.user, &hash).await?;
-    let revoked = accounts::revoke_all_sessions(&tx, auth.user).await?;
+    let revoked =
+        accounts::revoke_all_sessions(&tx, auth.user, SessionEnd::PasswordChanged).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
     api.audit(&mut tx, AuditAction::PasswordChange, 1, started, metadata)
         .await?;

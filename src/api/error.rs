@@ -116,6 +116,23 @@ impl ApiError {
         }
     }
 
+    /// The node holds as many unread response bytes as its budget allows
+    /// (`edge::budget`): the client may retry in a second.
+    pub fn response_budget(exhausted: crate::edge::Exhausted) -> ApiError {
+        ApiError {
+            retry_after: Some(Duration::from_secs(1)),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "response_budget_exhausted",
+                format!(
+                    "answers not yet read by their clients fill {}; retry shortly (a client \
+                     holding answers it does not read waits for its own first)",
+                    exhausted.setting()
+                ),
+            )
+        }
+    }
+
     /// The database is unreachable or saturated: the client may retry.
     pub fn unavailable(reason: &str) -> ApiError {
         warn!(reason, "request refused: database unavailable");

@@ -10,30 +10,54 @@
 //! other route, and `Authorization` works as everywhere), and browsers
 //! resume it with `Last-Event-ID` by themselves.
 //!
-//! Bounds: streams per node and per account (`api.events`); the fan-out
-//! is one bounded broadcast buffer, and a stream that falls behind it (a
-//! consumer that does not read) is ended, never buffered for: it
-//! reconnects with `Last-Event-ID` and loses nothing, since the first
-//! event of a stream is the vault's head when it is past that id.
+//! Bounds: streams per node, per account and per client
+//! (`api.events`), outside the connection slots requests need (the
+//! stream marks its connection, which then counts here only). The
+//! fan-out is one bounded broadcast buffer, and a stream that falls
+//! behind it (a consumer that does not read) is ended, never buffered
+//! for: it reconnects with `Last-Event-ID` and loses nothing, since the
+//! first event of a stream is the vault's head when it is past that id.
+//!
+//! A stream lives as long as its session and no longer: it ends, with a
+//! final `end` event naming why, when the session's token expires, when
+//! it has sent nothing for `api.events.max_idle`, and when its session
+//! ends anywhere in the cluster. For the last, a trigger on
+//! `keepd.sessions` (schema v13) notifies channel `keepd_sessions` with
+//! the session and the reason its ending statement set; every node
+//! LISTENs and ends that session's streams.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::response::sse::Event;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::edge::StreamMark;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
 
 /// Postgres's channel for new entries.
 pub const CHANNEL: &str = "keepd_events";
+/// Postgres's channel for ended sessions (`id:reason`).
+pub const SESSIONS_CHANNEL: &str = "keepd_sessions";
 /// Notifications a stream may fall behind by before it is ended.
 const BUFFER: usize = 1024;
+
+/// Why a stream ended, as its final `end` event says.
+const REASONS: &[&str] = &[
+    "logout",
+    "password_changed",
+    "account_disabled",
+    "account_deleted",
+    "session_expired",
+    "session_ended",
+];
 
 /// A vault's new last sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,53 +82,102 @@ impl VaultEvent {
     }
 }
 
+/// A session that ended, from its notification: `id:reason`.
+fn parse_session_end(payload: &str) -> Option<(Uuid, &'static str)> {
+    let (session, reason) = payload.split_once(':')?;
+    let reason = REASONS
+        .iter()
+        .find(|known| **known == reason)
+        .copied()
+        .unwrap_or("session_ended");
+    Some((session.parse().ok()?, reason))
+}
+
+/// The caps' counts, and the sessions that have streams open.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    accounts: HashMap<Uuid, usize>,
+    clients: HashMap<IpAddr, usize>,
+    /// Each session with open streams: how many, and where its end is told.
+    sessions: HashMap<Uuid, (usize, watch::Sender<Option<&'static str>>)>,
+}
+
+fn give_back<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// The bounds of the node's streams (`api.events`).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCaps {
+    pub max: usize,
+    pub per_account: usize,
+    pub per_client: usize,
+    pub max_idle: Duration,
+}
+
 /// The node's streams: the fan-out and the counts the caps hold.
 pub struct Events {
     sender: broadcast::Sender<VaultEvent>,
-    open: AtomicUsize,
-    per_account: Mutex<HashMap<Uuid, usize>>,
-    max: usize,
-    max_per_account: usize,
+    open: Mutex<Open>,
+    caps: StreamCaps,
+}
+
+/// Who holds a stream: the caps it counts against and the session it
+/// lives by.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder {
+    pub user: Uuid,
+    pub session: Uuid,
+    /// The client's key (its address grouped by `api.client_prefix_*`).
+    pub client: IpAddr,
+    /// When the session's token expires.
+    pub expires: SystemTime,
 }
 
 /// A stream's place under the caps, given back when it ends.
 pub struct Slot {
     events: Arc<Events>,
-    user: Uuid,
+    holder: Holder,
+    ended: watch::Receiver<Option<&'static str>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.events.open.fetch_sub(1, Ordering::AcqRel);
-        let mut accounts = self
-            .events
-            .per_account
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = accounts.get_mut(&self.user) {
+        let mut open = self.events.lock();
+        open.total -= 1;
+        give_back(&mut open.accounts, &self.holder.user);
+        give_back(&mut open.clients, &self.holder.client);
+        if let Some((n, _)) = open.sessions.get_mut(&self.holder.session) {
             *n -= 1;
             if *n == 0 {
-                accounts.remove(&self.user);
+                open.sessions.remove(&self.holder.session);
             }
         }
     }
 }
 
 impl Events {
-    pub fn new(max: usize, max_per_account: usize) -> Events {
+    pub fn new(caps: StreamCaps) -> Events {
         Events {
             sender: broadcast::channel(BUFFER).0,
-            open: AtomicUsize::new(0),
-            per_account: Mutex::new(HashMap::new()),
-            max,
-            max_per_account,
+            open: Mutex::new(Open::default()),
+            caps,
         }
     }
 
-    /// Streams open now (what the caps count; the tests read it).
-    #[cfg(test)]
-    fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Streams open now.
+    pub fn open(&self) -> usize {
+        self.lock().total
     }
 
     fn publish(&self, payload: &str) {
@@ -118,31 +191,70 @@ impl Events {
         }
     }
 
-    /// A place for one more stream of `user`, and its receiver (taken
+    /// Ends the streams of a session that ended (on any node).
+    fn session_ended(&self, payload: &str) {
+        let Some((session, reason)) = parse_session_end(payload) else {
+            warn!(
+                payload,
+                "events: a session notification keepd did not send; ignored"
+            );
+            return;
+        };
+        if let Some((_, told)) = self.lock().sessions.get(&session) {
+            told.send_replace(Some(reason));
+        }
+    }
+
+    fn notified(&self, channel: &str, payload: &str) {
+        if channel == SESSIONS_CHANNEL {
+            self.session_ended(payload);
+        } else {
+            self.publish(payload);
+        }
+    }
+
+    /// A place for one more stream of `holder`, and its receiver (taken
     /// before the vault's head is read, so nothing in between is missed).
     pub fn subscribe(
         self: &Arc<Self>,
-        user: Uuid,
+        holder: Holder,
     ) -> Result<(broadcast::Receiver<VaultEvent>, Slot), ApiError> {
-        let mut accounts = self.per_account.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = accounts.get(&user).copied().unwrap_or(0);
-        if mine >= self.max_per_account {
+        let caps = self.caps;
+        let mut open = self.lock();
+        let mine = open.accounts.get(&holder.user).copied().unwrap_or(0);
+        if mine >= caps.per_account {
             return Err(too_many(format!(
                 "this account holds {mine} open streams; api.events.max_streams_per_account allows {}",
-                self.max_per_account
+                caps.per_account
             )));
         }
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+        let client = open.clients.get(&holder.client).copied().unwrap_or(0);
+        if client >= caps.per_client {
+            return Err(too_many(format!(
+                "this client holds {client} open streams; api.events.max_streams_per_client allows {}",
+                caps.per_client
+            )));
+        }
+        if open.total >= caps.max {
             return Err(too_many(format!(
                 "this node holds {} open streams (api.events.max_streams)",
-                self.max
+                caps.max
             )));
         }
-        *accounts.entry(user).or_insert(0) += 1;
+        open.total += 1;
+        *open.accounts.entry(holder.user).or_insert(0) += 1;
+        *open.clients.entry(holder.client).or_insert(0) += 1;
+        let (n, told) = open
+            .sessions
+            .entry(holder.session)
+            .or_insert_with(|| (0, watch::channel(None).0));
+        *n += 1;
+        let ended = told.subscribe();
+        drop(open);
         let slot = Slot {
             events: self.clone(),
-            user,
+            holder,
+            ended,
         };
         Ok((self.sender.subscribe(), slot))
     }
@@ -156,47 +268,94 @@ fn too_many(message: String) -> ApiError {
     )
 }
 
+/// What a stream watches and from where it resumes.
+pub struct Watched {
+    /// The vault's row id, and the client's name for it.
+    pub vault: Uuid,
+    pub vault_id: String,
+    /// The vault's last sequence when the stream opened.
+    pub head: i64,
+    /// The client's `Last-Event-ID`.
+    pub seen: Option<i64>,
+}
+
 /// A stream of one vault's events: its head first when past `seen`, then
-/// each new last sequence; it ends when it falls behind the fan-out.
+/// each new last sequence. It ends with an `end` event when its session
+/// ends or expires, when it has been idle for `api.events.max_idle`, or
+/// when it falls behind the fan-out.
 pub fn watch(
     receiver: broadcast::Receiver<VaultEvent>,
     slot: Slot,
-    vault: Uuid,
-    vault_id: String,
-    head: i64,
-    seen: Option<i64>,
+    watched: Watched,
+    mark: Option<StreamMark>,
 ) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static {
     struct Watch {
         receiver: broadcast::Receiver<VaultEvent>,
-        _slot: Slot,
+        slot: Slot,
+        _mark: Option<StreamMark>,
         vault: Uuid,
         vault_id: String,
         sent: i64,
         first: Option<i64>,
+        expires: Instant,
+        max_idle: Duration,
+        last_event: Instant,
+        done: bool,
     }
-    let sent = seen.unwrap_or(-1);
+    let sent = watched.seen.unwrap_or(-1);
+    let left = slot
+        .holder
+        .expires
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let max_idle = slot.events.caps.max_idle;
     let state = Watch {
         receiver,
-        _slot: slot,
-        vault,
-        vault_id,
-        sent: sent.max(head),
-        first: (head > sent).then_some(head),
+        _mark: mark,
+        vault: watched.vault,
+        vault_id: watched.vault_id,
+        sent: sent.max(watched.head),
+        first: (watched.head > sent).then_some(watched.head),
+        expires: Instant::now() + left,
+        max_idle,
+        last_event: Instant::now(),
+        done: false,
+        slot,
     };
     futures_util::stream::unfold(state, |mut watch| async move {
+        if watch.done {
+            return None;
+        }
         if let Some(head) = watch.first.take() {
             return Some((Ok(event(&watch.vault_id, head)), watch));
         }
-        loop {
-            match watch.receiver.recv().await {
-                Ok(e) if e.vault == watch.vault && e.sequence > watch.sent => {
-                    watch.sent = e.sequence;
-                    return Some((Ok(event(&watch.vault_id, e.sequence)), watch));
+        let ended = loop {
+            let idle_until = watch.last_event + watch.max_idle;
+            tokio::select! {
+                biased;
+                changed = watch.slot.ended.changed() => {
+                    let reason = *watch.slot.ended.borrow();
+                    break match (changed, reason) {
+                        (Ok(()), Some(reason)) => reason,
+                        _ => "session_ended",
+                    };
                 }
-                Ok(_) => {}
-                Err(_) => return None,
+                _ = tokio::time::sleep_until(watch.expires) => break "session_expired",
+                _ = tokio::time::sleep_until(idle_until) => break "idle",
+                got = watch.receiver.recv() => match got {
+                    Ok(e) if e.vault == watch.vault && e.sequence > watch.sent => {
+                        watch.sent = e.sequence;
+                        watch.last_event = Instant::now();
+                        return Some((Ok(event(&watch.vault_id, e.sequence)), watch));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => break "lagged",
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
             }
-        }
+        };
+        watch.done = true;
+        Some((Ok(end(ended)), watch))
     })
 }
 
@@ -208,19 +367,31 @@ pub fn event(vault_id: &str, sequence: i64) -> Event {
         .data(serde_json::json!({"vaultId": vault_id, "sequence": sequence}).to_string())
 }
 
-/// LISTENs on `CHANNEL` as `endpoint` for as long as keepd runs, feeding
-/// `events`; a lost connection is made again (a second later, then less
-/// often), and the streams carry on meanwhile.
+/// A stream's last event: why it ends.
+fn end(reason: &str) -> Event {
+    Event::default()
+        .event("end")
+        .data(serde_json::json!({ "reason": reason }).to_string())
+}
+
+/// LISTENs on `CHANNEL` and `SESSIONS_CHANNEL` as `endpoint` for as long
+/// as keepd runs, feeding `events`; a lost connection is made again (a
+/// second later, then less often), and the streams carry on meanwhile.
 pub async fn listen(endpoint: Endpoint, events: Arc<Events>, mut stop: Shutdown) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let sink = events.clone();
         let connected = endpoint
-            .listen(CHANNEL, move |payload| sink.publish(payload))
+            .listen(&[CHANNEL, SESSIONS_CHANNEL], move |channel, payload| {
+                sink.notified(channel, payload)
+            })
             .await;
         match connected {
             Ok((_client, connection)) => {
-                info!(channel = CHANNEL, "events: listening for new entries");
+                info!(
+                    channel = CHANNEL,
+                    "events: listening for new entries and ended sessions"
+                );
                 backoff = Duration::from_secs(1);
                 tokio::select! {
                     _ = connection => warn!("events: the listening connection ended; connecting again"),
@@ -255,19 +426,69 @@ mod tests {
         }
     }
 
+    pub(super) fn caps(max: usize, per_account: usize, per_client: usize) -> StreamCaps {
+        StreamCaps {
+            max,
+            per_account,
+            per_client,
+            max_idle: Duration::from_secs(3600),
+        }
+    }
+
+    pub(super) fn holder(user: Uuid, client: &str) -> Holder {
+        Holder {
+            user,
+            session: Uuid::new_v4(),
+            client: client.parse().unwrap(),
+            expires: SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
     #[test]
-    fn streams_are_capped_per_account_and_per_node() {
-        let events = Arc::new(Events::new(3, 2));
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let first = events.subscribe(a).unwrap();
-        let _second = events.subscribe(a).unwrap();
-        assert!(events.subscribe(a).is_err(), "a third for one account");
-        let _third = events.subscribe(b).unwrap();
-        assert!(events.subscribe(b).is_err(), "a fourth on the node");
-        assert_eq!(events.open(), 3);
+    fn streams_are_capped_per_account_per_client_and_per_node() {
+        let events = Arc::new(Events::new(caps(4, 2, 3)));
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let first = events.subscribe(holder(a, "10.0.0.1")).unwrap();
+        let _second = events.subscribe(holder(a, "10.0.0.2")).unwrap();
+        assert!(
+            events.subscribe(holder(a, "10.0.0.3")).is_err(),
+            "a third for one account"
+        );
+        let _third = events.subscribe(holder(b, "10.0.0.1")).unwrap();
+        let _fourth = events.subscribe(holder(c, "10.0.0.1")).unwrap();
+        assert!(
+            events
+                .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
+                .is_err(),
+            "a fourth for one client"
+        );
+        assert!(
+            events
+                .subscribe(holder(Uuid::new_v4(), "10.0.0.9"))
+                .is_err(),
+            "a fifth on the node"
+        );
+        assert_eq!(events.open(), 4);
         drop(first);
-        assert_eq!(events.open(), 2);
-        assert!(events.subscribe(a).is_ok(), "a place given back");
+        assert_eq!(events.open(), 3);
+        assert!(
+            events.subscribe(holder(a, "10.0.0.1")).is_ok(),
+            "a place given back"
+        );
+    }
+
+    #[test]
+    fn session_notifications_name_a_known_reason() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            parse_session_end(&format!("{id}:logout")),
+            Some((id, "logout"))
+        );
+        assert_eq!(
+            parse_session_end(&format!("{id}:something")),
+            Some((id, "session_ended"))
+        );
+        assert_eq!(parse_session_end("x:logout"), None);
     }
 }
 
@@ -279,29 +500,104 @@ mod stream_tests {
 
     /// A consumer that does not read falls behind the bounded fan-out and
     /// its stream ends, rather than anything being buffered for it.
+    use super::tests::{caps, holder};
+
+    fn watched(vault: Uuid, head: i64, seen: Option<i64>) -> Watched {
+        Watched {
+            vault,
+            vault_id: "v".into(),
+            head,
+            seen,
+        }
+    }
+
+    /// The text of an SSE event as the stream frames it.
+    fn text(event: Event) -> String {
+        format!("{event:?}")
+    }
+
+    /// A consumer that does not read falls behind the bounded fan-out and
+    /// its stream ends, rather than anything being buffered for it.
     #[tokio::test]
     async fn a_stream_that_falls_behind_is_ended_not_buffered() {
-        let events = Arc::new(Events::new(10, 10));
+        let events = Arc::new(Events::new(caps(10, 10, 10)));
         let vault = Uuid::new_v4();
-        let (receiver, slot) = events.subscribe(Uuid::new_v4()).unwrap();
-        let stream = watch(receiver, slot, vault, "v".into(), 0, None);
+        let (receiver, slot) = events
+            .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
+            .unwrap();
+        let stream = watch(receiver, slot, watched(vault, 0, None), None);
         let mut stream = Box::pin(stream);
         // The head comes first.
         assert!(stream.next().await.is_some());
         for sequence in 1..=(BUFFER as i64 + 10) {
             events.publish(&VaultEvent { vault, sequence }.payload());
         }
+        let last = stream.next().await.expect("a final event").unwrap();
+        assert!(text(last).contains("lagged"));
         assert!(stream.next().await.is_none(), "lagged: ended");
+        drop(stream);
         assert_eq!(events.open(), 0, "its place given back");
     }
 
     #[tokio::test]
+    async fn a_stream_ends_with_its_session_and_when_idle() {
+        let events = Arc::new(Events::new(caps(10, 10, 10)));
+        let vault = Uuid::new_v4();
+        let who = holder(Uuid::new_v4(), "10.0.0.1");
+        let (receiver, slot) = events.subscribe(who).unwrap();
+        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        events.notified(
+            SESSIONS_CHANNEL,
+            &format!("{}:password_changed", Uuid::new_v4()),
+        );
+        events.notified(
+            SESSIONS_CHANNEL,
+            &format!("{}:password_changed", who.session),
+        );
+        let last = tokio::time::timeout(Duration::from_secs(1), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(text(last).contains("password_changed"));
+        assert!(stream.next().await.is_none());
+        // Idle: nothing sent for max_idle.
+        let events = Arc::new(Events::new(StreamCaps {
+            max_idle: Duration::from_millis(100),
+            ..caps(10, 10, 10)
+        }));
+        let (receiver, slot) = events
+            .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
+            .unwrap();
+        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        let last = tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(text(last).contains("idle"));
+        // Expiry: the token's end.
+        let mut who = holder(Uuid::new_v4(), "10.0.0.1");
+        who.expires = SystemTime::now() + Duration::from_millis(100);
+        let (receiver, slot) = events.subscribe(who).unwrap();
+        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        let last = tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(text(last).contains("session_expired"));
+    }
+
+    #[tokio::test]
     async fn only_the_watched_vault_and_only_newer_sequences_are_sent() {
-        let events = Arc::new(Events::new(10, 10));
+        let events = Arc::new(Events::new(caps(10, 10, 10)));
         let (vault, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let (receiver, slot) = events.subscribe(Uuid::new_v4()).unwrap();
+        let (receiver, slot) = events
+            .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
+            .unwrap();
         // Resumed at 5 with the head at 5: no head event.
-        let mut stream = Box::pin(watch(receiver, slot, vault, "v".into(), 5, Some(5)));
+        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 5, Some(5)), None));
         for (v, sequence) in [(other, 9), (vault, 4), (vault, 5), (vault, 7)] {
             events.publish(&VaultEvent { vault: v, sequence }.payload());
         }

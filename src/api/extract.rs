@@ -136,6 +136,8 @@ impl FromRequestParts<Arc<Api>> for ClientAddr {
 pub struct UserAuth {
     pub user: Uuid,
     pub session: Uuid,
+    /// When the token (and so, at the latest, the session) expires.
+    pub expires: std::time::SystemTime,
 }
 
 impl UserAuth {
@@ -190,7 +192,25 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
         Ok(UserAuth {
             user: claims.sub,
             session: claims.sid,
+            expires: std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp),
         })
+    }
+}
+
+/// The edge's handle on the request's connection (mark a stream, reserve
+/// response bytes); None when the router is driven without the edge.
+pub struct Connection(pub Option<crate::edge::RequestContext>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Connection {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Connection(
+            parts
+                .extensions
+                .get::<crate::edge::RequestContext>()
+                .cloned(),
+        ))
     }
 }
 

@@ -1,8 +1,14 @@
 //! Request rates (`api.rate_limits`): token buckets (governor) per
-//! account on authenticated routes, per client address on the others and
-//! on authentication attempts; and the failed-login throttle per account.
-//! In memory, so each node keeps its own view: with several nodes behind
-//! one balancer a client gets up to that many times the rate.
+//! account on authenticated routes, per client (an address grouped by
+//! `api.client_prefix_*`) on the others and on authentication attempts;
+//! and the failed-login throttle per account.
+//!
+//! The buckets live in each node's memory. So that an account gets its
+//! documented rate across a cluster rather than that many times it, each
+//! node enforces its share of the per-account budget: the rate and burst
+//! divided by the number of live nodes (`set_nodes`, from the cluster's
+//! heartbeats). A balancer that spreads an account's requests evenly
+//! gives it the whole rate; one that pins it to a node, that node's share.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -16,6 +22,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use uuid::Uuid;
 
 use crate::config::RateLimitsConfig;
+use crate::edge::ClientPrefixes;
 
 /// Past this many tracked keys, idle ones are swept.
 const SWEEP_AT: usize = 10_000;
@@ -74,14 +81,11 @@ struct Buckets {
 }
 
 impl Buckets {
-    fn new(config: &RateLimitsConfig) -> Buckets {
+    fn new(config: &RateLimitsConfig, nodes: u32) -> Buckets {
         let per_minute = at_least_one(config.auth_per_minute);
         Buckets {
             authentication: Keyed::new(Quota::per_minute(per_minute).allow_burst(per_minute)),
-            account: Keyed::new(
-                Quota::per_second(at_least_one(config.account_per_second))
-                    .allow_burst(at_least_one(config.account_burst)),
-            ),
+            account: Keyed::new(account_share(config, nodes)),
             address: Keyed::new(
                 Quota::per_second(at_least_one(config.address_per_second))
                     .allow_burst(at_least_one(config.address_burst)),
@@ -91,20 +95,63 @@ impl Buckets {
     }
 }
 
-/// Every rate limit of the API; replaced whole on SIGHUP (counts restart).
+/// One node's share of the per-account budget when `nodes` are live:
+/// `account_per_second / nodes` a second (as a replenish interval, so
+/// shares below one a second stay exact), the burst divided likewise.
+fn account_share(config: &RateLimitsConfig, nodes: u32) -> Quota {
+    let nodes = nodes.max(1);
+    let per_second = config.account_per_second.max(1);
+    let interval = Duration::from_secs_f64(f64::from(nodes) / f64::from(per_second));
+    let burst = at_least_one(config.account_burst.div_ceil(nodes));
+    Quota::with_period(interval)
+        .expect("a positive interval")
+        .allow_burst(burst)
+}
+
+/// The settings and cluster size the buckets were made for.
+struct Made {
+    config: RateLimitsConfig,
+    nodes: u32,
+}
+
+/// Every rate limit of the API; replaced whole on SIGHUP and when the
+/// number of live nodes changes (counts restart).
 pub struct Limits {
     current: RwLock<Arc<Buckets>>,
+    made: Mutex<Made>,
+    prefixes: ClientPrefixes,
 }
 
 impl Limits {
-    pub fn new(config: &RateLimitsConfig) -> Limits {
+    pub fn new(config: &RateLimitsConfig, prefixes: ClientPrefixes) -> Limits {
         Limits {
-            current: RwLock::new(Arc::new(Buckets::new(config))),
+            current: RwLock::new(Arc::new(Buckets::new(config, 1))),
+            made: Mutex::new(Made {
+                config: config.clone(),
+                nodes: 1,
+            }),
+            prefixes,
         }
     }
 
+    fn remake(&self, change: impl FnOnce(&mut Made)) {
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut made);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Buckets::new(&made.config, made.nodes));
+    }
+
     pub fn reconfigure(&self, config: &RateLimitsConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Buckets::new(config));
+        self.remake(|made| made.config = config.clone());
+    }
+
+    /// The number of live nodes sharing the per-account budget; the
+    /// buckets are made anew only when it changes.
+    pub fn set_nodes(&self, nodes: u32) {
+        let nodes = nodes.max(1);
+        if self.made.lock().unwrap_or_else(|e| e.into_inner()).nodes != nodes {
+            self.remake(|made| made.nodes = nodes);
+        }
     }
 
     fn buckets(&self) -> Arc<Buckets> {
@@ -119,7 +166,7 @@ impl Limits {
     pub fn authentication(&self, addr: IpAddr) -> Result<(), Limited> {
         self.buckets()
             .authentication
-            .check(&addr, Bucket::Authentication)
+            .check(&self.prefixes.client(addr), Bucket::Authentication)
     }
 
     /// One request of an authenticated account.
@@ -130,7 +177,9 @@ impl Limits {
     /// One unauthenticated request (or one with a rejected token) from
     /// `addr`.
     pub fn address(&self, addr: IpAddr) -> Result<(), Limited> {
-        self.buckets().address.check(&addr, Bucket::Address)
+        self.buckets()
+            .address
+            .check(&self.prefixes.client(addr), Bucket::Address)
     }
 
     /// May `addr` try a password for the account keyed `account` now?
@@ -244,7 +293,7 @@ mod tests {
             account_burst: 3,
             ..RateLimitsConfig::default()
         };
-        let limits = Limits::new(&config);
+        let limits = Limits::new(&config, ClientPrefixes::default());
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         for _ in 0..3 {
             limits.account(a).unwrap();
@@ -263,6 +312,32 @@ mod tests {
             limits.account(a).is_ok(),
             "a new configuration starts afresh"
         );
+    }
+
+    #[test]
+    fn each_node_enforces_its_share_and_clients_are_prefixes() {
+        let config = RateLimitsConfig {
+            account_per_second: 30,
+            account_burst: 9,
+            address_burst: 2,
+            ..RateLimitsConfig::default()
+        };
+        let limits = Limits::new(&config, ClientPrefixes::default());
+        limits.set_nodes(3);
+        let a = Uuid::new_v4();
+        for _ in 0..3 {
+            limits.account(a).unwrap();
+        }
+        let limited = limits.account(a).unwrap_err();
+        assert!(
+            limited.retry_after <= Duration::from_millis(100),
+            "a third of 30/s: one every 100 ms, {limited:?}"
+        );
+        // One /64: one client.
+        limits.address(addr("2001:db8::1")).unwrap();
+        limits.address(addr("2001:db8::2")).unwrap();
+        assert!(limits.address(addr("2001:db8::3")).is_err());
+        assert!(limits.address(addr("2001:db8:0:1::1")).is_ok());
     }
 
     #[test]

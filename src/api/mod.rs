@@ -80,6 +80,8 @@ pub struct ApiSettings {
     /// How long an Idempotency-Key names its first request.
     pub idempotency_ttl: Duration,
     pub events: crate::config::EventsConfig,
+    /// How addresses are grouped into clients for per-client limits.
+    pub prefixes: crate::edge::ClientPrefixes,
 }
 
 /// What browsers are told, from `api.*`.
@@ -128,12 +130,14 @@ impl Api {
             email_key: cluster.derive(Purpose::EmailHmac),
             identifiers: AuditIdentifiers::new(cluster),
             node_id: identity.node_id().to_string(),
-            limits: limits::Limits::new(&settings.rate_limits),
+            limits: limits::Limits::new(&settings.rate_limits, settings.prefixes),
             public_routes: OnceLock::new(),
-            events: Arc::new(events::Events::new(
-                settings.events.max_streams as usize,
-                settings.events.max_streams_per_account as usize,
-            )),
+            events: Arc::new(events::Events::new(events::StreamCaps {
+                max: settings.events.max_streams as usize,
+                per_account: settings.events.max_streams_per_account as usize,
+                per_client: settings.events.max_streams_per_client as usize,
+                max_idle: settings.events.max_idle.get(),
+            })),
             settings,
             health: HealthProbe::new(postgres, pool.clone()),
             pool,
@@ -141,6 +145,11 @@ impl Api {
             fields,
             openapi: OnceLock::new(),
         })
+    }
+
+    /// How many live nodes share the per-account rate budget.
+    pub fn set_cluster_nodes(&self, nodes: u32) {
+        self.limits.set_nodes(nodes);
     }
 
     /// Applies new `api.rate_limits` (SIGHUP); counting starts afresh.

@@ -22,7 +22,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, page_limit, whole};
+use super::events::{Holder, Watched};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, ClientAddr, Connection, UserAuth, page_limit, whole,
+};
 use super::store::logs::{self, NewEntry};
 use super::store::vaults::{self, WrappedKey};
 use super::{Api, iso8601};
@@ -656,6 +659,8 @@ fn push_fingerprint(body: &PushBody) -> Vec<u8> {
 pub(super) async fn pull(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
+    ClientAddr(client): ClientAddr,
+    Connection(connection): Connection,
     ApiJson(body): ApiJson<PullBody>,
 ) -> Result<Response, ApiError> {
     check_vault_id(&body.vault_id)?;
@@ -666,6 +671,17 @@ pub(super) async fn pull(
             "`afterSequence` must be 0 or more",
         ));
     }
+    // The page is reserved before Postgres sends it: what a client that
+    // never reads its answers can pin is its response budget, no more.
+    let reservation = match &connection {
+        Some(connection) => {
+            let most = api.settings.max_pull_bytes + limit as usize * PULLED_ENTRY_OVERHEAD;
+            let client = api.settings.prefixes.client(client);
+            let reserved = connection.reserve(client, most, RESPONSE_BUDGET_WAIT).await;
+            Some(reserved.map_err(ApiError::response_budget)?)
+        }
+        None => None,
+    };
     let tx = auth.begin(&api, GroupRole::Query).await?;
     let budget = api.settings.max_pull_bytes as i64;
     let page = logs::page(
@@ -698,12 +714,17 @@ pub(super) async fn pull(
         has_more: page.has_more(),
         logs,
     };
-    Ok((
-        [(CONTENT_TYPE, "application/json")],
-        answer.to_json(capacity),
-    )
-        .into_response())
+    let answer = answer.to_json(capacity);
+    drop(page);
+    let body = match reservation {
+        Some(reservation) => reservation.body(answer),
+        None => axum::body::Body::from(answer),
+    };
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
+
+/// How long a pull waits for response budget before answering 503.
+const RESPONSE_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -1079,6 +1100,8 @@ pub struct EventsQuery {
 pub(super) async fn events(
     State(api): State<Arc<Api>>,
     auth: UserAuth,
+    ClientAddr(client): ClientAddr,
+    Connection(connection): Connection,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
@@ -1101,12 +1124,25 @@ pub(super) async fn events(
         },
     };
     // Subscribed before the head is read: nothing in between is missed.
-    let (receiver, slot) = api.events.subscribe(auth.user)?;
+    let (receiver, slot) = api.events.subscribe(Holder {
+        user: auth.user,
+        session: auth.session,
+        client: api.settings.prefixes.client(client),
+        expires: auth.expires,
+    })?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
     let head = vaults::head(&tx, auth.user, &query.vault_id).await?;
     tx.commit().await?;
     let (vault, head) = head.ok_or_else(vault_not_found)?;
-    let stream = super::events::watch(receiver, slot, vault, query.vault_id, head, seen);
+    let watched = Watched {
+        vault,
+        vault_id: query.vault_id,
+        head,
+        seen,
+    };
+    // The connection leaves the request slots while it streams.
+    let mark = connection.map(|c| c.connection.stream());
+    let stream = super::events::watch(receiver, slot, watched, mark);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(api.settings.events.heartbeat.get()))
         .into_response())

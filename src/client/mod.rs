@@ -223,12 +223,20 @@ pub struct VaultEvent {
 pub struct EventStream {
     body: hyper::body::Incoming,
     buffer: String,
+    ended: Option<String>,
     _sender: SendRequest<Full<Bytes>>,
+}
+
+/// The data of a stream's final `end` event.
+#[derive(Deserialize)]
+struct StreamEnd {
+    reason: String,
 }
 
 impl EventStream {
     /// The next event; None when the server ended the stream (reconnect
-    /// with `Last-Event-ID`). Heartbeat comments are skipped.
+    /// with `Last-Event-ID`, unless `end_reason` says the session ended).
+    /// Heartbeat comments are skipped.
     pub async fn next(&mut self) -> Result<Option<VaultEvent>, ClientError> {
         let Some(block) = self.next_block().await? else {
             return Ok(None);
@@ -238,9 +246,22 @@ impl EventStream {
             .filter_map(|line| line.strip_prefix("data:"))
             .map(str::trim)
             .collect();
+        if block.lines().any(|line| line.trim() == "event: end") {
+            let end: StreamEnd = serde_json::from_str(&data)
+                .map_err(|e| ClientError::Decode(format!("end event {data:?}: {e}")))?;
+            self.ended = Some(end.reason);
+            return Ok(None);
+        }
         serde_json::from_str(&data)
             .map(Some)
             .map_err(|e| ClientError::Decode(format!("event {data:?}: {e}")))
+    }
+
+    /// Why the server ended the stream, from its final `end` event:
+    /// `logout`, `password_changed`, `account_disabled`, `account_deleted`
+    /// or `session_expired` (log in again), `idle` or `lagged` (reconnect).
+    pub fn end_reason(&self) -> Option<&str> {
+        self.ended.as_deref()
     }
 
     /// The next event as the server framed it (`event:`, `id:`, `data:`
@@ -708,6 +729,7 @@ impl SyncClient {
         Ok(EventStream {
             body: response.into_body(),
             buffer: String::new(),
+            ended: None,
             _sender: sender,
         })
     }

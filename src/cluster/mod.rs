@@ -8,6 +8,7 @@
 //! No secret crosses in the clear: a node seals the key for another with
 //! that node's public key, which it reads from the row the node wrote.
 
+pub mod heartbeat;
 pub mod key;
 
 use ed25519_dalek::VerifyingKey;

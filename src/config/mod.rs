@@ -667,9 +667,22 @@ pub struct ApiConfig {
     pub body_timeout: HumanDuration,
     /// Open connections at most; past it new ones are closed at once.
     pub max_connections: u32,
-    /// Open connections per client address at most (trusted proxies are
-    /// exempt).
+    /// Open connections per client at most (trusted proxies are exempt);
+    /// a client is an address grouped by the two prefixes below.
     pub max_connections_per_client: u32,
+    /// IPv4 clients are grouped by this prefix length for every per-client
+    /// limit (32: each address on its own).
+    pub client_prefix_v4: u8,
+    /// IPv6 clients are grouped by this prefix length (64: a subscriber's
+    /// whole /64 is one client, since it can use 2^64 addresses).
+    pub client_prefix_v6: u8,
+    /// Bytes of response bodies this node holds for clients that have not
+    /// read them yet, at most (a pull past it waits, then 503).
+    pub max_response_bytes: usize,
+    /// The same, per client.
+    pub max_response_bytes_per_client: usize,
+    /// The same, per connection.
+    pub max_response_bytes_per_connection: usize,
     /// Peers whose `Forwarded` / `X-Forwarded-For` are believed (CIDRs).
     pub trusted_proxies: Vec<ProxyNet>,
     pub jwt_ttl: HumanDuration,
@@ -715,6 +728,13 @@ pub struct EventsConfig {
     pub max_streams: u32,
     /// Streams one account may hold open at most.
     pub max_streams_per_account: u32,
+    /// Streams one client (address, grouped by `api.client_prefix_*`) may
+    /// hold open at most.
+    pub max_streams_per_client: u32,
+    /// A stream that has sent no event for this long is ended (the client
+    /// reconnects with `Last-Event-ID`), so an idle stream has a bounded
+    /// life.
+    pub max_idle: HumanDuration,
     /// A comment line this often keeps proxies from closing an idle stream
     /// (under `api.idle_timeout`).
     pub heartbeat: HumanDuration,
@@ -725,6 +745,8 @@ impl Default for EventsConfig {
         Self {
             max_streams: 1000,
             max_streams_per_account: 5,
+            max_streams_per_client: 100,
+            max_idle: HumanDuration(Duration::from_secs(3600)),
             heartbeat: HumanDuration(Duration::from_secs(15)),
         }
     }
@@ -740,6 +762,11 @@ impl Default for ApiConfig {
             body_timeout: HumanDuration(Duration::from_secs(30)),
             max_connections: 1024,
             max_connections_per_client: 64,
+            client_prefix_v4: 32,
+            client_prefix_v6: 64,
+            max_response_bytes: 256 * 1024 * 1024,
+            max_response_bytes_per_client: 64 * 1024 * 1024,
+            max_response_bytes_per_connection: 32 * 1024 * 1024,
             trusted_proxies: Vec::new(),
             jwt_ttl: HumanDuration(Duration::from_secs(7 * 86400)),
             cors_origins: Vec::new(),

@@ -419,6 +419,20 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             format!("1 to api.events.max_streams ({})", events.max_streams),
         ));
     }
+    if !(1..=events.max_streams).contains(&events.max_streams_per_client) {
+        return Err(invalid(
+            "api.events.max_streams_per_client",
+            events.max_streams_per_client.to_string(),
+            format!("1 to api.events.max_streams ({})", events.max_streams),
+        ));
+    }
+    if events.max_idle.get() < Duration::from_secs(60) {
+        return Err(invalid(
+            "api.events.max_idle",
+            events.max_idle.to_string(),
+            "at least 1m".into(),
+        ));
+    }
     let heartbeat = events.heartbeat.get();
     if heartbeat < Duration::from_secs(1) || heartbeat * 2 > api.idle_timeout.get() {
         return Err(invalid(
@@ -539,6 +553,42 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             api.max_connections_per_client.to_string(),
             format!("1 to api.max_connections ({})", api.max_connections),
         ));
+    }
+    if !(8..=32).contains(&api.client_prefix_v4) {
+        return Err(invalid(
+            "api.client_prefix_v4",
+            api.client_prefix_v4.to_string(),
+            "a prefix length of 8 to 32 (32: each address is a client)".into(),
+        ));
+    }
+    if !(16..=128).contains(&api.client_prefix_v6) {
+        return Err(invalid(
+            "api.client_prefix_v6",
+            api.client_prefix_v6.to_string(),
+            "a prefix length of 16 to 128 (64: a subscriber's /64 is one client)".into(),
+        ));
+    }
+    for (key, value) in [
+        ("api.max_response_bytes", api.max_response_bytes),
+        (
+            "api.max_response_bytes_per_client",
+            api.max_response_bytes_per_client,
+        ),
+        (
+            "api.max_response_bytes_per_connection",
+            api.max_response_bytes_per_connection,
+        ),
+    ] {
+        if value < api.max_pull_bytes {
+            return Err(invalid(
+                key,
+                value.to_string(),
+                format!(
+                    "at least api.max_pull_bytes ({}), or no full pull could ever be answered",
+                    api.max_pull_bytes
+                ),
+            ));
+        }
     }
     for origin in &api.cors_origins {
         if let Some(problem) = origin_problem(origin) {

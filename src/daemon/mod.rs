@@ -231,8 +231,9 @@ impl Node {
                 warn!(cert = ?config.api.tls.as_ref().map(|t| &t.cert), days_left, "the api certificate has expired; clients will refuse it until it is renewed");
             }
         }
+        // Streams hold connections outside api.max_connections.
         let fd_limit = edge::ensure_file_limit(
-            config.api.max_connections as usize,
+            (config.api.max_connections + config.api.events.max_streams) as usize,
             config.database.pool.max_size as usize,
         )?;
         let lock = StateLock::acquire(&config.node.state_dir)?;
@@ -720,6 +721,7 @@ impl BroughtUp {
             .map(|listener| (listener, api.clone()));
         let events = api.events.clone();
         let operator = api.clone();
+        let limited = api.clone();
         let app = api::router(api, &web);
         let scheme = if node.api_cert.is_some() {
             "https"
@@ -751,6 +753,12 @@ impl BroughtUp {
             events: tokio::spawn(crate::api::events::listen(
                 superuser.clone(),
                 events,
+                shutdown.clone(),
+            )),
+            heartbeat: tokio::spawn(crate::cluster::heartbeat::run(
+                superuser.clone(),
+                node.node_id.to_string(),
+                move |nodes| limited.set_cluster_nodes(nodes),
                 shutdown.clone(),
             )),
             reencrypt: tokio::spawn(
@@ -836,6 +844,10 @@ fn api_settings(config: &Config, trusted_proxies: TrustedProxies) -> ApiSettings
         trusted_proxies,
         idempotency_ttl: config.api.idempotency_ttl.get(),
         events: config.api.events.clone(),
+        prefixes: edge::ClientPrefixes::new(
+            config.api.client_prefix_v4,
+            config.api.client_prefix_v6,
+        ),
     }
 }
 
@@ -844,14 +856,7 @@ fn edge_settings(
     trusted: TrustedProxies,
     tls: Option<Arc<ApiCertificate>>,
 ) -> EdgeSettings {
-    EdgeSettings {
-        header_timeout: config.api.header_timeout.get(),
-        idle_timeout: config.api.idle_timeout.get(),
-        max_connections: config.api.max_connections as usize,
-        max_per_client: config.api.max_connections_per_client as usize,
-        trusted,
-        tls,
-    }
+    EdgeSettings::new(&config.api, trusted, tls)
 }
 
 /// `/metrics` on its own listener (`api.metrics_listen`).
@@ -882,6 +887,8 @@ struct Tasks {
     janitor: JoinHandle<()>,
     /// LISTENs for new entries and feeds the live-update streams.
     events: JoinHandle<()>,
+    /// Marks this node live and counts the live nodes for rate budgets.
+    heartbeat: JoinHandle<()>,
     /// Aborted at shutdown: a backup under way is not waited for (its
     /// pgBackRest is killed, and the next start takes it again).
     backups: Option<JoinHandle<()>>,
@@ -908,7 +915,8 @@ impl Tasks {
             self.sealer,
             self.reencrypt,
             self.janitor,
-            self.events
+            self.events,
+            self.heartbeat
         );
         if let Some(task) = self.backups {
             task.abort();

@@ -1,26 +1,34 @@
 //! The public edge: how clients' connections are accepted, bounded and
 //! (with `api.tls`) encrypted before a request reaches the router.
 //!
-//! Invariants: every connection holds a permit of `api.max_connections`
-//! (and, unless it comes from a trusted proxy, of
-//! `api.max_connections_per_client`); past either, a new connection is
-//! closed at once while open ones keep being served. A connection must
-//! finish its TLS handshake and first request's headers within
-//! `api.header_timeout`, and is closed once it has no request open and has
-//! moved no byte for `api.idle_timeout`. With TLS on there is no plaintext
+//! Invariants: every connection holds a place under `api.max_connections`
+//! (and, unless it comes from a trusted proxy, under
+//! `api.max_connections_per_client`, clients grouped by prefix); at the
+//! cap a newcomer takes the place of the connection that has waited
+//! longest without a request open (`slots`), and is refused only when
+//! every counted connection is answering. A connection must finish its
+//! TLS handshake and first request's headers within `api.header_timeout`,
+//! and is closed once it has no request open and has moved no byte for
+//! `api.idle_timeout`. Over TLS, HTTP/2 is spoken only when ALPN chose it
+//! (an invalid preface gets GOAWAY); on plain HTTP a client may use h2c
+//! with prior knowledge. Response bodies a client has not read are held
+//! within `budget`. Protocol errors are counted and summarised once a
+//! minute, never logged a line each. With TLS on there is no plaintext
 //! listener at all.
 //!
 //! What it does not know: routes, users, the database. It hands the
-//! router each request with the peer's address as `ConnectInfo`.
+//! router each request with the peer's address as `ConnectInfo` and a
+//! `RequestContext` (mark a stream, reserve response bytes).
 
+pub mod budget;
 pub mod proxies;
+pub mod slots;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,15 +38,18 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-pub use proxies::TrustedProxies;
+pub use budget::{Exhausted, Reservation, ResponseBudget};
+pub use proxies::{ClientPrefixes, TrustedProxies};
+use slots::{ConnState, Slot, Slots};
+pub use slots::{ConnectionRef, StreamMark};
 pub use tls::{ApiCertificate, ApiTlsError, CertificateInfo};
 
+use crate::config::ApiConfig;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -53,8 +64,34 @@ pub struct EdgeSettings {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_per_client: usize,
+    pub prefixes: ClientPrefixes,
+    pub max_response_bytes: usize,
+    pub max_response_bytes_per_client: usize,
+    pub max_response_bytes_per_connection: usize,
     pub trusted: TrustedProxies,
     pub tls: Option<Arc<ApiCertificate>>,
+}
+
+impl EdgeSettings {
+    /// The edge's settings from its section, `api`.
+    pub fn new(
+        api: &ApiConfig,
+        trusted: TrustedProxies,
+        tls: Option<Arc<ApiCertificate>>,
+    ) -> EdgeSettings {
+        EdgeSettings {
+            header_timeout: api.header_timeout.get(),
+            idle_timeout: api.idle_timeout.get(),
+            max_connections: api.max_connections as usize,
+            max_per_client: api.max_connections_per_client as usize,
+            prefixes: ClientPrefixes::new(api.client_prefix_v4, api.client_prefix_v6),
+            max_response_bytes: api.max_response_bytes,
+            max_response_bytes_per_client: api.max_response_bytes_per_client,
+            max_response_bytes_per_connection: api.max_response_bytes_per_connection,
+            trusted,
+            tls,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,88 +135,10 @@ pub fn ensure_file_limit(max_connections: usize, pool: usize) -> Result<u64, Edg
     })
 }
 
-/// Counts open connections per client address.
-#[derive(Default)]
-struct PerClient(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's share of its address's allowance.
-struct ClientSlot {
-    table: Arc<PerClient>,
-    addr: IpAddr,
-}
-
-impl PerClient {
-    fn take(self: &Arc<Self>, addr: IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let open = table.entry(addr).or_default();
-        if *open >= max {
-            return None;
-        }
-        *open += 1;
-        Some(ClientSlot {
-            table: self.clone(),
-            addr,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut table = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(open) = table.get_mut(&self.addr) {
-            *open -= 1;
-            if *open == 0 {
-                table.remove(&self.addr);
-            }
-        }
-    }
-}
-
-/// What a connection has been doing, for its deadlines.
-struct Activity {
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last byte read or written.
-    last_io: AtomicU64,
-    open_requests: AtomicUsize,
-    any_request: AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            epoch: Instant::now(),
-            last_io: AtomicU64::new(0),
-            open_requests: AtomicUsize::new(0),
-            any_request: AtomicBool::new(false),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_io.store(ms, Ordering::Relaxed);
-    }
-
-    /// When the connection should be closed if nothing changes, or None
-    /// while a request is being answered (`api.request_timeout` and
-    /// `api.body_timeout` bound those).
-    fn deadline(&self, settings: &EdgeSettings) -> Option<Instant> {
-        if self.open_requests.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        if !self.any_request.load(Ordering::Acquire) {
-            // Handshake and first headers count from the accept, however
-            // slowly the bytes trickle in.
-            return Some(self.epoch + settings.header_timeout);
-        }
-        let last = Duration::from_millis(self.last_io.load(Ordering::Relaxed));
-        Some(self.epoch + last + settings.idle_timeout)
-    }
-}
-
 /// A stream that records when it last moved a byte.
 struct Watched<S> {
     inner: S,
-    activity: Arc<Activity>,
+    activity: Arc<ConnState>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -235,22 +194,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// Decrements the open-request count when a response is done (or the
-/// request was dropped).
-struct OpenRequest(Arc<Activity>);
+/// Counts a request as open on its connection until its response is
+/// done (or the request was dropped).
+struct OpenRequest(Arc<ConnState>);
 
 impl OpenRequest {
-    fn start(activity: &Arc<Activity>) -> OpenRequest {
-        activity.any_request.store(true, Ordering::Release);
-        activity.open_requests.fetch_add(1, Ordering::AcqRel);
-        OpenRequest(activity.clone())
+    fn start(state: &Arc<ConnState>) -> OpenRequest {
+        state.request_started();
+        OpenRequest(state.clone())
     }
 }
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.open_requests.fetch_sub(1, Ordering::AcqRel);
+        self.0.request_finished();
     }
 }
 
@@ -264,25 +221,19 @@ pub async fn serve(
     mut stop: Shutdown,
 ) -> io::Result<()> {
     let settings = Arc::new(settings);
-    let permits = Arc::new(Semaphore::new(settings.max_connections));
-    let per_client = Arc::new(PerClient::default());
+    let slots = Slots::new(settings.max_connections, settings.max_per_client);
+    let budget = ResponseBudget::new(
+        settings.max_response_bytes,
+        settings.max_response_bytes_per_client,
+        settings.max_response_bytes_per_connection,
+    );
     let acceptor = settings
         .tls
         .as_ref()
         .map(|cert| tokio_rustls::TlsAcceptor::from(cert.server_config()));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .keep_alive_interval(settings.idle_timeout / 2)
-        .keep_alive_timeout(settings.header_timeout);
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders::new(&settings));
+    let abuse = Arc::new(Summary::default());
+    let mut summaries = tokio::time::interval(SUMMARY_EVERY);
     let mut accept_errors = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
@@ -299,24 +250,26 @@ pub async fn serve(
                     continue;
                 }
             },
+            _ = summaries.tick() => {
+                abuse.flush();
+                continue;
+            }
             _ = stop.requested() => break,
         };
         accept_errors = 0;
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics.connection_refused("max_connections");
-            debug!(%peer, "api: api.max_connections reached; connection closed");
-            continue;
-        };
-        let slot = if settings.trusted.trusts(peer.ip()) {
-            None
-        } else {
-            match per_client.take(peer.ip(), settings.max_per_client) {
-                Some(slot) => Some(slot),
-                None => {
-                    metrics.connection_refused("max_connections_per_client");
-                    debug!(%peer, "api: api.max_connections_per_client reached; connection closed");
-                    continue;
+        let client =
+            (!settings.trusted.trusts(peer.ip())).then(|| settings.prefixes.client(peer.ip()));
+        let slot = match slots.admit(client) {
+            Ok((slot, evicted)) => {
+                if evicted {
+                    metrics.connection_evicted();
                 }
+                slot
+            }
+            Err(refused) => {
+                metrics.connection_refused(refused.setting());
+                debug!(%peer, cap = refused.setting(), "api: a connection cap was reached; connection closed");
+                continue;
             }
         };
         let connection = Connection {
@@ -325,18 +278,101 @@ pub async fn serve(
             router: router.clone(),
             settings: settings.clone(),
             acceptor: acceptor.clone(),
-            builder: builder.clone(),
+            builders: builders.clone(),
+            budget: budget.clone(),
+            abuse: abuse.clone(),
             stop: stop.clone(),
             metrics: metrics.clone(),
         };
-        tokio::spawn(connection.run(permit, slot));
+        tokio::spawn(connection.run(slot));
     }
     drop(listener);
+    abuse.flush();
     // Let open requests finish; connections close as they go idle.
     let drain = settings.header_timeout.max(Duration::from_secs(5));
-    let all = settings.max_connections as u32;
-    let _ = tokio::time::timeout(drain, permits.acquire_many(all)).await;
+    let _ = tokio::time::timeout(drain, async {
+        while slots.open().0 > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     Ok(())
+}
+
+/// hyper's connection builders, one per protocol choice: over TLS ALPN
+/// decides (h2 only when the client asked for it), on plain HTTP a client
+/// may speak HTTP/2 with prior knowledge (h2c).
+struct Builders {
+    plain: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(settings: &EdgeSettings) -> Builders {
+        let configure = || {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                // Streams a client may reset before their answer starts
+                // (rapid reset, CVE-2023-44487): past it, GOAWAY.
+                .max_pending_accept_reset_streams(MAX_STREAMS_PER_CONNECTION as usize)
+                .max_local_error_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
+                .keep_alive_interval(settings.idle_timeout / 2)
+                .keep_alive_timeout(settings.header_timeout);
+            builder
+        };
+        Builders {
+            plain: configure(),
+            http1: configure().http1_only(),
+            http2: configure().http2_only(),
+        }
+    }
+}
+
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// How often protocol abuse is summarised in the log.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// What every HTTP/2 connection starts with (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Connections that ended in a protocol error, a failed handshake or an
+/// invalid preface, counted and logged once per `SUMMARY_EVERY` rather
+/// than a line each: an attacker must not be able to write the log.
+#[derive(Default)]
+struct Summary(Mutex<HashMap<&'static str, u64>>);
+
+impl Summary {
+    fn note(&self, kind: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_insert(0) += 1;
+    }
+
+    fn flush(&self) {
+        let counts = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let count = |kind| counts.get(kind).copied().unwrap_or(0);
+        if !counts.is_empty() {
+            info!(
+                protocol_errors = count("protocol_error"),
+                tls_handshakes_failed = count("tls_handshake"),
+                invalid_prefaces = count("invalid_preface"),
+                interval = ?SUMMARY_EVERY,
+                "api: connections ended by the client's errors"
+            );
+        }
+    }
 }
 
 struct Connection {
@@ -345,104 +381,266 @@ struct Connection {
     router: Router,
     settings: Arc<EdgeSettings>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<Builders>,
+    budget: Arc<ResponseBudget>,
+    abuse: Arc<Summary>,
     stop: Shutdown,
     metrics: Arc<Metrics>,
 }
 
 impl Connection {
-    async fn run(self, permit: OwnedSemaphorePermit, slot: Option<ClientSlot>) {
-        let _held = (permit, slot, self.metrics.connection_opened());
+    async fn run(self, slot: Slot) {
+        let _held = self.metrics.connection_opened();
         // Without TCP_NODELAY a response written in several segments waits
         // for the client's delayed ACK (tens of milliseconds) before its tail.
         let _ = self.stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
+        let state = slot.state.clone();
         let watched = Watched {
             inner: self.stream,
-            activity: activity.clone(),
+            activity: state.clone(),
+        };
+        let handle = RequestContext {
+            connection: ConnectionRef::of(&slot),
+            budget: self.budget.clone(),
         };
         let Connection {
             peer,
             router,
             settings,
             acceptor,
-            builder,
+            builders,
+            abuse,
             stop,
             ..
         } = self;
-        match acceptor {
-            None => {
-                serve_connection(watched, peer, router, &settings, &builder, activity, stop).await
+        let served = Served {
+            peer,
+            router,
+            settings: &settings,
+            handle,
+            abuse: &abuse,
+            stop,
+        };
+        let Some(acceptor) = acceptor else {
+            served.serve(watched, &builders.plain).await;
+            return;
+        };
+        // The handshake counts against header_timeout; an evicted
+        // connection stops at once.
+        let handshake = tokio::time::timeout(settings.header_timeout, acceptor.accept(watched));
+        let tls = tokio::select! {
+            done = handshake => done,
+            _ = state.evicted() => return,
+        };
+        let mut tls = match tls {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                abuse.note("tls_handshake");
+                debug!(%peer, error = %e, "api: TLS handshake failed");
+                return;
             }
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(settings.header_timeout, acceptor.accept(watched));
-                match handshake.await {
-                    Ok(Ok(tls)) => {
-                        serve_connection(tls, peer, router, &settings, &builder, activity, stop)
-                            .await
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "api: TLS handshake failed"),
-                    Err(_) => debug!(%peer, "api: TLS handshake outlived api.header_timeout"),
-                }
+            Err(_) => {
+                debug!(%peer, "api: TLS handshake outlived api.header_timeout");
+                return;
             }
+        };
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            served.serve(tls, &builders.http1).await;
+            return;
+        }
+        // ALPN chose h2: the client must open with the HTTP/2 preface.
+        // hyper would drop a wrong one silently; RFC 9113 3.4 wants a
+        // connection error, so the preface is read here first.
+        let mut preface = [0u8; 24];
+        let read = tokio::time::timeout(settings.header_timeout, tls.read_exact(&mut preface));
+        let read = tokio::select! {
+            done = read => done,
+            _ = state.evicted() => return,
+        };
+        match read {
+            Ok(Ok(_)) if &preface == H2_PREFACE => {
+                let replayed = Prefixed {
+                    prefix: preface.to_vec(),
+                    at: 0,
+                    inner: tls,
+                };
+                served.serve(replayed, &builders.http2).await;
+            }
+            Ok(Ok(_)) => {
+                abuse.note("invalid_preface");
+                let _ = tls.write_all(&goaway_protocol_error()).await;
+                let _ = tls.shutdown().await;
+            }
+            _ => debug!(%peer, "api: no HTTP/2 preface within api.header_timeout"),
         }
     }
 }
 
-async fn serve_connection<S>(
-    io: S,
+/// An empty SETTINGS frame (the server's preface) and a GOAWAY with
+/// PROTOCOL_ERROR, last stream 0 (RFC 9113 6.5, 6.8).
+fn goaway_protocol_error() -> Vec<u8> {
+    let mut frames = Vec::with_capacity(9 + 17);
+    // SETTINGS: length 0, type 0x4, flags 0, stream 0.
+    frames.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    // GOAWAY: length 8, type 0x7, flags 0, stream 0; last stream id 0,
+    // error code PROTOCOL_ERROR (0x1).
+    frames.extend_from_slice(&[0, 0, 8, 0x7, 0, 0, 0, 0, 0]);
+    frames.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
+    frames
+}
+
+/// A stream whose first bytes were read already and are handed out again.
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What a request may ask of its connection (a request extension): mark a
+/// stream, reserve response bytes.
+#[derive(Clone)]
+pub struct RequestContext {
+    pub connection: ConnectionRef,
+    pub budget: Arc<ResponseBudget>,
+}
+
+impl RequestContext {
+    /// Reserves `bytes` of the response budget for an answer to `client`
+    /// (its address as the API sees it), waiting up to `wait`.
+    pub async fn reserve(
+        &self,
+        client: IpAddr,
+        bytes: usize,
+        wait: Duration,
+    ) -> Result<Reservation, Exhausted> {
+        self.budget
+            .reserve(&self.connection, client, bytes, wait)
+            .await
+    }
+}
+
+/// One connection being served.
+struct Served<'a> {
     peer: SocketAddr,
     router: Router,
-    settings: &EdgeSettings,
-    builder: &auto::Builder<TokioExecutor>,
-    activity: Arc<Activity>,
-    mut stop: Shutdown,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let requests = activity.clone();
-    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let open = OpenRequest::start(&requests);
-        let mut request = request.map(axum::body::Body::new);
-        request.extensions_mut().insert(ConnectInfo(peer));
-        let answer = router.clone().oneshot(request);
-        async move {
-            let response = answer.await;
-            drop(open);
-            response
-        }
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut connection = pin!(connection);
-    let mut closing: Option<Instant> = None;
-    loop {
-        // Past a deadline: ask the connection to finish (an idle HTTP/1
-        // connection closes at once; HTTP/2 sends GOAWAY), then drop it.
-        let wake = match (closing, activity.deadline(settings)) {
-            (Some(grace_end), _) => grace_end,
-            (None, Some(deadline)) => deadline,
-            (None, None) => Instant::now() + Duration::from_millis(500),
-        };
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%peer, error = %e, "api: connection ended with an error");
-                }
-                return;
+    settings: &'a EdgeSettings,
+    handle: RequestContext,
+    abuse: &'a Summary,
+    stop: Shutdown,
+}
+
+impl Served<'_> {
+    async fn serve<S>(self, io: S, builder: &auto::Builder<TokioExecutor>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Served {
+            peer,
+            router,
+            settings,
+            handle,
+            abuse,
+            mut stop,
+        } = self;
+        let state = handle.connection.state.clone();
+        let requests = state.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let open = OpenRequest::start(&requests);
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(handle.clone());
+            let answer = router.clone().oneshot(request);
+            async move {
+                let response = answer.await;
+                drop(open);
+                response
             }
-            _ = tokio::time::sleep_until(wake.into()) => {
-                if closing.is_some() {
+        });
+        // No route upgrades a connection; serve_connection (unlike the
+        // upgrading variant) keeps to the protocol the builder allows.
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        let mut connection = pin!(connection);
+        let mut closing: Option<Instant> = None;
+        let deadline = || state.deadline(settings.header_timeout, settings.idle_timeout);
+        loop {
+            // Past a deadline: ask the connection to finish (an idle HTTP/1
+            // connection closes at once; HTTP/2 sends GOAWAY), then drop it.
+            let wake = match (closing, deadline()) {
+                (Some(grace_end), _) => grace_end,
+                (None, Some(deadline)) => deadline,
+                (None, None) => Instant::now() + Duration::from_millis(500),
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        abuse.note("protocol_error");
+                        debug!(%peer, error = %e, "api: connection ended with an error");
+                    }
                     return;
                 }
-                if activity.deadline(settings).is_some_and(|d| d <= Instant::now()) {
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + Duration::from_secs(1));
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if closing.is_some() {
+                        return;
+                    }
+                    if deadline().is_some_and(|d| d <= Instant::now()) {
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now() + Duration::from_secs(1));
+                    }
                 }
-            }
-            _ = stop.requested(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(5)));
+                // Closed to make room for a newcomer: it had no request
+                // open, so nothing is cut short.
+                _ = state.evicted() => return,
+                _ = stop.requested(), if closing.is_none() => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(5)));
+                }
             }
         }
     }

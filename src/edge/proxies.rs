@@ -62,6 +62,48 @@ impl TrustedProxies {
 }
 
 /// IPv4-mapped IPv6 (`::ffff:192.0.2.1`) as the IPv4 address it is.
+/// How addresses are grouped into clients for every per-client limit
+/// (`api.client_prefix_v4`, `api.client_prefix_v6`): an IPv6 subscriber
+/// holds a whole /64 (2^64 addresses), so counting each address on its
+/// own would give it that many allowances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientPrefixes {
+    v4: u8,
+    v6: u8,
+}
+
+impl ClientPrefixes {
+    /// Prefix lengths as validated by the configuration (larger ones are
+    /// taken as the full length).
+    pub fn new(v4: u8, v6: u8) -> ClientPrefixes {
+        ClientPrefixes {
+            v4: v4.min(32),
+            v6: v6.min(128),
+        }
+    }
+
+    /// The client `addr` belongs to: its network under the prefix, as an
+    /// address (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn client(&self, addr: IpAddr) -> IpAddr {
+        match canonical(addr) {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.v4)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.v6)).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+}
+
+impl Default for ClientPrefixes {
+    fn default() -> Self {
+        ClientPrefixes::new(32, 64)
+    }
+}
+
 fn canonical(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
@@ -127,6 +169,30 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn clients_are_grouped_by_prefix() {
+        let prefixes = ClientPrefixes::default();
+        assert_eq!(prefixes.client(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            prefixes.client(ip("2001:db8:1:2:aaaa::1")),
+            prefixes.client(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            "one /64, one client"
+        );
+        assert_eq!(prefixes.client(ip("2001:db8:1:2::9")), ip("2001:db8:1:2::"));
+        assert_ne!(
+            prefixes.client(ip("2001:db8:1:2::1")),
+            prefixes.client(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(prefixes.client(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        let wide = ClientPrefixes::new(24, 48);
+        assert_eq!(wide.client(ip("192.0.2.7")), ip("192.0.2.0"));
+        assert_eq!(wide.client(ip("2001:db8:1:2::9")), ip("2001:db8:1::"));
+        assert_eq!(
+            ClientPrefixes::new(32, 128).client(ip("2001:db8::9")),
+            ip("2001:db8::9")
+        );
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/0012_operator.sql"),
     },
     Migration {
+        version: 13,
+        name: "stream_ends",
+        sql: include_str!("../../migrations/0013_stream_ends.sql"),
+    },
+    Migration {
         version: 14,
         name: "usage_rule",
         sql: include_str!("../../migrations/0014_usage_rule.sql"),

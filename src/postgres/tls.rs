@@ -205,13 +205,14 @@ impl Endpoint {
         connect(&self.config, &self.tls).await
     }
 
-    /// Connects, LISTENs on `channel` and hands each notification's
-    /// payload to `on_notify`; the client (dropped: the connection ends)
-    /// and the connection's task, which ends when the connection does.
+    /// Connects, LISTENs on `channels` and hands each notification's
+    /// channel and payload to `on_notify`; the client (dropped: the
+    /// connection ends) and the connection's task, which ends when the
+    /// connection does.
     pub async fn listen(
         &self,
-        channel: &'static str,
-        on_notify: impl Fn(&str) + Send + 'static,
+        channels: &[&'static str],
+        on_notify: impl Fn(&str, &str) + Send + 'static,
     ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         let (client, task) = match &self.tls {
             Tls::Off => {
@@ -223,7 +224,9 @@ impl Endpoint {
                 (client, tokio::spawn(forward(connection, on_notify)))
             }
         };
-        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        for channel in channels {
+            client.batch_execute(&format!("LISTEN {channel}")).await?;
+        }
         Ok((client, task))
     }
 
@@ -239,8 +242,10 @@ impl Endpoint {
 }
 
 /// Drives a connection, handing notifications to `on_notify`, until it ends.
-async fn forward<S, T>(mut connection: tokio_postgres::Connection<S, T>, on_notify: impl Fn(&str))
-where
+async fn forward<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    on_notify: impl Fn(&str, &str),
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -248,7 +253,7 @@ where
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     while let Some(Ok(message)) = messages.next().await {
         if let tokio_postgres::AsyncMessage::Notification(note) = message {
-            on_notify(note.payload());
+            on_notify(note.channel(), note.payload());
         }
     }
 }

@@ -20,7 +20,10 @@ const PASSWORD_HASH: &str = "SELECT password_hash FROM keepd.users WHERE id = $1
 
 const SET_PASSWORD: &str = "UPDATE keepd.users SET password_hash = $2 WHERE id = $1";
 
-const DELETE_USER: &str = "DELETE FROM keepd.users WHERE id = $1";
+/// Each statement that ends sessions names why first, for the streams
+/// the trigger of schema v13 ends (`events::listen`).
+const DELETE_USER: &str = "WITH why AS (SELECT set_config('keepd.session_end', 'account_deleted', true)) \
+     DELETE FROM keepd.users USING why WHERE id = $1";
 
 const INSERT_SESSION: &str =
     "INSERT INTO keepd.sessions (id, user_id, expires_at) VALUES ($1, $2, $3)";
@@ -34,11 +37,30 @@ const STILL_ENABLED: &str = "SELECT disabled_at IS NULL FROM keepd.users WHERE i
 const SESSION_IS_LIVE: &str = "SELECT 1 FROM keepd.sessions \
      WHERE id = $1 AND revoked_at IS NULL AND expires_at > now()";
 
-const REVOKE_SESSION: &str =
-    "UPDATE keepd.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL";
+const REVOKE_SESSION: &str = "WITH why AS (SELECT set_config('keepd.session_end', $2, true)) \
+     UPDATE keepd.sessions SET revoked_at = now() FROM why WHERE id = $1 AND revoked_at IS NULL";
 
-const REVOKE_ALL_SESSIONS: &str =
-    "UPDATE keepd.sessions SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL";
+const REVOKE_ALL_SESSIONS: &str = "WITH why AS (SELECT set_config('keepd.session_end', $2, true)) \
+     UPDATE keepd.sessions SET revoked_at = now() FROM why \
+     WHERE user_id = $1 AND revoked_at IS NULL";
+
+/// Why sessions end, as their streams' final event names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    Logout,
+    PasswordChanged,
+    AccountDisabled,
+}
+
+impl SessionEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::Logout => "logout",
+            SessionEnd::PasswordChanged => "password_changed",
+            SessionEnd::AccountDisabled => "account_disabled",
+        }
+    }
+}
 
 /// An account as a login sees it.
 pub struct Account {
@@ -126,13 +148,25 @@ pub async fn begin_in_session(
 }
 
 /// Ends one session; sessions ended (0 or 1).
-pub async fn revoke_session(tx: &ScopedTransaction, session: Uuid) -> Result<u64, StoreError> {
-    Ok(tx.execute(REVOKE_SESSION, &[&session]).await?)
+pub async fn revoke_session(
+    tx: &ScopedTransaction,
+    session: Uuid,
+    why: SessionEnd,
+) -> Result<u64, StoreError> {
+    Ok(tx
+        .execute(REVOKE_SESSION, &[&session, &why.as_str()])
+        .await?)
 }
 
 /// Ends every session of the account; how many.
-pub async fn revoke_all_sessions(tx: &ScopedTransaction, user: Uuid) -> Result<u64, StoreError> {
-    Ok(tx.execute(REVOKE_ALL_SESSIONS, &[&user]).await?)
+pub async fn revoke_all_sessions(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    why: SessionEnd,
+) -> Result<u64, StoreError> {
+    Ok(tx
+        .execute(REVOKE_ALL_SESSIONS, &[&user, &why.as_str()])
+        .await?)
 }
 
 /// The operator's view (`keepd account`, as `keepd_operator`, whose
