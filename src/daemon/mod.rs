@@ -632,8 +632,12 @@ impl Provisioned {
 fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, DaemonError> {
     let listen = |addr| {
         let listener = std::net::TcpListener::bind(addr)?;
+        // std listens with a backlog of 128: under a connection flood the
+        // kernel then drops ordinary clients' SYNs (a retry costs them a
+        // second). Listening again raises it to the system's maximum.
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXCONN)?;
         listener.set_nonblocking(true)?;
-        Ok(listener)
+        Ok::<_, std::io::Error>(listener)
     };
     listen(addr).map_err(|source| DaemonError::Listen {
         what,

@@ -237,9 +237,9 @@ mod tests {
     async fn reservations_hold_every_budget_and_wake_waiters() {
         let budget = ResponseBudget::new(100, 60, 40);
         let slots = Slots::new(10, 10);
-        let (a, _) = slots.admit(None).unwrap();
-        let (b, _) = slots.admit(None).unwrap();
-        let (c, _) = slots.admit(None).unwrap();
+        let (a, _) = slots.admit(None, false).unwrap();
+        let (b, _) = slots.admit(None, false).unwrap();
+        let (c, _) = slots.admit(None, false).unwrap();
         let (a, b, c) = (
             ConnectionRef::of(&a),
             ConnectionRef::of(&b),
@@ -285,7 +285,7 @@ mod tests {
         use http_body_util::BodyExt;
         let budget = ResponseBudget::new(1 << 20, 1 << 20, 1 << 20);
         let slots = Slots::new(10, 10);
-        let (slot, _) = slots.admit(None).unwrap();
+        let (slot, _) = slots.admit(None, false).unwrap();
         let conn = ConnectionRef::of(&slot);
         let reservation = budget
             .reserve(&conn, "10.0.0.1".parse().unwrap(), 1 << 20, Duration::ZERO)

@@ -196,12 +196,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 /// Counts a request as open on its connection until its response is
 /// done (or the request was dropped).
-struct OpenRequest(Arc<ConnState>);
+struct OpenRequest(ConnectionRef);
 
 impl OpenRequest {
-    fn start(state: &Arc<ConnState>) -> OpenRequest {
-        state.request_started();
-        OpenRequest(state.clone())
+    fn start(connection: &ConnectionRef) -> OpenRequest {
+        connection.request_started();
+        OpenRequest(connection.clone())
     }
 }
 
@@ -259,7 +259,7 @@ pub async fn serve(
         accept_errors = 0;
         let client =
             (!settings.trusted.trusts(peer.ip())).then(|| settings.prefixes.client(peer.ip()));
-        let slot = match slots.admit(client) {
+        let slot = match slots.admit(client, acceptor.is_some()) {
             Ok((slot, evicted)) => {
                 if evicted {
                     metrics.connection_evicted();
@@ -433,7 +433,10 @@ impl Connection {
             _ = state.evicted() => return,
         };
         let mut tls = match tls {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(tls)) => {
+                served.handle.connection.handshake_done();
+                tls
+            }
             Ok(Err(e)) => {
                 abuse.note("tls_handshake");
                 debug!(%peer, error = %e, "api: TLS handshake failed");
@@ -590,7 +593,7 @@ impl Served<'_> {
             mut stop,
         } = self;
         let state = handle.connection.state.clone();
-        let requests = state.clone();
+        let requests = handle.connection.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let open = OpenRequest::start(&requests);
             let mut request = request.map(axum::body::Body::new);

@@ -15,7 +15,7 @@
 //! own caps in the API; a connection carrying one leaves the count here
 //! while it does, so streams cannot starve requests of places.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +29,6 @@ pub(crate) struct ConnState {
     epoch: Instant,
     /// Milliseconds since `epoch` of the last byte read or written.
     last_io: AtomicU64,
-    /// Milliseconds since `epoch` when the last request finished.
-    last_answer: AtomicU64,
     open_requests: AtomicUsize,
     any_request: AtomicBool,
     /// Set when the connection was chosen to make room; it closes at once.
@@ -44,7 +42,6 @@ impl ConnState {
         ConnState {
             epoch: Instant::now(),
             last_io: AtomicU64::new(0),
-            last_answer: AtomicU64::new(0),
             open_requests: AtomicUsize::new(0),
             any_request: AtomicBool::new(false),
             evicted: Notify::new(),
@@ -60,16 +57,18 @@ impl ConnState {
         self.last_io.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    pub(crate) fn request_started(&self) {
+    fn request_started(&self) {
         self.any_request.store(true, Ordering::Release);
         self.open_requests.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(crate) fn request_finished(&self) {
-        let now = self.now_ms();
-        self.last_io.store(now, Ordering::Relaxed);
-        self.last_answer.store(now, Ordering::Relaxed);
+    fn request_finished(&self) {
+        self.touch();
         self.open_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn answering(&self) -> bool {
+        self.open_requests.load(Ordering::Acquire) > 0
     }
 
     /// When the connection should be closed if nothing changes, or None
@@ -90,19 +89,6 @@ impl ConnState {
         }
         let last = Duration::from_millis(self.last_io.load(Ordering::Relaxed));
         Some(self.epoch + last + idle_timeout)
-    }
-
-    /// Since when the connection has waited without a request open: its
-    /// accept (no request yet) or its last answer. None while it answers.
-    fn waiting_since(&self) -> Option<Instant> {
-        if self.open_requests.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        if !self.any_request.load(Ordering::Acquire) {
-            return Some(self.epoch);
-        }
-        let last = self.last_answer.load(Ordering::Relaxed);
-        Some(self.epoch + Duration::from_millis(last))
     }
 
     /// Resolves once this connection was closed to make room.
@@ -135,6 +121,9 @@ struct Held {
     client: Option<IpAddr>,
     /// Streams this connection carries; while any, it is not counted.
     streams: usize,
+    /// Bumped each time the connection starts waiting again (a request
+    /// finished), so older entries of `waiting` are known stale.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -144,6 +133,16 @@ struct Table {
     /// Connections counted against `max` (those carrying no stream).
     counted: usize,
     clients: HashMap<IpAddr, usize>,
+    /// Connections still in their TLS handshake, in the order accepted:
+    /// `(id, generation)`. These are closed first: a client that finished
+    /// its handshake has shown it is not merely holding a socket.
+    handshaking: VecDeque<(u64, u64)>,
+    /// Connections in the order they started waiting (handshake done, or a
+    /// request finished). An entry is current while its generation is the
+    /// connection's and the connection answers nothing; stale entries are
+    /// skipped, so choosing whom to close is amortised O(1) however many
+    /// connections are open.
+    waiting: VecDeque<(u64, u64)>,
 }
 
 impl Table {
@@ -168,14 +167,51 @@ impl Table {
         Some(held)
     }
 
-    /// The counted connection that has waited longest without a request.
-    fn longest_waiting(&self) -> Option<u64> {
+    fn current(&self, (id, generation): (u64, u64)) -> bool {
         self.held
-            .iter()
-            .filter(|(_, held)| held.streams == 0)
-            .filter_map(|(id, held)| Some((held.state.waiting_since()?, *id)))
-            .min()
-            .map(|(_, id)| id)
+            .get(&id)
+            .is_some_and(|held| held.generation == generation)
+    }
+
+    /// The counted connection to close for a newcomer, taken off its
+    /// queue: the oldest still in its handshake, else the one that has
+    /// waited longest without a request.
+    fn longest_waiting(&mut self) -> Option<u64> {
+        for queue in [&mut self.handshaking, &mut self.waiting] {
+            while let Some(entry) = queue.pop_front() {
+                let Some(held) = self.held.get(&entry.0) else {
+                    continue;
+                };
+                // Answering now, or streaming: it is queued again when it
+                // next waits.
+                if held.generation == entry.1 && held.streams == 0 && !held.state.answering() {
+                    return Some(entry.0);
+                }
+            }
+        }
+        None
+    }
+
+    /// `id` waits again (its handshake done, or a request finished): at
+    /// the back of `waiting`.
+    fn wait_again(&mut self, id: u64) {
+        if let Some(held) = self.held.get_mut(&id) {
+            held.generation += 1;
+            let entry = (id, held.generation);
+            self.waiting.push_back(entry);
+        }
+        // Stale entries are dropped now and then, so the queues stay
+        // within a small multiple of the open connections.
+        let limit = 2 * self.held.len() + 64;
+        if self.waiting.len() > limit || self.handshaking.len() > limit {
+            let waiting = std::mem::take(&mut self.waiting);
+            self.waiting = waiting.into_iter().filter(|e| self.current(*e)).collect();
+            let handshaking = std::mem::take(&mut self.handshaking);
+            self.handshaking = handshaking
+                .into_iter()
+                .filter(|e| self.current(*e))
+                .collect();
+        }
     }
 }
 
@@ -209,7 +245,13 @@ impl Slots {
     /// A place for a new connection of `client` (None: a trusted proxy),
     /// closing the longest-waiting connection when the node is full.
     /// Returns the slot and whether a connection was closed for it.
-    pub(crate) fn admit(self: &Arc<Self>, client: Option<IpAddr>) -> Result<(Slot, bool), Refused> {
+    /// With `handshake`, the connection starts in its TLS handshake (and
+    /// is among the first closed for newcomers until `handshake_done`).
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        handshake: bool,
+    ) -> Result<(Slot, bool), Refused> {
         let mut table = self.table();
         if let Some(client) = client
             && table.clients.get(&client).copied().unwrap_or(0) >= self.max_per_client
@@ -234,8 +276,14 @@ impl Slots {
                 state: state.clone(),
                 client,
                 streams: 0,
+                generation: 0,
             },
         );
+        if handshake {
+            table.handshaking.push_back((id, 0));
+        } else {
+            table.waiting.push_back((id, 0));
+        }
         table.counted += 1;
         if let Some(client) = client {
             *table.clients.entry(client).or_insert(0) += 1;
@@ -282,6 +330,27 @@ impl ConnectionRef {
         }
     }
 
+    /// The TLS handshake completed: the connection now waits for its first
+    /// request, behind every connection still in its handshake.
+    pub(crate) fn handshake_done(&self) {
+        self.slots.table().wait_again(self.id);
+    }
+
+    /// A request begins on this connection: it is not closed for a
+    /// newcomer while it answers.
+    pub(crate) fn request_started(&self) {
+        self.state.request_started();
+    }
+
+    /// A request ended: the connection waits again, at the back of the
+    /// queue of those that may be closed for a newcomer.
+    pub(crate) fn request_finished(&self) {
+        self.state.request_finished();
+        if !self.state.answering() {
+            self.slots.table().wait_again(self.id);
+        }
+    }
+
     /// Marks a stream on this connection until the guard is dropped: the
     /// connection then counts against the stream caps only.
     pub fn stream(&self) -> StreamMark {
@@ -322,17 +391,17 @@ mod tests {
     #[test]
     fn a_full_node_closes_the_longest_waiting_connection() {
         let slots = Slots::new(3, 2);
-        let (first, _) = slots.admit(ip("10.0.0.1")).unwrap();
+        let (first, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let (second, _) = slots.admit(ip("10.0.0.2")).unwrap();
+        let (second, _) = slots.admit(ip("10.0.0.2"), false).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let (third, _) = slots.admit(ip("10.0.0.3")).unwrap();
+        let (third, _) = slots.admit(ip("10.0.0.3"), false).unwrap();
         // The second answers a request: it is never the one closed.
-        second.state.request_started();
-        let (_fourth, evicted) = slots.admit(ip("10.0.0.4")).unwrap();
+        ConnectionRef::of(&second).request_started();
+        let (_fourth, evicted) = slots.admit(ip("10.0.0.4"), false).unwrap();
         assert!(evicted);
         assert_eq!(slots.open(), (3, 3), "the first gave its place up");
-        let (_fifth, evicted) = slots.admit(ip("10.0.0.5")).unwrap();
+        let (_fifth, evicted) = slots.admit(ip("10.0.0.5"), false).unwrap();
         assert!(evicted, "then the third");
         drop((first, third));
         assert_eq!(
@@ -345,42 +414,91 @@ mod tests {
     #[test]
     fn when_every_connection_answers_a_newcomer_is_refused() {
         let slots = Slots::new(2, 2);
-        let (a, _) = slots.admit(ip("10.0.0.1")).unwrap();
-        let (b, _) = slots.admit(ip("10.0.0.2")).unwrap();
-        a.state.request_started();
-        b.state.request_started();
+        let (a, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
+        let (b, _) = slots.admit(ip("10.0.0.2"), false).unwrap();
+        let (a, b) = (ConnectionRef::of(&a), ConnectionRef::of(&b));
+        a.request_started();
+        b.request_started();
         assert_eq!(
-            slots.admit(ip("10.0.0.3")).err(),
+            slots.admit(ip("10.0.0.3"), false).err(),
             Some(Refused::MaxConnections)
         );
-        b.state.request_finished();
-        assert!(slots.admit(ip("10.0.0.3")).is_ok(), "an idle one gives way");
+        b.request_finished();
+        assert!(
+            slots.admit(ip("10.0.0.3"), false).is_ok(),
+            "an idle one gives way"
+        );
     }
 
     #[test]
     fn per_client_places_and_streams_outside_the_count() {
         let slots = Slots::new(2, 2);
-        let (a, _) = slots.admit(ip("10.0.0.1")).unwrap();
-        let (_b, _) = slots.admit(ip("10.0.0.1")).unwrap();
+        let (a, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
+        let (_b, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
         assert_eq!(
-            slots.admit(ip("10.0.0.1")).err(),
+            slots.admit(ip("10.0.0.1"), false).err(),
             Some(Refused::MaxPerClient)
         );
         assert!(
-            slots.admit(None).is_ok(),
+            slots.admit(None, false).is_ok(),
             "a trusted proxy is exempt per client"
         );
         // A connection carrying a stream leaves the count while it does.
         let slots = Slots::new(2, 4);
-        let (s, _) = slots.admit(ip("10.0.0.1")).unwrap();
-        s.state.request_started();
+        let (s, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
+        ConnectionRef::of(&s).request_started();
         let mark = ConnectionRef::of(&s).stream();
-        let (_x, evicted) = slots.admit(ip("10.0.0.2")).unwrap();
-        let (_y, evicted2) = slots.admit(ip("10.0.0.3")).unwrap();
+        let (_x, evicted) = slots.admit(ip("10.0.0.2"), false).unwrap();
+        let (_y, evicted2) = slots.admit(ip("10.0.0.3"), false).unwrap();
         assert!(!evicted && !evicted2, "two places besides the stream");
         assert_eq!(slots.open(), (3, 2));
         drop(mark);
         assert_eq!(slots.open(), (3, 3), "counted again once its stream ends");
         drop(a);
+    }
+
+    #[test]
+    fn connections_in_their_handshake_are_closed_first() {
+        let slots = Slots::new(2, 4);
+        let (done, _) = slots.admit(ip("10.0.0.1"), true).unwrap();
+        let (_pending, _) = slots.admit(ip("10.0.0.2"), true).unwrap();
+        let done = ConnectionRef::of(&done);
+        done.handshake_done();
+        let (_third, evicted) = slots.admit(ip("10.0.0.3"), true).unwrap();
+        assert!(evicted);
+        assert!(
+            slots.table().held.contains_key(&done.id),
+            "the older one finished its handshake: the newer one went"
+        );
+    }
+
+    #[test]
+    fn a_connection_that_just_answered_waits_at_the_back() {
+        let slots = Slots::new(2, 4);
+        let (old, _) = slots.admit(ip("10.0.0.1"), false).unwrap();
+        let (_new, _) = slots.admit(ip("10.0.0.2"), false).unwrap();
+        // The older connection answers a request: it now waited least.
+        let old = ConnectionRef::of(&old);
+        old.request_started();
+        old.request_finished();
+        let (_third, evicted) = slots.admit(ip("10.0.0.3"), false).unwrap();
+        assert!(evicted);
+        let table = slots.table();
+        assert!(
+            table.held.contains_key(&old.id),
+            "the keep-alive one stayed"
+        );
+    }
+
+    #[test]
+    fn the_queue_of_waiting_connections_stays_small() {
+        let slots = Slots::new(10, 10);
+        let (slot, _) = slots.admit(None, false).unwrap();
+        let conn = ConnectionRef::of(&slot);
+        for _ in 0..10_000 {
+            conn.request_started();
+            conn.request_finished();
+        }
+        assert!(slots.table().waiting.len() <= 2 + 64 + 1);
     }
 }
