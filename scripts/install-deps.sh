@@ -9,7 +9,8 @@
 # /opt/keepd-test/patroni), for the S3 repository test moto's S3 server
 # (PyPI, /opt/keepd-test/moto), and for the packaging test debootstrap
 # (the Debian 12 base image, scripts/build-debian-base.sh), dpkg-dev and
-# cargo-deb (crates.io; the .deb, scripts/build-deb.sh), and cryptsetup.
+# cargo-deb (crates.io; the .deb, scripts/build-deb.sh), cryptsetup, and
+# nghttp2-client (HTTP/2 chosen by ALPN).
 set -euo pipefail
 
 have_postgres() {
@@ -31,6 +32,8 @@ have_postgres || missing+=(postgresql)
 # cargo-deb's $auto dependencies come from dpkg-shlibdeps.
 [[ -x /usr/bin/dpkg-shlibdeps ]] || missing+=(dpkg-dev)
 [[ -x /usr/bin/prometheus && -x /usr/bin/promtool ]] || missing+=(prometheus)
+# A real HTTP/2 client (ALPN selection, tests/bounds.rs).
+[[ -x /usr/bin/nghttp ]] || missing+=(nghttp2-client)
 # pgAudit for the installed major (Debian 12's is 15 when none is yet).
 pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
 pg_major=${pg_major:-15}

@@ -121,9 +121,14 @@ fn start_external() -> ExternalPostgres {
 }
 
 fn external_node(server: &ExternalPostgres) -> TestNode {
+    external_node_with(server, common::UNLIMITED_RATES)
+}
+
+/// A node of `server` with these `api:` lines.
+fn external_node_with(server: &ExternalPostgres, api: &str) -> TestNode {
     // Field encryption on: a column one node seals, another must open.
     TestNode::with_api_and_extra(
-        common::UNLIMITED_RATES,
+        api,
         &format!(
             "database:\n  postgres:\n    provider: external\n    external:\n      host: 127.0.0.1\n      \
              port: {}\n      admin_password_file: {}\n      ca_file: {}\n\
@@ -135,6 +140,199 @@ fn external_node(server: &ExternalPostgres) -> TestNode {
             server.ca_file.display()
         ),
     )
+}
+
+/// `n` admitted nodes on `server`: the first founds the cluster, each
+/// other waits until the founder admits it.
+fn start_cluster(
+    server: &ExternalPostgres,
+    n: usize,
+    api: &str,
+) -> (Vec<TestNode>, Vec<common::Daemon>) {
+    let nodes: Vec<TestNode> = (0..n).map(|_| external_node_with(server, api)).collect();
+    let mut daemons = vec![nodes[0].start_healthy()];
+    for node in &nodes[1..] {
+        let daemon = node.start();
+        let pending = wait_until(Duration::from_secs(60), || {
+            matches!(health_status(&daemon), Some((503, s)) if s == "pending").then_some(())
+        });
+        assert!(pending.is_some(), "{}", daemon.log());
+        let id = identity(node).node_id().to_string();
+        let (code, text) = cluster(&nodes[0], &["admit", &id]);
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            daemon.wait_health(200, Duration::from_secs(30)),
+            "{}",
+            daemon.log()
+        );
+        daemons.push(daemon);
+    }
+    (nodes, daemons)
+}
+
+/// A stream opened on one node and a session ended on another: the
+/// stream ends within seconds with a final event naming why.
+async fn stream_ends_across_nodes(
+    end: impl AsyncFnOnce(&mut SyncClient, &TestNode, &str),
+    reason: &str,
+) {
+    let server = start_external();
+    let (nodes, daemons) = start_cluster(&server, 2, common::UNLIMITED_RATES);
+    let email = format!("user-{}@example.org", common::uuid());
+    let mut watcher = SyncClient::new(daemons[0].addr());
+    watcher
+        .register(&email, "correct horse battery")
+        .await
+        .unwrap();
+    watcher
+        .login(&email, "correct horse battery")
+        .await
+        .unwrap();
+    watcher
+        .create_vault("v", "correct horse battery")
+        .await
+        .unwrap();
+    let mut stream = watcher.events("v", None).await.unwrap();
+    assert_eq!(
+        stream.next().await.unwrap().unwrap().sequence,
+        0,
+        "the head"
+    );
+    // The same session, used on the other node.
+    let mut other = SyncClient::new(daemons[1].addr());
+    other.set_token(watcher.token().map(str::to_string));
+    let started = std::time::Instant::now();
+    end(&mut other, &nodes[1], &email).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream ended within 10 s");
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
+    assert_eq!(stream.end_reason(), Some(reason));
+    eprintln!(
+        "stream ended {:?} after the session ended ({reason})",
+        started.elapsed()
+    );
+    // A new stream with the old token is refused.
+    let again = watcher.events("v", None).await.err().expect("refused");
+    assert_eq!(again.status(), Some(401), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_its_session_logs_out_on_another_node() {
+    stream_ends_across_nodes(
+        async |client, _, _| client.logout().await.unwrap(),
+        "logout",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_the_password_changes_on_another_node() {
+    stream_ends_across_nodes(
+        async |client, _, _| {
+            client
+                .change_password("correct horse battery", "another long password")
+                .await
+                .unwrap()
+        },
+        "password_changed",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_its_account_is_disabled_on_another_node() {
+    stream_ends_across_nodes(
+        async |_, node, email| {
+            let (code, text) = node.run(&["account", "disable", email]);
+            assert_eq!(code, 0, "{text}");
+        },
+        "account_disabled",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_its_account_is_deleted_on_another_node() {
+    stream_ends_across_nodes(
+        async |client, _, _| {
+            client
+                .delete_account("correct horse battery")
+                .await
+                .unwrap()
+        },
+        "account_deleted",
+    )
+    .await;
+}
+
+/// Three nodes share one account's budget: its accepted requests over all
+/// three stay within 25 % of `account_per_second`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_accounts_rate_holds_across_three_nodes() {
+    let server = start_external();
+    let rates = "  rate_limits:\n    auth_per_minute: 100000\n    account_per_second: 30\n    \
+                 account_burst: 3\n    address_per_second: 100000\n    address_burst: 100000\n";
+    let (_nodes, daemons) = start_cluster(&server, 3, rates);
+    // Each node has seen the other two beat.
+    for daemon in &daemons {
+        let seen = wait_until(Duration::from_secs(30), || {
+            daemon
+                .log()
+                .lines()
+                .rev()
+                .find_map(|line| {
+                    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                    (event["message"] == "cluster: live nodes share the per-account rate budget")
+                        .then(|| event["nodes"].as_u64())?
+                })
+                .filter(|n| *n == 3)
+        });
+        assert!(seen.is_some(), "{}", daemon.log());
+    }
+    let email = format!("user-{}@example.org", common::uuid());
+    let mut first = SyncClient::new(daemons[0].addr());
+    first
+        .register(&email, "correct horse battery")
+        .await
+        .unwrap();
+    first.login(&email, "correct horse battery").await.unwrap();
+    let token = first.token().unwrap().to_string();
+    // Eight workers per node for 6 s, as fast as answers come.
+    let seconds = 6.0;
+    let end = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for daemon in &daemons {
+        for _ in 0..8 {
+            let mut client = SyncClient::new(daemon.addr());
+            client.set_token(Some(token.clone()));
+            let (accepted, refused) = (accepted.clone(), refused.clone());
+            workers.spawn(async move {
+                while std::time::Instant::now() < end {
+                    match client.account().await {
+                        Ok(_) => accepted.fetch_add(1, Ordering::Relaxed),
+                        Err(e) if e.status() == Some(429) => {
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                }
+            });
+        }
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+    let accepted = accepted.load(Ordering::Relaxed) as f64;
+    let rate = accepted / seconds;
+    eprintln!(
+        "one account over three nodes: {accepted} accepted in {seconds} s = {rate:.1}/s \
+         (account_per_second 30), {} refused",
+        refused.load(Ordering::Relaxed)
+    );
+    assert!((22.5..=37.5).contains(&rate), "{rate:.1}/s");
 }
 
 /// Rows of `sql` on the external server's keepd database, as its admin.

@@ -731,6 +731,23 @@ pub const UNLIMITED_RATES: &str = "  rate_limits:\n    auth_per_minute: 100000\n
      account_per_second: 100000\n    account_burst: 100000\n    \
      address_per_second: 100000\n    address_burst: 100000\n";
 
+/// Whether `program` is on the PATH. Without it a test cannot test: in CI
+/// (`CI` set, where scripts/install-deps.sh installs everything) that is a
+/// failure; elsewhere the test says it skips, and why.
+pub fn require_tool(program: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{program} is not installed ({package}); scripts/install-deps.sh installs it");
+        }
+        eprintln!(
+            "SKIPPED: {program} is not installed ({package}); scripts/install-deps.sh installs it"
+        );
+    }
+    found
+}
+
 pub fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
