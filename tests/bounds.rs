@@ -451,10 +451,62 @@ async fn http2_is_chosen_by_alpn_and_abuse_is_summarised() {
         .unwrap();
     assert_eq!(read_status(&mut tls).await, Some(200));
 
+    // Rapid reset: requests cancelled as soon as they are sent, on
+    // connections that keepd ends with GOAWAY past 64 such resets.
+    let mut client = SyncClient::at(
+        keepd::client::Endpoint::https(
+            "localhost",
+            addr.port(),
+            keepd::client::Trust::Ca(ca.clone()),
+        )
+        .unwrap(),
+    );
+    let email = format!("user-{}@example.org", common::uuid());
+    client.register(&email, PASSWORD).await.unwrap();
+    client.login(&email, PASSWORD).await.unwrap();
+    client.create_vault("v", PASSWORD).await.unwrap();
+    let token = client.token().unwrap().to_string();
+    let mut ended_by_keepd = 0;
+    for _ in 0..5 {
+        let tls = tls_from(loopback(0, 2), addr, h2_tls.clone())
+            .await
+            .unwrap();
+        let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut resets = 0;
+        for _ in 0..200 {
+            let Ok(mut ready) = h2.clone().ready().await else {
+                break;
+            };
+            let request =
+                hyper::Request::post(format!("https://localhost:{}/sync/pull", addr.port()))
+                    .header("authorization", format!("Bearer {token}"))
+                    .header("content-type", "application/json")
+                    .body(())
+                    .unwrap();
+            let Ok((_, mut send)) = ready.send_request(request, false) else {
+                break;
+            };
+            send.send_reset(h2::Reason::CANCEL);
+            resets += 1;
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        if resets < 200 || matches!(ended, Ok(Ok(Err(_)))) {
+            ended_by_keepd += 1;
+        }
+    }
+    eprintln!("rapid reset: keepd ended {ended_by_keepd} of 5 connections");
+    assert!(daemon.get("/health").is_some_and(|(code, _)| code == 200));
+
     // Two hundred abusive connections wrote no line each; the summary
     // counts them (written at the latest when keepd stops).
     daemon.stop();
     let log = daemon.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("\"WARN\"")).collect();
+    assert!(
+        warnings.len() <= 3,
+        "a line per abusive connection: {warnings:#?}"
+    );
     let per_connection = log.lines().filter(|l| l.contains("preface")).count();
     let summary: Vec<serde_json::Value> = log
         .lines()

@@ -647,7 +647,9 @@ fn push_fingerprint(body: &PushBody) -> Vec<u8> {
     hash.finalize().to_vec()
 }
 
-/// Log entries after a sequence number, in order.
+/// Log entries after a sequence number, in order. 503
+/// `response_budget_exhausted` (with Retry-After) while answers this client
+/// has not read yet fill its response budget.
 #[utoipa::path(post, path = "/sync/pull", tag = "sync",
     request_body = PullBody,
     responses(
@@ -1057,13 +1059,17 @@ pub(super) async fn rewrap_vault_key(
 #[derive(ToSchema)]
 #[allow(dead_code)] // a description for the OpenAPI document only
 pub struct SyncEventFrame {
-    /// Always `sync`.
-    #[schema(pattern = "^sync$")]
+    /// `sync` for a new last sequence; `end` for the stream's last event.
+    #[schema(pattern = "^(sync|end)$")]
     event: String,
-    /// The vault's new last sequence, which `Last-Event-ID` resumes from.
+    /// The vault's new last sequence, which `Last-Event-ID` resumes from
+    /// (absent on `end`).
     #[schema(pattern = "^[0-9]+$")]
-    id: String,
-    /// JSON text: `{"vaultId": "...", "sequence": N}`; never ciphertext.
+    id: Option<String>,
+    /// JSON text: `{"vaultId": "...", "sequence": N}` (never ciphertext),
+    /// or on `end` `{"reason": "..."}`: `logout`, `password_changed`,
+    /// `account_disabled`, `account_deleted`, `session_expired` (log in
+    /// again), `idle` or `lagged` (reconnect with `Last-Event-ID`).
     data: String,
 }
 
@@ -1084,8 +1090,10 @@ pub struct EventsQuery {
 /// the sequence, `data` `{"vaultId", "sequence"}` whenever entries commit
 /// (on any node of a cluster), never ciphertext; the first event is the
 /// vault's head (past `Last-Event-ID` when given, so a reconnect resumes
-/// without a gap); a comment line every `api.events.heartbeat`. A stream
-/// that falls behind is ended: reconnect with `Last-Event-ID`.
+/// without a gap); a comment line every `api.events.heartbeat`. The last
+/// event is `end` with the reason: the session ended (on any node) or
+/// expired, the stream was idle for `api.events.max_idle`, or it fell
+/// behind.
 #[utoipa::path(get, path = "/sync/events", tag = "sync",
     params(EventsQuery,
         ("Last-Event-ID" = Option<i64>, Header, nullable = false,
