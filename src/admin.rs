@@ -258,7 +258,7 @@ pub async fn restore(
     // A fresh state directory (a disaster: only identity.key came back,
     // from its Shamir shares): db.enc from the repository's copy.
     if let Some(repository) = &config.backup.repository {
-        let copy = crate::backup::credentials_copy(repository);
+        let copy = crate::repository::credentials_copy(repository);
         if !layout.credentials().exists() && copy.exists() {
             let io = |source| AdminError::Io {
                 what: "take db.enc from the backup repository",
@@ -342,7 +342,7 @@ impl Replay<'_> {
             config,
             crate::postgres::render::RenderInputs::of(config),
             pki.as_ref(),
-            crate::backup::RepositoryEnv::of(self.credentials),
+            crate::repository::RepositoryEnv::of(self.credentials),
         )?;
         // Its output until its logging starts (a bad setting, say) goes to
         // the operator's terminal.

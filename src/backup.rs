@@ -9,61 +9,15 @@
 //! The repository is encrypted (AES-256-CBC, pgBackRest's own), so without
 //! the node identity (or its Shamir shares) a stolen copy is useless.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
 
-use crate::config::{Config, Provider};
-use crate::postgres::native::{NativeError, PgAccount};
-use crate::postgres::render::{BackupInputs, PGBACKREST, STANZA};
+use crate::config::Config;
+use crate::postgres::commands::{CommandRunner, RunError, RunOutput};
+use crate::postgres::native::NativeError;
 use crate::postgres::tls::Endpoint;
+use crate::repository::{BackupInputs, PGBACKREST, RepositoryEnv, STANZA};
 use crate::secrets::store::Credentials;
 use crate::secrets::values::SecretString;
-
-/// The variable pgBackRest reads the repository passphrase from.
-pub const PASSPHRASE_ENV: &str = "PGBACKREST_REPO1_CIPHER_PASS";
-
-/// What pgBackRest reads from its environment, unsealed from db.enc: the
-/// repository passphrase and, for an S3 repository, its access key. The
-/// postmaster gets it (for the archive command) and so does every
-/// pgBackRest keepd runs; Debug names the variables only.
-#[derive(Clone, Default)]
-pub struct RepositoryEnv(Vec<(&'static str, SecretString)>);
-
-impl std::fmt::Debug for RepositoryEnv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|(name, _)| name))
-            .finish()
-    }
-}
-
-impl RepositoryEnv {
-    pub fn of(credentials: &Credentials) -> RepositoryEnv {
-        let mut vars = Vec::new();
-        if let Some(passphrase) = &credentials.backup_passphrase {
-            vars.push((PASSPHRASE_ENV, passphrase.clone()));
-        }
-        if let Some(s3) = &credentials.s3 {
-            vars.push(("PGBACKREST_REPO1_S3_KEY", s3.key_id.clone()));
-            vars.push(("PGBACKREST_REPO1_S3_KEY_SECRET", s3.secret.clone()));
-        }
-        RepositoryEnv(vars)
-    }
-
-    /// The variables as the Docker Engine takes them (`NAME=value`).
-    pub fn docker_env(&self) -> Vec<String> {
-        self.0
-            .iter()
-            .map(|(name, value)| format!("{name}={}", value.expose()))
-            .collect()
-    }
-
-    pub fn apply(&self, command: &mut Command) {
-        for (name, value) in &self.0 {
-            command.env(name, value.expose());
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -82,14 +36,13 @@ pub enum BackupError {
     #[error(transparent)]
     Account(#[from] NativeError),
     #[error(
-        "--to {0:?} is not a moment keepd can restore to: write it as `YYYY-MM-DD HH:MM:SS` with \
-         an offset, e.g. `2026-12-01 14:05:00+00`"
+        "--to {0:?} is not a moment keepd can restore to ({1}): write it as \
+         `YYYY-MM-DD HH:MM:SS[.fraction]` and an offset (`+00`, `+05:30`, `-05` or `Z`), \
+         e.g. `2026-12-01 14:05:00+00`"
     )]
-    BadTarget(String),
-    #[error("cannot run {PGBACKREST}: {0} (Debian: apt install pgbackrest)")]
-    Spawn(std::io::Error),
-    #[error("cannot run pgBackRest in the server container: {0}")]
-    Container(String),
+    BadTarget(String, String),
+    #[error("{0} (Debian: apt install pgbackrest)")]
+    Run(#[from] RunError),
     #[error("pgBackRest {action} failed: {message}")]
     Failed {
         action: &'static str,
@@ -100,7 +53,10 @@ pub enum BackupError {
 impl BackupError {
     /// A setting or argument keepd cannot work with (exit 2).
     pub fn is_configuration(&self) -> bool {
-        matches!(self, BackupError::NotConfigured | BackupError::BadTarget(_))
+        matches!(
+            self,
+            BackupError::NotConfigured | BackupError::BadTarget(..)
+        )
     }
 }
 
@@ -125,47 +81,79 @@ impl BackupKind {
 pub enum RestoreTarget {
     /// To its end: everything archived.
     Latest,
-    /// To this moment (Postgres's timestamp syntax, e.g.
-    /// `2026-12-01 14:05:00+00`): commits up to it, none after.
-    Time(String),
+    /// To this moment: commits up to it, none after.
+    Time(RestoreTime),
+}
+
+/// A moment `keepd restore --to` replays to, read by [`RestoreTarget::time`]
+/// (so one that does not exist never reaches pgBackRest); it displays in
+/// Postgres's timestamp syntax, as pgBackRest hands it to
+/// `recovery_target_time`: `2026-12-01 14:05:00[.fraction]+00[:30]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreTime(time::OffsetDateTime);
+
+impl std::fmt::Display for RestoreTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use time::macros::format_description;
+        let moment = self.0;
+        let mut text = moment
+            .format(format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))
+            .map_err(|_| std::fmt::Error)?;
+        if moment.nanosecond() != 0 {
+            text.push('.');
+            text += &moment
+                .format(format_description!("[subsecond digits:1+]"))
+                .map_err(|_| std::fmt::Error)?;
+        }
+        let (hours, minutes, _) = moment.offset().as_hms();
+        let sign = if moment.offset().is_negative() {
+            '-'
+        } else {
+            '+'
+        };
+        write!(f, "{text}{sign}{:02}", hours.unsigned_abs())?;
+        if minutes != 0 {
+            write!(f, ":{:02}", minutes.unsigned_abs())?;
+        }
+        Ok(())
+    }
 }
 
 impl RestoreTarget {
-    /// `YYYY-MM-DD HH:MM:SS[.fraction]` and an explicit offset (`+00`,
-    /// `+01:00`, `-05`, or `Z`): checked before anything is restored, since
-    /// a moment Postgres cannot read fails only after the data directory
-    /// was overwritten.
+    /// `YYYY-MM-DD HH:MM:SS[.fraction]` (a space or `T` between) and an
+    /// explicit offset (`+00`, `+05:30`, `+0530`, `-05`, or `Z`), as a date
+    /// and time that exist: read before anything is restored, since a
+    /// moment Postgres cannot read fails only after the data directory was
+    /// overwritten.
     pub fn time(text: &str) -> Result<RestoreTarget, BackupError> {
-        let bad = || BackupError::BadTarget(text.to_string());
-        let (date, rest) = text.trim().split_once([' ', 'T']).ok_or_else(bad)?;
-        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
-        let parts: Vec<&str> = date.split('-').collect();
-        if !(parts.len() == 3 && digits(parts[0], 4) && digits(parts[1], 2) && digits(parts[2], 2))
-        {
-            return Err(bad());
-        }
-        let (clock, offset) = match rest.strip_suffix('Z') {
-            Some(clock) => (clock, "+00".to_string()),
-            None => {
-                let at = rest.rfind(['+', '-']).ok_or_else(bad)?;
-                (&rest[..at], rest[at..].to_string())
-            }
+        use time::macros::format_description;
+        let bad = |why: String| BackupError::BadTarget(text.to_string(), why);
+        let given = text.trim();
+        let given = match given.strip_suffix(['Z', 'z']) {
+            Some(utc) => format!("{utc}+00"),
+            None => given.to_string(),
         };
-        let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
-        let hms: Vec<&str> = hms.split(':').collect();
-        let offset_ok = {
-            let o: Vec<&str> = offset[1..].split(':').collect();
-            digits(o[0], 2) && (o.len() == 1 || (o.len() == 2 && digits(o[1], 2)))
-        };
-        if !(hms.len() == 3
-            && hms.iter().all(|p| digits(p, 2))
-            && !fraction.is_empty()
-            && fraction.bytes().all(|b| b.is_ascii_digit())
-            && offset_ok)
-        {
-            return Err(bad());
+        if !given.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(bad("it does not start with a four-digit year".into()));
         }
-        Ok(RestoreTarget::Time(format!("{date} {clock}{offset}")))
+        let moment = time::OffsetDateTime::parse(
+            &given,
+            format_description!(
+                version = 2,
+                "[year]-[month]-[day][first [ ] [T]][hour]:[minute]:[second]\
+                 [optional [.[subsecond]]][offset_hour sign:mandatory]\
+                 [optional [[first [:[offset_minute]] [[offset_minute]]]]]"
+            ),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        // Postgres refuses an offset beyond 15:59 ("time zone displacement
+        // out of range").
+        if moment.offset().whole_hours().unsigned_abs() > 15 {
+            return Err(bad("its offset is beyond ±15:59".into()));
+        }
+        Ok(RestoreTarget::Time(RestoreTime(moment)))
     }
 }
 
@@ -193,22 +181,15 @@ impl std::fmt::Display for RestoreTarget {
     }
 }
 
-/// pgBackRest for this node's cluster: on this host as Postgres's account
-/// (native), or inside the node's server container (docker).
+/// pgBackRest for this node's cluster, run where the server's files are
+/// (`postgres::CommandRunner`: this host as Postgres's account, or the
+/// node's server container).
 pub struct PgBackRest {
     /// Its configuration, as the pgBackRest that runs sees the path.
     conf: PathBuf,
-    runner: Runner,
+    runner: CommandRunner,
     env: RepositoryEnv,
     superuser: SecretString,
-}
-
-enum Runner {
-    Local(Option<PgAccount>),
-    /// `docker exec` in this node's server container.
-    Container {
-        node_id: String,
-    },
 }
 
 impl PgBackRest {
@@ -229,17 +210,9 @@ impl PgBackRest {
         if config.backup.s3.is_some() && credentials.s3.is_none() {
             return Err(BackupError::NoS3Key);
         }
-        let runner = match config.database.postgres.provider {
-            Provider::Docker => Runner::Container {
-                node_id: node_id.to_string(),
-            },
-            Provider::Native | Provider::External => {
-                Runner::Local(PgAccount::resolve(&config.database.postgres.native.run_as)?)
-            }
-        };
         Ok(PgBackRest {
             conf: BackupInputs::of(config).conf,
-            runner,
+            runner: CommandRunner::of(config, node_id)?,
             env: RepositoryEnv::of(credentials),
             superuser: credentials.superuser.clone(),
         })
@@ -255,21 +228,6 @@ impl PgBackRest {
         args
     }
 
-    fn local(&self, account: Option<&PgAccount>, action: &str, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(PGBACKREST);
-        cmd.env_clear().env("LC_ALL", "C");
-        self.env.apply(&mut cmd);
-        cmd.env("PGPASSWORD", self.superuser.expose())
-            .current_dir("/")
-            .args(self.args(action, extra))
-            .stdin(Stdio::null());
-        if let Some(account) = account {
-            use std::os::unix::process::CommandExt;
-            cmd.uid(account.uid.as_raw()).gid(account.gid.as_raw());
-        }
-        cmd
-    }
-
     /// Runs `action`; its output, or an error with it. Dropping the
     /// future kills a local pgBackRest (keepd stopping never waits for a
     /// backup); one in a container ends with the container.
@@ -279,38 +237,13 @@ impl PgBackRest {
         extra: &[&str],
         echo: bool,
     ) -> Result<String, BackupError> {
-        match &self.runner {
-            Runner::Local(account) => {
-                let mut command = self.local(account.as_ref(), action, extra);
-                if echo {
-                    command.stdout(Stdio::inherit()).stderr(Stdio::inherit());
-                }
-                let out = tokio::process::Command::from(command)
-                    .kill_on_drop(true)
-                    .output()
-                    .await
-                    .map_err(BackupError::Spawn)?;
-                checked(action, out)
-            }
-            Runner::Container { node_id } => {
-                let mut cmd = vec![PGBACKREST.to_string()];
-                cmd.extend(self.args(action, extra));
-                let mut env = self.env.docker_env();
-                env.push(format!("PGPASSWORD={}", self.superuser.expose()));
-                env.push("LC_ALL=C".into());
-                let (code, output) =
-                    crate::postgres::docker::exec_in_server(node_id, cmd, env, echo)
-                        .await
-                        .map_err(|e| BackupError::Container(e.to_string()))?;
-                match code {
-                    0 => Ok(output),
-                    code => Err(BackupError::Failed {
-                        action,
-                        message: format!("exited with {code}: {}", output.trim()),
-                    }),
-                }
-            }
-        }
+        let mut env: Vec<(&str, &SecretString)> = self.env.vars().collect();
+        env.push(("PGPASSWORD", &self.superuser));
+        let out = self
+            .runner
+            .run(PGBACKREST, &self.args(action, extra), &env, echo)
+            .await?;
+        checked(action, out)
     }
 
     /// Creates the stanza in the repository if it is not there (every
@@ -372,13 +305,6 @@ impl PgBackRest {
     pub async fn verify(&self) -> Result<String, BackupError> {
         self.run("verify", &[], false).await
     }
-}
-
-/// Where the repository keeps a copy of db.enc: sealed to the identity, so
-/// safe beside the backups, and what a restore onto a fresh state
-/// directory opens with the identity rebuilt from its Shamir shares.
-pub fn credentials_copy(repository: &Path) -> PathBuf {
-    repository.join("keepd-db.enc")
 }
 
 /// What the repository holds, from `pgbackrest info --output=json`: when
@@ -463,13 +389,11 @@ pub async fn archive_current_wal(superuser: &Endpoint) -> Result<String, BackupE
     })
 }
 
-fn checked(action: &'static str, out: Output) -> Result<String, BackupError> {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        return Ok(stdout);
+fn checked(action: &'static str, out: RunOutput) -> Result<String, BackupError> {
+    if out.success() {
+        return Ok(out.stdout);
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let message = [stderr.trim(), stdout.trim()]
+    let message = [out.stderr.trim(), out.stdout.trim()]
         .into_iter()
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
@@ -477,7 +401,10 @@ fn checked(action: &'static str, out: Output) -> Result<String, BackupError> {
     Err(BackupError::Failed {
         action,
         message: if message.is_empty() {
-            format!("exited with {}", out.status)
+            match out.code {
+                Some(code) => format!("exited with {code}"),
+                None => "ended by a signal".to_string(),
+            }
         } else {
             message
         },
@@ -497,10 +424,20 @@ mod tests {
                 "2026-12-01 14:05:00.123456+00",
             ),
             ("2026-12-01 14:05:00-05:30", "2026-12-01 14:05:00-05:30"),
+            ("2026-12-01 14:05:00+05:30", "2026-12-01 14:05:00+05:30"),
+            ("2026-12-01 14:05:00+0530", "2026-12-01 14:05:00+05:30"),
+            ("2026-12-01 14:05:00-05", "2026-12-01 14:05:00-05"),
+            ("2026-12-01 14:05:00+01:00", "2026-12-01 14:05:00+01"),
+            ("2026-12-01 14:05:00.5+00", "2026-12-01 14:05:00.5+00"),
+            ("2026-12-01 14:05:00.000+00", "2026-12-01 14:05:00+00"),
+            ("2024-02-29 23:59:59+00", "2024-02-29 23:59:59+00"),
+            (" 2026-12-01 14:05:00z ", "2026-12-01 14:05:00+00"),
         ] {
-            assert_eq!(
-                RestoreTarget::time(given).unwrap(),
-                RestoreTarget::Time(wanted.into())
+            let target = RestoreTarget::time(given).unwrap();
+            assert_eq!(target.to_string(), wanted, "{given}");
+            assert!(
+                target.options().contains(&format!("--target={wanted}")),
+                "{given}"
             );
         }
         for bad in [
@@ -511,8 +448,26 @@ mod tests {
             "2026-12-01 14:05:00+0",
             "2026-12-1 14:05:00+00",
             "2026-12-01 14:05:00.+00",
+            // Digits in the right places, but no such moment.
+            "2026-13-45 99:99:99+00",
+            "2026-02-29 10:00:00+00",
+            "2026-04-31 10:00:00+00",
+            "2026-12-01 24:00:00+00",
+            "2026-12-01 14:60:00+00",
+            "2026-12-01 14:05:60+00",
+            "2026-12-01 14:05:00+16",
+            "2026-12-01 14:05:00+05:60",
+            "-2026-12-01 14:05:00+00",
+            "2026-12-01 14:05:00+00 UTC",
         ] {
-            assert!(RestoreTarget::time(bad).is_err(), "{bad}");
+            let error = RestoreTarget::time(bad).unwrap_err();
+            assert!(error.is_configuration(), "{bad}");
+            let said = error.to_string();
+            assert!(
+                said.contains(&format!("{bad:?}"))
+                    && said.contains("`YYYY-MM-DD HH:MM:SS[.fraction]` and an offset"),
+                "{said}"
+            );
         }
     }
 

@@ -22,6 +22,7 @@ pub mod pki;
 pub mod postgres;
 pub mod recovery;
 pub mod report;
+pub mod repository;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;

@@ -136,7 +136,9 @@ enum Command {
         /// Everything the archive holds.
         #[arg(long, conflicts_with = "to", required_unless_present = "to")]
         latest: bool,
-        /// A moment, as Postgres reads it: `2026-12-01 14:05:00+00`.
+        /// A moment with its offset, as Postgres reads it:
+        /// `2026-12-01 14:05:00+00` (also a `T` between, a fraction,
+        /// `+05:30`, `Z`); a date or time that does not exist is refused.
         #[arg(long, value_name = "TIMESTAMP")]
         to: Option<String>,
     },
@@ -1045,6 +1047,31 @@ mod tests {
             .unwrap();
         assert!(disable.contains(".TH keepd-account-disable 1"), "{disable}");
         assert!(disable.contains("account_disabled") && disable.contains("Exit status"));
+    }
+
+    #[test]
+    fn an_impossible_restore_moment_is_refused_before_anything_is_touched() {
+        // A node with backups whose state directory does not exist: were
+        // the moment read after the identity is loaded or the lock taken,
+        // this would fail otherwise (no identity) or create the directory.
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.node.state_dir = dir.path().join("state");
+        config.node.runtime_dir = dir.path().join("run");
+        config.backup.repository = Some(dir.path().join("repository"));
+        for moment in ["2026-13-45 99:99:99+00", "2026-02-29 10:00:00+00"] {
+            let error = restore(&config, Some(moment.into())).unwrap_err();
+            let refused = error.downcast_ref::<keepd::backup::BackupError>();
+            assert!(
+                refused.is_some_and(|e| e.is_configuration()),
+                "{moment}: {error:#}"
+            );
+            assert!(
+                format!("{error}").contains("YYYY-MM-DD HH:MM:SS"),
+                "{error}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -149,3 +149,21 @@ mod tests {
         );
     }
 }
+
+/// The docker provider's layout inside the container, which the rendered
+/// files name (the provider mounts what they point at).
+pub mod container {
+    /// The data directory, on the node's volume.
+    pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
+    /// The rendered files, a read-only bind mount.
+    pub const CONF: &str = "/etc/keepd";
+    /// The socket directory, a bind mount shared with keepd.
+    pub const SOCKET: &str = "/var/run/postgresql";
+    /// A directory repository (`backup.repository`), a read-write bind mount.
+    pub const REPOSITORY: &str = "/var/lib/keepd-backup";
+    /// pgBackRest's lock and spool directory, on the container's tmpfs.
+    pub const PGBACKREST_RUN: &str = "/tmp/pgbackrest";
+    /// TCP mode's socket for pgBackRest alone, on the tmpfs (keepd itself
+    /// reaches the server over TLS).
+    pub const BACKUP_SOCKET: &str = "/tmp";
+}

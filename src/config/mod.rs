@@ -21,7 +21,7 @@ mod topology;
 mod validate;
 
 pub use duration::HumanDuration;
-pub use layout::Layout;
+pub use layout::{Layout, container};
 pub use topology::{Topology, Transport};
 
 /// Why a configuration could not be loaded.

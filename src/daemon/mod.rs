@@ -281,7 +281,7 @@ impl Node {
             RenderInputs::of(&self.config),
             &self.node_id,
             verifier,
-            crate::backup::RepositoryEnv::of(&self.credentials),
+            crate::repository::RepositoryEnv::of(&self.credentials),
         )
         .await?;
         let password = &self.credentials.superuser;
@@ -404,7 +404,7 @@ impl Provisioned {
                 // for a restore onto a fresh state directory; pgBackRest
                 // cannot put a file of keepd's into a bucket.
                 if let Some(repository) = &config.backup.repository {
-                    let copy = crate::backup::credentials_copy(repository);
+                    let copy = crate::repository::credentials_copy(repository);
                     let sealed = std::fs::read(layout.credentials())
                         .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
                     if let Err(source) = sealed {

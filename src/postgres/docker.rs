@@ -39,23 +39,24 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::render::container::REPOSITORY;
-use super::render::{PGBACKREST, PGBACKREST_CONF, RenderError, RenderInputs, RenderedConfig};
+use super::render::{RenderError, RenderInputs, RenderedConfig};
 use super::tls::{Endpoint, Tls};
 use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, superuser_verifier_statement,
 };
-use crate::backup::RepositoryEnv;
+use crate::config::container::REPOSITORY;
 use crate::config::{Config, Layout, Topology};
 use crate::fsutil;
 use crate::pki::NodePki;
+use crate::repository::RepositoryEnv;
+use crate::repository::{PGBACKREST, PGBACKREST_CONF};
 use crate::secrets::values::{ScramVerifier, SecretString};
 
 /// Where things live inside the container (the official image's layout;
-/// what the rendered files name is `render::container`).
+/// what the rendered files name is `config::container`).
 const DATA_MOUNT: &str = "/var/lib/postgresql/data";
 const TLS_MOUNT: &str = "/etc/keepd-tls";
-use super::render::container::{CONF as CONF_MOUNT, PGDATA, SOCKET as SOCKET_MOUNT};
+use crate::config::container::{CONF as CONF_MOUNT, PGDATA, SOCKET as SOCKET_MOUNT};
 
 const LABEL_MANAGED: &str = "io.keepd.managed";
 const LABEL_NODE: &str = "io.keepd.node-id";

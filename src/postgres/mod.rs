@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod child;
+pub mod commands;
 pub mod docker;
 pub mod external;
 pub mod matrix;

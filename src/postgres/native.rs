@@ -22,10 +22,10 @@ use super::{
     INITDB_ARGS, PgAddress, SINGLE_USER_ARGS, SUPERUSER, endpoint, stop_ladder,
     superuser_verifier_statement,
 };
-use crate::backup::RepositoryEnv;
 use crate::config::{Config, Layout};
 use crate::fsutil;
 use crate::pki::NodePki;
+use crate::repository::RepositoryEnv;
 use crate::secrets::values::{ScramVerifier, SecretString};
 
 #[derive(Debug, thiserror::Error)]

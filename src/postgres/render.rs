@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{AUDITOR_ROLE, DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
-use crate::config::{Config, Layout, LogStatement, Provider, S3Config, Topology};
+use crate::config::{Config, Layout, LogStatement, Provider, Topology, container};
+use crate::repository::{
+    self, BackupInputs, NotPlain, PGBACKREST, PGBACKREST_CONF, STANZA, plain_path,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -32,6 +35,16 @@ pub enum RenderError {
         len: usize,
         max: usize,
     },
+}
+
+impl From<NotPlain> for RenderError {
+    fn from(e: NotPlain) -> RenderError {
+        RenderError::Unquotable {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
 }
 
 /// One bootstrap script of the `initdb/` directory.
@@ -136,85 +149,6 @@ pub struct RenderInputs {
     pub pgaudit: bool,
 }
 
-/// What pgBackRest's configuration and Postgres's archive command need.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackupInputs {
-    pub repository: Repository,
-    pub retention_full: u32,
-    pub data_dir: PathBuf,
-    pub conf: PathBuf,
-    pub lock_dir: PathBuf,
-}
-
-impl BackupInputs {
-    /// The paths as pgBackRest sees them: the host's for native, the
-    /// container's for docker (the repository mounted at
-    /// `container::REPOSITORY`).
-    pub fn of(config: &Config) -> BackupInputs {
-        let retention_full = config.backup.retention_full;
-        match config.database.postgres.provider {
-            // A directory only: validation refuses a bucket, which the
-            // container could not reach.
-            Provider::Docker => BackupInputs {
-                repository: Repository::Directory(container::REPOSITORY.into()),
-                retention_full,
-                data_dir: container::PGDATA.into(),
-                conf: Path::new(container::CONF).join(PGBACKREST_CONF),
-                lock_dir: container::PGBACKREST_RUN.into(),
-            },
-            Provider::Native | Provider::External => {
-                let layout = Layout::of(config);
-                BackupInputs {
-                    repository: config
-                        .backup
-                        .repository
-                        .clone()
-                        .map(Repository::Directory)
-                        .or_else(|| config.backup.s3.clone().map(Repository::S3))
-                        .expect("backups enabled"),
-                    retention_full,
-                    data_dir: layout.data_dir(),
-                    conf: layout.pgbackrest_conf(),
-                    lock_dir: layout.pgbackrest_lock_dir(),
-                }
-            }
-        }
-    }
-}
-
-/// The file name of pgBackRest's configuration.
-pub const PGBACKREST_CONF: &str = "pgbackrest.conf";
-
-/// Where pgBackRest keeps the backups and the WAL archive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Repository {
-    Directory(PathBuf),
-    S3(S3Config),
-}
-
-/// The docker provider's layout inside the container, which the rendered
-/// files name (the provider mounts what they point at).
-pub mod container {
-    /// The data directory, on the node's volume.
-    pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
-    /// The rendered files, a read-only bind mount.
-    pub const CONF: &str = "/etc/keepd";
-    /// The socket directory, a bind mount shared with keepd.
-    pub const SOCKET: &str = "/var/run/postgresql";
-    /// A directory repository (`backup.repository`), a read-write bind mount.
-    pub const REPOSITORY: &str = "/var/lib/keepd-backup";
-    /// pgBackRest's lock and spool directory, on the container's tmpfs.
-    pub const PGBACKREST_RUN: &str = "/tmp/pgbackrest";
-    /// TCP mode's socket for pgBackRest alone, on the tmpfs (keepd itself
-    /// reaches the server over TLS).
-    pub const BACKUP_SOCKET: &str = "/tmp";
-}
-
-/// pgBackRest as Debian installs it (`postgresql.conf` names it whole:
-/// Postgres runs the archive command without keepd's PATH).
-pub const PGBACKREST: &str = "/usr/bin/pgbackrest";
-/// The stanza: pgBackRest's name for keepd's cluster in the repository.
-pub const STANZA: &str = "keepd";
 /// What pgAudit logs of every session (keepd's own superuser sessions
 /// included).
 pub const PGAUDIT_SESSION_CLASSES: &str = "role,ddl";
@@ -255,7 +189,14 @@ pub fn render(inputs: &RenderInputs) -> Result<RenderedConfig, RenderError> {
         pg_hba_conf: pg_hba_conf(inputs),
         pg_ident_conf: pg_ident_conf(inputs),
         pgbackrest_conf: match &inputs.backup {
-            Some(backup) => Some(pgbackrest_conf(inputs, backup)?),
+            Some(backup) => {
+                let socket = match backup_socket(inputs) {
+                    Some(dir) => dir,
+                    None => plain_path("node.runtime_dir", &inputs.socket_dir)?,
+                };
+                let conf = repository::conf(backup, socket, inputs.port, SUPERUSER, DATABASE)?;
+                Some(format!("{HEADER}{conf}"))
+            }
             None => None,
         },
         initdb: initdb_scripts(),
@@ -286,28 +227,6 @@ fn path_str(key: &'static str, path: &Path) -> Result<String, RenderError> {
         reason: "it is not valid UTF-8",
     })?;
     quote(key, text)
-}
-
-/// A path for pgBackRest's configuration and the archive command (which a
-/// shell reads): plain characters only, so neither needs quoting.
-fn plain_path<'a>(key: &'static str, path: &'a Path) -> Result<&'a str, RenderError> {
-    let unquotable = |reason| RenderError::Unquotable {
-        key,
-        value: path.display().to_string(),
-        reason,
-    };
-    let text = path
-        .to_str()
-        .ok_or_else(|| unquotable("it is not valid UTF-8"))?;
-    // No `%`: Postgres expands %p and %f inside the archive command.
-    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+@:".contains(c);
-    if !text.chars().all(plain) {
-        return Err(unquotable(
-            "pgBackRest's configuration and Postgres's archive command need a path of letters, \
-             digits and / . _ - + @ : only",
-        ));
-    }
-    Ok(text)
 }
 
 fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
@@ -465,62 +384,6 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         );
         set("archive_timeout", "'60s'".into());
     }
-    Ok(out)
-}
-
-/// pgBackRest's configuration: the repository (encrypted; the passphrase
-/// comes from the environment), the retention, and how to reach the
-/// cluster (its data directory and socket, as keepd's superuser).
-fn pgbackrest_conf(inputs: &RenderInputs, backup: &BackupInputs) -> Result<String, RenderError> {
-    let plain = plain_path;
-    let mut out = String::from(HEADER);
-    let _ = writeln!(out, "[global]");
-    match &backup.repository {
-        Repository::Directory(dir) => {
-            let _ = writeln!(out, "repo1-path={}", plain("backup.repository", dir)?);
-        }
-        // Names checked plain by the configuration's validation; the key
-        // comes from the environment (db.enc), never this file.
-        Repository::S3(s3) => {
-            let (host, port) = s3.host_port();
-            let _ = writeln!(out, "repo1-type=s3");
-            let _ = writeln!(out, "repo1-path={}", s3.path);
-            let _ = writeln!(out, "repo1-s3-endpoint={host}");
-            let _ = writeln!(out, "repo1-storage-port={port}");
-            let _ = writeln!(out, "repo1-s3-bucket={}", s3.bucket);
-            let _ = writeln!(out, "repo1-s3-region={}", s3.region);
-            let _ = writeln!(out, "repo1-s3-uri-style={}", s3.uri_style.as_str());
-            if let Some(ca) = &s3.ca_file {
-                let _ = writeln!(
-                    out,
-                    "repo1-storage-ca-file={}",
-                    plain("backup.s3.ca_file", ca)?
-                );
-            }
-        }
-    }
-    let _ = writeln!(out, "repo1-cipher-type=aes-256-cbc");
-    let _ = writeln!(out, "repo1-retention-full={}", backup.retention_full);
-    let run = plain("node.runtime_dir", &backup.lock_dir)?;
-    let _ = writeln!(out, "lock-path={run}");
-    let _ = writeln!(out, "spool-path={run}");
-    let _ = writeln!(out, "log-level-console=warn");
-    let _ = writeln!(out, "log-level-file=off");
-    let _ = writeln!(out, "start-fast=y");
-    let _ = writeln!(out, "\n[{STANZA}]");
-    let _ = writeln!(
-        out,
-        "pg1-path={}",
-        plain("node.state_dir", &backup.data_dir)?
-    );
-    let socket = match backup_socket(inputs) {
-        Some(dir) => dir,
-        None => plain("node.runtime_dir", &inputs.socket_dir)?,
-    };
-    let _ = writeln!(out, "pg1-socket-path={socket}");
-    let _ = writeln!(out, "pg1-port={}", inputs.port);
-    let _ = writeln!(out, "pg1-user={SUPERUSER}");
-    let _ = writeln!(out, "pg1-database={DATABASE}");
     Ok(out)
 }
 

@@ -84,7 +84,7 @@ impl Server {
         inputs: RenderInputs,
         node_id: &str,
         verifier: ScramVerifier,
-        archive_env: crate::backup::RepositoryEnv,
+        archive_env: crate::repository::RepositoryEnv,
     ) -> Result<Prepared, ProviderError> {
         // PostgreSQL is the one backend; another would start here.
         let Backend::Postgres = config.database.backend;
