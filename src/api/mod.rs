@@ -619,28 +619,21 @@ pub fn parse_request_bodies(bytes: &[u8]) -> usize {
 }
 
 /// RFC 3339 in UTC with milliseconds, as the seeds' clients expect
-/// (`2025-01-01T00:00:00.000Z`).
+/// (`2025-01-01T00:00:00.000Z`; the fraction truncated, not rounded). A
+/// moment before 1970 reads as 1970, one after 9999 as its last
+/// millisecond.
 fn iso8601(t: SystemTime) -> String {
+    use time::macros::format_description;
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+    let moment = time::Duration::try_from(since)
+        .ok()
+        .and_then(|since| time::OffsetDateTime::UNIX_EPOCH.checked_add(since))
+        .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
+    moment
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        ))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -654,6 +647,14 @@ mod tests {
         assert_eq!(iso8601(t), "2025-01-01T00:00:00.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_825_599);
         assert_eq!(iso8601(leap), "2000-02-29T11:59:59.000Z");
+        let late = UNIX_EPOCH + Duration::from_nanos(1_735_689_599_999_999_999);
+        assert_eq!(iso8601(late), "2024-12-31T23:59:59.999Z");
+        assert_eq!(
+            iso8601(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        let far = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(iso8601(far), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]
