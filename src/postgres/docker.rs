@@ -514,7 +514,7 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        Ok(single_file_of_tar(&tar).map(<[u8]>::to_vec))
+        Ok(single_file_of_tar(&tar))
     }
 
     /// Writes the rendered files for the read-only mount and prepares the
@@ -1192,14 +1192,22 @@ async fn facts_of(docker: &Docker, container: &str) -> Result<ContainerFacts, Do
     })
 }
 
-/// The contents of the first file in a tar archive (what the engine sends
-/// for one path).
-fn single_file_of_tar(tar: &[u8]) -> Option<&[u8]> {
-    let header = tar.get(..512)?;
-    let size_field = std::str::from_utf8(&header[124..136]).ok()?;
-    let size =
-        usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok()?;
-    tar.get(512..512 + size)
+/// The contents of the first entry in a tar archive (what the engine sends
+/// for one path: a file's bytes, nothing for a link). The `tar` crate
+/// reads GNU long names and PAX extended headers (a size beyond the ustar
+/// field's 8 GiB included); None for an archive it cannot read.
+fn single_file_of_tar(tar: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut archive = tar::Archive::new(tar);
+    let mut entry = archive
+        .entries()
+        .ok()?
+        .map_while(Result::ok)
+        .find(|e| !e.header().entry_type().is_pax_global_extensions())?;
+    let mut contents = Vec::new();
+    entry.read_to_end(&mut contents).ok()?;
+    // An archive cut short reads as fewer bytes, not as an error.
+    (contents.len() as u64 == entry.size()).then_some(contents)
 }
 
 /// The server's library directory, from a PATH that names its binaries
@@ -1239,19 +1247,76 @@ mod tests {
     fn reads_the_postgres_user_from_a_tarred_passwd() {
         let passwd =
             b"root:x:0:0:root:/root:/bin/sh\npostgres:x:999:998::/var/lib/postgresql:/bin/sh\n";
-        let mut tar = vec![0u8; 512];
-        tar[..6].copy_from_slice(b"passwd");
-        let size = format!("{:011o}\0", passwd.len());
-        tar[124..136].copy_from_slice(size.as_bytes());
-        tar.extend_from_slice(passwd);
-        tar.resize(2048, 0);
+        let tar = tarred("passwd", passwd, None);
         let file = single_file_of_tar(&tar).unwrap();
         assert_eq!(file, passwd);
         assert_eq!(
-            postgres_ids(&String::from_utf8_lossy(file)),
+            postgres_ids(&String::from_utf8_lossy(&file)),
             Some((999, 998))
         );
         assert_eq!(postgres_ids("root:x:0:0::/:/bin/sh\n"), None);
         assert_eq!(single_file_of_tar(&tar[..100]), None);
+        assert_eq!(single_file_of_tar(&tar[..540]), None, "cut short");
+    }
+
+    #[test]
+    fn reads_a_file_behind_long_names_and_pax_headers() {
+        let long = format!("usr/lib/postgresql/17/lib/{}/pgaudit.so", "x".repeat(120));
+        let contents = b"\x7fELF and the rest";
+        // GNU: a long name in an `L` entry before the file's header.
+        let gnu = tarred(&long, contents, None);
+        assert_eq!(single_file_of_tar(&gnu).unwrap(), contents);
+        // PAX: a global header, then the path in a local extended header.
+        let pax = tarred(&long, contents, Some(("path", long.as_str())));
+        assert_eq!(single_file_of_tar(&pax).unwrap(), contents);
+        // A link (the engine sends the link itself): present, no bytes.
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        builder
+            .append_link(&mut header, "pgaudit.so", "pgaudit.so.17")
+            .unwrap();
+        let link = builder.into_inner().unwrap();
+        assert_eq!(single_file_of_tar(&link).unwrap(), b"");
+        assert_eq!(single_file_of_tar(&[0; 1024]), None, "no entry");
+    }
+
+    /// A one-file archive as the engine builds it; `pax` puts a global
+    /// PAX header and a local one carrying that record first.
+    fn tarred(path: &str, contents: &[u8], pax: Option<(&str, &str)>) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        if let Some((key, value)) = pax {
+            let record = |key: &str, value: &str| {
+                let body = format!(" {key}={value}\n");
+                // The length counts its own digits.
+                let mut n = body.len() + 1;
+                while format!("{n}{body}").len() != n {
+                    n += 1;
+                }
+                format!("{n}{body}").into_bytes()
+            };
+            for (kind, record) in [
+                (tar::EntryType::XGlobalHeader, record("comment", "keepd test")),
+                (tar::EntryType::XHeader, record(key, value)),
+            ] {
+                let mut header = tar::Header::new_ustar();
+                header.set_entry_type(kind);
+                header.set_size(record.len() as u64);
+                header.set_path("pax_header").unwrap();
+                header.set_cksum();
+                builder.append(&header, record.as_slice()).unwrap();
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_size(contents.len() as u64);
+            header.set_path("short-name").unwrap();
+            header.set_cksum();
+            builder.append(&header, contents).unwrap();
+        } else {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(contents.len() as u64);
+            builder.append_data(&mut header, path, contents).unwrap();
+        }
+        builder.into_inner().unwrap()
     }
 }
