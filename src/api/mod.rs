@@ -84,6 +84,30 @@ pub struct ApiSettings {
     pub prefixes: crate::edge::ClientPrefixes,
 }
 
+impl ApiSettings {
+    /// The API's settings from its section, `api`, and the one reading of
+    /// `api.trusted_proxies` the edge shares.
+    pub fn new(api: &crate::config::ApiConfig, trusted_proxies: TrustedProxies) -> ApiSettings {
+        ApiSettings {
+            jwt_ttl: api.jwt_ttl.get(),
+            max_body_bytes: api.max_body_bytes,
+            max_push_entries: api.max_push_entries,
+            max_entry_bytes: api.max_entry_bytes,
+            max_pull_bytes: api.max_pull_bytes,
+            rate_limits: api.rate_limits.clone(),
+            quotas: api.quotas.clone(),
+            backups: api.backups.clone(),
+            registration: api.registration,
+            request_timeout: api.request_timeout.get(),
+            body_timeout: api.body_timeout.get(),
+            trusted_proxies,
+            idempotency_ttl: api.idempotency_ttl.get(),
+            events: api.events.clone(),
+            prefixes: crate::edge::ClientPrefixes::new(api.client_prefix_v4, api.client_prefix_v6),
+        }
+    }
+}
+
 /// What browsers are told, from `api.*`.
 #[derive(Debug, Clone, Default)]
 pub struct WebPolicy {

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use crate::backup::{BackupKind, BackupStatus, PgBackRest};
+use crate::config::{Config, Layout};
+use crate::secrets::store::Credentials;
+
+use super::DaemonError;
 use crate::clock::unix_now;
 use crate::metrics::Metrics;
 use crate::postgres::tls::Endpoint;
@@ -41,6 +45,22 @@ async fn archiver(superuser: &Endpoint) -> Result<(Option<u64>, bool), tokio_pos
 }
 
 impl BackupSchedule {
+    /// From `backup.full_interval` and `backup.diff_interval`.
+    pub fn new(
+        config: &Config,
+        pgbackrest: Arc<PgBackRest>,
+        superuser: Endpoint,
+        metrics: Arc<Metrics>,
+    ) -> BackupSchedule {
+        BackupSchedule {
+            pgbackrest,
+            superuser,
+            full_interval: config.backup.full_interval.get(),
+            diff_interval: config.backup.diff_interval.get(),
+            metrics,
+        }
+    }
+
     pub async fn run(self, mut stop: Shutdown) {
         let mut archive_failing = false;
         loop {
@@ -101,5 +121,47 @@ impl BackupSchedule {
                 None
             }
         }
+    }
+}
+
+/// pgBackRest for this node when `backup.*` is set: its stanza created in
+/// the repository (every start: cheap, and it checks the repository and
+/// the archive), and for a directory repository a copy of db.enc (sealed)
+/// beside the backups, for a restore onto a fresh state directory
+/// (pgBackRest cannot put a file of keepd's into a bucket).
+pub async fn set_up(
+    config: &Config,
+    layout: &Layout,
+    credentials: &Credentials,
+    node_id: &str,
+) -> Result<Option<Arc<PgBackRest>>, DaemonError> {
+    if !config.backup.enabled() {
+        return Ok(None);
+    }
+    let backups = Arc::new(PgBackRest::new(config, credentials, node_id)?);
+    backups.stanza_create().await?;
+    if let Some(repository) = &config.backup.repository {
+        let copy = crate::repository::credentials_copy(repository);
+        let sealed = std::fs::read(layout.credentials())
+            .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
+        if let Err(source) = sealed {
+            return Err(DaemonError::Directory { path: copy, source });
+        }
+    }
+    let repository = match (&config.backup.repository, &config.backup.s3) {
+        (Some(dir), _) => dir.display().to_string(),
+        (None, Some(s3)) => format!("s3://{}{} at {}", s3.bucket, s3.path, s3.endpoint),
+        (None, None) => String::new(),
+    };
+    info!(repository, "backup repository ready; WAL is archived there");
+    Ok(Some(backups))
+}
+
+/// At a stop, the last commits into the archive too, so a restore can
+/// reach the moment of this stop.
+pub async fn archive_before_stop(superuser: &Endpoint) {
+    match crate::backup::archive_current_wal(superuser).await {
+        Ok(segment) => info!(segment, "archived the current WAL segment before stopping"),
+        Err(e) => warn!(error = %e, "could not archive the current WAL segment before stopping"),
     }
 }

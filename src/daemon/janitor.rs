@@ -22,6 +22,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
+use crate::config::Config;
 use crate::postgres::describe_error;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
@@ -52,6 +53,19 @@ pub struct Janitor {
 }
 
 impl Janitor {
+    /// From `api.idempotency_ttl`, `api.quotas.revoked_device_retention`
+    /// and `database.postgres.log_retention`; `postgres_logs` is the log
+    /// directory of a server keepd runs on this host, if it does.
+    pub fn new(config: &Config, superuser: Endpoint, postgres_logs: Option<PathBuf>) -> Janitor {
+        Janitor {
+            superuser,
+            idempotency_ttl: config.api.idempotency_ttl.get(),
+            revoked_device_retention: config.api.quotas.revoked_device_retention.get(),
+            postgres_logs: postgres_logs
+                .map(|dir| (dir, config.database.postgres.log_retention.get())),
+        }
+    }
+
     /// Sweeps every half TTL (at least every 10 minutes, at most every
     /// second) until `stop`.
     pub async fn run(self, mut stop: Shutdown) {

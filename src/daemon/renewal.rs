@@ -33,6 +33,27 @@ pub struct CertificateRenewal {
 }
 
 impl CertificateRenewal {
+    /// The renewal of the server certificate keepd issued (TCP mode on a
+    /// server it runs), or None.
+    pub fn of(
+        server: &Server,
+        pki: Option<&Arc<NodePki>>,
+        state_dir: &std::path::Path,
+        node_id: &str,
+        superuser: &Endpoint,
+    ) -> Option<CertificateRenewal> {
+        let (address, pki) = (server.tls_address()?, pki?);
+        Some(CertificateRenewal {
+            server: server.clone(),
+            state_dir: state_dir.to_owned(),
+            node_id: node_id.to_string(),
+            addresses: vec![address],
+            superuser: superuser.clone(),
+            installed: pki.server.cert_pem.clone(),
+            installed_crl: pki.crl_pem.clone(),
+        })
+    }
+
     /// Installs and applies a changed server certificate or revocation
     /// list; true if one was.
     async fn check(&mut self) -> Result<bool, String> {

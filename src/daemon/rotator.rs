@@ -50,6 +50,20 @@ pub struct RotationSettings {
     pub connection_limit: i32,
 }
 
+impl RotationSettings {
+    /// From `credentials.*`; the login roles' connection limit leaves the
+    /// pool (`database.pool.max_size`) two more for the rotation itself.
+    pub fn of(config: &crate::config::Config) -> RotationSettings {
+        RotationSettings {
+            method: config.credentials.encryption_method,
+            password_length: config.credentials.password_length,
+            interval: config.credentials.rotation_interval.get(),
+            grace: config.credentials.rotation_grace_period.get(),
+            connection_limit: config.database.pool.max_size as i32 + 2,
+        }
+    }
+}
+
 /// Environment variable naming a rotation step (1-9) after which keepd
 /// kills itself with SIGKILL: a fault point for crash-convergence tests.
 pub const FAULT_STEP_ENV: &str = "KEEPD_FAULT_ROTATION_STEP";

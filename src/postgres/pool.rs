@@ -102,6 +102,16 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// From `database.pool`.
+    pub fn of(config: &crate::config::Config) -> PoolSettings {
+        PoolSettings {
+            max_size: config.database.pool.max_size as usize,
+            acquire_timeout: config.database.pool.acquire_timeout.get(),
+        }
+    }
+}
+
 pub struct Connection {
     client: Client,
     /// Statements prepared on this connection, by the role they run as and

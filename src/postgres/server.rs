@@ -236,6 +236,15 @@ impl Server {
         }
     }
 
+    /// The directory of the server's log files when keepd runs the server
+    /// on this host (native), for the janitor's retention.
+    pub fn own_log_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Server::Native(c) => Some(c.log_dir()),
+            Server::Docker(_) | Server::External(_) => None,
+        }
+    }
+
     /// Where the operator finds the server's own log.
     pub fn where_to_look(&self) -> String {
         match self {

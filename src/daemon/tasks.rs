@@ -1,0 +1,212 @@
+//! What `keepd run` runs once it serves: the named tasks, their start
+//! from each component's own settings, and their stop in order.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use super::backups::BackupSchedule;
+use super::janitor::Janitor;
+use super::reencrypt::Reencryption;
+use super::renewal::CertificateRenewal;
+use super::rotator::Rotator;
+use super::{DaemonError, control, notify, reload};
+use crate::api::{self, Api, WebPolicy};
+use crate::audit::AuditSealer;
+use crate::backup::PgBackRest;
+use crate::config::Config;
+use crate::edge::{self, ApiCertificate, EdgeSettings, TrustedProxies};
+use crate::field_crypto::FieldCipher;
+use crate::metrics::Metrics;
+use crate::postgres::tls::Endpoint;
+use crate::shutdown;
+
+/// What the tasks are made of: the components bringing up built, and the
+/// listeners they serve.
+pub(super) struct Wiring {
+    pub api: Arc<Api>,
+    pub trusted: TrustedProxies,
+    pub api_cert: Option<Arc<ApiCertificate>>,
+    pub listener: tokio::net::TcpListener,
+    pub metrics_listener: Option<tokio::net::TcpListener>,
+    pub control: tokio::net::UnixListener,
+    pub rotator: Arc<Rotator>,
+    pub sealer: AuditSealer,
+    pub fields: Arc<FieldCipher>,
+    pub backups: Option<Arc<PgBackRest>>,
+    pub renewal: Option<CertificateRenewal>,
+    pub renew: Arc<Notify>,
+    /// The log directory of a server keepd runs on this host.
+    pub postgres_logs: Option<std::path::PathBuf>,
+    pub superuser: Endpoint,
+    pub metrics: Arc<Metrics>,
+    pub node_id: String,
+}
+
+/// `/metrics` on its own listener (`api.metrics_listen`).
+pub(super) fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    mut stop: shutdown::Shutdown,
+) -> Result<JoinHandle<std::io::Result<()>>, DaemonError> {
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    info!(%addr, "metrics listening");
+    let router = api::metrics_router(api);
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.requested().await })
+            .await
+    }))
+}
+
+/// The daemon's running tasks, each named, stopped together.
+pub(super) struct Tasks {
+    watchdog: Option<JoinHandle<()>>,
+    api: JoinHandle<std::io::Result<()>>,
+    metrics: Option<JoinHandle<std::io::Result<()>>>,
+    rotation: JoinHandle<()>,
+    control: JoinHandle<()>,
+    sealer: JoinHandle<()>,
+    reencrypt: JoinHandle<()>,
+    janitor: JoinHandle<()>,
+    /// LISTENs for new entries and feeds the live-update streams.
+    events: JoinHandle<()>,
+    /// Marks this node live and counts the live nodes for rate budgets.
+    heartbeat: JoinHandle<()>,
+    /// Aborted at shutdown: a backup under way is not waited for (its
+    /// pgBackRest is killed, and the next start takes it again).
+    backups: Option<JoinHandle<()>>,
+    renewal: Option<JoinHandle<()>>,
+    cert_watch: Option<JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Starts every task, each component built from its own section of
+    /// `config`; the API and the edge share one reading of the trusted
+    /// proxies.
+    pub(super) fn start(
+        config: &Config,
+        w: Wiring,
+        shutdown: &shutdown::Shutdown,
+    ) -> Result<Tasks, DaemonError> {
+        let stop = || shutdown.clone();
+        let web = WebPolicy {
+            cors_origins: config.api.cors_origins.clone(),
+            hsts: w.api_cert.is_some(),
+        };
+        let (events, operator, limited) = (w.api.events.clone(), w.api.clone(), w.api.clone());
+        let metrics_api = w.metrics_listener.map(|listener| (listener, w.api.clone()));
+        let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone());
+        let app = api::router(w.api, &web);
+        let superuser = &w.superuser;
+        Ok(Tasks {
+            watchdog: notify::Notifier::spawn_watchdog(stop()),
+            api: tokio::spawn(edge::serve(
+                w.listener,
+                app,
+                edge,
+                w.metrics.clone(),
+                stop(),
+            )),
+            metrics: match metrics_api {
+                Some((listener, api)) => Some(serve_metrics(listener, api, stop())?),
+                None => None,
+            },
+            rotation: tokio::spawn(w.rotator.clone().run(stop())),
+            control: tokio::spawn(control::serve(w.control, w.rotator, operator, stop())),
+            sealer: tokio::spawn(w.sealer.run(stop())),
+            events: tokio::spawn(api::events::listen(superuser.clone(), events, stop())),
+            heartbeat: tokio::spawn(crate::cluster::heartbeat::run(
+                superuser.clone(),
+                w.node_id,
+                move |nodes| limited.set_cluster_nodes(nodes),
+                stop(),
+            )),
+            reencrypt: tokio::spawn(
+                Reencryption {
+                    fields: w.fields,
+                    superuser: superuser.clone(),
+                }
+                .run(stop()),
+            ),
+            backups: w.backups.map(|pgbackrest| {
+                let schedule =
+                    BackupSchedule::new(config, pgbackrest, superuser.clone(), w.metrics.clone());
+                tokio::spawn(schedule.run(stop()))
+            }),
+            janitor: tokio::spawn(
+                Janitor::new(config, superuser.clone(), w.postgres_logs).run(stop()),
+            ),
+            renewal: w
+                .renewal
+                .map(|renewal| tokio::spawn(renewal.run(w.renew.clone(), stop()))),
+            cert_watch: w
+                .api_cert
+                .map(|cert| tokio::spawn(cert.watch(std::time::Duration::from_secs(5), stop()))),
+        })
+    }
+
+    /// Asks every task to stop and waits for each: the watchdog and the
+    /// API first (no new work), then the background tasks.
+    pub(super) async fn shutdown(self, stop: shutdown::ShutdownTrigger) {
+        stop.trigger();
+        if let Some(task) = self.watchdog {
+            let _ = task.await;
+        }
+        match self.api.await {
+            Ok(Err(e)) => error!(error = %e, "api server failed"),
+            Err(e) => error!(error = %e, "api server task failed"),
+            Ok(Ok(())) => {}
+        }
+        let _ = tokio::join!(
+            self.rotation,
+            self.control,
+            self.sealer,
+            self.reencrypt,
+            self.janitor,
+            self.events,
+            self.heartbeat
+        );
+        if let Some(task) = self.backups {
+            task.abort();
+            let _ = task.await;
+        }
+        for task in [self.renewal, self.cert_watch].into_iter().flatten() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.metrics {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Returns on SIGTERM or SIGINT. SIGHUP reloads (see `reload`) and checks
+/// the TLS certificate.
+pub(super) async fn wait_for_shutdown(
+    config_path: &Path,
+    renew: &Notify,
+    reloader: &mut reload::Reloader,
+    api_cert: Option<&ApiCertificate>,
+) -> Result<(), DaemonError> {
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!(signal = "SIGTERM", "stop requested"); return Ok(()); }
+            _ = int.recv() => { info!(signal = "SIGINT", "stop requested"); return Ok(()); }
+            _ = hup.recv() => {
+                info!(signal = "SIGHUP", path = %config_path.display(), "reloading the configuration");
+                reloader.reload(config_path);
+                renew.notify_one();
+                if let Some(cert) = api_cert {
+                    cert.reload_logged("SIGHUP");
+                }
+            }
+        }
+    }
+}
