@@ -50,74 +50,75 @@ pub const TABLES: [&str; 13] = [
     "keepd_audit.audit_chain",
 ];
 
+use super::GroupRole;
 use Privilege::{Delete as D, Insert as I, Select as S, Update as U};
 
 /// (group role, table, privileges). A pair not listed has no privilege.
-pub const MATRIX: &[(&str, &str, &[Privilege])] = &[
+pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     // Accounts and sessions: registration, login, logout, erasure.
-    ("keepd_auth", "keepd.users", &[S, I, U, D]),
-    ("keepd_auth", "keepd.sessions", &[S, I, U, D]),
+    (GroupRole::Auth, "keepd.users", &[S, I, U, D]),
+    (GroupRole::Auth, "keepd.sessions", &[S, I, U, D]),
     // Registration consumes an invite (api.registration: invite).
-    ("keepd_auth", "keepd.invites", &[S, U]),
+    (GroupRole::Auth, "keepd.invites", &[S, U]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     // Every transaction for a caller checks the caller's session in it.
-    ("keepd_sync", "keepd.sessions", &[S]),
+    (GroupRole::Sync, "keepd.sessions", &[S]),
     // DELETE: a vault erased with its key and entries (DELETE
     // /sync/vault); UPDATE of a key: re-wrapped under a new password.
-    ("keepd_sync", "keepd.vaults", &[S, I, U, D]),
-    ("keepd_sync", "keepd.vault_keys", &[S, I, U]),
-    ("keepd_sync", "keepd.sync_logs", &[S, I]),
+    (GroupRole::Sync, "keepd.vaults", &[S, I, U, D]),
+    (GroupRole::Sync, "keepd.vault_keys", &[S, I, U]),
+    (GroupRole::Sync, "keepd.sync_logs", &[S, I]),
     // UPDATE: an expired Idempotency-Key record is replaced in place.
-    ("keepd_sync", "keepd.push_requests", &[S, I, U]),
-    ("keepd_sync", "keepd.devices", &[S, I, U]),
-    ("keepd_sync", "keepd.backups", &[S, I]),
+    (GroupRole::Sync, "keepd.push_requests", &[S, I, U]),
+    (GroupRole::Sync, "keepd.devices", &[S, I, U]),
+    (GroupRole::Sync, "keepd.backups", &[S, I]),
     // Read against api.quotas; only the owner's counting triggers write it.
-    ("keepd_sync", "keepd.account_usage", &[S]),
+    (GroupRole::Sync, "keepd.account_usage", &[S]),
     // Reads of synced data.
-    ("keepd_query", "keepd.sessions", &[S]),
-    ("keepd_query", "keepd.vaults", &[S]),
-    ("keepd_query", "keepd.vault_keys", &[S]),
-    ("keepd_query", "keepd.sync_logs", &[S]),
-    ("keepd_query", "keepd.devices", &[S]),
-    ("keepd_query", "keepd.backups", &[S]),
-    ("keepd_query", "keepd.account_usage", &[S]),
+    (GroupRole::Query, "keepd.sessions", &[S]),
+    (GroupRole::Query, "keepd.vaults", &[S]),
+    (GroupRole::Query, "keepd.vault_keys", &[S]),
+    (GroupRole::Query, "keepd.sync_logs", &[S]),
+    (GroupRole::Query, "keepd.devices", &[S]),
+    (GroupRole::Query, "keepd.backups", &[S]),
+    (GroupRole::Query, "keepd.account_usage", &[S]),
     // The audit trail: append and read, nothing else.
-    ("keepd_audit", "keepd_audit.audit_log", &[S, I]),
-    ("keepd_audit", "keepd_audit.audit_chain", &[S, I]),
+    (GroupRole::Audit, "keepd_audit.audit_log", &[S, I]),
+    (GroupRole::Audit, "keepd_audit.audit_chain", &[S, I]),
     // The operator's account commands (`keepd account`, control socket):
     // every account's row (some columns only: `COLUMNS`), sessions and
     // usage; disabling ends sessions, deleting erases (the rest follows by
     // cascade); invites are issued.
-    ("keepd_operator", "keepd.users", &[D]),
-    ("keepd_operator", "keepd.sessions", &[S, U]),
-    ("keepd_operator", "keepd.account_usage", &[S]),
-    ("keepd_operator", "keepd.invites", &[I]),
+    (GroupRole::Operator, "keepd.users", &[D]),
+    (GroupRole::Operator, "keepd.sessions", &[S, U]),
+    (GroupRole::Operator, "keepd.account_usage", &[S]),
+    (GroupRole::Operator, "keepd.invites", &[I]),
     // Read-only access to everything.
-    ("keepd_readonly", "keepd.users", &[S]),
-    ("keepd_readonly", "keepd.sessions", &[S]),
-    ("keepd_readonly", "keepd.vaults", &[S]),
-    ("keepd_readonly", "keepd.vault_keys", &[S]),
-    ("keepd_readonly", "keepd.sync_logs", &[S]),
-    ("keepd_readonly", "keepd.push_requests", &[S]),
-    ("keepd_readonly", "keepd.devices", &[S]),
-    ("keepd_readonly", "keepd.backups", &[S]),
-    ("keepd_readonly", "keepd.account_usage", &[S]),
-    ("keepd_readonly", "keepd.invites", &[S]),
-    ("keepd_readonly", "keepd_audit.audit_log", &[S]),
-    ("keepd_readonly", "keepd_audit.audit_chain", &[S]),
+    (GroupRole::Readonly, "keepd.users", &[S]),
+    (GroupRole::Readonly, "keepd.sessions", &[S]),
+    (GroupRole::Readonly, "keepd.vaults", &[S]),
+    (GroupRole::Readonly, "keepd.vault_keys", &[S]),
+    (GroupRole::Readonly, "keepd.sync_logs", &[S]),
+    (GroupRole::Readonly, "keepd.push_requests", &[S]),
+    (GroupRole::Readonly, "keepd.devices", &[S]),
+    (GroupRole::Readonly, "keepd.backups", &[S]),
+    (GroupRole::Readonly, "keepd.account_usage", &[S]),
+    (GroupRole::Readonly, "keepd.invites", &[S]),
+    (GroupRole::Readonly, "keepd_audit.audit_log", &[S]),
+    (GroupRole::Readonly, "keepd_audit.audit_chain", &[S]),
 ];
 
 /// Privileges a role holds on some columns of a table only, never the
 /// whole table: the operator reads and changes what it manages of an
 /// account, never its password hash.
-pub const COLUMNS: &[(&str, &str, Privilege, &[&str])] = &[
+pub const COLUMNS: &[(GroupRole, &str, Privilege, &[&str])] = &[
     (
-        "keepd_operator",
+        GroupRole::Operator,
         "keepd.users",
         S,
         &["id", "email_hmac", "created_at", "disabled_at"],
     ),
-    ("keepd_operator", "keepd.users", U, &["disabled_at"]),
+    (GroupRole::Operator, "keepd.users", U, &["disabled_at"]),
 ];
 
 /// What pgAudit's object logging watches (`pgaudit.role` =
@@ -192,7 +193,7 @@ mod tests {
     #[test]
     fn every_cell_names_a_known_role_and_table_once() {
         for (i, (role, table, privileges)) in MATRIX.iter().enumerate() {
-            assert!(super::super::GROUP_ROLES.contains(role), "{role}");
+            assert!(GroupRole::ALL.contains(role), "{role}");
             assert!(TABLES.contains(table), "{table}");
             assert!(!privileges.is_empty());
             assert!(

@@ -74,15 +74,64 @@ pub const OWNER_ROLE: &str = "keepd_owner";
 /// NOLOGIN role whose privileges are what pgAudit's object logging logs
 /// (`pgaudit.role`); it is granted, never used.
 pub const AUDITOR_ROLE: &str = "keepd_auditor";
-/// NOLOGIN group roles the login roles are members of.
-pub const GROUP_ROLES: [&str; 6] = [
-    "keepd_sync",
-    "keepd_query",
-    "keepd_auth",
-    "keepd_audit",
-    "keepd_readonly",
-    "keepd_operator",
-];
+/// The NOLOGIN group roles the login roles are members of: every unit of
+/// work runs as one (`pool`), the matrix grants to them (`matrix`), the
+/// renderer and bootstrap create them. Their names are spelled here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupRole {
+    Sync,
+    Query,
+    Auth,
+    Audit,
+    Readonly,
+    /// The operator's account commands (`keepd account`).
+    Operator,
+}
+
+impl GroupRole {
+    pub const ALL: [GroupRole; 6] = [
+        GroupRole::Sync,
+        GroupRole::Query,
+        GroupRole::Auth,
+        GroupRole::Audit,
+        GroupRole::Readonly,
+        GroupRole::Operator,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            GroupRole::Sync => "keepd_sync",
+            GroupRole::Query => "keepd_query",
+            GroupRole::Auth => "keepd_auth",
+            GroupRole::Audit => "keepd_audit",
+            GroupRole::Readonly => "keepd_readonly",
+            GroupRole::Operator => "keepd_operator",
+        }
+    }
+}
+
+impl std::fmt::Display for GroupRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl PartialEq<&str> for GroupRole {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+/// The group roles' names, in `GroupRole::ALL`'s order.
+pub const GROUP_ROLES: [&str; 6] = {
+    let mut names = [""; 6];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = GroupRole::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
 /// A Postgres error as an operator needs it: the server's own message with
 /// its detail and hint, or the connection problem with its cause (the

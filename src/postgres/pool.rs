@@ -30,30 +30,7 @@ pub struct LoginCredential {
     pub password: SecretString,
 }
 
-/// The group role a unit of work runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GroupRole {
-    Sync,
-    Query,
-    Auth,
-    Audit,
-    Readonly,
-    /// The operator's account commands (`keepd account`).
-    Operator,
-}
-
-impl GroupRole {
-    pub fn name(self) -> &'static str {
-        match self {
-            GroupRole::Sync => "keepd_sync",
-            GroupRole::Query => "keepd_query",
-            GroupRole::Auth => "keepd_auth",
-            GroupRole::Audit => "keepd_audit",
-            GroupRole::Readonly => "keepd_readonly",
-            GroupRole::Operator => "keepd_operator",
-        }
-    }
-}
+pub use super::GroupRole;
 
 /// Who a unit of work runs for: the group role and, for tenant data, the
 /// user whose rows it may see. A login lookup instead names the email HMAC
