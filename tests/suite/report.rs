@@ -1,7 +1,7 @@
 //! The security report measured from a live keepd, each check's pass and
 //! fail path provoked from outside, and the three fallback modes.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! follows, the 503s end within seconds, and every acknowledged entry is
 //! there afterwards, gap-free.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

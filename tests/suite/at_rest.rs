@@ -1,7 +1,7 @@
 //! Encryption at rest (`method: application`) through the API, key
 //! rotation with background re-encryption, and an unknown key version.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! continuously into an encrypted repository, backups taken, listed and
 //! verified through `keepd backup`.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! keepd as a service: the systemd unit's exposure rating, the launchd
 //! plist, and the sd_notify conversation on a test notify socket.
 
-mod common;
+use crate::common;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;

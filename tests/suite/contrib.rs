@@ -5,7 +5,7 @@
 //! node below its own `security.minimum_level` fires
 //! `KeepdSecurityLevelBelowMinimum`.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

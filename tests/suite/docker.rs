@@ -2,7 +2,7 @@
 //! (scripts/build-test-image.sh). Skipped, saying why, only where no
 //! Docker engine answers.
 
-mod common;
+use crate::common;
 
 use keepd::postgres::docker::DockerNames;
 

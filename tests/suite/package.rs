@@ -9,7 +9,7 @@
 //! reachable here) and reuses. Skipped, saying why, only where no Docker
 //! engine answers. Each step prints how long it took (`package: ...`).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

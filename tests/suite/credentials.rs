@@ -2,7 +2,7 @@
 //! outside: through `keepd psql`, `keepd rotate`, the HTTP API, the files
 //! and the process table.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

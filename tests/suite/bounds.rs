@@ -4,7 +4,7 @@
 //! ALPN. Traffic stays on loopback (127.0.0.0/8) and every loop is bounded
 //! in time.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

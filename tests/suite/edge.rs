@@ -4,7 +4,7 @@
 //! starve others, a slow body answered 408, security headers, and the
 //! edge as the security report measures it.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,7 +1,7 @@
 //! The sync API over real HTTPS against a real keepd and Postgres, driven
 //! by the reference client.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

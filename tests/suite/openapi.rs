@@ -7,7 +7,7 @@
 //! the one check it turns off for two routes and why, is
 //! tests/schemathesis/schemathesis.toml.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

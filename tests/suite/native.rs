@@ -1,7 +1,7 @@
 //! keepd with the native provider, driven from outside: real binary, real
 //! Postgres, real signals.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! audit chain, proven against a real keepd-managed Postgres through the
 //! public API (the role-aware pool) and the binary (`keepd audit verify`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

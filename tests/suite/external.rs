@@ -1,7 +1,7 @@
 //! The external provider: two keepd nodes on one Postgres the test suite
 //! starts itself (TLS with its own CA, a password-protected superuser).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

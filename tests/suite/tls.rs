@@ -1,7 +1,7 @@
 //! TCP mode: Postgres on a TLS-only TCP address with client certificates,
 //! proven from outside with real connection attempts.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,7 +1,7 @@
 //! Faults under load: nothing acknowledged is lost, nothing is half
 //! applied, and keepd answers again by itself.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;

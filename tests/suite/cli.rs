@@ -1,6 +1,6 @@
 //! The command line from a user's side: help, version, configuration errors.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
