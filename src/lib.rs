@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
+pub mod backoff;
 pub mod backup;
 pub mod client;
 pub mod clock;

@@ -38,6 +38,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::error::ApiError;
+use crate::backoff::Backoff;
 use crate::edge::StreamMark;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
@@ -378,7 +379,7 @@ fn end(reason: &str) -> Event {
 /// as keepd runs, feeding `events`; a lost connection is made again (a
 /// second later, then less often), and the streams carry on meanwhile.
 pub async fn listen(endpoint: Endpoint, events: Arc<Events>, mut stop: Shutdown) {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let sink = events.clone();
         let connected = endpoint
@@ -392,7 +393,7 @@ pub async fn listen(endpoint: Endpoint, events: Arc<Events>, mut stop: Shutdown)
                     channel = CHANNEL,
                     "events: listening for new entries and ended sessions"
                 );
-                backoff = Duration::from_secs(1);
+                backoff.reset();
                 tokio::select! {
                     _ = connection => warn!("events: the listening connection ended; connecting again"),
                     _ = stop.requested() => return,
@@ -403,10 +404,9 @@ pub async fn listen(endpoint: Endpoint, events: Arc<Events>, mut stop: Shutdown)
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = stop.requested() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::server::{Running, Server};
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 
@@ -88,25 +89,25 @@ async fn supervise(
     mut stop: Shutdown,
     metrics: Arc<Metrics>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         match run_once(&server, &probe, &state, &mut stop).await {
             Outcome::Stopped => break,
             Outcome::Died { uptime } => {
                 if uptime >= STABLE_AFTER {
-                    backoff = FIRST_BACKOFF;
+                    backoff.reset();
                 }
                 let _ = state.send(PgState::Restarting);
                 metrics.postgres_restarted();
+                let delay = backoff.next_delay();
                 warn!(
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = delay.as_millis() as u64,
                     "restarting postgres"
                 );
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = stop.requested() => break,
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
