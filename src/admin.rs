@@ -11,11 +11,11 @@ use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::pki::NodePki;
 use crate::postgres::docker::{DockerError, container_facts};
-use crate::postgres::external::{ExternalError, ExternalServer};
+use crate::postgres::external::ExternalError;
+use crate::postgres::locate::locate;
 use crate::postgres::native::PgBinaries;
-use crate::postgres::render::socket_dir;
-use crate::postgres::tls::{Endpoint, Tls};
-use crate::postgres::{DATABASE, PgAddress, SUPERUSER, endpoint, roles};
+use crate::postgres::tls::Endpoint;
+use crate::postgres::{DATABASE, PgAddress, SUPERUSER, roles};
 use crate::report::Report;
 use crate::report::measure::{Inputs, measure};
 use crate::secrets::store::{CredentialStore, Credentials, StoreError};
@@ -76,8 +76,8 @@ pub enum AdminError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("no container address recorded in {0}; start keepd (docker provider, TCP mode) first")]
-    NotRunning(PathBuf),
+    #[error(transparent)]
+    Locate(#[from] crate::postgres::locate::LocateError),
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
@@ -123,45 +123,12 @@ fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
     Ok((identity, credentials))
 }
 
-/// Where keepd's Postgres listens, and in TCP mode the node PKI.
-fn address(
-    config: &Config,
-    identity: &NodeIdentity,
-) -> Result<(PgAddress, Option<NodePki>), AdminError> {
-    if let Provider::External = config.database.postgres.provider {
-        // libpq's list form: every server, tried in order.
-        let targets = config.database.postgres.external.targets();
-        let hosts: Vec<&str> = targets.iter().map(|(host, _)| host.as_str()).collect();
-        return Ok((PgAddress::Host(hosts.join(",")), None));
-    }
-    if !Topology::of(config).is_tcp() {
-        // The docker provider's socket directory is a bind mount from
-        // runtime_dir; socket_dir names its path inside the container.
-        let dir = match config.database.postgres.provider {
-            Provider::Docker => Layout::of(config).socket_dir(),
-            Provider::Native | Provider::External => socket_dir(config),
-        };
-        return Ok((PgAddress::Socket(dir), None));
-    }
-    // The docker provider's container has an address of its own.
-    let recorded = std::fs::read_to_string(Layout::of(config).docker_address_file())
-        .ok()
-        .and_then(|text| text.trim().parse().ok());
-    let address = match config.database.postgres.provider {
-        Provider::Docker => {
-            recorded.ok_or_else(|| AdminError::NotRunning(config.node.runtime_dir.clone()))?
-        }
-        Provider::Native | Provider::External => config.network.bind_address,
-    };
-    // Read only: the daemon issues and renews; an operator command never does.
-    let pki = NodePki::load(&config.node.state_dir, identity.node_id().as_str())?;
-    Ok((PgAddress::Tcp(address), Some(pki)))
-}
-
 /// The password as a libpq password file that exists only in memory (a
 /// memfd, 0600, left open for psql to inherit and read as /dev/fd/N): it
 /// never enters an environment, so neither psql's nor its children's
-/// (`\!`, pg_dump) hold it.
+/// (`\!`, pg_dump) hold it. Linux only: elsewhere there is no memfd, and
+/// keepd writes the password to no file, so `keepd psql` is refused.
+#[cfg(target_os = "linux")]
 fn passfile(
     user: &str,
     password: &crate::secrets::values::SecretString,
@@ -187,6 +154,20 @@ fn passfile(
     Ok(fd)
 }
 
+#[cfg(not(target_os = "linux"))]
+fn passfile(
+    _user: &str,
+    _password: &crate::secrets::values::SecretString,
+) -> Result<std::os::fd::OwnedFd, AdminError> {
+    Err(AdminError::Io {
+        what: "hand the password to psql",
+        source: std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "keepd psql passes the password in memory (a memfd), which only Linux has",
+        ),
+    })
+}
+
 /// keepd's superuser (an external server's administrator) on keepd's
 /// database, as `application`.
 fn superuser_endpoint(
@@ -195,20 +176,8 @@ fn superuser_endpoint(
     credentials: &Credentials,
     application: &str,
 ) -> Result<Endpoint, AdminError> {
-    let mut endpoint = if let Provider::External = config.database.postgres.provider {
-        ExternalServer::from_config(config)?.admin_endpoint(DATABASE)
-    } else {
-        let (address, pki) = address(config, identity)?;
-        let tls = Tls::maybe(pki.map(std::sync::Arc::new).as_ref(), SUPERUSER)?;
-        endpoint(
-            &address,
-            config.network.port,
-            SUPERUSER,
-            &credentials.superuser,
-            DATABASE,
-            tls,
-        )
-    };
+    let located = locate(config, identity.node_id().as_str())?;
+    let mut endpoint = located.superuser_endpoint(&credentials.superuser, DATABASE)?;
     endpoint.config.application_name(application);
     Ok(endpoint)
 }
@@ -589,19 +558,9 @@ pub fn psql(
         .map(|b| b.dir.join("psql"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("psql"));
-    // On an external server keepd's superuser is its administrator.
-    let external = match pg.provider {
-        Provider::External => Some(ExternalServer::from_config(config)?),
-        Provider::Native | Provider::Docker => None,
-    };
-    let (user, password, port) = match &external {
-        Some(server) if user == SUPERUSER => {
-            let (name, secret) = server.admin();
-            (name.to_string(), secret.clone(), server.libpq_ports())
-        }
-        Some(server) => (user, password, server.libpq_ports()),
-        None => (user, password, config.network.port.to_string()),
-    };
+    let located = locate(config, node.as_str())?;
+    let (user, password) = located.login(user, password);
+    let port = located.ports.clone();
     // Kept open until psql exits: psql reads the password from it.
     let passfile = passfile(&user, &password)?;
     let mut command = Command::new(&program);
@@ -619,7 +578,7 @@ pub fn psql(
     // certificate for this role goes into a private directory that is
     // removed when psql exits.
     let mut scratch = None;
-    match address(config, &identity)? {
+    match (located.address, located.pki) {
         (PgAddress::Socket(dir), _) => {
             command.env("PGHOST", dir);
         }

@@ -6,6 +6,7 @@ pub mod child;
 pub mod commands;
 pub mod docker;
 pub mod external;
+pub mod locate;
 pub mod matrix;
 pub mod migrate;
 pub mod native;
@@ -133,9 +134,6 @@ pub const GROUP_ROLES: [&str; 6] = {
     names
 };
 
-/// A Postgres error as an operator needs it: the server's own message with
-/// its detail and hint, or the connection problem with its cause (the
-/// driver's Display alone says only "db error").
 /// Where Postgres listens for keepd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PgAddress {
@@ -193,6 +191,9 @@ pub fn endpoint(
     tls::Endpoint { config, tls }
 }
 
+/// A Postgres error as an operator needs it: the server's own message with
+/// its detail and hint, or the connection problem with its cause (the
+/// driver's Display alone says only "db error").
 pub fn describe_error(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => {
