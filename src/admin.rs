@@ -229,28 +229,8 @@ pub async fn restore(
     if let Some(repository) = &config.backup.repository {
         let copy = crate::repository::credentials_copy(repository);
         if !layout.credentials().exists() && copy.exists() {
-            let io = |source| AdminError::Io {
-                what: "take db.enc from the backup repository",
-                source,
-            };
-            let sealed = std::fs::read(&copy).map_err(io)?;
-            // Postgres's account can write the repository: only a copy it
-            // could not have made itself (a part keyed by the identity's
-            // seed, hkdf or hybrid) is taken.
             let identity = NodeIdentity::load(&layout.identity_key())?;
-            let (method, _) = crate::secrets::seal::open(&identity, &sealed)
-                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            if method == crate::config::SealMethod::X25519 {
-                return Err(io(std::io::Error::other(format!(
-                    "{} is sealed with x25519 only, which anyone may seal to this node; \
-                     copy db.enc back by hand if you trust it",
-                    copy.display()
-                ))));
-            }
-            if let Some(dir) = layout.credentials().parent() {
-                fsutil::ensure_private_dir(dir).map_err(io)?;
-            }
-            fsutil::write_atomic(layout.credentials(), &sealed, None).map_err(io)?;
+            CredentialStore::new(layout.credentials().to_owned()).adopt_copy(&identity, &copy)?;
             eprintln!("keepd: db.enc taken from the backup repository");
         }
     }
@@ -600,10 +580,7 @@ pub fn psql(
         }
         (PgAddress::Tcp(ip), pki) => {
             let pki = pki.expect("TCP mode has a PKI");
-            let dir = config
-                .node
-                .runtime_dir
-                .join(format!("psql-{}", std::process::id()));
+            let dir = Layout::of(config).psql_scratch_dir(std::process::id());
             let io = |source| AdminError::Scratch {
                 path: dir.clone(),
                 source,

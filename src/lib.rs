@@ -29,3 +29,6 @@ pub mod service;
 pub mod shutdown;
 pub mod state_lock;
 pub mod tokens;
+
+#[cfg(test)]
+mod invariants;

@@ -306,7 +306,7 @@ impl NodePki {
         addresses: &[IpAddr],
         now: SystemTime,
     ) -> Result<NodePki, PkiError> {
-        let dir = state_dir.join("pki");
+        let dir = crate::config::Layout::pki_dir_in(state_dir);
         fsutil::ensure_private_dir(&dir).map_err(|source| PkiError::Write {
             path: dir.clone(),
             source,
@@ -472,7 +472,7 @@ impl NodePki {
     /// commands: read only, never issued, renewed or written.
     pub fn load(state_dir: &Path, node_id: &str) -> Result<NodePki, PkiError> {
         let files = Files {
-            dir: state_dir.join("pki"),
+            dir: crate::config::Layout::pki_dir_in(state_dir),
         };
         let read = |name: &str| {
             files.read(name)?.ok_or_else(|| PkiError::Missing {

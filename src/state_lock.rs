@@ -40,7 +40,7 @@ impl StateLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(state_dir.join("keepd.lock"))
+            .open(crate::config::Layout::lock_file_in(state_dir))
             .map_err(io_err)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,

@@ -49,7 +49,13 @@ impl Layout {
 
     /// The lock one keepd per state directory holds.
     pub fn lock_file(&self) -> PathBuf {
-        self.state_dir.join("keepd.lock")
+        Layout::lock_file_in(&self.state_dir)
+    }
+
+    /// The lock file in `state_dir`, for the lock taken before the rest
+    /// of the layout is needed.
+    pub fn lock_file_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("keepd.lock")
     }
 
     /// The Postgres data directory (native provider).
@@ -88,7 +94,13 @@ impl Layout {
 
     /// The node CA and the certificates it issued (TCP mode).
     pub fn pki_dir(&self) -> PathBuf {
-        self.state_dir.join("pki")
+        Layout::pki_dir_in(&self.state_dir)
+    }
+
+    /// The PKI directory in `state_dir` (`pki` takes the state directory
+    /// alone).
+    pub fn pki_dir_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("pki")
     }
 
     /// Postgres's server certificate as keepd issued it.
@@ -119,6 +131,12 @@ impl Layout {
     /// Where the docker provider records the container's address (TCP).
     pub fn docker_address_file(&self) -> PathBuf {
         self.runtime_dir.join("postgres.address")
+    }
+
+    /// `keepd psql`'s private directory for its client certificate (TCP
+    /// mode: psql reads certificates from files), removed when psql exits.
+    pub fn psql_scratch_dir(&self, pid: u32) -> PathBuf {
+        self.runtime_dir.join(format!("psql-{pid}"))
     }
 
     /// keepd's control socket (`keepd rotate`, ...).

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::backup::{BackupKind, BackupStatus, PgBackRest};
 use crate::config::{Config, Layout};
-use crate::secrets::store::Credentials;
+use crate::secrets::store::{CredentialStore, Credentials};
 
 use super::DaemonError;
 use crate::clock::unix_now;
@@ -142,11 +142,7 @@ pub async fn set_up(
     backups.stanza_create().await?;
     if let Some(repository) = &config.backup.repository {
         let copy = crate::repository::credentials_copy(repository);
-        let sealed = std::fs::read(layout.credentials())
-            .and_then(|bytes| crate::fsutil::write_atomic(&copy, &bytes, None));
-        if let Err(source) = sealed {
-            return Err(DaemonError::Directory { path: copy, source });
-        }
+        CredentialStore::new(layout.credentials().to_owned()).copy_sealed_to(&copy)?;
     }
     let repository = match (&config.backup.repository, &config.backup.s3) {
         (Some(dir), _) => dir.display().to_string(),

@@ -35,6 +35,11 @@ pub enum StoreError {
          same backup"
     )]
     Open { path: PathBuf, source: SealError },
+    #[error(
+        "{path} is sealed with x25519 only, which anyone may seal to this node; copy db.enc \
+         back by hand if you trust it"
+    )]
+    Unproven { path: PathBuf },
     #[error("sealed credentials {path} decrypt but do not hold credentials: {reason}")]
     Payload { path: PathBuf, reason: String },
     #[error(
@@ -202,6 +207,46 @@ impl CredentialStore {
             serde_json::from_slice(&plaintext).map_err(|e| payload_err(e.to_string()))?;
         credentials.check().map_err(payload_err)?;
         Ok(Some((credentials, method)))
+    }
+
+    /// Writes the file, still sealed, to `dest` (a backup repository keeps
+    /// it beside the backups for a restore onto a fresh state directory).
+    pub fn copy_sealed_to(&self, dest: &Path) -> Result<(), StoreError> {
+        let sealed = std::fs::read(&self.path).map_err(|source| StoreError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        fsutil::write_atomic(dest, &sealed, None).map_err(|source| StoreError::Write {
+            path: dest.to_owned(),
+            source,
+        })
+    }
+
+    /// Takes the sealed copy at `from` as this file (a restore onto a
+    /// fresh state directory). Only a copy this node's identity could
+    /// have made is taken: the copy's directory may be writable by
+    /// others, and x25519 alone lets anyone seal to the node's public key.
+    pub fn adopt_copy(&self, identity: &NodeIdentity, from: &Path) -> Result<(), StoreError> {
+        let sealed = std::fs::read(from).map_err(|source| StoreError::Read {
+            path: from.to_owned(),
+            source,
+        })?;
+        let (method, _) = seal::open(identity, &sealed).map_err(|source| StoreError::Open {
+            path: from.to_owned(),
+            source,
+        })?;
+        if method == SealMethod::X25519 {
+            return Err(StoreError::Unproven {
+                path: from.to_owned(),
+            });
+        }
+        let write_err = |source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fsutil::ensure_private_dir(dir).map_err(write_err)?;
+        fsutil::write_atomic(&self.path, &sealed, None).map_err(write_err)
     }
 
     /// Replaces the file atomically; a crash leaves the old or the new one.
