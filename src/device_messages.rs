@@ -41,9 +41,87 @@ pub fn backup_v2(
     message
 }
 
+/// A backup as its device signed it.
+pub struct SignedBackup<'a> {
+    pub device: Uuid,
+    pub classification: &'a str,
+    pub nonce: &'a [u8],
+    pub auth_tag: &'a [u8],
+    pub ciphertext: &'a [u8],
+}
+
+/// Why a backup's signature was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the device's stored key is not an Ed25519 public key")]
+    StoredKey,
+    #[error("the signature does not verify with the device's key")]
+    Mismatch,
+}
+
+/// Checks `signature` (version 1: over the ciphertext alone, legacy;
+/// version 2: over `backup_v2`) with the device's `public_key`.
+pub fn verify_backup(
+    public_key: &[u8],
+    version: i16,
+    backup: &SignedBackup<'_>,
+    signature: &ed25519_dalek::Signature,
+) -> Result<(), SignatureError> {
+    let key = <[u8; 32]>::try_from(public_key)
+        .ok()
+        .and_then(|bytes| ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok())
+        .ok_or(SignatureError::StoredKey)?;
+    let message = match version {
+        2 => backup_v2(
+            backup.device,
+            backup.classification,
+            backup.nonce,
+            backup.auth_tag,
+            backup.ciphertext,
+        ),
+        _ => backup.ciphertext.to_vec(),
+    };
+    key.verify_strict(&message, signature)
+        .map_err(|_| SignatureError::Mismatch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backup_signatures_verify_by_version_only_over_their_message() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let device = SigningKey::from_bytes(&[9; 32]);
+        let public = device.verifying_key().to_bytes();
+        let backup = SignedBackup {
+            device: Uuid::from_u128(7),
+            classification: "Internal",
+            nonce: &[1, 2],
+            auth_tag: &[3],
+            ciphertext: b"abc",
+        };
+        let v2 = device.sign(&backup_v2(backup.device, "Internal", &[1, 2], &[3], b"abc"));
+        let v1 = device.sign(b"abc");
+        assert!(verify_backup(&public, 2, &backup, &v2).is_ok());
+        assert!(verify_backup(&public, 1, &backup, &v1).is_ok());
+        assert!(matches!(
+            verify_backup(&public, 2, &backup, &v1),
+            Err(SignatureError::Mismatch)
+        ));
+        let other = SignedBackup {
+            classification: "Public",
+            ..backup
+        };
+        assert!(
+            verify_backup(&public, 2, &other, &v2).is_err(),
+            "v2 covers the classification"
+        );
+        assert!(matches!(
+            verify_backup(&[0; 31], 2, &backup, &v2),
+            Err(SignatureError::StoredKey)
+        ));
+    }
 
     #[test]
     fn messages_are_pinned_byte_for_byte() {

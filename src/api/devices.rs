@@ -19,13 +19,13 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, ApiPath, ApiQuery, UserAuth, page_limit, whole};
+use super::extract::{ApiJson, ApiPath, ApiQuery, CursorPage, UserAuth, page_limit, whole};
 use super::store::backups::{self, NewBackup};
 use super::store::{devices, usage};
 use super::sync::{check_base64, check_text};
 use super::{Api, iso8601};
 use crate::audit::AuditAction;
-use crate::device_messages;
+use crate::device_messages::{self, SignatureError, SignedBackup};
 use crate::postgres::pool::{GroupRole, ScopedTransaction};
 
 const MAX_DEVICE_NAME_CHARS: usize = 200;
@@ -346,13 +346,11 @@ pub(super) async fn list_devices(
     // One more than asked tells whether there is another page.
     let found = devices::list(&tx, &api.fields, auth.user, page.after, limit + 1).await?;
     tx.commit().await?;
-    let mut devices: Vec<Device> = found.into_iter().map(Device::from).collect();
-    let next_cursor = if devices.len() as i64 > limit {
-        devices.truncate(limit as usize);
-        devices.last().map(|d| d.id)
-    } else {
-        None
-    };
+    let devices: Vec<Device> = found.into_iter().map(Device::from).collect();
+    let CursorPage {
+        items: devices,
+        next: next_cursor,
+    } = CursorPage::of(devices, limit, |d| d.id);
     Ok(Json(DevicesResponse {
         devices,
         next_cursor,
@@ -450,33 +448,34 @@ pub(super) async fn store_backup(
             "this device was revoked; its backups are no longer accepted",
         ));
     }
-    let key = <[u8; 32]>::try_from(device.public_key.as_slice())
-        .ok()
-        .and_then(|bytes| VerifyingKey::from_bytes(&bytes).ok())
-        .ok_or_else(|| ApiError::internal("device key", &"stored key is not Ed25519"))?;
-    let signed = if version == 2 {
-        device_messages::backup_v2(
-            body.device_id,
-            classification,
-            &nonce,
-            &auth_tag,
-            &ciphertext,
-        )
-    } else {
-        ciphertext.clone()
+    let signed = SignedBackup {
+        device: body.device_id,
+        classification,
+        nonce: &nonce,
+        auth_tag: &auth_tag,
+        ciphertext: &ciphertext,
     };
-    if key.verify_strict(&signed, &signature).is_err() {
-        return Err(ApiError::bad_request(
-            "bad_signature",
-            format!(
-                "`signature` does not verify with this device's key over {}",
-                if version == 2 {
-                    "the version 2 backup message (docs/api.md)"
-                } else {
-                    "the ciphertext (signature version 1)"
-                }
-            ),
-        ));
+    match device_messages::verify_backup(&device.public_key, version, &signed, &signature) {
+        Ok(()) => {}
+        Err(SignatureError::StoredKey) => {
+            return Err(ApiError::internal(
+                "device key",
+                &"stored key is not Ed25519",
+            ));
+        }
+        Err(SignatureError::Mismatch) => {
+            return Err(ApiError::bad_request(
+                "bad_signature",
+                format!(
+                    "`signature` does not verify with this device's key over {}",
+                    if version == 2 {
+                        "the version 2 backup message (docs/api.md)"
+                    } else {
+                        "the ciphertext (signature version 1)"
+                    }
+                ),
+            ));
+        }
     }
     let backup = NewBackup {
         device: body.device_id,
@@ -542,7 +541,7 @@ pub(super) async fn list_backups(
     // One more than asked tells whether there is another page.
     let found = backups::page(&tx, auth.user, page.before, limit + 1).await?;
     tx.commit().await?;
-    let mut backups: Vec<BackupSummary> = found
+    let backups: Vec<BackupSummary> = found
         .into_iter()
         .map(|b| BackupSummary {
             id: b.id,
@@ -554,12 +553,10 @@ pub(super) async fn list_backups(
             signature_scheme: signature_scheme(b.signature_version),
         })
         .collect();
-    let next_cursor = if backups.len() as i64 > limit {
-        backups.truncate(limit as usize);
-        backups.last().map(|b| b.id)
-    } else {
-        None
-    };
+    let CursorPage {
+        items: backups,
+        next: next_cursor,
+    } = CursorPage::of(backups, limit, |b| b.id);
     Ok(Json(BackupsResponse {
         backups,
         next_cursor,

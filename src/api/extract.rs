@@ -227,6 +227,26 @@ pub fn page_limit(limit: Option<i64>, default: i64, max: i64) -> Result<i64, Api
     Ok(limit)
 }
 
+/// One page of a cursor-paged list: the store was asked for `limit + 1`
+/// items, and the one past the limit only says that another page follows,
+/// whose cursor is the last item kept.
+pub struct CursorPage<T, C> {
+    pub items: Vec<T>,
+    pub next: Option<C>,
+}
+
+impl<T, C> CursorPage<T, C> {
+    pub fn of(mut items: Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -> CursorPage<T, C> {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        if items.len() <= limit {
+            return CursorPage { items, next: None };
+        }
+        items.truncate(limit);
+        let next = items.last().map(cursor);
+        CursorPage { items, next }
+    }
+}
+
 /// Integers in a JSON body as JSON Schema counts them: `566` and `566.0`
 /// alike (a number whose fraction is zero is an integer there, and a
 /// generated client may send either); a fraction or an out-of-range value

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::*;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::api::extract::{ApiPath, ApiQuery, UserAuth, page_limit};
+use crate::api::extract::{ApiPath, ApiQuery, CursorPage, UserAuth, page_limit};
 use crate::api::store::vaults::{self};
 use crate::api::{Api, iso8601};
 use crate::audit::AuditAction;
@@ -89,7 +89,7 @@ pub(in crate::api) async fn list_vaults(
     // One more than asked tells whether there is another page.
     let found = vaults::list(&tx, auth.user, page.after.as_deref(), limit + 1).await?;
     tx.commit().await?;
-    let mut vaults: Vec<VaultSummary> = found
+    let vaults: Vec<VaultSummary> = found
         .into_iter()
         .map(|v| VaultSummary {
             vault_id: v.vault_id,
@@ -99,12 +99,10 @@ pub(in crate::api) async fn list_vaults(
             last_sequence: v.entries,
         })
         .collect();
-    let next_cursor = if vaults.len() as i64 > limit {
-        vaults.truncate(limit as usize);
-        vaults.last().map(|v| v.vault_id.clone())
-    } else {
-        None
-    };
+    let CursorPage {
+        items: vaults,
+        next: next_cursor,
+    } = CursorPage::of(vaults, limit, |v| v.vault_id.clone());
     Ok(Json(VaultsResponse {
         vaults,
         next_cursor,
