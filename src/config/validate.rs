@@ -404,6 +404,13 @@ pub(super) fn quotas(quotas: &QuotasConfig) -> Result<(), Invalid> {
 }
 
 pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
+    api_events(api)?;
+    api_bodies(api)?;
+    api_limits_and_connections(api)
+}
+
+/// `api.events`: the streams' caps, idle life and heartbeat.
+fn api_events(api: &ApiConfig) -> Result<(), Invalid> {
     let events = &api.events;
     if events.max_streams == 0 {
         return Err(invalid(
@@ -444,6 +451,11 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             ),
         ));
     }
+    Ok(())
+}
+
+/// What one request may carry and how long it may take.
+fn api_bodies(api: &ApiConfig) -> Result<(), Invalid> {
     if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400))
         .contains(&api.idempotency_ttl.get())
     {
@@ -490,6 +502,12 @@ pub(super) fn api(api: &ApiConfig) -> Result<(), Invalid> {
             "at least 1s".into(),
         ));
     }
+    Ok(())
+}
+
+/// Rate limits, timeouts, connections, clients, response budgets, CORS,
+/// the metrics listener and tokens.
+fn api_limits_and_connections(api: &ApiConfig) -> Result<(), Invalid> {
     let limits = &api.rate_limits;
     for (key, value, meaning) in [
         (
