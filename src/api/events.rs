@@ -511,6 +511,18 @@ mod stream_tests {
         }
     }
 
+    /// The stream's next event, within two seconds.
+    async fn next_within<S>(stream: &mut S) -> Event
+    where
+        S: futures_util::Stream<Item = Result<Event, std::convert::Infallible>> + Unpin,
+    {
+        tokio::time::timeout(Duration::from_secs(2), stream.next())
+            .await
+            .expect("an event within 2 s")
+            .expect("the stream goes on")
+            .expect("infallible")
+    }
+
     /// The text of an SSE event as the stream frames it.
     fn text(event: Event) -> String {
         format!("{event:?}")
@@ -554,11 +566,7 @@ mod stream_tests {
             SESSIONS_CHANNEL,
             &format!("{}:password_changed", who.session),
         );
-        let last = tokio::time::timeout(Duration::from_secs(1), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let last = next_within(&mut stream).await;
         assert!(text(last).contains("password_changed"));
         assert!(stream.next().await.is_none());
         // Idle: nothing sent for max_idle.
@@ -570,22 +578,14 @@ mod stream_tests {
             .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
             .unwrap();
         let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
-        let last = tokio::time::timeout(Duration::from_secs(2), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let last = next_within(&mut stream).await;
         assert!(text(last).contains("idle"));
         // Expiry: the token's end.
         let mut who = holder(Uuid::new_v4(), "10.0.0.1");
         who.expires = SystemTime::now() + Duration::from_millis(100);
         let (receiver, slot) = events.subscribe(who).unwrap();
         let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
-        let last = tokio::time::timeout(Duration::from_secs(2), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let last = next_within(&mut stream).await;
         assert!(text(last).contains("session_expired"));
     }
 
