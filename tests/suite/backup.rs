@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{TestNode, wait_until};
 use keepd::client::{LogEntry, SyncClient};
+use serde_json::json;
 
 const PASSWORD: &str = "backup test password";
 
@@ -18,10 +19,7 @@ fn backed_up_node() -> (TestNode, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let repository = dir.path().join("repo");
-    let node = TestNode::with_extra(&format!(
-        "backup:\n  repository: {}\n",
-        repository.display()
-    ));
+    let node = TestNode::with(json!({"backup": {"repository": repository}}));
     (node, dir, repository)
 }
 
@@ -174,10 +172,13 @@ fn set_dir_modes(dir: &Path, mode: u32) {
 
 #[test]
 fn backups_of_an_external_server_are_its_clusters_job() {
-    let node = TestNode::with_extra(
-        "database:\n  postgres:\n    provider: external\n    external:\n      host: db\n      \
-         admin_password_env: PW\n      sslmode: disable\nbackup:\n  repository: /var/backups/keepd\n",
-    );
+    let node = TestNode::with(json!({
+        "database": {"postgres": {
+            "provider": "external",
+            "external": {"host": "db", "admin_password_env": "PW", "sslmode": "disable"},
+        }},
+        "backup": {"repository": "/var/backups/keepd"},
+    }));
     let out = node.command(&["run"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{text}");
@@ -350,10 +351,7 @@ async fn a_fresh_machine_comes_back_from_shares_and_the_repository() {
     daemon.stop();
     drop(old);
 
-    let new = TestNode::with_extra(&format!(
-        "backup:\n  repository: {}\n",
-        repository.display()
-    ));
+    let new = TestNode::with(json!({"backup": {"repository": repository}}));
     let mut files: Vec<_> = std::fs::read_dir(&shares)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -419,10 +417,6 @@ fn listening(port: u16, what: &str) {
 
 impl S3Store {
     fn start(bucket: &str) -> S3Store {
-        assert!(
-            Path::new(MOTO).exists(),
-            "moto is not installed: run scripts/install-deps.sh"
-        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -500,13 +494,17 @@ impl Drop for S3Store {
 /// verified, and a stopped node restored from it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_s3_bucket_holds_the_archive_and_a_node_restores_from_it() {
+    if !(common::require_file(MOTO, "moto's S3 server") && common::require_nginx()) {
+        return;
+    }
     let store = S3Store::start("keepd-test");
-    let node = TestNode::with_extra(&format!(
-        "backup:\n  s3:\n    endpoint: localhost:{}\n    bucket: keepd-test\n    region: us-east-1\n    \
-         uri_style: path\n    ca_file: {}\n",
-        store.port,
-        store.ca.display()
-    ));
+    let node = TestNode::with(json!({"backup": {"s3": {
+        "endpoint": format!("localhost:{}", store.port),
+        "bucket": "keepd-test",
+        "region": "us-east-1",
+        "uri_style": "path",
+        "ca_file": store.ca,
+    }}}));
     // Without the access key keepd says how to give it, before Postgres starts.
     let mut refused = node.spawn();
     let status = refused.wait_exit(Duration::from_secs(30)).expect("exits");

@@ -97,13 +97,8 @@ async fn slow_connections_and_a_thousand_streams_cannot_shut_out_a_client() {
     // 40 accounts hold the 1,000 streams (25 each, the per-account cap
     // raised for it: registering 200 accounts would only make the test
     // slower, the streams are what count).
-    let node = TestNode::with_https(
-        &format!(
-            "{}  events:\n    max_streams_per_account: 25\n",
-            common::UNLIMITED_RATES
-        ),
-        "",
-    );
+    let node = TestNode::with_https(common::unlimited_rates());
+    node.set("api.events.max_streams_per_account", 25);
     let daemon = node.start_healthy();
     let addr = daemon.addr();
     let ca = daemon.tls_ca.clone().unwrap();
@@ -270,7 +265,7 @@ async fn slow_connections_and_a_thousand_streams_cannot_shut_out_a_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unread_http2_responses_stay_within_the_response_budget() {
     raise_open_file_limit();
-    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, "");
+    let node = TestNode::with(common::unlimited_rates());
     let daemon = node.start_healthy();
     let addr = daemon.addr();
     let (attacker, key) = user_with_vault(&daemon).await;
@@ -378,30 +373,39 @@ async fn unread_http2_responses_stay_within_the_response_budget() {
     drop((held, connections));
 }
 
+/// A real HTTP/2 client (nghttp) negotiates h2 by ALPN and is answered.
+#[test]
+fn a_real_http2_client_negotiates_h2_by_alpn() {
+    if !common::require_tool("nghttp", "Debian's nghttp2-client") {
+        return;
+    }
+    let node = TestNode::with_https(common::unlimited_rates());
+    let daemon = node.start_healthy();
+    let out = std::process::Command::new("nghttp")
+        .args([
+            "-nv",
+            &format!("https://127.0.0.1:{}/health", daemon.addr().port()),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("The negotiated protocol: h2"), "{text}");
+    assert!(text.contains(":status: 200"), "{text}");
+}
+
 /// Over TLS, HTTP/2 only where ALPN chose it; a wrong preface on an h2
 /// connection gets GOAWAY (h2spec 3.5/2), an h2 preface on an HTTP/1.1
 /// connection gets HTTP/1.1; a burst of such connections is summarised in
 /// the log, not written a line each.
 #[tokio::test(flavor = "multi_thread")]
 async fn http2_is_chosen_by_alpn_and_abuse_is_summarised() {
-    let node = TestNode::with_https(common::UNLIMITED_RATES, "");
+    let node = TestNode::with_https(common::unlimited_rates());
     let mut daemon = node.start_healthy();
     let addr = daemon.addr();
     let ca = daemon.tls_ca.clone().unwrap();
     let h2_tls = common::tls_client(&ca, rustls::DEFAULT_VERSIONS, &[b"h2"]);
     let h1_tls = common::tls_client(&ca, rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-    // A real HTTP/2 client negotiates h2 by ALPN and is answered.
-    if common::require_tool("nghttp", "Debian's nghttp2-client") {
-        let out = std::process::Command::new("nghttp")
-            .args(["-nv", &format!("https://127.0.0.1:{}/health", addr.port())])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("The negotiated protocol: h2"), "{text}");
-        assert!(text.contains(":status: 200"), "{text}");
-    }
 
     // h2 by ALPN, then a wrong preface: SETTINGS, then GOAWAY
     // PROTOCOL_ERROR; never an HTTP/1.1 answer.

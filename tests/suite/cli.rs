@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 
 use common::{TestNode, keepd_bin};
+use serde_json::{Value, json};
 
 fn keepd(args: &[&str]) -> Output {
     std::process::Command::new(keepd_bin())
@@ -57,8 +58,8 @@ fn missing_config_file_is_named() {
     );
 }
 
-fn with_config(yaml: &str, args: &[&str]) -> Output {
-    let node = TestNode::with_extra(yaml);
+fn with_config(settings: &Value, args: &[&str]) -> Output {
+    let node = TestNode::with(settings.clone());
     node.command(args).output().unwrap()
 }
 
@@ -66,30 +67,33 @@ fn with_config(yaml: &str, args: &[&str]) -> Output {
 fn bad_config_exits_2_naming_key_value_and_choices() {
     let cases = [
         (
-            "credentials:\n  rotation_interval: soon\n",
+            json!({"credentials": {"rotation_interval": "soon"}}),
             &["credentials.rotation_interval", "soon", "168h"][..],
         ),
         (
-            "database:\n  postgres:\n    provider: podman\n",
+            json!({"database": {"postgres": {"provider": "podman"}}}),
             &["database.postgres.provider", "podman", "native"],
         ),
         (
-            "credentials:\n  password_length: 8\n",
+            json!({"credentials": {"password_length": 8}}),
             &["credentials.password_length", "8", "at least 32"],
         ),
         (
-            "security:\n  fallback_mod: warn\n",
+            json!({"security": {"fallback_mod": "warn"}}),
             &["fallback_mod", "fallback_mode"],
         ),
     ];
-    for (yaml, expected) in cases {
+    for (settings, expected) in cases {
         for args in [&["run"][..], &["render", "--out", "/tmp/keepd-never"]] {
-            let out = with_config(yaml, args);
-            assert_eq!(out.status.code(), Some(2), "{yaml}");
+            let out = with_config(&settings, args);
+            assert_eq!(out.status.code(), Some(2), "{settings}");
             let msg = stderr(&out);
             assert_eq!(msg.lines().count(), 1, "one message: {msg}");
             for word in expected {
-                assert!(msg.contains(word), "{yaml}: message lacks {word}: {msg}");
+                assert!(
+                    msg.contains(word),
+                    "{settings}: message lacks {word}: {msg}"
+                );
             }
         }
     }
@@ -274,10 +278,11 @@ fn recovery_split_and_combine_through_the_cli() {
 
 #[test]
 fn recovery_split_takes_its_defaults_from_the_configuration() {
-    let node = TestNode::with_extra(
-        "encryption_at_rest:\n  recovery:\n    shamir:\n      total_shares: 4\n      \
-         threshold: 2\n      shareholder_ids: [ann, bob, cy, dee]\n",
-    );
+    let node = TestNode::with(json!({"encryption_at_rest": {"recovery": {"shamir": {
+        "total_shares": 4,
+        "threshold": 2,
+        "shareholder_ids": ["ann", "bob", "cy", "dee"],
+    }}}}));
     let key = node.state_dir().join("identity.key");
     keepd::identity::NodeIdentity::load_or_create(&key).unwrap();
     let out_dir = node.dir.path().join("shares");
@@ -356,15 +361,13 @@ fn an_invite_ttl_past_a_year_is_a_usage_error() {
 #[test]
 fn exit_codes_say_whose_mistake_it_was() {
     // A version this host does not have, on a fresh node: a setting.
-    let node = TestNode::with_extra("database:\n  postgres:\n    version: 99\n");
+    let node = TestNode::with(json!({"database": {"postgres": {"version": 99}}}));
     let out = node.command(&["run"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     // A bin_dir without the server's tools: a setting.
     let empty = tempfile::tempdir().unwrap();
-    let node = TestNode::with_extra(&format!(
-        "database:\n  postgres:\n    native:\n      bin_dir: {}\n",
-        empty.path().display()
-    ));
+    let node =
+        TestNode::with(json!({"database": {"postgres": {"native": {"bin_dir": empty.path()}}}}));
     let out = node.command(&["run"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 
@@ -383,12 +386,7 @@ fn exit_codes_say_whose_mistake_it_was() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // A stopped node's report measures nothing live: 1, whatever the level.
-    let yaml = std::fs::read_to_string(&node.config).unwrap();
-    std::fs::write(
-        &node.config,
-        format!("{yaml}security:\n  minimum_level: reduced\n"),
-    )
-    .unwrap();
+    node.set("security.minimum_level", "reduced");
     let out = node.command(&["report"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // No backup.repository: a setting; an unreadable moment: an argument.

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Daemon, TestNode, free_port, wait_until};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const RULES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -47,6 +47,9 @@ fn run_tool(program: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
+    if !common::require_tool("promtool", "Debian's prometheus") {
+        return;
+    }
     let (ok, text) = run_tool("promtool", &["check", "rules", RULES]);
     assert!(ok, "{text}");
     // The example configuration, its rule file pointed at this checkout's.
@@ -484,6 +487,9 @@ async fn traffic(daemon: &Daemon) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_and_alert_rules_query_real_metrics() {
+    if !common::require_tool("prometheus", "Debian's prometheus") {
+        return;
+    }
     let rules = rules();
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).expect("JSON");
@@ -493,8 +499,10 @@ async fn dashboard_and_alert_rules_query_real_metrics() {
     traffic(&daemon).await;
     // Asking for more than the host gives, in warn mode: it starts anyway,
     // below its minimum (the report test measures this host at high).
-    let below =
-        TestNode::with_extra("security:\n  fallback_mode: warn\n  minimum_level: maximum\n");
+    let below = TestNode::with(json!({"security": {
+        "fallback_mode": "warn",
+        "minimum_level": "maximum",
+    }}));
     let below_daemon = below.start_healthy();
     let (a, b) = (daemon.metrics_addr(), below_daemon.metrics_addr());
     let prometheus = Prometheus::start(&[a, b]);

@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use common::{Daemon, Signal, TestNode, postgres_pids, wait_until};
 use keepd::secrets::store::CredentialStatus;
+use serde_json::{Value, json};
 
-const FAST_ROTATION: &str = "credentials:\n  rotation_grace_period: 2s\n";
+/// `credentials.rotation_grace_period`: how long a rotated-out login role
+/// lives on.
+fn grace_period(period: &str) -> Value {
+    json!({"credentials": {"rotation_grace_period": period}})
+}
 
 fn started(node: &TestNode) -> Daemon {
     let daemon = node.start();
@@ -201,7 +206,10 @@ fn damaged_or_foreign_db_enc_stops_keepd_and_is_kept() {
 
 #[test]
 fn rotation_under_continuous_load_fails_nothing() {
-    let node = TestNode::with_api_and_extra(common::UNLIMITED_RATES, FAST_ROTATION);
+    let node = TestNode::with(common::config::merged([
+        common::unlimited_rates(),
+        grace_period("2s"),
+    ]));
     let daemon = Arc::new(started(&node));
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -255,7 +263,7 @@ fn rotation_under_continuous_load_fails_nothing() {
 
 #[test]
 fn a_second_rotation_request_while_one_runs_is_refused() {
-    let node = TestNode::with_extra("credentials:\n  rotation_grace_period: 30s\n");
+    let node = TestNode::with(grace_period("30s"));
     let _daemon = started(&node);
     assert!(node.rotate().0);
     let (success, message) = node.rotate();
@@ -279,10 +287,8 @@ fn rotate_without_a_daemon_says_so() {
 
 #[test]
 fn no_password_or_verifier_in_logs_argv_or_files() {
-    let node = TestNode::with_extra(
-        "credentials:\n  rotation_grace_period: 2s\n\
-         database:\n  postgres:\n    log_statement: all\n",
-    );
+    let node = TestNode::with(grace_period("2s"));
+    node.set("database.postgres.log_statement", "all");
     let daemon = started(&node);
     let verifiers = |node: &TestNode| -> Vec<String> {
         node.psql(
@@ -421,7 +427,7 @@ fn no_password_or_verifier_in_logs_argv_or_files() {
 }
 
 fn crash_at(step: u8) {
-    let node = TestNode::with_extra("credentials:\n  rotation_grace_period: 1s\n");
+    let node = TestNode::with(grace_period("1s"));
     let mut daemon = {
         let mut cmd = node.command(&["run"]);
         cmd.env("KEEPD_FAULT_ROTATION_STEP", step.to_string());
@@ -500,10 +506,7 @@ fn the_sealed_file_lives_where_credentials_encrypted_path_says() {
     use std::os::unix::fs::MetadataExt;
     let elsewhere = tempfile::tempdir().unwrap();
     let path = elsewhere.path().join("vault").join("keepd-db.enc");
-    let node = TestNode::with_extra(&format!(
-        "credentials:\n  encrypted_path: {}\n",
-        path.display()
-    ));
+    let node = TestNode::with(json!({"credentials": {"encrypted_path": path}}));
     let _daemon = started(&node);
     assert!(path.is_file(), "db.enc not at {}", path.display());
     assert_eq!(

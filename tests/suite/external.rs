@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::{TestNode, wait_until};
 use keepd::client::{LogEntry, SyncClient};
+use serde_json::{Value, json};
 
 const ADMIN_PASSWORD: &str = "external admin password";
 
@@ -121,25 +122,33 @@ fn start_external() -> ExternalPostgres {
 }
 
 fn external_node(server: &ExternalPostgres) -> TestNode {
-    external_node_with(server, common::UNLIMITED_RATES)
+    external_node_with(server, common::unlimited_rates())
 }
 
-/// A node of `server` with these `api:` lines.
-fn external_node_with(server: &ExternalPostgres, api: &str) -> TestNode {
+/// A node of `server`, merged with `overlay`.
+fn external_node_with(server: &ExternalPostgres, overlay: Value) -> TestNode {
     // Field encryption on: a column one node seals, another must open.
-    TestNode::with_api_and_extra(
-        api,
-        &format!(
-            "database:\n  postgres:\n    provider: external\n    external:\n      host: 127.0.0.1\n      \
-             port: {}\n      admin_password_file: {}\n      ca_file: {}\n\
-             credentials:\n  rotation_grace_period: 2s\n\
-             encryption_at_rest:\n  enabled: true\n  method: application\n  application:\n    \
-             encrypted_fields:\n      - table: sync_logs\n        columns: [encrypted_data]\n",
-            server.port,
-            server.password_file.display(),
-            server.ca_file.display()
-        ),
-    )
+    let node = TestNode::with(json!({
+        "database": {"postgres": {
+            "provider": "external",
+            "external": {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "admin_password_file": server.password_file,
+                "ca_file": server.ca_file,
+            },
+        }},
+        "credentials": {"rotation_grace_period": "2s"},
+        "encryption_at_rest": {
+            "enabled": true,
+            "method": "application",
+            "application": {"encrypted_fields": [
+                {"table": "sync_logs", "columns": ["encrypted_data"]},
+            ]},
+        },
+    }));
+    node.merge(overlay);
+    node
 }
 
 /// `n` admitted nodes on `server`: the first founds the cluster, each
@@ -147,9 +156,11 @@ fn external_node_with(server: &ExternalPostgres, api: &str) -> TestNode {
 fn start_cluster(
     server: &ExternalPostgres,
     n: usize,
-    api: &str,
+    overlay: Value,
 ) -> (Vec<TestNode>, Vec<common::Daemon>) {
-    let nodes: Vec<TestNode> = (0..n).map(|_| external_node_with(server, api)).collect();
+    let nodes: Vec<TestNode> = (0..n)
+        .map(|_| external_node_with(server, overlay.clone()))
+        .collect();
     let mut daemons = vec![nodes[0].start_healthy()];
     for node in &nodes[1..] {
         let daemon = node.start();
@@ -177,7 +188,7 @@ async fn stream_ends_across_nodes(
     reason: &str,
 ) {
     let server = start_external();
-    let (nodes, daemons) = start_cluster(&server, 2, common::UNLIMITED_RATES);
+    let (nodes, daemons) = start_cluster(&server, 2, common::unlimited_rates());
     let email = format!("user-{}@example.org", common::uuid());
     let mut watcher = SyncClient::new(daemons[0].addr());
     watcher
@@ -271,8 +282,11 @@ async fn a_stream_ends_when_its_account_is_deleted_on_another_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_accounts_rate_holds_across_three_nodes() {
     let server = start_external();
-    let rates = "  rate_limits:\n    auth_per_minute: 100000\n    account_per_second: 30\n    \
-                 account_burst: 3\n    address_per_second: 100000\n    address_burst: 100000\n";
+    let mut rates = common::unlimited_rates();
+    common::config::merge(
+        &mut rates,
+        json!({"api": {"rate_limits": {"account_per_second": 30, "account_burst": 3}}}),
+    );
     let (_nodes, daemons) = start_cluster(&server, 3, rates);
     // Each node has seen the other two beat.
     for daemon in &daemons {
@@ -426,6 +440,11 @@ async fn push_load(
     (sent, failures, lost)
 }
 
+/// Three nodes started together on one external server: migrations and
+/// grants run once, one node founds the cluster and the others wait, serving
+/// nothing, until the operator admits them; keepd installs nothing there.
+/// (What the formed cluster serves, a node killed under load and rotation
+/// are the tests below, each on a cluster of its own.)
 #[tokio::test(flavor = "multi_thread")]
 async fn three_nodes_form_one_cluster_over_one_external_server() {
     let server = start_external();
@@ -436,7 +455,7 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
     ];
     // Started together: migrations and grants run once, under a lock; the
     // first to find no member founds the cluster, the others wait.
-    let mut daemons: Vec<common::Daemon> = std::thread::scope(|s| {
+    let daemons: Vec<common::Daemon> = std::thread::scope(|s| {
         let started: Vec<_> = nodes.iter().map(|n| s.spawn(|| n.start())).collect();
         started.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -565,11 +584,11 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
             vec![format!("keepd_{id}_v1")]
         );
     }
+}
 
-    // One account across the nodes: registered through 1, logged in
-    // through 2, its token used on 3 to push, pulled back through 1 (the
-    // entries are sealed at rest by 3 and opened by 1).
-    let addrs: Vec<_> = daemons.iter().map(|d| d.addr()).collect();
+/// One account (a user, `a long password`) registered through node 1 and
+/// logged in through node 2: its token.
+async fn account_across(addrs: &[std::net::SocketAddr]) -> String {
     let email = format!("cluster-{}@example.org", common::uuid());
     SyncClient::new(addrs[0])
         .register(&email, "a long password")
@@ -577,16 +596,34 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
         .unwrap();
     let mut two = SyncClient::new(addrs[1]);
     two.login(&email, "a long password").await.unwrap();
-    let token = two.token().unwrap().to_string();
-    let mut three = SyncClient::new(addrs[2]);
-    three.set_token(Some(token.clone()));
+    two.token().unwrap().to_string()
+}
+
+/// A client of `addr` with `token`.
+fn client_with(addr: std::net::SocketAddr, token: &str) -> SyncClient {
+    let mut client = SyncClient::new(addr);
+    client.set_token(Some(token.to_string()));
+    client
+}
+
+/// One account across three admitted nodes: registered through 1, logged
+/// in through 2, its token used on 3 to push, pulled back through 1 (the
+/// entries are sealed at rest by 3 and opened by 1); pushers to one vault
+/// spread over the three nodes leave no gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_account_is_served_by_every_node_of_a_cluster() {
+    let server = start_external();
+    let (nodes, daemons) = start_cluster(&server, 3, common::unlimited_rates());
+    let a = &nodes[0];
+    let addrs: Vec<_> = daemons.iter().map(|d| d.addr()).collect();
+    let token = account_across(&addrs).await;
+    let three = client_with(addrs[2], &token);
     let key = three.create_vault("v", "a long password").await.unwrap();
     let entry = LogEntry {
         data: b"from node 3".to_vec(),
         haex_timestamp: "t".into(),
     };
-    let mut one = SyncClient::new(addrs[0]);
-    one.set_token(Some(token.clone()));
+    let one = client_with(addrs[0], &token);
     // A watcher on node 1 hears of the push node 3 commits (LISTEN/NOTIFY
     // through the shared database).
     let mut events = one.events("v", Some(0)).await.unwrap();
@@ -630,10 +667,30 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
     let mut expected = sent;
     expected.sort();
     assert_eq!(labels, expected);
+}
 
-    // kill -9 of node 3 under load: its clients retry elsewhere with
-    // their Idempotency-Keys; nothing is lost or stored twice, and the
-    // other nodes fail no request.
+/// kill -9 of one of three nodes under load: its clients retry elsewhere
+/// with their Idempotency-Keys; nothing is lost or stored twice, and the
+/// other nodes fail no request. Removed, the node loses its roles and its
+/// sealed key: restarted, it waits to be admitted again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_under_load_loses_nothing_and_once_removed_waits_again() {
+    let server = start_external();
+    let (nodes, mut daemons) = start_cluster(&server, 3, common::unlimited_rates());
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| identity(n).node_id().to_string())
+        .collect();
+    let roles = |pattern: &str| {
+        admin_rows(
+            &nodes[0],
+            &format!("SELECT rolname FROM pg_roles WHERE rolname LIKE '{pattern}' ORDER BY 1"),
+        )
+    };
+    let addrs: Vec<_> = daemons.iter().map(|d| d.addr()).collect();
+    let token = account_across(&addrs).await;
+    let three = client_with(addrs[2], &token);
+    let one = client_with(addrs[0], &token);
     let hot = Arc::new(three.create_vault("hot", "a long password").await.unwrap());
     let done = Arc::new(AtomicUsize::new(0));
     let load = {
@@ -671,8 +728,25 @@ async fn three_nodes_form_one_cluster_over_one_external_server() {
         health_status(&daemons[2]).filter(|(code, status)| *code == 503 && status == "pending")
     });
     assert!(back.is_some(), "{}", daemons[2].log());
+}
 
-    // Rotating node 1 touches only its roles.
+/// Rotating one node of a cluster touches only its roles; each node's
+/// audit chain verifies with its own key.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotating_one_node_touches_only_its_roles() {
+    let server = start_external();
+    let (nodes, daemons) = start_cluster(&server, 2, common::unlimited_rates());
+    let a = &nodes[0];
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| identity(n).node_id().to_string())
+        .collect();
+    let roles = |pattern: &str| {
+        admin_rows(
+            a,
+            &format!("SELECT rolname FROM pg_roles WHERE rolname LIKE '{pattern}' ORDER BY 1"),
+        )
+    };
     let (ok, message) = a.rotate();
     assert!(ok, "{message}");
     let converged = wait_until(Duration::from_secs(30), || {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestNode, wait_until};
 use keepd::client::{ClientError, SyncClient, VaultKey};
+use serde_json::json;
 
 const PATRONI: &str = "/opt/keepd-test/patroni/bin/patroni";
 const ADMIN_PASSWORD: &str = "ha admin password";
@@ -286,18 +287,18 @@ fn keepd_node(cluster: &HaCluster) -> TestNode {
     let hosts: Vec<String> = cluster
         .members
         .iter()
-        .map(|m| format!("\"127.0.0.1:{}\"", m.pg_port))
+        .map(|m| format!("127.0.0.1:{}", m.pg_port))
         .collect();
-    TestNode::with_api_and_extra(
-        common::UNLIMITED_RATES,
-        &format!(
-            "database:\n  postgres:\n    provider: external\n    external:\n      hosts: [{}]\n      \
-             admin_password_file: {}\n      ca_file: {}\n",
-            hosts.join(", "),
-            cluster.password_file.display(),
-            cluster.ca_file.display()
-        ),
-    )
+    let node = TestNode::with(common::unlimited_rates());
+    node.merge(json!({"database": {"postgres": {
+        "provider": "external",
+        "external": {
+            "hosts": hosts,
+            "admin_password_file": cluster.password_file,
+            "ca_file": cluster.ca_file,
+        },
+    }}}));
+    node
 }
 
 /// What a push load saw.
@@ -368,6 +369,11 @@ async fn push_load(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keepd_follows_a_patroni_failover_and_loses_nothing() {
+    if !(common::require_tool("etcd", "Debian's etcd-server")
+        && common::require_file(PATRONI, "Patroni (PyPI, in /opt/keepd-test/patroni)"))
+    {
+        return;
+    }
     let mut cluster = start_cluster();
     let nodes = [keepd_node(&cluster), keepd_node(&cluster)];
     let first = nodes[0].start_healthy();

@@ -3,6 +3,11 @@
 //! and the whole suite links once). Run one area with
 //! `cargo nextest run --test suite api::`, one test with its name
 //! (`cargo nextest run --test suite api::devices_`).
+//!
+//! A test that needs a tool or an engine this machine lacks says so through
+//! `common::require`: with `CI` set that is a failure naming what is
+//! missing; elsewhere the test prints `SKIPPED: <reason>` and passes.
+//! What this kind of machine can never provide is `#[ignore = "why"]`.
 
 mod common;
 

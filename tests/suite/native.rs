@@ -273,12 +273,7 @@ fn a_cluster_of_another_major_version_is_refused_by_name() {
         "{text}"
     );
     std::fs::write(&pg_version, &installed).unwrap();
-    let yaml = std::fs::read_to_string(&node.config).unwrap();
-    std::fs::write(
-        &node.config,
-        format!("{yaml}\ndatabase:\n  postgres:\n    version: 99\n"),
-    )
-    .unwrap();
+    node.set("database.postgres.version", 99);
     let out = node.command(&["run"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -6,8 +6,9 @@
 //! (contrib/docker/Dockerfile) is built on that package and run with a
 //! read-only root. Both start from debian:bookworm-slim, which
 //! scripts/build-debian-base.sh makes with debootstrap (no registry is
-//! reachable here) and reuses. Skipped, saying why, only where no Docker
-//! engine answers. Each step prints how long it took (`package: ...`).
+//! reachable here) and reuses. Without a Docker engine (or cargo-deb) the
+//! tests fail in CI and say `SKIPPED` elsewhere (`common::require`). Each
+//! step prints how long it took (`package: ...`).
 
 use crate::common;
 
@@ -86,9 +87,25 @@ fn step<T>(name: &str, f: impl FnOnce() -> T) -> T {
     value
 }
 
-/// Whether the engine answers; then the base image, built once and reused.
+/// Whether the .deb can be built here: cargo-deb and dpkg's tools
+/// (`common::require`).
+fn can_build_deb() -> bool {
+    let cargo_deb = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    common::require(
+        cargo_deb,
+        "cargo-deb is not installed",
+        "crates.io's cargo-deb; scripts/install-deps.sh installs it",
+    ) && common::require_tool("dpkg-deb", "Debian's dpkg")
+        && common::require_tool("dpkg-shlibdeps", "Debian's dpkg-dev")
+}
+
+/// Whether the engine answers and the .deb can be built; then the base
+/// image, built once and reused.
 fn engine_ready() -> bool {
-    if !common::docker_engine_answers() {
+    if !(common::require_docker() && can_build_deb()) {
         return false;
     }
     let script = Path::new(MANIFEST_DIR).join("scripts/build-debian-base.sh");
@@ -255,8 +272,8 @@ fn status_inside(container: &str, port: u16, path: &str) -> Option<u16> {
 }
 
 /// The package's files, control data and unit, checked without installing
-/// it; returns the unit as packaged.
-fn check_contents(deb: &Path) -> String {
+/// it.
+fn check_contents(deb: &Path) {
     let (ok, listing) = output(Command::new("dpkg-deb").arg("--contents").arg(deb));
     assert!(ok, "{listing}");
     // mode, owner, size, date, time, path (and "-> target" for links)
@@ -321,29 +338,46 @@ fn check_contents(deb: &Path) -> String {
         unit.contains("\nExecStart=/usr/bin/keepd run --config /etc/keepd/keepd.yaml\n"),
         "{unit}"
     );
-    match Command::new("systemd-analyze")
+    let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit_path)
         .output()
-    {
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            // This host has no /usr/bin/keepd (the container has, and runs
-            // the unit's command below): that alone may be reported.
-            let findings: Vec<&str> = text
-                .lines()
-                .filter(|line| !line.trim().is_empty())
-                .filter(|line| !line.contains("Command /usr/bin/keepd is not executable"))
-                .collect();
-            assert!(
-                findings.is_empty(),
-                "systemd-analyze verify keepd.service:\n{text}"
-            );
-        }
-        Err(e) => eprintln!("package: systemd-analyze verify skipped: {e}"),
+        .expect("systemd-analyze runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // This host has no /usr/bin/keepd (the container has, and runs the
+    // unit's command): that alone may be reported.
+    let findings: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .filter(|line| !line.contains("Command /usr/bin/keepd is not executable"))
+        .collect();
+    assert!(
+        findings.is_empty(),
+        "systemd-analyze verify keepd.service:\n{text}"
+    );
+}
+
+/// The systemd unit as packaged in `deb`.
+fn packaged_unit(deb: &Path) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let (ok, text) = output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root.path()));
+    assert!(ok, "{text}");
+    std::fs::read_to_string(root.path().join("usr/lib/systemd/system/keepd.service")).unwrap()
+}
+
+/// The package's files, modes, control data, configuration and unit
+/// (`systemd-analyze verify`), without installing it: no Docker engine
+/// needed.
+#[test]
+fn the_deb_holds_its_files_configuration_and_a_valid_unit() {
+    if !(can_build_deb() && common::require_tool("systemd-analyze", "Debian's systemd")) {
+        return;
     }
-    unit
+    let deb = deb();
+    step("the package's contents (dpkg-deb, systemd-analyze)", || {
+        check_contents(&deb)
+    });
 }
 
 /// A key of the unit's [Service] section (the first, if repeated).
@@ -360,9 +394,7 @@ fn the_deb_installs_on_debian_12_and_its_unit_command_serves() {
         return;
     }
     let deb = deb();
-    let packaged_unit = step("the package's contents (dpkg-deb, systemd-analyze)", || {
-        check_contents(&deb)
-    });
+    let packaged_unit = packaged_unit(&deb);
 
     let cleanup = Cleanup::new();
     let container = cleanup.name("deb");
@@ -568,21 +600,21 @@ fn the_deb_installs_on_debian_12_and_its_unit_command_serves() {
     assert!(keepd.log().contains("keepd stopped"), "{}", keepd.log());
 }
 
-/// contrib/docker/compose.yaml as docker-compose reads it.
-fn check_compose() {
+/// contrib/docker/compose.yaml as docker-compose reads it (no engine
+/// needed): read-only, unprivileged, its state in a volume, published on
+/// loopback only.
+#[test]
+fn the_compose_file_runs_the_image_hardened() {
+    if !common::require_tool("docker-compose", "Debian's docker-compose") {
+        return;
+    }
     let file = Path::new(MANIFEST_DIR).join("contrib/docker/compose.yaml");
-    let out = match Command::new("docker-compose")
+    let out = Command::new("docker-compose")
         .arg("-f")
         .arg(&file)
         .arg("config")
         .output()
-    {
-        Ok(out) => out,
-        Err(e) => {
-            eprintln!("package: docker-compose config skipped: {e}");
-            return;
-        }
-    };
+        .expect("docker-compose runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -629,7 +661,6 @@ fn the_image_runs_keepd_unprivileged_on_a_read_only_root() {
     if !engine_ready() {
         return;
     }
-    check_compose();
     let deb = deb();
     let cleanup = Cleanup::new();
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::TestNode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn report(node: &TestNode) -> (i32, Value) {
     let out = node.command(&["report", "--json"]).output().unwrap();
@@ -151,9 +151,7 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
 }
 
 fn node_with_security(mode: &str, minimum: &str) -> TestNode {
-    TestNode::with_extra(&format!(
-        "security:\n  fallback_mode: {mode}\n  minimum_level: {minimum}\n"
-    ))
+    TestNode::with(json!({"security": {"fallback_mode": mode, "minimum_level": minimum}}))
 }
 
 #[test]
@@ -174,9 +172,10 @@ fn fallback_modes_strict_warn_permissive() {
     );
 
     // Strict, and an at-rest method this host cannot provide: named.
-    let luks = TestNode::with_extra(
-        "security:\n  fallback_mode: strict\nencryption_at_rest:\n  enabled: true\n  method: luks\n",
-    );
+    let luks = TestNode::with(json!({
+        "security": {"fallback_mode": "strict"},
+        "encryption_at_rest": {"enabled": true, "method": "luks"},
+    }));
     let mut refused = luks.spawn();
     let status = refused.wait_exit(Duration::from_secs(60)).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", refused.log());
@@ -381,13 +380,13 @@ fn missing_pgaudit_is_a_finding_and_strict_refuses() {
         std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
     }
     std::fs::set_permissions(fake.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let extra = |mode: &str| {
-        format!(
-            "database:\n  postgres:\n    native:\n      bin_dir: {}\nsecurity:\n  fallback_mode: {mode}\n",
-            bin.display()
-        )
+    let settings = |mode: &str| {
+        json!({
+            "database": {"postgres": {"native": {"bin_dir": bin}}},
+            "security": {"fallback_mode": mode},
+        })
     };
-    let node = TestNode::with_extra(&extra("warn"));
+    let node = TestNode::with(settings("warn"));
     let daemon = node.start_healthy();
     let check = node.report_check("audit.pgaudit");
     assert_eq!(check["status"], "fail", "{check}");
@@ -405,7 +404,7 @@ fn missing_pgaudit_is_a_finding_and_strict_refuses() {
     );
     drop(daemon);
 
-    let strict = TestNode::with_extra(&extra("strict"));
+    let strict = TestNode::with(settings("strict"));
     let mut refused = strict.spawn();
     let status = refused.wait_exit(Duration::from_secs(60)).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", refused.log());

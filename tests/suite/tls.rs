@@ -9,6 +9,7 @@ use common::TestNode;
 use keepd::client::SyncClient;
 use keepd::pki::NodePki;
 use keepd::postgres::tls::{Tls, client_config, connect};
+use serde_json::{Value, json};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -35,12 +36,16 @@ fn tls_with(
     ))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
+/// `network` in TCP mode on 127.0.0.1:`port`.
+fn tcp_mode(port: u16) -> Value {
+    json!({"network": {"use_unix_socket": false, "bind_address": "127.0.0.1", "port": port}})
+}
+
+/// A healthy node in TCP mode on a port of its own: (node, daemon, port,
+/// node id).
+fn tcp_node() -> (TestNode, common::Daemon, u16, String) {
     let port = common::free_port();
-    let node = TestNode::with_extra(&format!(
-        "network:\n  use_unix_socket: false\n  bind_address: 127.0.0.1\n  port: {port}\n"
-    ));
+    let node = TestNode::with(tcp_mode(port));
     let daemon = node.start();
     assert!(
         daemon.wait_health(200, Duration::from_secs(60)),
@@ -51,7 +56,29 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
         .as_str()
         .unwrap()
         .to_string();
+    (node, daemon, port, node_id)
+}
 
+/// The node's PKI, the superuser's password and a client certificate for it.
+fn superuser_pki(node: &TestNode, node_id: &str) -> (NodePki, String, keepd::pki::Pair) {
+    let pki = NodePki::ensure(
+        &node.state_dir(),
+        node_id,
+        &["127.0.0.1".parse().unwrap()],
+        SystemTime::now(),
+    )
+    .unwrap();
+    let password = node.credentials().superuser.expose().to_string();
+    let superuser_cert = pki.issue_client("keepd_superuser").unwrap();
+    (pki, password, superuser_cert)
+}
+
+/// keepd works over TLS with no Unix socket; from outside only TLS 1.3 with
+/// the right client certificate and password gets in, every other attempt
+/// refused by the server; the login role reaches keepd's database only.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
+    let (node, daemon, port, node_id) = tcp_node();
     // keepd itself works over TLS: the API stores and reads data.
     let mut client = SyncClient::new(daemon.addr());
     client
@@ -83,15 +110,7 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
         .unwrap_or_default();
     assert!(sockets.is_empty(), "sockets in TCP mode: {sockets:?}");
 
-    let pki = NodePki::ensure(
-        &node.state_dir(),
-        &node_id,
-        &["127.0.0.1".parse().unwrap()],
-        SystemTime::now(),
-    )
-    .unwrap();
-    let password = node.credentials().superuser.expose().to_string();
-    let superuser_cert = pki.issue_client("keepd_superuser").unwrap();
+    let (pki, password, superuser_cert) = superuser_pki(&node, &node_id);
     let tls13 = [&rustls::version::TLS13];
 
     // The right certificate and password: in, over TLS 1.3.
@@ -202,9 +221,14 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
             "the server log lacks {reason:?}:\n{log}"
         );
     }
+}
 
-    // The report measures TCP mode: TLS 1.3, client certificates, expiry,
-    // and a plain connection attempt refused.
+/// The report measures TCP mode (TLS 1.3, client certificates, expiry, a
+/// plain connection attempt refused), and a server weakened from outside
+/// fails the checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_measures_tcp_mode_and_a_weakened_server() {
+    let (node, _daemon, _, _) = tcp_node();
     let status_of = |report: &serde_json::Value, id: &str| {
         report["checks"]
             .as_array()
@@ -250,10 +274,16 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
         .unwrap();
     std::fs::write(&hba, rendered_hba).unwrap();
     node.psql("superuser", "SELECT pg_reload_conf()").unwrap();
+}
 
-    // A server certificate replaced while keepd runs (here: removed, so it
-    // is re-issued; renewal takes the same path) is installed and applied
-    // with a reload on SIGHUP, without a restart.
+/// A server certificate replaced while keepd runs (here: removed, so it is
+/// re-issued; renewal takes the same path) is installed and applied with a
+/// reload on SIGHUP, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_server_certificate_is_applied_by_sighup() {
+    let (node, daemon, port, node_id) = tcp_node();
+    let (pki, password, superuser_cert) = superuser_pki(&node, &node_id);
+    let tls13 = [&rustls::version::TLS13];
     let postmaster = daemon.postmaster_pid();
     std::fs::remove_file(node.state_dir().join("pki/server.crt")).unwrap();
     sighup_applies_the_pki(&daemon);
@@ -283,10 +313,8 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn revoked_certificates_are_refused_and_rotation_revokes_its_role() {
     let port = common::free_port();
-    let node = TestNode::with_extra(&format!(
-        "network:\n  use_unix_socket: false\n  bind_address: 127.0.0.1\n  port: {port}\n\
-         credentials:\n  rotation_grace_period: 2s\n"
-    ));
+    let node = TestNode::with(tcp_mode(port));
+    node.set("credentials.rotation_grace_period", "2s");
     let daemon = node.start_healthy();
     let node_id = daemon.get("/health").unwrap().1["nodeId"]
         .as_str()

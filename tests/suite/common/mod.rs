@@ -1,5 +1,6 @@
 //! Helpers for tests that drive the real keepd binary against a real Postgres.
-#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod config;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,61 +11,80 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use config::unlimited_rates;
 pub use nix::sys::signal::Signal;
+use serde_json::{Value, json};
 
 pub fn keepd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keepd")
 }
 
-/// A keepd configuration in its own temporary directory.
+/// A keepd configuration in its own temporary directory: a tree of values
+/// (`common::config`) written to `config` as YAML whenever it changes.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     /// Set when the API serves HTTPS (`with_https`).
     pub tls: Option<ApiTls>,
+    settings: Mutex<Value>,
 }
 
 impl TestNode {
     pub fn new() -> TestNode {
-        Self::with_extra("")
+        Self::with(json!({}))
     }
 
-    /// `extra` is appended to the YAML (top-level sections not set here).
-    pub fn with_extra(extra: &str) -> TestNode {
-        Self::with_api_and_extra("", extra)
-    }
-
-    /// `api` holds more `api:` keys (each line indented by two spaces);
-    /// `extra` is appended to the YAML (top-level sections not set here).
-    pub fn with_api_and_extra(api: &str, extra: &str) -> TestNode {
+    /// The base configuration (state and runtime directories in the
+    /// node's own, the API and metrics on free loopback ports, JSON logs at
+    /// info) merged with `overlay` (`common::config::merge`).
+    pub fn with(overlay: Value) -> TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         // Postgres may run as another user: let it traverse to its directories.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.path().join("keepd.yaml");
-        let yaml = format!(
-            "node:\n  state_dir: {0}/state\n  runtime_dir: {0}/run\n\
-             api:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n{api}\
-             log:\n  format: json\n  level: info\n{extra}",
-            dir.path().display()
-        );
-        std::fs::write(&config, yaml).unwrap();
-        TestNode {
+        let d = dir.path().display();
+        let mut settings = json!({
+            "node": {"state_dir": format!("{d}/state"), "runtime_dir": format!("{d}/run")},
+            "api": {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+            "log": {"format": "json", "level": "info"},
+        });
+        config::merge(&mut settings, overlay);
+        let node = TestNode {
             dir,
             config,
             tls: None,
-        }
+            settings: Mutex::new(settings),
+        };
+        node.write_config();
+        node
     }
 
     /// A node whose API serves HTTPS with a certificate from a test CA
-    /// (for `localhost` and 127.0.0.1); `api` as in `with_api_and_extra`.
-    pub fn with_https(api: &str, extra: &str) -> TestNode {
-        let mut node = Self::with_api_and_extra(api, extra);
+    /// (for `localhost` and 127.0.0.1); `overlay` as in `with`.
+    pub fn with_https(overlay: Value) -> TestNode {
+        let mut node = Self::with(overlay);
         let tls = ApiTls::new(node.dir.path());
-        let yaml = std::fs::read_to_string(&node.config).unwrap();
-        let yaml = yaml.replacen("api:\n", &format!("api:\n{}", tls.yaml()), 1);
-        std::fs::write(&node.config, yaml).unwrap();
+        node.merge(json!({"api": {"tls": tls.settings()}}));
         node.tls = Some(tls);
         node
+    }
+
+    /// Sets the dotted `path` (`api.events.max_idle`) to `value` and
+    /// rewrites the file.
+    pub fn set(&self, path: &str, value: impl Into<Value>) -> &TestNode {
+        self.merge(config::at(path, value))
+    }
+
+    /// Merges `overlay` into the configuration and rewrites the file.
+    pub fn merge(&self, overlay: Value) -> &TestNode {
+        config::merge(&mut self.settings.lock().unwrap(), overlay);
+        self.write_config();
+        self
+    }
+
+    fn write_config(&self) {
+        let yaml = config::to_yaml(&self.settings.lock().unwrap());
+        std::fs::write(&self.config, yaml).unwrap();
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -158,13 +178,9 @@ impl ApiTls {
         pem
     }
 
-    /// The `api.tls` lines of a config (indented for the `api:` section).
-    pub fn yaml(&self) -> String {
-        format!(
-            "  tls:\n    cert: {}\n    key: {}\n",
-            self.cert.display(),
-            self.key.display()
-        )
+    /// The `api.tls` settings for these files.
+    pub fn settings(&self) -> Value {
+        json!({"cert": self.cert, "key": self.key})
     }
 }
 
@@ -396,15 +412,24 @@ impl TestNode {
     }
 }
 
+/// Debian's nginx, which `start_nginx` runs.
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// `require` for Debian's nginx.
+#[track_caller]
+pub fn require_nginx() -> bool {
+    require_file(NGINX, "nginx (Debian's nginx-light)")
+}
+
 /// nginx from Debian's packages in the foreground, its files under `dir`,
 /// serving one `server { ... }` block whose body is `server`; returned
 /// once `port` listens. As root its workers run as root too, so they can
 /// read the test's files.
 pub fn start_nginx(dir: &Path, port: u16, server: &str) -> std::process::Child {
-    let binary = "/usr/sbin/nginx";
+    let binary = NGINX;
     assert!(
         Path::new(binary).exists(),
-        "nginx is not installed: run scripts/install-deps.sh"
+        "nginx is not installed: call common::require_nginx first"
     );
     let d = dir.display();
     let user = if nix::unistd::geteuid().is_root() {
@@ -726,60 +751,82 @@ impl TestNode {
 }
 
 /// A random UUID (version 4) as text.
-/// `api.rate_limits` high enough that only tests of the limits meet them.
-pub const UNLIMITED_RATES: &str = "  rate_limits:\n    auth_per_minute: 100000\n    \
-     account_per_second: 100000\n    account_burst: 100000\n    \
-     address_per_second: 100000\n    address_burst: 100000\n";
+pub fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
 
-/// Whether `program` is on the PATH. Without it a test cannot test: in CI
-/// (`CI` set, where scripts/install-deps.sh installs everything) that is a
-/// failure; elsewhere the test says it skips, and why.
+/// Whether a test can go on, `available` saying whether `what` it needs
+/// is there. Without it the test cannot test, and must not pass as if it
+/// had: with `CI` set (where everything the suite uses is installed) it
+/// fails, naming `what` is missing and `how` to get it; elsewhere it prints
+/// `SKIPPED: <what> (<how>)` and the test returns. A test that calls this
+/// belongs in .config/nextest.toml's filter, which shows what it printed at
+/// the end of a nextest run (a skip is never silent).
+#[track_caller]
+pub fn require(available: bool, what: &str, how: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what}: {how}. CI runs every test: nothing may be skipped there");
+    }
+    eprintln!("SKIPPED: {what} ({how})");
+    false
+}
+
+/// `require` for a program on the PATH, from Debian's `package` (or the
+/// place named) that scripts/install-deps.sh installs.
+#[track_caller]
 pub fn require_tool(program: &str, package: &str) -> bool {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("{program} is not installed ({package}); scripts/install-deps.sh installs it");
-        }
-        eprintln!(
-            "SKIPPED: {program} is not installed ({package}); scripts/install-deps.sh installs it"
-        );
-    }
-    found
+    require(
+        found,
+        &format!("{program} is not installed"),
+        &format!("{package}; scripts/install-deps.sh installs it"),
+    )
 }
 
-pub fn uuid() -> String {
-    uuid::Uuid::new_v4().to_string()
+/// `require` for a file a tool is run from (a virtualenv's program, say).
+#[track_caller]
+pub fn require_file(path: &str, what: &str) -> bool {
+    require(
+        Path::new(path).exists(),
+        &format!("{what} is not installed ({path} is absent)"),
+        "scripts/install-deps.sh installs it",
+    )
+}
+
+/// `require` for a Docker engine that answers.
+#[track_caller]
+pub fn require_docker() -> bool {
+    let answer = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
+    let why = match answer {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!(
+            "no Docker engine answers: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => format!("the docker CLI cannot run: {e}"),
+    };
+    require(
+        false,
+        &why,
+        "Debian's docker.io, which scripts/install-deps.sh installs; \
+         scripts/test.sh starts dockerd in CI when none runs",
+    )
 }
 
 /// The Postgres image the docker tests use (scripts/build-test-image.sh).
 pub const DOCKER_IMAGE: &str = "keepd-test-postgres:test";
 
-/// Whether a Docker engine answers (saying why not, for a test to skip).
-pub fn docker_engine_answers() -> bool {
-    match Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-    {
-        Ok(out) if out.status.success() => true,
-        Ok(out) => {
-            eprintln!(
-                "skipping: no Docker engine answers: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            false
-        }
-        Err(e) => {
-            eprintln!("skipping: the docker CLI cannot run: {e}");
-            false
-        }
-    }
-}
-
-/// Whether the engine answers; builds the test image once (under a lock,
-/// as tests run in parallel processes) when it is missing.
-pub fn docker_engine_ready() -> bool {
-    if !docker_engine_answers() {
+/// `require_docker`, then the test image, built once (under a lock, as
+/// tests run in parallel processes) when it is missing.
+#[track_caller]
+pub fn require_docker_image() -> bool {
+    if !require_docker() {
         return false;
     }
     let lock_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("docker-image.lock");
