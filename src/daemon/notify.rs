@@ -25,11 +25,18 @@ impl Notifier {
             return;
         };
         let sent = match path.strip_prefix('@') {
+            // An abstract socket name: Linux's (and systemd's) only.
+            #[cfg(target_os = "linux")]
             Some(name) => {
                 use std::os::linux::net::SocketAddrExt;
                 std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
                     .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
             }
+            #[cfg(not(target_os = "linux"))]
+            Some(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "an abstract socket name in NOTIFY_SOCKET, which only Linux has",
+            )),
             None => socket.send_to(message.as_bytes(), path),
         };
         if let Err(e) = sent {

@@ -6,6 +6,11 @@
 //! Every child is therefore forked by one dedicated thread that lives exactly
 //! as long as the keepd process: when keepd exits or is killed with -9, the
 //! kernel signals the child.
+//!
+//! Elsewhere (macOS under launchd) there is no parent-death signal: a child
+//! outlives a keepd killed with -9, and the next start finds its
+//! `postmaster.pid` and shuts that postmaster down
+//! (`NativeCluster::is_our_postmaster`).
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -50,15 +55,19 @@ impl ChildLauncher {
     }
 
     /// Spawns `command` so that the kernel sends it `on_keepd_death` when
-    /// keepd dies, however it dies.
+    /// keepd dies, however it dies (Linux; elsewhere the signal is not
+    /// set).
     pub fn spawn(&self, mut command: Command, on_keepd_death: Signal) -> io::Result<Child> {
         let keepd = nix::unistd::getpid();
+        #[cfg(not(target_os = "linux"))]
+        let _ = on_keepd_death;
         // SAFETY: the closure runs between fork and exec and only makes the
         // async-signal-safe prctl and getppid system calls.
         unsafe {
             command.pre_exec(move || {
                 // Runs after Command::uid, so a credential change cannot
                 // clear the setting again.
+                #[cfg(target_os = "linux")]
                 nix::sys::prctl::set_pdeathsig(on_keepd_death).map_err(io::Error::from)?;
                 // keepd may have died before the line above took effect.
                 if nix::unistd::getppid() != keepd {

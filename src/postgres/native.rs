@@ -633,10 +633,41 @@ impl NativeCluster {
 
     /// Whether `pid` is a postgres whose working directory is our data
     /// directory (Postgres chdirs into it), so a recycled PID is never
-    /// mistaken for our server.
+    /// mistaken for our server. Linux reads `/proc`; elsewhere (macOS, no
+    /// `/proc`) `ps` names the program and `lsof` its working directory,
+    /// and a process neither can describe is not ours.
     fn is_our_postmaster(&self, pid: i32) -> bool {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"));
+        #[cfg(target_os = "linux")]
+        let (comm, cwd) = (
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default(),
+            std::fs::read_link(format!("/proc/{pid}/cwd")),
+        );
+        #[cfg(not(target_os = "linux"))]
+        let (comm, cwd) = {
+            let out = |program: &str, args: &[&str]| {
+                Command::new(program)
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let pid = pid.to_string();
+            let program = out("ps", &["-o", "comm=", "-p", &pid]);
+            let comm = Path::new(program.trim())
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // `-Fn`: one field per line, the name after `n`.
+            let cwd = out("lsof", &["-a", "-d", "cwd", "-p", &pid, "-Fn"])
+                .lines()
+                .find_map(|l| l.strip_prefix('n').map(PathBuf::from))
+                .ok_or_else(|| io::Error::other("lsof names no working directory"));
+            (comm, cwd)
+        };
         let ours = std::fs::canonicalize(&self.data_dir);
         comm.trim() == "postgres" && matches!((cwd, ours), (Ok(a), Ok(b)) if a == b)
     }

@@ -8,13 +8,22 @@
 //! to anyone; the table (cipher, key) needs the device-mapper ioctl, which
 //! only root may use: `dmsetup table` does it, and `keepd report` run as
 //! root shows what the daemon, running as keepd's user, cannot read.
+//!
+//! dm-crypt, sysfs and dmsetup are Linux's: elsewhere the volume is not
+//! measured (`Volume::Unknown`, saying so).
 
+#[cfg(target_os = "linux")]
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(target_os = "linux")]
+use std::path::PathBuf;
+#[cfg(target_os = "linux")]
 use std::process::Command;
 
 /// What the directory sits on.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Off Linux only `Unknown` is measured; the report still names the others.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub enum Volume {
     Encrypted(CryptVolume),
     /// Not dm-crypt: the device (`major:minor`, and its name when known).
@@ -62,10 +71,21 @@ impl std::fmt::Display for CryptVolume {
 }
 
 /// The volume under `dir`, measured through `/sys` and `dmsetup`.
+#[cfg(target_os = "linux")]
 pub fn under(dir: &Path) -> Volume {
     under_with(dir, Path::new("/sys"), &|name| dmsetup_table(name))
 }
 
+/// Not measured: dm-crypt volumes are Linux's.
+#[cfg(not(target_os = "linux"))]
+pub fn under(dir: &Path) -> Volume {
+    Volume::Unknown(format!(
+        "the volume under {} is not measured: dm-crypt and sysfs are Linux's",
+        dir.display()
+    ))
+}
+
+#[cfg(target_os = "linux")]
 fn under_with(dir: &Path, sys: &Path, table: &dyn Fn(&str) -> Result<String, String>) -> Volume {
     let dev = match std::fs::metadata(dir) {
         Ok(meta) => meta.dev(),
@@ -97,6 +117,7 @@ fn under_with(dir: &Path, sys: &Path, table: &dyn Fn(&str) -> Result<String, Str
     }
 }
 
+#[cfg(target_os = "linux")]
 fn device_name(block: &Path) -> Option<String> {
     let uevent = std::fs::read_to_string(block.join("uevent")).ok()?;
     uevent
@@ -107,12 +128,14 @@ fn device_name(block: &Path) -> Option<String> {
 
 /// Formats cryptsetup names its encrypting mappings by (`CRYPT-FORMAT-…`
 /// in `dm/uuid`); INTEGRITY and VERITY mappings encrypt nothing.
+#[cfg(target_os = "linux")]
 const ENCRYPTING: [&str; 5] = ["LUKS1", "LUKS2", "PLAIN", "TCRYPT", "BITLK"];
 
 /// The dm-crypt mapping that `block` is, or that every device under it
 /// leads to (LVM's `slaves`, the disk a partition belongs to): (name,
 /// format). A stack with one plain leg (a volume group extended onto a
 /// plain disk, a RAID with one unencrypted member) is not encrypted.
+#[cfg(target_os = "linux")]
 fn crypt_below(block: &Path, depth: u32) -> Option<(String, String)> {
     // Device stacks are a few levels deep; the bound stops a loop.
     if depth > 8 {
@@ -149,6 +172,7 @@ fn crypt_below(block: &Path, depth: u32) -> Option<(String, String)> {
     found
 }
 
+#[cfg(target_os = "linux")]
 fn dmsetup_table(name: &str) -> Result<String, String> {
     let out = Command::new("dmsetup")
         .args(["table", "--target", "crypt", name])
@@ -172,6 +196,7 @@ fn dmsetup_table(name: &str) -> Result<String, String> {
 /// A crypt target's line: `start length crypt cipher key iv_offset device
 /// offset [options]`. The key is hex (masked as zeros without
 /// `--showkeys`) or a keyring reference `:BYTES:type:description`.
+#[cfg(target_os = "linux")]
 fn parse_table(text: &str) -> Result<CryptTable, String> {
     let line = text
         .lines()
@@ -199,7 +224,7 @@ fn parse_table(text: &str) -> Result<CryptTable, String> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
