@@ -1297,7 +1297,10 @@ mod tests {
                 format!("{n}{body}").into_bytes()
             };
             for (kind, record) in [
-                (tar::EntryType::XGlobalHeader, record("comment", "keepd test")),
+                (
+                    tar::EntryType::XGlobalHeader,
+                    record("comment", "keepd test"),
+                ),
                 (tar::EntryType::XHeader, record(key, value)),
             ] {
                 let mut header = tar::Header::new_ustar();
