@@ -603,13 +603,38 @@ pub fn psql(
             scratch = Some(dir);
         }
     }
+    // Ctrl-C at psql's prompt reaches the whole process group: keepd
+    // ignores it while psql runs (psql handles its own), so it lives to
+    // remove the scratch directory with the client key.
+    let interrupts = ignore_interrupts();
     let status = command
         .status()
         .map_err(|source| AdminError::Spawn { program, source });
+    drop(interrupts);
     if let Some(dir) = scratch {
         let _ = std::fs::remove_dir_all(dir);
     }
     status
+}
+
+/// SIGINT ignored until dropped, then as it was.
+struct IgnoredInterrupts(Option<nix::sys::signal::SigHandler>);
+
+fn ignore_interrupts() -> IgnoredInterrupts {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN runs no handler code; the previous disposition is
+    // put back as it was.
+    IgnoredInterrupts(unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }.ok())
+}
+
+impl Drop for IgnoredInterrupts {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, signal};
+        if let Some(previous) = self.0 {
+            // SAFETY: restores the disposition this process had before.
+            let _ = unsafe { signal(Signal::SIGINT, previous) };
+        }
+    }
 }
 
 /// Seals an S3 access key into db.enc for `backup.s3`, on a stopped node

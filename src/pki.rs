@@ -7,8 +7,9 @@
 //! The server certificate is renewed before it expires by re-signing the
 //! same key (30 days ahead), so nothing that pinned its key breaks; one
 //! that does not chain to the current CA, outlives it, or lacks an address
-//! keepd dials is re-issued. Client certificates never touch the disk and
-//! live a day at most (`CLIENT_LIFETIME`, or the rotation interval when
+//! keepd dials is re-issued. Client certificates are issued in memory (only
+//! `keepd psql` writes one, into a private directory under the runtime
+//! directory that it removes when psql exits) and live a day at most (`CLIENT_LIFETIME`, or the rotation interval when
 //! shorter); those of a retired role are revoked (`NodePki::revoke`) in a
 //! CRL Postgres checks (`ssl_crl_file`), kept in `revoked` until they
 //! would have expired anyway.

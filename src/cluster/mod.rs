@@ -3,8 +3,10 @@
 //! `key` is the shared secret (pure); this module keeps
 //! `keepd.cluster_members`, where the key is stored sealed to each admitted
 //! node's identity and a node not yet admitted waits with its public key.
-//! Every statement runs as the owner in a transaction under one advisory
-//! lock, so founding, joining, admitting and removing never interleave.
+//! Every change of the membership runs as the owner in a transaction under
+//! one advisory lock, so founding, joining, admitting and removing never
+//! interleave; `heartbeat` only stamps its own row's `seen_at` and counts,
+//! as the superuser, outside the lock.
 //! No secret crosses in the clear: a node seals the key for another with
 //! that node's public key, which it reads from the row the node wrote.
 

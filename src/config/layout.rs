@@ -47,13 +47,8 @@ impl Layout {
         &self.credentials
     }
 
-    /// The lock one keepd per state directory holds.
-    pub fn lock_file(&self) -> PathBuf {
-        Layout::lock_file_in(&self.state_dir)
-    }
-
-    /// The lock file in `state_dir`, for the lock taken before the rest
-    /// of the layout is needed.
+    /// The lock one keepd per state directory holds, in `state_dir` (taken
+    /// before the rest of the layout is needed).
     pub fn lock_file_in(state_dir: &Path) -> PathBuf {
         state_dir.join("keepd.lock")
     }
