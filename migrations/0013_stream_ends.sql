@@ -19,6 +19,15 @@ CREATE TRIGGER sessions_revoked_end_streams AFTER UPDATE OF revoked_at ON keepd.
     FOR EACH ROW WHEN (OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL)
     EXECUTE FUNCTION keepd.session_ended();
 
--- Each admitted node says it is alive (`seen_at`, every few seconds), so
--- the nodes can share per-account rate budgets by the number of live ones.
-ALTER TABLE keepd.cluster_members ADD COLUMN seen_at timestamptz;
+-- Each admitted node says it is alive every few seconds, so the nodes can
+-- share per-account rate budgets by the number of live ones. A table of
+-- its own, apart from the sealed keys in keepd.cluster_members (whose every
+-- access pgAudit logs), and only the superuser's heartbeat touches it.
+CREATE TABLE keepd.cluster_liveness (
+    node_id text PRIMARY KEY CHECK (node_id ~ '^[0-9a-f]{16}$'),
+    seen_at timestamptz NOT NULL
+);
+ALTER TABLE keepd.cluster_liveness ENABLE ROW LEVEL SECURITY;
+ALTER TABLE keepd.cluster_liveness FORCE ROW LEVEL SECURITY;
+CREATE POLICY cluster_liveness_owner ON keepd.cluster_liveness TO keepd_owner
+    USING (true) WITH CHECK (true);

@@ -1,5 +1,5 @@
-//! Liveness: every admitted node writes `seen_at` every `EVERY`, and reads
-//! how many nodes were seen within `LIVE`. The count is how many nodes
+//! Liveness: every admitted node stamps its row of `keepd.cluster_liveness`
+//! every `EVERY`, and reads how many nodes were seen within `LIVE`. The count is how many nodes
 //! share the per-account rate budget (`api::limits`): each enforces its
 //! share, so an account gets its documented rate across the cluster.
 //! A node that stops beating leaves the count within `LIVE`, and the
@@ -18,13 +18,13 @@ pub const EVERY: Duration = Duration::from_secs(5);
 /// A node not seen for this long is no longer counted.
 pub const LIVE: Duration = Duration::from_secs(15);
 
-/// Marks this node seen and counts the live admitted nodes, itself
-/// included (the statement's snapshot predates its own update).
-const BEAT: &str = "WITH me AS (UPDATE keepd.cluster_members SET seen_at = now() \
-         WHERE node_id = $1 AND admitted_at IS NOT NULL RETURNING 1) \
-     SELECT count(*) FROM keepd.cluster_members \
-     WHERE admitted_at IS NOT NULL \
-       AND (node_id = $1 OR seen_at > now() - make_interval(secs => $2))";
+/// Marks this node seen and counts the nodes seen lately, itself included
+/// (the statement's snapshot predates its own write). A node removed from
+/// the cluster stops beating and leaves the count within `LIVE`.
+const BEAT: &str = "WITH me AS (INSERT INTO keepd.cluster_liveness (node_id, seen_at) \
+         VALUES ($1, now()) ON CONFLICT (node_id) DO UPDATE SET seen_at = now() RETURNING 1) \
+     SELECT count(*) FROM keepd.cluster_liveness \
+     WHERE node_id = $1 OR seen_at > now() - make_interval(secs => $2)";
 
 /// Beats as the superuser until `stop`, handing each count to `live`
 /// (which it calls only when the count changes).

@@ -5,8 +5,8 @@
 //! node's identity and a node not yet admitted waits with its public key.
 //! Every change of the membership runs as the owner in a transaction under
 //! one advisory lock, so founding, joining, admitting and removing never
-//! interleave; `heartbeat` only stamps its own row's `seen_at` and counts,
-//! as the superuser, outside the lock.
+//! interleave; `heartbeat` stamps the node's row of `keepd.cluster_liveness` and
+//! counts, as the superuser, outside the lock.
 //! No secret crosses in the clear: a node seals the key for another with
 //! that node's public key, which it reads from the row the node wrote.
 

@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 13] = [
+pub const TABLES: [&str; 14] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -46,6 +46,8 @@ pub const TABLES: [&str; 13] = [
     "keepd.invites",
     // No group role: only the owner's bootstrap sessions (`cluster`).
     "keepd.cluster_members",
+    // No group role: only the superuser's heartbeat (`cluster::heartbeat`).
+    "keepd.cluster_liveness",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
 ];

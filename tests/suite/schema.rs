@@ -43,6 +43,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.account_usage" => "vaults",
         "keepd.invites" => "used_at",
         "keepd.cluster_members" => "admitted_by",
+        "keepd.cluster_liveness" => "seen_at",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         other => panic!("no column known for {other}"),
