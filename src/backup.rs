@@ -90,22 +90,26 @@ pub enum RestoreTarget {
 /// Postgres's timestamp syntax, as pgBackRest hands it to
 /// `recovery_target_time`: `2026-12-01 14:05:00[.fraction]+00[:30]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreTime(time::OffsetDateTime);
+pub struct RestoreTime {
+    moment: time::OffsetDateTime,
+    /// The fraction's digits as given, so the moment reads back as written
+    /// (`.360870` stays six digits).
+    fraction_digits: usize,
+}
 
 impl std::fmt::Display for RestoreTime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use time::macros::format_description;
-        let moment = self.0;
+        let moment = self.moment;
         let mut text = moment
             .format(format_description!(
                 "[year]-[month]-[day] [hour]:[minute]:[second]"
             ))
             .map_err(|_| std::fmt::Error)?;
-        if moment.nanosecond() != 0 {
+        if self.fraction_digits > 0 {
+            let nanos = format!("{:09}", moment.nanosecond());
             text.push('.');
-            text += &moment
-                .format(format_description!("[subsecond digits:1+]"))
-                .map_err(|_| std::fmt::Error)?;
+            text += &nanos[..self.fraction_digits.min(9)];
         }
         let (hours, minutes, _) = moment.offset().as_hms();
         let sign = if moment.offset().is_negative() {
@@ -153,7 +157,14 @@ impl RestoreTarget {
         if moment.offset().whole_hours().unsigned_abs() > 15 {
             return Err(bad("its offset is beyond ±15:59".into()));
         }
-        Ok(RestoreTarget::Time(RestoreTime(moment)))
+        // The digits after the seconds' point, up to the offset's sign.
+        let fraction_digits = given.split_once('.').map_or(0, |(_, rest)| {
+            rest.chars().take_while(char::is_ascii_digit).count()
+        });
+        Ok(RestoreTarget::Time(RestoreTime {
+            moment,
+            fraction_digits,
+        }))
     }
 }
 
@@ -429,7 +440,12 @@ mod tests {
             ("2026-12-01 14:05:00-05", "2026-12-01 14:05:00-05"),
             ("2026-12-01 14:05:00+01:00", "2026-12-01 14:05:00+01"),
             ("2026-12-01 14:05:00.5+00", "2026-12-01 14:05:00.5+00"),
-            ("2026-12-01 14:05:00.000+00", "2026-12-01 14:05:00+00"),
+            ("2026-12-01 14:05:00.000+00", "2026-12-01 14:05:00.000+00"),
+            // As written: trailing zeros are kept.
+            (
+                "2026-12-06 19:46:10.360870+00",
+                "2026-12-06 19:46:10.360870+00",
+            ),
             ("2024-02-29 23:59:59+00", "2024-02-29 23:59:59+00"),
             (" 2026-12-01 14:05:00z ", "2026-12-01 14:05:00+00"),
         ] {
