@@ -402,6 +402,36 @@ fn exit_codes_say_whose_mistake_it_was() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // A moment of the right shape that does not exist, with a repository
+    // configured: refused by name before the data directory is touched.
+    let repository = tempfile::tempdir().unwrap();
+    node.set("backup.repository", repository.path().to_str().unwrap());
+    let data_before = std::fs::read_dir(node.data_dir()).unwrap().count();
+    let version = std::fs::read(node.data_dir().join("PG_VERSION")).unwrap();
+    let out = node
+        .command(&["restore", "--to", "2026-13-45 99:99:99+00"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a moment keepd can restore to"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(node.data_dir()).unwrap().count(),
+        data_before
+    );
+    assert_eq!(
+        std::fs::read(node.data_dir().join("PG_VERSION")).unwrap(),
+        version
+    );
+    assert_eq!(
+        std::fs::read_dir(repository.path()).unwrap().count(),
+        0,
+        "nothing in the repository"
+    );
+    node.set("backup.repository", serde_json::Value::Null);
     let out = node
         .command(&["account", "delete", "a@b.example"])
         .output()
