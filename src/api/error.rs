@@ -217,7 +217,9 @@ impl From<super::store::StoreError> for ApiError {
         match e {
             StoreError::Pool(e) => e.into(),
             StoreError::Field(e) => e.into(),
-            other @ StoreError::Random(_) => ApiError::internal("store", &other),
+            other @ (StoreError::Random(_) | StoreError::Encode(_)) => {
+                ApiError::internal("store", &other)
+            }
         }
     }
 }

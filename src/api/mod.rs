@@ -192,7 +192,11 @@ impl Api {
     /// 413 `quota_exceeded` when what `tx` wrote takes the account past
     /// `api.quotas` (the transaction is then dropped: nothing is stored).
     async fn check_quotas(&self, tx: &ScopedTransaction, user: Uuid) -> Result<(), ApiError> {
-        let usage = store::usage::of(tx, user).await?;
+        self.within_quotas(&store::usage::of(tx, user).await?)
+    }
+
+    /// 413 `quota_exceeded` when `usage` is past one of `api.quotas`.
+    fn within_quotas(&self, usage: &store::usage::Usage) -> Result<(), ApiError> {
         match usage.exceeds(&store::usage::Usage::from(&self.settings.quotas)) {
             Some(exceeded) => Err(ApiError::quota_exceeded(exceeded)),
             None => Ok(()),

@@ -9,6 +9,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::usage::Usage;
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::ScopedTransaction;
 
@@ -308,6 +309,119 @@ pub async fn save_push(
         )
         .await?;
     Ok(saved > 0)
+}
+
+/// A push as its handler checked it: the transaction's one store call
+/// (`push`) takes it whole.
+pub struct PushBatch<'a> {
+    pub user: Uuid,
+    pub vault_id: &'a str,
+    pub entries: Vec<NewEntry>,
+    /// The client's `keyCheck`: nothing is stored when the vault's differs.
+    pub key_check: Option<&'a str>,
+    pub idempotency: Option<Idempotency<'a>>,
+}
+
+/// An `Idempotency-Key`, the fingerprint of its request, and how long its
+/// record names the request.
+pub struct Idempotency<'a> {
+    pub key: &'a str,
+    pub fingerprint: &'a [u8],
+    pub ttl: Duration,
+}
+
+/// How a push went.
+pub enum PushOutcome<R> {
+    /// The key names a recorded push: its first answer (or, if the
+    /// fingerprints differ, another request's); nothing was stored.
+    Recorded(StoredPush),
+    /// The user has no such vault.
+    NoVault,
+    /// The vault's key check differs from the push's.
+    WrongKey,
+    /// Stored (not yet committed), announced at commit, and the answer
+    /// recorded under the key; `usage` is the account's with the batch,
+    /// for the caller's quotas (past one it drops the transaction), and
+    /// `raced` says a concurrent retry with the same key committed first
+    /// (the caller rolls back and answers from that record).
+    Stored {
+        vault: Uuid,
+        first: i64,
+        last: i64,
+        response: R,
+        usage: Usage,
+        raced: bool,
+    },
+}
+
+/// A whole push in `tx`: the Idempotency-Key's record looked up, the key
+/// check compared, the batch appended, then the usage read, the answer
+/// `respond` makes of the stored entries recorded under the key, and the
+/// announcement queued, those three pipelined.
+pub async fn push<R: serde::Serialize>(
+    tx: &ScopedTransaction,
+    fields: &FieldCipher,
+    batch: PushBatch<'_>,
+    respond: impl FnOnce(Appended) -> R,
+) -> Result<PushOutcome<R>, StoreError> {
+    let PushBatch {
+        user,
+        vault_id,
+        entries,
+        key_check,
+        idempotency,
+    } = batch;
+    if let Some(idempotency) = &idempotency
+        && let Some(first) = stored_push(tx, user, idempotency.key, idempotency.ttl).await?
+    {
+        return Ok(PushOutcome::Recorded(first));
+    }
+    if let Some(sent) = key_check {
+        match super::vaults::key_check(tx, user, vault_id).await? {
+            None => return Ok(PushOutcome::NoVault),
+            Some(Some(stored)) if stored != sent => return Ok(PushOutcome::WrongKey),
+            Some(_) => {}
+        }
+    }
+    let Some(appended) = append(tx, fields, user, vault_id, entries).await? else {
+        return Ok(PushOutcome::NoVault);
+    };
+    let vault = appended.vault;
+    // (A batch is never empty: the handler refuses one.)
+    let (Some(first), Some(last)) = (appended.entries.first(), appended.entries.last()) else {
+        return Ok(PushOutcome::NoVault);
+    };
+    let (first, last) = (first.sequence, last.sequence);
+    let response = respond(appended);
+    let recorded = async {
+        let Some(idempotency) = &idempotency else {
+            return Ok(true);
+        };
+        let stored = serde_json::to_value(&response).map_err(StoreError::encode)?;
+        save_push(
+            tx,
+            user,
+            idempotency.key,
+            idempotency.fingerprint,
+            &stored,
+            idempotency.ttl,
+        )
+        .await
+    };
+    let event = crate::api::events::VaultEvent {
+        vault,
+        sequence: last,
+    };
+    let (usage, won, ()) =
+        tokio::try_join!(super::usage::of(tx, user), recorded, announce(tx, event))?;
+    Ok(PushOutcome::Stored {
+        vault,
+        first,
+        last,
+        response,
+        usage,
+        raced: !won,
+    })
 }
 
 #[cfg(test)]

@@ -25,4 +25,12 @@ pub enum StoreError {
     Field(#[from] FieldError),
     #[error("no randomness: {0}")]
     Random(String),
+    #[error("cannot encode a record: {0}")]
+    Encode(String),
+}
+
+impl StoreError {
+    fn encode(e: serde_json::Error) -> StoreError {
+        StoreError::Encode(e.to_string())
+    }
 }

@@ -15,11 +15,10 @@ use uuid::Uuid;
 use super::*;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, UserAuth};
-use crate::api::store::logs::{self, NewEntry};
-use crate::api::store::vaults::{self};
+use crate::api::store::logs::{self, Idempotency, NewEntry, PushBatch, PushOutcome, StoredPush};
 use crate::api::{Api, iso8601};
 use crate::audit::AuditAction;
-use crate::postgres::pool::{GroupRole, ScopedTransaction};
+use crate::postgres::pool::GroupRole;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -160,90 +159,64 @@ pub(in crate::api) async fn push(
     }
 
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
-    if let Some(key) = &idempotency
-        && let Some(first) = stored_push(&api, &tx, &auth, key, &fingerprint).await?
-    {
-        return Ok(Json(first));
-    }
-    if let Some(sent) = &body.key_check {
-        let stored = vaults::key_check(&tx, auth.user, &body.vault_id)
-            .await?
-            .ok_or_else(vault_not_found)?;
-        if stored.is_some_and(|stored| stored != *sent) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "wrong_vault_key",
-                "this push was encrypted under another key than the vault's (its keyCheck \
-                 differs); nothing was stored: fetch the vault's key with GET \
-                 /sync/vault-key/{vaultId}",
-            ));
-        }
-    }
-    let appended = logs::append(&tx, &api.fields, auth.user, &body.vault_id, entries)
-        .await?
-        .ok_or_else(vault_not_found)?;
-    let (first, last) = match (appended.entries.first(), appended.entries.last()) {
-        (Some(first), Some(last)) => (first.sequence, last.sequence),
-        _ => {
-            return Err(ApiError::internal(
-                "push",
-                &"a stored batch came back empty",
-            ));
-        }
+    let batch = PushBatch {
+        user: auth.user,
+        vault_id: &body.vault_id,
+        entries,
+        key_check: body.key_check.as_deref(),
+        idempotency: idempotency.as_deref().map(|key| Idempotency {
+            key,
+            fingerprint: &fingerprint,
+            ttl: api.settings.idempotency_ttl,
+        }),
     };
-    let logs = appended
-        .entries
-        .into_iter()
-        .map(|entry| PushedEntry {
-            id: entry.id,
-            sequence: entry.sequence,
-            haex_timestamp: entry.haex_timestamp,
-            created_at: iso8601(entry.created_at),
-        })
-        .collect();
-    let response = PushResponse {
+    let outcome = logs::push(&tx, &api.fields, batch, |appended| PushResponse {
         message: format!("{count} logs pushed successfully"),
         count,
-        logs,
+        logs: appended
+            .entries
+            .into_iter()
+            .map(|entry| PushedEntry {
+                id: entry.id,
+                sequence: entry.sequence,
+                haex_timestamp: entry.haex_timestamp,
+                created_at: iso8601(entry.created_at),
+            })
+            .collect(),
+    })
+    .await?;
+    let (vault, first, last, response, usage, raced) = match outcome {
+        PushOutcome::Recorded(first) => return Ok(Json(replayed(first, &fingerprint)?)),
+        PushOutcome::NoVault => return Err(vault_not_found()),
+        PushOutcome::WrongKey => return Err(wrong_vault_key()),
+        PushOutcome::Stored {
+            vault,
+            first,
+            last,
+            response,
+            usage,
+            raced,
+        } => (vault, first, last, response, usage, raced),
     };
-    let metadata = json!({
-        "user": api.user_ref(auth.user),
-        "vault": appended.vault,
-        "firstSequence": first,
-        "lastSequence": last,
-    });
-    // The quota check and the idempotency record go out together; a
-    // refusal drops the transaction, so nothing is stored.
-    let saved = async {
-        let Some(key) = &idempotency else {
-            return Ok(None);
-        };
-        let stored =
-            serde_json::to_value(&response).map_err(|e| ApiError::internal("push response", &e))?;
-        let ttl = api.settings.idempotency_ttl;
-        let won = logs::save_push(&tx, auth.user, key, &fingerprint, &stored, ttl).await?;
-        Ok::<_, ApiError>((!won).then_some(key.as_str()))
-    };
-    let announced = logs::announce(
-        &tx,
-        crate::api::events::VaultEvent {
-            vault: appended.vault,
-            sequence: last,
-        },
-    );
-    let (_, lost_to, _) = tokio::try_join!(api.check_quotas(&tx, auth.user), saved, async {
-        announced.await.map_err(ApiError::from)
-    })?;
-    if let Some(key) = lost_to {
+    // Past a quota the transaction is dropped: nothing is stored.
+    api.within_quotas(&usage)?;
+    if raced {
         // A concurrent retry with this key committed first: this attempt
         // is rolled back and the first result is the answer.
         drop(tx);
         let tx = auth.begin(&api, GroupRole::Sync).await?;
-        return stored_push(&api, &tx, &auth, key, &fingerprint)
+        let key = idempotency.as_deref().unwrap_or_default();
+        let first = logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl)
             .await?
-            .map(Json)
-            .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"));
+            .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"))?;
+        return Ok(Json(replayed(first, &fingerprint)?));
     }
+    let metadata = json!({
+        "user": api.user_ref(auth.user),
+        "vault": vault,
+        "firstSequence": first,
+        "lastSequence": last,
+    });
     api.audit(
         &mut tx,
         AuditAction::SyncPush,
@@ -256,23 +229,23 @@ pub(in crate::api) async fn push(
     Ok(Json(response))
 }
 
+/// 409 `wrong_vault_key`: the push was sealed under another key.
+fn wrong_vault_key() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "wrong_vault_key",
+        "this push was encrypted under another key than the vault's (its keyCheck differs); \
+         nothing was stored: fetch the vault's key with GET /sync/vault-key/{vaultId}",
+    )
+}
+
 /// The first answer to this Idempotency-Key, if it names this same
 /// request; 422 if it named another (a client would otherwise believe
 /// data saved that was not).
-async fn stored_push(
-    api: &Api,
-    tx: &ScopedTransaction,
-    auth: &UserAuth,
-    key: &str,
-    fingerprint: &[u8],
-) -> Result<Option<PushResponse>, ApiError> {
-    let stored = logs::stored_push(tx, auth.user, key, api.settings.idempotency_ttl).await?;
-    let Some(stored) = stored else {
-        return Ok(None);
-    };
-    if stored
+fn replayed(first: StoredPush, fingerprint: &[u8]) -> Result<PushResponse, ApiError> {
+    if first
         .request_hash
-        .is_some_and(|first| first.as_slice() != fingerprint)
+        .is_some_and(|hash| hash.as_slice() != fingerprint)
     {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -281,8 +254,7 @@ async fn stored_push(
              use a new key for a new request",
         ));
     }
-    serde_json::from_value(stored.response)
-        .map(Some)
+    serde_json::from_value(first.response)
         .map_err(|e| ApiError::internal("stored push response", &e))
 }
 
