@@ -36,12 +36,11 @@ use tracing::{info, warn};
 
 pub use error::DaemonError;
 
-use crate::api::{Api, ApiSettings};
 use crate::audit::{AuditKeys, AuditSealer};
 use crate::backup::PgBackRest;
 use crate::cluster::{self, ClusterKey, Membership};
 use crate::config::{Config, Layout};
-use crate::edge::{self, ApiCertificate, TrustedProxies};
+use crate::edge::{self, ApiCertificate};
 use crate::identity::NodeIdentity;
 use crate::metrics::Metrics;
 use crate::pki::NodePki;
@@ -56,7 +55,7 @@ use crate::secrets::values::ScramVerifier;
 use crate::shutdown;
 use crate::state_lock::StateLock;
 use rotator::Rotator;
-use tasks::{Tasks, Wiring};
+use tasks::{Serving, Tasks};
 
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
@@ -282,69 +281,16 @@ impl BroughtUp {
     /// Stage 4: serve until SIGTERM or SIGINT, then stop everything in
     /// order (the API first, Postgres last).
     async fn serve(self, config_path: &Path) -> Result<(), DaemonError> {
-        let BroughtUp { provisioned, parts } = self;
-        let Provisioned {
-            node,
-            server,
-            pki,
-            maintenance,
-            superuser,
-            metrics,
-            supervisor,
-            ..
-        } = provisioned;
-        let config = &node.config;
         let (stop, shutdown) = shutdown::channel();
-        let addr = parts.listener.local_addr().map_err(DaemonError::Serve)?;
-        let fields = bring_up::field_cipher(&parts.cluster, config);
-        // One reading of api.trusted_proxies for the API and the edge.
-        let trusted = TrustedProxies::new(&config.api.trusted_proxies);
-        let settings = ApiSettings::new(&config.api, trusted.clone());
-        let api = Arc::new(Api::new(
-            &node.identity,
-            parts.pool,
-            supervisor.state(),
-            &parts.cluster,
-            metrics.clone(),
-            settings,
-            fields.clone(),
-        )?);
-        let mut reloader = reload::Reloader {
-            api: api.clone(),
-            running: config.clone(),
-        };
-        let renewal = renewal::CertificateRenewal::of(
-            &server,
-            pki.as_ref(),
-            &config.node.state_dir,
-            &node.node_id,
-            &maintenance,
-        );
-        let renew = parts.renew.clone();
-        let scheme = if node.api_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        info!(%addr, node_id = node.node_id, scheme, fd_limit = node.fd_limit, "api listening");
-        let wiring = Wiring {
-            api,
-            trusted,
-            api_cert: node.api_cert.clone(),
-            listener: parts.listener,
-            metrics_listener: parts.metrics_listener,
-            control: parts.control,
-            rotator: parts.rotator,
-            sealer: parts.sealer,
-            fields,
-            backups: parts.backups,
-            renewal,
-            renew: renew.clone(),
-            postgres_logs: server.own_log_dir(),
-            superuser: superuser.clone(),
-            metrics,
-            node_id: node.node_id.clone(),
-        };
+        let (serving, wiring) = self.wire()?;
+        let Serving {
+            node,
+            superuser,
+            supervisor,
+            mut reloader,
+            renew,
+        } = serving;
+        let config = &node.config;
         let tasks = Tasks::start(config, wiring, &shutdown)?;
         node.notifier.ready();
         let api_cert = node.api_cert.as_deref();

@@ -14,14 +14,18 @@ use super::janitor::Janitor;
 use super::reencrypt::Reencryption;
 use super::renewal::CertificateRenewal;
 use super::rotator::Rotator;
-use super::{DaemonError, control, notify, reload};
-use crate::api::{self, Api, WebPolicy};
+use super::{
+    BroughtUp, DaemonError, Node, Provisioned, bring_up, control, notify, reload, renewal,
+};
+
+use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::AuditSealer;
 use crate::backup::PgBackRest;
 use crate::config::Config;
 use crate::edge::{self, ApiCertificate, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
 use crate::metrics::Metrics;
+use crate::postgres::supervise::Supervisor;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown;
 
@@ -82,6 +86,94 @@ pub(super) struct Tasks {
     backups: Option<JoinHandle<()>>,
     renewal: Option<JoinHandle<()>>,
     cert_watch: Option<JoinHandle<()>>,
+}
+
+/// What serving keeps once the tasks run: the node, the superuser (for
+/// the last WAL segment), the supervisor (stopped last), the reloader.
+pub(super) struct Serving {
+    pub node: Node,
+    pub superuser: Endpoint,
+    pub supervisor: Supervisor,
+    pub reloader: reload::Reloader,
+    pub renew: Arc<Notify>,
+}
+
+impl BroughtUp {
+    /// The API made from bringing up's parts, and everything the tasks are
+    /// made of; the API and the edge share one reading of the trusted
+    /// proxies.
+    pub(super) fn wire(self) -> Result<(Serving, Wiring), DaemonError> {
+        let BroughtUp { provisioned, parts } = self;
+        let Provisioned {
+            node,
+            server,
+            pki,
+            maintenance,
+            superuser,
+            metrics,
+            supervisor,
+            ..
+        } = provisioned;
+        let config = &node.config;
+        let addr = parts.listener.local_addr().map_err(DaemonError::Serve)?;
+        let fields = bring_up::field_cipher(&parts.cluster, config);
+        // One reading of api.trusted_proxies for the API and the edge.
+        let trusted = TrustedProxies::new(&config.api.trusted_proxies);
+        let settings = ApiSettings::new(&config.api, trusted.clone());
+        let api = Arc::new(Api::new(
+            &node.identity,
+            parts.pool,
+            supervisor.state(),
+            &parts.cluster,
+            metrics.clone(),
+            settings,
+            fields.clone(),
+        )?);
+        let reloader = reload::Reloader {
+            api: api.clone(),
+            running: config.clone(),
+        };
+        let renewal = renewal::CertificateRenewal::of(
+            &server,
+            pki.as_ref(),
+            &config.node.state_dir,
+            &node.node_id,
+            &maintenance,
+        );
+        let renew = parts.renew.clone();
+        let scheme = if node.api_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        info!(%addr, node_id = node.node_id, scheme, fd_limit = node.fd_limit, "api listening");
+        let wiring = Wiring {
+            api,
+            trusted,
+            api_cert: node.api_cert.clone(),
+            listener: parts.listener,
+            metrics_listener: parts.metrics_listener,
+            control: parts.control,
+            rotator: parts.rotator,
+            sealer: parts.sealer,
+            fields,
+            backups: parts.backups,
+            renewal,
+            renew: renew.clone(),
+            postgres_logs: server.own_log_dir(),
+            superuser: superuser.clone(),
+            metrics,
+            node_id: node.node_id.clone(),
+        };
+        let serving = Serving {
+            node,
+            superuser,
+            supervisor,
+            reloader,
+            renew,
+        };
+        Ok((serving, wiring))
+    }
 }
 
 impl Tasks {
