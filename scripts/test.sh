@@ -33,8 +33,15 @@ fi
 if cargo nextest --version >/dev/null 2>&1; then
   # Skipped (#[ignore]d) tests listed with the rest; .config/nextest.toml
   # shows what tests that may skip printed (`SKIPPED: <why>`) at the end.
-  exec cargo nextest run --locked --no-fail-fast --status-level skip \
-    --final-status-level skip "$@"
+  log=$(mktemp)
+  status=0
+  cargo nextest run --locked --no-fail-fast --status-level skip \
+    --final-status-level skip "$@" 2>&1 | tee "$log" || status=$?
+  # What the skippable tests printed follows nextest's summary: say the
+  # summary again last, so the run closes on it.
+  grep -E '^ +Summary \[' "$log" | tail -n 1 || true
+  rm -f "$log"
+  exit "$status"
 else
   exec cargo test --locked --no-fail-fast "$@"
 fi
