@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
-use crate::config::{Config, ExternalSslMode, Layout, Provider, Topology};
+use crate::config::{Config, ExternalSslMode, Layout, Topology};
 use crate::fsutil;
 use crate::identity::{IdentityError, NodeIdentity};
-use crate::pki::NodePki;
-use crate::postgres::docker::{DockerError, container_facts};
+use crate::postgres::docker::DockerError;
 use crate::postgres::external::ExternalError;
 use crate::postgres::locate::locate;
 use crate::postgres::native::PgBinaries;
+use crate::postgres::replay::Replay;
 use crate::postgres::tls::Endpoint;
 use crate::postgres::{DATABASE, PgAddress, SUPERUSER, roles};
 use crate::report::Report;
@@ -54,8 +54,6 @@ pub enum AdminError {
     Entropy(#[from] crate::secrets::values::EntropyError),
     #[error("{0}")]
     BadS3Key(&'static str),
-    #[error("the container {0} is running: stop keepd (and the container) before a restore")]
-    ContainerRunning(String),
     #[error(
         "no db.enc at {0}: a bucket holds no copy of it; put back the sealed db.enc kept with the \
          identity's Shamir shares (it opens only with this identity), then restore again"
@@ -66,11 +64,8 @@ pub enum AdminError {
          target"
     )]
     Interrupted,
-    #[error(
-        "Postgres exited while replaying the WAL archive ({status}); its output is above, and its \
-         log under {log}"
-    )]
-    Replay { status: String, log: PathBuf },
+    #[error(transparent)]
+    Replay(#[from] crate::postgres::replay::ReplayError),
     #[error("cannot {what}: {source}")]
     Io {
         what: &'static str,
@@ -240,121 +235,43 @@ pub async fn restore(
     let (identity, credentials) = unseal(config)?;
     let backups =
         crate::backup::PgBackRest::new(config, &credentials, identity.node_id().as_str())?;
-    let replay = Replay {
+    // Everything the replay needs is checked before the data directory
+    // is touched.
+    let node_id = identity.node_id().as_str();
+    let mut replay = Replay::prepare(
         config,
-        layout: &layout,
-        identity: &identity,
-        credentials: &credentials,
-        target: &target,
+        node_id,
+        &credentials.superuser,
+        backups.env().clone(),
+    )
+    .await?;
+    eprintln!("keepd: restoring the data directory from the backup repository");
+    let restored = async {
+        backups.restore_into(&replay, &target).await?;
+        let endpoint = replay.start(&credentials.superuser).await?;
+        let rebase = Rebase {
+            layout: &layout,
+            identity: &identity,
+            target: &target,
+        };
+        rebase
+            .wait_and_rebase(&endpoint, || replay.done().map_err(AdminError::from))
+            .await
     };
-    match config.database.postgres.provider {
-        Provider::Native => replay.native(&backups).await,
-        Provider::Docker => replay.docker(&backups).await,
-        // Validation refuses backups for an external server.
-        Provider::External => Err(crate::backup::BackupError::NotConfigured.into()),
-    }
+    let restored = restored.await;
+    replay.stop().await;
+    restored
 }
 
-/// A restore's replay: the data directory restored, Postgres run until it
-/// has replayed the archive to the target and promoted, the audit
-/// checkpoint moved to the restored head.
-struct Replay<'a> {
-    config: &'a Config,
+/// After a restore's replay: the audit checkpoint moved to the restored
+/// head.
+struct Rebase<'a> {
     layout: &'a Layout,
     identity: &'a NodeIdentity,
-    credentials: &'a Credentials,
     target: &'a crate::backup::RestoreTarget,
 }
 
-impl Replay<'_> {
-    async fn native(&self, backups: &crate::backup::PgBackRest) -> Result<Restored, AdminError> {
-        use crate::postgres::native::NativeCluster;
-        let (config, layout) = (self.config, self.layout);
-        let rendered =
-            crate::postgres::render::render(&crate::postgres::render::RenderInputs::of(config))?;
-        // Everything the replay needs is checked before the data directory
-        // is touched.
-        let pki = match Topology::of(config).issues_certificates() {
-            true => Some(std::sync::Arc::new(NodePki::load(
-                &config.node.state_dir,
-                self.identity.node_id().as_str(),
-            )?)),
-            false => None,
-        };
-        if !layout.data_dir().join("PG_VERSION").exists() {
-            NativeCluster::prepare_restore_target(config, &rendered)?;
-        }
-        eprintln!("keepd: restoring the data directory from the backup repository");
-        backups.restore(self.target).await?;
-        // Postgres replays on its own, installed as the daemon installs it.
-        let (cluster, _) = NativeCluster::prepare(
-            config,
-            crate::postgres::render::RenderInputs::of(config),
-            pki.as_ref(),
-            crate::repository::RepositoryEnv::of(self.credentials),
-        )?;
-        // Its output until its logging starts (a bad setting, say) goes to
-        // the operator's terminal.
-        let mut postmaster = cluster
-            .postmaster_command()
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .map_err(|source| AdminError::Io {
-                what: "start Postgres to replay the archive",
-                source,
-            })?;
-        let signal = layout.data_dir().join("recovery.signal");
-        let endpoint = cluster.superuser_endpoint(&self.credentials.superuser, DATABASE);
-        let replayed = self
-            .wait_and_rebase(&endpoint, || {
-                if let Some(status) = postmaster.try_wait().ok().flatten() {
-                    return Err(AdminError::Replay {
-                        status: status.to_string(),
-                        log: layout.postgres_log_dir(),
-                    });
-                }
-                Ok(!signal.exists())
-            })
-            .await;
-        // A fast shutdown: the restored cluster is left consistent.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(postmaster.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = postmaster.wait();
-        replayed
-    }
-
-    /// The docker provider: the node's container prepared as the daemon
-    /// prepares it, pgBackRest's restore in a one-off container on the
-    /// volume, then the server container replays.
-    async fn docker(&self, backups: &crate::backup::PgBackRest) -> Result<Restored, AdminError> {
-        use crate::postgres::docker::DockerCluster;
-        let verifier = crate::secrets::values::ScramVerifier::of(&self.credentials.superuser);
-        let (cluster, _) = DockerCluster::prepare(
-            self.config,
-            crate::postgres::render::RenderInputs::of(self.config),
-            self.identity.node_id().as_str(),
-            &verifier,
-            backups.env().clone(),
-        )
-        .await?;
-        if cluster.running().await? {
-            return Err(AdminError::ContainerRunning(
-                cluster.container_name().to_string(),
-            ));
-        }
-        eprintln!("keepd: restoring the data directory from the backup repository");
-        cluster
-            .run_one_off("pgBackRest restore", backups.restore_command(self.target))
-            .await?;
-        cluster.start().await?;
-        let endpoint = cluster.superuser_endpoint(&self.credentials.superuser, DATABASE);
-        let replayed = self.wait_and_rebase(&endpoint, || Ok(false)).await;
-        cluster.stop().await;
-        replayed
-    }
-
+impl Rebase<'_> {
     /// Waits until Postgres has replayed to the target and promoted
     /// (`replayed` says so, or the server stops being in recovery), then
     /// moves the audit checkpoint to the restored head, signed, and leaves
@@ -464,10 +381,8 @@ pub async fn report(config: &Config) -> Result<Report, AdminError> {
         .active()
         .map(|c| roles::login_role_name(identity.node_id(), c.version))
         .ok_or_else(|| AdminError::NoCredentials(Layout::of(config).credentials().to_owned()))?;
-    let facts = match config.database.postgres.provider {
-        Provider::Docker => Some(container_facts(identity.node_id().as_str()).await?),
-        Provider::Native | Provider::External => None,
-    };
+    let facts =
+        crate::postgres::locate::container_facts(config, identity.node_id().as_str()).await?;
     let certificate = Topology::of(config)
         .issues_certificates()
         .then(|| std::fs::read_to_string(Layout::of(config).server_certificate()).ok())

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use crate::config::Config;
 use crate::postgres::commands::{CommandRunner, RunError, RunOutput};
 use crate::postgres::native::NativeError;
+use crate::postgres::replay::{Replay, ReplayError};
 use crate::postgres::tls::Endpoint;
 use crate::repository::{BackupInputs, PGBACKREST, RepositoryEnv, STANZA};
 use crate::secrets::store::Credentials;
@@ -43,6 +44,8 @@ pub enum BackupError {
     BadTarget(String, String),
     #[error("{0} (Debian: apt install pgbackrest)")]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
     #[error("pgBackRest {action} failed: {message}")]
     Failed {
         action: &'static str,
@@ -286,23 +289,22 @@ impl PgBackRest {
         }
     }
 
-    /// A restore's command line (in place, only what differs, from the
-    /// latest backup before the target; Postgres then replays the archive
-    /// to it and promotes), for the docker provider's one-off container.
-    pub fn restore_command(&self, target: &RestoreTarget) -> Vec<String> {
+    /// Restores the data directory where `replay` has it (Postgres
+    /// stopped): in place, only what differs, from the latest backup
+    /// before the target; Postgres then replays the archive to it and
+    /// promotes.
+    pub async fn restore_into(
+        &self,
+        replay: &Replay,
+        target: &RestoreTarget,
+    ) -> Result<(), BackupError> {
         let options = target.options();
         let options: Vec<&str> = options.iter().map(String::as_str).collect();
-        let mut cmd = vec![PGBACKREST.to_string()];
-        cmd.extend(self.args("restore", &options));
-        cmd
-    }
-
-    /// Restores the data directory on this host (native; Postgres
-    /// stopped).
-    pub async fn restore(&self, target: &RestoreTarget) -> Result<(), BackupError> {
-        let options = target.options();
-        let options: Vec<&str> = options.iter().map(String::as_str).collect();
-        self.run("restore", &options, false).await.map(drop)
+        let mut argv = vec![PGBACKREST.to_string()];
+        argv.extend(self.args("restore", &options));
+        let mut env: Vec<(&str, &SecretString)> = self.env.vars().collect();
+        env.push(("PGPASSWORD", &self.superuser));
+        checked("restore", replay.restore(argv, &env).await?).map(drop)
     }
 
     /// What pgBackRest reads from its environment, for a container that

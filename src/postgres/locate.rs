@@ -90,6 +90,18 @@ pub fn locate(config: &Config, node_id: &str) -> Result<Located, LocateError> {
     Ok(located(PgAddress::Tcp(address), Some(pki)))
 }
 
+/// The container as the engine reports it, for the security report, when
+/// node `node_id`'s server runs in one (docker).
+pub async fn container_facts(
+    config: &Config,
+    node_id: &str,
+) -> Result<Option<super::docker::ContainerFacts>, super::docker::DockerError> {
+    match config.database.postgres.provider {
+        Provider::Docker => Ok(Some(super::docker::container_facts(node_id).await?)),
+        Provider::Native | Provider::External => Ok(None),
+    }
+}
+
 impl Located {
     /// keepd's superuser (an external server's administrator) on `dbname`.
     pub fn superuser_endpoint(

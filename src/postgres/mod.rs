@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod native;
 pub mod pool;
 pub mod render;
+pub mod replay;
 pub mod roles;
 pub mod server;
 pub mod supervise;
