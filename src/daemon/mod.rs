@@ -239,7 +239,8 @@ impl Provisioned {
         let container = self.container_facts().await?;
         notifier.status("bootstrap and migrations");
         let mut client = self.bootstrap_and_migrate().await?;
-        let backups = backups::set_up(config, layout, credentials, node_id).await?;
+        let backups =
+            backups::set_up(config, layout, credentials, node_id, &self.superuser).await?;
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
         drop(client);

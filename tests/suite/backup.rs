@@ -23,6 +23,31 @@ fn backed_up_node() -> (TestNode, tempfile::TempDir, PathBuf) {
     (node, dir, repository)
 }
 
+/// A brand-new node in strict mode with a repository starts: Postgres
+/// archived before the stanza existed, and those failed attempts must not
+/// make the first report refuse the start (issue 34).
+#[test]
+fn a_strict_first_start_with_a_repository_starts() {
+    let (node, _dir, _repository) = backed_up_node();
+    node.merge(json!({"security": {"fallback_mode": "strict", "minimum_level": "high"}}));
+    let mut daemon = node.spawn();
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(60)),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log("backup: WAL archiving works", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let backup = node.report_check("backup");
+    assert_ne!(backup["status"], "fail", "{backup}");
+    daemon.stop();
+}
+
 fn pgbackrest_conf(node: &TestNode) -> PathBuf {
     node.state_dir().join("pgbackrest").join("pgbackrest.conf")
 }
