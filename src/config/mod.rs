@@ -243,8 +243,10 @@ pub enum Backend {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// keepd provisions and supervises the server itself.
-    pub managed: bool,
+    /// Whether keepd provisions and supervises the server itself; unset, it
+    /// follows `provider` (native and docker: yes; external: no). A value
+    /// that contradicts the provider is refused.
+    pub managed: Option<bool>,
     pub provider: Provider,
     /// Major version to use; the newest installed one when unset.
     pub version: Option<u32>,
@@ -260,7 +262,7 @@ pub struct PostgresConfig {
 impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
-            managed: true,
+            managed: None,
             provider: Provider::Native,
             version: None,
             max_connections: 100,
@@ -1122,6 +1124,26 @@ mod tests {
         parse(text)
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn managed_follows_the_provider_and_a_contradiction_is_refused() {
+        for provider in ["native", "docker"] {
+            let yaml =
+                format!("database:\n  postgres:\n    managed: true\n    provider: {provider}\n");
+            parse(&yaml).unwrap();
+            let yaml =
+                format!("database:\n  postgres:\n    managed: false\n    provider: {provider}\n");
+            let says = error(&yaml);
+            assert!(
+                says.contains("database.postgres.managed") && says.contains("provider: external"),
+                "{says}"
+            );
+        }
+        let external = "database:\n  postgres:\n    provider: external\n    managed: true\n    \
+                        external:\n      host: db.example.org\n      admin_password_file: /p\n";
+        let says = error(external);
+        assert!(says.contains("database.postgres.managed"), "{says}");
     }
 
     #[test]

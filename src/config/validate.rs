@@ -96,6 +96,27 @@ pub(super) fn credentials(creds: &CredentialsConfig) -> Result<(), Invalid> {
 pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
     let pg = &database.postgres;
     let pool = &database.pool;
+    match (pg.managed, pg.provider) {
+        (Some(false), Provider::Native | Provider::Docker) => {
+            return Err(invalid(
+                "database.postgres.managed",
+                "false".into(),
+                "true or unset: keepd runs native and docker servers itself; for a server it \
+                 does not run, set provider: external"
+                    .into(),
+            ));
+        }
+        (Some(true), Provider::External) => {
+            return Err(invalid(
+                "database.postgres.managed",
+                "true".into(),
+                "false or unset: keepd does not run an external server (provider: external), \
+                 it only manages its roles and schema there"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
     if !(5..=10_000).contains(&pg.max_connections) {
         return Err(invalid(
             "database.postgres.max_connections",
