@@ -80,8 +80,9 @@ impl ResponseBudget {
         self.node.min(self.client).min(self.connection)
     }
 
-    /// Bytes reserved on this node now.
-    pub fn used(&self) -> usize {
+    /// Bytes reserved on this node now (the tests read it).
+    #[cfg(test)]
+    fn used(&self) -> usize {
         self.lock().node
     }
 

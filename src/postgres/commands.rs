@@ -63,12 +63,6 @@ impl CommandRunner {
         })
     }
 
-    /// Whether the programs run in a container (whose paths are the
-    /// container's, not this host's).
-    pub fn in_container(&self) -> bool {
-        matches!(self, CommandRunner::Container { .. })
-    }
-
     /// Runs `program` with `args` and exactly `env` (and `LC_ALL=C`);
     /// `echo` also prints its output as it comes (a long backup's
     /// progress). Dropping the future kills a local program; one in a

@@ -64,8 +64,8 @@ enum Host {
 /// The server a restore replays on.
 pub struct Replay {
     config: Config,
+    layout: Layout,
     host: Host,
-    endpoint: Option<Endpoint>,
 }
 
 impl Replay {
@@ -115,8 +115,8 @@ impl Replay {
         };
         Ok(Replay {
             config: config.clone(),
+            layout: Layout::of(config),
             host,
-            endpoint: None,
         })
     }
 
@@ -177,7 +177,6 @@ impl Replay {
                 cluster.superuser_endpoint(superuser, DATABASE)
             }
         };
-        self.endpoint = Some(endpoint.clone());
         Ok(endpoint)
     }
 
@@ -187,7 +186,7 @@ impl Replay {
     pub fn done(&mut self) -> Result<bool, ReplayError> {
         match &mut self.host {
             Host::Native { postmaster, .. } => {
-                let layout = Layout::of(&self.config);
+                let layout = &self.layout;
                 if let Some(status) = postmaster
                     .as_mut()
                     .and_then(|p| p.try_wait().ok().flatten())
