@@ -17,14 +17,15 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
+use super::limits::Attempt;
 use super::store::accounts::SessionEnd;
 use super::store::usage::{self, Usage};
-use super::store::{accounts, invites};
+use super::store::{accounts, invites, throttle};
 use super::{Api, iso8601};
 use crate::audit;
 use crate::audit::AuditAction;
 use crate::config::Registration;
-use crate::postgres::pool::{GroupRole, OperationContext};
+use crate::postgres::pool::{GroupRole, OperationContext, ScopedTransaction};
 use crate::secrets::values::SecretString;
 
 const MIN_PASSWORD_CHARS: usize = 8;
@@ -204,9 +205,34 @@ impl Api {
         self.identifiers.identifier("ip", &client.0.to_string())
     }
 
+    /// Judges and counts an attempt at `account`'s password (or code) in
+    /// `tx`, which the caller commits before checking it: every node sees
+    /// the attempt before its answer is known, so N concurrent guesses
+    /// cost N attempts. 429 while the account's failures delay `client`.
+    async fn reserve_attempt(
+        &self,
+        tx: &ScopedTransaction,
+        account: &[u8],
+        client: &ClientAddr,
+    ) -> Result<(), ApiError> {
+        let seen = throttle::lock(tx, account, &self.client_ref(client)).await?;
+        let attempt = self
+            .limits
+            .login_rule()
+            .judge(&seen)
+            .map_err(ApiError::rate_limited)?;
+        if attempt == Attempt::Counted {
+            throttle::count_failure(tx, account).await?;
+        }
+        Ok(())
+    }
+
     /// 401 unless `password` is the caller's current password. Guesses
     /// count per address and, like failed logins, per account (a stolen
-    /// token used from many addresses is slowed down all the same).
+    /// token used from many addresses is slowed down all the same); the
+    /// addresses the account logged in from are exempt, so a thief's
+    /// guesses cannot lock the owner out of the calls that end the
+    /// thief's session.
     async fn check_current_password(
         &self,
         auth: &UserAuth,
@@ -214,25 +240,30 @@ impl Api {
         password: SecretString,
     ) -> Result<(), ApiError> {
         self.limit_auth_attempts(client)?;
-        let account = auth.user.as_bytes();
-        self.limits
-            .login_allowed(account, client.0)
-            .map_err(ApiError::rate_limited)?;
         let tx = auth.begin(self, GroupRole::Auth).await?;
-        let stored = accounts::password_hash(&tx, auth.user).await?;
+        let Some(stored) = accounts::credentials(&tx, auth.user).await? else {
+            return Err(ApiError::unauthorized("the account no longer exists"));
+        };
+        self.reserve_attempt(&tx, &stored.email_hmac, client)
+            .await?;
         tx.commit().await?;
-        let matches = self.passwords.verify(password, stored).await?;
-        self.limits.login_result(account, client.0, matches);
-        if matches {
-            Ok(())
-        } else {
-            Err(invalid_credentials())
+        if !self
+            .passwords
+            .verify(password, Some(stored.password_hash))
+            .await?
+        {
+            return Err(invalid_credentials());
         }
+        let tx = auth.begin(self, GroupRole::Auth).await?;
+        throttle::succeeded(&tx, &stored.email_hmac, &self.client_ref(client)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 
 /// Creates an account. With open registration a 409 tells anyone whether
-/// an email is taken (keepd sends no email to hide that behind).
+/// an email is taken (keepd sends no email to hide that behind); with
+/// invites, only a holder of a valid invite learns it.
 #[utoipa::path(post, path = "/auth/register", tag = "auth",
     request_body = RegisterBody,
     responses(
@@ -274,6 +305,17 @@ pub(super) async fn register(
         .pool
         .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
         .await?;
+    // The invite first: without a valid one, a taken email and a free
+    // one get the same answer.
+    if let Some(code) = &invite
+        && !invites::take(&tx, code).await?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_invite",
+            "`inviteCode` is unknown, used already or expired; ask the operator for a new one",
+        ));
+    }
     let Some(created_at) = accounts::create(&tx, id, &api.email_hmac(&email), &hash).await? else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -281,14 +323,8 @@ pub(super) async fn register(
             "an account with this email exists; log in instead",
         ));
     };
-    if let Some(code) = &invite
-        && !invites::consume(&tx, code, id).await?
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "invalid_invite",
-            "`inviteCode` is unknown, used already or expired; ask the operator for a new one",
-        ));
+    if let Some(code) = &invite {
+        invites::used_by(&tx, code, id).await?;
     }
     let metadata = json!({
         "user": api.user_ref(id),
@@ -330,23 +366,19 @@ pub(super) async fn login(
     let started = Instant::now();
     let email = normalise_email(&body.email)?;
     let email_hmac = api.email_hmac(&email);
-    // Per account too, whether or not it exists (the answer must not tell).
-    api.limits
-        .login_allowed(&email_hmac, client.0)
-        .map_err(ApiError::rate_limited)?;
     let lookup = OperationContext {
         role: GroupRole::Auth,
         user_id: None,
         email_hmac: Some(hex::encode(&email_hmac)),
     };
     let tx = api.pool.begin(&lookup).await?;
+    // Per account too, whether or not it exists (the answer must not tell).
+    api.reserve_attempt(&tx, &email_hmac, &client).await?;
     let account = accounts::by_email(&tx, &email_hmac).await?;
     tx.commit().await?;
     let stored = account.as_ref().map(|a| a.password_hash.clone());
     let matches = api.passwords.verify(body.password, stored).await?;
     let client_ref = api.client_ref(&client);
-    let succeeded = matches && account.is_some();
-    api.limits.login_result(&email_hmac, client.0, succeeded);
     let (id, created_at) = match account {
         // Told only to whoever knows the password: the answer says
         // nothing about an address to anyone else.
@@ -389,6 +421,7 @@ pub(super) async fn login(
         // Disabled (or erased) while the password was being checked.
         return Err(account_disabled());
     }
+    throttle::succeeded(&tx, &email_hmac, &client_ref).await?;
     let metadata = json!({"user": api.user_ref(id), "client": client_ref});
     api.audit(&mut tx, AuditAction::Login, 1, started, metadata)
         .await?;

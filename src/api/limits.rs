@@ -10,24 +10,22 @@
 //! heartbeats). A balancer that spreads an account's requests evenly
 //! gives it the whole rate; one that pins it to a node, that node's share.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use uuid::Uuid;
 
+use super::store::throttle::Seen;
 use crate::config::RateLimitsConfig;
 use crate::edge::ClientPrefixes;
 
 /// Past this many tracked keys, idle ones are swept.
 const SWEEP_AT: usize = 10_000;
-/// Addresses an account is known to log in from (most recent kept).
-const KNOWN_ADDRESSES: usize = 8;
 /// The wait after the first failed login past the free ones; it doubles.
 const FIRST_DELAY: Duration = Duration::from_secs(1);
 
@@ -77,7 +75,7 @@ struct Buckets {
     authentication: Keyed<IpAddr>,
     account: Keyed<Uuid>,
     address: Keyed<IpAddr>,
-    logins: LoginThrottle,
+    logins: LoginRule,
 }
 
 impl Buckets {
@@ -90,7 +88,7 @@ impl Buckets {
                 Quota::per_second(at_least_one(config.address_per_second))
                     .allow_burst(at_least_one(config.address_burst)),
             ),
-            logins: LoginThrottle::new(config.login_failures_free, config.login_delay_max.get()),
+            logins: LoginRule::new(config),
         }
     }
 }
@@ -182,44 +180,40 @@ impl Limits {
             .check(&self.prefixes.client(addr), Bucket::Address)
     }
 
-    /// May `addr` try a password for the account keyed `account` now?
-    pub fn login_allowed(&self, account: &[u8], addr: IpAddr) -> Result<(), Limited> {
-        self.buckets().logins.allowed(account, addr, Instant::now())
-    }
-
-    /// Records how a password attempt for `account` from `addr` ended.
-    pub fn login_result(&self, account: &[u8], addr: IpAddr, succeeded: bool) {
-        self.buckets()
-            .logins
-            .record(account, addr, succeeded, Instant::now());
+    /// The failed-attempt rule now in force.
+    pub fn login_rule(&self) -> LoginRule {
+        self.buckets().logins
     }
 }
 
-/// Failed logins per account. Past `free` failures from addresses the
-/// account has not logged in from, each further attempt from such an
-/// address waits a delay that doubles per failure, up to `max`. An address
-/// the account logged in from before is never delayed by it (its attempts
-/// count only against `auth_per_minute`), so guessing from elsewhere cannot
-/// lock the user out of their own devices.
-struct LoginThrottle {
+/// The failed-attempt rule of one account (`login_failures_free`,
+/// `login_delay_max`): past `free` failures from addresses the account has
+/// not logged in from, each further attempt from such an address waits a
+/// delay that doubles per failure, up to `max`. An address the account
+/// logged in from is never delayed (its attempts count only against
+/// `auth_per_minute`), so guessing from elsewhere cannot lock the user out
+/// of their own devices. The counts live in Postgres
+/// (`store::throttle`), judged here.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginRule {
     free: u32,
     max: Duration,
-    accounts: Mutex<HashMap<Vec<u8>, AccountLogins>>,
 }
 
-#[derive(Default)]
-struct AccountLogins {
-    failures: u32,
-    last_failure: Option<Instant>,
-    known: Vec<IpAddr>,
+/// What an attempt may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// Go ahead, counted as a failure until it proves right.
+    Counted,
+    /// Go ahead uncounted: from an address the account logged in from.
+    Known,
 }
 
-impl LoginThrottle {
-    fn new(free: u32, max: Duration) -> LoginThrottle {
-        LoginThrottle {
-            free,
-            max,
-            accounts: Mutex::new(HashMap::new()),
+impl LoginRule {
+    fn new(config: &RateLimitsConfig) -> LoginRule {
+        LoginRule {
+            free: config.login_failures_free,
+            max: config.login_delay_max.get(),
         }
     }
 
@@ -231,49 +225,18 @@ impl LoginThrottle {
         FIRST_DELAY.saturating_mul(1 << doublings).min(self.max)
     }
 
-    fn allowed(&self, account: &[u8], addr: IpAddr, now: Instant) -> Result<(), Limited> {
-        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(state) = accounts.get(account) else {
-            return Ok(());
-        };
-        if state.known.contains(&addr) {
-            return Ok(());
+    /// Judges an attempt against the account's failures so far.
+    pub fn judge(&self, seen: &Seen) -> Result<Attempt, Limited> {
+        if seen.known_address {
+            return Ok(Attempt::Known);
         }
-        let Some(last) = state.last_failure else {
-            return Ok(());
-        };
-        let wait = self.delay(state.failures);
-        let waited = now.saturating_duration_since(last);
-        if waited < wait {
-            return Err(Limited {
+        let wait = self.delay(seen.failures);
+        match seen.since_last_failure {
+            Some(waited) if waited < wait => Err(Limited {
                 bucket: Bucket::Login,
                 retry_after: wait - waited,
-            });
-        }
-        Ok(())
-    }
-
-    fn record(&self, account: &[u8], addr: IpAddr, succeeded: bool, now: Instant) {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        if accounts.len() >= SWEEP_AT {
-            // Forget accounts whose last failure is older than the longest wait.
-            let max = self.max;
-            accounts.retain(|_, s| {
-                !s.known.is_empty()
-                    || s.last_failure
-                        .is_some_and(|t| now.saturating_duration_since(t) < max)
-            });
-        }
-        let state = accounts.entry(account.to_vec()).or_default();
-        if succeeded {
-            state.failures = 0;
-            state.last_failure = None;
-            state.known.retain(|a| *a != addr);
-            state.known.insert(0, addr);
-            state.known.truncate(KNOWN_ADDRESSES);
-        } else if !state.known.contains(&addr) {
-            state.failures = state.failures.saturating_add(1);
-            state.last_failure = Some(now);
+            }),
+            _ => Ok(Attempt::Counted),
         }
     }
 }
@@ -342,50 +305,35 @@ mod tests {
 
     #[test]
     fn failed_logins_delay_strangers_but_never_a_known_address() {
-        let throttle = LoginThrottle::new(2, Duration::from_secs(8));
-        let account = b"hmac";
-        let (home, attacker) = (addr("10.0.0.1"), addr("10.9.9.9"));
-        let t0 = Instant::now();
-        throttle.record(account, home, true, t0);
-        for i in 0..2 {
-            assert!(
-                throttle.allowed(account, attacker, t0).is_ok(),
-                "free failure {i}"
-            );
-            throttle.record(account, attacker, false, t0);
-        }
+        let rule = LoginRule {
+            free: 2,
+            max: Duration::from_secs(8),
+        };
+        let seen = |failures, since: u64, known_address| Seen {
+            failures,
+            since_last_failure: (failures > 0).then(|| Duration::from_secs(since)),
+            known_address,
+        };
+        assert_eq!(rule.judge(&seen(0, 0, false)), Ok(Attempt::Counted));
+        assert_eq!(rule.judge(&seen(1, 0, false)), Ok(Attempt::Counted));
         // Two failures: the next stranger waits 1 s, then 2, 4, 8, 8.
-        let limited = throttle
-            .allowed(account, addr("10.9.9.10"), t0)
-            .unwrap_err();
-        assert_eq!(limited.retry_after, Duration::from_secs(1));
-        assert!(
-            throttle
-                .allowed(account, attacker, t0 + Duration::from_secs(1))
-                .is_ok()
-        );
-        for expected in [2, 4, 8, 8] {
-            throttle.record(account, attacker, false, t0);
-            let wait = throttle
-                .allowed(account, attacker, t0)
-                .unwrap_err()
-                .retry_after;
-            assert_eq!(wait, Duration::from_secs(expected));
+        for (failures, wait) in [(2, 1), (3, 2), (4, 4), (5, 8), (6, 8), (40, 8)] {
+            let limited = rule.judge(&seen(failures, 0, false)).unwrap_err();
+            assert_eq!(limited.bucket, Bucket::Login);
+            assert_eq!(limited.retry_after, Duration::from_secs(wait));
+            assert_eq!(
+                rule.judge(&seen(failures, wait, false)),
+                Ok(Attempt::Counted)
+            );
         }
-        assert!(
-            throttle.allowed(account, home, t0).is_ok(),
-            "the user's own address is never delayed"
-        );
-        throttle.record(account, home, false, t0);
         assert_eq!(
-            throttle.accounts.lock().unwrap()[account.as_slice()].failures,
-            6,
-            "a typo at home does not feed the throttle"
+            rule.judge(&seen(2, 0, false)).unwrap_err().retry_after,
+            Duration::from_secs(1)
         );
-        throttle.record(account, addr("10.1.1.1"), true, t0);
-        assert!(
-            throttle.allowed(account, attacker, t0).is_ok(),
-            "a login resets it"
+        assert_eq!(
+            rule.judge(&seen(40, 0, true)),
+            Ok(Attempt::Known),
+            "the user's own address is never delayed"
         );
     }
 }

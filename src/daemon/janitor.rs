@@ -3,7 +3,8 @@
 //! expired or were revoked, devices revoked longer than
 //! `api.quotas.revoked_device_retention` ago (unless backups they signed
 //! are still stored: those name the device, and a client verifies them
-//! with its key), and Postgres's log files older than
+//! with its key), failed-login counts of emails no account has once their
+//! wait is over, and Postgres's log files older than
 //! `database.postgres.log_retention`. The rows are deleted as the
 //! superuser, because row-level security would otherwise show it one
 //! tenant at a time.
@@ -43,11 +44,19 @@ const PURGED_DEVICES: &str = "DELETE FROM keepd.devices d \
      WHERE d.revoked_at <= now() - make_interval(secs => $1) \
        AND NOT EXISTS (SELECT 1 FROM keepd.backups b WHERE b.device_id = d.id)";
 
+/// Failure counts of account keys no account has (guesses at unknown
+/// emails), once no wait they impose is left.
+const FORGOTTEN_ATTEMPTS: &str = "DELETE FROM keepd.login_throttle t \
+     WHERE (t.last_failure IS NULL OR t.last_failure <= now() - make_interval(secs => $1)) \
+       AND NOT EXISTS (SELECT 1 FROM keepd.users u WHERE u.email_hmac = t.account)";
+
 pub struct Janitor {
     pub superuser: Endpoint,
     pub idempotency_ttl: Duration,
     /// How long a revoked device is kept (`api.quotas.revoked_device_retention`).
     pub revoked_device_retention: Duration,
+    /// The longest wait failed logins impose (`api.rate_limits.login_delay_max`).
+    pub login_delay_max: Duration,
     /// The native provider's log directory and how long its files stay.
     pub postgres_logs: Option<(PathBuf, Duration)>,
 }
@@ -61,6 +70,7 @@ impl Janitor {
             superuser,
             idempotency_ttl: config.api.idempotency_ttl.get(),
             revoked_device_retention: config.api.quotas.revoked_device_retention.get(),
+            login_delay_max: config.api.rate_limits.login_delay_max.get(),
             postgres_logs: postgres_logs
                 .map(|dir| (dir, config.database.postgres.log_retention.get())),
         }
@@ -136,11 +146,15 @@ impl Janitor {
         let sessions = db.execute(DEAD_SESSIONS, &[]).await?;
         let retention = self.revoked_device_retention.as_secs_f64();
         let devices = db.execute(PURGED_DEVICES, &[&retention]).await?;
-        if pushes + sessions + devices > 0 {
+        let attempts = db
+            .execute(FORGOTTEN_ATTEMPTS, &[&self.login_delay_max.as_secs_f64()])
+            .await?;
+        if pushes + sessions + devices + attempts > 0 {
             info!(
                 idempotency_records = pushes,
                 sessions,
                 revoked_devices = devices,
+                login_attempts = attempts,
                 "janitor: deleted expired records"
             );
         }
@@ -293,6 +307,7 @@ mod tests {
             },
             idempotency_ttl: Duration::from_secs(60),
             revoked_device_retention: Duration::from_secs(60),
+            login_delay_max: Duration::from_secs(60),
             postgres_logs: Some((log.clone(), RETENTION)),
         };
         let mut refused = false;

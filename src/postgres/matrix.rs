@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 14] = [
+pub const TABLES: [&str; 15] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -44,6 +44,7 @@ pub const TABLES: [&str; 14] = [
     "keepd.backups",
     "keepd.account_usage",
     "keepd.invites",
+    "keepd.login_throttle",
     // No group role: only the owner's bootstrap sessions (`cluster`).
     "keepd.cluster_members",
     // No group role: only the superuser's heartbeat (`cluster::heartbeat`).
@@ -62,6 +63,8 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Auth, "keepd.sessions", &[S, I, U, D]),
     // Registration consumes an invite (api.registration: invite).
     (GroupRole::Auth, "keepd.invites", &[S, U]),
+    // Failed attempts, counted before each check (`store::throttle`).
+    (GroupRole::Auth, "keepd.login_throttle", &[S, I, U]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     // Every transaction for a caller checks the caller's session in it.
     (GroupRole::Sync, "keepd.sessions", &[S]),
@@ -106,6 +109,7 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Readonly, "keepd.backups", &[S]),
     (GroupRole::Readonly, "keepd.account_usage", &[S]),
     (GroupRole::Readonly, "keepd.invites", &[S]),
+    (GroupRole::Readonly, "keepd.login_throttle", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_log", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_chain", &[S]),
 ];

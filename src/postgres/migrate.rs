@@ -99,6 +99,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "usage_rule",
         sql: include_str!("../../migrations/0014_usage_rule.sql"),
     },
+    Migration {
+        version: 15,
+        name: "login_throttle",
+        sql: include_str!("../../migrations/0015_login_throttle.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -1705,6 +1705,31 @@ async fn guessing_a_password_from_many_addresses_is_slowed_but_the_owner_gets_in
     }
     assert!(statuses[..3].iter().all(|s| *s == 401), "{statuses:?}");
     assert!(statuses[4..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The thief's guesses do not lock the owner out of the calls that end
+    // the thief's session: from home, the password changes at once.
+    let change = json!({"currentPassword": PASSWORD, "newPassword": "a brand new password"});
+    let answer = as_client(&thief, home, Method::POST, "/auth/password", Some(change)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+}
+
+/// Guesses sent at the same instant cannot slip through one opening of
+/// the delay: each is counted before its password is checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_wrong_logins_cost_one_attempt_each() {
+    let (_node, daemon) = limited_node(json!({
+        "auth_per_minute": 1000,
+        "login_failures_free": 5,
+    }));
+    let email = email();
+    daemon.client().register(&email, PASSWORD).await.unwrap();
+    let clients = (0..8).map(|_| daemon.client()).collect();
+    let (checked, held) = common::wrong_logins_at_once(clients, &email, 60).await;
+    assert!(checked <= 5 + 1, "{checked} of 60 guesses were checked");
+    assert_eq!(checked + held, 60);
+    // An email with no account answers alike.
+    let clients = (0..8).map(|_| daemon.client()).collect();
+    let (unknown, _) = common::wrong_logins_at_once(clients, &self::email(), 60).await;
+    assert!(unknown <= 5 + 1, "{unknown} of 60 guesses were checked");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1718,6 +1743,47 @@ async fn registration_open_invite_or_closed() {
         .await
         .unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(403), Some("invalid_invite")));
+    let invite = |node: &TestNode| {
+        let out = node
+            .command(&["account", "invite", "--ttl", "1h"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    // A garbage invite tells nothing of whether an email has an account:
+    // a registered one is answered exactly as a new one.
+    let taken = email();
+    client
+        .register_invited(&taken, PASSWORD, Some(&invite(&node)))
+        .await
+        .unwrap();
+    for address in [taken.as_str(), &email()] {
+        let e = client
+            .register_invited(address, PASSWORD, Some("0123456789abcdef0123456789abcdef"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.status(), e.code()),
+            (Some(403), Some("invalid_invite")),
+            "{address}"
+        );
+    }
+    // With a valid invite, a taken email is a 409 and the invite is not used up.
+    let code = invite(&node);
+    let e = client
+        .register_invited(&taken, PASSWORD, Some(&code))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("email_taken"));
+    client
+        .register_invited(&email(), PASSWORD, Some(&code))
+        .await
+        .unwrap();
     let invite = node
         .command(&["account", "invite", "--ttl", "1h"])
         .output()
@@ -1731,7 +1797,7 @@ async fn registration_open_invite_or_closed() {
     assert_eq!(code.len(), 32, "{code}");
     // Nothing but its hash is stored.
     let stored = sql_rows(&node, "SELECT encode(code_hash, 'hex') FROM keepd.invites").await;
-    assert_ne!(stored[0].get::<_, String>(0), code);
+    assert!(stored.iter().all(|row| row.get::<_, String>(0) != code));
     client
         .register_invited(&email(), PASSWORD, Some(&code))
         .await
@@ -2075,6 +2141,68 @@ async fn vaults_are_listed_rekeyed_and_erased_and_a_wrong_key_stores_nothing() {
         (Some(409), Some("stale_vault_key")),
         "{stale}"
     );
+    // A PATCH keeps the record's key check unless it says it replaces it.
+    let other = VaultKey::generate().unwrap();
+    let wrapped = other.wrap("a new password").unwrap();
+    let patch = |version: i64, replace: Option<bool>| {
+        let mut body = json!({
+            "encryptedVaultKey": wrapped.encrypted_vault_key,
+            "salt": wrapped.salt,
+            "nonce": wrapped.nonce,
+            "version": version,
+            "keyCheck": wrapped.key_check,
+        });
+        if let Some(replace) = replace {
+            body["replaceKeyCheck"] = json!(replace);
+        }
+        body.to_string()
+    };
+    let kept = raw(
+        &client,
+        Method::PATCH,
+        "/sync/vault-key/v1",
+        &patch(2, None),
+    )
+    .await;
+    assert_eq!(kept.0, 200, "{kept:?}");
+    let record = raw(&client, Method::GET, "/sync/vault-key/v1", "").await;
+    assert_eq!(record.1["vaultKey"]["keyCheck"], k1.key_check().as_str());
+    let replaced = raw(
+        &client,
+        Method::PATCH,
+        "/sync/vault-key/v1",
+        &patch(3, Some(true)),
+    )
+    .await;
+    assert_eq!(replaced.0, 200, "{replaced:?}");
+    let record = raw(&client, Method::GET, "/sync/vault-key/v1", "").await;
+    assert_eq!(record.1["vaultKey"]["keyCheck"], other.key_check().as_str());
+    let missing = json!({"encryptedVaultKey": wrapped.encrypted_vault_key, "salt": wrapped.salt,
+        "nonce": wrapped.nonce, "version": 4, "replaceKeyCheck": true});
+    let refused = raw(
+        &client,
+        Method::PATCH,
+        "/sync/vault-key/v1",
+        &missing.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (refused.0, code(&refused)),
+        (400, "invalid_key_check"),
+        "{refused:?}"
+    );
+    // Back to the vault's own key, wrapped under the new password.
+    let back = k1.wrap("a new password").unwrap();
+    let body = json!({"encryptedVaultKey": back.encrypted_vault_key, "salt": back.salt,
+        "nonce": back.nonce, "version": 4, "keyCheck": back.key_check, "replaceKeyCheck": true});
+    let restored = raw(
+        &client,
+        Method::PATCH,
+        "/sync/vault-key/v1",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(restored.0, 200, "{restored:?}");
     let reopened = client.open_vault("v1", "a new password").await.unwrap();
     let page = client.pull("v1", 0, 100).await.unwrap();
     let first_entry = reopened
@@ -2107,7 +2235,11 @@ async fn vaults_are_listed_rekeyed_and_erased_and_a_wrong_key_stores_nothing() {
         "SELECT count(*) FROM keepd_audit.audit_log WHERE action IN ('VAULT_DELETE', 'VAULT_KEY_REWRAP')",
     )
     .await;
-    assert_eq!(audited[0].get::<_, i64>(0), 2);
+    assert_eq!(
+        audited[0].get::<_, i64>(0),
+        4 + 1,
+        "four re-wraps, one erasure"
+    );
 
     // A first sync of 10,000 small entries, one request, default settings.
     let big = entries(10_000, "first-sync");

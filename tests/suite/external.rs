@@ -279,6 +279,28 @@ async fn a_stream_ends_when_its_account_is_deleted_on_another_node() {
 
 /// Three nodes share one account's budget: its accepted requests over all
 /// three stay within 25 % of `account_per_second`.
+/// 60 wrong logins at one instant, from 60 addresses, half to each of two
+/// nodes: every node counts every attempt before checking it.
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_logins_at_once_across_two_nodes_cost_one_attempt_each() {
+    let server = start_external();
+    let mut overlay = common::unlimited_rates();
+    overlay["api"]["trusted_proxies"] = json!(["127.0.0.1"]);
+    overlay["api"]["rate_limits"]["login_failures_free"] = json!(5);
+    let (_nodes, daemons) = start_cluster(&server, 2, overlay);
+    let email = format!("user-{}@example.org", common::uuid());
+    SyncClient::new(daemons[0].addr())
+        .register(&email, "correct horse battery")
+        .await
+        .unwrap();
+    let clients = (0..8)
+        .map(|i| SyncClient::new(daemons[i % 2].addr()))
+        .collect();
+    let (checked, held) = common::wrong_logins_at_once(clients, &email, 60).await;
+    assert!(checked <= 5 + 1, "{checked} of 60 guesses were checked");
+    assert_eq!(checked + held, 60);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_accounts_rate_holds_across_three_nodes() {
     let server = start_external();

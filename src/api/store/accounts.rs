@@ -16,7 +16,7 @@ const INSERT_USER: &str = "INSERT INTO keepd.users (id, email_hmac, password_has
 const USER_BY_EMAIL: &str = "SELECT id, password_hash, created_at, disabled_at IS NOT NULL \
      FROM keepd.users WHERE email_hmac = $1";
 
-const PASSWORD_HASH: &str = "SELECT password_hash FROM keepd.users WHERE id = $1";
+const CREDENTIALS: &str = "SELECT email_hmac, password_hash FROM keepd.users WHERE id = $1";
 
 const SET_PASSWORD: &str = "UPDATE keepd.users SET password_hash = $2 WHERE id = $1";
 
@@ -97,12 +97,22 @@ pub async fn by_email(
     }))
 }
 
-pub async fn password_hash(
+/// What re-authenticating an account checks: its throttle key (the
+/// email's HMAC) and its password hash.
+pub struct Credentials {
+    pub email_hmac: Vec<u8>,
+    pub password_hash: String,
+}
+
+pub async fn credentials(
     tx: &ScopedTransaction,
     user: Uuid,
-) -> Result<Option<String>, StoreError> {
-    let rows = tx.query(PASSWORD_HASH, &[&user]).await?;
-    Ok(rows.first().map(|row| row.get(0)))
+) -> Result<Option<Credentials>, StoreError> {
+    let rows = tx.query(CREDENTIALS, &[&user]).await?;
+    Ok(rows.first().map(|row| Credentials {
+        email_hmac: row.get(0),
+        password_hash: row.get(1),
+    }))
 }
 
 pub async fn set_password(

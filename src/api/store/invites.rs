@@ -12,10 +12,15 @@ use crate::postgres::pool::ScopedTransaction;
 const CREATE: &str = "INSERT INTO keepd.invites (code_hash, expires_at) \
      VALUES ($1, now() + make_interval(secs => $2))";
 
-/// Marks the invite used by `$2`; no row when it is unknown, used or
-/// expired. One statement, so two registrations cannot share a code.
-const CONSUME: &str = "UPDATE keepd.invites SET used_at = now(), used_by = $2 \
+/// Marks the invite used (by no account yet); no row when it is unknown,
+/// used or expired. One statement, so two registrations cannot share a
+/// code; the registration's transaction holds it until it commits, and a
+/// registration that fails after it (a taken email) gives it back by
+/// rolling back.
+const TAKE: &str = "UPDATE keepd.invites SET used_at = now() \
      WHERE code_hash = $1 AND used_at IS NULL AND expires_at > now()";
+
+const USED_BY: &str = "UPDATE keepd.invites SET used_by = $2 WHERE code_hash = $1";
 
 fn code_hash(code: &str) -> Vec<u8> {
     Sha256::digest(code.trim().as_bytes()).to_vec()
@@ -31,8 +36,14 @@ pub async fn create(tx: &ScopedTransaction, ttl: Duration) -> Result<String, Sto
     Ok(code)
 }
 
-/// Uses the invite for `user`; false when the code is unknown, used or
-/// expired.
-pub async fn consume(tx: &ScopedTransaction, code: &str, user: Uuid) -> Result<bool, StoreError> {
-    Ok(tx.execute(CONSUME, &[&code_hash(code), &user]).await? > 0)
+/// Takes the invite, before anything tells whether the email is free;
+/// false when the code is unknown, used or expired.
+pub async fn take(tx: &ScopedTransaction, code: &str) -> Result<bool, StoreError> {
+    Ok(tx.execute(TAKE, &[&code_hash(code)]).await? > 0)
+}
+
+/// Records which account the invite `take` took made.
+pub async fn used_by(tx: &ScopedTransaction, code: &str, user: Uuid) -> Result<(), StoreError> {
+    tx.execute(USED_BY, &[&code_hash(code), &user]).await?;
+    Ok(())
 }

@@ -29,9 +29,12 @@ const KEY_CHECK: &str = "SELECT k.key_check FROM keepd.vaults v \
      WHERE v.user_id = $1 AND v.vault_id = $2 FOR SHARE OF k";
 
 /// Replaces the wrapped key if its version is still `$3`; the new
-/// version and time, or no row (stale, or no such vault).
+/// version and time, or no row (stale, or no such vault). A key check is
+/// added where there was none, replaced only when `$8` says so.
 const REWRAP: &str = "UPDATE keepd.vault_keys k SET encrypted_vault_key = $4, salt = $5, \
-       nonce = $6, key_check = coalesce($7, k.key_check), version = k.version + 1, \
+       nonce = $6, \
+       key_check = CASE WHEN $8 THEN coalesce($7, k.key_check) ELSE coalesce(k.key_check, $7) END, \
+       version = k.version + 1, \
        updated_at = now() \
      FROM keepd.vaults v \
      WHERE k.vault = v.id AND v.user_id = $1 AND v.vault_id = $2 AND k.user_id = $1 \
@@ -177,6 +180,16 @@ pub async fn key_check(
     Ok(rows.first().map(|row| row.get(0)))
 }
 
+/// What a re-wrap does to the record's key check.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyCheckChange<'a> {
+    Keep,
+    /// Sets it on a record that has none; an existing one stays.
+    AddIfNone(&'a str),
+    /// Replaces it (the client says the key itself changed).
+    Replace(&'a str),
+}
+
 /// Replaces the wrapped key (the same key under a new password) if the
 /// record is still at `version`.
 pub async fn rewrap(
@@ -186,14 +199,19 @@ pub async fn rewrap(
     vault_id: &str,
     version: i32,
     key: WrappedKey,
-    key_check: Option<&str>,
+    key_check: KeyCheckChange<'_>,
 ) -> Result<Rewrapped, StoreError> {
     let sealed = seal(fields, key);
+    let (check, replace) = match key_check {
+        KeyCheckChange::Keep => (None, false),
+        KeyCheckChange::AddIfNone(check) => (Some(check), false),
+        KeyCheckChange::Replace(check) => (Some(check), true),
+    };
     let rows = tx
         .query(
             REWRAP,
             &[
-                &user, &vault_id, &version, &sealed.0, &sealed.1, &sealed.2, &key_check,
+                &user, &vault_id, &version, &sealed.0, &sealed.1, &sealed.2, &check, &replace,
             ],
         )
         .await?;

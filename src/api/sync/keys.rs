@@ -16,7 +16,7 @@ use super::vaults::VaultIdPath;
 use super::*;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, ApiPath, UserAuth, whole};
-use crate::api::store::vaults::{self, WrappedKey};
+use crate::api::store::vaults::{self, KeyCheckChange, WrappedKey};
 use crate::api::{Api, iso8601};
 use crate::audit::AuditAction;
 use crate::postgres::pool::GroupRole;
@@ -196,9 +196,14 @@ pub struct RewrapVaultKeyBody {
     #[serde(deserialize_with = "whole::i32")]
     #[schema(minimum = 1)]
     version: i32,
-    /// Optional: a key check for a record that had none.
+    /// Optional: a key check for a record that had none. An existing one
+    /// stays unless `replaceKeyCheck` is true.
     #[schema(format = Byte, max_length = 200, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     key_check: Option<String>,
+    /// True: `keyCheck` replaces the record's key check (which then must
+    /// be given). False or absent: an existing key check is kept.
+    #[serde(default)]
+    replace_key_check: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -245,6 +250,17 @@ pub(in crate::api) async fn rewrap_vault_key(
         salt: body.salt,
         nonce: body.nonce,
     };
+    let key_check = match (body.key_check.as_deref(), body.replace_key_check) {
+        (None, false) => KeyCheckChange::Keep,
+        (Some(check), false) => KeyCheckChange::AddIfNone(check),
+        (Some(check), true) => KeyCheckChange::Replace(check),
+        (None, true) => {
+            return Err(ApiError::bad_request(
+                "invalid_key_check",
+                "`replaceKeyCheck: true` needs the new `keyCheck`",
+            ));
+        }
+    };
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let done = vaults::rewrap(
         &tx,
@@ -253,7 +269,7 @@ pub(in crate::api) async fn rewrap_vault_key(
         &vault_id,
         body.version,
         key,
-        body.key_check.as_deref(),
+        key_check,
     )
     .await?;
     let (version, updated_at) = match done {

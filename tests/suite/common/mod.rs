@@ -904,3 +904,47 @@ pub fn labelled(labels: &[impl AsRef<str>]) -> Vec<keepd::client::LogEntry> {
         })
         .collect()
 }
+
+/// `guesses` wrong logins for `email`, all sent at once, each from its own
+/// address (`X-Forwarded-For` 10.88.0.1, .2, …; the nodes must trust
+/// 127.0.0.1 as a proxy), spread over `clients` (one per node) in turn:
+/// how many were checked (401) and how many held back (429).
+pub async fn wrong_logins_at_once(
+    clients: Vec<keepd::client::SyncClient>,
+    email: &str,
+    guesses: usize,
+) -> (usize, usize) {
+    use std::sync::Arc;
+    let clients: Vec<_> = clients.into_iter().map(Arc::new).collect();
+    let start = Arc::new(tokio::sync::Barrier::new(guesses));
+    let body = serde_json::json!({"email": email, "password": "a wrong guess"}).to_string();
+    let tasks: Vec<_> = (0..guesses)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let (start, body) = (start.clone(), body.clone());
+            tokio::spawn(async move {
+                let addr = format!("10.88.{}.{}", i / 250, i % 250 + 1);
+                start.wait().await;
+                client
+                    .send(
+                        hyper::Method::POST,
+                        "/auth/login",
+                        &[("x-forwarded-for", &addr)],
+                        Some(body.into_bytes()),
+                    )
+                    .await
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    let (mut checked, mut held) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            401 => checked += 1,
+            429 => held += 1,
+            other => panic!("a wrong login answered {other}"),
+        }
+    }
+    (checked, held)
+}
