@@ -63,7 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         String::from_utf8_lossy(&restored)
     );
 
-    client.delete_account(password).await?;
+    client.delete_account(&email, password).await?;
     println!("account erased");
     Ok(())
 }

@@ -91,7 +91,14 @@ pub mod column {
     pub const BACKUP_AUTH_TAG: BytesColumn = bytes("keepd.backups", "auth_tag");
     pub const BACKUP_SIGNATURE: BytesColumn = bytes("keepd.backups", "signature");
     pub const DEVICE_NAME: TextColumn = text("keepd.devices", "device_name");
+    pub const OPAQUE_RECORD: BytesColumn = bytes("keepd.users", "opaque_record");
+    pub const OPAQUE_LOGIN_STATE: BytesColumn = bytes("keepd.opaque_logins", "state");
 }
+
+/// Columns sealed whatever the configuration says: secrets of keepd's own
+/// (an account's OPAQUE record, a login's state), not the client's
+/// ciphertext. They rotate with `key_version` like the configured ones.
+pub const ALWAYS_SEALED: &[BytesColumn] = &[column::OPAQUE_RECORD, column::OPAQUE_LOGIN_STATE];
 
 /// Every column keepd can encrypt; the configuration is checked against it.
 pub const SUPPORTED: &[Encryptable] = &[
@@ -184,7 +191,11 @@ impl FieldPlan {
         // second would be a new arm here and a new stored-form prefix.
         let FieldAlgorithm::Aes256Gcm = at_rest.application.algorithm;
         let enabled = at_rest.enabled && at_rest.method.encrypts_fields();
-        let mut columns = BTreeSet::new();
+        let mut columns: BTreeSet<Encryptable> = ALWAYS_SEALED
+            .iter()
+            .copied()
+            .map(Encryptable::Bytes)
+            .collect();
         let mut unsupported = Vec::new();
         let configured = at_rest
             .application
@@ -217,9 +228,17 @@ impl FieldPlan {
         self.current
     }
 
-    /// The configured columns.
+    /// Every sealed column: the configured ones and `ALWAYS_SEALED`.
     pub fn columns(&self) -> impl Iterator<Item = Encryptable> + '_ {
         self.columns.iter().copied()
+    }
+
+    /// The columns the configuration names (`ALWAYS_SEALED` aside).
+    pub fn configured(&self) -> impl Iterator<Item = Encryptable> + '_ {
+        self.columns().filter(|c| match c {
+            Encryptable::Bytes(column) => !ALWAYS_SEALED.contains(column),
+            Encryptable::Text(_) => true,
+        })
     }
 
     /// A SQL condition (no parameters) true for the values of `column` not
@@ -491,9 +510,14 @@ mod tests {
         );
         assert_eq!(c.plan().unsupported(), vec!["datasets.content".to_string()]);
         assert_eq!(
-            c.plan().columns().collect::<Vec<_>>(),
+            c.plan().configured().collect::<Vec<_>>(),
             vec![Encryptable::Text(column::DEVICE_NAME)]
         );
+        // keepd's own secrets are sealed whatever is configured.
+        let sealed: Vec<_> = c.plan().columns().collect();
+        for always in ALWAYS_SEALED {
+            assert!(sealed.contains(&Encryptable::Bytes(*always)));
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod opaque;
 pub mod passwords;
 pub mod pki;
 pub mod postgres;

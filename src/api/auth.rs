@@ -18,7 +18,8 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
 use super::limits::Attempt;
-use super::store::accounts::SessionEnd;
+use super::opaque::OpaqueProofFields;
+use super::store::accounts::{Credential, SessionEnd};
 use super::store::usage::{self, Usage};
 use super::store::{accounts, invites, throttle};
 use super::{Api, iso8601};
@@ -62,13 +63,18 @@ pub struct ChangePasswordBody {
     new_password: SecretString,
 }
 
-/// What erasing an account needs: the password, not only a token (a
-/// stolen token must not be able to destroy everything).
+/// What erasing an account needs: proof of the password, not only a
+/// token (a stolen token must not be able to destroy everything). A
+/// password account sends `currentPassword`; an OPAQUE account `loginId`
+/// and `credentialFinalization` of a login it started for this
+/// (docs/api.md, OPAQUE).
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeleteAccountBody {
-    #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
-    current_password: SecretString,
+    #[schema(value_type = Option<String>, format = Password, min_length = 8, max_length = 256)]
+    current_password: Option<SecretString>,
+    #[serde(flatten)]
+    opaque: OpaqueProofFields,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -186,7 +192,7 @@ fn account_disabled() -> ApiError {
     )
 }
 
-fn invalid_credentials() -> ApiError {
+pub(super) fn invalid_credentials() -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
         "invalid_credentials",
@@ -195,13 +201,13 @@ fn invalid_credentials() -> ApiError {
 }
 
 impl Api {
-    fn limit_auth_attempts(&self, client: &ClientAddr) -> Result<(), ApiError> {
+    pub(super) fn limit_auth_attempts(&self, client: &ClientAddr) -> Result<(), ApiError> {
         self.limits
             .authentication(client.0)
             .map_err(ApiError::rate_limited)
     }
 
-    fn client_ref(&self, client: &ClientAddr) -> String {
+    pub(super) fn client_ref(&self, client: &ClientAddr) -> String {
         self.identifiers.identifier("ip", &client.0.to_string())
     }
 
@@ -209,7 +215,7 @@ impl Api {
     /// `tx`, which the caller commits before checking it: every node sees
     /// the attempt before its answer is known, so N concurrent guesses
     /// cost N attempts. 429 while the account's failures delay `client`.
-    async fn reserve_attempt(
+    pub(super) async fn reserve_attempt(
         &self,
         tx: &ScopedTransaction,
         account: &[u8],
@@ -233,31 +239,195 @@ impl Api {
     /// addresses the account logged in from are exempt, so a thief's
     /// guesses cannot lock the owner out of the calls that end the
     /// thief's session.
-    async fn check_current_password(
+    pub(super) async fn check_current_password(
         &self,
         auth: &UserAuth,
         client: &ClientAddr,
         password: SecretString,
     ) -> Result<(), ApiError> {
+        self.password_routes()?;
         self.limit_auth_attempts(client)?;
         let tx = auth.begin(self, GroupRole::Auth).await?;
-        let Some(stored) = accounts::credentials(&tx, auth.user).await? else {
+        let Some(stored) = accounts::credentials(&tx, &self.fields, auth.user).await? else {
             return Err(ApiError::unauthorized("the account no longer exists"));
+        };
+        let Credential::Password(hash) = stored.credential else {
+            return Err(ApiError::bad_request(
+                "opaque_account",
+                "this account logs in with OPAQUE and has no password keepd could check: \
+                 prove it with `loginId` and `credentialFinalization` (docs/api.md, OPAQUE)",
+            ));
         };
         self.reserve_attempt(&tx, &stored.email_hmac, client)
             .await?;
         tx.commit().await?;
-        if !self
-            .passwords
-            .verify(password, Some(stored.password_hash))
-            .await?
-        {
+        if !self.passwords.verify(password, Some(hash)).await? {
             return Err(invalid_credentials());
         }
         let tx = auth.begin(self, GroupRole::Auth).await?;
         throttle::succeeded(&tx, &stored.email_hmac, &self.client_ref(client)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// 403 while `api.auth.password_login` is off.
+    pub(super) fn password_routes(&self) -> Result<(), ApiError> {
+        if self.settings.auth.password_login {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "password_login_disabled",
+                "this server takes no passwords (api.auth.password_login: false): \
+                 register and log in with OPAQUE, /auth/opaque/...",
+            ))
+        }
+    }
+
+    /// What `api.registration` asks of a new account: the invite code to
+    /// use, or why no account can be made.
+    pub(super) fn invite(&self, code: Option<String>) -> Result<Option<String>, ApiError> {
+        match (self.settings.registration, code) {
+            (Registration::Open, _) => Ok(None),
+            (Registration::Closed, _) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "registration_closed",
+                "this server does not create accounts (api.registration: closed)",
+            )),
+            (Registration::Invite, None) => Err(ApiError::bad_request(
+                "invite_required",
+                "this server creates accounts by invitation: send `inviteCode` from its operator",
+            )),
+            (Registration::Invite, Some(code)) => Ok(Some(code)),
+        }
+    }
+
+    /// Creates the account `email` with `credential`, taking `invite`
+    /// first: without a valid one, a taken email and a free one get the
+    /// same answer.
+    pub(super) async fn create_account(
+        &self,
+        client: &ClientAddr,
+        started: Instant,
+        email: String,
+        credential: Credential,
+        invite: Option<String>,
+    ) -> Result<(StatusCode, Json<RegisteredBody>), ApiError> {
+        let method = credential.method();
+        let id = Uuid::new_v4();
+        let mut tx = self
+            .pool
+            .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
+            .await?;
+        if let Some(code) = &invite
+            && !invites::take(&tx, code).await?
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_invite",
+                "`inviteCode` is unknown, used already or expired; ask the operator for a new one",
+            ));
+        }
+        let email_hmac = self.email_hmac(&email);
+        let Some(created_at) =
+            accounts::create(&tx, &self.fields, id, &email_hmac, credential).await?
+        else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "email_taken",
+                "an account with this email exists; log in instead",
+            ));
+        };
+        if let Some(code) = &invite {
+            invites::used_by(&tx, code, id).await?;
+        }
+        let metadata = json!({
+            "user": self.user_ref(id),
+            "client": self.client_ref(client),
+            "invited": invite.is_some(),
+            "method": method,
+        });
+        self.audit(&mut tx, AuditAction::UserRegister, 1, started, metadata)
+            .await?;
+        tx.commit().await?;
+        let user = UserBody {
+            id,
+            email,
+            created_at: iso8601(created_at),
+        };
+        Ok((
+            StatusCode::CREATED,
+            Json(RegisteredBody {
+                message: "User registered successfully",
+                user,
+            }),
+        ))
+    }
+
+    /// Records a failed login (in a transaction of its own: the attempt
+    /// changed nothing) and answers it.
+    pub(super) async fn login_failed(
+        &self,
+        started: Instant,
+        metadata: serde_json::Value,
+        answer: ApiError,
+    ) -> Result<ApiError, ApiError> {
+        let entry = audit::AuditEntry {
+            action: AuditAction::LoginFailed,
+            rows_affected: 0,
+            duration: started.elapsed(),
+            source_component: "api",
+            metadata,
+        };
+        audit::record_alone(&self.pool, &self.node_id, &entry).await?;
+        Ok(answer)
+    }
+
+    /// A session for the account whose credential just proved right:
+    /// the token, unless the operator disabled the account (told only to
+    /// whoever proved the credential).
+    pub(super) async fn open_session(
+        &self,
+        client: &ClientAddr,
+        started: Instant,
+        account: &accounts::Account,
+        email_hmac: &[u8],
+        email: String,
+        method: &'static str,
+    ) -> Result<Json<LoginBody>, ApiError> {
+        let client_ref = self.client_ref(client);
+        if account.disabled {
+            let metadata = json!({"user": self.user_ref(account.id), "client": client_ref, "reason": "disabled"});
+            return Err(self
+                .login_failed(started, metadata, account_disabled())
+                .await?);
+        }
+        let id = account.id;
+        let session = Uuid::new_v4();
+        let (token, claims) = self.tokens.issue(id, session);
+        let expires_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp);
+        let mut tx = self
+            .pool
+            .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
+            .await?;
+        if !accounts::open_session(&tx, session, id, expires_at).await? {
+            // Disabled (or erased) while the credential was being checked.
+            return Err(account_disabled());
+        }
+        throttle::succeeded(&tx, email_hmac, &client_ref).await?;
+        let metadata = json!({"user": self.user_ref(id), "client": client_ref, "method": method});
+        self.audit(&mut tx, AuditAction::Login, 1, started, metadata)
+            .await?;
+        tx.commit().await?;
+        Ok(Json(LoginBody {
+            message: "Login successful",
+            user: UserBody {
+                id,
+                email,
+                created_at: iso8601(account.created_at),
+            },
+            token,
+        }))
     }
 }
 
@@ -278,74 +448,15 @@ pub(super) async fn register(
     client: ClientAddr,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<RegisteredBody>), ApiError> {
+    api.password_routes()?;
     api.limit_auth_attempts(&client)?;
     let started = Instant::now();
-    let invite = match (api.settings.registration, body.invite_code) {
-        (Registration::Open, _) => None,
-        (Registration::Closed, _) => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "registration_closed",
-                "this server does not create accounts (api.registration: closed)",
-            ));
-        }
-        (Registration::Invite, None) => {
-            return Err(ApiError::bad_request(
-                "invite_required",
-                "this server creates accounts by invitation: send `inviteCode` from its operator",
-            ));
-        }
-        (Registration::Invite, Some(code)) => Some(code),
-    };
+    let invite = api.invite(body.invite_code)?;
     let email = normalise_email(&body.email)?;
     check_password(&body.password, "password")?;
     let hash = api.passwords.hash(body.password).await?;
-    let id = Uuid::new_v4();
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
-        .await?;
-    // The invite first: without a valid one, a taken email and a free
-    // one get the same answer.
-    if let Some(code) = &invite
-        && !invites::take(&tx, code).await?
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "invalid_invite",
-            "`inviteCode` is unknown, used already or expired; ask the operator for a new one",
-        ));
-    }
-    let Some(created_at) = accounts::create(&tx, id, &api.email_hmac(&email), &hash).await? else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "email_taken",
-            "an account with this email exists; log in instead",
-        ));
-    };
-    if let Some(code) = &invite {
-        invites::used_by(&tx, code, id).await?;
-    }
-    let metadata = json!({
-        "user": api.user_ref(id),
-        "client": api.client_ref(&client),
-        "invited": invite.is_some(),
-    });
-    api.audit(&mut tx, AuditAction::UserRegister, 1, started, metadata)
-        .await?;
-    tx.commit().await?;
-    let user = UserBody {
-        id,
-        email,
-        created_at: iso8601(created_at),
-    };
-    Ok((
-        StatusCode::CREATED,
-        Json(RegisteredBody {
-            message: "User registered successfully",
-            user,
-        }),
-    ))
+    api.create_account(&client, started, email, Credential::Password(hash), invite)
+        .await
 }
 
 /// Exchanges email and password for a token.
@@ -362,6 +473,7 @@ pub(super) async fn login(
     client: ClientAddr,
     ApiJson(body): ApiJson<CredentialsBody>,
 ) -> Result<Json<LoginBody>, ApiError> {
+    api.password_routes()?;
     api.limit_auth_attempts(&client)?;
     let started = Instant::now();
     let email = normalise_email(&body.email)?;
@@ -374,67 +486,32 @@ pub(super) async fn login(
     let tx = api.pool.begin(&lookup).await?;
     // Per account too, whether or not it exists (the answer must not tell).
     api.reserve_attempt(&tx, &email_hmac, &client).await?;
-    let account = accounts::by_email(&tx, &email_hmac).await?;
+    let account = accounts::by_email(&tx, &api.fields, &email_hmac).await?;
     tx.commit().await?;
-    let stored = account.as_ref().map(|a| a.password_hash.clone());
-    let matches = api.passwords.verify(body.password, stored).await?;
-    let client_ref = api.client_ref(&client);
-    let (id, created_at) = match account {
-        // Told only to whoever knows the password: the answer says
-        // nothing about an address to anyone else.
-        Some(account) if matches && account.disabled => {
-            let metadata = json!({"user": api.user_ref(account.id), "client": client_ref, "reason": "disabled"});
-            let entry = audit::AuditEntry {
-                action: AuditAction::LoginFailed,
-                rows_affected: 0,
-                duration: started.elapsed(),
-                source_component: "api",
-                metadata,
-            };
-            audit::record_alone(&api.pool, &api.node_id, &entry).await?;
-            return Err(account_disabled());
-        }
-        Some(account) if matches => (account.id, account.created_at),
-        _ => {
-            let entry = audit::AuditEntry {
-                action: AuditAction::LoginFailed,
-                rows_affected: 0,
-                duration: started.elapsed(),
-                source_component: "api",
-                metadata: json!({
-                    "email": api.identifiers.identifier("email", &email),
-                    "client": client_ref,
-                }),
-            };
-            audit::record_alone(&api.pool, &api.node_id, &entry).await?;
-            return Err(invalid_credentials());
-        }
+    // An OPAQUE account has no password hash: the same work, and a 401.
+    let stored = match &account {
+        Some(accounts::Account {
+            credential: Credential::Password(hash),
+            ..
+        }) => Some(hash.clone()),
+        _ => None,
     };
-    let session = Uuid::new_v4();
-    let (token, claims) = api.tokens.issue(id, session);
-    let expires_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp);
-    let mut tx = api
-        .pool
-        .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
-        .await?;
-    if !accounts::open_session(&tx, session, id, expires_at).await? {
-        // Disabled (or erased) while the password was being checked.
-        return Err(account_disabled());
+    let matches = api.passwords.verify(body.password, stored.clone()).await?;
+    match account {
+        Some(account) if matches && stored.is_some() => {
+            api.open_session(&client, started, &account, &email_hmac, email, "password")
+                .await
+        }
+        _ => {
+            let metadata = json!({
+                "email": api.identifiers.identifier("email", &email),
+                "client": api.client_ref(&client),
+            });
+            Err(api
+                .login_failed(started, metadata, invalid_credentials())
+                .await?)
+        }
     }
-    throttle::succeeded(&tx, &email_hmac, &client_ref).await?;
-    let metadata = json!({"user": api.user_ref(id), "client": client_ref});
-    api.audit(&mut tx, AuditAction::Login, 1, started, metadata)
-        .await?;
-    tx.commit().await?;
-    Ok(Json(LoginBody {
-        message: "Login successful",
-        user: UserBody {
-            id,
-            email,
-            created_at: iso8601(created_at),
-        },
-        token,
-    }))
 }
 
 /// Ends the session of the token presented.
@@ -484,7 +561,7 @@ pub(super) async fn change_password(
         .await?;
     let hash = api.passwords.hash(body.new_password).await?;
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
-    accounts::set_password(&tx, auth.user, &hash).await?;
+    accounts::set_credential(&tx, &api.fields, auth.user, Credential::Password(hash)).await?;
     let revoked =
         accounts::revoke_all_sessions(&tx, auth.user, SessionEnd::PasswordChanged).await?;
     let metadata = json!({"user": api.user_ref(auth.user), "sessionsRevoked": revoked});
@@ -547,7 +624,7 @@ pub(super) async fn account(
 }
 
 /// Erases the account and everything it owns (right to erasure); needs
-/// the current password.
+/// proof of the password: the password itself, or an OPAQUE login.
 #[utoipa::path(delete, path = "/account", tag = "auth",
     request_body = DeleteAccountBody,
     responses(
@@ -563,8 +640,17 @@ pub(super) async fn delete_account(
     ApiJson(body): ApiJson<DeleteAccountBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    api.check_current_password(&auth, &client, body.current_password)
-        .await?;
+    match (body.current_password, body.opaque.proof()?) {
+        (Some(password), None) => api.check_current_password(&auth, &client, password).await?,
+        (None, Some(proof)) => api.check_opaque_proof(&auth, &client, proof).await?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_proof",
+                "send `currentPassword` (a password account) or `loginId` and \
+                 `credentialFinalization` (an OPAQUE account), one of the two",
+            ));
+        }
+    }
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let deleted = accounts::delete(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});

@@ -18,6 +18,7 @@ mod extract;
 mod health;
 mod limits;
 mod meta;
+mod opaque;
 pub mod operator;
 mod store;
 mod sync;
@@ -72,6 +73,8 @@ pub struct ApiSettings {
     /// What `POST /backups` accepts (`api.backups`).
     pub backups: crate::config::ApiBackupsConfig,
     pub registration: Registration,
+    /// `api.auth`: whether the password routes answer.
+    pub auth: crate::config::ApiAuthConfig,
     pub request_timeout: Duration,
     /// A request body must arrive within this (408 beyond).
     pub body_timeout: Duration,
@@ -98,6 +101,7 @@ impl ApiSettings {
             quotas: api.quotas.clone(),
             backups: api.backups.clone(),
             registration: api.registration,
+            auth: api.auth.clone(),
             request_timeout: api.request_timeout.get(),
             body_timeout: api.body_timeout.get(),
             trusted_proxies,
@@ -123,6 +127,8 @@ pub struct Api {
     tokens: TokenIssuer,
     passwords: PasswordHasher,
     email_key: Zeroizing<[u8; 32]>,
+    /// OPAQUE's server side, the cluster's setup.
+    opaque: crate::opaque::OpaqueServer,
     identifiers: AuditIdentifiers,
     node_id: String,
     settings: ApiSettings,
@@ -152,6 +158,7 @@ impl Api {
             tokens: TokenIssuer::new(cluster, identity.node_id(), settings.jwt_ttl),
             passwords: PasswordHasher::new()?,
             email_key: cluster.derive(Purpose::EmailHmac),
+            opaque: crate::opaque::OpaqueServer::new(cluster),
             identifiers: AuditIdentifiers::new(cluster),
             node_id: identity.node_id().to_string(),
             limits: limits::Limits::new(&settings.rate_limits, settings.prefixes),
@@ -266,6 +273,12 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(auth::logout))
         .routes(routes!(auth::change_password))
         .routes(routes!(auth::account, auth::delete_account))
+        .routes(routes!(opaque::register_start))
+        .routes(routes!(opaque::register_finish))
+        .routes(routes!(opaque::login_start))
+        .routes(routes!(opaque::login_finish))
+        .routes(routes!(opaque::upgrade))
+        .routes(routes!(opaque::change_password))
         .routes(routes!(sync::store_vault_key))
         .routes(routes!(sync::vault_key, sync::rewrap_vault_key))
         .routes(routes!(sync::list_vaults))

@@ -27,7 +27,7 @@ pub enum CryptoError {
     Decrypt,
 }
 
-fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
+pub(super) fn random<const N: usize>() -> Result<[u8; N], CryptoError> {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).map_err(|e| CryptoError::Entropy(e.to_string()))?;
     Ok(bytes)

@@ -5,6 +5,7 @@
 //! (`Endpoint`).
 
 pub mod crypto;
+pub mod opaque;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -472,30 +473,99 @@ impl SyncClient {
         serde_json::from_value(value).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// Registers with OPAQUE: the password never leaves this process.
     pub async fn register(&self, email: &str, password: &str) -> Result<User, ClientError> {
         self.register_invited(email, password, None).await
     }
 
-    /// Registers with an invite code (`api.registration: invite`).
+    /// Registers with OPAQUE and an invite code (`api.registration: invite`).
     pub async fn register_invited(
         &self,
         email: &str,
         password: &str,
         invite_code: Option<&str>,
     ) -> Result<User, ClientError> {
-        let body = json!({"email": email, "password": password, "inviteCode": invite_code});
+        let record = self.opaque_record(email, password).await?;
+        let body = json!({"email": email, "registrationRecord": record, "inviteCode": invite_code});
+        let answer = self
+            .call(
+                Method::POST,
+                "/auth/opaque/register/finish",
+                &[],
+                Some(body),
+            )
+            .await?;
+        Self::decode(answer["user"].clone())
+    }
+
+    /// An OPAQUE record of `password` for `email` (base64), for a
+    /// registration, a password change or a move to OPAQUE.
+    async fn opaque_record(&self, email: &str, password: &str) -> Result<String, ClientError> {
+        let (registration, request) = opaque::Registration::start(password)?;
+        let body = json!({"email": email, "registrationRequest": request});
+        let answer = self
+            .call(Method::POST, "/auth/opaque/register/start", &[], Some(body))
+            .await?;
+        registration.finish(password, &answer["registrationResponse"])
+    }
+
+    /// An OPAQUE login's two steps up to the proof: `loginId` and
+    /// `credentialFinalization` for the finish. A wrong password still
+    /// finishes (with a proof that cannot verify), so keepd answers and
+    /// records the failure as for any wrong password.
+    async fn opaque_proof(&self, email: &str, password: &str) -> Result<Value, ClientError> {
+        let (login, request) = opaque::Login::start(password)?;
+        let body = json!({"email": email, "credentialRequest": request});
+        let answer = self
+            .call(Method::POST, "/auth/opaque/login/start", &[], Some(body))
+            .await?;
+        let finalization = match login.finish(password, &answer["credentialResponse"])? {
+            Some(finished) => finished.finalization,
+            None => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(crypto::random::<64>()?)
+            }
+        };
+        Ok(json!({"loginId": answer["loginId"], "credentialFinalization": finalization}))
+    }
+
+    /// Logs in with OPAQUE and keeps the token for later calls.
+    pub async fn login(&mut self, email: &str, password: &str) -> Result<User, ClientError> {
+        let mut body = self.opaque_proof(email, password).await?;
+        body["email"] = json!(email);
+        let answer = self
+            .call(Method::POST, "/auth/opaque/login/finish", &[], Some(body))
+            .await?;
+        self.logged_in(answer)
+    }
+
+    /// Registers on the password routes (HaexHub's): keepd sees the password.
+    pub async fn register_with_password(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<User, ClientError> {
+        let body = json!({"email": email, "password": password});
         let answer = self
             .call(Method::POST, "/auth/register", &[], Some(body))
             .await?;
         Self::decode(answer["user"].clone())
     }
 
-    /// Logs in and keeps the token for later calls.
-    pub async fn login(&mut self, email: &str, password: &str) -> Result<User, ClientError> {
+    /// Logs in on the password route (HaexHub's): keepd sees the password.
+    pub async fn login_with_password(
+        &mut self,
+        email: &str,
+        password: &str,
+    ) -> Result<User, ClientError> {
         let body = json!({"email": email, "password": password});
         let answer = self
             .call(Method::POST, "/auth/login", &[], Some(body))
             .await?;
+        self.logged_in(answer)
+    }
+
+    fn logged_in(&mut self, answer: Value) -> Result<User, ClientError> {
         self.token = Some(
             answer["token"]
                 .as_str()
@@ -507,12 +577,43 @@ impl SyncClient {
         Ok(user)
     }
 
+    /// Moves a password account to OPAQUE (logged in; the password is
+    /// shown to keepd this last time).
+    pub async fn upgrade_to_opaque(&self, email: &str, password: &str) -> Result<(), ClientError> {
+        let record = self.opaque_record(email, password).await?;
+        let body = json!({"currentPassword": password, "registrationRecord": record});
+        self.call(Method::POST, "/auth/opaque/upgrade", &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
     pub async fn logout(&self) -> Result<(), ClientError> {
         self.call(Method::POST, "/auth/logout", &[], None).await?;
         Ok(())
     }
 
-    pub async fn change_password(&self, current: &str, new: &str) -> Result<(), ClientError> {
+    /// Changes an OPAQUE account's password: a login proves the current
+    /// one, a new record replaces it; every session ends.
+    pub async fn change_password(
+        &self,
+        email: &str,
+        current: &str,
+        new: &str,
+    ) -> Result<(), ClientError> {
+        let record = self.opaque_record(email, new).await?;
+        let mut body = self.opaque_proof(email, current).await?;
+        body["registrationRecord"] = json!(record);
+        self.call(Method::POST, "/auth/opaque/password", &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
+    /// Changes a password account's password (HaexHub's route).
+    pub async fn change_password_with_password(
+        &self,
+        current: &str,
+        new: &str,
+    ) -> Result<(), ClientError> {
         let body = json!({"currentPassword": current, "newPassword": new});
         self.call(Method::POST, "/auth/password", &[], Some(body))
             .await?;
@@ -524,8 +625,16 @@ impl SyncClient {
         self.call(Method::GET, "/account", &[], None).await
     }
 
-    /// Erases the account; the server asks for the password again.
-    pub async fn delete_account(&self, password: &str) -> Result<(), ClientError> {
+    /// Erases an OPAQUE account; a login proves the password again.
+    pub async fn delete_account(&self, email: &str, password: &str) -> Result<(), ClientError> {
+        let body = self.opaque_proof(email, password).await?;
+        self.call(Method::DELETE, "/account", &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
+    /// Erases a password account; the server checks the password again.
+    pub async fn delete_account_with_password(&self, password: &str) -> Result<(), ClientError> {
         let body = json!({"currentPassword": password});
         self.call(Method::DELETE, "/account", &[], Some(body))
             .await?;

@@ -38,6 +38,8 @@ pub enum Purpose {
     AuditIdentifiers,
     /// Field encryption at rest, key version `n`.
     Field(u32),
+    /// OPAQUE's server setup (`crate::opaque`).
+    Opaque,
 }
 
 impl Purpose {
@@ -50,6 +52,7 @@ impl Purpose {
                 b"keepd fields",
                 format!("keepd field key v{version}").into_bytes(),
             ),
+            Purpose::Opaque => (b"keepd opaque", b"keepd opaque server setup v1".to_vec()),
         }
     }
 }

@@ -698,6 +698,8 @@ pub struct ApiConfig {
     pub backups: ApiBackupsConfig,
     /// Who may create an account: `open`, `invite` or `closed`.
     pub registration: Registration,
+    /// How accounts log in.
+    pub auth: ApiAuthConfig,
     /// Largest request body accepted, in bytes (413 beyond).
     pub max_body_bytes: usize,
     /// Most log entries one `POST /sync/push` may carry.
@@ -776,6 +778,7 @@ impl Default for ApiConfig {
             quotas: QuotasConfig::default(),
             backups: ApiBackupsConfig::default(),
             registration: Registration::Open,
+            auth: ApiAuthConfig::default(),
             max_body_bytes: 8 * 1024 * 1024,
             max_push_entries: 10_000,
             max_entry_bytes: 1024 * 1024,
@@ -940,6 +943,26 @@ impl Default for ApiBackupsConfig {
     fn default() -> Self {
         Self {
             accept_v1_signatures: true,
+        }
+    }
+}
+
+/// How accounts log in (`api.auth`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiAuthConfig {
+    /// The password routes (`/auth/register`, `/auth/login`, and the
+    /// current password of `/auth/password` and `DELETE /account`), which
+    /// show the server the password. On for clients written to the
+    /// HaexHub routes; the security report warns while it is. Off, only
+    /// OPAQUE logs in (`/auth/opaque/...`).
+    pub password_login: bool,
+}
+
+impl Default for ApiAuthConfig {
+    fn default() -> Self {
+        Self {
+            password_login: true,
         }
     }
 }

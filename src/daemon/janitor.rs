@@ -4,7 +4,7 @@
 //! `api.quotas.revoked_device_retention` ago (unless backups they signed
 //! are still stored: those name the device, and a client verifies them
 //! with its key), failed-login counts of emails no account has once their
-//! wait is over, and Postgres's log files older than
+//! wait is over, OPAQUE logins never finished, and Postgres's log files older than
 //! `database.postgres.log_retention`. The rows are deleted as the
 //! superuser, because row-level security would otherwise show it one
 //! tenant at a time.
@@ -49,6 +49,9 @@ const PURGED_DEVICES: &str = "DELETE FROM keepd.devices d \
 const FORGOTTEN_ATTEMPTS: &str = "DELETE FROM keepd.login_throttle t \
      WHERE (t.last_failure IS NULL OR t.last_failure <= now() - make_interval(secs => $1)) \
        AND NOT EXISTS (SELECT 1 FROM keepd.users u WHERE u.email_hmac = t.account)";
+
+/// OPAQUE logins never finished.
+const EXPIRED_LOGINS: &str = "DELETE FROM keepd.opaque_logins WHERE expires_at <= now()";
 
 pub struct Janitor {
     pub superuser: Endpoint,
@@ -149,12 +152,14 @@ impl Janitor {
         let attempts = db
             .execute(FORGOTTEN_ATTEMPTS, &[&self.login_delay_max.as_secs_f64()])
             .await?;
-        if pushes + sessions + devices + attempts > 0 {
+        let logins = db.execute(EXPIRED_LOGINS, &[]).await?;
+        if pushes + sessions + devices + attempts + logins > 0 {
             info!(
                 idempotency_records = pushes,
                 sessions,
                 revoked_devices = devices,
                 login_attempts = attempts,
+                unfinished_logins = logins,
                 "janitor: deleted expired records"
             );
         }

@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 15] = [
+pub const TABLES: [&str; 16] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -45,6 +45,7 @@ pub const TABLES: [&str; 15] = [
     "keepd.account_usage",
     "keepd.invites",
     "keepd.login_throttle",
+    "keepd.opaque_logins",
     // No group role: only the owner's bootstrap sessions (`cluster`).
     "keepd.cluster_members",
     // No group role: only the superuser's heartbeat (`cluster::heartbeat`).
@@ -65,6 +66,8 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Auth, "keepd.invites", &[S, U]),
     // Failed attempts, counted before each check (`store::throttle`).
     (GroupRole::Auth, "keepd.login_throttle", &[S, I, U]),
+    // OPAQUE logins between their two messages, each read once.
+    (GroupRole::Auth, "keepd.opaque_logins", &[S, I, D]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     // Every transaction for a caller checks the caller's session in it.
     (GroupRole::Sync, "keepd.sessions", &[S]),
@@ -110,6 +113,7 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Readonly, "keepd.account_usage", &[S]),
     (GroupRole::Readonly, "keepd.invites", &[S]),
     (GroupRole::Readonly, "keepd.login_throttle", &[S]),
+    (GroupRole::Readonly, "keepd.opaque_logins", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_log", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_chain", &[S]),
 ];

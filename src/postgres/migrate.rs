@@ -104,6 +104,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "login_throttle",
         sql: include_str!("../../migrations/0015_login_throttle.sql"),
     },
+    Migration {
+        version: 16,
+        name: "opaque",
+        sql: include_str!("../../migrations/0016_opaque.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -99,7 +99,34 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     ));
     checks.push(backups(&client, inputs).await);
     checks.push(backup_signatures(config));
+    checks.push(password_login(config));
     checks
+}
+
+/// Whether the password routes, which show the server every password
+/// that logs in, still answer.
+fn password_login(config: &Config) -> Check {
+    let id = "api.password_login";
+    if config.api.auth.password_login {
+        Check::new(
+            id,
+            Weight::Minor,
+            Status::Warn,
+            "the password routes answer: every password login shows this server the password \
+             (inside TLS), where a compromised node, a debugging proxy or a memory dump sees it",
+        )
+        .recommend(
+            "once every client logs in with OPAQUE (/auth/opaque/...) and every account has \
+             moved (POST /auth/opaque/upgrade), set api.auth.password_login: false",
+        )
+    } else {
+        Check::new(
+            id,
+            Weight::Minor,
+            Status::Pass,
+            "only OPAQUE logs in: no password reaches this server",
+        )
+    }
 }
 
 /// Whether a backup signed over its ciphertext alone is still accepted:
@@ -895,8 +922,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
     }
     let fields = FieldPlan::new(inputs.config);
     let version = fields.current_version();
-    let columns: Vec<_> = fields.columns().collect();
-    if columns.is_empty() {
+    if fields.configured().next().is_none() {
         return Check::new(
             id,
             Weight::Minor,
@@ -908,6 +934,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
             crate::field_crypto::supported_list()
         ));
     }
+    let columns: Vec<_> = fields.columns().collect();
     // Values not (yet) under the current key, measured.
     let mut behind = 0i64;
     for column in &columns {
@@ -1353,5 +1380,22 @@ mod tests {
         let check = backup_signatures(&config);
         assert_eq!(check.status, Status::Pass);
         assert!(check.recommendation.is_empty());
+    }
+
+    #[test]
+    fn password_login_warns_while_on() {
+        let mut config = Config::default();
+        let check = password_login(&config);
+        assert_eq!(
+            (check.id, check.status, check.weight),
+            ("api.password_login", Status::Warn, Weight::Minor)
+        );
+        assert!(
+            check
+                .recommendation
+                .contains("api.auth.password_login: false")
+        );
+        config.api.auth.password_login = false;
+        assert_eq!(password_login(&config).status, Status::Pass);
     }
 }

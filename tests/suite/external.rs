@@ -240,9 +240,9 @@ async fn a_stream_ends_when_its_session_logs_out_on_another_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_ends_when_the_password_changes_on_another_node() {
     stream_ends_across_nodes(
-        async |client, _, _| {
+        async |client, _, email| {
             client
-                .change_password("correct horse battery", "another long password")
+                .change_password(email, "correct horse battery", "another long password")
                 .await
                 .unwrap()
         },
@@ -266,9 +266,9 @@ async fn a_stream_ends_when_its_account_is_disabled_on_another_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_ends_when_its_account_is_deleted_on_another_node() {
     stream_ends_across_nodes(
-        async |client, _, _| {
+        async |client, _, email| {
             client
-                .delete_account("correct horse battery")
+                .delete_account(email, "correct horse battery")
                 .await
                 .unwrap()
         },
@@ -279,6 +279,54 @@ async fn a_stream_ends_when_its_account_is_deleted_on_another_node() {
 
 /// Three nodes share one account's budget: its accepted requests over all
 /// three stay within 25 % of `account_per_second`.
+/// An OPAQUE login started on one node finishes on the other: the setup
+/// comes from the cluster key, the state from the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_opaque_login_started_on_one_node_finishes_on_another() {
+    use keepd::client::opaque::Login;
+    let server = start_external();
+    let (_nodes, daemons) = start_cluster(&server, 2, common::unlimited_rates());
+    let email = format!("user-{}@example.org", common::uuid());
+    let password = "correct horse battery";
+    SyncClient::new(daemons[0].addr())
+        .register(&email, password)
+        .await
+        .unwrap();
+    let post = async |addr, path: &str, body: Value| {
+        let answer = SyncClient::new(addr)
+            .send(
+                hyper::Method::POST,
+                path,
+                &[],
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+            .unwrap();
+        (answer.status, answer.body)
+    };
+    let (login, request) = Login::start(password).unwrap();
+    let (status, started) = post(
+        daemons[1].addr(),
+        "/auth/opaque/login/start",
+        json!({"email": email, "credentialRequest": request}),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    let finished = login
+        .finish(password, &started["credentialResponse"])
+        .unwrap()
+        .expect("node 1 answered with node 0's record");
+    let (status, answer) = post(
+        daemons[0].addr(),
+        "/auth/opaque/login/finish",
+        json!({"email": email, "loginId": started["loginId"],
+               "credentialFinalization": finished.finalization}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["token"].is_string());
+}
+
 /// 60 wrong logins at one instant, from 60 addresses, half to each of two
 /// nodes: every node counts every attempt before checking it.
 #[tokio::test(flavor = "multi_thread")]

@@ -24,6 +24,7 @@ mod external;
 mod faults;
 mod ha;
 mod native;
+mod opaque;
 mod openapi;
 mod package;
 mod report;

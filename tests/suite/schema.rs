@@ -43,6 +43,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.account_usage" => "vaults",
         "keepd.invites" => "used_at",
         "keepd.login_throttle" => "last_failure",
+        "keepd.opaque_logins" => "user_id",
         "keepd.cluster_members" => "admitted_by",
         "keepd.cluster_liveness" => "seen_at",
         "keepd_audit.audit_log" => "action",

@@ -160,7 +160,7 @@ async fn sighup_applies_log_level_and_rate_limit_and_refuses_a_broken_file() {
     let client = keepd::client::SyncClient::new(daemon.addr());
     let attempt = || async {
         client
-            .register("not-an-email", "a long password")
+            .register_with_password("not-an-email", "a long password")
             .await
             .unwrap_err()
             .code()

@@ -6,19 +6,23 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::{OperationContext, RoleAwarePool, ScopedTransaction};
 
 /// Registers a user; no row back when the email is taken.
-const INSERT_USER: &str = "INSERT INTO keepd.users (id, email_hmac, password_hash) \
-     VALUES ($1, $2, $3) ON CONFLICT (email_hmac) DO NOTHING RETURNING created_at";
+const INSERT_USER: &str = "INSERT INTO keepd.users (id, email_hmac, password_hash, opaque_record) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (email_hmac) DO NOTHING RETURNING created_at";
 
 /// The account for a login (visible through the email-HMAC policy).
-const USER_BY_EMAIL: &str = "SELECT id, password_hash, created_at, disabled_at IS NOT NULL \
-     FROM keepd.users WHERE email_hmac = $1";
+const USER_BY_EMAIL: &str = "SELECT id, password_hash, opaque_record, created_at, \
+     disabled_at IS NOT NULL FROM keepd.users WHERE email_hmac = $1";
 
-const CREDENTIALS: &str = "SELECT email_hmac, password_hash FROM keepd.users WHERE id = $1";
+const CREDENTIALS: &str =
+    "SELECT email_hmac, password_hash, opaque_record FROM keepd.users WHERE id = $1";
 
-const SET_PASSWORD: &str = "UPDATE keepd.users SET password_hash = $2 WHERE id = $1";
+/// One credential replaces the other (the table's check keeps exactly one).
+const SET_CREDENTIAL: &str =
+    "UPDATE keepd.users SET password_hash = $2, opaque_record = $3 WHERE id = $1";
 
 /// Each statement that ends sessions names why first, for the streams
 /// the trigger of schema v13 ends (`events::listen`).
@@ -62,10 +66,54 @@ impl SessionEnd {
     }
 }
 
+/// How an account proves its owner: one of the two, never both.
+pub enum Credential {
+    /// An Argon2id hash of the password (the password routes).
+    Password(String),
+    /// An OPAQUE record (`crate::opaque`); stored sealed.
+    Opaque(Vec<u8>),
+}
+
+impl Credential {
+    /// How the account logs in, as audit entries name it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Credential::Password(_) => "password",
+            Credential::Opaque(_) => "opaque",
+        }
+    }
+
+    /// The two columns, the record sealed.
+    fn columns(self, fields: &FieldCipher) -> (Option<String>, Option<Vec<u8>>) {
+        match self {
+            Credential::Password(hash) => (Some(hash), None),
+            Credential::Opaque(record) => {
+                (None, Some(fields.seal_bytes(column::OPAQUE_RECORD, record)))
+            }
+        }
+    }
+
+    fn from_columns(
+        fields: &FieldCipher,
+        password_hash: Option<String>,
+        record: Option<Vec<u8>>,
+    ) -> Result<Credential, StoreError> {
+        match (password_hash, record) {
+            (_, Some(sealed)) => Ok(Credential::Opaque(
+                fields.open_bytes(column::OPAQUE_RECORD, sealed)?,
+            )),
+            (Some(hash), None) => Ok(Credential::Password(hash)),
+            (None, None) => Err(StoreError::Encode(
+                "an account without a credential (schema v16 forbids it)".into(),
+            )),
+        }
+    }
+}
+
 /// An account as a login sees it.
 pub struct Account {
     pub id: Uuid,
-    pub password_hash: String,
+    pub credential: Credential,
     pub created_at: SystemTime,
     /// By the operator (`keepd account disable`): it may not log in.
     pub disabled: bool,
@@ -74,53 +122,67 @@ pub struct Account {
 /// Creates the account; its creation time, or None when the email is taken.
 pub async fn create(
     tx: &ScopedTransaction,
+    fields: &FieldCipher,
     id: Uuid,
     email_hmac: &[u8],
-    password_hash: &str,
+    credential: Credential,
 ) -> Result<Option<SystemTime>, StoreError> {
+    let (hash, record) = credential.columns(fields);
     let rows = tx
-        .query(INSERT_USER, &[&id, &email_hmac, &password_hash])
+        .query(INSERT_USER, &[&id, &email_hmac, &hash, &record])
         .await?;
     Ok(rows.first().map(|row| row.get(0)))
 }
 
 pub async fn by_email(
     tx: &ScopedTransaction,
+    fields: &FieldCipher,
     email_hmac: &[u8],
 ) -> Result<Option<Account>, StoreError> {
     let rows = tx.query(USER_BY_EMAIL, &[&email_hmac]).await?;
-    Ok(rows.first().map(|row| Account {
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    Ok(Some(Account {
         id: row.get(0),
-        password_hash: row.get(1),
-        created_at: row.get(2),
-        disabled: row.get(3),
+        credential: Credential::from_columns(fields, row.get(1), row.get(2))?,
+        created_at: row.get(3),
+        disabled: row.get(4),
     }))
 }
 
 /// What re-authenticating an account checks: its throttle key (the
-/// email's HMAC) and its password hash.
+/// email's HMAC) and its credential.
 pub struct Credentials {
     pub email_hmac: Vec<u8>,
-    pub password_hash: String,
+    pub credential: Credential,
 }
 
 pub async fn credentials(
     tx: &ScopedTransaction,
+    fields: &FieldCipher,
     user: Uuid,
 ) -> Result<Option<Credentials>, StoreError> {
     let rows = tx.query(CREDENTIALS, &[&user]).await?;
-    Ok(rows.first().map(|row| Credentials {
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    Ok(Some(Credentials {
         email_hmac: row.get(0),
-        password_hash: row.get(1),
+        credential: Credential::from_columns(fields, row.get(1), row.get(2))?,
     }))
 }
 
-pub async fn set_password(
+/// Replaces the account's credential (a new password, a new OPAQUE
+/// record, or a move from the one to the other).
+pub async fn set_credential(
     tx: &ScopedTransaction,
+    fields: &FieldCipher,
     user: Uuid,
-    password_hash: &str,
+    credential: Credential,
 ) -> Result<(), StoreError> {
-    tx.execute(SET_PASSWORD, &[&user, &password_hash]).await?;
+    let (hash, record) = credential.columns(fields);
+    tx.execute(SET_CREDENTIAL, &[&user, &hash, &record]).await?;
     Ok(())
 }
 

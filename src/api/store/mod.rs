@@ -11,6 +11,7 @@ pub mod backups;
 pub mod devices;
 pub mod invites;
 pub mod logs;
+pub mod opaque_logins;
 pub mod throttle;
 pub mod usage;
 pub mod vaults;

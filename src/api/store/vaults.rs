@@ -30,10 +30,10 @@ const KEY_CHECK: &str = "SELECT k.key_check FROM keepd.vaults v \
 
 /// Replaces the wrapped key if its version is still `$3`; the new
 /// version and time, or no row (stale, or no such vault). A key check is
-/// added where there was none, replaced only when `$8` says so.
+/// added where there was none, replaced (or removed) only when `$8` says so.
 const REWRAP: &str = "UPDATE keepd.vault_keys k SET encrypted_vault_key = $4, salt = $5, \
        nonce = $6, \
-       key_check = CASE WHEN $8 THEN coalesce($7, k.key_check) ELSE coalesce(k.key_check, $7) END, \
+       key_check = CASE WHEN $8 THEN $7 ELSE coalesce(k.key_check, $7) END, \
        version = k.version + 1, \
        updated_at = now() \
      FROM keepd.vaults v \
@@ -186,8 +186,9 @@ pub enum KeyCheckChange<'a> {
     Keep,
     /// Sets it on a record that has none; an existing one stays.
     AddIfNone(&'a str),
-    /// Replaces it (the client says the key itself changed).
-    Replace(&'a str),
+    /// Replaces it, or removes it with None (the client says the key
+    /// itself changed).
+    Replace(Option<&'a str>),
 }
 
 /// Replaces the wrapped key (the same key under a new password) if the
@@ -205,7 +206,7 @@ pub async fn rewrap(
     let (check, replace) = match key_check {
         KeyCheckChange::Keep => (None, false),
         KeyCheckChange::AddIfNone(check) => (Some(check), false),
-        KeyCheckChange::Replace(check) => (Some(check), true),
+        KeyCheckChange::Replace(check) => (check, true),
     };
     let rows = tx
         .query(

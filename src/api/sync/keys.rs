@@ -200,8 +200,9 @@ pub struct RewrapVaultKeyBody {
     /// stays unless `replaceKeyCheck` is true.
     #[schema(format = Byte, max_length = 200, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$")]
     key_check: Option<String>,
-    /// True: `keyCheck` replaces the record's key check (which then must
-    /// be given). False or absent: an existing key check is kept.
+    /// True: `keyCheck` replaces the record's key check (without one, the
+    /// record then has none). False or absent: an existing key check is
+    /// kept.
     #[serde(default)]
     replace_key_check: bool,
 }
@@ -253,13 +254,7 @@ pub(in crate::api) async fn rewrap_vault_key(
     let key_check = match (body.key_check.as_deref(), body.replace_key_check) {
         (None, false) => KeyCheckChange::Keep,
         (Some(check), false) => KeyCheckChange::AddIfNone(check),
-        (Some(check), true) => KeyCheckChange::Replace(check),
-        (None, true) => {
-            return Err(ApiError::bad_request(
-                "invalid_key_check",
-                "`replaceKeyCheck: true` needs the new `keyCheck`",
-            ));
-        }
+        (check, true) => KeyCheckChange::Replace(check),
     };
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let done = vaults::rewrap(
