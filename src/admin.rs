@@ -8,6 +8,7 @@ use std::process::{Command, ExitStatus};
 use crate::audit::Verdict;
 use crate::config::{Config, ExternalSslMode, Layout, Topology};
 use crate::fsutil;
+use crate::identity::protection::IdentityStore;
 use crate::identity::{IdentityError, NodeIdentity};
 use crate::postgres::docker::DockerError;
 use crate::postgres::external::ExternalError;
@@ -110,7 +111,7 @@ impl AdminError {
 /// The node identity and its unsealed credentials; never creates either.
 fn unseal(config: &Config) -> Result<(NodeIdentity, Credentials), AdminError> {
     let layout = Layout::of(config);
-    let identity = NodeIdentity::load(&layout.identity_key())?;
+    let identity = IdentityStore::of(config).load()?;
     let store = CredentialStore::new(layout.credentials().to_owned());
     let (credentials, _) = store
         .load(&identity)?
@@ -217,14 +218,14 @@ pub async fn restore(
     let layout = Layout::of(config);
     // Without its identity a node has nothing to restore into: refused
     // before the lock writes anything.
-    NodeIdentity::load(&layout.identity_key())?;
+    IdentityStore::of(config).load()?;
     let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
     // A fresh state directory (a disaster: only identity.key came back,
     // from its Shamir shares): db.enc from the repository's copy.
     if let Some(repository) = &config.backup.repository {
         let copy = crate::repository::credentials_copy(repository);
         if !layout.credentials().exists() && copy.exists() {
-            let identity = NodeIdentity::load(&layout.identity_key())?;
+            let identity = IdentityStore::of(config).load()?;
             CredentialStore::new(layout.credentials().to_owned()).adopt_copy(&identity, &copy)?;
             eprintln!("keepd: db.enc taken from the backup repository");
         }
@@ -572,7 +573,7 @@ pub fn set_s3_credentials(
     }
     let _lock = crate::state_lock::StateLock::acquire(&config.node.state_dir)?;
     let layout = Layout::of(config);
-    let (identity, _) = NodeIdentity::load_or_create(&layout.identity_key())?;
+    let (identity, _) = IdentityStore::of(config).load_or_create()?;
     let store = CredentialStore::new(layout.credentials().to_owned());
     let (mut credentials, method) = match store.load(&identity)? {
         Some(found) => found,

@@ -120,6 +120,11 @@ pub enum AuditAction {
     AccountEnable,
     AccountDelete,
     InviteCreate,
+    /// A second factor confirmed by its owner, turned off by its owner,
+    /// or reset by the operator (`keepd account reset-second-factor`).
+    SecondFactorEnable,
+    SecondFactorDisable,
+    SecondFactorReset,
 }
 
 impl AuditAction {
@@ -147,6 +152,9 @@ impl AuditAction {
             AuditAction::AccountEnable => "ACCOUNT_ENABLE",
             AuditAction::AccountDelete => "ACCOUNT_DELETE",
             AuditAction::InviteCreate => "INVITE_CREATE",
+            AuditAction::SecondFactorEnable => "SECOND_FACTOR_ENABLE",
+            AuditAction::SecondFactorDisable => "SECOND_FACTOR_DISABLE",
+            AuditAction::SecondFactorReset => "SECOND_FACTOR_RESET",
         }
     }
 
@@ -163,7 +171,10 @@ impl AuditAction {
             | AuditAction::AccountErase
             | AuditAction::AccountDisable
             | AuditAction::AccountEnable
-            | AuditAction::AccountDelete => "keepd.users",
+            | AuditAction::AccountDelete
+            | AuditAction::SecondFactorEnable
+            | AuditAction::SecondFactorDisable
+            | AuditAction::SecondFactorReset => "keepd.users",
             AuditAction::InviteCreate => "keepd.invites",
             AuditAction::Login | AuditAction::Logout => "keepd.sessions",
             AuditAction::VaultKeyStore | AuditAction::VaultKeyRewrap => "keepd.vault_keys",

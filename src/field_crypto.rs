@@ -93,12 +93,17 @@ pub mod column {
     pub const DEVICE_NAME: TextColumn = text("keepd.devices", "device_name");
     pub const OPAQUE_RECORD: BytesColumn = bytes("keepd.users", "opaque_record");
     pub const OPAQUE_LOGIN_STATE: BytesColumn = bytes("keepd.opaque_logins", "state");
+    pub const TOTP_SECRET: BytesColumn = bytes("keepd.users", "totp_secret");
 }
 
 /// Columns sealed whatever the configuration says: secrets of keepd's own
-/// (an account's OPAQUE record, a login's state), not the client's
+/// (an account's OPAQUE record, a login's state, a TOTP secret), not the client's
 /// ciphertext. They rotate with `key_version` like the configured ones.
-pub const ALWAYS_SEALED: &[BytesColumn] = &[column::OPAQUE_RECORD, column::OPAQUE_LOGIN_STATE];
+pub const ALWAYS_SEALED: &[BytesColumn] = &[
+    column::OPAQUE_RECORD,
+    column::OPAQUE_LOGIN_STATE,
+    column::TOTP_SECRET,
+];
 
 /// Every column keepd can encrypt; the configuration is checked against it.
 pub const SUPPORTED: &[Encryptable] = &[

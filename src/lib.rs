@@ -25,6 +25,7 @@ pub mod postgres;
 pub mod recovery;
 pub mod report;
 pub mod repository;
+pub mod second_factor;
 pub mod secrets;
 pub mod service;
 pub mod shutdown;

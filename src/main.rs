@@ -119,6 +119,15 @@ enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// The node identity key at rest (node.identity).
+    #[command(after_help = help!(
+        "keepd identity protect",
+        "keepd identity protect --with-key host"
+    ))]
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Backups with pgBackRest (backup.repository): take one, list them,
     /// verify the repository.
     #[command(after_help = help!("keepd backup now", "keepd backup list", "keepd backup verify"))]
@@ -307,6 +316,26 @@ enum ClusterCommand {
 }
 
 #[derive(Subcommand)]
+enum IdentityCommand {
+    /// Move the plaintext identity.key into the protection node.identity
+    /// names (a passphrase or a systemd encrypted credential), check that
+    /// it opens, then delete the plaintext file. Run it with keepd
+    /// stopped.
+    #[command(after_help = help!(
+        codes: "0 protected; 1 a failure (nothing deleted); 2 node.identity names no protection, or it cannot open the key";
+        "keepd identity protect",
+        "keepd identity protect --with-key host"
+    ))]
+    Protect {
+        /// For a credential: what systemd-creds seals it with (auto:
+        /// TPM2 and the host key where a TPM2 is present, else the host
+        /// key; host; tpm2; host+tpm2).
+        #[arg(long, value_name = "KEY", default_value = "auto")]
+        with_key: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum AccountCommand {
     /// The accounts on this server, in id order: created, state, live
     /// sessions and what each stores. keepd keeps no email, only its HMAC.
@@ -367,6 +396,15 @@ enum AccountCommand {
         /// Confirm the erasure.
         #[arg(long)]
         yes: bool,
+    },
+    /// Remove an account's second factor (TOTP), as a lost phone demands:
+    /// it logs in with its password alone until it enrols again. Audited.
+    #[command(after_help = help!("keepd account reset-second-factor alice@example.com"))]
+    ResetSecondFactor {
+        /// The account's id (a UUID, as `keepd account list` prints) or
+        /// its email.
+        #[arg(value_name = "ACCOUNT")]
+        account: AccountRef,
     },
     /// Print a single-use invite code for `POST /auth/register`
     /// (`inviteCode`), needed when api.registration is `invite`.
@@ -441,6 +479,9 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Recovery { command } => recovery(&config, command),
+        Command::Identity {
+            command: IdentityCommand::Protect { with_key },
+        } => protect_identity(&config, &with_key),
         Command::Account { command } => account(&config, command),
         Command::Cluster { command } => cluster(&config, command),
         Command::Backup { command } => backup(&config, command),
@@ -480,6 +521,8 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
                     || c.is::<RenderError>()
                     || c.downcast_ref::<keepd::daemon::DaemonError>()
                         .is_some_and(keepd::daemon::DaemonError::is_configuration)
+                    || c.downcast_ref::<keepd::identity::IdentityError>()
+                        .is_some_and(keepd::identity::IdentityError::is_configuration)
                     || c.downcast_ref::<keepd::admin::AdminError>()
                         .is_some_and(keepd::admin::AdminError::is_usage)
                     || c.downcast_ref::<keepd::backup::BackupError>()
@@ -566,6 +609,11 @@ fn account(config: &Config, command: AccountCommand) -> anyhow::Result<()> {
         AccountCommand::Enable { account } => {
             (Request::AccountEnable { account }, Shown::Account, false)
         }
+        AccountCommand::ResetSecondFactor { account } => (
+            Request::AccountResetSecondFactor { account },
+            Shown::Account,
+            false,
+        ),
         AccountCommand::Delete { account, yes } => {
             if !yes {
                 return Err(UsageError(format!(
@@ -669,8 +717,9 @@ fn account_card(view: &AccountView) -> String {
         None => "active".to_string(),
     };
     let q = &view.quotas;
+    let factor = if a.second_factor { "TOTP" } else { "none" };
     format!(
-        "account   {}\ncreated   {}\nstate     {state}\nsessions  {} live\nstored    {}\n\
+        "account   {}\ncreated   {}\nstate     {state}\n2fa       {factor}\nsessions  {} live\nstored    {}\n\
          vaults    {}\ndevices   {}\nbackups   {}\n",
         a.id,
         a.created_at,
@@ -926,6 +975,19 @@ fn service(
     Ok(())
 }
 
+fn protect_identity(config: &Config, with_key: &str) -> anyhow::Result<()> {
+    let _lock = keepd::state_lock::StateLock::acquire(&config.node.state_dir)?;
+    let store = keepd::identity::protection::IdentityStore::of(config);
+    let node = store.protect(with_key)?;
+    println!(
+        "node {node}: the identity is now {} ({}); {} is deleted",
+        store.protection().describe(),
+        store.path().display(),
+        store.plain_path().display()
+    );
+    Ok(())
+}
+
 fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
     let key_path = keepd::config::Layout::of(config).identity_key();
     match command {
@@ -945,7 +1007,7 @@ fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
             } else {
                 shareholders
             };
-            let identity = keepd::identity::NodeIdentity::load(&key_path)?;
+            let identity = keepd::identity::protection::IdentityStore::of(config).load()?;
             let dealt = recovery::split(&identity, shares, threshold, &shareholders)?;
             let paths = recovery::write_shares(&out, &dealt)?;
             println!(

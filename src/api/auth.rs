@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
 use super::limits::Attempt;
 use super::opaque::OpaqueProofFields;
+use super::second_factor::{self, SecondFactorFields};
 use super::store::accounts::{Credential, SessionEnd};
 use super::store::usage::{self, Usage};
 use super::store::{accounts, invites, throttle};
@@ -40,6 +41,9 @@ pub struct CredentialsBody {
     email: String,
     #[schema(value_type = String, format = Password, min_length = 8, max_length = 256)]
     password: SecretString,
+    /// For an account with a second factor.
+    #[serde(flatten)]
+    second_factor: SecondFactorFields,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -108,6 +112,16 @@ impl MessageBody {
     pub(super) fn new(message: &'static str) -> MessageBody {
         MessageBody { message }
     }
+}
+
+/// A login whose password (or OPAQUE proof) was right.
+pub(super) struct Proved<'a> {
+    pub account: &'a accounts::Account,
+    /// The account's throttle key.
+    pub email_hmac: &'a [u8],
+    pub email: String,
+    /// How it logged in, as the audit names it.
+    pub method: &'static str,
 }
 
 /// Unicode's format characters (general category Cf): invisible, so two
@@ -270,6 +284,27 @@ impl Api {
         Ok(())
     }
 
+    /// 401 unless the caller proves the account's password again: a
+    /// password account with `currentPassword`, an OPAQUE account with a
+    /// login's proof; 400 unless exactly one of the two is given.
+    pub(super) async fn reauthenticate(
+        &self,
+        auth: &UserAuth,
+        client: &ClientAddr,
+        current_password: Option<SecretString>,
+        opaque: OpaqueProofFields,
+    ) -> Result<(), ApiError> {
+        match (current_password, opaque.proof()?) {
+            (Some(password), None) => self.check_current_password(auth, client, password).await,
+            (None, Some(proof)) => self.check_opaque_proof(auth, client, proof).await,
+            _ => Err(ApiError::bad_request(
+                "missing_proof",
+                "send `currentPassword` (a password account) or `loginId` and \
+                 `credentialFinalization` (an OPAQUE account), one of the two",
+            )),
+        }
+    }
+
     /// 403 while `api.auth.password_login` is off.
     pub(super) fn password_routes(&self) -> Result<(), ApiError> {
         if self.settings.auth.password_login {
@@ -383,18 +418,22 @@ impl Api {
         Ok(answer)
     }
 
-    /// A session for the account whose credential just proved right:
+    /// A session for the account whose credential `proved` just proved right:
     /// the token, unless the operator disabled the account (told only to
     /// whoever proved the credential).
     pub(super) async fn open_session(
         &self,
         client: &ClientAddr,
         started: Instant,
-        account: &accounts::Account,
-        email_hmac: &[u8],
-        email: String,
-        method: &'static str,
+        proved: Proved<'_>,
+        second_factor: &SecondFactorFields,
     ) -> Result<Json<LoginBody>, ApiError> {
+        let Proved {
+            account,
+            email_hmac,
+            email,
+            method,
+        } = proved;
         let client_ref = self.client_ref(client);
         if account.disabled {
             let metadata = json!({"user": self.user_ref(account.id), "client": client_ref, "reason": "disabled"});
@@ -410,7 +449,15 @@ impl Api {
             .pool
             .begin(&OperationContext::user(GroupRole::Auth, id.to_string()))
             .await?;
-        if !accounts::open_session(&tx, session, id, expires_at).await? {
+        let proved = match self.check_second_factor(&tx, id, second_factor).await {
+            Ok(proved) => proved == second_factor::Proved::Yes,
+            Err(refused) => {
+                drop(tx);
+                let metadata = json!({"user": self.user_ref(id), "client": client_ref, "reason": "second_factor"});
+                return Err(self.login_failed(started, metadata, refused).await?);
+            }
+        };
+        if !accounts::open_session(&tx, session, id, expires_at, proved).await? {
             // Disabled (or erased) while the credential was being checked.
             return Err(account_disabled());
         }
@@ -499,7 +546,13 @@ pub(super) async fn login(
     let matches = api.passwords.verify(body.password, stored.clone()).await?;
     match account {
         Some(account) if matches && stored.is_some() => {
-            api.open_session(&client, started, &account, &email_hmac, email, "password")
+            let proved = Proved {
+                account: &account,
+                email_hmac: &email_hmac,
+                email,
+                method: "password",
+            };
+            api.open_session(&client, started, proved, &body.second_factor)
                 .await
         }
         _ => {
@@ -640,17 +693,8 @@ pub(super) async fn delete_account(
     ApiJson(body): ApiJson<DeleteAccountBody>,
 ) -> Result<Json<MessageBody>, ApiError> {
     let started = Instant::now();
-    match (body.current_password, body.opaque.proof()?) {
-        (Some(password), None) => api.check_current_password(&auth, &client, password).await?,
-        (None, Some(proof)) => api.check_opaque_proof(&auth, &client, proof).await?,
-        _ => {
-            return Err(ApiError::bad_request(
-                "missing_proof",
-                "send `currentPassword` (a password account) or `loginId` and \
-                 `credentialFinalization` (an OPAQUE account), one of the two",
-            ));
-        }
-    }
+    api.reauthenticate(&auth, &client, body.current_password, body.opaque)
+        .await?;
     let mut tx = auth.begin(&api, GroupRole::Auth).await?;
     let deleted = accounts::delete(&tx, auth.user).await?;
     let metadata = json!({"user": api.user_ref(auth.user)});

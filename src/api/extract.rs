@@ -143,16 +143,30 @@ pub struct UserAuth {
 impl UserAuth {
     /// A transaction as `role` for this caller (row-level security shows it
     /// only the caller's rows), opened with the session checked live in
-    /// the same round trip; 401 when it has ended.
+    /// the same round trip; 401 when it has ended. With
+    /// `api.auth.require_second_factor`, the synced data (the sync and
+    /// query roles) answers only a session that proved a second factor:
+    /// 403 naming what to do otherwise.
     pub async fn begin(&self, api: &Api, role: GroupRole) -> Result<ScopedTransaction, ApiError> {
         let ctx = OperationContext::user(role, self.user.to_string());
-        accounts::begin_in_session(&api.pool, &ctx, self.session)
+        let (tx, session) = accounts::begin_in_session(&api.pool, &ctx, self.session)
             .await?
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "the session has ended (logout or password change); log in again",
                 )
-            })
+            })?;
+        let synced_data = matches!(role, GroupRole::Sync | GroupRole::Query);
+        if synced_data && api.settings.auth.require_second_factor && !session.second_factor {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "second_factor_required",
+                "this server requires a second factor (api.auth.require_second_factor): enrol \
+                 with POST /auth/totp, confirm with POST /auth/totp/confirm, or log in with \
+                 your code",
+            ));
+        }
+        Ok(tx)
     }
 }
 

@@ -20,6 +20,7 @@ mod limits;
 mod meta;
 mod opaque;
 pub mod operator;
+mod second_factor;
 mod store;
 mod sync;
 
@@ -279,6 +280,8 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(opaque::login_finish))
         .routes(routes!(opaque::upgrade))
         .routes(routes!(opaque::change_password))
+        .routes(routes!(second_factor::enrol, second_factor::disable))
+        .routes(routes!(second_factor::confirm))
         .routes(routes!(sync::store_vault_key))
         .routes(routes!(sync::vault_key, sync::rewrap_vault_key))
         .routes(routes!(sync::list_vaults))

@@ -24,9 +24,12 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::Api;
-use super::auth::{LoginBody, MessageBody, RegisteredBody, invalid_credentials, normalise_email};
+use super::auth::{
+    LoginBody, MessageBody, Proved, RegisteredBody, invalid_credentials, normalise_email,
+};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ClientAddr, UserAuth};
+use super::second_factor::SecondFactorFields;
 use super::store::accounts::{self, Credential, SessionEnd};
 use super::store::{opaque_logins, throttle};
 use crate::audit::AuditAction;
@@ -93,6 +96,9 @@ pub struct LoginFinishBody {
     email: String,
     #[serde(flatten)]
     proof: OpaqueProofFields,
+    /// For an account with a second factor.
+    #[serde(flatten)]
+    second_factor: SecondFactorFields,
 }
 
 /// A login's finish as proof of the password: `loginId` from
@@ -403,7 +409,13 @@ pub(super) async fn login_finish(
     };
     match account {
         Some(account) => {
-            api.open_session(&client, started, &account, &email_hmac, email, "opaque")
+            let proved = Proved {
+                account: &account,
+                email_hmac: &email_hmac,
+                email,
+                method: "opaque",
+            };
+            api.open_session(&client, started, proved, &body.second_factor)
                 .await
         }
         None => {

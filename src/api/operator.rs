@@ -221,6 +221,36 @@ impl Api {
         Ok(found)
     }
 
+    /// Removes the account's second factor (a lost phone): it logs in with
+    /// its password alone until it enrols again. Audited.
+    pub async fn operator_reset_second_factor(
+        &self,
+        operator: Operator,
+        account: &AccountRef,
+    ) -> Result<AccountView, OperatorError> {
+        let started = Instant::now();
+        let mut tx = self.operator_tx().await?;
+        let found = self.resolve(&tx, account).await?;
+        if !found.second_factor {
+            return Err(OperatorError::Already(found.id, "without a second factor"));
+        }
+        store::second_factor::remove(&tx, found.id).await?;
+        self.operator_audit(
+            &mut tx,
+            operator,
+            AuditAction::SecondFactorReset,
+            Some(found.id),
+            started,
+        )
+        .await?;
+        let account = self.resolve(&tx, &AccountRef::Id(found.id)).await?;
+        tx.commit().await?;
+        Ok(AccountView {
+            account,
+            quotas: Usage::from(&self.settings.quotas),
+        })
+    }
+
     /// A single-use invite code for `POST /auth/register`.
     pub async fn operator_invite(
         &self,

@@ -158,6 +158,24 @@ impl Endpoint {
     }
 }
 
+/// A second factor as a login sends it.
+#[derive(Debug, Clone, Copy)]
+pub enum SecondFactor<'a> {
+    /// The authenticator's current code.
+    Totp(&'a str),
+    /// One of the recovery codes.
+    Recovery(&'a str),
+}
+
+impl SecondFactor<'_> {
+    fn add_to(self, body: &mut Value) {
+        match self {
+            SecondFactor::Totp(code) => body["totpCode"] = json!(code),
+            SecondFactor::Recovery(code) => body["recoveryCode"] = json!(code),
+        }
+    }
+}
+
 /// One user's connection to keepd (HTTP/1.1 keep-alive, reconnecting).
 pub struct SyncClient {
     endpoint: Endpoint,
@@ -531,8 +549,22 @@ impl SyncClient {
 
     /// Logs in with OPAQUE and keeps the token for later calls.
     pub async fn login(&mut self, email: &str, password: &str) -> Result<User, ClientError> {
+        self.login_with_second_factor(email, password, None).await
+    }
+
+    /// Logs in with OPAQUE and, for an account that has one, its second
+    /// factor.
+    pub async fn login_with_second_factor(
+        &mut self,
+        email: &str,
+        password: &str,
+        factor: Option<SecondFactor<'_>>,
+    ) -> Result<User, ClientError> {
         let mut body = self.opaque_proof(email, password).await?;
         body["email"] = json!(email);
+        if let Some(factor) = factor {
+            factor.add_to(&mut body);
+        }
         let answer = self
             .call(Method::POST, "/auth/opaque/login/finish", &[], Some(body))
             .await?;
@@ -583,6 +615,53 @@ impl SyncClient {
         let record = self.opaque_record(email, password).await?;
         let body = json!({"currentPassword": password, "registrationRecord": record});
         self.call(Method::POST, "/auth/opaque/upgrade", &[], Some(body))
+            .await?;
+        Ok(())
+    }
+
+    /// Starts enrolling TOTP: the `otpauth://` URI and the base32 secret.
+    pub async fn enrol_totp(&self, label: Option<&str>) -> Result<(String, String), ClientError> {
+        let answer = self
+            .call(
+                Method::POST,
+                "/auth/totp",
+                &[],
+                Some(json!({"label": label})),
+            )
+            .await?;
+        let text = |field: &str| {
+            answer[field]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| ClientError::Decode(format!("no `{field}` in the enrolment")))
+        };
+        Ok((text("otpauthUri")?, text("secret")?))
+    }
+
+    /// Confirms the enrolment with a code; the recovery codes, shown once.
+    pub async fn confirm_totp(&self, code: &str) -> Result<Vec<String>, ClientError> {
+        let answer = self
+            .call(
+                Method::POST,
+                "/auth/totp/confirm",
+                &[],
+                Some(json!({"totpCode": code})),
+            )
+            .await?;
+        Self::decode(answer["recoveryCodes"].clone())
+    }
+
+    /// Turns an OPAQUE account's second factor off: the password (a login
+    /// proves it) and a code.
+    pub async fn disable_totp(
+        &self,
+        email: &str,
+        password: &str,
+        factor: SecondFactor<'_>,
+    ) -> Result<(), ClientError> {
+        let mut body = self.opaque_proof(email, password).await?;
+        factor.add_to(&mut body);
+        self.call(Method::DELETE, "/auth/totp", &[], Some(body))
             .await?;
         Ok(())
     }

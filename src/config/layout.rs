@@ -37,7 +37,12 @@ impl Layout {
         &self.runtime_dir
     }
 
-    /// The node's Ed25519 identity key.
+    /// The identity sealed under a passphrase (`node.identity.passphrase_file`).
+    pub fn identity_sealed(&self) -> PathBuf {
+        self.state_dir.join("identity.sealed")
+    }
+
+    /// The node's Ed25519 identity key, in the clear.
     pub fn identity_key(&self) -> PathBuf {
         self.state_dir.join("identity.key")
     }

@@ -172,6 +172,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// Sockets and other files that do not survive a reboot.
     pub runtime_dir: PathBuf,
+    /// How the identity key is kept at rest (`identity::protection`).
+    pub identity: IdentityConfig,
 }
 
 impl Default for NodeConfig {
@@ -179,8 +181,23 @@ impl Default for NodeConfig {
         Self {
             state_dir: PathBuf::from("/var/lib/keepd"),
             runtime_dir: PathBuf::from("/run/keepd"),
+            identity: IdentityConfig::default(),
         }
     }
+}
+
+/// How the identity key is kept at rest: both unset, a plaintext file
+/// (0600) in the state directory; at most one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// A file holding the passphrase the key is sealed under
+    /// (`state_dir/identity.sealed`), as a service manager provides it.
+    pub passphrase_file: Option<PathBuf>,
+    /// A systemd encrypted credential holding the key (`keepd identity
+    /// protect --credential`; the unit loads it with
+    /// `LoadCredentialEncrypted=keepd-identity:<this path>`).
+    pub credential: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -957,12 +974,17 @@ pub struct ApiAuthConfig {
     /// HaexHub routes; the security report warns while it is. Off, only
     /// OPAQUE logs in (`/auth/opaque/...`).
     pub password_login: bool,
+    /// Every account must have a confirmed second factor (TOTP) and log
+    /// in with it before any sync route answers (403
+    /// `second_factor_required` until then).
+    pub require_second_factor: bool,
 }
 
 impl Default for ApiAuthConfig {
     fn default() -> Self {
         Self {
             password_login: true,
+            require_second_factor: false,
         }
     }
 }

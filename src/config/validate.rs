@@ -28,6 +28,14 @@ pub(super) fn node(node: &NodeConfig) -> Result<(), Invalid> {
             "a directory other than node.state_dir".into(),
         ));
     }
+    if let (Some(_), Some(credential)) = (&node.identity.passphrase_file, &node.identity.credential)
+    {
+        return Err(invalid(
+            "node.identity.credential",
+            credential.display().to_string(),
+            "unset while node.identity.passphrase_file is set: the key is kept one way".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -51,6 +51,7 @@ pub enum Request {
     AccountEnable { account: AccountRef },
     AccountDelete { account: AccountRef },
     AccountInvite { ttl_seconds: u64 },
+    AccountResetSecondFactor { account: AccountRef },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -185,6 +186,16 @@ async fn answer(request: Request, operator: Operator, rotator: &Rotator, api: &A
                 info!(account = %gone.id, uid = operator.uid, "account deleted by the operator");
             }
             account(result, "deleted with everything it stored")
+        }
+        Request::AccountResetSecondFactor { account: who } => {
+            let result = api.operator_reset_second_factor(operator, &who).await;
+            if let Ok(view) = &result {
+                info!(account = %view.account.id, uid = operator.uid, "second factor reset by the operator");
+            }
+            account(
+                result,
+                "second factor removed; it logs in with its password alone",
+            )
         }
         Request::AccountInvite { ttl_seconds } => account(
             api.operator_invite(operator, Duration::from_secs(ttl_seconds))

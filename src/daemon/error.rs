@@ -96,6 +96,7 @@ impl DaemonError {
     pub fn is_configuration(&self) -> bool {
         match self {
             DaemonError::ApiTls(_) | DaemonError::Edge(_) => true,
+            DaemonError::Identity(e) => e.is_configuration(),
             DaemonError::Provider(crate::postgres::server::ProviderError::Native(e)) => {
                 e.is_configuration()
             }

@@ -42,6 +42,7 @@ use crate::cluster::{self, ClusterKey, Membership};
 use crate::config::{Config, Layout};
 use crate::edge::{self, ApiCertificate};
 use crate::identity::NodeIdentity;
+use crate::identity::protection::IdentityStore;
 use crate::metrics::Metrics;
 use crate::pki::NodePki;
 use crate::postgres::DATABASE;
@@ -115,11 +116,12 @@ impl Node {
             drop(listeners::bind("api.metrics_listen", addr)?);
         }
         let layout = Layout::of(&config);
-        let identity_path = layout.identity_key();
-        let (identity, created) = NodeIdentity::load_or_create(&identity_path)?;
+        let identities = IdentityStore::of(&config);
+        let (identity, created) = identities.load_or_create()?;
         let identity = Arc::new(identity);
         let node_id = identity.node_id().to_string();
-        info!(node_id, created, path = %identity_path.display(), "node identity loaded");
+        info!(node_id, created, path = %identities.path().display(),
+            protection = identities.protection().describe(), "node identity loaded");
         let store = CredentialStore::new(layout.credentials().to_owned());
         let credentials = credentials::load_credentials(&config, &layout, &identity, &store)?;
         Ok(Node {

@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 16] = [
+pub const TABLES: [&str; 17] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -46,6 +46,7 @@ pub const TABLES: [&str; 16] = [
     "keepd.invites",
     "keepd.login_throttle",
     "keepd.opaque_logins",
+    "keepd.recovery_codes",
     // No group role: only the owner's bootstrap sessions (`cluster`).
     "keepd.cluster_members",
     // No group role: only the superuser's heartbeat (`cluster::heartbeat`).
@@ -68,6 +69,9 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Auth, "keepd.login_throttle", &[S, I, U]),
     // OPAQUE logins between their two messages, each read once.
     (GroupRole::Auth, "keepd.opaque_logins", &[S, I, D]),
+    // A second factor's recovery codes: made at confirmation, used once,
+    // removed when the factor is turned off.
+    (GroupRole::Auth, "keepd.recovery_codes", &[S, I, U, D]),
     // Sync: vaults, keys, logs, idempotent pushes, devices, backups.
     // Every transaction for a caller checks the caller's session in it.
     (GroupRole::Sync, "keepd.sessions", &[S]),
@@ -101,6 +105,8 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Operator, "keepd.sessions", &[S, U]),
     (GroupRole::Operator, "keepd.account_usage", &[S]),
     (GroupRole::Operator, "keepd.invites", &[I]),
+    // The reset of a lost second factor.
+    (GroupRole::Operator, "keepd.recovery_codes", &[S, D]),
     // Read-only access to everything.
     (GroupRole::Readonly, "keepd.users", &[S]),
     (GroupRole::Readonly, "keepd.sessions", &[S]),
@@ -114,6 +120,7 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     (GroupRole::Readonly, "keepd.invites", &[S]),
     (GroupRole::Readonly, "keepd.login_throttle", &[S]),
     (GroupRole::Readonly, "keepd.opaque_logins", &[S]),
+    (GroupRole::Readonly, "keepd.recovery_codes", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_log", &[S]),
     (GroupRole::Readonly, "keepd_audit.audit_chain", &[S]),
 ];
@@ -126,9 +133,25 @@ pub const COLUMNS: &[(GroupRole, &str, Privilege, &[&str])] = &[
         GroupRole::Operator,
         "keepd.users",
         S,
-        &["id", "email_hmac", "created_at", "disabled_at"],
+        &[
+            "id",
+            "email_hmac",
+            "created_at",
+            "disabled_at",
+            "totp_confirmed_at",
+        ],
     ),
-    (GroupRole::Operator, "keepd.users", U, &["disabled_at"]),
+    (
+        GroupRole::Operator,
+        "keepd.users",
+        U,
+        &[
+            "disabled_at",
+            "totp_secret",
+            "totp_confirmed_at",
+            "totp_last_step",
+        ],
+    ),
 ];
 
 /// What pgAudit's object logging watches (`pgaudit.role` =

@@ -109,6 +109,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "opaque",
         sql: include_str!("../../migrations/0016_opaque.sql"),
     },
+    Migration {
+        version: 17,
+        name: "second_factor",
+        sql: include_str!("../../migrations/0017_second_factor.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

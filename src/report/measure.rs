@@ -100,7 +100,29 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(backups(&client, inputs).await);
     checks.push(backup_signatures(config));
     checks.push(password_login(config));
+    checks.push(identity_protection(config));
     checks
+}
+
+/// How the identity key, which unseals every other secret, is kept at
+/// rest: in the clear, whoever copies the state directory (a host backup,
+/// a snapshot, a stolen disk) holds everything.
+fn identity_protection(config: &Config) -> Check {
+    use crate::identity::protection::{IdentityStore, Protection};
+    let id = "identity.protection";
+    let store = IdentityStore::of(config);
+    let protection = store.protection();
+    let value = format!("{}: {}", protection.describe(), store.path().display());
+    match protection {
+        Protection::Plaintext => Check::new(id, Weight::Minor, Status::Warn, value).recommend(
+            "seal it: under systemd as an encrypted credential (node.identity.credential, then \
+             `keepd identity protect`; docs/operations.md), elsewhere under a passphrase \
+             (node.identity.passphrase_file)",
+        ),
+        Protection::Passphrase | Protection::Credential => {
+            Check::new(id, Weight::Minor, Status::Pass, value)
+        }
+    }
 }
 
 /// Whether the password routes, which show the server every password
@@ -1202,6 +1224,7 @@ fn file_modes(config: &Config) -> Check {
         ("state", layout.state_dir().to_owned(), 0o027),
         ("runtime", layout.runtime_dir().to_owned(), 0o027),
         ("identity", layout.identity_key(), 0o077),
+        ("identity.sealed", layout.identity_sealed(), 0o077),
         ("db.enc", layout.credentials().to_owned(), 0o077),
         ("data", layout.data_dir(), 0o077),
         ("pki", layout.pki_dir(), 0o077),

@@ -70,6 +70,8 @@ fn each_check_passes_and_fails_as_the_live_system_changes() {
     assert_eq!(status(&healthy, "api.backup_signatures"), "warn");
     // So are the password routes, which show the server the password.
     assert_eq!(status(&healthy, "api.password_login"), "warn");
+    // And the identity key in the clear.
+    assert_eq!(status(&healthy, "identity.protection"), "warn");
     assert_eq!(healthy["level"], "high");
     assert!(
         healthy["threatModel"]

@@ -44,6 +44,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.invites" => "used_at",
         "keepd.login_throttle" => "last_failure",
         "keepd.opaque_logins" => "user_id",
+        "keepd.recovery_codes" => "used_at",
         "keepd.cluster_members" => "admitted_by",
         "keepd.cluster_liveness" => "seen_at",
         "keepd_audit.audit_log" => "action",

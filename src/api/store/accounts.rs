@@ -30,7 +30,11 @@ const DELETE_USER: &str = "WITH why AS (SELECT set_config('keepd.session_end', '
      DELETE FROM keepd.users USING why WHERE id = $1";
 
 const INSERT_SESSION: &str =
-    "INSERT INTO keepd.sessions (id, user_id, expires_at) VALUES ($1, $2, $3)";
+    "INSERT INTO keepd.sessions (id, user_id, expires_at, second_factor) VALUES ($1, $2, $3, $4)";
+
+/// The session proved the second factor after its login (enrolment
+/// confirmed in it).
+const SESSION_SECOND_FACTOR: &str = "UPDATE keepd.sessions SET second_factor = true WHERE id = $1";
 
 /// Locks the account row against a concurrent disable (whose UPDATE
 /// conflicts with FOR SHARE, unlike the session's foreign-key check):
@@ -38,7 +42,7 @@ const INSERT_SESSION: &str =
 /// login waits and sees the account disabled.
 const STILL_ENABLED: &str = "SELECT disabled_at IS NULL FROM keepd.users WHERE id = $1 FOR SHARE";
 
-const SESSION_IS_LIVE: &str = "SELECT 1 FROM keepd.sessions \
+const SESSION_IS_LIVE: &str = "SELECT second_factor FROM keepd.sessions \
      WHERE id = $1 AND revoked_at IS NULL AND expires_at > now()";
 
 const REVOKE_SESSION: &str = "WITH why AS (SELECT set_config('keepd.session_end', $2, true)) \
@@ -198,14 +202,33 @@ pub async fn open_session(
     session: Uuid,
     user: Uuid,
     expires_at: SystemTime,
+    second_factor: bool,
 ) -> Result<bool, StoreError> {
     let enabled = tx.query(STILL_ENABLED, &[&user]).await?;
     if !enabled.first().is_some_and(|row| row.get::<_, bool>(0)) {
         return Ok(false);
     }
-    tx.execute(INSERT_SESSION, &[&session, &user, &expires_at])
-        .await?;
+    tx.execute(
+        INSERT_SESSION,
+        &[&session, &user, &expires_at, &second_factor],
+    )
+    .await?;
     Ok(true)
+}
+
+/// Marks the session as having proved the second factor.
+pub async fn session_proved_second_factor(
+    tx: &ScopedTransaction,
+    session: Uuid,
+) -> Result<(), StoreError> {
+    tx.execute(SESSION_SECOND_FACTOR, &[&session]).await?;
+    Ok(())
+}
+
+/// A live session, as a transaction opened in it sees it.
+pub struct LiveSession {
+    /// Its login proved the second factor (or a confirmation in it did).
+    pub second_factor: bool,
 }
 
 /// Opens the transaction of `ctx` with the session's liveness checked in
@@ -214,9 +237,12 @@ pub async fn begin_in_session(
     pool: &RoleAwarePool,
     ctx: &OperationContext,
     session: Uuid,
-) -> Result<Option<ScopedTransaction>, StoreError> {
+) -> Result<Option<(ScopedTransaction, LiveSession)>, StoreError> {
     let (tx, rows) = pool.begin_with(ctx, SESSION_IS_LIVE, &[&session]).await?;
-    Ok((!rows.is_empty()).then_some(tx))
+    Ok(rows.first().map(|row| {
+        let second_factor = row.get(0);
+        (tx, LiveSession { second_factor })
+    }))
 }
 
 /// Ends one session; sessions ended (0 or 1).
@@ -249,7 +275,7 @@ const SUMMARY: &str = "SELECT u.id, to_char(u.created_at AT TIME ZONE 'UTC', 'YY
        (SELECT count(*) FROM keepd.sessions s \
          WHERE s.user_id = u.id AND s.revoked_at IS NULL AND s.expires_at > now()), \
        coalesce(a.storage_bytes, 0), coalesce(a.vaults, 0), coalesce(a.devices, 0), \
-       coalesce(a.backups, 0) \
+       coalesce(a.backups, 0), u.totp_confirmed_at IS NOT NULL \
      FROM keepd.users u LEFT JOIN keepd.account_usage a ON a.user_id = u.id";
 
 /// A page of accounts in id order, after `$1` (nil for the first).
@@ -269,6 +295,9 @@ pub struct Summary {
     pub disabled_at: Option<String>,
     pub live_sessions: u64,
     pub usage: super::usage::Usage,
+    /// A confirmed second factor (TOTP).
+    #[serde(default)]
+    pub second_factor: bool,
 }
 
 fn summary(row: &tokio_postgres::Row) -> Summary {
@@ -285,6 +314,7 @@ fn summary(row: &tokio_postgres::Row) -> Summary {
             devices: small(6),
             backups: small(7),
         },
+        second_factor: row.get(8),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod invites;
 pub mod logs;
 pub mod opaque_logins;
+pub mod second_factor;
 pub mod throttle;
 pub mod usage;
 pub mod vaults;

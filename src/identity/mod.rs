@@ -18,6 +18,8 @@ use zeroize::Zeroizing;
 
 use crate::fsutil;
 
+pub mod protection;
+
 const MAGIC_LINE: &str = "keepd-identity: v1";
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,41 @@ pub enum IdentityError {
     Exposed { path: PathBuf, mode: u32 },
     #[error("cannot gather randomness for a new identity key: {0}")]
     Entropy(String),
+    #[error(
+        "a plaintext identity key {plain} lies beside the identity kept as {protection} \
+         (node.identity): check that both name the same node (`keepd status`), then delete \
+         the plaintext file; keepd will not run with both"
+    )]
+    PlaintextBeside {
+        plain: PathBuf,
+        protection: &'static str,
+    },
+    #[error(
+        "node.identity names no protection: set node.identity.passphrase_file or \
+         node.identity.credential, then run it again"
+    )]
+    NotProtected,
+    #[error("node.identity.passphrase_file {file}: {reason}")]
+    Passphrase { file: PathBuf, reason: String },
+    #[error(
+        "node.identity.credential {path} does not give the identity: {reason}; keepd never \
+         falls back to a plaintext key"
+    )]
+    Credential { path: PathBuf, reason: String },
+}
+
+impl IdentityError {
+    /// A setting that cannot work as written (exit 2): the protection the
+    /// configuration names cannot open the key.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::PlaintextBeside { .. }
+                | IdentityError::NotProtected
+                | IdentityError::Passphrase { .. }
+                | IdentityError::Credential { .. }
+        )
+    }
 }
 
 /// A short, stable, lowercase-hex name for this node (first 8 bytes of the
@@ -156,7 +193,13 @@ impl NodeIdentity {
             });
         }
         let bytes = Zeroizing::new(std::fs::read(path).map_err(read_err)?);
-        NodeIdentity::parse(&bytes).map_err(|problem| match problem {
+        NodeIdentity::from_text(&bytes, path)
+    }
+
+    /// The identity a key file's text holds; `path` names where it came
+    /// from in errors.
+    fn from_text(bytes: &[u8], path: &Path) -> Result<NodeIdentity, IdentityError> {
+        NodeIdentity::parse(bytes).map_err(|problem| match problem {
             ParseProblem::Foreign => IdentityError::Foreign {
                 path: path.to_owned(),
             },
@@ -168,11 +211,16 @@ impl NodeIdentity {
     }
 
     fn create(path: &Path) -> Result<NodeIdentity, IdentityError> {
-        let mut seed = Zeroizing::new([0u8; 32]);
-        getrandom::fill(seed.as_mut()).map_err(|e| IdentityError::Entropy(e.to_string()))?;
-        let identity = NodeIdentity::from_seed(&seed);
+        let identity = NodeIdentity::generate()?;
         identity.write_new(path)?;
         Ok(identity)
+    }
+
+    /// A new identity, in memory only.
+    fn generate() -> Result<NodeIdentity, IdentityError> {
+        let mut seed = Zeroizing::new([0u8; 32]);
+        getrandom::fill(seed.as_mut()).map_err(|e| IdentityError::Entropy(e.to_string()))?;
+        Ok(NodeIdentity::from_seed(&seed))
     }
 
     /// Writes this identity to `path` (0600, parent 0700); an existing file
