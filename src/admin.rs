@@ -374,6 +374,25 @@ pub async fn cluster(
     Ok(crate::cluster::members(&mut client).await?)
 }
 
+/// `keepd keys status`: every key keepd holds or derives, with its
+/// version, age and schedule. The cluster's founding is read from the
+/// database when it answers; without it that age is unknown.
+pub async fn keys_status(config: &Config) -> Result<Vec<crate::keys::KeyStatus>, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let founded = match Layout::of(config).cluster_pin().exists() {
+        true => {
+            let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-keys")?;
+            match endpoint.connect().await {
+                Ok(client) => crate::keys::cluster_founded(&client).await,
+                Err(_) => None,
+            }
+        }
+        false => None,
+    };
+    let facts = crate::keys::facts(config, &credentials, founded);
+    Ok(crate::keys::statuses(&facts, crate::keys::now()))
+}
+
 /// `keepd report`: the security report, measured now.
 pub async fn report(config: &Config) -> Result<Report, AdminError> {
     let (identity, credentials) = unseal(config)?;

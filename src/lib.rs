@@ -16,6 +16,7 @@ pub mod edge;
 pub mod field_crypto;
 pub mod fsutil;
 pub mod identity;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod opaque;

@@ -119,6 +119,12 @@ enum Command {
         #[command(subcommand)]
         command: RecoveryCommand,
     },
+    /// Every key keepd holds or derives: version, age, policy, next renewal.
+    #[command(after_help = help!("keepd keys status", "keepd keys status --json"))]
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// The node identity key at rest (node.identity).
     #[command(after_help = help!(
         "keepd identity protect",
@@ -316,6 +322,18 @@ enum ClusterCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// List every key: the identity, the cluster root and what derives
+    /// from it, field keys, login roles, the superuser password, the
+    /// backup passphrase, the TLS CA and certificates.
+    #[command(after_help = help!("keepd keys status", "keepd keys status --json"))]
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum IdentityCommand {
     /// Move the plaintext identity.key into the protection node.identity
     /// names (a passphrase or a systemd encrypted credential), check that
@@ -482,6 +500,9 @@ fn main() -> ExitCode {
         Command::Identity {
             command: IdentityCommand::Protect { with_key },
         } => protect_identity(&config, &with_key),
+        Command::Keys {
+            command: KeysCommand::Status { json },
+        } => keys_status(&config, json),
         Command::Account { command } => account(&config, command),
         Command::Cluster { command } => cluster(&config, command),
         Command::Backup { command } => backup(&config, command),
@@ -972,6 +993,16 @@ fn service(
     }
     service::apply(&steps)?;
     println!("done: {} steps", steps.len());
+    Ok(())
+}
+
+fn keys_status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let keys = runtime()?.block_on(keepd::admin::keys_status(config))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&keys)?);
+    } else {
+        print!("{}", keepd::keys::table(&keys));
+    }
     Ok(())
 }
 

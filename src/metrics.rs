@@ -47,6 +47,11 @@ struct Cap {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Key {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Build {
     version: &'static str,
 }
@@ -58,6 +63,8 @@ type Count = Gauge<u64, AtomicU64>;
 pub struct Metrics {
     registry: Registry,
     requests: Family<Request, Counter>,
+    key_created: Family<Key, Count>,
+    key_max_age: Family<Key, Count>,
     latency: Family<Route, Histogram, fn() -> Histogram>,
     /// Responses by status class, every path included.
     responses: Family<Class, Counter>,
@@ -99,6 +106,8 @@ impl Default for Metrics {
         let metrics = Metrics {
             registry: Registry::default(),
             requests: Family::default(),
+            key_created: Family::default(),
+            key_max_age: Family::default(),
             latency: Family::new_with_constructor(latency),
             responses: Family::default(),
             refused: Family::default(),
@@ -264,8 +273,34 @@ impl Metrics {
         ] {
             r.register(name, help, gauge.clone());
         }
+        r.register(
+            "keepd_key_created_timestamp_seconds",
+            "When each key keepd holds or derives was made, unix seconds (keepd keys status)",
+            self.key_created.clone(),
+        );
+        r.register(
+            "keepd_key_max_age_seconds",
+            "How old a key on a schedule may grow before its policy renews it",
+            self.key_max_age.clone(),
+        );
         r.register_collector(Box::new(ProcessCollector));
         self
+    }
+
+    /// Every key's making and, where it is on a schedule, its largest age;
+    /// keys that are gone (a retired login role) leave the gauges.
+    pub fn set_keys(&self, keys: &[crate::keys::KeyStatus]) {
+        self.key_created.clear();
+        self.key_max_age.clear();
+        for k in keys {
+            let label = Key { key: k.key.clone() };
+            if let Some(made) = k.created_at {
+                self.key_created.get_or_create(&label).set(made);
+            }
+            if let Some(max) = k.max_age() {
+                self.key_max_age.get_or_create(&label).set(max);
+            }
+        }
     }
 
     /// One answered request; `route` is the route template, never the raw

@@ -181,6 +181,7 @@ fn sign_crl(
 /// What a certificate says about itself, for renewal decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validity {
+    pub not_before: u64,
     pub not_after: u64,
     pub issuer: String,
     pub subject: String,
@@ -193,6 +194,7 @@ pub fn validity(cert_pem: &str) -> Option<Validity> {
     let cert = x509_cert::Certificate::from_der(der.as_ref()).ok()?;
     let tbs = cert.tbs_certificate;
     Some(Validity {
+        not_before: tbs.validity.not_before.to_unix_duration().as_secs(),
         not_after: tbs.validity.not_after.to_unix_duration().as_secs(),
         issuer: tbs.issuer.to_string(),
         subject: tbs.subject.to_string(),

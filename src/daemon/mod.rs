@@ -17,6 +17,7 @@ pub mod control;
 mod credentials;
 mod error;
 pub mod janitor;
+mod keys;
 mod listeners;
 pub mod notify;
 mod policy;

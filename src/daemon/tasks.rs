@@ -11,6 +11,7 @@ use tracing::{error, info};
 
 use super::backups::BackupSchedule;
 use super::janitor::Janitor;
+use super::keys::KeyGauges;
 use super::reencrypt::Reencryption;
 use super::renewal::CertificateRenewal;
 use super::rotator::Rotator;
@@ -49,6 +50,8 @@ pub(super) struct Wiring {
     pub superuser: Endpoint,
     pub metrics: Arc<Metrics>,
     pub node_id: String,
+    pub identity: Arc<crate::identity::NodeIdentity>,
+    pub credentials: crate::secrets::store::CredentialStore,
 }
 
 /// `/metrics` on its own listener (`api.metrics_listen`).
@@ -86,6 +89,8 @@ pub(super) struct Tasks {
     backups: Option<JoinHandle<()>>,
     renewal: Option<JoinHandle<()>>,
     cert_watch: Option<JoinHandle<()>>,
+    /// The `keepd_key_*` gauges.
+    keys: JoinHandle<()>,
 }
 
 /// What serving keeps once the tasks run: the node, the superuser (for
@@ -164,6 +169,10 @@ impl BroughtUp {
             superuser: superuser.clone(),
             metrics,
             node_id: node.node_id.clone(),
+            identity: node.identity.clone(),
+            credentials: crate::secrets::store::CredentialStore::new(
+                node.layout.credentials().to_owned(),
+            ),
         };
         let serving = Serving {
             node,
@@ -239,6 +248,16 @@ impl Tasks {
             cert_watch: w
                 .api_cert
                 .map(|cert| tokio::spawn(cert.watch(std::time::Duration::from_secs(5), stop()))),
+            keys: tokio::spawn(
+                KeyGauges {
+                    config: config.clone(),
+                    identity: w.identity,
+                    credentials: w.credentials,
+                    superuser: superuser.clone(),
+                    metrics: w.metrics.clone(),
+                }
+                .run(stop()),
+            ),
         })
     }
 
@@ -261,7 +280,8 @@ impl Tasks {
             self.reencrypt,
             self.janitor,
             self.events,
-            self.heartbeat
+            self.heartbeat,
+            self.keys
         );
         if let Some(task) = self.backups {
             task.abort();

@@ -157,3 +157,84 @@ fn an_identity_moved_into_a_systemd_credential_leaves_no_plaintext() {
     assert_eq!(code, 2, "{said}");
     assert!(said.contains("plaintext identity key"), "{said}");
 }
+
+/// `keepd keys status` lists every key a running node holds, with ages
+/// and schedules that match what the node did.
+#[test]
+fn keys_status_lists_every_key_with_its_age_and_schedule() {
+    // HTTPS: the API certificate is listed too (the internal CA only where
+    // Postgres is reached over TCP).
+    let node =
+        TestNode::with_https(serde_json::json!({"credentials": {"rotation_interval": "48h"}}));
+    let daemon = node.start_healthy();
+    let out = node
+        .command(&["keys", "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let key = |name: &str| {
+        keys.iter()
+            .find(|k| k["key"].as_str().is_some_and(|n| n.starts_with(name)))
+            .unwrap_or_else(|| panic!("no {name} in {keys:?}"))
+            .clone()
+    };
+    for name in [
+        "identity",
+        "cluster root",
+        "token key",
+        "email HMAC key",
+        "OPAQUE setup",
+        "field key v1",
+        "login role v1 (active)",
+        "superuser password",
+        "API certificate",
+    ] {
+        key(name);
+    }
+    // Made moments ago, by this start.
+    for name in ["identity", "cluster root", "login role v1"] {
+        let age = key(name)["ageSeconds"].as_u64().unwrap();
+        assert!(age < 600, "{name}: {age}");
+    }
+    let role = key("login role v1");
+    assert_eq!(
+        role["nextRotation"].as_u64().unwrap(),
+        role["createdAt"].as_u64().unwrap() + 48 * 3600,
+        "credentials.rotation_interval after it was made"
+    );
+    assert_eq!(
+        key("cluster root")["version"].as_str().unwrap().len(),
+        16,
+        "the pinned fingerprint, shortened"
+    );
+    let text = node.command(&["keys", "status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("KEY"), "{text}");
+    assert!(
+        text.contains("every 2d (credentials.rotation_interval)"),
+        "{text}"
+    );
+    let api = key("API certificate");
+    assert!(api["nextRotation"].as_u64().unwrap() > api["createdAt"].as_u64().unwrap());
+    // The same, as gauges for the KeepdKeyOlderThanPolicy alert.
+    let wanted = r#"keepd_key_max_age_seconds{key="login role v1 (active)"} 172800"#;
+    let scraped = common::wait_until(Duration::from_secs(10), || {
+        let text = daemon.metrics();
+        text.contains(wanted).then_some(text)
+    });
+    let text = scraped.unwrap_or_else(|| daemon.metrics());
+    assert!(text.contains(wanted), "{text}");
+    assert!(
+        text.contains(&format!(
+            r#"keepd_key_created_timestamp_seconds{{key="login role v1 (active)"}} {}"#,
+            role["createdAt"]
+        )),
+        "{text}"
+    );
+    stop(daemon);
+}

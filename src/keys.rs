@@ -1,0 +1,342 @@
+//! Every key keepd holds or derives, as `keepd keys status` and the
+//! `keepd_key_*` gauges show it: its version, when it was made, how it is
+//! renewed and when next. `facts` reads what the files and db.enc say
+//! (never a key's value); `statuses` is pure.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::{Config, Layout};
+use crate::identity::protection::IdentityStore;
+use crate::secrets::store::{CredentialStatus, Credentials};
+
+/// One key's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    pub key: String,
+    /// A version, an algorithm or a fingerprint: what tells two
+    /// generations apart.
+    pub version: String,
+    /// When it was made (seconds since the epoch), where keepd knows.
+    pub created_at: Option<u64>,
+    pub age_seconds: Option<u64>,
+    /// How it is renewed.
+    pub policy: String,
+    /// When it is next renewed (seconds since the epoch), where it is on
+    /// a schedule.
+    pub next_rotation: Option<u64>,
+}
+
+/// What `admin::keys_status` found.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFacts {
+    /// How the identity is kept, and when its file was written.
+    pub identity: (String, Option<u64>),
+    /// The pinned cluster root's fingerprint and the cluster's founding.
+    pub cluster: Option<(String, Option<u64>)>,
+    pub field_key_version: u32,
+    /// (version, made, active) of each login role keepd holds.
+    pub login_roles: Vec<(u32, u64, bool)>,
+    pub rotation_interval_seconds: u64,
+    pub backup_passphrase: bool,
+    /// (name, not before, not after, renewed this long before expiry).
+    pub certificates: Vec<(String, u64, u64, Option<u64>)>,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    seconds(SystemTime::now()).unwrap_or(0)
+}
+
+fn seconds(t: SystemTime) -> Option<u64> {
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+fn written(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(seconds)
+}
+
+/// When the cluster was founded: its first member's admission.
+pub async fn cluster_founded(superuser: &tokio_postgres::Client) -> Option<u64> {
+    superuser
+        .query_one(
+            "SELECT extract(epoch FROM min(admitted_at))::int8 FROM keepd.cluster_members",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|row| row.get::<_, Option<i64>>(0))
+        .and_then(|s| u64::try_from(s).ok())
+}
+
+/// What the configuration, the state directory and `credentials` say of
+/// every key; `founded` is the cluster's founding where it was read.
+pub fn facts(config: &Config, credentials: &Credentials, founded: Option<u64>) -> KeyFacts {
+    let identities = IdentityStore::of(config);
+    let layout = Layout::of(config);
+    let cluster = std::fs::read_to_string(layout.cluster_pin())
+        .ok()
+        .map(|pin| (pin.trim().to_string(), founded));
+    let mut certificates = Vec::new();
+    let renew = Some(crate::pki::RENEW_BEFORE.as_secs());
+    for (name, file) in [
+        ("internal CA", "ca.crt"),
+        ("Postgres server certificate", "server.crt"),
+    ] {
+        if let Some(v) = std::fs::read_to_string(layout.pki_dir().join(file))
+            .ok()
+            .and_then(|pem| crate::pki::validity(&pem))
+        {
+            certificates.push((name.to_string(), v.not_before, v.not_after, renew));
+        }
+    }
+    if let Some(tls) = &config.api.tls
+        && let Ok(cert) = crate::edge::ApiCertificate::load(tls)
+    {
+        let info = cert.info();
+        certificates.push((
+            "API certificate".into(),
+            info.not_before,
+            info.not_after,
+            None,
+        ));
+    }
+    KeyFacts {
+        identity: (
+            identities.protection().describe().to_string(),
+            written(identities.path()),
+        ),
+        cluster,
+        field_key_version: config.encryption_at_rest.application.key_version,
+        login_roles: credentials
+            .login_roles
+            .iter()
+            .filter(|c| c.password.is_some())
+            .map(|c| {
+                (
+                    c.version,
+                    c.created_at,
+                    c.status == CredentialStatus::Active,
+                )
+            })
+            .collect(),
+        rotation_interval_seconds: config.credentials.rotation_interval.get().as_secs(),
+        backup_passphrase: credentials.backup_passphrase.is_some(),
+        certificates,
+    }
+}
+
+impl KeyStatus {
+    /// How old it may grow before its policy renews it, where it is on a
+    /// schedule.
+    pub fn max_age(&self) -> Option<u64> {
+        Some(self.next_rotation?.saturating_sub(self.created_at?))
+    }
+
+    fn new(key: impl Into<String>, version: impl Into<String>, created_at: Option<u64>) -> Self {
+        KeyStatus {
+            key: key.into(),
+            version: version.into(),
+            created_at,
+            age_seconds: None,
+            policy: String::new(),
+            next_rotation: None,
+        }
+    }
+
+    fn policy(mut self, policy: impl Into<String>, next: Option<u64>) -> Self {
+        self.policy = policy.into();
+        self.next_rotation = next;
+        self
+    }
+}
+
+/// Every key, from `facts`, aged at `now`.
+pub fn statuses(facts: &KeyFacts, now: u64) -> Vec<KeyStatus> {
+    let (protection, identity_made) = &facts.identity;
+    let mut keys =
+        vec![KeyStatus::new("identity", "ed25519", *identity_made).policy(
+        format!("never rotated (everything this node seals is sealed to it); kept as {protection}"),
+        None,
+    )];
+    if let Some((fingerprint, founded)) = &facts.cluster {
+        let short: String = fingerprint.chars().take(16).collect();
+        keys.push(
+            KeyStatus::new("cluster root", short.clone(), *founded)
+                .policy("not rotated yet: made when the cluster was founded", None),
+        );
+        for derived in [
+            "token key",
+            "email HMAC key",
+            "audit identifier key",
+            "OPAQUE setup",
+        ] {
+            keys.push(KeyStatus::new(derived, short.clone(), *founded).policy(
+                "derived from the cluster root (HKDF): changes with it",
+                None,
+            ));
+        }
+    }
+    keys.push(
+        KeyStatus::new(
+            format!("field key v{}", facts.field_key_version),
+            facts.field_key_version.to_string(),
+            None,
+        )
+        .policy(
+            "by hand: raise encryption_at_rest.application.key_version (old values are \
+             re-encrypted in the background)",
+            None,
+        ),
+    );
+    for (version, made, active) in &facts.login_roles {
+        let next = active.then(|| made + facts.rotation_interval_seconds);
+        let state = if *active { "active" } else { "retiring" };
+        keys.push(
+            KeyStatus::new(
+                format!("login role v{version} ({state})"),
+                version.to_string(),
+                Some(*made),
+            )
+            .policy(
+                format!(
+                    "every {} (credentials.rotation_interval), with no failed request",
+                    human(facts.rotation_interval_seconds)
+                ),
+                next,
+            ),
+        );
+    }
+    keys.push(
+        KeyStatus::new("superuser password", "1", None)
+            .policy("not rotated yet: made at the node's first start", None),
+    );
+    if facts.backup_passphrase {
+        keys.push(
+            KeyStatus::new("backup repository passphrase", "1", None).policy(
+                "not rotated: pgBackRest cannot re-key a repository in place",
+                None,
+            ),
+        );
+    }
+    for (name, not_before, not_after, renew_before) in &facts.certificates {
+        let (policy, next) = match renew_before {
+            Some(before) => (
+                format!("renewed by keepd {} before it expires", human(*before)),
+                Some(not_after.saturating_sub(*before)),
+            ),
+            None => (
+                "the operator's: replaced on disk, reloaded by keepd".to_string(),
+                Some(*not_after),
+            ),
+        };
+        keys.push(
+            KeyStatus::new(
+                name.clone(),
+                format!("expires {}", date(*not_after)),
+                Some(*not_before),
+            )
+            .policy(policy, next),
+        );
+    }
+    for key in &mut keys {
+        key.age_seconds = key.created_at.map(|made| now.saturating_sub(made));
+    }
+    keys
+}
+
+fn human(seconds: u64) -> String {
+    match seconds {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
+}
+
+fn date(seconds: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(seconds as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!("[year]-[month]-[day]"))
+                .ok()
+        })
+        .unwrap_or_else(|| seconds.to_string())
+}
+
+/// The table `keepd keys status` prints.
+pub fn table(keys: &[KeyStatus]) -> String {
+    let mut out = format!(
+        "{:<34}  {:<18}  {:>8}  {:<12}  {}\n",
+        "KEY", "VERSION", "AGE", "NEXT", "POLICY"
+    );
+    for k in keys {
+        let age = k
+            .age_seconds
+            .map_or("unknown".to_string(), |s| format!("{}d", s / 86_400));
+        let next = k.next_rotation.map_or("-".to_string(), date);
+        out.push_str(&format!(
+            "{:<34}  {:<18}  {:>8}  {:<12}  {}\n",
+            k.key, k.version, age, next, k.policy
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_listed_with_its_schedule() {
+        let day = 86_400;
+        let facts = KeyFacts {
+            identity: ("a plaintext file (mode 0600)".into(), Some(10 * day)),
+            cluster: Some(("ab".repeat(32), Some(11 * day))),
+            field_key_version: 2,
+            login_roles: vec![(3, 20 * day, true), (2, 13 * day, false)],
+            rotation_interval_seconds: 7 * day,
+            backup_passphrase: true,
+            certificates: vec![
+                ("internal CA".into(), 10 * day, 3660 * day, Some(30 * day)),
+                ("API certificate".into(), 10 * day, 100 * day, None),
+            ],
+        };
+        let keys = statuses(&facts, 21 * day);
+        let names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "identity",
+                "cluster root",
+                "token key",
+                "email HMAC key",
+                "audit identifier key",
+                "OPAQUE setup",
+                "field key v2",
+                "login role v3 (active)",
+                "login role v2 (retiring)",
+                "superuser password",
+                "backup repository passphrase",
+                "internal CA",
+                "API certificate",
+            ]
+        );
+        let active = &keys[7];
+        assert_eq!(active.age_seconds, Some(day));
+        assert_eq!(active.next_rotation, Some(27 * day), "made + 7d");
+        assert_eq!(keys[8].next_rotation, None, "a retiring one is not renewed");
+        assert_eq!(
+            keys[11].next_rotation,
+            Some(3630 * day),
+            "30 days before expiry"
+        );
+        assert_eq!(keys[1].version, "abababababababab");
+        assert!(table(&keys).lines().count() == keys.len() + 1);
+    }
+}
