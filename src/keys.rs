@@ -220,7 +220,7 @@ pub fn statuses(facts: &KeyFacts, now: u64) -> Vec<KeyStatus> {
     if facts.backup_passphrase {
         keys.push(
             KeyStatus::new("backup repository passphrase", "1", None).policy(
-                "not rotated: pgBackRest cannot re-key a repository in place",
+                "not rotated: pgBackRest cannot re-key a repository in place (docs/operations.md)",
                 None,
             ),
         );

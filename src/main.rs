@@ -512,7 +512,14 @@ fn main() -> ExitCode {
             target,
             docker,
             dry_run,
-        } => service(&cli.config, command, target, docker, dry_run),
+        } => service(
+            &cli.config,
+            config.node.identity.credential.as_deref(),
+            command,
+            target,
+            docker,
+            dry_run,
+        ),
         Command::Psql { role, args } => match keepd::admin::psql(&config, role.as_deref(), &args) {
             // keepd's codes, not psql's: its 2 (cannot connect) is a
             // runtime failure here, where 2 means a usage error.
@@ -958,6 +965,7 @@ fn rotate(config: &Config) -> anyhow::Result<()> {
 
 fn service(
     config_path: &Path,
+    identity_credential: Option<&Path>,
     command: ServiceCommand,
     target: Option<keepd::service::Target>,
     docker: bool,
@@ -975,13 +983,20 @@ fn service(
                     if docker {
                         print!("\n{}", service::systemd_docker_dropin());
                     }
+                    if let Some(credential) = identity_credential {
+                        print!("\n{}", service::systemd_identity_dropin(credential));
+                    }
                 }
                 Target::Launchd => print!("{}", service::launchd_plist(&binary, &config)),
             }
             return Ok(());
         }
         ServiceCommand::Install => {
-            service::install_steps(target, &binary, &config, docker, &documentation())
+            let units = service::Units {
+                docker,
+                identity_credential,
+            };
+            service::install_steps(target, &binary, &config, units, &documentation())
         }
         ServiceCommand::Uninstall => service::uninstall_steps(target, &documentation()),
     };

@@ -12,6 +12,7 @@ const SYSTEMD_DOCKER_DROPIN: &str = include_str!("../systemd/keepd-docker.conf")
 
 const UNIT_PATH: &str = "/etc/systemd/system/keepd.service";
 const DROPIN_PATH: &str = "/etc/systemd/system/keepd.service.d/docker.conf";
+const IDENTITY_DROPIN_PATH: &str = "/etc/systemd/system/keepd.service.d/identity.conf";
 const PLIST_PATH: &str = "/Library/LaunchDaemons/dev.keepd.plist";
 
 /// Where an install from the binary puts its manual pages and completions
@@ -106,6 +107,29 @@ pub fn systemd_docker_dropin() -> &'static str {
     SYSTEMD_DOCKER_DROPIN
 }
 
+/// The drop-in that hands keepd its identity from an encrypted credential
+/// (`node.identity.credential`): systemd decrypts it at each start into
+/// the service's private, in-memory credentials directory.
+pub fn systemd_identity_dropin(credential: &Path) -> String {
+    format!(
+        "# keepd's identity key, a systemd encrypted credential (node.identity.credential,\n\
+         # made by `keepd identity protect`).\n\
+         [Service]\n\
+         LoadCredentialEncrypted={}:{}\n",
+        crate::identity::protection::CREDENTIAL_NAME,
+        credential.display()
+    )
+}
+
+/// The drop-ins an install adds to the unit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Units<'a> {
+    /// The docker provider's (`systemd/keepd-docker.conf`).
+    pub docker: bool,
+    /// `node.identity.credential`, when the identity is one.
+    pub identity_credential: Option<&'a Path>,
+}
+
 fn xml(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -184,7 +208,7 @@ pub fn install_steps(
     target: Target,
     binary: &Path,
     config: &Path,
-    docker: bool,
+    units: Units<'_>,
     docs: &Documentation,
 ) -> Vec<Step> {
     // The documentation last: a failed step leaves none of it behind.
@@ -205,10 +229,16 @@ pub fn install_steps(
                     contents: systemd_unit(binary, config),
                 },
             ];
-            if docker {
+            if units.docker {
                 steps.push(Step::Write {
                     path: DROPIN_PATH.into(),
                     contents: systemd_docker_dropin().into(),
+                });
+            }
+            if let Some(credential) = units.identity_credential {
+                steps.push(Step::Write {
+                    path: IDENTITY_DROPIN_PATH.into(),
+                    contents: systemd_identity_dropin(credential),
                 });
             }
             steps.push(run("systemctl", &["daemon-reload"]));
@@ -234,6 +264,9 @@ pub fn uninstall_steps(target: Target, docs: &Documentation) -> Vec<Step> {
             run("systemctl", &["disable", "--now", "keepd.service"]),
             Step::Remove {
                 path: DROPIN_PATH.into(),
+            },
+            Step::Remove {
+                path: IDENTITY_DROPIN_PATH.into(),
             },
             Step::Remove {
                 path: UNIT_PATH.into(),
@@ -321,11 +354,15 @@ mod tests {
             man_pages: vec![("keepd.1".into(), ".TH keepd 1".into())],
             completions: vec![("bash", "complete -F _keepd keepd".into())],
         };
+        let units = Units {
+            docker: true,
+            identity_credential: Some(Path::new("/etc/credstore.encrypted/keepd-identity")),
+        };
         let steps = install_steps(
             Target::Systemd,
             Path::new("/b"),
             Path::new("/c"),
-            true,
+            units,
             &docs,
         );
         let writes = |target: &str| {
@@ -334,6 +371,9 @@ mod tests {
                 .any(|s| matches!(s, Step::Write { path, .. } if path == Path::new(target)))
         };
         assert!(writes(DROPIN_PATH));
+        assert!(steps.iter().any(|s| matches!(s, Step::Write { path, contents }
+            if path == Path::new(IDENTITY_DROPIN_PATH)
+                && contents.contains("\nLoadCredentialEncrypted=keepd-identity:/etc/credstore.encrypted/keepd-identity\n"))));
         assert!(writes("/usr/local/share/man/man1/keepd.1"));
         assert!(writes("/usr/local/share/bash-completion/completions/keepd"));
         let removed = uninstall_steps(Target::Systemd, &docs);
