@@ -119,6 +119,14 @@ impl Api {
             .ok_or_else(|| OperatorError::NotFound(account.clone()))
     }
 
+    /// An account with the quotas it is held to.
+    fn view(&self, account: Summary) -> AccountView {
+        AccountView {
+            account,
+            quotas: Usage::from(&self.settings.quotas),
+        }
+    }
+
     async fn operator_audit(
         &self,
         tx: &mut ScopedTransaction,
@@ -157,10 +165,7 @@ impl Api {
         let tx = self.operator_tx().await?;
         let account = self.resolve(&tx, account).await?;
         tx.commit().await?;
-        Ok(AccountView {
-            account,
-            quotas: Usage::from(&self.settings.quotas),
-        })
+        Ok(self.view(account))
     }
 
     /// Disables (ending its sessions: its tokens stop working at once) or
@@ -188,10 +193,7 @@ impl Api {
             .await?;
         let account = self.resolve(&tx, &AccountRef::Id(found.id)).await?;
         tx.commit().await?;
-        Ok(AccountView {
-            account,
-            quotas: Usage::from(&self.settings.quotas),
-        })
+        Ok(self.view(account))
     }
 
     /// Erases the account and everything it stored, as `DELETE /account`
@@ -245,10 +247,7 @@ impl Api {
         .await?;
         let account = self.resolve(&tx, &AccountRef::Id(found.id)).await?;
         tx.commit().await?;
-        Ok(AccountView {
-            account,
-            quotas: Usage::from(&self.settings.quotas),
-        })
+        Ok(self.view(account))
     }
 
     /// A single-use invite code for `POST /auth/register`.
