@@ -13,6 +13,12 @@
 //! the time from sending a push to the watcher's event for it bounds the
 //! time from commit to event from above.
 //!
+//! `--logins N` measures logins instead: N on the password route and N
+//! with OPAQUE, `--clients` at a time, each on its own account's right
+//! password; it prints each method's logins/s and pauses between the two
+//! (a line `logins: <method> done` on stdout) so that scripts/bench.sh can
+//! read the server's CPU time around each.
+//!
 //! The account it creates needs two auth attempts (register, login).
 
 use std::net::SocketAddr;
@@ -38,6 +44,9 @@ struct Args {
     /// a push, over this many pushes one after another.
     #[arg(long, value_name = "PUSHES")]
     events: Option<usize>,
+    /// Instead of the scenarios: this many logins by each method.
+    #[arg(long, value_name = "LOGINS")]
+    logins: Option<usize>,
 }
 
 const PUSH_BATCH: usize = 50;
@@ -205,9 +214,69 @@ async fn verify(client: &SyncClient, vaults: &[String], scenario: &Scenario, ack
     );
 }
 
+/// `count` logins with `method`, `clients` at a time, each on one of the
+/// accounts in `emails`; the seconds they took.
+async fn logins(addr: SocketAddr, emails: &[String], method: &str, count: usize) -> f64 {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = emails
+        .iter()
+        .cloned()
+        .map(|email| {
+            let (next, method) = (next.clone(), method.to_string());
+            tokio::spawn(async move {
+                let mut client = SyncClient::new(addr);
+                while next.fetch_add(1, Ordering::Relaxed) < count as u64 {
+                    let done = match method.as_str() {
+                        "password" => client.login_with_password(&email, PASSWORD).await,
+                        _ => client.login(&email, PASSWORD).await,
+                    };
+                    done.expect("login");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("login worker");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+async fn login_throughput(args: &Args, count: usize) {
+    let mut by_method = Vec::new();
+    for method in ["password", "opaque"] {
+        let mut emails = Vec::new();
+        for _ in 0..args.clients {
+            let email = format!("loadgen-{}@example.org", uuid::Uuid::new_v4());
+            let client = SyncClient::new(args.addr);
+            match method {
+                "password" => client.register_with_password(&email, PASSWORD).await,
+                _ => client.register(&email, PASSWORD).await,
+            }
+            .expect("register");
+            emails.push(email);
+        }
+        println!("logins: {method} start");
+        let secs = logins(args.addr, &emails, method, count).await;
+        println!("logins: {method} done");
+        by_method.push((method, secs));
+    }
+    for (method, secs) in by_method {
+        println!(
+            "logins: {method}: {count} in {secs:.2} s, {:.1}/s ({} clients)",
+            count as f64 / secs,
+            args.clients
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(count) = args.logins {
+        login_throughput(&args, count).await;
+        return;
+    }
     let email = format!("loadgen-{}@example.org", uuid::Uuid::new_v4());
     let mut client = SyncClient::new(args.addr);
     client.register(&email, PASSWORD).await.expect("register");
