@@ -390,7 +390,7 @@ pub async fn keys_status(config: &Config) -> Result<Vec<crate::keys::KeyStatus>,
         false => None,
     };
     let facts = crate::keys::facts(config, &credentials, founded);
-    Ok(crate::keys::statuses(&facts, crate::keys::now()))
+    Ok(crate::keys::statuses(&facts, crate::clock::unix_now()))
 }
 
 /// `keepd report`: the security report, measured now.

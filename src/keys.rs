@@ -4,7 +4,6 @@
 //! (never a key's value); `statuses` is pure.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -46,20 +45,11 @@ pub struct KeyFacts {
     pub certificates: Vec<(String, u64, u64, Option<u64>)>,
 }
 
-/// Seconds since the epoch.
-pub fn now() -> u64 {
-    seconds(SystemTime::now()).unwrap_or(0)
-}
-
-fn seconds(t: SystemTime) -> Option<u64> {
-    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
-}
-
 fn written(path: &Path) -> Option<u64> {
     std::fs::metadata(path)
         .and_then(|m| m.modified())
         .ok()
-        .and_then(seconds)
+        .map(crate::clock::unix_seconds)
 }
 
 /// When the cluster was founded: its first member's admission.

@@ -6,7 +6,7 @@
 //! (`Api::reserve_attempt`), so guessing is throttled as passwords are.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -24,6 +24,7 @@ use super::opaque::OpaqueProofFields;
 use super::store::accounts;
 use super::store::{second_factor as store, throttle};
 use crate::audit::AuditAction;
+use crate::clock::unix_now;
 use crate::postgres::pool::{GroupRole, ScopedTransaction};
 use crate::second_factor::{self as totp, CodeError};
 use crate::secrets::values::SecretString;
@@ -69,12 +70,6 @@ fn code_error(e: CodeError) -> ApiError {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// What a check of the second factor found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proved {
@@ -100,7 +95,8 @@ impl Api {
             return Ok(Proved::NotEnrolled);
         };
         if let Some(code) = &given.totp_code {
-            let step = totp::check(&enrolment.secret, code.trim(), now()).map_err(code_error)?;
+            let step =
+                totp::check(&enrolment.secret, code.trim(), unix_now()).map_err(code_error)?;
             return match step {
                 Some(step) if store::take_step(tx, user, step).await? => Ok(Proved::Yes),
                 _ => Err(invalid_second_factor()),
@@ -280,7 +276,8 @@ pub(super) async fn confirm(
              until it is turned off)",
         ));
     };
-    let step = totp::check(&enrolment.secret, body.totp_code.trim(), now()).map_err(code_error)?;
+    let step =
+        totp::check(&enrolment.secret, body.totp_code.trim(), unix_now()).map_err(code_error)?;
     match step {
         Some(step) if store::take_step(&tx, auth.user, step).await? => {}
         _ => return Err(invalid_second_factor()),

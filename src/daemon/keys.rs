@@ -39,7 +39,8 @@ impl KeyGauges {
                 Ok(Some((credentials, _))) => {
                     failing = false;
                     let facts = keys::facts(&self.config, &credentials, founded);
-                    self.metrics.set_keys(&keys::statuses(&facts, keys::now()));
+                    self.metrics
+                        .set_keys(&keys::statuses(&facts, crate::clock::unix_now()));
                 }
                 Ok(None) => {}
                 Err(e) => {
