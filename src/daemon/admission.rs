@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use super::listeners::serving;
+use super::signals::Signals;
 use super::{DaemonError, Provisioned};
 use crate::api;
 use crate::cluster::{self, ClusterKey, Membership};
@@ -25,6 +25,7 @@ impl Provisioned {
         &self,
         socket: &std::net::TcpListener,
         field_versions: u32,
+        signals: &mut Signals,
     ) -> Result<ClusterKey, DaemonError> {
         let node = &self.node;
         let (stop, shutdown) = shutdown::channel();
@@ -54,13 +55,10 @@ impl Provisioned {
         );
         node.notifier
             .status("waiting to be admitted to the cluster");
-        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
         let outcome = loop {
             tokio::select! {
                 _ = tokio::time::sleep(ADMISSION_POLL) => {}
-                _ = term.recv() => break Err(DaemonError::NotAdmitted),
-                _ = int.recv() => break Err(DaemonError::NotAdmitted),
+                _ = signals.stop() => break Err(DaemonError::NotAdmitted),
             }
             let joined = async {
                 let mut client = self

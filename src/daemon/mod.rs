@@ -8,7 +8,9 @@
 //! component builds itself from its own section of the configuration
 //! (`Janitor::new`, `BackupSchedule::new`, `ApiSettings::new`,
 //! `EdgeSettings::new`, ...), and the steps of each stage live beside it
-//! (`bring_up`, `tasks`, `backups`, `admission`).
+//! (`bring_up`, `tasks`, `backups`, `admission`). The signals are
+//! registered first of all (`signals`), so a stop during start-up is held
+//! until keepd can stop in order.
 
 mod admission;
 pub mod backups;
@@ -26,6 +28,7 @@ pub mod reencrypt;
 pub mod reload;
 pub mod renewal;
 pub mod rotator;
+mod signals;
 mod tasks;
 
 use std::path::Path;
@@ -57,13 +60,15 @@ use crate::secrets::values::ScramVerifier;
 use crate::shutdown;
 use crate::state_lock::StateLock;
 use rotator::Rotator;
+use signals::Signals;
 use tasks::{Serving, Tasks};
 
 /// Runs until SIGTERM or SIGINT; Postgres is stopped before this returns.
 pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
+    let mut signals = Signals::register()?;
     let node = Node::open(config)?;
     let provisioned = node.provision().await?;
-    let up = match provisioned.bring_up().await {
+    let up = match provisioned.bring_up(&mut signals).await {
         // Stopping a node that was never admitted is an ordinary stop.
         Err(DaemonError::NotAdmitted) => {
             info!("keepd stopped before it was admitted to the cluster");
@@ -71,7 +76,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> 
         }
         up => up?,
     };
-    up.serve(config_path).await
+    up.serve(config_path, signals).await
 }
 
 /// Stage 1: the node's own state, before any Postgres. The edge's
@@ -215,8 +220,8 @@ struct BroughtUp {
 
 impl Provisioned {
     /// Stage 3; on failure Postgres is stopped before the error returns.
-    async fn bring_up(self) -> Result<BroughtUp, DaemonError> {
-        match self.bring_up_parts().await {
+    async fn bring_up(self, signals: &mut Signals) -> Result<BroughtUp, DaemonError> {
+        match self.bring_up_parts(signals).await {
             Ok(parts) => Ok(BroughtUp {
                 provisioned: self,
                 parts,
@@ -228,7 +233,7 @@ impl Provisioned {
         }
     }
 
-    async fn bring_up_parts(&self) -> Result<Parts, DaemonError> {
+    async fn bring_up_parts(&self, signals: &mut Signals) -> Result<Parts, DaemonError> {
         let Node {
             config,
             layout,
@@ -250,7 +255,10 @@ impl Provisioned {
         let api_socket = listeners::bind("api.listen", config.api.listen)?;
         let cluster = match joined {
             Membership::Member(key) => key,
-            Membership::Pending => self.await_admission(&api_socket, field_versions).await?,
+            Membership::Pending => {
+                self.await_admission(&api_socket, field_versions, signals)
+                    .await?
+            }
         };
         cluster::check_pin(&cluster, &layout.cluster_pin())?;
         let renew = Arc::new(Notify::new());
@@ -284,7 +292,7 @@ impl Provisioned {
 impl BroughtUp {
     /// Stage 4: serve until SIGTERM or SIGINT, then stop everything in
     /// order (the API first, Postgres last).
-    async fn serve(self, config_path: &Path) -> Result<(), DaemonError> {
+    async fn serve(self, config_path: &Path, mut signals: Signals) -> Result<(), DaemonError> {
         let (stop, shutdown) = shutdown::channel();
         let (serving, wiring) = self.wire()?;
         let Serving {
@@ -298,7 +306,7 @@ impl BroughtUp {
         let tasks = Tasks::start(config, wiring, &shutdown)?;
         node.notifier.ready();
         let api_cert = node.api_cert.as_deref();
-        let outcome = tasks::wait_for_shutdown(config_path, &renew, &mut reloader, api_cert).await;
+        tasks::wait_for_shutdown(&mut signals, config_path, &renew, &mut reloader, api_cert).await;
         info!("shutting down");
         node.notifier.stopping();
         tasks.shutdown(stop).await;
@@ -308,6 +316,6 @@ impl BroughtUp {
         let _ = std::fs::remove_file(node.layout.control_socket());
         supervisor.stop().await;
         info!("keepd stopped");
-        outcome
+        Ok(())
     }
 }

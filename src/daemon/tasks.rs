@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
@@ -15,6 +14,7 @@ use super::keys::KeyGauges;
 use super::reencrypt::Reencryption;
 use super::renewal::CertificateRenewal;
 use super::rotator::Rotator;
+use super::signals::{Request, Signals};
 use super::{
     BroughtUp, DaemonError, Node, Provisioned, bring_up, control, notify, reload, renewal,
 };
@@ -299,19 +299,19 @@ impl Tasks {
 /// Returns on SIGTERM or SIGINT. SIGHUP reloads (see `reload`) and checks
 /// the TLS certificate.
 pub(super) async fn wait_for_shutdown(
+    signals: &mut Signals,
     config_path: &Path,
     renew: &Notify,
     reloader: &mut reload::Reloader,
     api_cert: Option<&ApiCertificate>,
-) -> Result<(), DaemonError> {
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+) {
     loop {
-        tokio::select! {
-            _ = term.recv() => { info!(signal = "SIGTERM", "stop requested"); return Ok(()); }
-            _ = int.recv() => { info!(signal = "SIGINT", "stop requested"); return Ok(()); }
-            _ = hup.recv() => {
+        match signals.next().await {
+            Request::Stop(signal) => {
+                info!(signal, "stop requested");
+                return;
+            }
+            Request::Reload => {
                 info!(signal = "SIGHUP", path = %config_path.display(), "reloading the configuration");
                 reloader.reload(config_path);
                 renew.notify_one();

@@ -254,14 +254,39 @@ fn private_files_and_directories_have_tight_modes() {
     }
 }
 
+/// A stop asked for during start-up (here: while initdb or Postgres is
+/// starting) is honoured in order once keepd can stop: a clean exit and no
+/// Postgres left behind, never the signal's default action.
+#[test]
+fn a_stop_during_start_up_is_a_clean_stop() {
+    let node = TestNode::new();
+    let mut child = node
+        .command(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let starting = wait_until(Duration::from_secs(30), || {
+        node.data_dir().join("PG_VERSION").exists().then_some(())
+    });
+    assert!(starting.is_some(), "initdb never began");
+    kill(child.id() as i32, Signal::SIGTERM);
+    let status = wait_until(Duration::from_secs(60), || child.try_wait().unwrap());
+    let status = status.expect("keepd did not stop within 60 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        postgres_pids(&node.data_dir()).is_empty(),
+        "postgres outlived a stop during start-up"
+    );
+}
+
 /// A cluster runs only with the binaries of its own major version: another
 /// is never picked up silently, and the error names both and the way out.
 #[test]
 fn a_cluster_of_another_major_version_is_refused_by_name() {
     let node = TestNode::new();
     let mut daemon = node.start_healthy();
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    daemon.stop();
     let pg_version = node.data_dir().join("PG_VERSION");
     let installed = std::fs::read_to_string(&pg_version).unwrap();
     std::fs::write(&pg_version, "9\n").unwrap();
@@ -294,8 +319,7 @@ fn a_cluster_of_another_major_version_is_refused_by_name() {
 fn old_postgres_logs_are_deleted() {
     let node = TestNode::new();
     let mut daemon = node.start_healthy();
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    daemon.stop();
     let logs = node.data_dir().join("log");
     let (old, recent) = (
         logs.join("postgresql-2026-01-01.log"),

@@ -137,8 +137,7 @@ fn sd_notify_ready_after_health_then_watchdog_pings() {
         (n >= 3).then_some(n)
     });
     assert!(pings.is_some(), "{:?}", messages.lock().unwrap());
-    daemon.signal(Signal::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    daemon.stop();
     let stopping = wait_until(Duration::from_secs(2), || {
         messages
             .lock()
