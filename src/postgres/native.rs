@@ -218,6 +218,17 @@ impl PgBinaries {
     }
 }
 
+/// Whether the binaries this configuration would run carry pgAudit, as
+/// `prepare` decides it; `None` when no binaries are found (then `prepare`
+/// refuses to start anyway).
+pub fn pgaudit_installed(config: &Config) -> Option<bool> {
+    let pg = &config.database.postgres;
+    let data_dir = Layout::of(config).data_dir();
+    binaries_for(&data_dir, pg.native.bin_dir.as_deref(), pg.version)
+        .ok()
+        .map(|binaries| binaries.has_library("pgaudit"))
+}
+
 /// The binaries for the cluster in `data_dir`: of its major version
 /// (`PG_VERSION`) when it exists, never silently another; a new cluster
 /// gets the configured or newest one.
