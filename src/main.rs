@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keepd::api::operator::{AccountRef, AccountSummary, AccountView};
-use keepd::config::{Config, ConfigError, Provider};
+use keepd::config::{Config, ConfigError};
 use keepd::daemon::control::{self, Request};
 use keepd::postgres::render::{self, RenderError};
 use keepd::recovery::{self, RecoveryError};
@@ -1085,14 +1085,7 @@ fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
 }
 
 fn write_rendered(config: &Config, out: &Path) -> anyhow::Result<()> {
-    let mut inputs = render::RenderInputs::of(config);
-    // Natively, what keepd would install depends on the host's binaries.
-    if config.database.postgres.provider == Provider::Native
-        && let Some(pgaudit) = keepd::postgres::native::pgaudit_installed(config)
-    {
-        inputs = inputs.with_pgaudit(pgaudit);
-    }
-    let rendered = render::render(&inputs)?;
+    let rendered = render::render(&keepd::postgres::locate::render_inputs(config))?;
     let files = rendered.files();
     for (name, text) in &files {
         let path = out.join(name);

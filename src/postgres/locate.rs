@@ -32,6 +32,20 @@ pub enum LocateError {
     Tls(#[from] TlsError),
 }
 
+/// What `keepd render` writes: the provider's inputs as the daemon would
+/// render them (natively, pgAudit only where the host's binaries carry it;
+/// an image or an external server is not looked at).
+pub fn render_inputs(config: &Config) -> super::render::RenderInputs {
+    let inputs = super::render::RenderInputs::of(config);
+    match config.database.postgres.provider {
+        Provider::Native => match super::native::pgaudit_installed(config) {
+            Some(pgaudit) => inputs.with_pgaudit(pgaudit),
+            None => inputs,
+        },
+        Provider::Docker | Provider::External => inputs,
+    }
+}
+
 /// A node's Postgres as the CLI reaches it.
 pub struct Located {
     pub address: PgAddress,
