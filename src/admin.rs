@@ -375,21 +375,22 @@ pub async fn cluster(
 }
 
 /// `keepd keys status`: every key keepd holds or derives, with its
-/// version, age and schedule. The cluster's founding is read from the
-/// database when it answers; without it that age is unknown.
+/// version, age and schedule. The cluster's founding and its field key
+/// versions are read from the database when it answers; without it those
+/// ages are unknown.
 pub async fn keys_status(config: &Config) -> Result<Vec<crate::keys::KeyStatus>, AdminError> {
     let (identity, credentials) = unseal(config)?;
-    let founded = match Layout::of(config).cluster_pin().exists() {
+    let database = match Layout::of(config).cluster_pin().exists() {
         true => {
             let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-keys")?;
             match endpoint.connect().await {
-                Ok(client) => crate::keys::cluster_founded(&client).await,
-                Err(_) => None,
+                Ok(client) => crate::keys::DatabaseFacts::read(&client).await,
+                Err(_) => Default::default(),
             }
         }
-        false => None,
+        false => Default::default(),
     };
-    let facts = crate::keys::facts(config, &credentials, founded);
+    let facts = crate::keys::facts(config, &credentials, &database);
     Ok(crate::keys::statuses(&facts, crate::clock::unix_now()))
 }
 

@@ -125,6 +125,10 @@ pub enum AuditAction {
     SecondFactorEnable,
     SecondFactorDisable,
     SecondFactorReset,
+    /// A field key version made by the rotation rule (age or uses), and
+    /// old versions retired once no value used them.
+    FieldKeyRotation,
+    FieldKeyRetire,
 }
 
 impl AuditAction {
@@ -155,6 +159,8 @@ impl AuditAction {
             AuditAction::SecondFactorEnable => "SECOND_FACTOR_ENABLE",
             AuditAction::SecondFactorDisable => "SECOND_FACTOR_DISABLE",
             AuditAction::SecondFactorReset => "SECOND_FACTOR_RESET",
+            AuditAction::FieldKeyRotation => "FIELD_KEY_ROTATION",
+            AuditAction::FieldKeyRetire => "FIELD_KEY_RETIRE",
         }
     }
 
@@ -182,6 +188,7 @@ impl AuditAction {
             AuditAction::SyncPush => "keepd.sync_logs",
             AuditAction::DeviceAdd | AuditAction::DeviceRevoke => "keepd.devices",
             AuditAction::BackupCreate => "keepd.backups",
+            AuditAction::FieldKeyRotation | AuditAction::FieldKeyRetire => "keepd.field_keys",
         }
     }
 }

@@ -11,6 +11,8 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -153,17 +155,6 @@ fn lookup(table: &str, name: &str) -> Option<Encryptable> {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FieldError {
-    #[error(
-        "{table}.{column} holds a value sealed under field key version {version}, which this \
-         node does not have (current: {current}); was encryption_at_rest.application.key_version \
-         lowered, or the value written by another node?"
-    )]
-    UnknownKey {
-        table: String,
-        column: String,
-        version: u32,
-        current: u32,
-    },
     #[error("{table}.{column} holds a damaged or altered encrypted value")]
     Damaged { table: String, column: String },
 }
@@ -177,14 +168,15 @@ impl FieldError {
     }
 }
 
-/// Which columns are sealed and under which key version: what the
-/// configuration says, without any key (the report reads it).
+/// Which columns are sealed: what the configuration says, without any
+/// key (the report reads it).
 pub struct FieldPlan {
     columns: BTreeSet<Encryptable>,
     /// Configured columns keepd's schema does not have (the seeds'
     /// examples name other applications' tables): not encrypted, reported.
     unsupported: Vec<String>,
-    current: u32,
+    /// `key_version`: the lowest version that may seal.
+    floor: u32,
 }
 
 impl FieldPlan {
@@ -220,7 +212,7 @@ impl FieldPlan {
         FieldPlan {
             columns,
             unsupported,
-            current: at_rest.application.key_version,
+            floor: at_rest.application.key_version,
         }
     }
 
@@ -229,8 +221,10 @@ impl FieldPlan {
         self.unsupported.clone()
     }
 
-    pub fn current_version(&self) -> u32 {
-        self.current
+    /// The configured `key_version`: the cluster seals under it or a
+    /// later version.
+    pub fn floor(&self) -> u32 {
+        self.floor
     }
 
     /// Every sealed column: the configured ones and `ALWAYS_SEALED`.
@@ -247,15 +241,15 @@ impl FieldPlan {
     }
 
     /// A SQL condition (no parameters) true for the values of `column` not
-    /// sealed under the current key: sealed under another version, or
-    /// written before encryption was enabled.
-    pub fn stale_values(&self, column: Encryptable) -> String {
+    /// sealed under `current`: sealed under another version, or written
+    /// before encryption was enabled.
+    pub fn stale_values(column: Encryptable, current: u32) -> String {
         match column {
             Encryptable::Text(TextColumn(c)) => {
-                format!("{} NOT LIKE '{TEXT_PREFIX}{}:%'", c.name, self.current)
+                format!("{} NOT LIKE '{TEXT_PREFIX}{current}:%'", c.name)
             }
             Encryptable::Bytes(BytesColumn(c)) => {
-                let marker = hex::encode([BYTES_PREFIX, &self.current.to_be_bytes()].concat());
+                let marker = hex::encode([BYTES_PREFIX, &current.to_be_bytes()].concat());
                 format!(
                     "substring({} FROM 1 FOR {}) <> '\\x{marker}'::bytea",
                     c.name,
@@ -273,36 +267,80 @@ impl FieldPlan {
 /// Seals and opens the configured columns.
 pub struct FieldCipher {
     plan: FieldPlan,
-    keys: HashMap<u32, Zeroizing<[u8; 32]>>,
+    cluster: ClusterKey,
+    /// The version that seals; `field_keys` moves it.
+    current: AtomicU32,
+    /// Values sealed since `take_seals` last counted them.
+    sealed: AtomicU64,
+    /// The versions met so far, derived once each.
+    keys: RwLock<HashMap<u32, Zeroizing<[u8; 32]>>>,
 }
 
 impl FieldCipher {
-    /// The configuration's plan with the cluster's keys for every version
-    /// up to the current one.
+    /// The configuration's plan, sealing under its `key_version` until
+    /// the cluster's current version is set.
     pub fn new(cluster: &ClusterKey, config: &Config) -> FieldCipher {
         let plan = FieldPlan::new(config);
-        let keys = (1..=plan.current)
-            .map(|v| (v, cluster.derive(Purpose::Field(v))))
-            .collect();
-        FieldCipher { plan, keys }
+        FieldCipher {
+            current: AtomicU32::new(plan.floor),
+            plan,
+            cluster: cluster.clone(),
+            sealed: AtomicU64::new(0),
+            keys: RwLock::new(HashMap::new()),
+        }
     }
 
     pub fn plan(&self) -> &FieldPlan {
         &self.plan
     }
 
-    fn cipher(&self, version: u32) -> Option<Aes256Gcm> {
-        let key = self.keys.get(&version)?;
-        Some(Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key"))
+    /// The version new values are sealed under.
+    pub fn current_version(&self) -> u32 {
+        self.current.load(Ordering::Acquire)
     }
 
-    fn seal(&self, column: Column, plain: &[u8]) -> Vec<u8> {
+    /// From now on, seal under `version` (the cluster's current one).
+    pub fn seal_under(&self, version: u32) {
+        self.current.store(version.max(1), Ordering::Release);
+    }
+
+    /// How many values were sealed since the last call.
+    pub fn take_seals(&self) -> u64 {
+        self.sealed.swap(0, Ordering::AcqRel)
+    }
+
+    /// Gives back seals `take_seals` returned that could not be recorded.
+    pub fn add_seals(&self, seals: u64) {
+        self.sealed.fetch_add(seals, Ordering::AcqRel);
+    }
+
+    fn cipher(&self, version: u32) -> Aes256Gcm {
+        let known = self
+            .keys
+            .read()
+            .expect("not poisoned")
+            .get(&version)
+            .map(|k| Aes256Gcm::new_from_slice(k.as_ref()).expect("32-byte key"));
+        known.unwrap_or_else(|| {
+            let key = self.cluster.derive(Purpose::Field(version));
+            let cipher = Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key");
+            self.keys
+                .write()
+                .expect("not poisoned")
+                .insert(version, key);
+            cipher
+        })
+    }
+
+    /// `(version, nonce ‖ sealed)`.
+    fn seal(&self, column: Column, plain: &[u8]) -> (u32, Vec<u8>) {
+        let version = self.current_version();
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS CSPRNG is available");
         let aad = column.aad();
+        self.sealed.fetch_add(1, Ordering::Relaxed);
         let sealed = self
-            .cipher(self.plan.current)
-            .expect("the current key exists")
+            .cipher(version)
             .encrypt(
                 &nonce.into(),
                 Payload {
@@ -313,24 +351,20 @@ impl FieldCipher {
             .expect("AES-256-GCM encrypts any length we hold");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
-        out
+        (version, out)
     }
 
     fn open(&self, column: Column, version: u32, body: &[u8]) -> Result<Vec<u8>, FieldError> {
         let damaged = || FieldError::damaged(column);
-        let cipher = self.cipher(version).ok_or_else(|| FieldError::UnknownKey {
-            table: column.table.into(),
-            column: column.name.into(),
-            version,
-            current: self.plan.current,
-        })?;
-        if body.len() < NONCE_LEN {
+        // Version 0 was never made; any other is derived (a forged one
+        // fails authentication like any altered value).
+        if version == 0 || body.len() < NONCE_LEN {
             return Err(damaged());
         }
         let (nonce, sealed) = body.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
         let aad = column.aad();
-        cipher
+        self.cipher(version)
             .decrypt(
                 &nonce.into(),
                 Payload {
@@ -346,12 +380,8 @@ impl FieldCipher {
         if !self.plan.encrypts(Encryptable::Text(column)) {
             return value;
         }
-        let sealed = self.seal(column.0, value.as_bytes());
-        format!(
-            "{TEXT_PREFIX}{}:{}",
-            self.plan.current,
-            BASE64.encode(sealed)
-        )
+        let (version, sealed) = self.seal(column.0, value.as_bytes());
+        format!("{TEXT_PREFIX}{version}:{}", BASE64.encode(sealed))
     }
 
     /// A text value back from its stored form.
@@ -387,9 +417,10 @@ impl FieldCipher {
         if !self.plan.encrypts(Encryptable::Bytes(column)) {
             return value;
         }
+        let (version, sealed) = self.seal(column.0, &value);
         let mut out = BYTES_PREFIX.to_vec();
-        out.extend_from_slice(&self.plan.current.to_be_bytes());
-        out.extend_from_slice(&self.seal(column.0, &value));
+        out.extend_from_slice(&version.to_be_bytes());
+        out.extend_from_slice(&sealed);
         out
     }
 
@@ -426,8 +457,24 @@ mod tests {
     use super::*;
 
     fn cipher(version: u32, fields: &str) -> (tempfile::TempDir, ClusterKey, FieldCipher) {
-        let dir = tempfile::tempdir().unwrap();
         let cluster = ClusterKey::generate().unwrap();
+        let (dir, cluster, cipher) = configured(cluster, version, fields);
+        (dir, cluster, cipher)
+    }
+
+    fn cipher_of(
+        cluster: &ClusterKey,
+        version: u32,
+    ) -> (tempfile::TempDir, ClusterKey, FieldCipher) {
+        configured(cluster.clone(), version, FIELDS)
+    }
+
+    fn configured(
+        cluster: ClusterKey,
+        version: u32,
+        fields: &str,
+    ) -> (tempfile::TempDir, ClusterKey, FieldCipher) {
+        let dir = tempfile::tempdir().unwrap();
         let yaml = format!(
             "encryption_at_rest:\n  enabled: true\n  method: application\n  application:\n    \
              key_version: {version}\n    encrypted_fields:\n{fields}"
@@ -460,18 +507,17 @@ mod tests {
             "plain"
         );
         assert_eq!(
-            c.plan().stale_values(Encryptable::Text(column::LOG_DATA)),
+            FieldPlan::stale_values(Encryptable::Text(column::LOG_DATA), 1),
             "encrypted_data NOT LIKE 'kf1:1:%'"
         );
         assert_eq!(
-            c.plan()
-                .stale_values(Encryptable::Bytes(column::BACKUP_CIPHERTEXT)),
+            FieldPlan::stale_values(Encryptable::Bytes(column::BACKUP_CIPHERTEXT), 1),
             "substring(ciphertext FROM 1 FOR 7) <> '\\x4b463100000001'::bytea"
         );
     }
 
     #[test]
-    fn tamper_swap_and_unknown_key_are_errors() {
+    fn tamper_and_swap_are_errors_and_every_version_opens() {
         let (_d, id, c) = cipher(1, FIELDS);
         let stored = c.seal_text(column::LOG_DATA, "secret".into());
         let mut chars: Vec<char> = stored.chars().collect();
@@ -485,26 +531,26 @@ mod tests {
         // Moved to another column: the associated data no longer matches.
         assert!(c.open_text(column::VAULT_KEY_SALT, stored.clone()).is_err());
 
-        // Rotated to v2: v1 values still open; v1-only nodes refuse v2 values.
-        let dir = tempfile::tempdir().unwrap();
-        let yaml = format!(
-            "encryption_at_rest:\n  enabled: true\n  application:\n    key_version: 2\n    encrypted_fields:\n{FIELDS}"
-        );
-        std::fs::write(dir.path().join("k.yaml"), yaml).unwrap();
-        let v2 = FieldCipher::new(&id, &Config::load(&dir.path().join("k.yaml")).unwrap());
-        assert_eq!(v2.open_text(column::LOG_DATA, stored).unwrap(), "secret");
-        let newer = v2.seal_text(column::LOG_DATA, "x".into());
+        // Rotated to v2: v1 values still open, and a node still sealing
+        // under v1 opens what another sealed under v2.
+        c.seal_under(2);
+        assert_eq!(c.current_version(), 2);
+        let newer = c.seal_text(column::LOG_DATA, "x".into());
         assert_eq!(FieldCipher::version_of_text(&newer), Some(2));
-        let err = c.open_text(column::LOG_DATA, newer).unwrap_err();
+        assert_eq!(c.open_text(column::LOG_DATA, stored).unwrap(), "secret");
+        let (_d1, _, behind) = cipher_of(&id, 1);
+        assert_eq!(behind.open_text(column::LOG_DATA, newer).unwrap(), "x");
+        // Both of its seals were counted, once.
+        assert_eq!(c.take_seals(), 2);
+        assert_eq!(c.take_seals(), 0);
+        // A version that was never made is a damaged value, not a panic.
+        let forged = c
+            .seal_text(column::LOG_DATA, "y".into())
+            .replacen("kf1:2:", "kf1:0:", 1);
         assert!(matches!(
-            err,
-            FieldError::UnknownKey {
-                version: 2,
-                current: 1,
-                ..
-            }
+            c.open_text(column::LOG_DATA, forged),
+            Err(FieldError::Damaged { .. })
         ));
-        assert!(err.to_string().contains("key version 2"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::config::{Config, Layout};
+use crate::field_keys::{FieldKeyVersion, RotationPolicy};
 use crate::identity::protection::IdentityStore;
 use crate::secrets::store::{CredentialStatus, Credentials};
 
@@ -30,13 +31,16 @@ pub struct KeyStatus {
 }
 
 /// What `admin::keys_status` found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KeyFacts {
     /// How the identity is kept, and when its file was written.
     pub identity: (String, Option<u64>),
     /// The pinned cluster root's fingerprint and the cluster's founding.
     pub cluster: Option<(String, Option<u64>)>,
-    pub field_key_version: u32,
+    /// The cluster's field key versions not retired (the database's
+    /// word; the configured `key_version` with no age when it was not read).
+    pub field_keys: Vec<FieldKeyVersion>,
+    pub field_policy: RotationPolicy,
     /// (version, made, active) of each login role keepd holds.
     pub login_roles: Vec<(u32, u64, bool)>,
     pub rotation_interval_seconds: u64,
@@ -52,22 +56,40 @@ fn written(path: &Path) -> Option<u64> {
         .map(crate::clock::unix_seconds)
 }
 
-/// When the cluster was founded: its first member's admission.
-pub async fn cluster_founded(superuser: &tokio_postgres::Client) -> Option<u64> {
-    superuser
-        .query_one(
-            "SELECT extract(epoch FROM min(admitted_at))::int8 FROM keepd.cluster_members",
-            &[],
-        )
-        .await
-        .ok()
-        .and_then(|row| row.get::<_, Option<i64>>(0))
-        .and_then(|s| u64::try_from(s).ok())
+/// What only the database knows of the keys.
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseFacts {
+    /// When the cluster was founded: its first member's admission.
+    pub founded: Option<u64>,
+    pub field_keys: Vec<FieldKeyVersion>,
 }
 
-/// What the configuration, the state directory and `credentials` say of
-/// every key; `founded` is the cluster's founding where it was read.
-pub fn facts(config: &Config, credentials: &Credentials, founded: Option<u64>) -> KeyFacts {
+impl DatabaseFacts {
+    /// Read as the superuser; what cannot be read stays unknown.
+    pub async fn read(superuser: &tokio_postgres::Client) -> DatabaseFacts {
+        let founded = superuser
+            .query_one(
+                "SELECT extract(epoch FROM min(admitted_at))::int8 FROM keepd.cluster_members",
+                &[],
+            )
+            .await
+            .ok()
+            .and_then(|row| row.get::<_, Option<i64>>(0))
+            .and_then(|s| u64::try_from(s).ok());
+        let field_keys = crate::field_keys::versions(superuser)
+            .await
+            .unwrap_or_default();
+        DatabaseFacts {
+            founded,
+            field_keys,
+        }
+    }
+}
+
+/// What the configuration, the state directory, `credentials` and the
+/// database (where it was read) say of every key.
+pub fn facts(config: &Config, credentials: &Credentials, database: &DatabaseFacts) -> KeyFacts {
+    let founded = database.founded;
     let identities = IdentityStore::of(config);
     let layout = Layout::of(config);
     let cluster = std::fs::read_to_string(layout.cluster_pin())
@@ -103,7 +125,23 @@ pub fn facts(config: &Config, credentials: &Credentials, founded: Option<u64>) -
             written(identities.path()),
         ),
         cluster,
-        field_key_version: config.encryption_at_rest.application.key_version,
+        field_keys: match database.field_keys.is_empty() {
+            false => database
+                .field_keys
+                .iter()
+                .filter(|v| v.retired_at.is_none())
+                .cloned()
+                .collect(),
+            true => vec![FieldKeyVersion {
+                version: config.encryption_at_rest.application.key_version,
+                created_at: 0,
+                age_seconds: 0,
+                uses: 0,
+                reason: "configured".into(),
+                retired_at: None,
+            }],
+        },
+        field_policy: RotationPolicy::of(config),
         login_roles: credentials
             .login_roles
             .iter()
@@ -173,18 +211,37 @@ pub fn statuses(facts: &KeyFacts, now: u64) -> Vec<KeyStatus> {
             ));
         }
     }
-    keys.push(
-        KeyStatus::new(
-            format!("field key v{}", facts.field_key_version),
-            facts.field_key_version.to_string(),
-            None,
-        )
-        .policy(
-            "by hand: raise encryption_at_rest.application.key_version (old values are \
-             re-encrypted in the background)",
-            None,
-        ),
-    );
+    let newest = facts.field_keys.last().map(|v| v.version);
+    for v in &facts.field_keys {
+        let sealing = Some(v.version) == newest;
+        let state = if sealing { "sealing" } else { "retiring" };
+        let made = (v.created_at > 0).then_some(v.created_at);
+        let policy = &facts.field_policy;
+        let next = made
+            .filter(|_| sealing)
+            .map(|made| made + policy.after.as_secs());
+        keys.push(
+            KeyStatus::new(
+                format!("field key v{} ({state})", v.version),
+                v.version.to_string(),
+                made,
+            )
+            .policy(
+                match sealing {
+                    true => format!(
+                        "every {} or {} values sealed (now {}), whichever comes first",
+                        human(policy.after.as_secs()),
+                        policy.after_uses,
+                        v.uses
+                    ),
+                    false => {
+                        "retired once no value uses it (re-encrypted in the background)".into()
+                    }
+                },
+                next,
+            ),
+        );
+    }
     for (version, made, active) in &facts.login_roles {
         let next = active.then(|| made + facts.rotation_interval_seconds);
         let state = if *active { "active" } else { "retiring" };
@@ -288,7 +345,28 @@ mod tests {
         let facts = KeyFacts {
             identity: ("a plaintext file (mode 0600)".into(), Some(10 * day)),
             cluster: Some(("ab".repeat(32), Some(11 * day))),
-            field_key_version: 2,
+            field_keys: vec![
+                FieldKeyVersion {
+                    version: 1,
+                    created_at: 5 * day,
+                    age_seconds: 16 * day,
+                    uses: 7,
+                    reason: "configured".into(),
+                    retired_at: None,
+                },
+                FieldKeyVersion {
+                    version: 2,
+                    created_at: 20 * day,
+                    age_seconds: day,
+                    uses: 3,
+                    reason: "age".into(),
+                    retired_at: None,
+                },
+            ],
+            field_policy: RotationPolicy {
+                after: std::time::Duration::from_secs(90 * day),
+                after_uses: 1_000_000,
+            },
             login_roles: vec![(3, 20 * day, true), (2, 13 * day, false)],
             rotation_interval_seconds: 7 * day,
             backup_passphrase: true,
@@ -308,7 +386,8 @@ mod tests {
                 "email HMAC key",
                 "audit identifier key",
                 "OPAQUE setup",
-                "field key v2",
+                "field key v1 (retiring)",
+                "field key v2 (sealing)",
                 "login role v3 (active)",
                 "login role v2 (retiring)",
                 "superuser password",
@@ -317,12 +396,15 @@ mod tests {
                 "API certificate",
             ]
         );
-        let active = &keys[7];
+        assert_eq!(keys[6].next_rotation, None, "a retiring one is not renewed");
+        assert_eq!(keys[7].next_rotation, Some(110 * day), "made + 90d");
+        assert!(keys[7].policy.contains("1000000 values sealed (now 3)"));
+        let active = &keys[8];
         assert_eq!(active.age_seconds, Some(day));
         assert_eq!(active.next_rotation, Some(27 * day), "made + 7d");
-        assert_eq!(keys[8].next_rotation, None, "a retiring one is not renewed");
+        assert_eq!(keys[9].next_rotation, None, "a retiring one is not renewed");
         assert_eq!(
-            keys[11].next_rotation,
+            keys[12].next_rotation,
             Some(3630 * day),
             "30 days before expiry"
         );

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod device_messages;
 pub mod edge;
 pub mod field_crypto;
+pub mod field_keys;
 pub mod fsutil;
 pub mod identity;
 pub mod keys;

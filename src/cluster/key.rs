@@ -57,13 +57,17 @@ impl Purpose {
     }
 }
 
+#[derive(Clone)]
 struct Inherited {
     domain: Vec<u8>,
     label: Vec<u8>,
     key: Zeroizing<[u8; 32]>,
 }
 
-/// The cluster's shared secret. Debug prints nothing of it.
+/// The cluster's shared secret. Debug prints nothing of it; a clone is
+/// zeroized like the original (field encryption keeps one to derive the
+/// versions it meets).
+#[derive(Clone)]
 pub struct ClusterKey {
     root: Zeroizing<[u8; 32]>,
     inherited: Vec<Inherited>,

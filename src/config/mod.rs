@@ -586,9 +586,15 @@ impl AtRestMethod {
 pub struct ApplicationEncryptionConfig {
     pub algorithm: FieldAlgorithm,
     pub encrypted_fields: Vec<EncryptedFields>,
-    /// The field key new values are sealed under; raising it re-encrypts
-    /// existing values in the background.
+    /// The lowest field key version new values are sealed under; raising
+    /// it rotates at once (existing values are re-encrypted in the
+    /// background).
     pub key_version: u32,
+    /// A field key older than this is replaced by the next version.
+    pub rotate_after: HumanDuration,
+    /// A field key that sealed this many values, counted across the
+    /// cluster, is replaced by the next version.
+    pub rotate_after_uses: u64,
 }
 
 impl Default for ApplicationEncryptionConfig {
@@ -597,6 +603,8 @@ impl Default for ApplicationEncryptionConfig {
             algorithm: FieldAlgorithm::Aes256Gcm,
             encrypted_fields: Vec::new(),
             key_version: 1,
+            rotate_after: HumanDuration(Duration::from_secs(90 * 86_400)),
+            rotate_after_uses: 1_000_000,
         }
     }
 }

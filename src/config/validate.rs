@@ -279,6 +279,22 @@ pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(),
             "1 or more".into(),
         ));
     }
+    // Rotation is checked once a second at most; a key renewed faster
+    // than its values can be moved would never settle.
+    if at_rest.application.rotate_after.get() < Duration::from_secs(1) {
+        return Err(invalid(
+            "encryption_at_rest.application.rotate_after",
+            at_rest.application.rotate_after.to_string(),
+            "1s or longer (the default is 90d)".into(),
+        ));
+    }
+    if at_rest.application.rotate_after_uses == 0 {
+        return Err(invalid(
+            "encryption_at_rest.application.rotate_after_uses",
+            "0".into(),
+            "1 or more (the default is 1000000)".into(),
+        ));
+    }
     let shamir = &at_rest.recovery.shamir;
     if shamir.threshold < 2 || shamir.threshold > shamir.total_shares {
         return Err(invalid(

@@ -132,10 +132,16 @@ impl Provisioned {
     }
 }
 
-/// Field encryption from the cluster key and `encryption_at_rest`; names
-/// configured columns keepd's schema does not have.
-pub(super) fn field_cipher(cluster: &ClusterKey, config: &Config) -> Arc<FieldCipher> {
+/// Field encryption from the cluster key and `encryption_at_rest`,
+/// sealing under the cluster's `version`; names configured columns
+/// keepd's schema does not have.
+pub(super) fn field_cipher(
+    cluster: &ClusterKey,
+    version: u32,
+    config: &Config,
+) -> Arc<FieldCipher> {
     let fields = Arc::new(FieldCipher::new(cluster, config));
+    fields.seal_under(version);
     let unsupported = fields.plan().unsupported();
     if !unsupported.is_empty() {
         warn!(

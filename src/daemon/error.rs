@@ -40,6 +40,8 @@ pub enum DaemonError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
+    #[error("cannot read or make the cluster's field key versions (keepd.field_keys): {}", describe_error(.0))]
+    FieldKeys(#[source] tokio_postgres::Error),
     #[error(
         "the sealed credentials {path} are missing but the cluster in {data_dir} exists; keepd \
          will not reset them: restore db.enc from the backup taken with identity.key"

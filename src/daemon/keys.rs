@@ -1,6 +1,6 @@
 //! Keeps the `keepd_key_*` gauges current: every minute, what
 //! `keys::facts` says of every key (a rotation or a renewal shows within
-//! a minute; the cluster's founding is read once).
+//! a minute).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,18 +27,17 @@ pub struct KeyGauges {
 
 impl KeyGauges {
     pub async fn run(self, mut stop: Shutdown) {
-        let mut founded = None;
+        let mut database = keys::DatabaseFacts::default();
         let mut failing = false;
         loop {
-            if founded.is_none()
-                && let Ok(client) = self.superuser.connect().await
-            {
-                founded = keys::cluster_founded(&client).await;
+            // Field keys rotate on their own: read every time.
+            if let Ok(client) = self.superuser.connect().await {
+                database = keys::DatabaseFacts::read(&client).await;
             }
             match self.credentials.load(&self.identity) {
                 Ok(Some((credentials, _))) => {
                     failing = false;
-                    let facts = keys::facts(&self.config, &credentials, founded);
+                    let facts = keys::facts(&self.config, &credentials, &database);
                     self.metrics
                         .set_keys(&keys::statuses(&facts, crate::clock::unix_now()));
                 }

@@ -45,6 +45,7 @@ use crate::backup::PgBackRest;
 use crate::cluster::{self, ClusterKey, Membership};
 use crate::config::{Config, Layout};
 use crate::edge::{self, ApiCertificate};
+use crate::field_keys;
 use crate::identity::NodeIdentity;
 use crate::identity::protection::IdentityStore;
 use crate::metrics::Metrics;
@@ -203,6 +204,8 @@ struct Parts {
     rotator: Arc<Rotator>,
     sealer: AuditSealer,
     cluster: ClusterKey,
+    /// The field key version the cluster seals under now.
+    field_version: u32,
     backups: Option<Arc<PgBackRest>>,
     /// Wakes the certificate renewal: SIGHUP, or a revocation to apply.
     renew: Arc<Notify>,
@@ -251,6 +254,10 @@ impl Provisioned {
             backups::set_up(config, layout, credentials, node_id, &self.superuser).await?;
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
+        // The version the cluster seals under, before any value is sealed.
+        let field_version = field_keys::ensure(&client, field_versions)
+            .await
+            .map_err(DaemonError::FieldKeys)?;
         drop(client);
         let api_socket = listeners::bind("api.listen", config.api.listen)?;
         let cluster = match joined {
@@ -280,6 +287,7 @@ impl Provisioned {
             rotator,
             sealer,
             cluster,
+            field_version,
             backups,
             renew,
             control,

@@ -25,6 +25,7 @@ use crate::backup::PgBackRest;
 use crate::config::Config;
 use crate::edge::{self, ApiCertificate, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
+use crate::field_keys::RotationPolicy;
 use crate::metrics::Metrics;
 use crate::postgres::supervise::Supervisor;
 use crate::postgres::tls::Endpoint;
@@ -42,6 +43,8 @@ pub(super) struct Wiring {
     pub rotator: Arc<Rotator>,
     pub sealer: AuditSealer,
     pub fields: Arc<FieldCipher>,
+    /// For the background tasks' audit entries.
+    pub pool: crate::postgres::pool::RoleAwarePool,
     pub backups: Option<Arc<PgBackRest>>,
     pub renewal: Option<CertificateRenewal>,
     pub renew: Arc<Notify>,
@@ -121,13 +124,13 @@ impl BroughtUp {
         } = provisioned;
         let config = &node.config;
         let addr = parts.listener.local_addr().map_err(DaemonError::Serve)?;
-        let fields = bring_up::field_cipher(&parts.cluster, config);
+        let fields = bring_up::field_cipher(&parts.cluster, parts.field_version, config);
         // One reading of api.trusted_proxies for the API and the edge.
         let trusted = TrustedProxies::new(&config.api.trusted_proxies);
         let settings = ApiSettings::new(&config.api, trusted.clone());
         let api = Arc::new(Api::new(
             &node.identity,
-            parts.pool,
+            parts.pool.clone(),
             supervisor.state(),
             &parts.cluster,
             metrics.clone(),
@@ -169,6 +172,7 @@ impl BroughtUp {
             superuser: superuser.clone(),
             metrics,
             node_id: node.node_id.clone(),
+            pool: parts.pool,
             identity: node.identity.clone(),
             credentials: crate::secrets::store::CredentialStore::new(
                 node.layout.credentials().to_owned(),
@@ -204,6 +208,7 @@ impl Tasks {
         let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone());
         let app = api::router(w.api, &web);
         let superuser = &w.superuser;
+        let node_id = w.node_id.clone();
         Ok(Tasks {
             watchdog: notify::Notifier::spawn_watchdog(stop()),
             api: tokio::spawn(edge::serve(
@@ -230,7 +235,10 @@ impl Tasks {
             reencrypt: tokio::spawn(
                 Reencryption {
                     fields: w.fields,
+                    policy: RotationPolicy::of(config),
                     superuser: superuser.clone(),
+                    pool: w.pool.clone(),
+                    node_id: node_id.clone(),
                 }
                 .run(stop()),
             ),

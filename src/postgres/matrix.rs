@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 17] = [
+pub const TABLES: [&str; 18] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -51,6 +51,8 @@ pub const TABLES: [&str; 17] = [
     "keepd.cluster_members",
     // No group role: only the superuser's heartbeat (`cluster::heartbeat`).
     "keepd.cluster_liveness",
+    // No group role: only the superuser's field-key task (`field_keys`).
+    "keepd.field_keys",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
 ];

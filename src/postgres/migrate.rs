@@ -114,6 +114,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "second_factor",
         sql: include_str!("../../migrations/0017_second_factor.sql"),
     },
+    Migration {
+        version: 18,
+        name: "field_keys",
+        sql: include_str!("../../migrations/0018_field_keys.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -943,7 +943,11 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
         }
     }
     let fields = FieldPlan::new(inputs.config);
-    let version = fields.current_version();
+    // The version the cluster seals under now (field keys rotate).
+    let version = match crate::field_keys::versions(client).await {
+        Ok(versions) => versions.last().map_or(fields.floor(), |v| v.version),
+        Err(e) => return Check::new(id, Weight::Minor, Status::Fail, describe_error(&e)),
+    };
     if fields.configured().next().is_none() {
         return Check::new(
             id,
@@ -965,7 +969,7 @@ async fn encryption_at_rest(client: &Client, inputs: &Inputs<'_>) -> Check {
                 &format!(
                     "SELECT count(*) FROM {} WHERE {}",
                     column.column().table,
-                    fields.stale_values(*column)
+                    FieldPlan::stale_values(*column, version)
                 ),
                 &[],
             )

@@ -1,12 +1,15 @@
 //! Encryption at rest (`method: application`) through the API, key
-//! rotation with background re-encryption, and an unknown key version.
+//! rotation by hand and by the rule (age, uses) with background
+//! re-encryption and retirement.
 
 use crate::common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::TestNode;
-use keepd::client::{DeviceKey, LogEntry, SyncClient};
+use keepd::client::{DeviceKey, LogEntry, SyncClient, VaultKey};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "at rest password";
@@ -40,7 +43,7 @@ fn stop(mut daemon: common::Daemon) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
+async fn columns_are_sealed_and_rotated_by_key_version() {
     let node = TestNode::with(config(1));
     let daemon = node.start();
     assert!(
@@ -146,7 +149,8 @@ async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
     );
     stop(daemon);
 
-    // Back to v1: values under v2 are an error that names the key version.
+    // Back to key_version 1: the cluster keeps sealing under v2 (the
+    // setting is a floor), and every value reads.
     set_version(&node, 1);
     let daemon = node.start();
     assert!(daemon.wait_health(200, Duration::from_secs(30)));
@@ -155,23 +159,166 @@ async fn columns_are_sealed_rotated_and_an_unknown_key_is_named() {
         .login_with_password("rest@example.org", PASSWORD)
         .await
         .unwrap();
-    let e = client.pull("v", 0, 10).await.unwrap_err();
+    let pulled = client.pull("v", 0, 10).await.unwrap();
+    assert_eq!(pulled.logs.len(), 3);
+    client.push("v", &key, &entries[..1], None).await.unwrap();
     assert_eq!(
-        (e.status(), e.code()),
-        (Some(500), Some("stored_value_unreadable")),
-        "{e}"
-    );
-    assert!(
-        daemon
-            .wait_for_log("a stored value cannot be decrypted", Duration::from_secs(5))
-            .is_some_and(|event| {
-                event["error"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("key version 2"))
-            }),
+        count(
+            &node,
+            "SELECT count(*) FROM keepd.sync_logs WHERE encrypted_data LIKE 'kf1:2:%'"
+        ),
+        4,
         "{}",
         daemon.log()
     );
+    stop(daemon);
+}
+
+/// The versions the cluster has made, as (version, reason, retired).
+fn versions(node: &TestNode) -> Vec<(u32, String, bool)> {
+    node.psql(
+        "superuser",
+        "SELECT version || ' ' || reason || ' ' || (retired_at IS NOT NULL) \
+         FROM keepd.field_keys ORDER BY version",
+    )
+    .unwrap()
+    .lines()
+    .map(|line| {
+        let parts: Vec<&str> = line.split(' ').collect();
+        (
+            parts[0].parse().unwrap(),
+            parts[1].into(),
+            parts[2] == "true",
+        )
+    })
+    .collect()
+}
+
+/// Pushes five entries a round and pulls them back, after `done` rounds.
+async fn load(
+    client: SyncClient,
+    key: Arc<VaultKey>,
+    stop: Arc<AtomicBool>,
+    done: usize,
+) -> (SyncClient, usize) {
+    let mut rounds = done;
+    while !stop.load(Ordering::Relaxed) {
+        let entries: Vec<LogEntry> = (0..5)
+            .map(|i| LogEntry {
+                data: format!("round {rounds} entry {i}").into_bytes(),
+                haex_timestamp: format!("ts-{rounds}-{i}"),
+            })
+            .collect();
+        client.push("load", &key, &entries, None).await.unwrap();
+        let pulled = client.pull("load", rounds as i64 * 5, 100).await.unwrap();
+        assert_eq!(pulled.logs.len(), 5);
+        assert_eq!(pulled.logs[4].haex_timestamp, format!("ts-{rounds}-4"));
+        let data = key
+            .decrypt_entry(&pulled.logs[4].encrypted_data, &pulled.logs[4].nonce)
+            .unwrap();
+        assert_eq!(data, format!("round {rounds} entry 4").into_bytes());
+        rounds += 1;
+        // Under api.rate_limits.account_per_second.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    (client, rounds)
+}
+
+/// Field keys rotate by themselves under load, by age and by uses: every
+/// value stays readable, no request fails, an old version is retired once
+/// no value uses it, and `keepd keys status` shows only the live ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn field_keys_rotate_by_age_and_by_uses_under_load() {
+    let mut settings = config(1);
+    settings["encryption_at_rest"]["application"]["rotate_after"] = json!("3s");
+    let node = TestNode::with(settings);
+    let daemon = node.start_healthy();
+    let mut client = SyncClient::new(daemon.addr());
+    client.register("keys@example.org", PASSWORD).await.unwrap();
+    client.login("keys@example.org", PASSWORD).await.unwrap();
+    let key = Arc::new(client.create_vault("load", PASSWORD).await.unwrap());
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(client, key.clone(), stop_load.clone(), 0));
+
+    // By age: every 3 s a new version, old ones retired as values move.
+    let aged = common::wait_until(Duration::from_secs(60), || {
+        let v = versions(&node);
+        (v.iter().filter(|(_, reason, _)| reason == "age").count() >= 2
+            && v.iter().any(|(_, _, retired)| *retired))
+        .then_some(v)
+    });
+    assert!(aged.is_some(), "{:?}\n{}", versions(&node), daemon.log());
+    stop_load.store(true, Ordering::Relaxed);
+    let (client, rounds) = running.await.unwrap();
+    assert!(rounds > 5, "the load ran ({rounds} rounds)");
+    let pulled = client.pull("load", 0, 5).await.unwrap();
+    assert_eq!(
+        key.decrypt_entry(&pulled.logs[0].encrypted_data, &pulled.logs[0].nonce)
+            .unwrap(),
+        b"round 0 entry 0"
+    );
+    // A retired version holds no value.
+    for (version, _, retired) in versions(&node) {
+        if retired {
+            let sql = format!(
+                "SELECT count(*) FROM keepd.sync_logs WHERE encrypted_data LIKE 'kf1:{version}:%'"
+            );
+            assert_eq!(count(&node, &sql), 0, "v{version} is retired");
+        }
+    }
+    let status = node
+        .command(&["keys", "status", "--json"])
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let field_keys: Vec<String> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|k| {
+            k["key"]
+                .as_str()
+                .filter(|n| n.starts_with("field key"))
+                .map(str::to_string)
+        })
+        .collect();
+    let live = versions(&node)
+        .iter()
+        .filter(|(_, _, retired)| !retired)
+        .count();
+    assert_eq!(field_keys.len(), live, "{field_keys:?}");
+    assert!(
+        field_keys.iter().any(|k| k.ends_with("(sealing)")),
+        "{field_keys:?}"
+    );
+    let audited = count(
+        &node,
+        "SELECT count(*) FROM keepd_audit.audit_log WHERE action = 'FIELD_KEY_ROTATION'",
+    );
+    assert!(audited >= 2, "{audited} rotations audited");
+    let made = versions(&node).len();
+    stop(daemon);
+
+    // By uses: a long life, but 30 seals per version.
+    node.set("encryption_at_rest.application.rotate_after", "20s");
+    node.set("encryption_at_rest.application.rotate_after_uses", 30);
+    let daemon = node.start_healthy();
+    let mut client = SyncClient::new(daemon.addr());
+    client.login("keys@example.org", PASSWORD).await.unwrap();
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(client, key.clone(), stop_load.clone(), rounds));
+    let used = common::wait_until(Duration::from_secs(60), || {
+        versions(&node)[made..]
+            .iter()
+            .any(|(_, reason, _)| reason == "uses")
+            .then_some(())
+    });
+    stop_load.store(true, Ordering::Relaxed);
+    running.await.unwrap();
+    assert!(used.is_some(), "{:?}\n{}", versions(&node), daemon.log());
+    let check = node.report_check("encryption_at_rest");
+    assert_ne!(check["status"], "fail", "{check}");
+    stop(daemon);
 }
 
 /// The device-name limit is the name's, not its sealed form's; turning

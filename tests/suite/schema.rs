@@ -47,6 +47,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.recovery_codes" => "used_at",
         "keepd.cluster_members" => "admitted_by",
         "keepd.cluster_liveness" => "seen_at",
+        "keepd.field_keys" => "retired_at",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         other => panic!("no column known for {other}"),
