@@ -18,7 +18,7 @@ use crate::postgres::replay::{Replay, ReplayError};
 use crate::postgres::tls::Endpoint;
 use crate::repository::{BackupInputs, PGBACKREST, RepositoryEnv, STANZA};
 use crate::secrets::store::Credentials;
-use crate::secrets::values::SecretString;
+use crate::secrets::values::{SecretString, SharedPassword};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -203,7 +203,7 @@ pub struct PgBackRest {
     conf: PathBuf,
     runner: CommandRunner,
     env: RepositoryEnv,
-    superuser: SecretString,
+    superuser: SharedPassword,
 }
 
 impl PgBackRest {
@@ -228,8 +228,19 @@ impl PgBackRest {
             conf: BackupInputs::of(config).conf,
             runner: CommandRunner::of(config, node_id)?,
             env: RepositoryEnv::of(credentials),
-            superuser: credentials.superuser.clone(),
+            superuser: SharedPassword::new(
+                credentials.superuser.clone(),
+                credentials.superuser_next.clone(),
+            ),
         })
+    }
+
+    /// The same, logging in with the daemon's rotating superuser password.
+    pub fn sharing(self, superuser: &SharedPassword) -> PgBackRest {
+        PgBackRest {
+            superuser: superuser.clone(),
+            ..self
+        }
     }
 
     fn args(&self, action: &str, extra: &[&str]) -> Vec<String> {
@@ -252,7 +263,8 @@ impl PgBackRest {
         echo: bool,
     ) -> Result<String, BackupError> {
         let mut env: Vec<(&str, &SecretString)> = self.env.vars().collect();
-        env.push(("PGPASSWORD", &self.superuser));
+        let superuser = self.superuser.current();
+        env.push(("PGPASSWORD", &superuser));
         let out = self
             .runner
             .run(PGBACKREST, &self.args(action, extra), &env, echo)
@@ -303,7 +315,8 @@ impl PgBackRest {
         let mut argv = vec![PGBACKREST.to_string()];
         argv.extend(self.args("restore", &options));
         let mut env: Vec<(&str, &SecretString)> = self.env.vars().collect();
-        env.push(("PGPASSWORD", &self.superuser));
+        let superuser = self.superuser.current();
+        env.push(("PGPASSWORD", &superuser));
         checked("restore", replay.restore(argv, &env).await?).map(drop)
     }
 

@@ -44,6 +44,9 @@ pub struct KeyFacts {
     /// (version, made, active) of each login role keepd holds.
     pub login_roles: Vec<(u32, u64, bool)>,
     pub rotation_interval_seconds: u64,
+    /// keepd's own superuser's password: made when, renewed how often;
+    /// None for an external server's administrator.
+    pub superuser: Option<(u64, u64)>,
     pub backup_passphrase: bool,
     /// (name, not before, not after, renewed this long before expiry).
     pub certificates: Vec<(String, u64, u64, Option<u64>)>,
@@ -155,6 +158,18 @@ pub fn facts(config: &Config, credentials: &Credentials, database: &DatabaseFact
             })
             .collect(),
         rotation_interval_seconds: config.credentials.rotation_interval.get().as_secs(),
+        superuser: crate::config::Topology::of(config)
+            .owns_superuser()
+            .then(|| {
+                (
+                    credentials.superuser_created_at,
+                    config
+                        .credentials
+                        .superuser_rotation_interval
+                        .get()
+                        .as_secs(),
+                )
+            }),
         backup_passphrase: credentials.backup_passphrase.is_some(),
         certificates,
     }
@@ -260,10 +275,23 @@ pub fn statuses(facts: &KeyFacts, now: u64) -> Vec<KeyStatus> {
             ),
         );
     }
-    keys.push(
-        KeyStatus::new("superuser password", "1", None)
-            .policy("not rotated yet: made at the node's first start", None),
-    );
+    match facts.superuser {
+        Some((made, every)) => {
+            // 0: a file from before the superuser rotated (due at once).
+            let made = (made > 0).then_some(made);
+            keys.push(KeyStatus::new("superuser password", "-", made).policy(
+                format!(
+                    "every {} (credentials.superuser_rotation_interval); open sessions stay",
+                    human(every)
+                ),
+                Some(made.unwrap_or(0) + every),
+            ));
+        }
+        None => keys.push(KeyStatus::new("superuser password", "-", None).policy(
+            "the external server's administrator: rotate it on the server and in the configuration",
+            None,
+        )),
+    }
     if facts.backup_passphrase {
         keys.push(
             KeyStatus::new("backup repository passphrase", "1", None).policy(
@@ -369,6 +397,7 @@ mod tests {
             },
             login_roles: vec![(3, 20 * day, true), (2, 13 * day, false)],
             rotation_interval_seconds: 7 * day,
+            superuser: Some((15 * day, 30 * day)),
             backup_passphrase: true,
             certificates: vec![
                 ("internal CA".into(), 10 * day, 3660 * day, Some(30 * day)),
@@ -407,6 +436,11 @@ mod tests {
             keys[12].next_rotation,
             Some(3630 * day),
             "30 days before expiry"
+        );
+        assert_eq!(
+            keys[10].next_rotation,
+            Some(45 * day),
+            "superuser: made + 30d"
         );
         assert_eq!(keys[1].version, "abababababababab");
         assert!(table(&keys).lines().count() == keys.len() + 1);

@@ -67,9 +67,15 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-    /// Ask the running daemon to rotate its database credentials now.
-    #[command(after_help = help!("keepd rotate"))]
-    Rotate,
+    /// Ask the running daemon to rotate its database credentials now: its
+    /// login role, or with --superuser its own Postgres superuser's
+    /// password.
+    #[command(after_help = help!("keepd rotate", "keepd rotate --superuser"))]
+    Rotate {
+        /// Rotate keepd's Postgres superuser's password (native and docker).
+        #[arg(long)]
+        superuser: bool,
+    },
     /// Measure and print the security report (the live system, not the
     /// configuration).
     #[command(after_help = help!(
@@ -466,7 +472,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run => run(&cli.config, config),
         Command::Render { out } => write_rendered(&config, &out),
-        Command::Rotate => rotate(&config),
+        Command::Rotate { superuser } => rotate(&config, superuser),
         Command::Report { json } => {
             match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::report(&config))?)) {
                 Ok(report) => {
@@ -954,10 +960,10 @@ fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rotate(config: &Config) -> anyhow::Result<()> {
+fn rotate(config: &Config, superuser: bool) -> anyhow::Result<()> {
     let answer = runtime()?.block_on(control::request(
         &keepd::config::Layout::of(config).control_socket(),
-        &Request::Rotate,
+        &Request::Rotate { superuser },
     ))?;
     println!("{}", answer.message);
     Ok(())

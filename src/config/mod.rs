@@ -463,6 +463,10 @@ pub struct CredentialsConfig {
     pub encryption_method: SealMethod,
     pub rotation_interval: HumanDuration,
     pub rotation_grace_period: HumanDuration,
+    /// How often keepd's own Postgres superuser gets a new password
+    /// (native and docker; an external server's administrator is the
+    /// operator's).
+    pub superuser_rotation_interval: HumanDuration,
     pub password_length: usize,
     /// `secrets/db.enc` under the state directory when unset or empty.
     #[serde(deserialize_with = "optional_path")]
@@ -475,6 +479,7 @@ impl Default for CredentialsConfig {
             encryption_method: SealMethod::Hybrid,
             rotation_interval: HumanDuration(Duration::from_secs(168 * 3600)),
             rotation_grace_period: HumanDuration(Duration::from_secs(300)),
+            superuser_rotation_interval: HumanDuration(Duration::from_secs(30 * 86_400)),
             password_length: 64,
             encrypted_path: None,
         }

@@ -34,6 +34,13 @@ impl Topology {
         }
     }
 
+    /// Whether the Postgres superuser is keepd's own (its password made,
+    /// sealed and rotated by keepd) rather than an external server's
+    /// administrator.
+    pub fn owns_superuser(&self) -> bool {
+        self.provider != Provider::External
+    }
+
     pub fn is_tcp(&self) -> bool {
         self.transport == Transport::Tcp
     }

@@ -88,6 +88,13 @@ pub(super) fn credentials(creds: &CredentialsConfig) -> Result<(), Invalid> {
             "at least 1m".into(),
         ));
     }
+    if creds.superuser_rotation_interval.get() < Duration::from_secs(60) {
+        return Err(invalid(
+            "credentials.superuser_rotation_interval",
+            creds.superuser_rotation_interval.to_string(),
+            "at least 1m".into(),
+        ));
+    }
     if creds.rotation_grace_period >= creds.rotation_interval {
         return Err(invalid(
             "credentials.rotation_grace_period",

@@ -139,7 +139,11 @@ pub async fn set_up(
     if !config.backup.enabled() {
         return Ok(None);
     }
-    let backups = Arc::new(PgBackRest::new(config, credentials, node_id)?);
+    let mut backups = PgBackRest::new(config, credentials, node_id)?;
+    if let Some(rotating) = &superuser.shared {
+        backups = backups.sharing(rotating);
+    }
+    let backups = Arc::new(backups);
     backups.stanza_create().await?;
     // On a first start Postgres archived before the stanza existed, and
     // failed: archive the current segment now, so the report measures

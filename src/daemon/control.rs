@@ -44,14 +44,33 @@ pub enum ControlError {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
-    Rotate,
-    AccountList { after: Option<Uuid>, limit: u32 },
-    AccountShow { account: AccountRef },
-    AccountDisable { account: AccountRef },
-    AccountEnable { account: AccountRef },
-    AccountDelete { account: AccountRef },
-    AccountInvite { ttl_seconds: u64 },
-    AccountResetSecondFactor { account: AccountRef },
+    Rotate {
+        /// keepd's superuser's password instead of the login role.
+        #[serde(default)]
+        superuser: bool,
+    },
+    AccountList {
+        after: Option<Uuid>,
+        limit: u32,
+    },
+    AccountShow {
+        account: AccountRef,
+    },
+    AccountDisable {
+        account: AccountRef,
+    },
+    AccountEnable {
+        account: AccountRef,
+    },
+    AccountDelete {
+        account: AccountRef,
+    },
+    AccountInvite {
+        ttl_seconds: u64,
+    },
+    AccountResetSecondFactor {
+        account: AccountRef,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,9 +172,16 @@ async fn handle(
 
 async fn answer(request: Request, operator: Operator, rotator: &Rotator, api: &Api) -> Response {
     match request {
-        Request::Rotate => {
-            info!("credential rotation requested on the control socket");
-            match rotator.rotate_now().await {
+        Request::Rotate { superuser } => {
+            info!(
+                superuser,
+                "credential rotation requested on the control socket"
+            );
+            let rotated = match superuser {
+                true => rotator.rotate_superuser().await,
+                false => rotator.rotate_now().await,
+            };
+            match rotated {
                 Ok(message) => Response::done(message, ()),
                 Err(e) => Response::refused(e.to_string()),
             }

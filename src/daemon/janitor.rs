@@ -306,10 +306,10 @@ mod tests {
         // The janitor refuses it once (then stays quiet) and sweeps again
         // once it is a directory.
         let janitor = Janitor {
-            superuser: Endpoint {
-                config: tokio_postgres::Config::new(),
-                tls: crate::postgres::tls::Tls::Off,
-            },
+            superuser: Endpoint::new(
+                tokio_postgres::Config::new(),
+                crate::postgres::tls::Tls::Off,
+            ),
             idempotency_ttl: Duration::from_secs(60),
             revoked_device_retention: Duration::from_secs(60),
             login_delay_max: Duration::from_secs(60),

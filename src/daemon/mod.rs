@@ -57,7 +57,7 @@ use crate::postgres::server::{Prepared, Server};
 use crate::postgres::supervise::Supervisor;
 use crate::postgres::tls::{Endpoint, TlsSource};
 use crate::secrets::store::{CredentialStore, Credentials};
-use crate::secrets::values::ScramVerifier;
+use crate::secrets::values::{ScramVerifier, SharedPassword};
 use crate::shutdown;
 use crate::state_lock::StateLock;
 use rotator::Rotator;
@@ -164,8 +164,18 @@ impl Node {
         )
         .await?;
         let password = &self.credentials.superuser;
-        let maintenance = server.superuser_endpoint(password, "postgres");
-        let superuser = server.superuser_endpoint(password, DATABASE);
+        let mut maintenance = server.superuser_endpoint(password, "postgres");
+        let mut superuser = server.superuser_endpoint(password, DATABASE);
+        // keepd's own superuser rotates (`Rotator::rotate_superuser`):
+        // every endpoint reads its password from one place.
+        if server.superuser_is_keepds() {
+            let rotating = SharedPassword::new(
+                self.credentials.superuser.clone(),
+                self.credentials.superuser_next.clone(),
+            );
+            maintenance = maintenance.sharing(&rotating);
+            superuser = superuser.sharing(&rotating);
+        }
         let metrics = Arc::new(Metrics::default());
         let supervisor = Supervisor::start(server.clone(), maintenance.clone(), metrics.clone());
         self.notifier.status("starting Postgres");

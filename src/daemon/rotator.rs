@@ -38,6 +38,11 @@ pub enum RotationError {
     NoActive,
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error(
+        "the superuser is the external server's administrator, not keepd's: rotate its \
+         password on the server and in database.postgres.external"
+    )]
+    NotOurSuperuser,
 }
 
 /// Settings of a rotation, from `credentials.*` and `database.pool.*`.
@@ -46,6 +51,8 @@ pub struct RotationSettings {
     pub method: SealMethod,
     pub password_length: usize,
     pub interval: Duration,
+    /// keepd's own superuser's (`credentials.superuser_rotation_interval`).
+    pub superuser_interval: Duration,
     pub grace: Duration,
     pub connection_limit: i32,
 }
@@ -58,6 +65,7 @@ impl RotationSettings {
             method: config.credentials.encryption_method,
             password_length: config.credentials.password_length,
             interval: config.credentials.rotation_interval.get(),
+            superuser_interval: config.credentials.superuser_rotation_interval.get(),
             grace: config.credentials.rotation_grace_period.get(),
             connection_limit: config.database.pool.max_size as i32 + 2,
         }
@@ -193,6 +201,10 @@ impl Rotator {
     /// verifier; any other login role of this node that is not retiring is
     /// an orphan and is dropped.
     pub async fn reconcile(&self) -> Result<(), RotationError> {
+        if self.credentials.lock().await.superuser_next.is_some() {
+            info!("rotation: finishing an interrupted superuser password rotation");
+            self.rotate_superuser().await?;
+        }
         let credentials = self.credentials.lock().await;
         let mut client = self.admin().await?;
         let mut admin = RoleAdmin::new(&mut client);
@@ -248,6 +260,53 @@ impl Rotator {
             "login role v{version} is active; v{old} keeps working for the {}s grace period, then is dropped",
             self.settings.grace.as_secs()
         ))
+    }
+
+    /// A new password for keepd's own superuser: sealed as the next one,
+    /// given to Postgres, then sealed as the current one and handed to
+    /// every endpoint. Sessions already logged in stay; an interruption at
+    /// any point is finished by the next start (`reconcile`), whichever
+    /// of the two passwords Postgres holds.
+    pub async fn rotate_superuser(&self) -> Result<String, RotationError> {
+        let shared = self
+            .superuser
+            .shared
+            .clone()
+            .ok_or(RotationError::NotOurSuperuser)?;
+        let started = std::time::Instant::now();
+        let mut credentials = self.credentials.lock().await;
+        let next = match &credentials.superuser_next {
+            Some(next) => next.clone(),
+            None => {
+                let next = values::generate_password(self.settings.password_length)?;
+                credentials.superuser_next = Some(next.clone());
+                self.save(&credentials)?;
+                next
+            }
+        };
+        // Connections opened from here on try the new one if refused.
+        shared.stage(next.clone());
+        let mut client = self.admin().await?;
+        RoleAdmin::new(&mut client)
+            .set_superuser_password(&ScramVerifier::of(&next))
+            .await?;
+        drop(client);
+        credentials.superuser = next.clone();
+        credentials.superuser_next = None;
+        credentials.superuser_created_at = now();
+        self.save(&credentials)?;
+        shared.set(next);
+        drop(credentials);
+        let entry = crate::audit::AuditEntry {
+            action: crate::audit::AuditAction::CredentialRotation,
+            rows_affected: 1,
+            duration: started.elapsed(),
+            source_component: "rotation",
+            metadata: serde_json::json!({"role": "superuser"}),
+        };
+        crate::audit::record_alone(&self.pool, self.identity.node_id().as_str(), &entry).await?;
+        info!("rotation: the superuser has a new password");
+        Ok("the superuser has a new password; its open sessions stay logged in".into())
     }
 
     /// Steps 2-4 for a pending version.
@@ -395,18 +454,32 @@ impl Rotator {
 
     /// One move of the driver; false when stopped.
     async fn step(&self, stop: &mut Shutdown) -> Result<bool, RotationError> {
-        let (phase, due_at) = {
+        let (phase, due_at, superuser_due) = {
             let credentials = self.credentials.lock().await;
             let due_at = credentials.active().map(|a| {
                 a.status_since
                     .saturating_add(self.settings.interval.as_secs())
             });
+            let superuser_due = self.superuser.shared.as_ref().map(|_| {
+                credentials
+                    .superuser_created_at
+                    .saturating_add(self.settings.superuser_interval.as_secs())
+            });
             (
                 rotation::next_phase(&credentials, self.settings.grace),
                 due_at,
+                superuser_due,
             )
         };
         let wait_until = |at: u64| Duration::from_secs(at.saturating_sub(now()));
+        if let Some(at) = superuser_due
+            && now() >= at
+        {
+            info!("scheduled superuser password rotation");
+            self.rotate_superuser().await?;
+            return Ok(true);
+        }
+        let superuser_wait = superuser_due.map_or(Duration::MAX, wait_until);
         let sleep = match phase {
             Phase::Activate { version } => {
                 let mut credentials = self.credentials.lock().await;
@@ -437,6 +510,7 @@ impl Rotator {
                 None => return Err(RotationError::NoActive),
             },
         };
+        let sleep = sleep.min(superuser_wait);
         tokio::select! {
             _ = tokio::time::sleep(sleep.max(Duration::from_millis(200))) => Ok(true),
             _ = self.wake.notified() => Ok(true),

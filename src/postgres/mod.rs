@@ -189,7 +189,7 @@ pub fn endpoint(
             render::PGAUDIT_SESSION_CLASSES
         ));
     }
-    tls::Endpoint { config, tls }
+    tls::Endpoint::new(config, tls)
 }
 
 /// A Postgres error as an operator needs it: the server's own message with

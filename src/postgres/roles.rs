@@ -9,7 +9,7 @@
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::{DATABASE, GROUP_ROLES};
+use super::{DATABASE, GROUP_ROLES, SUPERUSER};
 use crate::identity::NodeId;
 use crate::secrets::values::ScramVerifier;
 
@@ -113,6 +113,37 @@ impl<'a> RoleAdmin<'a> {
             info!(role = name, "created login role");
         }
         Ok(())
+    }
+
+    /// Gives keepd's superuser `verifier`; its sessions stay logged in.
+    pub async fn set_superuser_password(
+        &mut self,
+        verifier: &ScramVerifier,
+    ) -> Result<(), RoleError> {
+        let err = |action| {
+            move |source| RoleError::Sql {
+                action,
+                role: SUPERUSER.to_string(),
+                source,
+            }
+        };
+        let tx = self.client.transaction().await.map_err(err("begin for"))?;
+        tx.batch_execute(
+            "SET LOCAL log_statement = 'none'; \
+             SET LOCAL log_min_error_statement = 'panic'; \
+             SET LOCAL log_min_duration_statement = -1",
+        )
+        .await
+        .map_err(err("silence logging for"))?;
+        let statement = zeroize::Zeroizing::new(format!(
+            "ALTER ROLE {} PASSWORD {}",
+            ident(SUPERUSER),
+            verifier.sql_literal().as_str()
+        ));
+        tx.batch_execute(&statement)
+            .await
+            .map_err(err("set the password of"))?;
+        tx.commit().await.map_err(err("commit"))
     }
 
     /// Sessions currently logged in as `name`.

@@ -218,6 +218,15 @@ impl Server {
         }
     }
 
+    /// Whether the superuser is keepd's own (its password in db.enc, which
+    /// keepd may rotate) rather than an external server's administrator.
+    pub fn superuser_is_keepds(&self) -> bool {
+        match self {
+            Server::Native(_) | Server::Docker(_) => true,
+            Server::External(_) => false,
+        }
+    }
+
     /// The address the server certificate must name, in TCP mode.
     pub fn tls_address(&self) -> Option<IpAddr> {
         match self {

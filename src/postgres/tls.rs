@@ -9,11 +9,13 @@ use rustls::sign::CertifiedKey;
 use rustls::{ConfigBuilder, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use crate::pki::{NodePki, Pair, PkiError};
+use crate::secrets::values::SharedPassword;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -197,12 +199,45 @@ pub fn client_config(
 pub struct Endpoint {
     pub config: Config,
     pub tls: Tls,
+    /// The superuser's rotating password, read at each connection (over
+    /// the one in `config`).
+    pub shared: Option<SharedPassword>,
 }
 
 impl Endpoint {
+    pub fn new(config: Config, tls: Tls) -> Endpoint {
+        Endpoint {
+            config,
+            tls,
+            shared: None,
+        }
+    }
+
+    /// The same, logging in with `password` as it rotates.
+    pub fn sharing(self, password: &SharedPassword) -> Endpoint {
+        Endpoint {
+            shared: Some(password.clone()),
+            ..self
+        }
+    }
+
     /// Connects and drives the connection in a task of its own.
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        connect(&self.config, &self.tls).await
+        let Some(shared) = &self.shared else {
+            return connect(&self.config, &self.tls).await;
+        };
+        let mut config = self.config.clone();
+        config.password(shared.current().expose());
+        match (connect(&config, &self.tls).await, shared.next()) {
+            // A rotation was interrupted after Postgres took the new one.
+            (Err(e), Some(next)) if e.code() == Some(&SqlState::INVALID_PASSWORD) => {
+                config.password(next.expose());
+                let client = connect(&config, &self.tls).await?;
+                shared.promote();
+                Ok(client)
+            }
+            (result, _) => result,
+        }
     }
 
     /// Connects, LISTENs on `channels` and hands each notification's
@@ -214,13 +249,17 @@ impl Endpoint {
         channels: &[&'static str],
         on_notify: impl Fn(&str, &str) + Send + 'static,
     ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let mut config = self.config.clone();
+        if let Some(shared) = &self.shared {
+            config.password(shared.current().expose());
+        }
         let (client, task) = match &self.tls {
             Tls::Off => {
-                let (client, connection) = self.config.connect(tokio_postgres::NoTls).await?;
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
                 (client, tokio::spawn(forward(connection, on_notify)))
             }
             Tls::On(make) => {
-                let (client, connection) = self.config.connect(make.clone()).await?;
+                let (client, connection) = config.connect(make.clone()).await?;
                 (client, tokio::spawn(forward(connection, on_notify)))
             }
         };
@@ -237,6 +276,7 @@ impl Endpoint {
         Endpoint {
             config,
             tls: self.tls.clone(),
+            shared: self.shared.clone(),
         }
     }
 }

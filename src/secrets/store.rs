@@ -85,6 +85,14 @@ pub struct LoginCredential {
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     pub superuser: SecretString,
+    /// When the superuser's password was made (Unix seconds; 0 in files
+    /// from before it rotated: due at once).
+    #[serde(default)]
+    pub superuser_created_at: u64,
+    /// A new superuser password sealed before Postgres takes it; present
+    /// only while a rotation is under way (or was interrupted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superuser_next: Option<SecretString>,
     pub login_roles: Vec<LoginCredential>,
     /// pgBackRest's repository passphrase, made when backups are first
     /// configured (absent in files from before).
@@ -107,6 +115,8 @@ impl Credentials {
     pub fn generate(password_length: usize, now: u64) -> Result<Credentials, EntropyError> {
         Ok(Credentials {
             superuser: values::generate_password(password_length)?,
+            superuser_created_at: now,
+            superuser_next: None,
             login_roles: vec![LoginCredential {
                 version: 1,
                 password: Some(values::generate_password(password_length)?),

@@ -1,6 +1,7 @@
 //! Secret values in memory: zeroized on drop, invisible to Debug and Display.
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use zeroize::Zeroizing;
 
@@ -35,6 +36,59 @@ impl serde::Serialize for SecretString {
 impl<'de> serde::Deserialize<'de> for SecretString {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         String::deserialize(deserializer).map(SecretString::new)
+    }
+}
+
+/// The superuser's password, shared by every endpoint and program that
+/// logs in with it, so a rotation reaches them all at once. During a
+/// rotation interrupted between sealing the new password and Postgres
+/// taking it, both are held: the one Postgres accepts wins.
+#[derive(Clone)]
+pub struct SharedPassword(Arc<RwLock<Passwords>>);
+
+struct Passwords {
+    current: SecretString,
+    next: Option<SecretString>,
+}
+
+impl SharedPassword {
+    pub fn new(current: SecretString, next: Option<SecretString>) -> SharedPassword {
+        SharedPassword(Arc::new(RwLock::new(Passwords { current, next })))
+    }
+
+    pub fn current(&self) -> SecretString {
+        self.0.read().expect("not poisoned").current.clone()
+    }
+
+    /// The password to try when `current` is refused.
+    pub fn next(&self) -> Option<SecretString> {
+        self.0.read().expect("not poisoned").next.clone()
+    }
+
+    /// `next` is being given to Postgres: tried when `current` is refused.
+    pub fn stage(&self, next: SecretString) {
+        self.0.write().expect("not poisoned").next = Some(next);
+    }
+
+    /// From now on, `password` alone.
+    pub fn set(&self, password: SecretString) {
+        let mut held = self.0.write().expect("not poisoned");
+        held.current = password;
+        held.next = None;
+    }
+
+    /// `next` was accepted: it becomes the current one.
+    pub fn promote(&self) {
+        let mut held = self.0.write().expect("not poisoned");
+        if let Some(next) = held.next.take() {
+            held.current = next;
+        }
+    }
+}
+
+impl fmt::Debug for SharedPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedPassword([redacted])")
     }
 }
 

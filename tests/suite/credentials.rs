@@ -338,12 +338,15 @@ fn no_password_or_verifier_in_logs_argv_or_files() {
     };
     assert!(node.rotate().0);
     wait_converged(&node, &daemon, 2);
+    let superuser = node.command(&["rotate", "--superuser"]).output().unwrap();
+    assert!(superuser.status.success());
     watching.store(false, Ordering::Relaxed);
     assert!(
         argv_hits.join().unwrap().is_empty(),
         "a secret appeared in a process's argv"
     );
     let after = node.credentials();
+    secrets.push(after.superuser.expose().to_string());
     secrets.push(
         after
             .active()
@@ -565,4 +568,138 @@ fn psql_children_hold_no_password_in_their_environment() {
     // And psql itself got in (as the superuser, then the login role).
     assert_eq!(node.psql("superuser", "SELECT 1").unwrap(), "1");
     assert_eq!(node.psql("login", "SELECT 1").unwrap(), "1");
+}
+
+/// keepd's superuser gets a new password while the daemon serves and a
+/// `keepd psql` session stays open: no request fails, the session goes on,
+/// the old password is refused, the daemon's own new superuser connections
+/// (a login-role rotation) use the new one, and it is audited.
+#[test]
+fn the_superuser_password_rotates_under_load_and_an_open_psql_session() {
+    use std::io::{BufRead, BufReader, Write};
+    let node = TestNode::with(common::config::merged([
+        common::unlimited_rates(),
+        grace_period("2s"),
+    ]));
+    let daemon = Arc::new(started(&node));
+    let mut session = node
+        .command(&["psql", "--", "-XAtq"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = session.stdin.take().unwrap();
+    let mut output = BufReader::new(session.stdout.take().unwrap());
+    let mut ask = |sql: &str| {
+        writeln!(input, "{sql}").unwrap();
+        input.flush().unwrap();
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask("SELECT current_user;"), "keepd_superuser");
+    let before = node.credentials();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (daemon, stop, failed) = (daemon.clone(), stop.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if daemon.health() != Some(200) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    for _ in 0..2 {
+        let out = node.command(&["rotate", "--superuser"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("new password"), "{text}");
+    }
+    // The daemon's next superuser connection: a login-role rotation.
+    let (rotated, message) = node.rotate();
+    assert!(rotated, "{message}");
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed");
+    assert_eq!(ask("SELECT 2;"), "2", "the open session went on");
+    drop(input);
+    assert!(session.wait().unwrap().success());
+
+    let after = node.credentials();
+    assert_ne!(after.superuser.expose(), before.superuser.expose());
+    assert!(after.superuser_next.is_none());
+    assert!(after.superuser_created_at >= before.superuser_created_at);
+    // db.enc's password works (keepd psql reads it); the old one is refused.
+    assert_eq!(node.psql("superuser", "SELECT 1").unwrap(), "1");
+    let socket = node.dir.path().join("run/postgres");
+    let old = std::process::Command::new("psql")
+        .args([
+            "-XAtq",
+            "-h",
+            socket.to_str().unwrap(),
+            "-U",
+            "keepd_superuser",
+            "-d",
+            "keepd",
+            "-c",
+            "SELECT 1",
+        ])
+        .env("PGPASSWORD", before.superuser.expose())
+        .output()
+        .unwrap();
+    assert!(!old.status.success(), "the old password still logs in");
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("password authentication failed"),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
+    let audited = node
+        .psql(
+            "superuser",
+            "SELECT count(*) FROM keepd_audit.audit_log WHERE action = 'CREDENTIAL_ROTATION' \
+             AND metadata->>'role' = 'superuser'",
+        )
+        .unwrap();
+    assert_eq!(audited, "2");
+    let status = node.command(&["keys", "status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("credentials.superuser_rotation_interval"),
+        "{status}"
+    );
+}
+
+/// A superuser rotation interrupted after its new password was sealed is
+/// finished by the next start, and keepd starts.
+#[test]
+fn an_interrupted_superuser_rotation_is_finished_at_start() {
+    let node = TestNode::new();
+    let mut daemon = started(&node);
+    daemon.stop();
+    let identity =
+        keepd::identity::NodeIdentity::load(&node.state_dir().join("identity.key")).unwrap();
+    let mut credentials = node.credentials();
+    let next = keepd::secrets::values::generate_password(64).unwrap();
+    credentials.superuser_next = Some(next.clone());
+    keepd::secrets::store::CredentialStore::new(node.state_dir().join("secrets/db.enc"))
+        .save(&identity, keepd::config::SealMethod::Hybrid, &credentials)
+        .unwrap();
+    let daemon = started(&node);
+    assert!(
+        daemon
+            .wait_for_log(
+                "rotation: finishing an interrupted superuser password rotation",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let after = node.credentials();
+    assert_eq!(after.superuser.expose(), next.expose());
+    assert!(after.superuser_next.is_none());
+    assert_eq!(node.psql("superuser", "SELECT 1").unwrap(), "1");
 }
