@@ -8,8 +8,9 @@ CREATE TABLE keepd.field_keys (
     version    integer PRIMARY KEY CHECK (version >= 1),
     created_at timestamptz NOT NULL DEFAULT now(),
     uses       bigint NOT NULL DEFAULT 0 CHECK (uses >= 0),
-    -- Why it was made: 'configured' (key_version), 'age' or 'uses'.
-    reason     text NOT NULL CHECK (reason IN ('configured', 'age', 'uses')),
+    -- Why it was made: 'configured' (key_version), 'age', 'uses', or 'root'
+    -- (the cluster key rotated: a version of the new root).
+    reason     text NOT NULL CHECK (reason IN ('configured', 'age', 'uses', 'root')),
     retired_at timestamptz
 );
 ALTER TABLE keepd.field_keys ENABLE ROW LEVEL SECURITY;

@@ -374,6 +374,14 @@ pub async fn cluster(
     Ok(crate::cluster::members(&mut client).await?)
 }
 
+/// `keepd cluster rotate-key`, as the superuser.
+pub async fn cluster_rotate_key(config: &Config) -> Result<crate::cluster::RotatedKey, AdminError> {
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-cluster")?;
+    let mut client = endpoint.connect().await.map_err(AdminError::Connect)?;
+    Ok(crate::cluster::rotate_key(&mut client, &identity).await?)
+}
+
 /// `keepd keys status`: every key keepd holds or derives, with its
 /// version, age and schedule. The cluster's founding and its field key
 /// versions are read from the database when it answers; without it those

@@ -267,7 +267,8 @@ impl FieldPlan {
 /// Seals and opens the configured columns.
 pub struct FieldCipher {
     plan: FieldPlan,
-    cluster: ClusterKey,
+    /// Replaced when the cluster root rotates (`rekey`).
+    cluster: RwLock<ClusterKey>,
     /// The version that seals; `field_keys` moves it.
     current: AtomicU32,
     /// Values sealed since `take_seals` last counted them.
@@ -284,7 +285,7 @@ impl FieldCipher {
         FieldCipher {
             current: AtomicU32::new(plan.floor),
             plan,
-            cluster: cluster.clone(),
+            cluster: RwLock::new(cluster.clone()),
             sealed: AtomicU64::new(0),
             keys: RwLock::new(HashMap::new()),
         }
@@ -302,6 +303,18 @@ impl FieldCipher {
     /// From now on, seal under `version` (the cluster's current one).
     pub fn seal_under(&self, version: u32) {
         self.current.store(version.max(1), Ordering::Release);
+    }
+
+    /// The cluster's new root: the versions in use were carried by the
+    /// rotation (they derive as before); later ones come from it.
+    pub fn rekey(&self, cluster: &ClusterKey) {
+        *self.cluster.write().expect("not poisoned") = cluster.clone();
+        self.keys.write().expect("not poisoned").clear();
+    }
+
+    /// The generation of the cluster root it derives new versions from.
+    pub fn generation(&self) -> u32 {
+        self.cluster.read().expect("not poisoned").generation()
     }
 
     /// How many values were sealed since the last call.
@@ -322,7 +335,11 @@ impl FieldCipher {
             .get(&version)
             .map(|k| Aes256Gcm::new_from_slice(k.as_ref()).expect("32-byte key"));
         known.unwrap_or_else(|| {
-            let key = self.cluster.derive(Purpose::Field(version));
+            let key = self
+                .cluster
+                .read()
+                .expect("not poisoned")
+                .derive(Purpose::Field(version));
             let cipher = Aes256Gcm::new_from_slice(key.as_ref()).expect("32-byte key");
             self.keys
                 .write()

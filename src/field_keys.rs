@@ -21,6 +21,8 @@ pub enum Reason {
     Age,
     /// The previous one sealed `rotate_after_uses` values.
     Uses,
+    /// The cluster key rotated: the first version of the new root.
+    Root,
 }
 
 impl Reason {
@@ -29,6 +31,7 @@ impl Reason {
             Reason::Configured => "configured",
             Reason::Age => "age",
             Reason::Uses => "uses",
+            Reason::Root => "root",
         }
     }
 }
@@ -45,6 +48,9 @@ pub struct FieldKeyVersion {
     pub uses: u64,
     pub reason: String,
     pub retired_at: Option<u64>,
+    /// The cluster root generation it derives from: a node seals under it
+    /// only once it holds that root.
+    pub generation: u32,
 }
 
 /// When the current version is replaced: `rotate_after` and
@@ -84,7 +90,7 @@ impl RotationPolicy {
 
 const VERSIONS: &str = "SELECT version, extract(epoch FROM created_at)::int8, \
      extract(epoch FROM now() - created_at)::int8, uses, reason, \
-     extract(epoch FROM retired_at)::int8 \
+     extract(epoch FROM retired_at)::int8, generation \
      FROM keepd.field_keys ORDER BY version";
 
 /// Every version, oldest first.
@@ -100,22 +106,28 @@ pub async fn versions(client: &Client) -> Result<Vec<FieldKeyVersion>, tokio_pos
             uses: seconds(row.get(3)),
             reason: row.get(4),
             retired_at: row.get::<_, Option<i64>>(5).map(seconds),
+            generation: u32::try_from(row.get::<_, i32>(6)).unwrap_or(1),
         })
         .collect())
 }
 
 /// Makes every version up to `floor` (`key_version`) that does not exist
-/// yet; returns the current one (the highest), which may be above it.
-pub async fn ensure(client: &Client, floor: u32) -> Result<u32, tokio_postgres::Error> {
+/// yet, of root `generation`; returns the current one (the highest),
+/// which may be above it.
+pub async fn ensure(
+    client: &Client,
+    floor: u32,
+    generation: u32,
+) -> Result<u32, tokio_postgres::Error> {
     let floor = i32::try_from(floor).unwrap_or(i32::MAX);
     let row = client
         .query_one(
-            "WITH made AS (INSERT INTO keepd.field_keys (version, reason) \
-             SELECT v, 'configured' FROM generate_series(1, $1::int4) v \
+            "WITH made AS (INSERT INTO keepd.field_keys (version, reason, generation) \
+             SELECT v, 'configured', $2 FROM generate_series(1, $1::int4) v \
              ON CONFLICT (version) DO NOTHING RETURNING version) \
              SELECT greatest((SELECT max(version) FROM keepd.field_keys), \
                              (SELECT max(version) FROM made), $1::int4)",
-            &[&floor],
+            &[&floor, &(generation as i32)],
         )
         .await?;
     Ok(u32::try_from(row.get::<_, i32>(0)).unwrap_or(1))
@@ -137,22 +149,35 @@ pub async fn count_uses(
     Ok(())
 }
 
-/// Makes the version after `current`, unless another node already made
-/// one (then nothing): `Some(new)` when this call made it.
+/// Serialises making a version with rotating the cluster key, which
+/// carries the versions that exist ("keepd_fk").
+pub const VERSIONS_LOCK: i64 = 0x6b65_6570_645f_666b;
+
+/// Makes the version after `current`, of root `generation`, unless
+/// another node already made one, or the cluster holds a newer root than
+/// `generation` (then nothing): `Some(new)` when this call made it.
 pub async fn rotate(
-    client: &Client,
+    client: &mut Client,
     current: u32,
     reason: Reason,
+    generation: u32,
 ) -> Result<Option<u32>, tokio_postgres::Error> {
-    let rows = client
+    let tx = client.transaction().await?;
+    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&VERSIONS_LOCK])
+        .await?;
+    // A version made under an old root after a rotation was not carried:
+    // the nodes holding the new one would derive another key for it.
+    let rows = tx
         .query(
-            "INSERT INTO keepd.field_keys (version, reason) \
-             SELECT $1::int4 + 1, $2 FROM keepd.field_keys \
-             HAVING max(version) = $1::int4 \
+            "INSERT INTO keepd.field_keys (version, reason, generation) \
+             SELECT $1::int4 + 1, $2, $3 FROM keepd.field_keys \
+             HAVING max(version) = $1::int4 AND NOT EXISTS \
+               (SELECT 1 FROM keepd.cluster_key_log WHERE generation > $3) \
              ON CONFLICT (version) DO NOTHING RETURNING version",
-            &[&(current as i32), &reason.as_str()],
+            &[&(current as i32), &reason.as_str(), &(generation as i32)],
         )
         .await?;
+    tx.commit().await?;
     Ok(rows
         .first()
         .map(|row| u32::try_from(row.get::<_, i32>(0)).unwrap_or(0)))
@@ -189,6 +214,7 @@ mod tests {
             uses,
             reason: "age".into(),
             retired_at: None,
+            generation: 1,
         }
     }
 

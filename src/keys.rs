@@ -35,8 +35,9 @@ pub struct KeyStatus {
 pub struct KeyFacts {
     /// How the identity is kept, and when its file was written.
     pub identity: (String, Option<u64>),
-    /// The pinned cluster root's fingerprint and the cluster's founding.
-    pub cluster: Option<(String, Option<u64>)>,
+    /// The pinned cluster root's fingerprint, its generation and when it
+    /// was made (the founding, or its rotation).
+    pub cluster: Option<(String, u32, Option<u64>)>,
     /// The cluster's field key versions not retired (the database's
     /// word; the configured `key_version` with no age when it was not read).
     pub field_keys: Vec<FieldKeyVersion>,
@@ -64,6 +65,8 @@ fn written(path: &Path) -> Option<u64> {
 pub struct DatabaseFacts {
     /// When the cluster was founded: its first member's admission.
     pub founded: Option<u64>,
+    /// The root's generation and when it was made, after a rotation.
+    pub rotated: Option<(u32, u64)>,
     pub field_keys: Vec<FieldKeyVersion>,
 }
 
@@ -82,8 +85,24 @@ impl DatabaseFacts {
         let field_keys = crate::field_keys::versions(superuser)
             .await
             .unwrap_or_default();
+        let rotated = superuser
+            .query_opt(
+                "SELECT generation, extract(epoch FROM rotated_at)::int8 \
+                 FROM keepd.cluster_key_log ORDER BY generation DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|row| {
+                (
+                    u32::try_from(row.get::<_, i32>(0)).unwrap_or(1),
+                    u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                )
+            });
         DatabaseFacts {
             founded,
+            rotated,
             field_keys,
         }
     }
@@ -92,12 +111,15 @@ impl DatabaseFacts {
 /// What the configuration, the state directory, `credentials` and the
 /// database (where it was read) say of every key.
 pub fn facts(config: &Config, credentials: &Credentials, database: &DatabaseFacts) -> KeyFacts {
-    let founded = database.founded;
+    let (generation, made) = match database.rotated {
+        Some((generation, at)) => (generation, Some(at)),
+        None => (1, database.founded),
+    };
     let identities = IdentityStore::of(config);
     let layout = Layout::of(config);
     let cluster = std::fs::read_to_string(layout.cluster_pin())
         .ok()
-        .map(|pin| (pin.trim().to_string(), founded));
+        .map(|pin| (pin.trim().to_string(), generation, made));
     let mut certificates = Vec::new();
     let renew = Some(crate::pki::RENEW_BEFORE.as_secs());
     for (name, file) in [
@@ -142,6 +164,7 @@ pub fn facts(config: &Config, credentials: &Credentials, database: &DatabaseFact
                 uses: 0,
                 reason: "configured".into(),
                 retired_at: None,
+                generation: 1,
             }],
         },
         field_policy: RotationPolicy::of(config),
@@ -208,20 +231,24 @@ pub fn statuses(facts: &KeyFacts, now: u64) -> Vec<KeyStatus> {
         format!("never rotated (everything this node seals is sealed to it); kept as {protection}"),
         None,
     )];
-    if let Some((fingerprint, founded)) = &facts.cluster {
+    if let Some((fingerprint, generation, made)) = &facts.cluster {
         let short: String = fingerprint.chars().take(16).collect();
+        let version = format!("g{generation} {short}");
         keys.push(
-            KeyStatus::new("cluster root", short.clone(), *founded)
-                .policy("not rotated yet: made when the cluster was founded", None),
+            KeyStatus::new("cluster root", version.clone(), *made).policy(
+                "by hand: `keepd cluster rotate-key` (after removing a node)",
+                None,
+            ),
         );
-        for derived in [
-            "token key",
-            "email HMAC key",
-            "audit identifier key",
-            "OPAQUE setup",
-        ] {
-            keys.push(KeyStatus::new(derived, short.clone(), *founded).policy(
+        for derived in ["token key", "audit identifier key"] {
+            keys.push(KeyStatus::new(derived, version.clone(), *made).policy(
                 "derived from the cluster root (HKDF): changes with it",
+                None,
+            ));
+        }
+        for carried in ["email HMAC key", "OPAQUE setup"] {
+            keys.push(KeyStatus::new(carried, version.clone(), *made).policy(
+                "carried across rotations (what was made with it depends on it)",
                 None,
             ));
         }
@@ -372,7 +399,7 @@ mod tests {
         let day = 86_400;
         let facts = KeyFacts {
             identity: ("a plaintext file (mode 0600)".into(), Some(10 * day)),
-            cluster: Some(("ab".repeat(32), Some(11 * day))),
+            cluster: Some(("ab".repeat(32), 1, Some(11 * day))),
             field_keys: vec![
                 FieldKeyVersion {
                     version: 1,
@@ -381,6 +408,7 @@ mod tests {
                     uses: 7,
                     reason: "configured".into(),
                     retired_at: None,
+                    generation: 1,
                 },
                 FieldKeyVersion {
                     version: 2,
@@ -389,6 +417,7 @@ mod tests {
                     uses: 3,
                     reason: "age".into(),
                     retired_at: None,
+                    generation: 1,
                 },
             ],
             field_policy: RotationPolicy {
@@ -412,8 +441,8 @@ mod tests {
                 "identity",
                 "cluster root",
                 "token key",
-                "email HMAC key",
                 "audit identifier key",
+                "email HMAC key",
                 "OPAQUE setup",
                 "field key v1 (retiring)",
                 "field key v2 (sealing)",
@@ -442,7 +471,7 @@ mod tests {
             Some(45 * day),
             "superuser: made + 30d"
         );
-        assert_eq!(keys[1].version, "abababababababab");
+        assert_eq!(keys[1].version, "g1 abababababababab");
         assert!(table(&keys).lines().count() == keys.len() + 1);
     }
 }

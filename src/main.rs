@@ -325,6 +325,12 @@ enum ClusterCommand {
         #[arg(value_name = "NODE_ID")]
         node_id: String,
     },
+    /// Make a new cluster key and seal it to every admitted node in one
+    /// transaction; the nodes adopt it without a restart. Tokens of the
+    /// previous key work until they expire (api.jwt_ttl); field values are
+    /// re-encrypted in the background. Run it after `cluster remove`.
+    #[command(after_help = help!("keepd cluster rotate-key"))]
+    RotateKey,
 }
 
 #[derive(Subcommand)]
@@ -922,6 +928,17 @@ fn restore(config: &Config, to: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn rotate_cluster_key(config: &Config) -> anyhow::Result<()> {
+    let rotated = runtime()?.block_on(keepd::admin::cluster_rotate_key(config))?;
+    println!(
+        "the cluster key is now generation {} (fingerprint {}), sealed to {} member(s); every \
+         node adopts it within seconds, tokens of the previous key work until they expire \
+         (api.jwt_ttl), and field values are re-encrypted in the background",
+        rotated.generation, rotated.fingerprint, rotated.members
+    );
+    Ok(())
+}
+
 fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
     use keepd::admin::ClusterAction;
     let (action, only_pending) = match &command {
@@ -929,12 +946,16 @@ fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Pending => (ClusterAction::Status, true),
         ClusterCommand::Admit { node_id } => (ClusterAction::Admit(node_id), false),
         ClusterCommand::Remove { node_id } => (ClusterAction::Remove(node_id), false),
+        ClusterCommand::RotateKey => return rotate_cluster_key(config),
     };
     let members = runtime()?.block_on(keepd::admin::cluster(config, action))?;
     match &command {
         ClusterCommand::Admit { node_id } => println!("admitted {node_id}"),
-        ClusterCommand::Remove { node_id } => println!("removed {node_id}"),
-        ClusterCommand::Status | ClusterCommand::Pending => {}
+        ClusterCommand::Remove { node_id } => println!(
+            "removed {node_id}; it still knows the cluster key: run `keepd cluster rotate-key` \
+             so that its tokens stop working and it can derive nothing new"
+        ),
+        ClusterCommand::Status | ClusterCommand::Pending | ClusterCommand::RotateKey => {}
     }
     let shown: Vec<_> = members
         .iter()

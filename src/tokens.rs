@@ -2,12 +2,17 @@
 //! from the cluster key, so every node of a cluster accepts every node's
 //! tokens and there is no shared secret to configure.
 //!
-//! Verification accepts exactly one header (`{"alg":"HS256","typ":"JWT"}`
-//! as keepd writes it): `alg: none`, other algorithms and re-encoded
-//! headers are refused before any signature check. Whether the session is
+//! Each token names the generation of the cluster root its key comes from
+//! in the header's `kid` (`{"alg":"HS256","typ":"JWT","kid":"2"}`; the
+//! first generation writes no `kid`, as keepd always did). Verification
+//! accepts exactly the header of the current generation, or of the
+//! previous one while its tokens may still be live (until the rotation
+//! plus the TTL): `alg: none`, other algorithms, unknown generations and
+//! re-encoded headers are refused before any signature check. Whether the session is
 //! still live (logout, password change) is the database's answer, not the
 //! token's; `TokenClaims::sid` names the row to ask about.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,7 +24,6 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::cluster::{ClusterKey, Purpose};
-use crate::identity::NodeId;
 
 /// The only header keepd issues or accepts, already encoded.
 const HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
@@ -36,6 +40,8 @@ pub enum TokenError {
     BadSignature,
     #[error("the token has expired")]
     Expired,
+    #[error("the token's key belongs to a cluster root replaced longer ago than its lifetime")]
+    RetiredKey,
 }
 
 /// What a token says about its bearer.
@@ -55,27 +61,65 @@ pub struct TokenClaims {
 /// Mints and checks tokens for one node of a cluster.
 pub struct TokenIssuer {
     key: Zeroizing<[u8; 32]>,
+    header: String,
+    /// The previous root's header and key, and until when its tokens pass.
+    previous: Option<(String, Zeroizing<[u8; 32]>, u64)>,
+    /// Issue under the previous root: a node just given a new root keeps
+    /// issuing what every node accepts until every live node holds it.
+    issue_previous: AtomicBool,
     node_id: String,
     ttl: Duration,
+}
+
+/// The header of tokens under generation `generation` of the root.
+fn header(generation: u32) -> String {
+    match generation {
+        1 => HEADER.to_string(),
+        g => B64URL.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{g}"}}"#)),
+    }
 }
 
 use crate::clock::unix_now;
 
 impl TokenIssuer {
-    pub fn new(cluster: &ClusterKey, node_id: &NodeId, ttl: Duration) -> TokenIssuer {
+    pub fn new(cluster: &ClusterKey, node_id: &str, ttl: Duration) -> TokenIssuer {
         TokenIssuer {
             key: cluster.derive(Purpose::Tokens),
+            header: header(cluster.generation()),
+            previous: cluster.previous().map(|p| {
+                (
+                    header(p.generation),
+                    p.token_key.clone(),
+                    p.rotated_at.saturating_add(ttl.as_secs()),
+                )
+            }),
+            // Until the heartbeat says every live node holds the new root,
+            // while the previous root's tokens still pass anywhere.
+            issue_previous: AtomicBool::new(
+                cluster
+                    .previous()
+                    .is_some_and(|p| unix_now() < p.rotated_at.saturating_add(ttl.as_secs())),
+            ),
             node_id: node_id.to_string(),
             ttl,
         }
+    }
+
+    /// Every live node holds the current root: issue under it.
+    pub fn issue_under_current(&self) {
+        self.issue_previous.store(false, Ordering::Release);
+    }
+
+    pub fn issues_under_previous(&self) -> bool {
+        self.issue_previous.load(Ordering::Acquire)
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.as_ref()).expect("any key length")
+    fn mac(key: &[u8; 32]) -> Hmac<Sha256> {
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("any key length")
     }
 
     /// A token for `user` in `session`, valid for the configured TTL.
@@ -89,8 +133,12 @@ impl TokenIssuer {
             exp: iat.saturating_add(self.ttl.as_secs()),
         };
         let payload = serde_json::to_vec(&claims).expect("claims serialise");
-        let signing_input = format!("{HEADER}.{}", B64URL.encode(payload));
-        let mut mac = self.mac();
+        let (header, key) = match &self.previous {
+            Some((header, key, _)) if self.issues_under_previous() => (header, key),
+            _ => (&self.header, &self.key),
+        };
+        let signing_input = format!("{header}.{}", B64URL.encode(payload));
+        let mut mac = Self::mac(key);
         mac.update(signing_input.as_bytes());
         let signature = B64URL.encode(mac.finalize().into_bytes());
         (format!("{signing_input}.{signature}"), claims)
@@ -112,13 +160,20 @@ impl TokenIssuer {
         else {
             return Err(TokenError::Malformed);
         };
-        if header != HEADER {
-            return Err(TokenError::WrongAlgorithm);
-        }
+        let key = match &self.previous {
+            _ if header == self.header => &self.key,
+            Some((previous, key, until)) if header == previous => {
+                if now >= *until {
+                    return Err(TokenError::RetiredKey);
+                }
+                key
+            }
+            _ => return Err(TokenError::WrongAlgorithm),
+        };
         let signature = B64URL
             .decode(signature)
             .map_err(|_| TokenError::Malformed)?;
-        let mut mac = self.mac();
+        let mut mac = Self::mac(key);
         mac.update(&token.as_bytes()[..header.len() + 1 + payload.len()]);
         mac.verify_slice(&signature)
             .map_err(|_| TokenError::BadSignature)?;
@@ -141,7 +196,11 @@ mod tests {
         let (identity, _) =
             crate::identity::NodeIdentity::load_or_create(&dir.path().join("id")).unwrap();
         let cluster = ClusterKey::generate().unwrap();
-        TokenIssuer::new(&cluster, identity.node_id(), Duration::from_secs(ttl))
+        TokenIssuer::new(
+            &cluster,
+            identity.node_id().as_str(),
+            Duration::from_secs(ttl),
+        )
     }
 
     #[test]
@@ -150,8 +209,8 @@ mod tests {
         let ids: Vec<_> = (0..2)
             .map(|i| crate::identity::NodeIdentity::from_seed(&[i; 32]))
             .collect();
-        let a = TokenIssuer::new(&cluster, ids[0].node_id(), Duration::from_secs(60));
-        let b = TokenIssuer::new(&cluster, ids[1].node_id(), Duration::from_secs(60));
+        let a = TokenIssuer::new(&cluster, ids[0].node_id().as_str(), Duration::from_secs(60));
+        let b = TokenIssuer::new(&cluster, ids[1].node_id().as_str(), Duration::from_secs(60));
         let (token, claims) = a.issue(Uuid::new_v4(), Uuid::new_v4());
         assert_eq!(b.verify(&token).unwrap(), claims);
         assert_eq!(claims.iss, ids[0].node_id().as_str());
@@ -208,5 +267,64 @@ mod tests {
         ] {
             assert!(issuer.verify(junk).is_err(), "{junk:?} accepted");
         }
+    }
+
+    #[test]
+    fn tokens_of_the_previous_root_pass_until_they_could_have_expired() {
+        let id = crate::identity::NodeIdentity::from_seed(&[5; 32]);
+        let first = ClusterKey::generate().unwrap();
+        let old = TokenIssuer::new(&first, id.node_id().as_str(), Duration::from_secs(60));
+        let (token, claims) = old.issue(Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(
+            token.split('.').next(),
+            Some(HEADER),
+            "generation 1 writes no kid"
+        );
+        let rotated_at = claims.iat + 10;
+        let second = first.rotated(&[], rotated_at).unwrap();
+        let new = TokenIssuer::new(&second, id.node_id().as_str(), Duration::from_secs(60));
+        assert_eq!(new.verify_at(&token, claims.iat + 20), Ok(claims.clone()));
+        assert_eq!(
+            new.verify_at(&token, rotated_at + 60),
+            Err(TokenError::RetiredKey)
+        );
+        // Until every node holds the new root, tokens are the previous one's
+        // (made now: this rotation is recent).
+        let recent = TokenIssuer::new(
+            &first.rotated(&[], unix_now()).unwrap(),
+            id.node_id().as_str(),
+            Duration::from_secs(60),
+        );
+        assert!(recent.issues_under_previous());
+        let (early, _) = recent.issue(Uuid::new_v4(), Uuid::new_v4());
+        assert!(old.verify(&early).is_ok(), "the old root's nodes accept it");
+        recent.issue_under_current();
+        let (late, _) = recent.issue(Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(old.verify(&late), Err(TokenError::WrongAlgorithm));
+        new.issue_under_current();
+        let (fresh, fresh_claims) = new.issue(Uuid::new_v4(), Uuid::new_v4());
+        let kid: serde_json::Value =
+            serde_json::from_slice(&B64URL.decode(fresh.split('.').next().unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(kid["kid"], "2");
+        assert_eq!(new.verify(&fresh), Ok(fresh_claims));
+        // The old root does not know the new generation's tokens.
+        assert_eq!(old.verify(&fresh), Err(TokenError::WrongAlgorithm));
+        // A token signed with the old key under the new header is forged.
+        let parts: Vec<&str> = token.split('.').collect();
+        let relabelled = format!(
+            "{}.{}.{}",
+            fresh.split('.').next().unwrap(),
+            parts[1],
+            parts[2]
+        );
+        assert_eq!(new.verify(&relabelled), Err(TokenError::BadSignature));
+        // Two rotations on, the first root's tokens are refused.
+        let third = second.rotated(&[], rotated_at + 1).unwrap();
+        let newest = TokenIssuer::new(&third, id.node_id().as_str(), Duration::from_secs(60));
+        assert_eq!(
+            newest.verify_at(&token, claims.iat + 20),
+            Err(TokenError::WrongAlgorithm)
+        );
     }
 }

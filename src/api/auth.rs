@@ -222,7 +222,9 @@ impl Api {
     }
 
     pub(super) fn client_ref(&self, client: &ClientAddr) -> String {
-        self.identifiers.identifier("ip", &client.0.to_string())
+        self.root_keys()
+            .identifiers
+            .identifier("ip", &client.0.to_string())
     }
 
     /// Judges and counts an attempt at `account`'s password (or code) in
@@ -443,7 +445,7 @@ impl Api {
         }
         let id = account.id;
         let session = Uuid::new_v4();
-        let (token, claims) = self.tokens.issue(id, session);
+        let (token, claims) = self.root_keys().tokens.issue(id, session);
         let expires_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp);
         let mut tx = self
             .pool
@@ -557,7 +559,7 @@ pub(super) async fn login(
         }
         _ => {
             let metadata = json!({
-                "email": api.identifiers.identifier("email", &email),
+                "email": api.root_keys().identifiers.identifier("email", &email),
                 "client": api.client_ref(&client),
             });
             Err(api

@@ -180,12 +180,16 @@ impl FromRequestParts<Arc<Api>> for UserAuth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let verified = match token {
-            Some(token) => api.tokens.verify(token.trim()).map_err(|e| match e {
-                TokenError::Expired => {
-                    ApiError::unauthorized("the token has expired; log in again")
-                }
-                other => ApiError::unauthorized(format!("the token is not valid: {other}")),
-            }),
+            Some(token) => api
+                .root_keys()
+                .tokens
+                .verify(token.trim())
+                .map_err(|e| match e {
+                    TokenError::Expired => {
+                        ApiError::unauthorized("the token has expired; log in again")
+                    }
+                    other => ApiError::unauthorized(format!("the token is not valid: {other}")),
+                }),
             None => Err(ApiError::unauthorized(
                 "send `Authorization: Bearer <token>` from /auth/login",
             )),

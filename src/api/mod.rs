@@ -25,7 +25,7 @@ mod store;
 mod sync;
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -125,12 +125,13 @@ pub struct WebPolicy {
 /// What every handler can reach.
 pub struct Api {
     pool: RoleAwarePool,
-    tokens: TokenIssuer,
+    /// What changes with the cluster root (`rekey`).
+    root: RwLock<Arc<RootKeys>>,
     passwords: PasswordHasher,
+    /// Carried across root rotations (`ClusterKey::rotated`).
     email_key: Zeroizing<[u8; 32]>,
-    /// OPAQUE's server side, the cluster's setup.
+    /// OPAQUE's server side, the cluster's setup; carried like the email key.
     opaque: crate::opaque::OpaqueServer,
-    identifiers: AuditIdentifiers,
     node_id: String,
     settings: ApiSettings,
     limits: limits::Limits,
@@ -145,6 +146,21 @@ pub struct Api {
     pub events: Arc<events::Events>,
 }
 
+/// The keys a cluster root rotation replaces.
+struct RootKeys {
+    tokens: TokenIssuer,
+    identifiers: AuditIdentifiers,
+}
+
+impl RootKeys {
+    fn of(cluster: &ClusterKey, node_id: &str, ttl: std::time::Duration) -> RootKeys {
+        RootKeys {
+            tokens: TokenIssuer::new(cluster, node_id, ttl),
+            identifiers: AuditIdentifiers::new(cluster),
+        }
+    }
+}
+
 impl Api {
     pub fn new(
         identity: &NodeIdentity,
@@ -156,11 +172,14 @@ impl Api {
         fields: Arc<FieldCipher>,
     ) -> Result<Api, PasswordError> {
         Ok(Api {
-            tokens: TokenIssuer::new(cluster, identity.node_id(), settings.jwt_ttl),
+            root: RwLock::new(Arc::new(RootKeys::of(
+                cluster,
+                identity.node_id().as_str(),
+                settings.jwt_ttl,
+            ))),
             passwords: PasswordHasher::new()?,
             email_key: cluster.derive(Purpose::EmailHmac),
             opaque: crate::opaque::OpaqueServer::new(cluster),
-            identifiers: AuditIdentifiers::new(cluster),
             node_id: identity.node_id().to_string(),
             limits: limits::Limits::new(&settings.rate_limits, settings.prefixes),
             public_routes: OnceLock::new(),
@@ -177,6 +196,31 @@ impl Api {
             fields,
             openapi: OnceLock::new(),
         })
+    }
+
+    /// The cluster's new root (`keepd cluster rotate-key`): tokens are
+    /// issued under it (the previous root's pass until they expire), audit
+    /// identifiers continue under it, and field keys of its versions are
+    /// derived from it. The email HMAC key and the OPAQUE setup are
+    /// carried by the rotation and do not change.
+    pub fn rekey(&self, cluster: &ClusterKey) {
+        let keys = Arc::new(RootKeys::of(cluster, &self.node_id, self.settings.jwt_ttl));
+        *self.root.write().expect("not poisoned") = keys;
+        self.fields.rekey(cluster);
+    }
+
+    /// Whether tokens are still issued under the previous root.
+    pub fn issues_under_previous_root(&self) -> bool {
+        self.root_keys().tokens.issues_under_previous()
+    }
+
+    /// Every live node holds the current root: issue tokens under it.
+    pub fn issue_under_current_root(&self) {
+        self.root_keys().tokens.issue_under_current();
+    }
+
+    fn root_keys(&self) -> Arc<RootKeys> {
+        self.root.read().expect("not poisoned").clone()
     }
 
     /// How many live nodes share the per-account rate budget.
@@ -213,7 +257,9 @@ impl Api {
 
     /// A user as audit entries name it.
     fn user_ref(&self, user: Uuid) -> String {
-        self.identifiers.identifier("user", &user.to_string())
+        self.root_keys()
+            .identifiers
+            .identifier("user", &user.to_string())
     }
 
     /// Appends the audit entry of a change made in `tx`.

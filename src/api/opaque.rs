@@ -420,7 +420,7 @@ pub(super) async fn login_finish(
         }
         None => {
             let metadata = json!({
-                "email": api.identifiers.identifier("email", &email),
+                "email": api.root_keys().identifiers.identifier("email", &email),
                 "client": api.client_ref(&client),
                 "method": "opaque",
             });

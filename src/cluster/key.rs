@@ -9,14 +9,26 @@
 //! working on every member. A purpose without an inherited key (a new
 //! cluster, or a field key version raised later) derives from the root.
 //!
-//! Stored form (sealed to each member, never in the clear): a magic line,
-//! the root, then each inherited key as (domain, label, key).
+//! A rotation (`rotated`) makes a new root, one generation on. What cannot
+//! change without breaking what was made with it is carried as inherited
+//! keys: the OPAQUE setup (every registration depends on it), the email
+//! HMAC key (an email's HMAC cannot be recomputed without the email) and
+//! the field keys still in use (re-encrypted under a version of the new
+//! root, then dropped at the next rotation). The previous root's token key
+//! is kept, with the moment of the rotation, so its tokens are accepted
+//! until they expire; its fingerprint lets a node's pin follow.
+//!
+//! Stored form (sealed to each member, never in the clear): v1 is a magic
+//! line, the root, then each inherited key as (domain, label, key); v2 a
+//! magic line, the generation, the root, the previous generation (if any)
+//! and then the inherited keys as in v1.
 
 use zeroize::Zeroizing;
 
 use crate::identity::{NodeIdentity, hkdf32};
 
 const MAGIC: &[u8] = b"keepd-cluster-key v1\n";
+const MAGIC_V2: &[u8] = b"keepd-cluster-key v2\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -69,8 +81,21 @@ struct Inherited {
 /// versions it meets).
 #[derive(Clone)]
 pub struct ClusterKey {
+    /// 1 for a cluster's first root, one more at each rotation.
+    generation: u32,
     root: Zeroizing<[u8; 32]>,
     inherited: Vec<Inherited>,
+    previous: Option<Previous>,
+}
+
+/// The root this one replaced, as much of it as is still needed.
+#[derive(Clone)]
+pub struct Previous {
+    pub generation: u32,
+    /// When it was replaced (Unix seconds).
+    pub rotated_at: u64,
+    pub fingerprint: String,
+    pub token_key: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ClusterKey {
@@ -85,9 +110,46 @@ impl ClusterKey {
         let mut root = Zeroizing::new([0u8; 32]);
         getrandom::fill(root.as_mut()).map_err(|e| KeyError::Entropy(e.to_string()))?;
         Ok(ClusterKey {
+            generation: 1,
             root,
             inherited: Vec::new(),
+            previous: None,
         })
+    }
+
+    /// The next generation: a new root, carrying the OPAQUE setup, the
+    /// email HMAC key and the field keys of `field_versions` (those still
+    /// in use), and this root's token key until its tokens expire.
+    pub fn rotated(&self, field_versions: &[u32], now: u64) -> Result<ClusterKey, KeyError> {
+        let mut next = ClusterKey::generate()?;
+        next.generation = self.generation + 1;
+        let carried = [Purpose::Opaque, Purpose::EmailHmac]
+            .into_iter()
+            .chain(field_versions.iter().copied().map(Purpose::Field));
+        for purpose in carried {
+            let (domain, label) = purpose.domain_label();
+            next.inherited.push(Inherited {
+                key: self.derive(purpose),
+                domain: domain.to_vec(),
+                label,
+            });
+        }
+        next.previous = Some(Previous {
+            generation: self.generation,
+            rotated_at: now,
+            fingerprint: self.fingerprint(),
+            token_key: self.derive(Purpose::Tokens),
+        });
+        Ok(next)
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The root this one replaced, if it is still needed.
+    pub fn previous(&self) -> Option<&Previous> {
+        self.previous.as_ref()
     }
 
     /// The key of a cluster founded by a node that already holds data: a
@@ -149,9 +211,21 @@ impl ClusterKey {
 
     /// The stored form, to be sealed.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(64 + 100 * self.inherited.len()));
-        out.extend_from_slice(MAGIC);
+        let mut out = Zeroizing::new(Vec::with_capacity(160 + 100 * self.inherited.len()));
+        out.extend_from_slice(MAGIC_V2);
+        out.extend_from_slice(&self.generation.to_be_bytes());
         out.extend_from_slice(self.root.as_ref());
+        match &self.previous {
+            None => out.push(0),
+            Some(p) => {
+                out.push(1);
+                out.extend_from_slice(&p.generation.to_be_bytes());
+                out.extend_from_slice(&p.rotated_at.to_be_bytes());
+                out.push(p.fingerprint.len() as u8);
+                out.extend_from_slice(p.fingerprint.as_bytes());
+                out.extend_from_slice(p.token_key.as_ref());
+            }
+        }
         for k in &self.inherited {
             for part in [&k.domain, &k.label] {
                 out.push(part.len() as u8);
@@ -163,8 +237,37 @@ impl ClusterKey {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<ClusterKey, KeyError> {
-        let rest = bytes.strip_prefix(MAGIC).ok_or(KeyError::Damaged)?;
-        let (root, mut rest) = split_key(rest)?;
+        let (generation, previous, rest) = match bytes.strip_prefix(MAGIC_V2) {
+            Some(rest) => {
+                let (generation, rest) = split_u32(rest)?;
+                let (root, rest) = split_key(rest)?;
+                let (&flag, mut after) = rest.split_first().ok_or(KeyError::Damaged)?;
+                let previous = match flag {
+                    0 => None,
+                    1 => {
+                        let (generation, rest) = split_u32(after)?;
+                        let (at, rest) = rest.split_first_chunk::<8>().ok_or(KeyError::Damaged)?;
+                        let (fingerprint, rest) = split_prefixed(rest)?;
+                        let (token_key, rest) = split_key(rest)?;
+                        after = rest;
+                        Some(Previous {
+                            generation,
+                            rotated_at: u64::from_be_bytes(*at),
+                            fingerprint: String::from_utf8(fingerprint.to_vec())
+                                .map_err(|_| KeyError::Damaged)?,
+                            token_key,
+                        })
+                    }
+                    _ => return Err(KeyError::Damaged),
+                };
+                (generation, previous, (root, after))
+            }
+            None => {
+                let rest = bytes.strip_prefix(MAGIC).ok_or(KeyError::Damaged)?;
+                (1, None, split_key(rest)?)
+            }
+        };
+        let (root, mut rest) = rest;
         let mut inherited = Vec::new();
         while !rest.is_empty() {
             let (domain, after) = split_prefixed(rest)?;
@@ -177,8 +280,18 @@ impl ClusterKey {
             });
             rest = after;
         }
-        Ok(ClusterKey { root, inherited })
+        Ok(ClusterKey {
+            generation,
+            root,
+            inherited,
+            previous,
+        })
     }
+}
+
+fn split_u32(bytes: &[u8]) -> Result<(u32, &[u8]), KeyError> {
+    let (n, rest) = bytes.split_first_chunk::<4>().ok_or(KeyError::Damaged)?;
+    Ok((u32::from_be_bytes(*n), rest))
 }
 
 fn split_key(bytes: &[u8]) -> Result<(Zeroizing<[u8; 32]>, &[u8]), KeyError> {
@@ -234,7 +347,7 @@ mod tests {
         assert_eq!(*back.root, *key.root);
         assert_eq!(*back.derive(Purpose::Tokens), *key.derive(Purpose::Tokens));
         assert_eq!(back.inherited_keys(), 4);
-        for cut in [0, MAGIC.len(), MAGIC.len() + 31, bytes.len() - 1] {
+        for cut in [0, MAGIC_V2.len(), MAGIC_V2.len() + 31, bytes.len() - 1] {
             assert!(
                 ClusterKey::from_bytes(&bytes[..cut]).is_err(),
                 "cut at {cut}"
@@ -249,5 +362,68 @@ mod tests {
         );
         assert_ne!(*fresh.derive(Purpose::Tokens), *key.derive(Purpose::Tokens));
         assert_eq!(format!("{fresh:?}"), "ClusterKey(..)");
+    }
+
+    #[test]
+    fn a_rotation_carries_what_cannot_change_and_keeps_the_previous_token_key() {
+        let identity = NodeIdentity::from_seed(&[3; 32]);
+        let first = ClusterKey::inheriting(&identity, 1).unwrap();
+        let second = first.rotated(&[1, 2], 1_000).unwrap();
+        assert_eq!((first.generation(), second.generation()), (1, 2));
+        assert_ne!(first.fingerprint(), second.fingerprint());
+        for carried in [
+            Purpose::Opaque,
+            Purpose::EmailHmac,
+            Purpose::Field(1),
+            Purpose::Field(2),
+        ] {
+            assert_eq!(
+                *second.derive(carried),
+                *first.derive(carried),
+                "{carried:?}"
+            );
+        }
+        for renewed in [
+            Purpose::Tokens,
+            Purpose::AuditIdentifiers,
+            Purpose::Field(3),
+        ] {
+            assert_ne!(
+                *second.derive(renewed),
+                *first.derive(renewed),
+                "{renewed:?}"
+            );
+        }
+        let previous = second.previous().unwrap();
+        assert_eq!(previous.generation, 1);
+        assert_eq!(previous.rotated_at, 1_000);
+        assert_eq!(previous.fingerprint, first.fingerprint());
+        assert_eq!(*previous.token_key, *first.derive(Purpose::Tokens));
+        // Through the stored form, and once more: only one previous root.
+        let back = ClusterKey::from_bytes(&second.to_bytes()).unwrap();
+        assert_eq!(back.generation(), 2);
+        assert_eq!(back.previous().unwrap().fingerprint, first.fingerprint());
+        assert_eq!(
+            *back.derive(Purpose::Field(1)),
+            *first.derive(Purpose::Field(1))
+        );
+        let third = back.rotated(&[3], 2_000).unwrap();
+        assert_eq!(third.previous().unwrap().generation, 2);
+        assert_eq!(
+            *third.derive(Purpose::Field(3)),
+            *second.derive(Purpose::Field(3))
+        );
+        assert_eq!(
+            *third.derive(Purpose::Opaque),
+            *first.derive(Purpose::Opaque)
+        );
+        // A v1 key (from before rotations) reads as generation 1.
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(first.root.as_ref());
+        let old = ClusterKey::from_bytes(&v1).unwrap();
+        assert_eq!(
+            (old.generation(), old.fingerprint()),
+            (1, first.fingerprint())
+        );
     }
 }

@@ -25,6 +25,8 @@ pub use key::{ClusterKey, KeyError, Purpose};
 
 /// Serialises every change to the membership ("keepd_cl").
 const CLUSTER_LOCK: i64 = 0x6b65_6570_645f_636c;
+/// Held by the one cluster-key rotation under way ("keepd_rk").
+const ROTATION_LOCK: i64 = 0x6b65_6570_645f_726b;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -68,6 +70,20 @@ pub enum ClusterError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("another `keepd cluster rotate-key` is under way; run it again when it has finished")]
+    RotationUnderWay,
+    #[error(
+        "the previous rotation (generation {generation}) is not yet held by every live node \
+         ({nodes}); a node follows one rotation at a time: wait until `keepd keys status` on \
+         each shows it (a few seconds for a running node), or remove the node"
+    )]
+    RotationPending { generation: u32, nodes: String },
+    #[error(
+        "the cluster key sealed for this node (fingerprint {found}) does not follow the one it \
+         holds ({held}); keepd.cluster_members was altered, or this node missed more than one \
+         rotation: restart it to take the cluster's key as at a first start"
+    )]
+    NotASuccessor { held: String, found: String },
     #[error("dropping the login roles of node {node} failed: {source}")]
     Roles {
         node: String,
@@ -215,15 +231,28 @@ pub fn check_pin(key: &ClusterKey, path: &std::path::Path) -> Result<(), Cluster
         source,
     };
     let fingerprint = key.fingerprint();
+    let write = || {
+        crate::fsutil::write_atomic(path, format!("{fingerprint}\n").as_bytes(), None)
+            .map_err(pin_error)
+    };
     match std::fs::read_to_string(path) {
         Ok(pinned) if pinned.trim() == fingerprint => Ok(()),
+        // The cluster rotated its key while this node was away.
+        Ok(pinned)
+            if key
+                .previous()
+                .is_some_and(|p| p.fingerprint == pinned.trim()) =>
+        {
+            info!(
+                fingerprint,
+                "cluster: the pin follows the rotated cluster key"
+            );
+            write()
+        }
         Ok(_) => Err(ClusterError::KeyChanged {
             path: path.to_owned(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            crate::fsutil::write_atomic(path, format!("{fingerprint}\n").as_bytes(), None)
-                .map_err(pin_error)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write(),
         Err(e) => Err(pin_error(e)),
     }
 }
@@ -357,7 +386,172 @@ pub async fn remove(
         &[&node_id],
     )
     .await?;
+    // No longer live: a rotation does not wait for it.
+    tx.execute(
+        "DELETE FROM keepd.cluster_liveness WHERE node_id = $1",
+        &[&node_id],
+    )
+    .await?;
+    // It still knows the current root: the report says so until a rotation.
+    tx.execute(
+        "INSERT INTO keepd.cluster_removals (node_id, removed_by) VALUES ($1, $2)",
+        &[&node_id, &identity.node_id().as_str()],
+    )
+    .await?;
     tx.commit().await?;
     info!(node_id, "cluster: node removed");
     Ok(())
+}
+
+/// What `rotate_key` made.
+#[derive(Debug)]
+pub struct RotatedKey {
+    pub generation: u32,
+    pub fingerprint: String,
+    pub members: usize,
+}
+
+/// A new cluster root, sealed to every admitted member in one transaction
+/// (`ClusterKey::rotated`: what cannot change is carried). The nodes adopt
+/// it within a heartbeat or two (`daemon::root`), issue tokens and seal
+/// fields under it once every live node holds it, and accept the previous
+/// root's tokens until they expire.
+pub async fn rotate_key(
+    client: &mut Client,
+    identity: &NodeIdentity,
+) -> Result<RotatedKey, ClusterError> {
+    let me = identity.node_id().as_str();
+    let tx = client.transaction().await?;
+    let free: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&ROTATION_LOCK])
+        .await?
+        .get(0);
+    if !free {
+        return Err(ClusterError::RotationUnderWay);
+    }
+    tx.batch_execute(&format!("SET LOCAL ROLE {OWNER_ROLE}"))
+        .await?;
+    tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&CLUSTER_LOCK])
+        .await?;
+    let sealed: Option<Vec<u8>> = tx
+        .query_opt(
+            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
+            &[&me],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    let current = open(
+        identity,
+        &sealed.ok_or_else(|| ClusterError::NotAMember(me.into()))?,
+    )?;
+    let behind: Vec<String> = tx
+        .query(
+            "SELECT node_id FROM keepd.cluster_liveness \
+             WHERE seen_at > now() - make_interval(secs => $1) AND key_generation < $2 \
+             ORDER BY node_id",
+            &[
+                &heartbeat::LIVE.as_secs_f64(),
+                &(current.generation() as i32),
+            ],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !behind.is_empty() {
+        return Err(ClusterError::RotationPending {
+            generation: current.generation(),
+            nodes: behind.join(", "),
+        });
+    }
+    tx.query_one(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&crate::field_keys::VERSIONS_LOCK],
+    )
+    .await?;
+    let live_fields: Vec<u32> = tx
+        .query(
+            "SELECT version FROM keepd.field_keys WHERE retired_at IS NULL",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| u32::try_from(row.get::<_, i32>(0)).unwrap_or(0))
+        .collect();
+    let next = current.rotated(&live_fields, crate::clock::unix_now())?;
+    let members = tx
+        .query(
+            "SELECT node_id, public_key FROM keepd.cluster_members WHERE sealed_key IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let bytes = next.to_bytes();
+    for row in &members {
+        let node: String = row.get(0);
+        let public = key_of(row.get(1), &node)?;
+        let sealed = seal::seal_for(&public, &bytes)?;
+        tx.execute(
+            "UPDATE keepd.cluster_members SET sealed_key = $2 WHERE node_id = $1",
+            &[&node, &sealed],
+        )
+        .await?;
+    }
+    let fingerprint = next.fingerprint();
+    tx.execute(
+        "INSERT INTO keepd.cluster_key_log (generation, fingerprint, rotated_by, members) \
+         VALUES ($1, $2, $3, $4)",
+        &[
+            &(next.generation() as i32),
+            &fingerprint,
+            &me,
+            &(members.len() as i32),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    info!(
+        generation = next.generation(),
+        fingerprint,
+        members = members.len(),
+        "cluster: the key rotated"
+    );
+    Ok(RotatedKey {
+        generation: next.generation(),
+        fingerprint,
+        members: members.len(),
+    })
+}
+
+/// The key sealed for this node now, if it is a successor of `held` (the
+/// cluster rotated); None while it is `held` itself.
+pub async fn successor(
+    client: &mut Client,
+    identity: &NodeIdentity,
+    held: &ClusterKey,
+) -> Result<Option<ClusterKey>, ClusterError> {
+    let me = identity.node_id().as_str();
+    let tx = locked(client).await?;
+    let sealed: Option<Vec<u8>> = tx
+        .query_opt(
+            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
+            &[&me],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    tx.commit().await?;
+    let found = open(
+        identity,
+        &sealed.ok_or_else(|| ClusterError::NotAMember(me.into()))?,
+    )?;
+    let held_print = held.fingerprint();
+    if found.fingerprint() == held_print {
+        return Ok(None);
+    }
+    match found.previous() {
+        Some(p) if p.fingerprint == held_print => Ok(Some(found)),
+        _ => Err(ClusterError::NotASuccessor {
+            held: held_print,
+            found: found.fingerprint(),
+        }),
+    }
 }

@@ -27,6 +27,7 @@ mod record;
 pub mod reencrypt;
 pub mod reload;
 pub mod renewal;
+mod root;
 pub mod rotator;
 mod signals;
 mod tasks;
@@ -264,10 +265,6 @@ impl Provisioned {
             backups::set_up(config, layout, credentials, node_id, &self.superuser).await?;
         let field_versions = config.encryption_at_rest.application.key_version;
         let joined = cluster::join(&mut client, identity, field_versions).await?;
-        // The version the cluster seals under, before any value is sealed.
-        let field_version = field_keys::ensure(&client, field_versions)
-            .await
-            .map_err(DaemonError::FieldKeys)?;
         drop(client);
         let api_socket = listeners::bind("api.listen", config.api.listen)?;
         let cluster = match joined {
@@ -278,6 +275,16 @@ impl Provisioned {
             }
         };
         cluster::check_pin(&cluster, &layout.cluster_pin())?;
+        // The version the cluster seals under, before any value is sealed.
+        let client = self
+            .superuser
+            .connect()
+            .await
+            .map_err(DaemonError::Connect)?;
+        let field_version = field_keys::ensure(&client, field_versions, cluster.generation())
+            .await
+            .map_err(DaemonError::FieldKeys)?;
+        drop(client);
         let renew = Arc::new(Notify::new());
         let (pool, rotator) = self.pool_and_rotator(&renew)?;
         let keys = Arc::new(AuditKeys::new(identity));

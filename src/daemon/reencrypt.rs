@@ -24,8 +24,9 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::audit::{AuditAction, AuditEntry};
+use crate::cluster::heartbeat;
 use crate::field_crypto::{Column, Encryptable, FieldCipher, FieldPlan};
-use crate::field_keys::{self, RotationPolicy};
+use crate::field_keys::{self, Reason, RotationPolicy};
 use crate::postgres::pool::RoleAwarePool;
 use crate::postgres::tls::Endpoint;
 use crate::shutdown::Shutdown;
@@ -91,7 +92,7 @@ impl Reencryption {
                     }
                 };
             }
-            if let Some(c) = &client
+            if let Some(c) = &mut client
                 && let Err(e) = self.tend(c, &mut moved, &stop).await
             {
                 warn!(error = %crate::postgres::describe_error(&e), "field keys: this round failed; tried again in {}s", every.as_secs());
@@ -106,7 +107,7 @@ impl Reencryption {
     /// One round: count, learn, re-encrypt, retire, rotate.
     async fn tend(
         &self,
-        client: &Client,
+        client: &mut Client,
         moved: &mut Option<(u32, u64)>,
         stop: &Shutdown,
     ) -> Result<(), tokio_postgres::Error> {
@@ -123,6 +124,12 @@ impl Reencryption {
         let Some(current) = versions.last().cloned() else {
             return Ok(());
         };
+        // A version of a root this node does not hold yet: `daemon::root`
+        // adopts it within a heartbeat.
+        let root = self.fields.generation();
+        if current.generation > root {
+            return Ok(());
+        }
         if current.version != ours {
             self.fields.seal_under(current.version);
             info!(
@@ -155,9 +162,19 @@ impl Reencryption {
                 self.retire(client, current.version).await?;
             }
         }
-        if let Some(reason) = self.policy.due(&current)
+        // The cluster key rotated and every live node holds the new root:
+        // values move to a version of it (the old ones were carried).
+        // Meanwhile no version is made: one made under the old root would
+        // not have been carried.
+        let reason = match root > current.generation {
+            true => {
+                (heartbeat::lowest_live_generation(client).await? >= root).then_some(Reason::Root)
+            }
+            false => self.policy.due(&current),
+        };
+        if let Some(reason) = reason
             && moved.is_some_and(|(version, _)| version == current.version)
-            && let Some(made) = field_keys::rotate(client, current.version, reason).await?
+            && let Some(made) = field_keys::rotate(client, current.version, reason, root).await?
         {
             self.fields.seal_under(made);
             info!(

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -13,6 +14,7 @@ use super::janitor::Janitor;
 use super::keys::KeyGauges;
 use super::reencrypt::Reencryption;
 use super::renewal::CertificateRenewal;
+use super::root::RootWatch;
 use super::rotator::Rotator;
 use super::signals::{Request, Signals};
 use super::{
@@ -22,6 +24,7 @@ use super::{
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::AuditSealer;
 use crate::backup::PgBackRest;
+use crate::cluster::heartbeat::Beat;
 use crate::config::Config;
 use crate::edge::{self, ApiCertificate, EdgeSettings, TrustedProxies};
 use crate::field_crypto::FieldCipher;
@@ -43,6 +46,9 @@ pub(super) struct Wiring {
     pub rotator: Arc<Rotator>,
     pub sealer: AuditSealer,
     pub fields: Arc<FieldCipher>,
+    /// The cluster key as this node holds it at start, and its pin.
+    pub cluster: crate::cluster::ClusterKey,
+    pub pin: std::path::PathBuf,
     /// For the background tasks' audit entries.
     pub pool: crate::postgres::pool::RoleAwarePool,
     pub backups: Option<Arc<PgBackRest>>,
@@ -94,6 +100,8 @@ pub(super) struct Tasks {
     cert_watch: Option<JoinHandle<()>>,
     /// The `keepd_key_*` gauges.
     keys: JoinHandle<()>,
+    /// Adopts a rotated cluster key.
+    root: JoinHandle<()>,
 }
 
 /// What serving keeps once the tasks run: the node, the superuser (for
@@ -173,6 +181,8 @@ impl BroughtUp {
             metrics,
             node_id: node.node_id.clone(),
             pool: parts.pool,
+            cluster: parts.cluster,
+            pin: node.layout.cluster_pin(),
             identity: node.identity.clone(),
             credentials: crate::secrets::store::CredentialStore::new(
                 node.layout.credentials().to_owned(),
@@ -204,11 +214,14 @@ impl Tasks {
             hsts: w.api_cert.is_some(),
         };
         let (events, operator, limited) = (w.api.events.clone(), w.api.clone(), w.api.clone());
+        let rooted = w.api.clone();
         let metrics_api = w.metrics_listener.map(|listener| (listener, w.api.clone()));
         let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone());
         let app = api::router(w.api, &web);
         let superuser = &w.superuser;
         let node_id = w.node_id.clone();
+        let generation = Arc::new(AtomicU32::new(w.cluster.generation()));
+        let (beats, beat_rx) = tokio::sync::watch::channel(Beat::default());
         Ok(Tasks {
             watchdog: notify::Notifier::spawn_watchdog(stop()),
             api: tokio::spawn(edge::serve(
@@ -229,9 +242,24 @@ impl Tasks {
             heartbeat: tokio::spawn(crate::cluster::heartbeat::run(
                 superuser.clone(),
                 w.node_id,
-                move |nodes| limited.set_cluster_nodes(nodes),
+                generation.clone(),
+                move |beat| {
+                    limited.set_cluster_nodes(beat.nodes);
+                    let _ = beats.send(beat);
+                },
                 stop(),
             )),
+            root: tokio::spawn(
+                RootWatch {
+                    api: rooted,
+                    identity: w.identity.clone(),
+                    superuser: superuser.clone(),
+                    pin: w.pin,
+                    held: w.cluster,
+                    generation,
+                }
+                .run(beat_rx, stop()),
+            ),
             reencrypt: tokio::spawn(
                 Reencryption {
                     fields: w.fields,
@@ -289,7 +317,8 @@ impl Tasks {
             self.janitor,
             self.events,
             self.heartbeat,
-            self.keys
+            self.keys,
+            self.root
         );
         if let Some(task) = self.backups {
             task.abort();

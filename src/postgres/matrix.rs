@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 18] = [
+pub const TABLES: [&str; 20] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -53,6 +53,10 @@ pub const TABLES: [&str; 18] = [
     "keepd.cluster_liveness",
     // No group role: only the superuser's field-key task (`field_keys`).
     "keepd.field_keys",
+    // No group role: only the owner's sessions (`cluster::rotate_key`,
+    // `cluster::remove`).
+    "keepd.cluster_key_log",
+    "keepd.cluster_removals",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
 ];

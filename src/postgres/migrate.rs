@@ -119,6 +119,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "field_keys",
         sql: include_str!("../../migrations/0018_field_keys.sql"),
     },
+    Migration {
+        version: 19,
+        name: "cluster_key_log",
+        sql: include_str!("../../migrations/0019_cluster_key_log.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

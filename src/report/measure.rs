@@ -101,7 +101,48 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(backup_signatures(config));
     checks.push(password_login(config));
     checks.push(identity_protection(config));
+    checks.push(cluster_key(&client).await);
     checks
+}
+
+/// Whether a node removed from the cluster still knows the current
+/// cluster key (it can mint tokens every node accepts and derive the keys
+/// of new field versions until the key rotates).
+async fn cluster_key(client: &tokio_postgres::Client) -> Check {
+    let id = "cluster.key";
+    let row = client
+        .query_one(
+            "SELECT (SELECT string_agg(DISTINCT r.node_id, ', ') FROM keepd.cluster_removals r \
+               WHERE r.removed_at > coalesce((SELECT max(rotated_at) FROM keepd.cluster_key_log), \
+                                             '-infinity')), \
+             coalesce((SELECT max(generation) FROM keepd.cluster_key_log), 1)",
+            &[],
+        )
+        .await;
+    match row {
+        Err(e) => Check::new(id, Weight::Minor, Status::Fail, describe_error(&e)),
+        Ok(row) => {
+            let generation: i32 = row.get(1);
+            match row.get::<_, Option<String>>(0) {
+                Some(removed) => Check::new(
+                    id,
+                    Weight::Minor,
+                    Status::Warn,
+                    format!(
+                        "generation {generation} is still known to removed node(s) {removed}: \
+                         they can mint tokens every node accepts"
+                    ),
+                )
+                .recommend("run `keepd cluster rotate-key` on a member"),
+                None => Check::new(
+                    id,
+                    Weight::Minor,
+                    Status::Pass,
+                    format!("generation {generation}; no removed node knows it"),
+                ),
+            }
+        }
+    }
 }
 
 /// How the identity key, which unseals every other secret, is kept at

@@ -335,13 +335,16 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     let sub = uuid::Uuid::parse_str(claims["sub"].as_str().unwrap()).unwrap();
     let sid = uuid::Uuid::parse_str(claims["sid"].as_str().unwrap()).unwrap();
     let (expired, _) =
-        keepd::tokens::TokenIssuer::new(&cluster, identity.node_id(), Duration::ZERO)
+        keepd::tokens::TokenIssuer::new(&cluster, identity.node_id().as_str(), Duration::ZERO)
             .issue(sub, sid);
     // Another cluster's key.
     let stranger = keepd::cluster::ClusterKey::generate().unwrap();
-    let (foreign, _) =
-        keepd::tokens::TokenIssuer::new(&stranger, identity.node_id(), Duration::from_secs(600))
-            .issue(sub, sid);
+    let (foreign, _) = keepd::tokens::TokenIssuer::new(
+        &stranger,
+        identity.node_id().as_str(),
+        Duration::from_secs(600),
+    )
+    .issue(sub, sid);
 
     for (what, bad) in [
         ("swapped subject", swapped),

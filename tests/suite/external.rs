@@ -870,3 +870,211 @@ async fn only_the_node_that_used_the_database_founds_its_cluster() {
     });
     assert!(pending.is_some(), "{}", b.log());
 }
+
+/// The cluster key of a removed node, as the node itself could open it
+/// from its row before the removal.
+fn sealed_cluster_key(node: &TestNode) -> keepd::cluster::ClusterKey {
+    let id = identity(node);
+    let sealed = admin_rows(
+        node,
+        &format!(
+            "SELECT encode(sealed_key, 'hex') FROM keepd.cluster_members WHERE node_id = '{}'",
+            id.node_id()
+        ),
+    );
+    let sealed = hex::decode(&sealed[0]).unwrap();
+    let (_, plain) = keepd::secrets::seal::open(&id, &sealed).unwrap();
+    keepd::cluster::ClusterKey::from_bytes(&plain).unwrap()
+}
+
+/// `keepd cluster rotate-key` under load on three nodes, one of them
+/// removed first: no request fails, tokens from before work until they
+/// expire, accounts from before log in (password and OPAQUE), sealed
+/// fields move to a key of the new root and stay readable, every chain
+/// verifies, and what the removed node can mint stops working once the
+/// previous root's tokens have expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_key_rotates_under_load_and_a_removed_node_is_locked_out() {
+    let server = start_external();
+    let overlay = common::config::merged([
+        common::unlimited_rates(),
+        json!({"api": {"jwt_ttl": "60s"}}),
+    ]);
+    let (nodes, mut daemons) = start_cluster(&server, 3, overlay);
+    let addrs: Vec<_> = daemons.iter().map(|d| d.addr()).collect();
+    let password = "a long password";
+    let opaque_email = format!("opaque-{}@example.org", common::uuid());
+    let mut opaque = SyncClient::new(addrs[0]);
+    opaque.register(&opaque_email, password).await.unwrap();
+    opaque.login(&opaque_email, password).await.unwrap();
+    let token = opaque.token().unwrap().to_string();
+    let key = Arc::new(opaque.create_vault("v", password).await.unwrap());
+    let before = common::labelled(&["before the rotation".to_string()]);
+    opaque.push("v", &key, &before, None).await.unwrap();
+    let password_email = format!("password-{}@example.org", common::uuid());
+    SyncClient::new(addrs[1])
+        .register_with_password(&password_email, password)
+        .await
+        .unwrap();
+
+    // Node 3 leaves; what it knows mints a token for a day.
+    let removed = sealed_cluster_key(&nodes[2]);
+    daemons[2].stop();
+    let removed_id = identity(&nodes[2]).node_id().to_string();
+    let (code, text) = cluster(&nodes[0], &["remove", &removed_id]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("keepd cluster rotate-key"), "{text}");
+    let minted =
+        keepd::tokens::TokenIssuer::new(&removed, &removed_id, Duration::from_secs(86_400));
+    minted.issue_under_current();
+    let (user, session) = session_of(&token);
+    let (forged, _) = minted.issue(user, session);
+    assert!(
+        client_with(addrs[0], &forged)
+            .pull("v", 0, 10)
+            .await
+            .is_ok(),
+        "its token works before"
+    );
+    let check = nodes[0].report_check("cluster.key");
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(
+        check["value"].as_str().unwrap().contains(&removed_id),
+        "{check}"
+    );
+
+    // Load on the two that stay while the key rotates.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (addrs, token, key, stop) = (addrs.clone(), token.clone(), key.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failures) = (0usize, Vec::new());
+            let mut round = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let client = client_with(addrs[round % 2], &token);
+                let entries = common::labelled(&[format!("during {round}")]);
+                match client.push("v", &key, &entries, None).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.push(format!("push via {}: {e}", round % 2)),
+                }
+                match client_with(addrs[(round + 1) % 2], &token)
+                    .pull("v", 0, 1000)
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.push(format!("pull via {}: {e}", (round + 1) % 2)),
+                }
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, text) = cluster(&nodes[1], &["rotate-key"]);
+    let rotated = std::time::Instant::now();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("generation 2") && text.contains("sealed to 2 member(s)"),
+        "the removed node gets none: {text}"
+    );
+    let (code, text) = cluster(&nodes[0], &["rotate-key"]);
+    assert_eq!(
+        code, 1,
+        "a second rotation before every node holds the first: {text}"
+    );
+    assert!(text.contains("not yet held by every live node"), "{text}");
+    for daemon in &daemons[..2] {
+        for event in [
+            "cluster: adopted the rotated cluster key",
+            "cluster: every live node holds the new cluster key; tokens are issued under it",
+        ] {
+            assert!(
+                daemon
+                    .wait_for_log(event, Duration::from_secs(30))
+                    .is_some(),
+                "{event}\n{}",
+                daemon.log()
+            );
+        }
+    }
+    // Field values move to a version of the new root.
+    let moved = wait_until(Duration::from_secs(60), || {
+        let root = admin_rows(
+            &nodes[0],
+            "SELECT version FROM keepd.field_keys WHERE reason = 'root'",
+        );
+        let version = root.first()?;
+        let behind = admin_rows(
+            &nodes[0],
+            &format!(
+                "SELECT count(*) FROM keepd.sync_logs WHERE encrypted_data NOT LIKE 'kf1:{version}:%'"
+            ),
+        );
+        (behind == vec!["0".to_string()]).then_some(())
+    });
+    assert!(moved.is_some(), "{}", daemons[0].log());
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = load.await.unwrap();
+    assert!(ok > 20, "the load ran ({ok})");
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // From before: the token, both accounts, the sealed entry.
+    let (_, labels) = common::pull_all(&client_with(addrs[1], &token), &key, "v").await;
+    assert_eq!(labels[0], "before the rotation");
+    let mut again = SyncClient::new(addrs[1]);
+    again.login(&opaque_email, password).await.unwrap();
+    let mut by_password = SyncClient::new(addrs[0]);
+    by_password
+        .login_with_password(&password_email, password)
+        .await
+        .unwrap();
+    for node in &nodes[..2] {
+        let verified = wait_until(Duration::from_secs(20), || {
+            let (code, text) = node.audit_verify();
+            (code == 0 && text.contains(", 0 entries not yet sealed")).then_some(text)
+        });
+        assert!(verified.is_some(), "{:?}", node.audit_verify());
+        let status = node.run(&["keys", "status", "--json"]).1;
+        assert!(status.contains("\"g2 "), "{status}");
+    }
+    let check = nodes[0].report_check("cluster.key");
+    assert_eq!(check["status"], "pass", "{check}");
+
+    // What the removed node mints (here for a session that is live now):
+    // refused once the previous root's tokens have expired (the rotation
+    // plus api.jwt_ttl), while a login goes on working.
+    let window = Duration::from_secs(60);
+    tokio::time::sleep(window.saturating_sub(rotated.elapsed())).await;
+    let mut refusal = None;
+    for _ in 0..50 {
+        let mut fresh = SyncClient::new(addrs[0]);
+        fresh.login(&opaque_email, password).await.unwrap();
+        let (user, session) = session_of(fresh.token().unwrap());
+        let (forged, _) = minted.issue(user, session);
+        match client_with(addrs[0], &forged).pull("v", 0, 1).await {
+            Err(e) if e.status() == Some(401) => {
+                refusal = Some(e.to_string());
+                fresh.pull("v", 0, 1).await.unwrap();
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let refusal = refusal.expect("the removed node's token still works");
+    assert!(refusal.contains("replaced"), "{refusal}");
+}
+
+/// The user and session a token names.
+fn session_of(token: &str) -> (uuid::Uuid, uuid::Uuid) {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    let id = |name: &str| claims[name].as_str().unwrap().parse().unwrap();
+    (id("sub"), id("sid"))
+}

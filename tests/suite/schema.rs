@@ -48,6 +48,8 @@ fn some_column(table: &str) -> &'static str {
         "keepd.cluster_members" => "admitted_by",
         "keepd.cluster_liveness" => "seen_at",
         "keepd.field_keys" => "retired_at",
+        "keepd.cluster_key_log" => "members",
+        "keepd.cluster_removals" => "removed_by",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         other => panic!("no column known for {other}"),
