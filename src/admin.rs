@@ -392,7 +392,7 @@ pub async fn keys_status(config: &Config) -> Result<Vec<crate::keys::KeyStatus>,
         true => {
             let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-keys")?;
             match endpoint.connect().await {
-                Ok(client) => crate::keys::DatabaseFacts::read(&client).await,
+                Ok(client) => crate::keys::DatabaseFacts::read(&client, config).await,
                 Err(_) => Default::default(),
             }
         }

@@ -65,14 +65,19 @@ fn written(path: &Path) -> Option<u64> {
 pub struct DatabaseFacts {
     /// When the cluster was founded: its first member's admission.
     pub founded: Option<u64>,
-    /// The root's generation and when it was made, after a rotation.
+    /// The pinned root's generation and when it was made, if a rotation
+    /// made it.
     pub rotated: Option<(u32, u64)>,
     pub field_keys: Vec<FieldKeyVersion>,
 }
 
 impl DatabaseFacts {
-    /// Read as the superuser; what cannot be read stays unknown.
-    pub async fn read(superuser: &tokio_postgres::Client) -> DatabaseFacts {
+    /// Read as the superuser, for the node of `config` (its pinned root);
+    /// what cannot be read stays unknown.
+    pub async fn read(superuser: &tokio_postgres::Client, config: &Config) -> DatabaseFacts {
+        let pinned = std::fs::read_to_string(Layout::of(config).cluster_pin())
+            .map(|pin| pin.trim().to_string())
+            .unwrap_or_default();
         let founded = superuser
             .query_one(
                 "SELECT extract(epoch FROM min(admitted_at))::int8 FROM keepd.cluster_members",
@@ -88,8 +93,8 @@ impl DatabaseFacts {
         let rotated = superuser
             .query_opt(
                 "SELECT generation, extract(epoch FROM rotated_at)::int8 \
-                 FROM keepd.cluster_key_log ORDER BY generation DESC LIMIT 1",
-                &[],
+                 FROM keepd.cluster_key_log WHERE fingerprint = $1",
+                &[&pinned],
             )
             .await
             .ok()

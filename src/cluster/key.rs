@@ -16,12 +16,13 @@
 //! the field keys still in use (re-encrypted under a version of the new
 //! root, then dropped at the next rotation). The previous root's token key
 //! is kept, with the moment of the rotation, so its tokens are accepted
-//! until they expire; its fingerprint lets a node's pin follow.
+//! until they expire; the fingerprints of every earlier root let a node's
+//! pin follow however many rotations it missed.
 //!
 //! Stored form (sealed to each member, never in the clear): v1 is a magic
 //! line, the root, then each inherited key as (domain, label, key); v2 a
-//! magic line, the generation, the root, the previous generation (if any)
-//! and then the inherited keys as in v1.
+//! magic line, the generation, the root, the previous generation (if any),
+//! the earlier roots' fingerprints and then the inherited keys as in v1.
 
 use zeroize::Zeroizing;
 
@@ -86,6 +87,8 @@ pub struct ClusterKey {
     root: Zeroizing<[u8; 32]>,
     inherited: Vec<Inherited>,
     previous: Option<Previous>,
+    /// The fingerprints of every root before this one, oldest first.
+    ancestors: Vec<String>,
 }
 
 /// The root this one replaced, as much of it as is still needed.
@@ -94,7 +97,6 @@ pub struct Previous {
     pub generation: u32,
     /// When it was replaced (Unix seconds).
     pub rotated_at: u64,
-    pub fingerprint: String,
     pub token_key: Zeroizing<[u8; 32]>,
 }
 
@@ -114,6 +116,7 @@ impl ClusterKey {
             root,
             inherited: Vec::new(),
             previous: None,
+            ancestors: Vec::new(),
         })
     }
 
@@ -137,9 +140,10 @@ impl ClusterKey {
         next.previous = Some(Previous {
             generation: self.generation,
             rotated_at: now,
-            fingerprint: self.fingerprint(),
             token_key: self.derive(Purpose::Tokens),
         });
+        next.ancestors = self.ancestors.clone();
+        next.ancestors.push(self.fingerprint());
         Ok(next)
     }
 
@@ -150,6 +154,12 @@ impl ClusterKey {
     /// The root this one replaced, if it is still needed.
     pub fn previous(&self) -> Option<&Previous> {
         self.previous.as_ref()
+    }
+
+    /// Whether the root of `fingerprint` came before this one in the
+    /// cluster's line of rotations.
+    pub fn descends_from(&self, fingerprint: &str) -> bool {
+        self.ancestors.iter().any(|a| a == fingerprint)
     }
 
     /// The key of a cluster founded by a node that already holds data: a
@@ -221,10 +231,13 @@ impl ClusterKey {
                 out.push(1);
                 out.extend_from_slice(&p.generation.to_be_bytes());
                 out.extend_from_slice(&p.rotated_at.to_be_bytes());
-                out.push(p.fingerprint.len() as u8);
-                out.extend_from_slice(p.fingerprint.as_bytes());
                 out.extend_from_slice(p.token_key.as_ref());
             }
+        }
+        out.extend_from_slice(&(self.ancestors.len() as u32).to_be_bytes());
+        for fingerprint in &self.ancestors {
+            out.push(fingerprint.len() as u8);
+            out.extend_from_slice(fingerprint.as_bytes());
         }
         for k in &self.inherited {
             for part in [&k.domain, &k.label] {
@@ -237,7 +250,7 @@ impl ClusterKey {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<ClusterKey, KeyError> {
-        let (generation, previous, rest) = match bytes.strip_prefix(MAGIC_V2) {
+        let (generation, previous, ancestors, rest) = match bytes.strip_prefix(MAGIC_V2) {
             Some(rest) => {
                 let (generation, rest) = split_u32(rest)?;
                 let (root, rest) = split_key(rest)?;
@@ -247,24 +260,30 @@ impl ClusterKey {
                     1 => {
                         let (generation, rest) = split_u32(after)?;
                         let (at, rest) = rest.split_first_chunk::<8>().ok_or(KeyError::Damaged)?;
-                        let (fingerprint, rest) = split_prefixed(rest)?;
                         let (token_key, rest) = split_key(rest)?;
                         after = rest;
                         Some(Previous {
                             generation,
                             rotated_at: u64::from_be_bytes(*at),
-                            fingerprint: String::from_utf8(fingerprint.to_vec())
-                                .map_err(|_| KeyError::Damaged)?,
                             token_key,
                         })
                     }
                     _ => return Err(KeyError::Damaged),
                 };
-                (generation, previous, (root, after))
+                let (count, mut rest) = split_u32(after)?;
+                let mut ancestors = Vec::new();
+                for _ in 0..count {
+                    let (fingerprint, after) = split_prefixed(rest)?;
+                    ancestors.push(
+                        String::from_utf8(fingerprint.to_vec()).map_err(|_| KeyError::Damaged)?,
+                    );
+                    rest = after;
+                }
+                (generation, previous, ancestors, (root, rest))
             }
             None => {
                 let rest = bytes.strip_prefix(MAGIC).ok_or(KeyError::Damaged)?;
-                (1, None, split_key(rest)?)
+                (1, None, Vec::new(), split_key(rest)?)
             }
         };
         let (root, mut rest) = rest;
@@ -285,6 +304,7 @@ impl ClusterKey {
             root,
             inherited,
             previous,
+            ancestors,
         })
     }
 }
@@ -397,18 +417,23 @@ mod tests {
         let previous = second.previous().unwrap();
         assert_eq!(previous.generation, 1);
         assert_eq!(previous.rotated_at, 1_000);
-        assert_eq!(previous.fingerprint, first.fingerprint());
+        assert!(second.descends_from(&first.fingerprint()));
         assert_eq!(*previous.token_key, *first.derive(Purpose::Tokens));
         // Through the stored form, and once more: only one previous root.
         let back = ClusterKey::from_bytes(&second.to_bytes()).unwrap();
         assert_eq!(back.generation(), 2);
-        assert_eq!(back.previous().unwrap().fingerprint, first.fingerprint());
+        assert!(back.descends_from(&first.fingerprint()));
         assert_eq!(
             *back.derive(Purpose::Field(1)),
             *first.derive(Purpose::Field(1))
         );
         let third = back.rotated(&[3], 2_000).unwrap();
         assert_eq!(third.previous().unwrap().generation, 2);
+        // A node that missed both rotations still recognises its line.
+        assert!(
+            third.descends_from(&first.fingerprint()) && third.descends_from(&second.fingerprint())
+        );
+        assert!(!first.descends_from(&third.fingerprint()));
         assert_eq!(
             *third.derive(Purpose::Field(3)),
             *second.derive(Purpose::Field(3))

@@ -61,10 +61,15 @@ pub enum ClusterError {
     )]
     NotTheFounder { node: String, others: String },
     #[error(
-        "the cluster key sealed for this node is not the one it last held (the fingerprint in \
-         {path} differs): keepd.cluster_members was altered; find out why before removing {path}"
+        "the cluster key sealed for this node ({found}) is neither the one it last held nor \
+         one rotated from it (the fingerprint in {path}, {pinned}): keepd.cluster_members was \
+         altered; find out why before removing {path}"
     )]
-    KeyChanged { path: std::path::PathBuf },
+    KeyChanged {
+        path: std::path::PathBuf,
+        pinned: String,
+        found: String,
+    },
     #[error("cannot read or write {path}: {source}")]
     Pin {
         path: std::path::PathBuf,
@@ -79,9 +84,8 @@ pub enum ClusterError {
     )]
     RotationPending { generation: u32, nodes: String },
     #[error(
-        "the cluster key sealed for this node (fingerprint {found}) does not follow the one it \
-         holds ({held}); keepd.cluster_members was altered, or this node missed more than one \
-         rotation: restart it to take the cluster's key as at a first start"
+        "the cluster key sealed for this node (fingerprint {found}) does not descend from the \
+         one it holds ({held}): keepd.cluster_members was altered; find out why"
     )]
     NotASuccessor { held: String, found: String },
     #[error("dropping the login roles of node {node} failed: {source}")]
@@ -238,19 +242,17 @@ pub fn check_pin(key: &ClusterKey, path: &std::path::Path) -> Result<(), Cluster
     match std::fs::read_to_string(path) {
         Ok(pinned) if pinned.trim() == fingerprint => Ok(()),
         // The cluster rotated its key while this node was away.
-        Ok(pinned)
-            if key
-                .previous()
-                .is_some_and(|p| p.fingerprint == pinned.trim()) =>
-        {
+        Ok(pinned) if key.descends_from(pinned.trim()) => {
             info!(
                 fingerprint,
                 "cluster: the pin follows the rotated cluster key"
             );
             write()
         }
-        Ok(_) => Err(ClusterError::KeyChanged {
+        Ok(pinned) => Err(ClusterError::KeyChanged {
             path: path.to_owned(),
+            pinned: pinned.trim().to_string(),
+            found: fingerprint.clone(),
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => write(),
         Err(e) => Err(pin_error(e)),
@@ -547,9 +549,9 @@ pub async fn successor(
     if found.fingerprint() == held_print {
         return Ok(None);
     }
-    match found.previous() {
-        Some(p) if p.fingerprint == held_print => Ok(Some(found)),
-        _ => Err(ClusterError::NotASuccessor {
+    match found.descends_from(&held_print) {
+        true => Ok(Some(found)),
+        false => Err(ClusterError::NotASuccessor {
             held: held_print,
             found: found.fingerprint(),
         }),

@@ -32,7 +32,7 @@ impl KeyGauges {
         loop {
             // Field keys rotate on their own: read every time.
             if let Ok(client) = self.superuser.connect().await {
-                database = keys::DatabaseFacts::read(&client).await;
+                database = keys::DatabaseFacts::read(&client, &self.config).await;
             }
             match self.credentials.load(&self.identity) {
                 Ok(Some((credentials, _))) => {

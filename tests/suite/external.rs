@@ -1078,3 +1078,65 @@ fn session_of(token: &str) -> (uuid::Uuid, uuid::Uuid) {
     let id = |name: &str| claims[name].as_str().unwrap().parse().unwrap();
     (id("sub"), id("sid"))
 }
+
+/// A node stopped across two rotations of the cluster key comes back on
+/// the newest: its pin follows the line of rotations, its data and
+/// accounts work, and a key that does not descend from its pin is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_missed_two_rotations_follows_on_its_return() {
+    let server = start_external();
+    let (nodes, mut daemons) = start_cluster(&server, 2, common::unlimited_rates());
+    let email = format!("away-{}@example.org", common::uuid());
+    let mut client = SyncClient::new(daemons[0].addr());
+    client.register(&email, "a long password").await.unwrap();
+    client.login(&email, "a long password").await.unwrap();
+    daemons[1].stop();
+    let mut newest = String::new();
+    for generation in [2, 3] {
+        // The stopped node counts as live for 15 s after its last beat.
+        let rotated = wait_until(Duration::from_secs(40), || {
+            let (code, text) = cluster(&nodes[0], &["rotate-key"]);
+            (code == 0).then_some(text)
+        });
+        let text = rotated.expect("the rotation was accepted once node 2 was no longer live");
+        assert!(text.contains(&format!("generation {generation}")), "{text}");
+        newest = text
+            .split("(fingerprint ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .unwrap()
+            .to_string();
+        let adopted = wait_until(Duration::from_secs(20), || {
+            nodes[0]
+                .run(&["keys", "status", "--json"])
+                .1
+                .contains(&format!("\"g{generation} "))
+                .then_some(())
+        });
+        assert!(adopted.is_some(), "{}", daemons[0].log());
+        let pin = nodes[0].state_dir().join("cluster.fingerprint");
+        let held = wait_until(Duration::from_secs(20), || {
+            (std::fs::read_to_string(&pin).unwrap().trim() == newest).then_some(())
+        });
+        assert!(held.is_some(), "{}", daemons[0].log());
+    }
+    daemons[1] = nodes[1].start_healthy();
+    let mut back = SyncClient::new(daemons[1].addr());
+    back.login(&email, "a long password").await.unwrap();
+    let pin = std::fs::read_to_string(nodes[1].state_dir().join("cluster.fingerprint")).unwrap();
+    assert_eq!(pin.trim(), newest, "the pin followed");
+    daemons[1].stop();
+
+    // A pin the sealed key does not descend from: refused, naming both.
+    std::fs::write(
+        nodes[1].state_dir().join("cluster.fingerprint"),
+        "00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
+    let (code, text) = nodes[1].run(&["run"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("00112233445566778899aabbccddeeff") && text.contains(&newest),
+        "{text}"
+    );
+}
