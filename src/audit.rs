@@ -111,6 +111,8 @@ pub enum AuditAction {
     DeviceAdd,
     DeviceRevoke,
     BackupCreate,
+    /// A backup deleted by its owner (`DELETE /backups/{id}`).
+    BackupDelete,
     /// The database was restored from a backup (`keepd restore`): the
     /// chain continues from the restored point.
     NodeRestore,
@@ -151,6 +153,7 @@ impl AuditAction {
             AuditAction::DeviceAdd => "DEVICE_ADD",
             AuditAction::DeviceRevoke => "DEVICE_REVOKE",
             AuditAction::BackupCreate => "BACKUP_CREATE",
+            AuditAction::BackupDelete => "BACKUP_DELETE",
             AuditAction::NodeRestore => "NODE_RESTORE",
             AuditAction::AccountDisable => "ACCOUNT_DISABLE",
             AuditAction::AccountEnable => "ACCOUNT_ENABLE",
@@ -187,7 +190,7 @@ impl AuditAction {
             AuditAction::VaultDelete => "keepd.vaults",
             AuditAction::SyncPush => "keepd.sync_logs",
             AuditAction::DeviceAdd | AuditAction::DeviceRevoke => "keepd.devices",
-            AuditAction::BackupCreate => "keepd.backups",
+            AuditAction::BackupCreate | AuditAction::BackupDelete => "keepd.backups",
             AuditAction::FieldKeyRotation | AuditAction::FieldKeyRetire => "keepd.field_keys",
         }
     }

@@ -599,3 +599,32 @@ pub(super) async fn backup(
         },
     }))
 }
+
+/// Deletes one of the account's backups, freeing its place in the quotas.
+#[utoipa::path(delete, path = "/backups/{id}", tag = "backups",
+    params(IdPath),
+    responses(
+        (status = 200, body = super::auth::MessageBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "No backup with this id on this account", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn delete_backup(
+    State(api): State<Arc<Api>>,
+    auth: UserAuth,
+    ApiPath(IdPath { id }): ApiPath<IdPath>,
+) -> Result<Json<super::auth::MessageBody>, ApiError> {
+    let started = Instant::now();
+    let mut tx = auth.begin(&api, GroupRole::Sync).await?;
+    let Some(bytes) = backups::delete(&tx, auth.user, id).await? else {
+        return Err(ApiError::not_found(
+            "backup_not_found",
+            "no backup with this id on this account",
+        ));
+    };
+    let metadata = json!({"user": api.user_ref(auth.user), "backup": id, "bytes": bytes});
+    api.audit(&mut tx, AuditAction::BackupDelete, 1, started, metadata)
+        .await?;
+    tx.commit().await?;
+    Ok(Json(super::auth::MessageBody::new("Backup deleted")))
+}

@@ -338,7 +338,7 @@ fn routes() -> OpenApiRouter<Arc<Api>> {
         .routes(routes!(devices::register_device, devices::list_devices))
         .routes(routes!(devices::revoke_device))
         .routes(routes!(devices::store_backup, devices::list_backups))
-        .routes(routes!(devices::backup))
+        .routes(routes!(devices::backup, devices::delete_backup))
 }
 
 /// The router and its OpenAPI document, completed with what every route
@@ -771,6 +771,7 @@ mod tests {
             ("/backups", "post"),
             ("/backups", "get"),
             ("/backups/{id}", "get"),
+            ("/backups/{id}", "delete"),
         ] {
             assert!(
                 paths.get(path).and_then(|p| p.get(method)).is_some(),

@@ -985,6 +985,13 @@ impl SyncClient {
         Ok(())
     }
 
+    /// Deletes one of the account's backups.
+    pub async fn delete_backup(&self, backup_id: &str) -> Result<(), ClientError> {
+        self.call(Method::DELETE, &format!("/backups/{backup_id}"), &[], None)
+            .await?;
+        Ok(())
+    }
+
     /// Encrypts `plaintext`, signs it with `device` (signature version 2:
     /// device, classification, nonce, tag and ciphertext), stores it;
     /// returns the backup id.

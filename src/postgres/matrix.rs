@@ -89,7 +89,7 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     // UPDATE: an expired Idempotency-Key record is replaced in place.
     (GroupRole::Sync, "keepd.push_requests", &[S, I, U]),
     (GroupRole::Sync, "keepd.devices", &[S, I, U]),
-    (GroupRole::Sync, "keepd.backups", &[S, I]),
+    (GroupRole::Sync, "keepd.backups", &[S, I, D]),
     // Read against api.quotas; only the owner's counting triggers write it.
     (GroupRole::Sync, "keepd.account_usage", &[S]),
     // Reads of synced data.

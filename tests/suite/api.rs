@@ -1475,6 +1475,58 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
     assert_eq!(left[0].get::<_, i64>(0), 0, "erasure removes the usage row");
 }
 
+/// `DELETE /backups/{id}`: the owner's backup goes, its bytes and its
+/// place in `api.quotas.backups` come back at once, the deletion is
+/// audited; another account's id, or one already deleted, is 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_backup_frees_its_quota_and_is_audited() {
+    let (node, daemon) = quota_node(json!({"backups": 1}));
+    let (client, _) = user(&daemon).await;
+    let (stranger, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let laptop = DeviceKey::generate().unwrap();
+    let laptop_id = client.register_device("laptop", &laptop).await.unwrap();
+    let one = client
+        .store_backup(&laptop_id, &laptop, &key, b"one", "Internal")
+        .await
+        .unwrap();
+    let e = client
+        .store_backup(&laptop_id, &laptop, &key, b"two", "Internal")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("api.quotas.backups"), "{e}");
+    let e = stranger.delete_backup(&one).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(404), Some("backup_not_found"))
+    );
+    assert_eq!(usage(&client.account().await.unwrap()).3, 1, "still there");
+
+    client.delete_backup(&one).await.unwrap();
+    let (bytes, _, _, backups) = usage(&client.account().await.unwrap());
+    assert_eq!((bytes, backups), (0, 0), "freed at once");
+    let e = client.restore_backup(&one, &key).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = client.delete_backup(&one).await.unwrap_err();
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(404), Some("backup_not_found"))
+    );
+    client
+        .store_backup(&laptop_id, &laptop, &key, b"two", "Internal")
+        .await
+        .unwrap();
+    let audited = sql_rows(
+        &node,
+        "SELECT metadata->>'backup', (metadata->>'bytes')::int8 FROM keepd_audit.audit_log \
+         WHERE action = 'BACKUP_DELETE'",
+    )
+    .await;
+    assert_eq!(audited.len(), 1);
+    assert_eq!(audited[0].get::<_, String>(0), one);
+    assert!(audited[0].get::<_, i64>(1) > 0);
+}
+
 /// Registering and revoking cannot grow the devices table without bound:
 /// a revoked device counts against `api.quotas.devices` until the janitor
 /// purges it, `revoked_device_retention` after its revocation, and the

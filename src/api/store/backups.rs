@@ -23,6 +23,10 @@ const LIST_BACKUPS: &str = "SELECT id, device_id, data_classification, size_byte
        (SELECT created_at, id FROM keepd.backups WHERE user_id = $1 AND id = $2)) \
      ORDER BY created_at DESC, id DESC LIMIT $3";
 
+/// The size it counted against the quota, when there was one.
+const DELETE_BACKUP: &str =
+    "DELETE FROM keepd.backups WHERE user_id = $1 AND id = $2 RETURNING size_bytes";
+
 const BACKUP: &str = "SELECT device_id, ciphertext, nonce, auth_tag, signature, \
      data_classification, size_bytes, created_at, signature_version \
      FROM keepd.backups WHERE user_id = $1 AND id = $2";
@@ -155,4 +159,16 @@ pub async fn get(
         created_at: row.get(7),
         signature_version: row.get(8),
     }))
+}
+
+/// Deletes a backup of `user`; the bytes it counted (the usage trigger
+/// frees them and its place in `api.quotas.backups`), or None when the
+/// account has no backup with this id.
+pub async fn delete(
+    tx: &ScopedTransaction,
+    user: Uuid,
+    id: Uuid,
+) -> Result<Option<i64>, StoreError> {
+    let rows = tx.query(DELETE_BACKUP, &[&user, &id]).await?;
+    Ok(rows.first().map(|row| row.get(0)))
 }
