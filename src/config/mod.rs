@@ -7,6 +7,7 @@
 //! Every error names the file, the key, the bad value and what is allowed;
 //! unknown keys are errors so a typo never silently falls back to a default.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -269,11 +270,28 @@ pub struct PostgresConfig {
     pub version: Option<u32>,
     pub max_connections: u32,
     pub log_statement: LogStatement,
-    /// Postgres's log files older than this are deleted (native provider).
-    pub log_retention: HumanDuration,
+    /// Postgres's log files older than this are deleted (native provider
+    /// only; `log_retention()` gives the default).
+    pub log_retention: Option<HumanDuration>,
+    /// The memory Postgres may use, in MiB, which keepd sizes its memory
+    /// settings from (`postgres::tuning`); unset: measured (native: the
+    /// cgroup limit or the host's RAM; docker: `docker.memory_mb`).
+    pub memory_mb: Option<u32>,
+    /// Further postgresql.conf parameters, written after keepd's own (so
+    /// they may override the sizes it chose); any that would weaken what
+    /// keepd enforces is refused by name.
+    pub settings: BTreeMap<String, SettingValue>,
     pub native: NativeConfig,
     pub docker: DockerConfig,
     pub external: ExternalConfig,
+}
+
+impl PostgresConfig {
+    /// How long the native provider keeps Postgres's log files.
+    pub fn log_retention(&self) -> Duration {
+        self.log_retention
+            .map_or(Duration::from_secs(14 * 86_400), HumanDuration::get)
+    }
 }
 
 impl Default for PostgresConfig {
@@ -284,10 +302,33 @@ impl Default for PostgresConfig {
             version: None,
             max_connections: 100,
             log_statement: LogStatement::None,
-            log_retention: HumanDuration(Duration::from_secs(14 * 86_400)),
+            log_retention: None,
+            memory_mb: None,
+            settings: BTreeMap::new(),
             native: NativeConfig::default(),
             docker: DockerConfig::default(),
             external: ExternalConfig::default(),
+        }
+    }
+}
+
+/// A postgresql.conf value as YAML writes it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SettingValue {
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl std::fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SettingValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
+            SettingValue::Integer(n) => write!(f, "{n}"),
+            SettingValue::Float(x) => write!(f, "{x}"),
+            SettingValue::Text(t) => f.write_str(t),
         }
     }
 }

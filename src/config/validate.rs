@@ -108,9 +108,112 @@ pub(super) fn credentials(creds: &CredentialsConfig) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Parameters keepd sets itself and the report checks: passing one through
+/// `database.postgres.settings` could only weaken them.
+const KEEPD_OWNS: &[&str] = &[
+    "listen_addresses",
+    "port",
+    "unix_socket_directories",
+    "unix_socket_permissions",
+    "unix_socket_group",
+    "max_connections",
+    "superuser_reserved_connections",
+    "authentication_timeout",
+    "password_encryption",
+    "row_security",
+    "fsync",
+    "full_page_writes",
+    "synchronous_commit",
+    "shared_preload_libraries",
+    "session_preload_libraries",
+    "local_preload_libraries",
+    "dynamic_library_path",
+    "max_wal_senders",
+    "wal_level",
+    "jit",
+    "archive_mode",
+    "archive_command",
+    "archive_library",
+    "archive_timeout",
+    "restore_command",
+    "hba_file",
+    "ident_file",
+    "config_file",
+    "data_directory",
+    "external_pid_file",
+    "timezone",
+];
+/// Families of them: TLS, logging (and so auditing), the loaded
+/// extensions' own.
+const KEEPD_OWNS_PREFIXES: &[&str] = &[
+    "ssl",
+    "log_",
+    "logging_",
+    "syslog_",
+    "event_source",
+    "pgaudit.",
+    "auth_delay.",
+    "pg_stat_statements.",
+];
+
+/// The `database.postgres.settings` names keepd refuses, each named.
+fn refused_settings(pg: &crate::config::PostgresConfig) -> Vec<String> {
+    pg.settings
+        .keys()
+        .filter(|name| {
+            let well_formed = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            !well_formed
+                || KEEPD_OWNS.contains(&name.as_str())
+                || KEEPD_OWNS_PREFIXES.iter().any(|p| name.starts_with(p))
+        })
+        .cloned()
+        .collect()
+}
+
 pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
     let pg = &database.postgres;
     let pool = &database.pool;
+    let refused = refused_settings(pg);
+    if !refused.is_empty() {
+        return Err(invalid(
+            "database.postgres.settings",
+            refused.join(", "),
+            "parameters keepd does not set itself: these it sets (connections, TLS, \
+             authentication, logging and auditing, preloaded libraries, durability, archiving), \
+             and the report checks them"
+                .into(),
+        ));
+    }
+    if let Some((name, value)) = pg
+        .settings
+        .iter()
+        .find(|(_, v)| v.to_string().contains(['\n', '\r', '\0']))
+    {
+        return Err(invalid(
+            "database.postgres.settings",
+            format!("{name}: {value:?}"),
+            "a value on one line".into(),
+        ));
+    }
+    if pg.provider == Provider::External && (pg.memory_mb.is_some() || !pg.settings.is_empty()) {
+        return Err(invalid(
+            "database.postgres.settings",
+            "set with provider: external".into(),
+            "nothing: an external server's configuration (memory_mb, settings) is its \
+             operator's, set on the server"
+                .into(),
+        ));
+    }
+    if pg.memory_mb.is_some_and(|mb| mb < 256) {
+        return Err(invalid(
+            "database.postgres.memory_mb",
+            pg.memory_mb.unwrap_or_default().to_string(),
+            "256 or more (MiB)".into(),
+        ));
+    }
     match (pg.managed, pg.provider) {
         (Some(false), Provider::Native | Provider::Docker) => {
             return Err(invalid(
@@ -194,12 +297,23 @@ pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
             "at least 32 (Postgres forks a process per connection)".into(),
         ));
     }
-    if pg.log_retention.get() < Duration::from_secs(86_400) {
-        return Err(invalid(
-            "database.postgres.log_retention",
-            pg.log_retention.to_string(),
-            "at least 1d (Postgres starts a new log file each day)".into(),
-        ));
+    if let Some(retention) = pg.log_retention {
+        if pg.provider != Provider::Native {
+            return Err(invalid(
+                "database.postgres.log_retention",
+                retention.to_string(),
+                "unset with this provider: it applies to the native provider only (docker keeps \
+                 seven days, a file per weekday; an external server's logs are its own)"
+                    .into(),
+            ));
+        }
+        if retention.get() < Duration::from_secs(86_400) {
+            return Err(invalid(
+                "database.postgres.log_retention",
+                retention.to_string(),
+                "at least 1d (Postgres starts a new file each day)".into(),
+            ));
+        }
     }
     for (key, timeout) in [
         (

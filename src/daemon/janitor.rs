@@ -74,8 +74,7 @@ impl Janitor {
             idempotency_ttl: config.api.idempotency_ttl.get(),
             revoked_device_retention: config.api.quotas.revoked_device_retention.get(),
             login_delay_max: config.api.rate_limits.login_delay_max.get(),
-            postgres_logs: postgres_logs
-                .map(|dir| (dir, config.database.postgres.log_retention.get())),
+            postgres_logs: postgres_logs.map(|dir| (dir, config.database.postgres.log_retention())),
         }
     }
 

@@ -33,15 +33,22 @@ pub enum LocateError {
 }
 
 /// What `keepd render` writes: the provider's inputs as the daemon would
-/// render them (natively, pgAudit only where the host's binaries carry it;
-/// an image or an external server is not looked at).
+/// render them (natively, memory as measured here and pgAudit only where
+/// the host's binaries carry it; an image or an external server is not
+/// looked at).
 pub fn render_inputs(config: &Config) -> super::render::RenderInputs {
     let inputs = super::render::RenderInputs::of(config);
     match config.database.postgres.provider {
-        Provider::Native => match super::native::pgaudit_installed(config) {
-            Some(pgaudit) => inputs.with_pgaudit(pgaudit),
-            None => inputs,
-        },
+        Provider::Native => {
+            let inputs = match super::tuning::host_memory() {
+                Some((bytes, _)) => inputs.with_memory(bytes),
+                None => inputs,
+            };
+            match super::native::pgaudit_installed(config) {
+                Some(pgaudit) => inputs.with_pgaudit(pgaudit),
+                None => inputs,
+            }
+        }
         Provider::Docker | Provider::External => inputs,
     }
 }

@@ -17,6 +17,7 @@ pub mod roles;
 pub mod server;
 pub mod supervise;
 pub mod tls;
+pub mod tuning;
 
 /// initdb's arguments after `-D DIR`, for every provider: nobody can log
 /// in until keepd installs its own pg_hba.conf and sets the superuser's

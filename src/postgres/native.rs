@@ -387,6 +387,16 @@ impl NativeCluster {
         if !pgaudit {
             warn!(bin_dir = %cluster.binaries.dir.display(), package = %format!("postgresql-{}-pgaudit", cluster.binaries.major_version), "pgAudit is not installed beside the server; Postgres runs without it (the security report's audit.pgaudit)");
         }
+        let inputs = match super::tuning::host_memory() {
+            Some((bytes, source)) => {
+                info!(
+                    memory_mb = bytes >> 20,
+                    source, "Postgres's memory settings are sized from it"
+                );
+                inputs.with_memory(bytes)
+            }
+            None => inputs,
+        };
         let rendered = render::render(&inputs.with_pgaudit(pgaudit))?;
         if !cluster.data_dir.join("PG_VERSION").exists() {
             cluster.initdb()?;

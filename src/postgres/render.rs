@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::tuning::Tuning;
 use super::{AUDITOR_ROLE, DATABASE, GROUP_ROLES, OWNER_ROLE, SUPERUSER};
 use crate::config::{Config, Layout, LogStatement, Provider, Topology, container};
 use crate::repository::{
@@ -147,12 +148,19 @@ pub struct RenderInputs {
     /// server it runs (a missing one is the report's finding, not a
     /// server that cannot start).
     pub pgaudit: bool,
+    /// Memory settings sized for the server (`database.postgres.memory_mb`,
+    /// the container's limit, or what the native provider measured).
+    pub tuning: Option<Tuning>,
+    /// `database.postgres.settings`, already refused where they would
+    /// weaken keepd's own (config validation).
+    pub settings: Vec<(String, String)>,
 }
 
-/// What pgAudit logs of every session (keepd's own superuser sessions
-/// included).
+/// What pgAudit logs of keepd's own sessions: its superuser's (asked for
+/// at connect) and its pool's login roles' (their role setting).
 pub const PGAUDIT_SESSION_CLASSES: &str = "role,ddl";
-/// What it logs of any other superuser session: everything.
+/// What it logs of every other session (server-wide, and the superuser's
+/// role setting for an operator's `keepd psql`): everything.
 pub const PGAUDIT_SUPERUSER_CLASSES: &str = "all";
 /// keepd's superuser's `CONNECTION LIMIT` (CIS 5.5): keepd's own sessions
 /// (bootstrap, janitor, backups, renewal, rotation, the supervisor's
@@ -173,6 +181,36 @@ impl RenderInputs {
                 && !security.allow_client_cert_fallback,
             backup: config.backup.enabled().then(|| BackupInputs::of(config)),
             pgaudit: true,
+            tuning: {
+                let pg = &config.database.postgres;
+                let mib = |mb: u32| u64::from(mb) * 1024 * 1024;
+                match (pg.memory_mb, pg.provider) {
+                    (Some(mb), _) => Some(Tuning::for_memory(mib(mb), pg.max_connections)),
+                    (None, Provider::Docker) => Some(Tuning::for_memory(
+                        mib(pg.docker.memory_mb),
+                        pg.max_connections,
+                    )),
+                    // Measured by the provider (`with_memory`).
+                    (None, Provider::Native | Provider::External) => None,
+                }
+            },
+            settings: config
+                .database
+                .postgres
+                .settings
+                .iter()
+                .map(|(name, value)| (name.clone(), value.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Sized for `bytes` of memory, unless the configuration said how much.
+    pub fn with_memory(self, bytes: u64) -> RenderInputs {
+        RenderInputs {
+            tuning: self
+                .tuning
+                .or_else(|| Some(Tuning::for_memory(bytes, self.max_connections))),
+            ..self
         }
     }
 
@@ -351,13 +389,14 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
     set("shared_preload_libraries", format!("'{preload}'"));
     set("auth_delay.milliseconds", "500".into());
     if inputs.pgaudit {
-        // pgAudit (CIS 3.2): every session's role and DDL statements; every
-        // statement of a superuser session other than keepd's own (the
-        // superuser's role setting, which keepd's connections override);
-        // object logging for what `AUDITOR_ROLE` is granted (tampering
-        // with the audit trail, reading the cluster key). Statement text
-        // only: passwords are redacted by pgAudit, parameters never logged.
-        set("pgaudit.log", format!("'{PGAUDIT_SESSION_CLASSES}'"));
+        // pgAudit (CIS 3.2): every statement of every session, except
+        // keepd's own, which log role and DDL statements (the superuser's
+        // connections ask for it, the login roles have it as their role
+        // setting): a role made behind keepd's back is logged whole.
+        // Object logging for what `AUDITOR_ROLE` is granted (tampering with
+        // the audit trail, reading the cluster key). Statement text only:
+        // passwords are redacted by pgAudit, parameters never logged.
+        set("pgaudit.log", format!("'{PGAUDIT_SUPERUSER_CLASSES}'"));
         set("pgaudit.log_catalog", "off".into());
         set("pgaudit.log_parameter", "off".into());
         set("pgaudit.log_relation", "on".into());
@@ -383,6 +422,17 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
             format!("'{PGBACKREST} --config={conf} --stanza={STANZA} archive-push %p'"),
         );
         set("archive_timeout", "'60s'".into());
+    }
+
+    // Memory, from what the server may use (`postgres::tuning`).
+    if let Some(tuning) = &inputs.tuning {
+        for (name, value) in tuning.settings() {
+            set(name, value);
+        }
+    }
+    // The operator's, last: they may override the sizes above.
+    for (name, value) in &inputs.settings {
+        set(name, format!("'{}'", value.replace('\'', "''")));
     }
     Ok(out)
 }

@@ -338,3 +338,106 @@ fn old_postgres_logs_are_deleted() {
     );
     assert!(recent.exists(), "a 3-day-old log was deleted");
 }
+
+/// A memory cgroup under this process's own, limited to `bytes`, with the
+/// file a process is moved into it by; None where cgroups cannot be made.
+fn limited_memory_cgroup(bytes: u64) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let (base, limit_file) = own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (hierarchy, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            Some((
+                std::path::Path::new("/sys/fs/cgroup/memory").join(path),
+                "memory.limit_in_bytes",
+            ))
+        } else if hierarchy == "0"
+            && std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        {
+            Some((
+                std::path::Path::new("/sys/fs/cgroup").join(path),
+                "memory.max",
+            ))
+        } else {
+            None
+        }
+    })?;
+    let dir = base.join(format!("keepd-test-{}", common::uuid()));
+    std::fs::create_dir(&dir).ok()?;
+    std::fs::write(dir.join(limit_file), bytes.to_string()).ok()?;
+    Some(dir)
+}
+
+/// Postgres's memory settings follow the memory keepd may use: inside a
+/// cgroup limited to 1 GiB, a quarter of it for shared buffers, and the
+/// report shows them; a parameter passed through lands (and may override
+/// a size), one keepd sets itself is refused by name with exit 2.
+#[test]
+fn memory_settings_follow_a_cgroup_limit_and_settings_pass_through() {
+    let group = limited_memory_cgroup(1 << 30);
+    if !common::require(
+        group.is_some(),
+        "cannot make a memory cgroup",
+        "run the tests as root where /sys/fs/cgroup is writable",
+    ) {
+        return;
+    }
+    let group = group.unwrap();
+    let node = TestNode::new();
+    node.merge(serde_json::json!({"database": {"postgres": {"settings": {
+        "random_page_cost": 1.1,
+        "maintenance_work_mem": "96MB",
+    }}}}));
+    let mut command = node.command(&["run"]);
+    let procs = group.join("cgroup.procs");
+    // SAFETY: the child only writes its own pid to a file before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            std::fs::write(&procs, std::process::id().to_string())
+        });
+    }
+    let mut daemon = common::Daemon::spawn_with(command, node.data_dir());
+    assert!(
+        daemon.wait_health(200, Duration::from_secs(30)),
+        "{}",
+        daemon.log()
+    );
+    let show = |name: &str| node.psql("superuser", &format!("SHOW {name}")).unwrap();
+    assert_eq!(
+        show("shared_buffers"),
+        "256MB",
+        "a quarter of the cgroup's 1 GiB"
+    );
+    assert_eq!(show("effective_cache_size"), "768MB");
+    assert_eq!(show("random_page_cost"), "1.1");
+    assert_eq!(
+        show("maintenance_work_mem"),
+        "96MB",
+        "the operator's overrides keepd's"
+    );
+    let check = node.report_check("postgres.memory");
+    assert!(
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("shared_buffers 256MB"),
+        "{check}"
+    );
+    daemon.stop();
+    let _ = std::fs::remove_dir(&group);
+
+    node.set(
+        "database.postgres.settings",
+        serde_json::json!({"ssl": "off", "port": 1, "work_mem": "8MB"}),
+    );
+    let out = node.command(&["run"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("database.postgres.settings")
+            && text.contains("port, ssl")
+            && !text.contains("work_mem"),
+        "{text}"
+    );
+}
