@@ -14,7 +14,16 @@
 # (the docker provider and the image), and systemd (systemd-analyze).
 # Every tool a test needs is here: in CI (`CI` set) a test missing one
 # fails (tests/suite/common: `require`).
+#
+# `--run` installs only what running keepd natively needs: the PostgreSQL
+# server, pgAudit and pgBackRest (scripts/run-dev.sh).
 set -euo pipefail
+mode=all
+case ${1:-} in
+  --run) mode=run ;;
+  "") ;;
+  *) echo "install-deps: unknown argument $1 (--run installs only what keepd runs with)" >&2; exit 2 ;;
+esac
 
 have_postgres() {
   compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null &&
@@ -50,6 +59,12 @@ pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
 pg_major=${pg_major:-15}
 compgen -G "/usr/lib/postgresql/$pg_major/lib/pgaudit.so" >/dev/null || missing+=("postgresql-$pg_major-pgaudit")
 dpkg-query -W -f '${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || missing+=(python3-venv)
+if [[ $mode == run ]]; then
+  missing=()
+  have_postgres || missing+=(postgresql)
+  [[ -x /usr/bin/pgbackrest ]] || missing+=(pgbackrest)
+  compgen -G "/usr/lib/postgresql/$pg_major/lib/pgaudit.so" >/dev/null || missing+=("postgresql-$pg_major-pgaudit")
+fi
 # PyPI tools, each in a virtualenv of its own under /opt/keepd-test:
 # Patroni for the HA test, moto's S3 server for the S3 repository test,
 # schemathesis for the OpenAPI contract test.
@@ -76,8 +91,10 @@ install_cargo_tools() {
 }
 sudo=""
 if [[ ${#missing[@]} -eq 0 ]]; then
-  install_python_tools
-  install_cargo_tools
+  if [[ $mode == all ]]; then
+    install_python_tools
+    install_cargo_tools
+  fi
   exit 0
 fi
 
@@ -113,5 +130,7 @@ if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/nul
     $sudo systemctl disable --quiet prometheus.service || true
   fi
 fi
-install_python_tools
-install_cargo_tools
+if [[ $mode == all ]]; then
+  install_python_tools
+  install_cargo_tools
+fi

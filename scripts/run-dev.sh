@@ -3,5 +3,6 @@
 # Postgres on a Unix socket only, the API on http://127.0.0.1:8787.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+# Only what keepd runs with: PostgreSQL, pgAudit, pgBackRest.
+scripts/install-deps.sh --run
 exec cargo run --release --locked -- run --config config/dev.yaml "$@"

@@ -39,6 +39,8 @@ pub enum AdminError {
         crate::postgres::describe_error(.0)
     )]
     Connect(#[source] tokio_postgres::Error),
+    #[error("cannot read keepd.schema_migrations: {}", crate::postgres::describe_error(.0))]
+    Migrations(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
@@ -185,6 +187,21 @@ pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = Layout::of(config).audit_checkpoint();
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
+}
+
+/// `keepd migrate status`: every migration this keepd knows or the
+/// database applied, as the superuser.
+pub async fn migrate_status(
+    config: &Config,
+) -> Result<Vec<crate::postgres::migrate::MigrationStatus>, AdminError> {
+    use crate::postgres::migrate;
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-migrate")?;
+    let client = endpoint.connect().await.map_err(AdminError::Connect)?;
+    let applied = migrate::applied(&client)
+        .await
+        .map_err(AdminError::Migrations)?;
+    Ok(migrate::status(migrate::MIGRATIONS, &applied))
 }
 
 /// pgBackRest for `keepd backup now|list|verify`, with the repository

@@ -285,11 +285,32 @@ impl PgBackRest {
     }
 
     /// Takes a backup, printing pgBackRest's progress lines (the CLI).
-    pub async fn backup(&self, kind: BackupKind) -> Result<(), BackupError> {
+    /// While another backup holds the stanza's lock (the schedule's, or
+    /// another `keepd backup now`), waits for it to end, telling
+    /// `waiting` how long it has waited so far (at once, then each minute).
+    pub async fn backup(
+        &self,
+        kind: BackupKind,
+        waiting: impl Fn(std::time::Duration),
+    ) -> Result<(), BackupError> {
         let kind = format!("--type={}", kind.name());
-        self.run("backup", &[&kind, "--log-level-console=info"], true)
-            .await
-            .map(drop)
+        let started = std::time::Instant::now();
+        let mut told: Option<std::time::Instant> = None;
+        loop {
+            match self
+                .run("backup", &[&kind, "--log-level-console=info"], true)
+                .await
+            {
+                Err(BackupError::Failed { message, .. }) if is_lock_held(&message) => {
+                    if told.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+                        waiting(started.elapsed());
+                        told = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                result => return result.map(drop),
+            }
+        }
     }
 
     /// The repository's backups and WAL archive, as pgBackRest reports
@@ -415,6 +436,12 @@ pub async fn archive_current_wal(superuser: &Endpoint) -> Result<String, BackupE
     })
 }
 
+/// pgBackRest's answer when another of its processes holds the stanza's
+/// backup lock (error 50, LockAcquireError).
+fn is_lock_held(message: &str) -> bool {
+    message.contains("[050]") || message.contains("is another pgBackRest process running")
+}
+
 fn checked(action: &'static str, out: RunOutput) -> Result<String, BackupError> {
     if out.success() {
         return Ok(out.stdout);
@@ -440,6 +467,18 @@ fn checked(action: &'static str, out: RunOutput) -> Result<String, BackupError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pgbackrests_lock_error_is_recognised() {
+        // As pgBackRest 2.x prints it when a backup holds the lock.
+        let held = "ERROR: [050]: unable to acquire lock on file \
+                    '/tmp/pgbackrest/keepd-backup.lock': Resource temporarily unavailable\n\
+                    HINT: is another pgBackRest process running?";
+        assert!(is_lock_held(held));
+        assert!(!is_lock_held(
+            "ERROR: [056]: unable to find primary cluster"
+        ));
+    }
 
     #[test]
     fn restore_targets_need_a_whole_moment_with_an_offset() {

@@ -96,6 +96,12 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The schema's migrations (keepd applies them itself at start).
+    #[command(after_help = help!("keepd migrate status"))]
+    Migrate {
+        #[command(subcommand)]
+        command: MigrateCommand,
+    },
     /// Install, remove or print keepd's service definition (systemd unit,
     /// launchd plist), with its manual page and shell completions.
     #[command(after_help = help!(
@@ -447,6 +453,22 @@ enum AccountCommand {
 }
 
 #[derive(Subcommand)]
+enum MigrateCommand {
+    /// Every migration: applied (when), pending (the next start applies
+    /// it), changed since it was applied, or unknown to this keepd.
+    #[command(after_help = help!(
+        codes: "0 every applied migration is this keepd's; 1 one was changed or comes from a newer \
+                keepd, or the database cannot be reached; 2 a configuration error";
+        "keepd migrate status",
+        "keepd migrate status --json"
+    ))]
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCommand {
     /// Recompute the chain and check the signed checkpoint.
     #[command(after_help = help!(
@@ -495,6 +517,13 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Command::Migrate {
+            command: MigrateCommand::Status { json },
+        } => match migrate_status(&config, json) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Audit {
             command: AuditCommand::Verify,
         } => match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::audit_verify(&config))?)) {
@@ -885,7 +914,14 @@ fn backup(config: &Config, command: BackupCommand) -> anyhow::Result<()> {
             } else {
                 BackupKind::Differential
             };
-            runtime()?.block_on(pgbackrest()?.backup(kind))?;
+            let waiting = |waited: std::time::Duration| {
+                eprintln!(
+                    "another backup is running (the schedule's, or another `keepd backup now`); \
+                     waiting for it to end ({}s so far)",
+                    waited.as_secs()
+                );
+            };
+            runtime()?.block_on(pgbackrest()?.backup(kind, waiting))?;
             println!("backup complete");
         }
         BackupCommand::List { json } => {
@@ -926,6 +962,34 @@ fn restore(config: &Config, to: Option<String>) -> anyhow::Result<()> {
             .map_or_else(|| "none".to_string(), |seq| format!("seq {seq}"))
     );
     Ok(())
+}
+
+/// Prints the migrations; false when one was changed or is unknown.
+fn migrate_status(config: &Config, json: bool) -> anyhow::Result<bool> {
+    use keepd::postgres::migrate::MigrationState;
+    let migrations = runtime()?.block_on(keepd::admin::migrate_status(config))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&migrations)?);
+    } else {
+        println!(
+            "{:>7}  {:<20}  {:<8}  {:<19}  CHECKSUM",
+            "VERSION", "NAME", "STATE", "APPLIED"
+        );
+        for m in &migrations {
+            let state = serde_json::to_value(m.state)?;
+            println!(
+                "{:>7}  {:<20}  {:<8}  {:<19}  {}",
+                m.version,
+                m.name,
+                state.as_str().unwrap_or_default(),
+                m.applied_at.as_deref().unwrap_or("-"),
+                m.checksum.as_deref().map_or("-", |c| &c[..16]),
+            );
+        }
+    }
+    Ok(migrations
+        .iter()
+        .all(|m| matches!(m.state, MigrationState::Applied | MigrationState::Pending)))
 }
 
 fn rotate_cluster_key(config: &Config) -> anyhow::Result<()> {

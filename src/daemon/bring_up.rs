@@ -56,6 +56,29 @@ impl Provisioned {
         Ok(facts)
     }
 
+    /// `database.postgres.version`, where set, is the server's major version
+    /// whatever the provider (natively it also chose the binaries): an
+    /// image or an external server of another major is refused by name.
+    async fn check_server_version(&self, client: &Client) -> Result<(), DaemonError> {
+        let Some(wanted) = self.node.config.database.postgres.version else {
+            return Ok(());
+        };
+        let number: String = client
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .map_err(DaemonError::Connect)?
+            .get(0);
+        let running = number.parse::<u32>().unwrap_or(0) / 10_000;
+        if running == wanted {
+            return Ok(());
+        }
+        Err(DaemonError::ServerVersion {
+            wanted,
+            running,
+            hint: self.server.version_hint(),
+        })
+    }
+
     /// Roles and database bootstrapped, every migration applied; the
     /// superuser's connection, for the cluster's join.
     pub(super) async fn bootstrap_and_migrate(&self) -> Result<Client, DaemonError> {
@@ -65,6 +88,7 @@ impl Provisioned {
             .connect()
             .await
             .map_err(DaemonError::Connect)?;
+        self.check_server_version(&client).await?;
         let applied = migrate::apply(&mut client, migrate::MIGRATIONS).await?;
         info!(applied = ?applied, "schema up to date");
         Ok(client)

@@ -40,6 +40,15 @@ pub enum DaemonError {
     Connect(#[source] tokio_postgres::Error),
     #[error(transparent)]
     Entropy(#[from] EntropyError),
+    #[error(
+        "database.postgres.version asks for PostgreSQL {wanted}, but the server keepd reached runs \
+         {running}: {hint}"
+    )]
+    ServerVersion {
+        wanted: u32,
+        running: u32,
+        hint: &'static str,
+    },
     #[error("cannot read or make the cluster's field key versions (keepd.field_keys): {}", describe_error(.0))]
     FieldKeys(#[source] tokio_postgres::Error),
     #[error(
@@ -97,7 +106,9 @@ impl DaemonError {
     /// run time.
     pub fn is_configuration(&self) -> bool {
         match self {
-            DaemonError::ApiTls(_) | DaemonError::Edge(_) => true,
+            DaemonError::ApiTls(_) | DaemonError::Edge(_) | DaemonError::ServerVersion { .. } => {
+                true
+            }
             DaemonError::Identity(e) => e.is_configuration(),
             DaemonError::Provider(crate::postgres::server::ProviderError::Native(e)) => {
                 e.is_configuration()

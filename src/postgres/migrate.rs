@@ -240,6 +240,100 @@ pub async fn apply(
     Ok(pending.iter().map(|m| m.version).collect())
 }
 
+/// One migration as `keepd migrate status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    pub version: i32,
+    pub name: String,
+    pub state: MigrationState,
+    /// When it was applied (`YYYY-MM-DD HH:MM:SS` UTC), if it was.
+    pub applied_at: Option<String>,
+    /// The checksum this keepd has (none for a migration it does not know).
+    pub checksum: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Applied with the content this keepd has.
+    Applied,
+    /// Known to this keepd, not applied yet (the next start applies it).
+    Pending,
+    /// Applied with other content than this keepd's: a changed release.
+    Changed,
+    /// Applied by a newer keepd.
+    Unknown,
+}
+
+/// Every migration, known or applied, with its state; `applied` is
+/// (version, name, checksum, applied at) as `keepd.schema_migrations`
+/// holds them.
+pub fn status(
+    migrations: &[Migration],
+    applied: &[(i32, String, String, String)],
+) -> Vec<MigrationStatus> {
+    let mut out: Vec<MigrationStatus> = migrations
+        .iter()
+        .map(|m| {
+            let row = applied.iter().find(|(v, ..)| *v == m.version);
+            MigrationStatus {
+                version: m.version,
+                name: m.name.to_string(),
+                state: match row {
+                    None => MigrationState::Pending,
+                    Some((_, _, checksum, _)) if *checksum == m.checksum() => {
+                        MigrationState::Applied
+                    }
+                    Some(_) => MigrationState::Changed,
+                },
+                applied_at: row.map(|(.., at)| at.clone()),
+                checksum: Some(m.checksum()),
+            }
+        })
+        .collect();
+    for (version, name, _, at) in applied {
+        if !migrations.iter().any(|m| m.version == *version) {
+            out.push(MigrationStatus {
+                version: *version,
+                name: name.clone(),
+                state: MigrationState::Unknown,
+                applied_at: Some(at.clone()),
+                checksum: None,
+            });
+        }
+    }
+    out
+}
+
+/// `keepd.schema_migrations` as `status` reads it (empty before the first
+/// start).
+pub async fn applied(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(i32, String, String, String)>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('keepd.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT version, name, checksum, \
+               to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') \
+             FROM keepd.schema_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +374,41 @@ mod tests {
                 "{table}"
             );
         }
+    }
+
+    #[test]
+    fn status_names_applied_pending_changed_and_unknown() {
+        let known = &MIGRATIONS[..3];
+        let row = |m: &Migration, checksum: String| {
+            (
+                m.version,
+                m.name.to_string(),
+                checksum,
+                "2026-12-07 00:00:00".to_string(),
+            )
+        };
+        let applied = vec![
+            row(&known[0], known[0].checksum()),
+            row(&known[1], "0".repeat(64)),
+            (
+                99,
+                "from the future".to_string(),
+                "f".repeat(64),
+                "2027-01-01 00:00:00".to_string(),
+            ),
+        ];
+        let states: Vec<(i32, MigrationState)> = status(known, &applied)
+            .iter()
+            .map(|m| (m.version, m.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (1, MigrationState::Applied),
+                (2, MigrationState::Changed),
+                (3, MigrationState::Pending),
+                (99, MigrationState::Unknown),
+            ]
+        );
     }
 }

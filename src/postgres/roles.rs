@@ -108,6 +108,22 @@ impl<'a> RoleAdmin<'a> {
         ))
         .await
         .map_err(err("grant groups to"))?;
+        // pgAudit logs everything server-wide; the pool's own sessions
+        // only their role and DDL statements (where pgAudit is loaded).
+        let pgaudit = tx
+            .query_opt("SELECT 1 FROM pg_settings WHERE name = 'pgaudit.log'", &[])
+            .await
+            .map_err(err("look up pgAudit for"))?
+            .is_some();
+        if pgaudit {
+            tx.batch_execute(&format!(
+                "ALTER ROLE {} SET pgaudit.log = '{}'",
+                ident(name),
+                super::render::PGAUDIT_SESSION_CLASSES
+            ))
+            .await
+            .map_err(err("set pgAudit's classes for"))?;
+        }
         tx.commit().await.map_err(err("commit"))?;
         if !exists {
             info!(role = name, "created login role");

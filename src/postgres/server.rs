@@ -218,6 +218,18 @@ impl Server {
         }
     }
 
+    /// What to change when the server's major is not
+    /// `database.postgres.version`.
+    pub fn version_hint(&self) -> &'static str {
+        match self {
+            Server::Native(_) => "set database.postgres.native.bin_dir or upgrade the cluster",
+            Server::Docker(_) => "use an image of that major in database.postgres.docker.image",
+            Server::External(_) => {
+                "point database.postgres.external at a server of that major, or unset the version"
+            }
+        }
+    }
+
     /// Whether the superuser is keepd's own (its password in db.enc, which
     /// keepd may rotate) rather than an external server's administrator.
     pub fn superuser_is_keepds(&self) -> bool {

@@ -86,6 +86,7 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(auth_delay(&client).await);
     checks.push(pgaudit(&client, config).await);
     checks.push(superuser(&client, config).await);
+    checks.push(foreign_roles(&client, config).await);
     checks.push(public_privileges(&client).await);
     checks.push(encryption_at_rest(&client, inputs).await);
     checks.push(audit_chain(&client, inputs).await);
@@ -102,7 +103,29 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(password_login(config));
     checks.push(identity_protection(config));
     checks.push(cluster_key(&client).await);
+    checks.push(memory_settings(&client).await);
     checks
+}
+
+/// The memory settings the server runs with (`postgres::tuning` sizes
+/// them for the servers keepd runs), as it reports them.
+async fn memory_settings(client: &tokio_postgres::Client) -> Check {
+    let id = "postgres.memory";
+    let names = [
+        "shared_buffers",
+        "effective_cache_size",
+        "work_mem",
+        "maintenance_work_mem",
+        "max_wal_size",
+    ];
+    let mut shown = Vec::new();
+    for name in names {
+        match client.query_one(&format!("SHOW {name}"), &[]).await {
+            Ok(row) => shown.push(format!("{name} {}", row.get::<_, String>(0))),
+            Err(e) => return Check::new(id, Weight::Minor, Status::Fail, describe_error(&e)),
+        }
+    }
+    Check::new(id, Weight::Minor, Status::Pass, shown.join(", "))
 }
 
 /// Whether a node removed from the cluster still knows the current
@@ -491,7 +514,8 @@ async fn client_certificates(client: &Client, config: &Config, tcp: bool) -> Che
             id,
             Weight::Major,
             Status::NotApplicable,
-            "no TCP: the socket's directory mode guards it",
+            "no TCP: the socket's directory mode guards it (security.require_client_cert and \
+             allow_client_cert_fallback apply to TCP only)",
         );
     }
     if config.database.postgres.provider == Provider::External {
@@ -759,17 +783,29 @@ async fn pgaudit(client: &Client, config: &Config) -> Check {
         );
     }
     let mut unmet = Vec::new();
-    match show(client, "pgaudit.log").await {
-        Ok(classes) => {
-            let classes: Vec<String> = classes
-                .split(',')
-                .map(|c| c.trim().to_lowercase())
-                .collect();
+    // keepd's servers: this session asked for keepd's own classes, so the
+    // server-wide value is what the configuration files say. An external
+    // server's is whatever its administrator's session sees.
+    let server_wide = match managed {
+        true => client
+            .query_opt(
+                "SELECT setting FROM pg_file_settings WHERE name = 'pgaudit.log' AND applied",
+                &[],
+            )
+            .await
+            .map(|row| row.map(|r| r.get::<_, String>(0)).unwrap_or_default())
+            .map_err(|e| describe_error(&e)),
+        false => show(client, "pgaudit.log").await,
+    };
+    let wanted: &[&str] = if managed { &["all"] } else { &["role", "ddl"] };
+    match server_wide {
+        Ok(value) => {
+            let classes: Vec<String> = value.split(',').map(|c| c.trim().to_lowercase()).collect();
             let has = |c: &str| classes.iter().any(|x| x == c || x == "all");
-            if !(has("role") && has("ddl")) {
+            if !wanted.iter().all(|c| has(c)) {
                 unmet.push(format!(
-                    "pgaudit.log = {} (wants role, ddl)",
-                    classes.join(",")
+                    "pgaudit.log = {value:?} server-wide (wants {})",
+                    wanted.join(", ")
                 ));
             }
         }
@@ -813,8 +849,9 @@ async fn pgaudit(client: &Client, config: &Config) -> Check {
             Status::Pass,
             match managed {
                 true => {
-                    "pgAudit logs role and DDL statements, every statement of other superuser \
-                         sessions, audit-trail tampering and cluster-key reads; no parameters"
+                    "pgAudit logs every statement of every session but keepd's own (their role \
+                     and DDL statements), audit-trail tampering and cluster-key reads; no \
+                     parameters"
                 }
                 false => "pgAudit logs role and DDL statements; no parameters",
             },
@@ -822,6 +859,57 @@ async fn pgaudit(client: &Client, config: &Config) -> Check {
     } else {
         Check::new(id, Weight::Major, Status::Fail, unmet.join("; "))
             .recommend("restart keepd: its rendered configuration and bootstrap set pgAudit up")
+    }
+}
+
+/// Roles that can log in, or are superusers, and that keepd did not make:
+/// what an intruder (or a hurried operator) leaves behind. keepd makes one
+/// superuser and, per node, login roles `keepd_<node>_v<N>` with no
+/// attribute beyond LOGIN.
+async fn foreign_roles(client: &Client, config: &Config) -> Check {
+    let id = "roles.foreign";
+    let weight = Weight::Critical;
+    if config.database.postgres.provider == Provider::External {
+        return Check::new(
+            id,
+            weight,
+            Status::NotApplicable,
+            "an external server's roles are its operator's (other applications may share it)",
+        );
+    }
+    let rows = client
+        .query(
+            "SELECT rolname || CASE WHEN rolsuper THEN ' (superuser)' ELSE '' END \
+             FROM pg_roles \
+             WHERE (rolcanlogin OR rolsuper) AND rolname <> $1 \
+               AND NOT (rolname ~ '^keepd_[0-9a-f]{16}_v[0-9]+$' AND NOT rolsuper \
+                        AND NOT rolcreaterole AND NOT rolcreatedb AND NOT rolreplication \
+                        AND NOT rolbypassrls) \
+             ORDER BY 1",
+            &[&SUPERUSER],
+        )
+        .await;
+    match rows {
+        Err(e) => Check::new(id, weight, Status::Fail, describe_error(&e)),
+        Ok(rows) if rows.is_empty() => Check::new(
+            id,
+            weight,
+            Status::Pass,
+            format!("only keepd's roles can log in: {SUPERUSER} and its login roles"),
+        ),
+        Ok(rows) => {
+            let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            Check::new(
+                id,
+                weight,
+                Status::Fail,
+                format!("roles keepd did not make can log in: {}", names.join(", ")),
+            )
+            .recommend(
+                "find out who made them and why; then DROP ROLE them (or ALTER ROLE ... NOLOGIN \
+                 NOSUPERUSER) with `keepd psql`",
+            )
+        }
     }
 }
 

@@ -48,6 +48,41 @@ fn a_strict_first_start_with_a_repository_starts() {
     daemon.stop();
 }
 
+/// Two `keepd backup now` at once (as one right after a first start meets
+/// the scheduled full backup): the second waits for the first, saying so,
+/// and both succeed.
+#[test]
+fn a_backup_asked_while_another_runs_waits_for_it() {
+    let (node, _dir, _repository) = backed_up_node();
+    let mut daemon = node.start_healthy();
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            node.command(&["backup", "now", "--full"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = both
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    for out in &outputs {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let waited = outputs
+        .iter()
+        .any(|out| String::from_utf8_lossy(&out.stderr).contains("another backup is running"));
+    assert!(waited, "one of the two waited for the other");
+    daemon.stop();
+}
+
 fn pgbackrest_conf(node: &TestNode) -> PathBuf {
     node.state_dir().join("pgbackrest").join("pgbackrest.conf")
 }

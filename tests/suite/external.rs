@@ -1140,3 +1140,19 @@ async fn a_node_that_missed_two_rotations_follows_on_its_return() {
         "{text}"
     );
 }
+
+/// `database.postgres.version` holds for an external server too: another
+/// major is refused by name (exit 2), not used silently.
+#[test]
+fn an_external_server_of_another_major_is_refused_by_name() {
+    let server = start_external();
+    let node = external_node_with(&server, json!({"database": {"postgres": {"version": 16}}}));
+    let (code, text) = node.run(&["run"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("database.postgres.version asks for PostgreSQL 16")
+            && text.contains("runs 15")
+            && text.contains("database.postgres.external"),
+        "{text}"
+    );
+}

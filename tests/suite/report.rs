@@ -354,7 +354,10 @@ fn pgaudit_logs_superuser_sessions_and_tampering_but_not_the_pool() {
     // cluster key's accesses are object-logged as intended.
     let own: Vec<&&str> = audit
         .iter()
-        .filter(|l| l.contains("app=keepd,") && l.contains("AUDIT: SESSION"))
+        .filter(|l| {
+            (l.contains("app=keepd,") || l.contains("app=keepd-pool,"))
+                && l.contains("AUDIT: SESSION")
+        })
         .filter(|l| l.contains(",READ,") || l.contains(",WRITE,"))
         .collect();
     assert!(
@@ -364,6 +367,74 @@ fn pgaudit_logs_superuser_sessions_and_tampering_but_not_the_pool() {
         "{audit:#?}"
     );
     assert!(own.is_empty(), "{own:#?}");
+}
+
+/// A superuser made by hand, and given keepd_sync so pg_hba lets it in:
+/// `roles.foreign` fails naming it (strict mode would refuse), and what
+/// its session reads is in the log, statement by statement.
+#[test]
+fn a_hand_made_superuser_fails_the_report_and_is_logged_whole() {
+    let node = TestNode::new();
+    let mut daemon = node.start_healthy();
+    assert_eq!(node.report_check("roles.foreign")["status"], "pass");
+    sql(
+        &node,
+        "CREATE ROLE intruder LOGIN SUPERUSER PASSWORD 'intruder password'; \
+         GRANT keepd_sync TO intruder",
+    );
+    let socket = node.dir.path().join("run/postgres");
+    let out = std::process::Command::new("psql")
+        .args([
+            "-XAtq",
+            "-h",
+            socket.to_str().unwrap(),
+            "-U",
+            "intruder",
+            "-d",
+            "keepd",
+            "-c",
+            "SELECT count(*) AS intruder_read FROM keepd.users",
+        ])
+        .env("PGPASSWORD", "intruder password")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = node.report_check("roles.foreign");
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("intruder (superuser)"),
+        "{check}"
+    );
+    let pgaudit = node.report_check("audit.pgaudit");
+    assert_eq!(pgaudit["status"], "pass", "{pgaudit}");
+    let logged = common::wait_until(Duration::from_secs(10), || {
+        postgres_log(&node)
+            .lines()
+            .any(|l| {
+                l.contains("user=intruder")
+                    && l.contains("AUDIT: SESSION")
+                    && l.contains("READ,SELECT")
+                    && l.contains("intruder_read")
+            })
+            .then_some(())
+    });
+    assert!(logged.is_some(), "the intruder's read is not in the log");
+    daemon.stop();
+    // Strict mode refuses to start while it can log in.
+    node.merge(json!({"security": {"fallback_mode": "strict"}}));
+    let (code, text) = node.run(&["run"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("roles.foreign") || text.contains("intruder"),
+        "{text}"
+    );
 }
 
 /// A server without pgAudit beside it: keepd starts without loading it,

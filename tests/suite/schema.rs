@@ -899,3 +899,57 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
         .get(0);
     assert_eq!(unforced, 0);
 }
+
+/// `keepd migrate status` says which migrations are applied, and names a
+/// changed or unknown one with exit 1.
+#[test]
+fn migrate_status_names_every_migration_and_a_changed_one() {
+    let (node, _daemon) = started();
+    let status = |node: &TestNode| {
+        let out = node
+            .command(&["migrate", "status", "--json"])
+            .output()
+            .unwrap();
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), listed)
+    };
+    let (code, listed) = status(&node);
+    assert_eq!(code, Some(0), "{listed}");
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), migrate::MIGRATIONS.len());
+    assert!(
+        listed
+            .iter()
+            .all(|m| m["state"] == "applied" && m["appliedAt"].is_string())
+    );
+
+    node.psql(
+        "superuser",
+        "UPDATE keepd.schema_migrations SET checksum = repeat('0', 64) WHERE version = 3; \
+         INSERT INTO keepd.schema_migrations (version, name, checksum) \
+         VALUES (999, 'from_a_newer_keepd', repeat('f', 64))",
+    )
+    .unwrap();
+    let (code, listed) = status(&node);
+    assert_eq!(code, Some(1), "{listed}");
+    let state = |version: i64| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["version"] == version)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(3), "changed");
+    assert_eq!(state(999), "unknown");
+    assert_eq!(state(1), "applied");
+    let text = node.command(&["migrate", "status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("from_a_newer_keepd") && l.contains("unknown")),
+        "{text}"
+    );
+}
