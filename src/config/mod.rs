@@ -562,6 +562,9 @@ pub struct SecurityConfig {
     pub fallback_mode: FallbackMode,
     pub minimum_level: SecurityLevel,
     pub log_security_report: bool,
+    /// How often the running daemon measures the report again (the
+    /// `keepd_security_level` gauge follows it).
+    pub remeasure_interval: HumanDuration,
     pub require_client_cert: bool,
     pub allow_client_cert_fallback: bool,
 }
@@ -572,6 +575,7 @@ impl Default for SecurityConfig {
             fallback_mode: FallbackMode::Warn,
             minimum_level: SecurityLevel::Moderate,
             log_security_report: true,
+            remeasure_interval: HumanDuration(Duration::from_secs(300)),
             require_client_cert: true,
             allow_client_cert_fallback: false,
         }
@@ -1195,6 +1199,7 @@ impl Config {
             validate::credentials(&self.credentials),
             validate::database(&self.database),
             validate::encryption_at_rest(&self.encryption_at_rest),
+            validate::security(&self.security),
             validate::api(&self.api),
             validate::quotas(&self.api.quotas),
             validate::backup(&self.backup, self.database.postgres.provider),

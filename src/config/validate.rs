@@ -392,6 +392,17 @@ pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
     Ok(())
 }
 
+pub(super) fn security(security: &SecurityConfig) -> Result<(), Invalid> {
+    if security.remeasure_interval.get() < Duration::from_secs(1) {
+        return Err(invalid(
+            "security.remeasure_interval",
+            security.remeasure_interval.to_string(),
+            "1s or longer (the default is 5m)".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn encryption_at_rest(at_rest: &EncryptionAtRestConfig) -> Result<(), Invalid> {
     if at_rest.application.key_version == 0 {
         return Err(invalid(

@@ -123,13 +123,13 @@ impl Provisioned {
     }
 
     /// Measures the security report from the live system, applies
-    /// `security.fallback_mode` and publishes the level.
+    /// `security.fallback_mode` and publishes the level, which it returns.
     pub(super) async fn measure_and_apply(
         &self,
         pool: &RoleAwarePool,
         backups: Option<&PgBackRest>,
         container: Option<&ContainerFacts>,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<crate::config::SecurityLevel, DaemonError> {
         let node = &self.node;
         let config = &node.config;
         let active_role = pool.credential_role();
@@ -152,7 +152,7 @@ impl Provisioned {
             config.security.minimum_level as u64 + 1,
         );
         self.metrics.set_backup_enabled(config.backup.enabled());
-        Ok(())
+        Ok(report.level())
     }
 }
 

@@ -26,6 +26,7 @@ mod policy;
 mod record;
 pub mod reencrypt;
 pub mod reload;
+mod remeasure;
 pub mod renewal;
 mod root;
 pub mod rotator;
@@ -217,6 +218,10 @@ struct Parts {
     cluster: ClusterKey,
     /// The field key version the cluster seals under now.
     field_version: u32,
+    /// The container as the engine reported it (docker), for the report.
+    container: Option<crate::postgres::docker::ContainerFacts>,
+    /// The security level measured at start.
+    level: crate::config::SecurityLevel,
     backups: Option<Arc<PgBackRest>>,
     /// Wakes the certificate renewal: SIGHUP, or a revocation to apply.
     renew: Arc<Notify>,
@@ -296,7 +301,8 @@ impl Provisioned {
         );
         rotator.reconcile().await?;
         record::start(&pool, node_id, layout).await?;
-        self.measure_and_apply(&pool, backups.as_deref(), container.as_ref())
+        let level = self
+            .measure_and_apply(&pool, backups.as_deref(), container.as_ref())
             .await?;
         let (control, listener, metrics_listener) = listeners::open(config, layout, api_socket)?;
         Ok(Parts {
@@ -305,6 +311,8 @@ impl Provisioned {
             sealer,
             cluster,
             field_version,
+            container,
+            level,
             backups,
             renew,
             control,

@@ -13,6 +13,7 @@ use super::backups::BackupSchedule;
 use super::janitor::Janitor;
 use super::keys::KeyGauges;
 use super::reencrypt::Reencryption;
+use super::remeasure::Remeasure;
 use super::renewal::CertificateRenewal;
 use super::root::RootWatch;
 use super::rotator::Rotator;
@@ -46,6 +47,10 @@ pub(super) struct Wiring {
     pub rotator: Arc<Rotator>,
     pub sealer: AuditSealer,
     pub fields: Arc<FieldCipher>,
+    /// What the report is measured again from (`remeasure`).
+    pub container: Option<crate::postgres::docker::ContainerFacts>,
+    pub pki: Option<Arc<crate::pki::NodePki>>,
+    pub level: crate::config::SecurityLevel,
     /// The cluster key as this node holds it at start, and its pin.
     pub cluster: crate::cluster::ClusterKey,
     pub pin: std::path::PathBuf,
@@ -102,6 +107,8 @@ pub(super) struct Tasks {
     keys: JoinHandle<()>,
     /// Adopts a rotated cluster key.
     root: JoinHandle<()>,
+    /// The security report again, every `security.remeasure_interval`.
+    remeasure: JoinHandle<()>,
 }
 
 /// What serving keeps once the tasks run: the node, the superuser (for
@@ -182,6 +189,9 @@ impl BroughtUp {
             node_id: node.node_id.clone(),
             pool: parts.pool,
             cluster: parts.cluster,
+            container: parts.container,
+            pki,
+            level: parts.level,
             pin: node.layout.cluster_pin(),
             identity: node.identity.clone(),
             credentials: crate::secrets::store::CredentialStore::new(
@@ -222,6 +232,18 @@ impl Tasks {
         let node_id = w.node_id.clone();
         let generation = Arc::new(AtomicU32::new(w.cluster.generation()));
         let (beats, beat_rx) = tokio::sync::watch::channel(Beat::default());
+        let remeasure = Remeasure {
+            config: config.clone(),
+            identity: w.identity.clone(),
+            superuser: w.superuser.clone(),
+            pool: w.pool.clone(),
+            container: w.container,
+            pki: w.pki,
+            api_cert: w.api_cert.clone(),
+            backups: w.backups.clone(),
+            metrics: w.metrics.clone(),
+            level: w.level,
+        };
         Ok(Tasks {
             watchdog: notify::Notifier::spawn_watchdog(stop()),
             api: tokio::spawn(edge::serve(
@@ -284,6 +306,7 @@ impl Tasks {
             cert_watch: w
                 .api_cert
                 .map(|cert| tokio::spawn(cert.watch(std::time::Duration::from_secs(5), stop()))),
+            remeasure: tokio::spawn(remeasure.run(stop())),
             keys: tokio::spawn(
                 KeyGauges {
                     config: config.clone(),
@@ -318,7 +341,8 @@ impl Tasks {
             self.events,
             self.heartbeat,
             self.keys,
-            self.root
+            self.root,
+            self.remeasure
         );
         if let Some(task) = self.backups {
             task.abort();

@@ -437,6 +437,58 @@ fn a_hand_made_superuser_fails_the_report_and_is_logged_whole() {
     );
 }
 
+/// The running daemon measures the report again: a role appearing lowers
+/// `keepd_security_level` within the interval and is logged once, its
+/// removal raises it again.
+#[test]
+fn the_level_is_measured_again_while_keepd_runs() {
+    let node = TestNode::with(json!({
+        "security": {"remeasure_interval": "1s"},
+        "api": {"metrics_listen": format!("127.0.0.1:{}", common::free_port())},
+    }));
+    let mut daemon = node.start_healthy();
+    let level = |daemon: &common::Daemon| -> u64 {
+        daemon
+            .metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("keepd_security_level "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let at_start = level(&daemon);
+    sql(&node, "CREATE ROLE late_intruder LOGIN SUPERUSER");
+    let fell = common::wait_until(Duration::from_secs(15), || {
+        (level(&daemon) < at_start).then_some(())
+    });
+    assert!(fell.is_some(), "{}", daemon.log());
+    let event = daemon
+        .wait_for_log("security level fell", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    assert!(
+        event["findings"].to_string().contains("late_intruder"),
+        "{event}"
+    );
+    sql(&node, "DROP ROLE late_intruder");
+    let rose = common::wait_until(Duration::from_secs(15), || {
+        (level(&daemon) == at_start).then_some(())
+    });
+    assert!(rose.is_some(), "{}", daemon.log());
+    assert!(
+        daemon
+            .wait_for_log("security level rose", Duration::from_secs(5))
+            .is_some()
+    );
+    let falls = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("security level fell"))
+        .count();
+    assert_eq!(falls, 1, "each change is logged once");
+    daemon.stop();
+}
+
 /// A server without pgAudit beside it: keepd starts without loading it,
 /// the report fails the check naming the package, strict mode refuses.
 #[test]
