@@ -82,7 +82,13 @@ impl Provisioned {
     /// Roles and database bootstrapped, every migration applied; the
     /// superuser's connection, for the cluster's join.
     pub(super) async fn bootstrap_and_migrate(&self) -> Result<Client, DaemonError> {
-        bootstrap::apply(&self.maintenance, &self.superuser, &self.rendered).await?;
+        bootstrap::apply(
+            &self.maintenance,
+            &self.superuser,
+            &self.rendered,
+            self.server.superuser_is_keepds(),
+        )
+        .await?;
         let mut client = self
             .superuser
             .connect()

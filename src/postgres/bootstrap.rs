@@ -25,12 +25,20 @@ async fn connect(endpoint: &Endpoint) -> Result<tokio_postgres::Client, Bootstra
     endpoint.connect().await.map_err(BootstrapError::Connect)
 }
 
+/// The databases of a server keepd runs besides its own. Their schema
+/// `public` grants USAGE to PUBLIC by default, which nobody keepd admits
+/// needs (the initdb scripts revoke it in keepd's database).
+pub const OTHER_DATABASES: [&str; 2] = ["postgres", "template1"];
+
 /// `maintenance` reaches the `postgres` database, `keepd_db` keepd's own; both
-/// as the superuser.
+/// as the superuser. `own_server`: a server keepd runs (native, docker),
+/// whose other databases it hardens too; an external server's are its
+/// operator's.
 pub async fn apply(
     maintenance: &Endpoint,
     keepd_db: &Endpoint,
     rendered: &RenderedConfig,
+    own_server: bool,
 ) -> Result<(), BootstrapError> {
     let admin = connect(maintenance).await?;
     // Nodes sharing a server bootstrap one at a time: CREATE DATABASE and
@@ -65,6 +73,18 @@ pub async fn apply(
                 script: script.name,
                 source,
             })?;
+    }
+    if own_server {
+        for database in OTHER_DATABASES {
+            let other = connect(&maintenance.database(database)).await?;
+            other
+                .batch_execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+                .await
+                .map_err(|source| BootstrapError::Script {
+                    script: "REVOKE ALL ON SCHEMA public FROM PUBLIC (postgres, template1)",
+                    source,
+                })?;
+        }
     }
     // One line for all of them: a healthy start stays short.
     info!(

@@ -87,7 +87,7 @@ pub async fn measure(inputs: &Inputs<'_>) -> Vec<Check> {
     checks.push(pgaudit(&client, config).await);
     checks.push(superuser(&client, config).await);
     checks.push(foreign_roles(&client, config).await);
-    checks.push(public_privileges(&client).await);
+    checks.push(public_privileges(&client, inputs).await);
     checks.push(encryption_at_rest(&client, inputs).await);
     checks.push(audit_chain(&client, inputs).await);
     checks.push(certificate_expiry(inputs.server_certificate));
@@ -1000,8 +1000,31 @@ async fn superuser(client: &Client, config: &Config) -> Check {
 
 /// PUBLIC (every role, present and future) may not connect to the
 /// cluster's databases, nor use schema public in keepd's.
-async fn public_privileges(client: &Client) -> Check {
+async fn public_privileges(client: &Client, inputs: &Inputs<'_>) -> Check {
     let id = "privileges.public";
+    // Schema public of keepd's server's other databases, each measured
+    // in its own session.
+    let mut others = Vec::new();
+    if Topology::of(inputs.config).owns_superuser() {
+        for database in crate::postgres::bootstrap::OTHER_DATABASES {
+            let granted = match inputs.superuser.database(database).connect().await {
+                Ok(other) => other
+                    .query_one(
+                        "SELECT n.nspacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(n.nspacl) a \
+                           WHERE a.grantee = 0) FROM pg_namespace n WHERE n.nspname = 'public'",
+                        &[],
+                    )
+                    .await
+                    .map(|row| row.get::<_, bool>(0)),
+                Err(e) => Err(e),
+            };
+            match granted {
+                Ok(false) => {}
+                Ok(true) => others.push(format!("schema public in {database}")),
+                Err(e) => others.push(format!("{database} (not readable: {})", describe_error(&e))),
+            }
+        }
+    }
     let open = client
         .query(
             "SELECT d.datname FROM pg_database d WHERE d.datname IN ('keepd', 'postgres', 'template1') \
@@ -1014,14 +1037,16 @@ async fn public_privileges(client: &Client) -> Check {
         )
         .await;
     match open {
-        Ok(rows) if rows.is_empty() => Check::new(
+        Ok(rows) if rows.is_empty() && others.is_empty() => Check::new(
             id,
             Weight::Minor,
             Status::Pass,
-            "PUBLIC cannot connect to keepd, postgres or template1, nor use schema public",
+            "PUBLIC cannot connect to keepd, postgres or template1, nor use schema public in any \
+             of them",
         ),
         Ok(rows) => {
-            let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let mut names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            names.extend(others);
             Check::new(id, Weight::Minor, Status::Warn, format!("PUBLIC keeps privileges on: {}", names.join(", ")))
                 .recommend("REVOKE ALL ON DATABASE ... FROM PUBLIC and REVOKE ALL ON SCHEMA public FROM PUBLIC (keepd's hardening script does at every start)")
         }

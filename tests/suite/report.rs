@@ -264,6 +264,42 @@ async fn cis_items_hold_from_outside_and_name_their_ids() {
     );
     sql(&node, "REVOKE CONNECT ON DATABASE keepd FROM intruder");
     sql(&node, "DROP ROLE intruder");
+    // PUBLIC's USAGE on schema public in the server's other databases is
+    // revoked too, and measured in each.
+    let grant = |statement: &str| {
+        let out = node
+            .command(&[
+                "psql",
+                "--",
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "\\c template1",
+                "-c",
+                statement,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let check = node.report_check("privileges.public");
+    assert_eq!(check["status"], "pass", "revoked at start: {check}");
+    grant("GRANT USAGE ON SCHEMA public TO PUBLIC");
+    let check = node.report_check("privileges.public");
+    assert_eq!(check["status"], "warn", "{check}");
+    assert!(
+        check["value"]
+            .as_str()
+            .unwrap()
+            .contains("schema public in template1"),
+        "{check}"
+    );
+    grant("REVOKE ALL ON SCHEMA public FROM PUBLIC");
     let (_, report) = report(&node);
     for (id, item) in [
         ("auth.delay", "5.7"),
