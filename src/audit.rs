@@ -18,7 +18,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
 use crate::cluster::{ClusterKey, Purpose};
@@ -398,6 +398,64 @@ pub struct AuditSealer {
     identity: Arc<NodeIdentity>,
     keys: Arc<AuditKeys>,
     checkpoint: PathBuf,
+    forward: Option<Forwarder>,
+}
+
+/// Sends each sealed entry to a syslog socket as one JSON line
+/// (`audit.forward`), never blocking the sealer: a collector that is away
+/// or slow loses lines (counted, said once), the chain loses nothing.
+struct Forwarder {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// syslog facility authpriv (10), severity info (6).
+const SYSLOG_PRIORITY: u8 = 10 * 8 + 6;
+
+impl Forwarder {
+    fn to(path: PathBuf) -> Forwarder {
+        let socket = std::os::unix::net::UnixDatagram::unbound()
+            .expect("a Unix datagram socket can be made");
+        let _ = socket.set_nonblocking(true);
+        Forwarder {
+            socket,
+            path,
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn send(&self, seq: i64, entry: &EntryFields, hash: &[u8; 32]) {
+        let [node, operation, role, action, table] = &entry.texts;
+        let line = serde_json::json!({
+            "seq": seq,
+            "id": entry.id,
+            "recordedAtUs": entry.recorded_us,
+            "node": node,
+            "operation": operation,
+            "role": role,
+            "action": action,
+            "table": table,
+            "rows": entry.rows_affected,
+            "durationUs": entry.duration_us,
+            "source": entry.source_component,
+            "metadata": serde_json::from_str::<serde_json::Value>(&entry.metadata)
+                .unwrap_or(serde_json::Value::Null),
+            "hash": hex::encode(hash),
+        });
+        let message = format!(
+            "<{SYSLOG_PRIORITY}>keepd-audit[{}]: {line}",
+            std::process::id()
+        );
+        if let Err(e) = self.socket.send_to(message.as_bytes(), &self.path)
+            && self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                == 0
+        {
+            warn!(path = %self.path.display(), error = %e, "audit.forward: the collector does not take entries; they stay in the chain, and this is said once");
+        }
+    }
 }
 
 impl AuditSealer {
@@ -412,6 +470,7 @@ impl AuditSealer {
             identity,
             keys,
             checkpoint,
+            forward: None,
         }
     }
 
@@ -474,6 +533,7 @@ impl AuditSealer {
             return Ok((seq > 0).then_some((seq, prev)));
         }
         let (mut seqs, mut ids, mut prevs, mut hashes) = (vec![], vec![], vec![], vec![]);
+        let mut sealed = Vec::new();
         for row in &rows {
             let entry = EntryFields::from_row(row, 0).expect("entry id is never null");
             seq += 1;
@@ -483,6 +543,9 @@ impl AuditSealer {
             prevs.push(prev.to_vec());
             hashes.push(hash.to_vec());
             prev = hash;
+            if self.forward.is_some() {
+                sealed.push((seq, entry, hash));
+            }
         }
         tx.execute(
             "INSERT INTO keepd_audit.audit_chain (node_id, seq, entry_id, prev_hash, hash) \
@@ -491,7 +554,20 @@ impl AuditSealer {
         )
         .await?;
         tx.commit().await?;
+        if let Some(forward) = &self.forward {
+            for (seq, entry, hash) in &sealed {
+                forward.send(*seq, entry, hash);
+            }
+        }
         Ok(Some((seq, prev)))
+    }
+
+    /// Each entry, once sealed, also goes to the syslog socket at `path`.
+    pub fn forwarding(self, path: Option<PathBuf>) -> AuditSealer {
+        AuditSealer {
+            forward: path.map(Forwarder::to),
+            ..self
+        }
     }
 
     /// Seals every second, checkpoints when the head moved, and once more

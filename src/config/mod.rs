@@ -74,6 +74,18 @@ pub struct Config {
     pub encryption_at_rest: EncryptionAtRestConfig,
     pub api: ApiConfig,
     pub backup: BackupConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit trail beyond the database.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A syslog socket (`/dev/log`: journald under systemd, or rsyslog)
+    /// each entry is sent to as one JSON line once sealed into the chain;
+    /// unset: none.
+    #[serde(deserialize_with = "optional_path")]
+    pub forward: Option<PathBuf>,
 }
 
 /// Continuous archiving and backups with pgBackRest (native and docker

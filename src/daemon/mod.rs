@@ -298,7 +298,8 @@ impl Provisioned {
             identity.clone(),
             keys,
             layout.audit_checkpoint(),
-        );
+        )
+        .forwarding(config.audit.forward.clone());
         rotator.reconcile().await?;
         record::start(&pool, node_id, layout).await?;
         let level = self

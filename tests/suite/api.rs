@@ -2490,3 +2490,45 @@ async fn next_event(stream: &mut keepd::client::EventStream) -> keepd::client::V
         .unwrap()
         .expect("the stream goes on")
 }
+
+/// `audit.forward`: every entry, once sealed, reaches a syslog socket as
+/// one JSON line with its seq and hash; no email or password in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_entries_are_forwarded_to_a_syslog_socket_once_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.sock");
+    let collector = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    collector
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let node = TestNode::with(json!({"audit": {"forward": path}}));
+    let daemon = node.start_healthy();
+    let email = "forwarded@example.org";
+    let mut client = SyncClient::new(daemon.addr());
+    client.register(email, PASSWORD).await.unwrap();
+    client.login(email, PASSWORD).await.unwrap();
+    let mut lines = Vec::new();
+    let mut buffer = vec![0u8; 65536];
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("\"action\":\"LOGIN\""))
+    {
+        let n = collector.recv(&mut buffer).expect("a line within 15 s");
+        lines.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+    }
+    let mut seqs = Vec::new();
+    for line in &lines {
+        let (head, body) = line.split_once("]: ").unwrap();
+        assert!(head.starts_with("<86>keepd-audit["), "{line}");
+        let entry: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(entry["hash"].as_str().unwrap().len(), 64, "{entry}");
+        seqs.push(entry["seq"].as_i64().unwrap());
+        assert!(!line.contains(email) && !line.contains(PASSWORD), "{line}");
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"action\":\"USER_REGISTER\""))
+    );
+}
