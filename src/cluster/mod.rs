@@ -259,6 +259,17 @@ pub fn check_pin(key: &ClusterKey, path: &std::path::Path) -> Result<(), Cluster
     }
 }
 
+/// The cluster key sealed for node `me`, which must be an admitted member.
+async fn own_sealed_key(tx: &Transaction<'_>, me: &str) -> Result<Vec<u8>, ClusterError> {
+    tx.query_opt(
+        "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
+        &[&me],
+    )
+    .await?
+    .and_then(|row| row.get(0))
+    .ok_or_else(|| ClusterError::NotAMember(me.into()))
+}
+
 fn open(identity: &NodeIdentity, sealed: &[u8]) -> Result<ClusterKey, ClusterError> {
     let (_, plain) = seal::open(identity, sealed)?;
     Ok(ClusterKey::from_bytes(&plain)?)
@@ -316,14 +327,7 @@ pub async fn admit(
 ) -> Result<(), ClusterError> {
     let me = identity.node_id().as_str();
     let tx = locked(client).await?;
-    let mine: Option<Vec<u8>> = tx
-        .query_opt(
-            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
-            &[&me],
-        )
-        .await?
-        .and_then(|row| row.get(0));
-    let mine = mine.ok_or_else(|| ClusterError::NotAMember(me.into()))?;
+    let mine = own_sealed_key(&tx, me).await?;
     let key = open(identity, &mine)?;
     let theirs = tx
         .query_opt(
@@ -435,17 +439,7 @@ pub async fn rotate_key(
         .await?;
     tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&CLUSTER_LOCK])
         .await?;
-    let sealed: Option<Vec<u8>> = tx
-        .query_opt(
-            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
-            &[&me],
-        )
-        .await?
-        .and_then(|row| row.get(0));
-    let current = open(
-        identity,
-        &sealed.ok_or_else(|| ClusterError::NotAMember(me.into()))?,
-    )?;
+    let current = open(identity, &own_sealed_key(&tx, me).await?)?;
     let behind: Vec<String> = tx
         .query(
             "SELECT node_id FROM keepd.cluster_liveness \
@@ -533,18 +527,9 @@ pub async fn successor(
 ) -> Result<Option<ClusterKey>, ClusterError> {
     let me = identity.node_id().as_str();
     let tx = locked(client).await?;
-    let sealed: Option<Vec<u8>> = tx
-        .query_opt(
-            "SELECT sealed_key FROM keepd.cluster_members WHERE node_id = $1",
-            &[&me],
-        )
-        .await?
-        .and_then(|row| row.get(0));
+    let sealed = own_sealed_key(&tx, me).await?;
     tx.commit().await?;
-    let found = open(
-        identity,
-        &sealed.ok_or_else(|| ClusterError::NotAMember(me.into()))?,
-    )?;
+    let found = open(identity, &sealed)?;
     let held_print = held.fingerprint();
     if found.fingerprint() == held_print {
         return Ok(None);

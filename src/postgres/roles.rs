@@ -47,6 +47,12 @@ fn ident(name: &str) -> String {
 /// updated".
 const ROLE_DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(7742310598245232495)";
 
+/// Sent first in a transaction that carries a verifier: neither the
+/// statement nor an error about it reaches the server's log.
+const SILENCED: &str = "SET LOCAL log_statement = 'none'; \
+     SET LOCAL log_min_error_statement = 'panic'; \
+     SET LOCAL log_min_duration_statement = -1";
+
 /// Role administration over a superuser connection to keepd's database.
 pub struct RoleAdmin<'a> {
     client: &'a mut Client,
@@ -77,13 +83,9 @@ impl<'a> RoleAdmin<'a> {
         tx.query_one(ROLE_DDL_LOCK, &[])
             .await
             .map_err(err("lock role changes for"))?;
-        tx.batch_execute(
-            "SET LOCAL log_statement = 'none'; \
-             SET LOCAL log_min_error_statement = 'panic'; \
-             SET LOCAL log_min_duration_statement = -1",
-        )
-        .await
-        .map_err(err("silence logging for"))?;
+        tx.batch_execute(SILENCED)
+            .await
+            .map_err(err("silence logging for"))?;
         let exists = tx
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
             .await
@@ -144,13 +146,9 @@ impl<'a> RoleAdmin<'a> {
             }
         };
         let tx = self.client.transaction().await.map_err(err("begin for"))?;
-        tx.batch_execute(
-            "SET LOCAL log_statement = 'none'; \
-             SET LOCAL log_min_error_statement = 'panic'; \
-             SET LOCAL log_min_duration_statement = -1",
-        )
-        .await
-        .map_err(err("silence logging for"))?;
+        tx.batch_execute(SILENCED)
+            .await
+            .map_err(err("silence logging for"))?;
         let statement = zeroize::Zeroizing::new(format!(
             "ALTER ROLE {} PASSWORD {}",
             ident(SUPERUSER),
