@@ -58,6 +58,70 @@ struct Build {
 
 /// A gauge of a count that is never negative.
 type Count = Gauge<u64, AtomicU64>;
+/// A gauge of a measured quantity.
+type Figure = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Table {
+    table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Session {
+    state: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Statement {
+    queryid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Standby {
+    application: String,
+}
+
+/// What `daemon::db_metrics` read of Postgres at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct DatabaseSnapshot {
+    /// (table, heap and TOAST bytes, index bytes, dead tuples, last
+    /// vacuum as Unix seconds, 0 for never).
+    pub tables: Vec<(String, f64, f64, f64, f64)>,
+    /// (state, role, sessions).
+    pub sessions: Vec<(String, String, f64)>,
+    pub oldest_transaction_seconds: f64,
+    pub xid_age: f64,
+    pub checkpoints_timed: f64,
+    pub checkpoints_requested: f64,
+    pub wal_bytes: f64,
+    /// The statements with the most total time: (queryid, calls, seconds).
+    pub statements: Vec<(String, f64, f64)>,
+    /// (standby's application name, replay lag in seconds).
+    pub standbys: Vec<(String, f64)>,
+}
+
+/// The database's figures, set as a whole by each snapshot.
+#[derive(Default)]
+struct Database {
+    table_bytes: Family<Table, Figure>,
+    index_bytes: Family<Table, Figure>,
+    dead_tuples: Family<Table, Figure>,
+    last_autovacuum: Family<Table, Figure>,
+    sessions: Family<Session, Figure>,
+    oldest_transaction: Figure,
+    xid_age: Figure,
+    checkpoints: Family<Kind, Figure>,
+    wal_bytes: Figure,
+    statement_calls: Family<Statement, Figure>,
+    statement_seconds: Family<Statement, Figure>,
+    replication_lag: Family<Standby, Figure>,
+}
 
 /// Counters shared by the API, the edge, the rotator and the supervisor.
 pub struct Metrics {
@@ -95,6 +159,7 @@ pub struct Metrics {
     pool_idle: Count,
     pool_waiting: Count,
     postgres_up: Count,
+    database: Database,
 }
 
 /// The five status classes, each exposed from the start.
@@ -126,6 +191,7 @@ impl Default for Metrics {
             pool_idle: Count::default(),
             pool_waiting: Count::default(),
             postgres_up: Count::default(),
+            database: Database::default(),
         };
         for class in CLASSES {
             let _ = metrics.responses.get_or_create(&Class { class });
@@ -193,6 +259,71 @@ impl Metrics {
             })
             .set(1);
         r.register("keepd_build_info", "keepd's version", build);
+        let d = &self.database;
+        for (name, help, family) in [
+            (
+                "keepd_db_table_bytes",
+                "Size of each of keepd's tables (heap and TOAST), bytes",
+                &d.table_bytes,
+            ),
+            (
+                "keepd_db_index_bytes",
+                "Size of each of keepd's tables' indexes, bytes",
+                &d.index_bytes,
+            ),
+            (
+                "keepd_db_dead_tuples",
+                "Dead row versions in each of keepd's tables",
+                &d.dead_tuples,
+            ),
+            (
+                "keepd_db_last_autovacuum_timestamp_seconds",
+                "When autovacuum last finished on each of keepd's tables, Unix seconds",
+                &d.last_autovacuum,
+            ),
+        ] {
+            r.register(name, help, family.clone());
+        }
+        r.register(
+            "keepd_db_sessions",
+            "Server sessions by state and role",
+            d.sessions.clone(),
+        );
+        r.register(
+            "keepd_db_oldest_transaction_seconds",
+            "Age of the oldest open transaction, seconds",
+            d.oldest_transaction.clone(),
+        );
+        r.register(
+            "keepd_db_xid_age",
+            "Transaction-ID age of the oldest database (wraparound at 2^31)",
+            d.xid_age.clone(),
+        );
+        r.register(
+            "keepd_db_checkpoints",
+            "Checkpoints since the server's statistics reset, by kind",
+            d.checkpoints.clone(),
+        );
+        r.register(
+            "keepd_db_wal_bytes",
+            "WAL written since the server's statistics reset, bytes",
+            d.wal_bytes.clone(),
+        );
+        r.register(
+            "keepd_db_statement_calls",
+            "Calls of the statements with the most total time, by queryid (pg_stat_statements)",
+            d.statement_calls.clone(),
+        );
+        r.register(
+            "keepd_db_statement_seconds",
+            "Total execution time of the statements with the most, by queryid, seconds",
+            d.statement_seconds.clone(),
+        );
+        r.register(
+            "keepd_db_replication_lag_seconds",
+            "Replay lag of each standby, seconds (none without standbys)",
+            d.replication_lag.clone(),
+        );
         for (name, help, gauge) in [
             (
                 "keepd_pool_max_connections",
@@ -289,6 +420,65 @@ impl Metrics {
 
     /// Every key's making and, where it is on a schedule, its largest age;
     /// keys that are gone (a retired login role) leave the gauges.
+    /// The database as `snapshot` saw it; figures of tables, sessions or
+    /// statements it no longer lists are dropped.
+    pub fn set_database(&self, snapshot: &DatabaseSnapshot) {
+        let d = &self.database;
+        for family in [
+            &d.table_bytes,
+            &d.index_bytes,
+            &d.dead_tuples,
+            &d.last_autovacuum,
+        ] {
+            family.clear();
+        }
+        for (table, bytes, index, dead, vacuumed) in &snapshot.tables {
+            let label = Table {
+                table: table.clone(),
+            };
+            d.table_bytes.get_or_create(&label).set(*bytes);
+            d.index_bytes.get_or_create(&label).set(*index);
+            d.dead_tuples.get_or_create(&label).set(*dead);
+            d.last_autovacuum.get_or_create(&label).set(*vacuumed);
+        }
+        d.sessions.clear();
+        for (state, role, n) in &snapshot.sessions {
+            d.sessions
+                .get_or_create(&Session {
+                    state: state.clone(),
+                    role: role.clone(),
+                })
+                .set(*n);
+        }
+        d.oldest_transaction
+            .set(snapshot.oldest_transaction_seconds);
+        d.xid_age.set(snapshot.xid_age);
+        d.checkpoints
+            .get_or_create(&Kind { kind: "timed" })
+            .set(snapshot.checkpoints_timed);
+        d.checkpoints
+            .get_or_create(&Kind { kind: "requested" })
+            .set(snapshot.checkpoints_requested);
+        d.wal_bytes.set(snapshot.wal_bytes);
+        d.statement_calls.clear();
+        d.statement_seconds.clear();
+        for (queryid, calls, seconds) in &snapshot.statements {
+            let label = Statement {
+                queryid: queryid.clone(),
+            };
+            d.statement_calls.get_or_create(&label).set(*calls);
+            d.statement_seconds.get_or_create(&label).set(*seconds);
+        }
+        d.replication_lag.clear();
+        for (application, lag) in &snapshot.standbys {
+            d.replication_lag
+                .get_or_create(&Standby {
+                    application: application.clone(),
+                })
+                .set(*lag);
+        }
+    }
+
     pub fn set_keys(&self, keys: &[crate::keys::KeyStatus]) {
         self.key_created.clear();
         self.key_max_age.clear();

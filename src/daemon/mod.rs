@@ -17,6 +17,7 @@ pub mod backups;
 mod bring_up;
 pub mod control;
 mod credentials;
+mod db_metrics;
 mod error;
 pub mod janitor;
 mod keys;

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use super::backups::BackupSchedule;
+use super::db_metrics::DatabaseMetrics;
 use super::janitor::Janitor;
 use super::keys::KeyGauges;
 use super::reencrypt::Reencryption;
@@ -109,6 +110,8 @@ pub(super) struct Tasks {
     root: JoinHandle<()>,
     /// The security report again, every `security.remeasure_interval`.
     remeasure: JoinHandle<()>,
+    /// Postgres's own figures for /metrics.
+    database: JoinHandle<()>,
 }
 
 /// What serving keeps once the tasks run: the node, the superuser (for
@@ -307,6 +310,13 @@ impl Tasks {
                 .api_cert
                 .map(|cert| tokio::spawn(cert.watch(std::time::Duration::from_secs(5), stop()))),
             remeasure: tokio::spawn(remeasure.run(stop())),
+            database: tokio::spawn(
+                DatabaseMetrics {
+                    superuser: superuser.clone(),
+                    metrics: w.metrics.clone(),
+                }
+                .run(stop()),
+            ),
             keys: tokio::spawn(
                 KeyGauges {
                     config: config.clone(),
@@ -342,7 +352,8 @@ impl Tasks {
             self.heartbeat,
             self.keys,
             self.root,
-            self.remeasure
+            self.remeasure,
+            self.database
         );
         if let Some(task) = self.backups {
             task.abort();

@@ -574,6 +574,8 @@ fn initdb_scripts() -> Vec<InitdbScript> {
          REVOKE ALL ON DATABASE postgres FROM PUBLIC;\n\
          REVOKE ALL ON DATABASE template1 FROM PUBLIC;\n\
          REVOKE ALL ON SCHEMA public FROM PUBLIC;\n\
+         -- keepd's database metrics read pg_stat_statements (in public) as pg_monitor.\n\
+         GRANT USAGE ON SCHEMA public TO pg_monitor;\n\
          REVOKE ALL ON SCHEMA keepd FROM PUBLIC;\n\
          REVOKE ALL ON SCHEMA keepd_audit FROM PUBLIC;\n\
          ALTER DEFAULT PRIVILEGES FOR ROLE {OWNER_ROLE} REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;\n\

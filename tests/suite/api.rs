@@ -1127,6 +1127,36 @@ async fn root_openapi_metrics_and_rate_limits() {
         );
     }
     assert!(!metrics.contains("keepd_security_level 0"), "{metrics}");
+    // Postgres's own figures, read as pg_monitor on a schedule.
+    let metrics = common::wait_until(Duration::from_secs(20), || {
+        let m = daemon.metrics();
+        m.contains("keepd_db_statement_seconds{").then_some(m)
+    })
+    .expect("the database metrics were read");
+    for name in [
+        "keepd_db_table_bytes{table=\"keepd.users\"} ",
+        "keepd_db_index_bytes{table=\"keepd_audit.audit_log\"} ",
+        "keepd_db_dead_tuples{table=\"keepd.sync_logs\"} ",
+        "keepd_db_sessions{state=\"idle\",role=",
+        "keepd_db_oldest_transaction_seconds ",
+        "keepd_db_xid_age ",
+        "keepd_db_checkpoints{kind=\"timed\"} ",
+        "keepd_db_wal_bytes ",
+        "keepd_db_statement_calls{queryid=",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "missing {name}:\n{metrics}"
+        );
+    }
+    let users: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keepd_db_table_bytes{table=\"keepd.users\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(users > 0.0, "{metrics}");
+    assert!(!metrics.contains("SELECT"), "no statement text");
 }
 
 #[tokio::test(flavor = "multi_thread")]
