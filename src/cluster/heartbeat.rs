@@ -25,25 +25,29 @@ pub const LIVE: Duration = Duration::from_secs(15);
 
 /// Marks this node seen and counts the nodes seen lately, itself included
 /// (the statement's snapshot predates its own write). A node removed from
-/// the cluster stops beating and leaves the count within `LIVE`.
+/// the cluster is not counted, whether or not it still beats.
 const BEAT: &str = "WITH me AS (INSERT INTO keepd.cluster_liveness \
          (node_id, seen_at, key_generation) VALUES ($1, now(), $3) \
          ON CONFLICT (node_id) DO UPDATE SET seen_at = now(), key_generation = $3 RETURNING 1), \
      live AS (SELECT CASE WHEN node_id = $1 THEN $3 ELSE key_generation END AS generation \
-         FROM keepd.cluster_liveness \
-         WHERE node_id = $1 OR seen_at > now() - make_interval(secs => $2)) \
+         FROM keepd.cluster_liveness l \
+         WHERE (node_id = $1 OR seen_at > now() - make_interval(secs => $2)) \
+           AND NOT EXISTS (SELECT 1 FROM keepd.cluster_removals r WHERE r.node_id = l.node_id)) \
      SELECT count(*), least(min(generation), $3), \
             greatest((SELECT max(generation) FROM keepd.cluster_key_log), 1) FROM live";
 
-/// The lowest cluster root generation a live node holds, as their last
-/// heartbeats said (1 when none beat yet).
+/// The lowest cluster root generation a live member holds, as their last
+/// heartbeats said (1 when none beat yet); a removed node that still
+/// beats does not count.
 pub async fn lowest_live_generation(
     client: &tokio_postgres::Client,
 ) -> Result<u32, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT coalesce(min(key_generation), 1) FROM keepd.cluster_liveness \
-             WHERE seen_at > now() - make_interval(secs => $1)",
+            "SELECT coalesce(min(key_generation), 1) FROM keepd.cluster_liveness l \
+             WHERE seen_at > now() - make_interval(secs => $1) \
+               AND NOT EXISTS (SELECT 1 FROM keepd.cluster_removals r \
+                               WHERE r.node_id = l.node_id)",
             &[&LIVE.as_secs_f64()],
         )
         .await?;

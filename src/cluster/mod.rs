@@ -339,6 +339,12 @@ pub async fn admit(
         .ok_or_else(|| ClusterError::NotPending(node_id.into()))?;
     let recipient = key_of(theirs.get(0), node_id)?;
     let sealed = seal::seal_for(&recipient, &key.to_bytes())?;
+    // Admitted again after a removal: a member, counted and trusted again.
+    tx.execute(
+        "DELETE FROM keepd.cluster_removals WHERE node_id = $1",
+        &[&node_id],
+    )
+    .await?;
     tx.execute(
         "UPDATE keepd.cluster_members \
          SET sealed_key = $2, admitted_at = now(), admitted_by = $3 WHERE node_id = $1",
@@ -442,8 +448,10 @@ pub async fn rotate_key(
     let current = open(identity, &own_sealed_key(&tx, me).await?)?;
     let behind: Vec<String> = tx
         .query(
-            "SELECT node_id FROM keepd.cluster_liveness \
+            "SELECT node_id FROM keepd.cluster_liveness l \
              WHERE seen_at > now() - make_interval(secs => $1) AND key_generation < $2 \
+               AND NOT EXISTS (SELECT 1 FROM keepd.cluster_removals r \
+                               WHERE r.node_id = l.node_id) \
              ORDER BY node_id",
             &[
                 &heartbeat::LIVE.as_secs_f64(),
