@@ -27,11 +27,7 @@ pub(super) enum Decision<'a> {
 pub(super) fn decide<'a>(security: &SecurityConfig, report: &'a Report) -> Decision<'a> {
     let level = report.level();
     let below = level < security.minimum_level;
-    let findings: Vec<&Check> = report
-        .checks
-        .iter()
-        .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
-        .collect();
+    let findings: Vec<&Check> = report.findings().collect();
     match security.fallback_mode {
         FallbackMode::Strict => {
             let mut unmet: Vec<String> = findings

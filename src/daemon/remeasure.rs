@@ -19,8 +19,8 @@ use crate::pki::NodePki;
 use crate::postgres::docker::ContainerFacts;
 use crate::postgres::pool::RoleAwarePool;
 use crate::postgres::tls::Endpoint;
+use crate::report::Report;
 use crate::report::measure::{Inputs, measure};
-use crate::report::{Report, Status};
 use crate::shutdown::Shutdown;
 
 pub struct Remeasure {
@@ -53,17 +53,16 @@ impl Remeasure {
             if level == self.level {
                 continue;
             }
+            // Named as `policy` names them at start.
             let deciding: Vec<String> = report
-                .checks
-                .iter()
-                .filter(|c| matches!(c.status, Status::Fail | Status::Warn))
-                .map(|c| format!("{} ({}): {}", c.id, status_word(c.status), c.value))
+                .findings()
+                .map(|c| format!("{} ({:?}): {}", c.id, c.status, c.value))
                 .collect();
-            let (from, to) = (level_name(self.level), level_name(level));
-            if level < self.level {
-                warn!(from, to, findings = ?deciding, "security level fell");
+            let from = self.level;
+            if level < from {
+                warn!(from = ?from, to = ?level, findings = ?deciding, "security level fell");
             } else {
-                info!(from, to, findings = ?deciding, "security level rose");
+                info!(from = ?from, to = ?level, findings = ?deciding, "security level rose");
             }
             self.level = level;
         }
@@ -84,23 +83,5 @@ impl Remeasure {
             })
             .await,
         )
-    }
-}
-
-fn status_word(status: Status) -> &'static str {
-    match status {
-        Status::Pass => "pass",
-        Status::Warn => "warn",
-        Status::Fail => "fail",
-        Status::NotApplicable => "n/a",
-    }
-}
-
-fn level_name(level: SecurityLevel) -> &'static str {
-    match level {
-        SecurityLevel::Reduced => "reduced",
-        SecurityLevel::Moderate => "moderate",
-        SecurityLevel::High => "high",
-        SecurityLevel::Maximum => "maximum",
     }
 }

@@ -163,6 +163,13 @@ impl Report {
         level(&self.checks)
     }
 
+    /// The checks that warn or fail: what decides a level below maximum.
+    pub fn findings(&self) -> impl Iterator<Item = &Check> {
+        self.checks
+            .iter()
+            .filter(|c| matches!(c.status, Status::Warn | Status::Fail))
+    }
+
     /// Whether the live system was measured at all: false when keepd's
     /// Postgres could not be reached (the report then holds only what
     /// the configuration and files say).
