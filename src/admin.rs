@@ -2,7 +2,7 @@
 //! credentials unsealed from `db.enc` in memory: `keepd psql`, `keepd
 //! report`, `keepd audit verify`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
 use crate::audit::Verdict;
@@ -187,6 +187,16 @@ pub async fn audit_verify(config: &Config) -> Result<Verdict, AdminError> {
     let client = endpoint.connect().await.map_err(AdminError::Connect)?;
     let checkpoint = Layout::of(config).audit_checkpoint();
     Ok(crate::audit::verify(&client, &identity, &checkpoint).await?)
+}
+
+/// `keepd audit verify --export FILE`: checks an export with this node's
+/// identity alone (no database).
+pub fn audit_verify_export(
+    config: &Config,
+    file: &Path,
+) -> Result<crate::audit::retention::ExportVerdict, AdminError> {
+    let identity = IdentityStore::of(config).load()?;
+    Ok(crate::audit::retention::verify_export(file, &identity)?)
 }
 
 /// `keepd migrate status`: every migration this keepd knows or the

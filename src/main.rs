@@ -470,13 +470,20 @@ enum MigrateCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the chain and check the signed checkpoint.
+    /// Recompute the chain and check the signed checkpoint, or check an
+    /// export that `audit.retention` wrote before pruning.
     #[command(after_help = help!(
-        codes: "0 the chain is intact; 1 it is not (the first bad entry is named), or the database \
-                cannot be reached; 2 a configuration error";
-        "keepd audit verify"
+        codes: "0 the chain (or the export) is intact; 1 it is not (the first bad entry is named), \
+                or the database cannot be reached; 2 a configuration error";
+        "keepd audit verify",
+        "keepd audit verify --export /var/lib/keepd/audit-exports/audit-<node>-000000000001-000000010000.jsonl"
     ))]
-    Verify,
+    Verify {
+        /// An export file: its signature and every link are checked
+        /// with this node's identity; the database is not read.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -525,7 +532,20 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Audit {
-            command: AuditCommand::Verify,
+            command: AuditCommand::Verify { export: Some(file) },
+        } => match keepd::admin::audit_verify_export(&config, &file) {
+            Ok(verdict) => {
+                println!("{verdict}");
+                Ok(())
+            }
+            Err(e @ keepd::admin::AdminError::Audit(_)) => {
+                eprintln!("keepd: {e}");
+                return ExitCode::from(1);
+            }
+            Err(e) => Err(e.into()),
+        },
+        Command::Audit {
+            command: AuditCommand::Verify { export: None },
         } => match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::audit_verify(&config))?)) {
             Ok(verdict @ keepd::audit::Verdict::Intact { .. }) => {
                 println!("{verdict}");

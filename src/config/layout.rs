@@ -87,9 +87,11 @@ impl Layout {
         self.runtime_dir.join("pgbackrest")
     }
 
-    /// Where the native Postgres writes its log files.
+    /// Where the native Postgres writes its log files: beside the data
+    /// directory, never in it (CIS 3.1.3: a copy or restore of the data
+    /// directory neither carries nor replaces the server's log).
     pub fn postgres_log_dir(&self) -> PathBuf {
-        self.data_dir().join("log")
+        self.state_dir.join("pglog")
     }
 
     /// The node CA and the certificates it issued (TCP mode).
@@ -111,6 +113,11 @@ impl Layout {
     /// The signed audit checkpoint, outside the database on purpose.
     pub fn audit_checkpoint(&self) -> PathBuf {
         self.state_dir.join("audit.checkpoint")
+    }
+
+    /// Where audit retention writes its signed exports by default.
+    pub fn audit_exports(&self) -> PathBuf {
+        self.state_dir.join("audit-exports")
     }
 
     /// Postgres's Unix socket directory (native, and docker's bind mount).
@@ -157,7 +164,7 @@ mod tests {
         let layout = Layout::of(&config);
         assert_eq!(layout.identity_key(), Path::new("/s/identity.key"));
         assert_eq!(layout.credentials(), Path::new("/s/secrets/db.enc"));
-        assert_eq!(layout.postgres_log_dir(), Path::new("/s/pgdata/log"));
+        assert_eq!(layout.postgres_log_dir(), Path::new("/s/pglog"));
         assert_eq!(layout.server_certificate(), Path::new("/s/pki/server.crt"));
         assert_eq!(layout.control_socket(), Path::new("/r/control.sock"));
         config.credentials.encrypted_path = Some("/elsewhere/db.enc".into());
@@ -175,6 +182,9 @@ pub mod container {
     pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
     /// The rendered files, a read-only bind mount.
     pub const CONF: &str = "/etc/keepd";
+    /// The server's log directory, on the node's volume beside the data
+    /// directory.
+    pub const LOG: &str = "/var/lib/postgresql/data/log";
     /// The socket directory, a bind mount shared with keepd.
     pub const SOCKET: &str = "/var/run/postgresql";
     /// A directory repository (`backup.repository`), a read-write bind mount.

@@ -86,6 +86,13 @@ pub struct AuditConfig {
     /// unset: none.
     #[serde(deserialize_with = "optional_path")]
     pub forward: Option<PathBuf>,
+    /// This node's entries older than this are exported (signed JSON
+    /// lines in `export_dir`) and pruned from its chain; unset: the chain
+    /// is kept whole.
+    pub retention: Option<HumanDuration>,
+    /// Where pruned entries are exported; unset: `<state_dir>/audit-exports`.
+    #[serde(deserialize_with = "optional_path")]
+    pub export_dir: Option<PathBuf>,
 }
 
 /// Continuous archiving and backups with pgBackRest (native and docker
@@ -1215,6 +1222,7 @@ impl Config {
             validate::api(&self.api),
             validate::quotas(&self.api.quotas),
             validate::backup(&self.backup, self.database.postgres.provider),
+            validate::audit(&self.audit),
         ];
         for result in sections {
             result.map_err(|e| ConfigError::Invalid {

@@ -392,6 +392,17 @@ pub(super) fn database(database: &DatabaseConfig) -> Result<(), Invalid> {
     Ok(())
 }
 
+pub(super) fn audit(audit: &AuditConfig) -> Result<(), Invalid> {
+    match audit.retention {
+        Some(keep) if keep.get() < Duration::from_secs(1) => Err(invalid(
+            "audit.retention",
+            keep.to_string(),
+            "at least 1s, or unset to keep the whole chain".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn security(security: &SecurityConfig) -> Result<(), Invalid> {
     if security.remeasure_interval.get() < Duration::from_secs(1) {
         return Err(invalid(

@@ -190,20 +190,21 @@ struct LogPass {
 
 /// Deletes the regular `*.log` files in `log_dir` last modified more than
 /// `retention` ago. Postgres's OS user owns that directory and everything
-/// in it while keepd may run as root, so no name is ever followed: the
-/// data directory is opened (its parent is keepd's own, which Postgres
-/// cannot write), the log directory relative to it with `O_NOFOLLOW` (a
+/// in it while keepd may run as root, so no name is ever followed: its
+/// parent, keepd's state directory (which Postgres cannot write), is
+/// opened, the log directory relative to it with `O_NOFOLLOW` (a
 /// symbolic link there is refused), and each entry is examined with
 /// `fstatat(AT_SYMLINK_NOFOLLOW)` and removed with `unlinkat` relative to
 /// that descriptor: only regular files, never a link's target (a link
 /// entry is left alone; if a file is swapped for a link between the two
 /// calls, `unlinkat` removes the link itself).
 fn expire_log_files(log_dir: &Path, retention: Duration) -> Result<LogPass, LogDirError> {
-    let (Some(data_dir), Some(name)) = (log_dir.parent(), log_dir.file_name()) else {
+    let (Some(state_dir), Some(name)) = (log_dir.parent(), log_dir.file_name()) else {
         return Err(LogDirError::NotDirectory);
     };
     let directory = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-    let parent = nix::fcntl::open(data_dir, directory, Mode::empty()).map_err(LogDirError::Open)?;
+    let parent =
+        nix::fcntl::open(state_dir, directory, Mode::empty()).map_err(LogDirError::Open)?;
     let fd = match openat(&parent, name, directory | OFlag::O_NOFOLLOW, Mode::empty()) {
         Ok(fd) => fd,
         // O_NOFOLLOW on a link: ELOOP; O_DIRECTORY on anything else: ENOTDIR.

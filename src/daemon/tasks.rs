@@ -25,6 +25,7 @@ use super::{
 
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::AuditSealer;
+use crate::audit::retention::Retention;
 use crate::backup::PgBackRest;
 use crate::cluster::heartbeat::Beat;
 use crate::config::Config;
@@ -95,6 +96,8 @@ pub(super) struct Tasks {
     sealer: JoinHandle<()>,
     reencrypt: JoinHandle<()>,
     janitor: JoinHandle<()>,
+    /// Exports and prunes entries past `audit.retention`.
+    audit_retention: Option<JoinHandle<()>>,
     /// LISTENs for new entries and feeds the live-update streams.
     events: JoinHandle<()>,
     /// Marks this node live and counts the live nodes for rate budgets.
@@ -303,6 +306,8 @@ impl Tasks {
             janitor: tokio::spawn(
                 Janitor::new(config, superuser.clone(), w.postgres_logs).run(stop()),
             ),
+            audit_retention: Retention::new(config, w.identity.clone(), superuser.clone())
+                .map(|retention| tokio::spawn(retention.run(stop()))),
             renewal: w
                 .renewal
                 .map(|renewal| tokio::spawn(renewal.run(w.renew.clone(), stop()))),
@@ -359,7 +364,10 @@ impl Tasks {
             task.abort();
             let _ = task.await;
         }
-        for task in [self.renewal, self.cert_watch].into_iter().flatten() {
+        for task in [self.renewal, self.cert_watch, self.audit_retention]
+            .into_iter()
+            .flatten()
+        {
             let _ = task.await;
         }
         if let Some(task) = self.metrics {

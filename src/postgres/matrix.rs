@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 20] = [
+pub const TABLES: [&str; 21] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -59,6 +59,9 @@ pub const TABLES: [&str; 20] = [
     "keepd.cluster_removals",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
+    // Written by the superuser's retention task (`audit::retention`); the
+    // sealer reads it.
+    "keepd_audit.audit_base",
 ];
 
 use super::GroupRole;
@@ -103,6 +106,7 @@ pub const MATRIX: &[(GroupRole, &str, &[Privilege])] = &[
     // The audit trail: append and read, nothing else.
     (GroupRole::Audit, "keepd_audit.audit_log", &[S, I]),
     (GroupRole::Audit, "keepd_audit.audit_chain", &[S, I]),
+    (GroupRole::Audit, "keepd_audit.audit_base", &[S]),
     // The operator's account commands (`keepd account`, control socket):
     // every account's row (some columns only: `COLUMNS`), sessions and
     // usage; disabling ends sessions, deleting erases (the rest follows by

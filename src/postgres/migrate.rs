@@ -124,6 +124,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster_key_log",
         sql: include_str!("../../migrations/0019_cluster_key_log.sql"),
     },
+    Migration {
+        version: 20,
+        name: "audit_base",
+        sql: include_str!("../../migrations/0020_audit_base.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

@@ -360,6 +360,7 @@ pub struct NativeCluster {
     binaries: PgBinaries,
     account: Option<PgAccount>,
     data_dir: PathBuf,
+    log_dir: PathBuf,
     socket_dir: PathBuf,
     address: PgAddress,
     superuser_tls: Tls,
@@ -448,6 +449,7 @@ impl NativeCluster {
             binaries,
             account,
             data_dir: Layout::of(config).data_dir(),
+            log_dir: render::log_dir(config),
             socket_dir: render::socket_dir(config),
             address: match pki {
                 Some(_) => PgAddress::Tcp(config.network.bind_address),
@@ -485,8 +487,8 @@ impl NativeCluster {
     }
 
     /// Where this cluster writes its log files.
-    pub fn log_dir(&self) -> PathBuf {
-        self.data_dir.join("log")
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
     }
 
     pub fn socket_dir(&self) -> &Path {
@@ -510,6 +512,8 @@ impl NativeCluster {
             .map_err(io_err("cannot prepare directory", shared))?;
         }
         self.ensure_owned_dir(&self.socket_dir)?;
+        // Postgres cannot create it in keepd's own state directory.
+        self.ensure_owned_dir(&self.log_dir)?;
         // A missing data directory is created by initdb; an existing one is
         // (re)claimed so Postgres accepts its ownership and mode.
         if self.data_dir.join("PG_VERSION").exists() {

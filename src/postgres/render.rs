@@ -125,6 +125,17 @@ pub fn socket_dir(config: &Config) -> PathBuf {
     }
 }
 
+/// Where Postgres writes its log files for this configuration: outside
+/// the data directory for every provider (for external, the rendered file
+/// names Debian's log directory for the operator who applies it).
+pub fn log_dir(config: &Config) -> PathBuf {
+    match config.database.postgres.provider {
+        Provider::Docker => PathBuf::from(container::LOG),
+        Provider::Native => Layout::of(config).postgres_log_dir(),
+        Provider::External => PathBuf::from("/var/log/postgresql"),
+    }
+}
+
 /// The largest `sun_path` Linux accepts, less its terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -136,6 +147,8 @@ pub struct RenderInputs {
     /// Where Postgres puts its Unix socket (inside the container for
     /// docker).
     pub socket_dir: PathBuf,
+    /// Where Postgres writes its log, outside its data directory.
+    pub log_dir: PathBuf,
     pub bind_address: IpAddr,
     pub port: u16,
     pub max_connections: u32,
@@ -173,6 +186,7 @@ impl RenderInputs {
         RenderInputs {
             topology: Topology::of(config),
             socket_dir: socket_dir(config),
+            log_dir: log_dir(config),
             bind_address: config.network.bind_address,
             port: config.network.port,
             max_connections: config.database.postgres.max_connections,
@@ -331,11 +345,14 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         set("ssl_ecdh_curve", "'prime256v1'".into());
     }
 
-    // Logging: to 0600 files under the data directory, one prefix that names
-    // who did what from where.
+    // Logging: to 0600 files outside the data directory, one prefix that
+    // names who did what from where.
     set("logging_collector", "on".into());
     set("log_destination", "'stderr'".into());
-    set("log_directory", "'log'".into());
+    set(
+        "log_directory",
+        path_str("node.state_dir", &inputs.log_dir)?,
+    );
     match provider {
         // Inside the container's volume keepd deletes nothing: a file per
         // weekday, overwritten a week later, keeps seven days.

@@ -261,7 +261,7 @@ impl Server {
     /// on this host (native), for the janitor's retention.
     pub fn own_log_dir(&self) -> Option<std::path::PathBuf> {
         match self {
-            Server::Native(c) => Some(c.log_dir()),
+            Server::Native(c) => Some(c.log_dir().to_owned()),
             Server::Docker(_) | Server::External(_) => None,
         }
     }

@@ -667,7 +667,7 @@ async fn setting_is(
 
 /// CIS 3.1: what is logged, and where: connections, disconnections and
 /// replication commands with verbose errors, no statement text with data,
-/// to private files rotated daily (keepd deletes them after
+/// to private files outside the data directory rotated daily (keepd deletes them after
 /// `database.postgres.log_retention`).
 async fn logging(client: &Client) -> Check {
     let id = "logging.settings";
@@ -679,6 +679,7 @@ async fn logging(client: &Client) -> Check {
         "log_error_verbosity",
         "log_statement",
         "logging_collector",
+        "log_directory",
         "log_file_mode",
         "log_rotation_age",
     ] {
@@ -701,6 +702,9 @@ async fn logging(client: &Client) -> Check {
         | "logging_collector" => value == "on",
         "log_error_verbosity" => value == "verbose",
         "log_statement" => value != "all",
+        // A relative directory is inside the data directory (CIS 3.1.3):
+        // a copy of the data would carry the log, a restore replace it.
+        "log_directory" => value.starts_with('/'),
         "log_file_mode" => value == "0600",
         // At most a day per file, so retention deletes by day.
         "log_rotation_age" => matches!(value, "1d" | "1h" | "24h"),

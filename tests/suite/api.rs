@@ -2521,6 +2521,78 @@ async fn next_event(stream: &mut keepd::client::EventStream) -> keepd::client::V
         .expect("the stream goes on")
 }
 
+/// `audit.retention`: entries past it are exported (signed, every link
+/// kept) and pruned; the chain still verifies from its signed base, each
+/// export verifies and continues the one before, and an edited export is
+/// refused by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_past_its_retention_is_exported_pruned_and_still_verifies() {
+    let node = TestNode::with(json!({"audit": {"retention": "2s"}}));
+    let mut daemon = node.start_healthy();
+    let mut client = SyncClient::new(daemon.addr());
+    for n in 0..3 {
+        let email = format!("pruned{n}@example.org");
+        client.register(&email, PASSWORD).await.unwrap();
+        client.login(&email, PASSWORD).await.unwrap();
+    }
+    let exports = node.state_dir().join("audit-exports");
+    let verdict = common::wait_until(Duration::from_secs(30), || {
+        let (code, out) = node.audit_verify();
+        (code == 0 && out.contains("exported and pruned")).then_some(out)
+    })
+    .expect("entries older than 2 s are pruned within 30 s");
+    assert!(verdict.contains("audit chain intact"), "{verdict}");
+
+    let mut files: Vec<_> = std::fs::read_dir(&exports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    let mut prev = "0".repeat(64);
+    for file in &files {
+        let (code, out) = node.run(&["audit", "verify", "--export", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("audit export intact"), "{out}");
+        let text = std::fs::read_to_string(file).unwrap();
+        let header: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(header["prev"], prev.as_str(), "exports continue each other");
+        prev = header["last"].as_str().unwrap().to_owned();
+        assert!(!text.contains("@example.org") && !text.contains(PASSWORD));
+    }
+
+    // An edited export is refused, naming what changed.
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let edited = node.dir.path().join("edited.jsonl");
+    std::fs::write(&edited, text.replacen("\"action\":\"", "\"action\":\"X", 1)).unwrap();
+    let (code, out) = node.run(&["audit", "verify", "--export", edited.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("changed after signing"), "{out}");
+
+    // The chain goes on from its head, across a restart.
+    client.login("pruned0@example.org", PASSWORD).await.unwrap();
+    daemon.stop();
+    let _daemon = node.start_healthy();
+    let (code, out) = node.audit_verify();
+    assert_eq!(code, 0, "{out}");
+
+    // Whoever prunes further by hand cannot move the signed base along.
+    let db = node.superuser().await;
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         CREATE TEMP TABLE doomed AS SELECT seq, entry_id FROM keepd_audit.audit_chain ORDER BY seq LIMIT 1;
+         DELETE FROM keepd_audit.audit_chain WHERE seq IN (SELECT seq FROM doomed);
+         DELETE FROM keepd_audit.audit_log WHERE id IN (SELECT entry_id FROM doomed);
+         UPDATE keepd_audit.audit_base SET seq = seq + 1;
+         SET session_replication_role = origin;",
+    )
+    .await
+    .unwrap();
+    let (code, out) = node.audit_verify();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("base is not this node's"), "{out}");
+}
+
 /// `audit.forward`: every entry, once sealed, reaches a syslog socket as
 /// one JSON line with its seq and hash; no email or password in it.
 #[tokio::test(flavor = "multi_thread")]

@@ -417,7 +417,7 @@ fn no_password_or_verifier_in_logs_argv_or_files() {
     );
     assert!(hits.is_empty(), "secrets found in {hits:?}");
     // log_statement = all really was on: the log has statements.
-    let log_dir = node.data_dir().join("log");
+    let log_dir = node.pg_log_dir();
     let pg_log: String = std::fs::read_dir(&log_dir)
         .unwrap()
         .flatten()

@@ -244,7 +244,10 @@ fn private_files_and_directories_have_tight_modes() {
             mode(&dir)
         );
     }
-    let logs: Vec<_> = std::fs::read_dir(node.data_dir().join("log"))
+    // The server's log lives beside the data directory, never in it.
+    assert_eq!(mode(&node.pg_log_dir()), 0o700);
+    assert!(!node.data_dir().join("log").exists());
+    let logs: Vec<_> = std::fs::read_dir(node.pg_log_dir())
         .unwrap()
         .flatten()
         .collect();
@@ -320,7 +323,7 @@ fn old_postgres_logs_are_deleted() {
     let node = TestNode::new();
     let mut daemon = node.start_healthy();
     daemon.stop();
-    let logs = node.data_dir().join("log");
+    let logs = node.pg_log_dir();
     let (old, recent) = (
         logs.join("postgresql-2026-01-01.log"),
         logs.join("postgresql-recent.log"),

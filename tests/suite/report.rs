@@ -323,7 +323,7 @@ async fn cis_items_hold_from_outside_and_name_their_ids() {
 /// The Postgres log's text, every file.
 fn postgres_log(node: &TestNode) -> String {
     let mut text = String::new();
-    for entry in std::fs::read_dir(node.data_dir().join("log")).unwrap() {
+    for entry in std::fs::read_dir(node.pg_log_dir()).unwrap() {
         text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default());
     }
     text

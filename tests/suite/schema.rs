@@ -52,6 +52,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.cluster_removals" => "removed_by",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
+        "keepd_audit.audit_base" => "signed_at",
         other => panic!("no column known for {other}"),
     }
 }

@@ -210,7 +210,7 @@ async fn only_tls13_with_the_right_certificate_and_password_gets_in() {
     }
 
     // The handshake failures are the server's refusals, as its log says.
-    let log_dir = node.data_dir().join("log");
+    let log_dir = node.pg_log_dir();
     let log: String = std::fs::read_dir(&log_dir)
         .unwrap()
         .filter_map(|f| std::fs::read_to_string(f.ok()?.path()).ok())

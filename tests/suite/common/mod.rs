@@ -95,6 +95,11 @@ impl TestNode {
         self.state_dir().join("pgdata")
     }
 
+    /// The native Postgres's log directory, beside its data directory.
+    pub fn pg_log_dir(&self) -> PathBuf {
+        self.state_dir().join("pglog")
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(keepd_bin());
         cmd.arg("--config").arg(&self.config).args(args);

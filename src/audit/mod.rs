@@ -8,6 +8,9 @@
 //! the previous link, the sequence number and every field of the entry. The
 //! chain head is signed with the node key into a checkpoint file outside the
 //! database, which catches a truncated tail. `verify` recomputes it all.
+//! `retention` exports and prunes the oldest entries (`audit.retention`).
+
+pub mod retention;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +45,8 @@ pub enum AuditError {
     },
     #[error("the audit checkpoint {path} is unreadable or not signed by this node: {reason}")]
     BadCheckpoint { path: PathBuf, reason: String },
+    #[error("the audit export {path} does not verify: {reason}")]
+    BadExport { path: PathBuf, reason: String },
     #[error(
         "the audit chain in the database does not extend the signed checkpoint ({0}); keepd stops \
          sealing to keep the evidence: run `keepd audit verify`"
@@ -131,6 +136,9 @@ pub enum AuditAction {
     /// old versions retired once no value used them.
     FieldKeyRotation,
     FieldKeyRetire,
+    /// Entries past `audit.retention` exported and pruned (the export's
+    /// file name and the seq range in the metadata).
+    AuditPrune,
 }
 
 impl AuditAction {
@@ -164,6 +172,7 @@ impl AuditAction {
             AuditAction::SecondFactorReset => "SECOND_FACTOR_RESET",
             AuditAction::FieldKeyRotation => "FIELD_KEY_ROTATION",
             AuditAction::FieldKeyRetire => "FIELD_KEY_RETIRE",
+            AuditAction::AuditPrune => "AUDIT_PRUNE",
         }
     }
 
@@ -192,6 +201,7 @@ impl AuditAction {
             AuditAction::DeviceAdd | AuditAction::DeviceRevoke => "keepd.devices",
             AuditAction::BackupCreate | AuditAction::BackupDelete => "keepd.backups",
             AuditAction::FieldKeyRotation | AuditAction::FieldKeyRetire => "keepd.field_keys",
+            AuditAction::AuditPrune => "keepd_audit.audit_log",
         }
     }
 }
@@ -511,7 +521,15 @@ impl AuditSealer {
             let matches = at
                 .first()
                 .is_some_and(|r| hex::encode(r.get::<_, Vec<u8>>(0)) == cp.hash);
-            if !matches {
+            // Retention may have pruned the link the checkpoint names.
+            let pruned = || async {
+                let base = tx.query(retention::BASE, &[&node]).await?;
+                Ok::<_, AuditError>(
+                    base.first()
+                        .is_some_and(|row| row.get::<_, i64>(0) >= cp.seq),
+                )
+            };
+            if !matches && !pruned().await? {
                 return Err(AuditError::Diverged(format!(
                     "checkpoint at seq {}, database chain ends at seq {seq}",
                     cp.seq
@@ -612,6 +630,9 @@ impl AuditSealer {
 pub enum Verdict {
     Intact {
         sealed: i64,
+        /// The entries up to this seq were exported and pruned
+        /// (`audit.retention`); 0: none.
+        pruned: i64,
         unsealed: i64,
         checkpoint: Option<i64>,
         /// The restores the chain records (`NODE_RESTORE` metadata).
@@ -629,11 +650,18 @@ impl std::fmt::Display for Verdict {
         match self {
             Verdict::Intact {
                 sealed,
+                pruned,
                 unsealed,
                 checkpoint,
                 restores,
             } => {
                 write!(f, "audit chain intact: {sealed} sealed entries")?;
+                if *pruned > 0 {
+                    write!(
+                        f,
+                        " (seq 1 to {pruned} exported and pruned; the chain continues from its signed base)"
+                    )?;
+                }
                 match checkpoint {
                     Some(seq) => write!(f, ", signed checkpoint at seq {seq} matches")?,
                     None => write!(f, ", no checkpoint yet")?,
@@ -727,8 +755,26 @@ async fn verify_in_snapshot(
             &[&identity.node_id().as_str()],
         )
         .await?;
-    let mut prev = [0u8; 32];
-    let mut expected = 1i64;
+    // A pruned chain starts after its signed base.
+    let base = match client
+        .query_opt(retention::BASE, &[&identity.node_id().as_str()])
+        .await?
+    {
+        None => None,
+        Some(row) => match retention::Base::from_row(&row, identity) {
+            Ok(base) => Some(base),
+            Err(reason) => {
+                return Ok(Verdict::Broken {
+                    seq: row.get(0),
+                    entry_id: None,
+                    reason: format!("the pruned chain's base is not this node's: {reason}"),
+                });
+            }
+        },
+    };
+    let pruned = base.map_or(0, |b| b.seq);
+    let mut prev = base.map_or([0u8; 32], |b| b.hash);
+    let mut expected = pruned + 1;
     let mut hashes = Vec::with_capacity(rows.len());
     let mut restores = Vec::new();
     for row in &rows {
@@ -768,6 +814,8 @@ async fn verify_in_snapshot(
     let sealed = expected - 1;
     let checkpoint = match Checkpoint::load(checkpoint, identity)? {
         None => None,
+        // Pruned since it was signed: the signed base stands for it.
+        Some(cp) if cp.seq < pruned => Some(cp.seq),
         Some(cp) if cp.seq > sealed => {
             return Ok(Verdict::Broken {
                 seq: sealed + 1,
@@ -779,7 +827,12 @@ async fn verify_in_snapshot(
             });
         }
         Some(cp) => {
-            let at = usize::try_from(cp.seq - 1).ok().and_then(|i| hashes.get(i));
+            // `hashes` holds the links after the base; the checkpoint may
+            // name the base itself.
+            let at = match usize::try_from(cp.seq - pruned - 1) {
+                Ok(i) => hashes.get(i).copied(),
+                Err(_) => base.map(|b| b.hash),
+            };
             if cp.seq > 0 && at.map(hex::encode) != Some(cp.hash.clone()) {
                 return Ok(Verdict::Broken {
                     seq: cp.seq,
@@ -802,6 +855,7 @@ async fn verify_in_snapshot(
     // `keepd audit verify` show it (a healthy start always has one: its own).
     Ok(Verdict::Intact {
         sealed,
+        pruned,
         unsealed,
         checkpoint,
         restores,
