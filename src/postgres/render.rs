@@ -242,10 +242,10 @@ pub fn render(inputs: &RenderInputs) -> Result<RenderedConfig, RenderError> {
         pg_ident_conf: pg_ident_conf(inputs),
         pgbackrest_conf: match &inputs.backup {
             Some(backup) => {
-                let socket = match backup_socket(inputs) {
-                    Some(dir) => dir,
-                    None => plain_path("node.runtime_dir", &inputs.socket_dir)?,
-                };
+                let socket = plain_path(
+                    "node.runtime_dir",
+                    backup_socket(inputs).unwrap_or(&inputs.socket_dir),
+                )?;
                 let conf = repository::conf(backup, socket, inputs.port, SUPERUSER, DATABASE)?;
                 Some(format!("{HEADER}{conf}"))
             }
@@ -315,7 +315,13 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         };
         set("listen_addresses", quote("network.bind_address", &bind)?);
         match backup_socket(inputs) {
-            Some(dir) => set("unix_socket_directories", format!("'{dir}'")),
+            Some(dir) => {
+                set(
+                    "unix_socket_directories",
+                    path_str("node.runtime_dir", dir)?,
+                );
+                set("unix_socket_permissions", "0700".into());
+            }
             None => set("unix_socket_directories", "''".into()),
         }
     }
@@ -338,7 +344,14 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
         set("ssl_crl_file", format!("'{dir}crl.pem'"));
         set("ssl_min_protocol_version", "'TLSv1.3'".into());
         set("ssl_prefer_server_ciphers", "on".into());
-        set("ssl_ciphers", "'HIGH:!aNULL:!MD5:!3DES:!RC4'".into());
+        // TLS 1.2 and older only, which the minimum above refuses anyway:
+        // named, forward-secret AEAD suites for the server's ECDSA key, so
+        // an audit reading this setting alone (pgdsat 6.10) finds no gap.
+        set(
+            "ssl_ciphers",
+            "'ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305'"
+                .into(),
+        );
         // Postgres 15 offers one ECDH group, and only NIST curves (X25519 is
         // not an EC_KEY curve there): P-256, which every TLS 1.3 client
         // keepd uses (rustls, libpq) offers. Named, not left to a default.
@@ -461,11 +474,19 @@ const LOGIN_ROLES: &str = "+keepd_sync";
 
 /// A container reached over TCP keeps a socket on its tmpfs for the
 /// pgBackRest that runs inside it (backups on).
-fn backup_socket(inputs: &RenderInputs) -> Option<&'static str> {
-    (inputs.topology.provider == Provider::Docker
-        && inputs.topology.is_tcp()
-        && inputs.backup.is_some())
-    .then_some(container::BACKUP_SOCKET)
+/// TCP mode with backups: the Unix socket pgBackRest alone uses (keepd
+/// itself reaches the server over TLS; pgBackRest's `pg1-socket-path` takes
+/// no certificate). Docker: on the container's tmpfs; native: the private
+/// socket directory of socket mode.
+fn backup_socket(inputs: &RenderInputs) -> Option<&Path> {
+    if !(inputs.topology.is_tcp() && inputs.backup.is_some()) {
+        return None;
+    }
+    match inputs.topology.provider {
+        Provider::Docker => Some(Path::new(container::BACKUP_SOCKET)),
+        Provider::Native => Some(&inputs.socket_dir),
+        Provider::External => None,
+    }
 }
 
 fn pg_hba_conf(inputs: &RenderInputs) -> String {
@@ -502,7 +523,7 @@ fn pg_hba_conf(inputs: &RenderInputs) -> String {
             "hostssl  {DATABASE}     {LOGIN_ROLES}  {address}  scram-sha-256{client_cert}"
         );
         if backup_socket(inputs).is_some() {
-            // pgBackRest inside the container, on its socket there.
+            // pgBackRest (inside the container for docker), on its socket.
             let _ = writeln!(out, "local    all       {SUPERUSER}  scram-sha-256");
         }
         out.push_str("local    all       all                reject\n");
@@ -715,6 +736,42 @@ mod tests {
         assert_eq!(setting(&c, "ssl"), "on");
         assert_eq!(setting(&c, "ssl_min_protocol_version"), "'TLSv1.3'");
         assert_eq!(setting(&c, "unix_socket_directories"), "''");
+    }
+
+    /// pgBackRest takes no client certificate: in TCP mode with backups a
+    /// private socket serves it, and the superuser alone, for each
+    /// provider that runs the server.
+    #[test]
+    fn tcp_mode_with_backups_keeps_a_private_socket_for_pgbackrest() {
+        for (provider, socket) in [("native", "'/run/keepd/postgres'"), ("docker", "'/tmp'")] {
+            let r = render(&RenderInputs::of(&config(&format!(
+                "node:\n  runtime_dir: /run/keepd\nnetwork:\n  use_unix_socket: false\n\
+                 database:\n  postgres:\n    provider: {provider}\nbackup:\n  repository: /srv/b\n"
+            ))))
+            .unwrap();
+            let c = &r.postgresql_conf;
+            assert_eq!(setting(c, "unix_socket_directories"), socket, "{provider}");
+            assert_eq!(setting(c, "unix_socket_permissions"), "0700", "{provider}");
+            assert!(
+                r.pg_hba_conf
+                    .lines()
+                    .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                        == ["local", "all", SUPERUSER, "scram-sha-256"]),
+                "{provider}:\n{}",
+                r.pg_hba_conf
+            );
+            let conf = r.pgbackrest_conf.as_deref().unwrap();
+            let path = socket.trim_matches('\'');
+            assert!(
+                conf.lines().any(|l| l == format!("pg1-socket-path={path}")),
+                "{provider}:\n{conf}"
+            );
+        }
+        // Without backups, TCP mode opens no socket at all.
+        assert_eq!(
+            setting(&tcp().postgresql_conf, "unix_socket_directories"),
+            "''"
+        );
     }
 
     #[test]

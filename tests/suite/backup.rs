@@ -29,6 +29,20 @@ fn backed_up_node() -> (TestNode, tempfile::TempDir, PathBuf) {
 #[test]
 fn a_strict_first_start_with_a_repository_starts() {
     let (node, _dir, _repository) = backed_up_node();
+    strict_first_start(&node);
+}
+
+/// The same in TCP mode, where keepd reaches Postgres over TLS and
+/// pgBackRest, which takes no client certificate, over a private socket
+/// of its own (pgdsat's run found it had none).
+#[test]
+fn a_strict_first_start_in_tcp_mode_backs_up_over_a_private_socket() {
+    let (node, _dir, _repository) = backed_up_node();
+    node.merge(json!({"network": {"use_unix_socket": false, "port": common::free_port()}}));
+    strict_first_start(&node);
+}
+
+fn strict_first_start(node: &TestNode) {
     node.merge(json!({"security": {"fallback_mode": "strict", "minimum_level": "high"}}));
     let mut daemon = node.spawn();
     assert!(
