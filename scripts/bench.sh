@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The speed benchmark of docs/benchmarks.md, in one run on this machine:
-# keepd (release, fresh state directory, its native Postgres) pinned to
-# CPU 0 and wrk pinned to CPU 1; then the same Postgres cluster, restarted
-# without keepd on CPU 0, driven by pgbench on CPU 1 with the same SQL (the
-# ceiling). Prints every figure and the ratios. Needs root (keepd's
-# Postgres runs as its own user) and installs wrk if missing.
+# the ceiling first, the job's minimal SQL on a stock Postgres (its own
+# cluster and tables: a push bumps a per-vault counter and inserts 50 rows,
+# a pull is an index range scan of 100) pinned to CPU 0 and driven by
+# pgbench on CPU 1; then keepd (release, fresh state directory, its native
+# Postgres) pinned to CPU 0 and driven by wrk on CPU 1, first on a vault
+# just pushed through the API (fresh), then on vaults seeded straight into
+# the tables and vacuumed (settled); then keepd's own statements under
+# pgbench on its cluster (what keepd's SQL costs the database); then the
+# ceiling again (the mean of both ceiling runs is the denominator). Prints
+# every figure and the ratios. Needs root (keepd's Postgres runs as its
+# own user) and installs wrk if missing.
 #
 #   scripts/bench.sh                      # 10 s per run
 #   BENCH_SECONDS=30 scripts/bench.sh
@@ -53,6 +59,7 @@ pg_pid=""
 cleanup() {
   [[ -n $keepd_pid ]] && kill "$keepd_pid" 2>/dev/null && wait "$keepd_pid" 2>/dev/null || true
   [[ -n $pg_pid ]] && kill -INT "$pg_pid" 2>/dev/null || true
+  [[ -n $stock_pid ]] && runuser -u nobody -- "$pgbin/pg_ctl" -D "$stock/data" -m immediate stop >/dev/null 2>&1 || true
   sleep 1
   rm -rf "$work"
 }
@@ -69,10 +76,73 @@ api() { # METHOD PATH [BODY]: the JSON answer; fails on an error status
 }
 sql() { "$keepd" --config "$work/keepd.yaml" psql -- -qAt -v ON_ERROR_STOP=1 -c "$1"; }
 
+# The ceiling: the job's minimal SQL on stock Postgres (initdb's defaults,
+# fsync and synchronous_commit on), its own cluster, the same data sizes.
+stock=$work/stock
+stock_pid=""
+stock_sql() { runuser -u nobody -- "$pgbin/psql" -h "$stock" -U postgres -qAt -v ON_ERROR_STOP=1 -c "$1" postgres; }
+stock_start() {
+  taskset -c 0 runuser -u nobody -- "$pgbin/postgres" -D "$stock/data" -c listen_addresses='' \
+    -c unix_socket_directories="$stock" -c log_min_messages=warning >>"$stock/pg.log" 2>&1 &
+  stock_pid=$!
+  for _ in $(seq 60); do
+    "$pgbin/pg_isready" -q -h "$stock" -U postgres && return
+    sleep 0.5
+  done
+  cat "$stock/pg.log" >&2
+  exit 1
+}
+stock_stop() {
+  runuser -u nobody -- "$pgbin/pg_ctl" -D "$stock/data" -m fast -w stop >/dev/null
+  wait "$stock_pid" 2>/dev/null || true
+  stock_pid=""
+}
+stock_set_up() {
+  mkdir -p "$stock"
+  chown nobody "$stock"
+  runuser -u nobody -- "$pgbin/initdb" -D "$stock/data" -U postgres --auth=trust >/dev/null
+  stock_start
+  stock_sql "CREATE TABLE vaults (id int PRIMARY KEY, last_seq bigint NOT NULL DEFAULT 0);
+    CREATE TABLE entries (vault int NOT NULL REFERENCES vaults, seq bigint NOT NULL,
+      data text NOT NULL, PRIMARY KEY (vault, seq));
+    INSERT INTO vaults SELECT g, 0 FROM generate_series(1, 101) g;
+    INSERT INTO entries SELECT 101, g,
+      replace(encode(decode(repeat(md5(random()::text), 32), 'hex'), 'base64'), E'\n', '')
+      FROM generate_series(1, 2000) g;
+    UPDATE vaults SET last_seq = 2000 WHERE id = 101;"
+  stock_sql "VACUUM ANALYZE"
+  printf '\\set after random(0, 1900)\nSELECT seq, data FROM entries WHERE vault = 101 AND seq > :after ORDER BY seq LIMIT 100;\n' \
+    >"$stock/pull.sql"
+  printf '\\set v random(1, 100)\nBEGIN;\nUPDATE vaults SET last_seq = last_seq + 50 WHERE id = :v RETURNING last_seq AS top \\gset\nINSERT INTO entries SELECT :v, :top - 50 + g, :data FROM generate_series(1, 50) g;\nCOMMIT;\n' \
+    >"$stock/push.sql"
+  chown nobody "$stock"/*.sql
+  stock_stop
+}
+stock_bench() { # SCRIPT: tps
+  local out
+  out=$(taskset -c 1 runuser -u nobody -- "$pgbin/pgbench" -n -M prepared -h "$stock" -U postgres \
+    -c "$conns" -j 1 -T "$secs" -D data="$data" -f "$stock/$1" postgres 2>&1)
+  grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
+  awk '/^tps/ {print $3}' <<<"$out"
+}
+stock_ceiling() { # "pull_tps push_tps"
+  stock_start
+  local pull push
+  pull=$(stock_bench pull.sql)
+  push=$(stock_bench push.sql)
+  stock_stop
+  echo "$pull $push"
+}
+
 if curl -s "http://127.0.0.1:$port/" >/dev/null; then
   say "bench: port $port is in use (another benchmark running?)"
   exit 1
 fi
+data=$(head -c 512 /dev/urandom | base64 -w0)
+say "bench: the minimal ceiling on stock Postgres (before keepd)"
+stock_set_up
+read -r stock_pull_a stock_push_a < <(stock_ceiling)
+
 say "bench: starting keepd (release) on CPU 0"
 taskset -c 0 "$keepd" --config "$work/keepd.yaml" run >"$work/keepd.log" 2>&1 &
 keepd_pid=$!
@@ -88,29 +158,11 @@ token=$(api POST /auth/login "{\"email\":\"$email\",\"password\":\"benchmark pas
   python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 uid=$(api GET /account | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 vault_key='{"encryptedVaultKey":"a2V5","salt":"c2FsdA==","nonce":"bm9uY2U="'
-for v in pull-2k pull-10k pull-1m hot $(seq -f 'spread-%g' 1 100); do
+for v in fresh-2k pull-2k pull-10k pull-1m hot $(seq -f 'spread-%g' 1 100); do
   api POST /sync/vault-key "{\"vaultId\":\"$v\",${vault_key#\{}}" >/dev/null
 done
 
-# Entries of 512 random bytes (684 base64 characters), written straight
-# into the tables (the pushes are measured below, not the seeding).
-seed() { # VAULT N
-  sql "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce,
-         haex_timestamp, size_bytes)
-       SELECT gen_random_uuid(), v.id, v.user_id, s,
-         replace(encode(decode(repeat(md5(random()::text), 32), 'hex'), 'base64'), E'\n', ''),
-         'bm9uY2Vub25jZQ==', lpad(s::text, 12, '0'), 684 + 16 + 12
-       FROM keepd.vaults v, generate_series(1, $2) s WHERE v.vault_id = '$1';
-       UPDATE keepd.vaults SET last_sequence = $2 WHERE vault_id = '$1';"
-}
-say "bench: seeding vaults (2 000, 10 000$([[ $large == 1 ]] && echo ', 1 000 000') entries)"
-seed pull-2k 2000
-seed pull-10k 10000
-[[ $large == 1 ]] && seed pull-1m 1000000
-sql "VACUUM ANALYZE keepd.sync_logs"
-sql "VACUUM ANALYZE keepd.vaults"
 
-data=$(head -c 512 /dev/urandom | base64 -w0)
 # Both scripts print the first failed answer (the run then fails).
 cat >"$work/report.lua" <<'EOF'
 local reported = false
@@ -173,6 +225,45 @@ wrk_run() { # SCRIPT CONNECTIONS ENV...
 
 rss_mib() { awk '/VmRSS/ {print int($2/1024)}' "/proc/$keepd_pid/status"; }
 hwm_mib() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$keepd_pid/status"; }
+
+# A fresh vault, as a second device meets it right after the first
+# pushed: 2 000 entries pushed through the API (40 pushes of 50), pulled
+# at once, before any VACUUM or ANALYZE has seen the table.
+say "bench: pushing the fresh vault through the API (2 000 entries)"
+python3 - "$port" "$token" "$data" <<'PY'
+import http.client, json, sys
+port, token, data = sys.argv[1:]
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+for n in range(40):
+    logs = [{"encryptedData": data, "nonce": "bm9uY2Vub25jZQ==",
+             "haexTimestamp": "%012d-%02d" % (n, i)} for i in range(50)]
+    conn.request("POST", "/sync/push", json.dumps({"vaultId": "fresh-2k", "logs": logs}),
+                 {"content-type": "application/json", "authorization": "Bearer " + token})
+    answer = conn.getresponse()
+    body = answer.read()
+    if answer.status != 200:
+        sys.exit("bench: a fresh push failed: %d %s" % (answer.status, body[:300]))
+PY
+say "bench: pulling the fresh vault"
+read -r fresh_rps fresh_p50 < <(wrk_run pull.lua $conns VAULT=fresh-2k TOP=2000)
+
+# Entries of 512 random bytes (684 base64 characters), written straight
+# into the tables (the pushes are measured below, not the seeding).
+seed() { # VAULT N
+  sql "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce,
+         haex_timestamp, size_bytes)
+       SELECT gen_random_uuid(), v.id, v.user_id, s,
+         replace(encode(decode(repeat(md5(random()::text), 32), 'hex'), 'base64'), E'\n', ''),
+         'bm9uY2Vub25jZQ==', lpad(s::text, 12, '0'), 684 + 16 + 12
+       FROM keepd.vaults v, generate_series(1, $2) s WHERE v.vault_id = '$1';
+       UPDATE keepd.vaults SET last_sequence = $2 WHERE vault_id = '$1';"
+}
+say "bench: seeding vaults (2 000, 10 000$([[ $large == 1 ]] && echo ', 1 000 000') entries)"
+seed pull-2k 2000
+seed pull-10k 10000
+[[ $large == 1 ]] && seed pull-1m 1000000
+sql "VACUUM ANALYZE keepd.sync_logs"
+sql "VACUUM ANALYZE keepd.vaults"
 
 say "bench: keepd runs ($secs s each, $conns connections)"
 rss_before=$(rss_mib)
@@ -263,8 +354,10 @@ printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$scope" "$pull
 printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$noscope" "$pull_sql" >"$work/ceiling/pull-unscoped.sql"
 # A push also announces its commit to live-update watchers, as keepd's
 # does; push-quiet.sql is the same without, for the cost of announcing.
-printf '\\set v random(1, 100)\nBEGIN;\n%s;\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push-quiet.sql"
-printf '\\set v random(1, 100)\nBEGIN;\n%s;\nSELECT pg_notify('"'"'keepd_events'"'"', :uid);\nCOMMIT;\n' "$push_sql" >"$work/ceiling/push.sql"
+# keepd counts a push's bytes as it commits (usage::add_pushed_and_commit).
+usage_sql="SELECT set_config('keepd.user_id', :uid, true); SELECT keepd.add_pushed_bytes(35600, 0);"
+printf '\\set v random(1, 100)\nBEGIN;\n%s;\n%s\nCOMMIT;\n' "$push_sql" "$usage_sql" >"$work/ceiling/push-quiet.sql"
+printf '\\set v random(1, 100)\nBEGIN;\n%s;\nSELECT pg_notify('"'"'keepd_events'"'"', :uid);\n%s\nCOMMIT;\n' "$push_sql" "$usage_sql" >"$work/ceiling/push.sql"
 
 bench() { # SCRIPT CLIENTS: "tps latency_ms"
   local out
@@ -289,17 +382,28 @@ out=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" taskset -c 1 "$pgbin/pgb
 grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
 read -r scoped_ms unscoped_ms < <(awk '/^ - latency average/ {printf "%s ", $5} END {print ""}' <<<"$out")
 
+runuser -u "$owner" -- "$pgbin/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null
+wait "$pg_pid" 2>/dev/null || true
+pg_pid=""
+say "bench: the minimal ceiling on stock Postgres (after keepd)"
+read -r stock_pull_b stock_push_b < <(stock_ceiling)
+mean() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f", (a + b) / 2}'; }
+stock_pull=$(mean "$stock_pull_a" "$stock_pull_b")
+stock_push=$(mean "$stock_push_a" "$stock_push_b")
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f %%", 100 * a / b}'; }
 cat <<EOF
 
 keepd $("$keepd" --version 2>/dev/null | awk '{print $2}') · $(nproc) CPUs · $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) · PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') · $secs s per run, $conns connections
-| workload | keepd | ceiling (pgbench, same SQL) | keepd / ceiling |
-|---|---:|---:|---:|
-| P2 pull of 100 (2 000-entry vault) | $pull_rps req/s, p50 $pull_p50 ms | $ceil_pull_tps tps | $(ratio "$pull_rps" "$ceil_pull_tps") |
-| P1 push of 50 (over 100 vaults) | $push_rps req/s, p50 $push_p50 ms | $ceil_push_tps tps | $(ratio "$push_rps" "$ceil_push_tps") |
+| workload | keepd | ceiling: the job's minimal SQL, stock Postgres (before / after) | keepd / ceiling | keepd's own SQL under pgbench | keepd / its SQL |
+|---|---:|---:|---:|---:|---:|
+| P2 pull of 100, settled (2 000-entry vault, seeded, VACUUM ANALYZE) | $pull_rps req/s, p50 $pull_p50 ms | $stock_pull tps ($stock_pull_a / $stock_pull_b) | $(ratio "$pull_rps" "$stock_pull") | $ceil_pull_tps tps | $(ratio "$pull_rps" "$ceil_pull_tps") |
+| P2 pull of 100, fresh (2 000 entries just pushed through the API) | $fresh_rps req/s, p50 $fresh_p50 ms | $stock_pull tps | $(ratio "$fresh_rps" "$stock_pull") | | |
+| P1 push of 50 (over 100 vaults) | $push_rps req/s, p50 $push_p50 ms | $stock_push tps ($stock_push_a / $stock_push_b) | $(ratio "$push_rps" "$stock_push") | $ceil_push_tps tps | $(ratio "$push_rps" "$ceil_push_tps") |
 
 | comparison | figures | ratio |
 |---|---|---:|
+| P2b fresh vault vs settled vault, keepd pull | $fresh_rps vs $pull_rps req/s | $(ratio "$fresh_rps" "$pull_rps") |
 | P2 pull p50, 10 000 vs $([[ $large == 1 ]] && echo '1 000 000' || echo '(skipped)') entries | $pull10k_p50 ms vs ${pull1m_p50:-—} ms | $([[ $large == 1 ]] && ratio "$pull1m_p50" "$pull10k_p50" || echo —) |
 | P3 role and tenant switch + RLS, one connection (pgbench) | $scoped_ms ms vs $unscoped_ms ms without; keepd pull p50 at 1 connection $pull1_p50 ms | $(awk -v s="$scoped_ms" -v u="$unscoped_ms" -v k="$pull1_p50" 'BEGIN {printf "%.1f %% of a pull", 100 * (s - u) / k}') |
 | P4 16 writers: one vault vs 100 vaults | $hot16_rps vs $spread16_rps req/s | $(ratio "$hot16_rps" "$spread16_rps") |

@@ -175,6 +175,13 @@ pub const AUDITED: &[(&str, &[Privilege])] = &[
     ("keepd.cluster_members", &[S, I, U, D]),
 ];
 
+/// Functions a group role may call (EXECUTE); none other may be called by
+/// anyone but their owner (migrations revoke PUBLIC's EXECUTE).
+pub const FUNCTIONS: &[(GroupRole, &str)] = &[
+    // A push adds its bytes to its tenant's usage as it commits.
+    (GroupRole::Sync, "keepd.add_pushed_bytes(bigint, bigint)"),
+];
+
 /// Whether `role` may use `privilege` on `table`.
 pub fn allows(role: &str, table: &str, privilege: Privilege) -> bool {
     MATRIX
@@ -221,6 +228,9 @@ pub fn grant_statements() -> Vec<String> {
             privilege.sql(),
             columns.join(", ")
         ));
+    }
+    for (role, function) in FUNCTIONS {
+        sql.push(format!("GRANT EXECUTE ON FUNCTION {function} TO {role}"));
     }
     for (table, privileges) in AUDITED {
         let list: Vec<&str> = privileges.iter().map(|p| p.sql()).collect();

@@ -129,6 +129,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_base",
         sql: include_str!("../../migrations/0020_audit_base.sql"),
     },
+    Migration {
+        version: 21,
+        name: "push_usage",
+        sql: include_str!("../../migrations/0021_push_usage.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

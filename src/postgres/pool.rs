@@ -446,6 +446,31 @@ impl ScopedTransaction {
         })
     }
 
+    /// Runs `sql` and COMMIT in one round trip: the statement is prepared
+    /// first, so it is sent before COMMIT. When it fails, the transaction
+    /// is aborted and Postgres ends it with a rollback: nothing commits,
+    /// and its error is returned. Its rows otherwise, once committed.
+    pub async fn query_and_commit(
+        mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, PoolError> {
+        let statement = self.conn().statement(self.role, sql).await?;
+        let conn = self.conn();
+        let (rows, committed) = tokio::join!(
+            conn.client.query(&statement, params),
+            conn.client.batch_execute("COMMIT"),
+        );
+        // Committed or rolled back: either way no transaction is open, and
+        // a connection that did not answer COMMIT is dropped by `Drop`.
+        committed?;
+        self.conn
+            .as_mut()
+            .expect("present until drop")
+            .in_transaction = false;
+        self.observe(rows)
+    }
+
     pub async fn commit(mut self) -> Result<(), PoolError> {
         let conn = self.conn.as_mut().expect("present until drop");
         conn.client.batch_execute("COMMIT").await?;

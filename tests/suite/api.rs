@@ -1379,7 +1379,7 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
     assert_eq!(account["quotas"]["vaults"], 2);
 
     let key = client.create_vault("a", PASSWORD).await.unwrap();
-    client.create_vault("b", PASSWORD).await.unwrap();
+    let key_b = client.create_vault("b", PASSWORD).await.unwrap();
     let e = client.create_vault("c", PASSWORD).await.unwrap_err();
     assert_eq!((e.status(), e.code()), (Some(413), Some("quota_exceeded")));
     assert!(e.to_string().contains("api.quotas.vaults"), "{e}");
@@ -1434,13 +1434,14 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
         .unwrap_err();
     assert!(e.to_string().contains("api.quotas.backups"), "{e}");
 
-    // Eight clients push 1 KiB-ish entries at once until the storage quota
-    // refuses them: usage never passes it and matches what is stored.
-    let key = Arc::new(key);
+    // Eight clients push 1 KiB-ish entries at once, over both vaults (so
+    // no vault row orders them), until the storage quota refuses them:
+    // usage never passes it and matches what is stored.
+    let keys = [Arc::new(key), Arc::new(key_b)];
     let mut tasks = Vec::new();
     for t in 0..8 {
         let client = client.another_connection();
-        let key = key.clone();
+        let (vault, key) = (["a", "b"][t % 2], keys[t % 2].clone());
         tasks.push(tokio::spawn(async move {
             let mut accepted = 0u64;
             for i in 0..40 {
@@ -1448,7 +1449,7 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
                     data: vec![t as u8; 700],
                     haex_timestamp: format!("{t}-{i:04}"),
                 };
-                match client.push("a", &key, &[entry], None).await {
+                match client.push(vault, &key, &[entry], None).await {
                     Ok(_) => accepted += 1,
                     Err(e) => {
                         assert_eq!(e.code(), Some("quota_exceeded"), "{e}");
@@ -1496,8 +1497,17 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
         .unwrap();
     let (bytes, vaults, _, _) = usage(&client.account().await.unwrap());
     assert_eq!(vaults, 1);
-    let backups_size = sql_rows(&node, "SELECT sum(size_bytes)::int8 FROM keepd.backups").await;
-    assert_eq!(bytes as i64, backups_size[0].get::<_, i64>(0));
+    let left = sql_rows(
+        &node,
+        "SELECT (SELECT sum(size_bytes) FROM keepd.backups)::int8 + \
+                (SELECT coalesce(sum(size_bytes), 0) FROM keepd.sync_logs)::int8",
+    )
+    .await;
+    assert_eq!(
+        bytes as i64,
+        left[0].get::<_, i64>(0),
+        "b's entries and the backup"
+    );
     client.create_vault("c", PASSWORD).await.unwrap();
 
     client.delete_account(&email, PASSWORD).await.unwrap();
@@ -2519,6 +2529,48 @@ async fn next_event(stream: &mut keepd::client::EventStream) -> keepd::client::V
         .expect("an event within 5 s")
         .unwrap()
         .expect("the stream goes on")
+}
+
+/// A page reads the range its cursor names (keepd never leaves a gap in a
+/// vault's sequences, and the page query relies on it to bound what it
+/// reads): entries removed by hand, a few or more than a page, are skipped,
+/// and paging still reaches every entry left, with `hasMore` true until
+/// the last.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_reach_every_entry_across_gaps_made_by_hand() {
+    let (node, daemon) = api_node(json!({}));
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("gaps", PASSWORD).await.unwrap();
+    for batch in 0..3 {
+        client
+            .push("gaps", &key, &entries(100, &format!("b{batch}")), None)
+            .await
+            .unwrap();
+    }
+    node.superuser()
+        .await
+        .batch_execute(
+            "DELETE FROM keepd.sync_logs WHERE sequence BETWEEN 10 AND 19 \
+                OR sequence BETWEEN 50 AND 249",
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = client.pull("gaps", after, 100).await.unwrap();
+        seen.extend(page.logs.iter().map(|entry| entry.sequence));
+        if !page.has_more {
+            break;
+        }
+        after = page
+            .logs
+            .last()
+            .expect("a page with more is not empty")
+            .sequence;
+    }
+    let left: Vec<i64> = (1..10).chain(20..50).chain(250..=300).collect();
+    assert_eq!(seen, left);
 }
 
 /// `audit.retention`: entries past it are exported (signed, every link

@@ -9,7 +9,6 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::usage::Usage;
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::ScopedTransaction;
 
@@ -18,10 +17,16 @@ use crate::postgres::pool::ScopedTransaction;
 /// gets the counter's old value + k. The counter's row lock is held to
 /// commit, so concurrent pushes to one vault commit in sequence order and
 /// a rolled-back push gives its numbers back. No row when the user has no
-/// such vault.
-const APPEND: &str = "WITH reserved AS ( \
+/// such vault. The account's usage is not counted here (`keepd.usage` =
+/// 'deferred' for this transaction): the push adds it in the round trip
+/// that commits (`usage::add_pushed_and_commit`), so the account's usage
+/// row is not locked for the rest of the push.
+const APPEND: &str = "WITH deferred AS MATERIALIZED ( \
+       SELECT set_config('keepd.usage', 'deferred', true)), \
+     reserved AS ( \
        UPDATE keepd.vaults SET last_sequence = last_sequence + $3, bytes = bytes + $9 \
-       WHERE user_id = $1 AND vault_id = $2 RETURNING id, last_sequence - $3 AS base) \
+       WHERE user_id = $1 AND vault_id = $2 AND EXISTS (SELECT FROM deferred) \
+       RETURNING id, last_sequence - $3 AS base) \
      INSERT INTO keepd.sync_logs \
        (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
      SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
@@ -31,23 +36,38 @@ const APPEND: &str = "WITH reserved AS ( \
 
 /// The vault `$2` of user `$1` and up to `$4` of its entries after
 /// sequence `$3` whose sizes add up to at most `$5` bytes (the first
-/// always), out of the `$4` + 1 the index yields; `more` on the last row
-/// tells whether another entry follows it. No row: no such vault; one row
-/// of NULLs: no entry. Only what fits the budget leaves the server. The
-/// window runs once over the rows in index order with a ROWS frame (no
-/// whole-partition count, no sort), which keeps it cheap.
+/// always); `more` on an entry tells whether the vault holds a later one,
+/// and each row carries the vault's last sequence. No row: no such vault;
+/// one row of NULLs but the last sequence: no entry in the range.
+///
+/// Sequences are gap-free (a push reserves consecutive numbers, a
+/// rolled-back one gives them back, and keepd never deletes one entry), so
+/// the entries after `$3` are `$3 + 1` to `$3 + $4`: the range bounds what
+/// any plan reads, with or without the table's statistics. (Without them,
+/// before the first ANALYZE of a freshly pushed table, Postgres chose a
+/// bitmap scan of every entry after `$3` and a sort, and a fresh vault
+/// pulled at half the speed of a settled one.) The window runs once over
+/// the rows in index order with a ROWS frame.
 const PULL_LOGS: &str = "SELECT t.id, t.encrypted_data, t.nonce, t.haex_timestamp, t.sequence, \
-       t.created_at, t.more \
+       t.created_at, t.sequence < v.last_sequence AS more, v.last_sequence \
      FROM keepd.vaults v LEFT JOIN LATERAL ( \
-       SELECT p.*, row_number() OVER w AS n, lead(p.sequence) OVER w IS NOT NULL AS more, \
+       SELECT p.*, row_number() OVER w AS n, \
               sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
                   + octet_length(p.haex_timestamp)) OVER w AS running \
        FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
-             FROM keepd.sync_logs WHERE vault = v.id AND sequence > $3::int8 \
-             ORDER BY sequence LIMIT $4::int8 + 1) p \
+             FROM keepd.sync_logs \
+             WHERE vault = v.id AND sequence > $3::int8 AND sequence <= $3::int8 + $4::int8 \
+             ORDER BY sequence LIMIT $4::int8) p \
        WINDOW w AS (ORDER BY p.sequence ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) t \
-       ON t.n <= $4::int8 AND (t.n = 1 OR t.running <= $5::int8) \
+       ON t.n = 1 OR t.running <= $5::int8 \
      WHERE v.user_id = $1 AND v.vault_id = $2";
+
+/// The first sequence after `$3` in the user's vault: where a page
+/// continues past entries removed by hand (outside keepd, which never
+/// leaves a gap) when the range of `PULL_LOGS` held none.
+const NEXT_SEQUENCE: &str = "SELECT min(l.sequence) FROM keepd.sync_logs l \
+     JOIN keepd.vaults v ON v.id = l.vault \
+     WHERE v.user_id = $1 AND v.vault_id = $2 AND l.sequence > $3";
 
 /// A record older than `api.idempotency_ttl` (`$3`, seconds) has expired:
 /// the key may name a new request.
@@ -132,6 +152,9 @@ pub async fn announce(
 pub struct Appended {
     pub vault: Uuid,
     pub entries: Vec<AppendedEntry>,
+    /// What the entries count against the storage quota, not yet added
+    /// to the account's usage (`usage::add_pushed_and_commit`).
+    pub bytes: i64,
 }
 
 /// Stores `entries` in the user's vault `vault_id` under new sequence
@@ -161,6 +184,7 @@ pub async fn append(
         nonces.push(fields.seal_text(column::LOG_NONCE, entry.nonce));
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
     }
+    let bytes = sizes.iter().sum::<i64>();
     let rows = tx
         .query(
             APPEND,
@@ -173,7 +197,7 @@ pub async fn append(
                 &nonces,
                 &stamps,
                 &sizes,
-                &sizes.iter().sum::<i64>(),
+                &bytes,
             ],
         )
         .await?;
@@ -197,7 +221,11 @@ pub async fn append(
             },
         )
         .collect();
-    Ok(Some(Appended { vault, entries }))
+    Ok(Some(Appended {
+        vault,
+        entries,
+        bytes,
+    }))
 }
 
 /// Entries after `after`: the rows as Postgres sent them, read by
@@ -229,12 +257,17 @@ impl Page {
         Ok(entries)
     }
 
-    /// More entries follow (the limit or the byte budget was reached):
-    /// the last entry's `more`.
+    /// More entries follow (the limit or the byte budget was reached, or
+    /// the vault grew): the last entry's `more`.
     pub fn has_more(&self) -> bool {
         self.rows
             .iter()
-            .filter_map(|row| Some((row.get::<_, Option<i64>>(4)?, row.get::<_, bool>(6))))
+            .filter_map(|row| {
+                Some((
+                    row.get::<_, Option<i64>>(4)?,
+                    row.get::<_, Option<bool>>(6)?,
+                ))
+            })
             .max_by_key(|(sequence, _)| *sequence)
             .is_some_and(|(_, more)| more)
     }
@@ -263,10 +296,25 @@ pub async fn page(
     limit: i64,
     budget: i64,
 ) -> Result<Option<Page>, StoreError> {
-    let rows = tx
+    let mut rows = tx
         .query(PULL_LOGS, &[&user, &vault_id, &after, &limit, &budget])
         .await?;
-    Ok((!rows.is_empty()).then_some(Page { rows }))
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let empty = first.get::<_, Option<i64>>(4).is_none();
+    if empty && first.get::<_, i64>(7) > after {
+        let next: Option<i64> = tx
+            .query_one(NEXT_SEQUENCE, &[&user, &vault_id, &after])
+            .await?
+            .get(0);
+        if let Some(next) = next {
+            rows = tx
+                .query(PULL_LOGS, &[&user, &vault_id, &(next - 1), &limit, &budget])
+                .await?;
+        }
+    }
+    Ok(Some(Page { rows }))
 }
 
 /// What a push answered under an Idempotency-Key, and the fingerprint of
@@ -340,24 +388,25 @@ pub enum PushOutcome<R> {
     /// The vault's key check differs from the push's.
     WrongKey,
     /// Stored (not yet committed), announced at commit, and the answer
-    /// recorded under the key; `usage` is the account's with the batch,
-    /// for the caller's quotas (past one it drops the transaction), and
-    /// `raced` says a concurrent retry with the same key committed first
-    /// (the caller rolls back and answers from that record).
+    /// recorded under the key; `bytes` is what the batch counts against
+    /// the storage quota, which the caller adds as it commits
+    /// (`usage::add_pushed_and_commit`), and `raced` says a concurrent
+    /// retry with the same key committed first (the caller rolls back and
+    /// answers from that record).
     Stored {
         vault: Uuid,
         first: i64,
         last: i64,
         response: R,
-        usage: Usage,
+        bytes: i64,
         raced: bool,
     },
 }
 
 /// A whole push in `tx`: the Idempotency-Key's record looked up, the key
-/// check compared, the batch appended, then the usage read, the answer
-/// `respond` makes of the stored entries recorded under the key, and the
-/// announcement queued, those three pipelined.
+/// check compared, the batch appended, then the answer `respond` makes of
+/// the stored entries recorded under the key and the announcement queued,
+/// those two pipelined.
 pub async fn push<R: serde::Serialize>(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
@@ -386,7 +435,7 @@ pub async fn push<R: serde::Serialize>(
     let Some(appended) = append(tx, fields, user, vault_id, entries).await? else {
         return Ok(PushOutcome::NoVault);
     };
-    let vault = appended.vault;
+    let (vault, bytes) = (appended.vault, appended.bytes);
     // (A batch is never empty: the handler refuses one.)
     let (Some(first), Some(last)) = (appended.entries.first(), appended.entries.last()) else {
         return Ok(PushOutcome::NoVault);
@@ -412,14 +461,13 @@ pub async fn push<R: serde::Serialize>(
         vault,
         sequence: last,
     };
-    let (usage, won, ()) =
-        tokio::try_join!(super::usage::of(tx, user), recorded, announce(tx, event))?;
+    let (won, ()) = tokio::try_join!(recorded, announce(tx, event))?;
     Ok(PushOutcome::Stored {
         vault,
         first,
         last,
         response,
-        usage,
+        bytes,
         raced: !won,
     })
 }

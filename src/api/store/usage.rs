@@ -1,5 +1,7 @@
 //! `keepd.account_usage`: what an account stores, kept by triggers on the
-//! tables it counts (migration 6), read here against `api.quotas`.
+//! tables it counts (migration 6), read here against `api.quotas`; a
+//! push adds its bytes itself as it commits (`add_pushed_and_commit`,
+//! migration 21).
 
 use uuid::Uuid;
 
@@ -9,6 +11,11 @@ use crate::postgres::pool::ScopedTransaction;
 
 const USAGE: &str = "SELECT storage_bytes, vaults, devices, backups \
      FROM keepd.account_usage WHERE user_id = $1";
+
+/// A push's bytes added to its tenant's usage, refused past the quota `$2`
+/// (SQLSTATE KQ001, the bytes reached in DETAIL): migration 21.
+const ADD_PUSHED: &str = "SELECT keepd.add_pushed_bytes($1, $2)";
+const QUOTA_EXCEEDED: &str = "KQ001";
 
 /// An account's usage, or its quotas (0 = unlimited).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -81,6 +88,39 @@ pub async fn of(tx: &ScopedTransaction, user: Uuid) -> Result<Usage, StoreError>
         devices: small(2),
         backups: small(3),
     })
+}
+
+/// Ends a push: its `bytes` (not counted when appended) added to the
+/// account's usage and the transaction committed, in one round trip. The
+/// usage row is locked only from here to the end of the commit, so one
+/// account's pushes do not queue on it for their whole transaction, and
+/// the count it is checked against includes every write of the account
+/// committed before. Past `quota` (0: none) nothing commits, and the
+/// quota is named with what the account would have reached.
+pub async fn add_pushed_and_commit(
+    tx: ScopedTransaction,
+    bytes: i64,
+    quota: u64,
+) -> Result<Result<(), Exceeded>, StoreError> {
+    let limit = i64::try_from(quota).unwrap_or(i64::MAX);
+    match tx.query_and_commit(ADD_PUSHED, &[&bytes, &limit]).await {
+        Ok(_) => Ok(Ok(())),
+        Err(crate::postgres::pool::PoolError::Sql(e))
+            if e.code().map(|c| c.code()) == Some(QUOTA_EXCEEDED) =>
+        {
+            let would_be = e
+                .as_db_error()
+                .and_then(|db| db.detail())
+                .and_then(|detail| detail.parse().ok())
+                .unwrap_or(quota.saturating_add(1));
+            Ok(Err(Exceeded {
+                quota: "api.quotas.storage_bytes",
+                limit: quota,
+                would_be,
+            }))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use super::*;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, UserAuth};
 use crate::api::store::logs::{self, Idempotency, NewEntry, PushBatch, PushOutcome, StoredPush};
+use crate::api::store::usage;
 use crate::api::{Api, iso8601};
 use crate::audit::AuditAction;
 use crate::postgres::pool::GroupRole;
@@ -185,7 +186,7 @@ pub(in crate::api) async fn push(
             .collect(),
     })
     .await?;
-    let (vault, first, last, response, usage, raced) = match outcome {
+    let (vault, first, last, response, bytes, raced) = match outcome {
         PushOutcome::Recorded(first) => return Ok(Json(replayed(first, &fingerprint)?)),
         PushOutcome::NoVault => return Err(vault_not_found()),
         PushOutcome::WrongKey => return Err(wrong_vault_key()),
@@ -194,12 +195,10 @@ pub(in crate::api) async fn push(
             first,
             last,
             response,
-            usage,
+            bytes,
             raced,
-        } => (vault, first, last, response, usage, raced),
+        } => (vault, first, last, response, bytes, raced),
     };
-    // Past a quota the transaction is dropped: nothing is stored.
-    api.within_quotas(&usage)?;
     if raced {
         // A concurrent retry with this key committed first: this attempt
         // is rolled back and the first result is the answer.
@@ -225,7 +224,10 @@ pub(in crate::api) async fn push(
         metadata,
     )
     .await?;
-    tx.commit().await?;
+    // Past the storage quota nothing commits.
+    usage::add_pushed_and_commit(tx, bytes, api.settings.quotas.storage_bytes)
+        .await?
+        .map_err(ApiError::quota_exceeded)?;
     Ok(Json(response))
 }
 
