@@ -401,6 +401,42 @@ pub async fn cluster(
     Ok(crate::cluster::members(&mut client).await?)
 }
 
+/// What `keepd cluster token` does.
+pub enum TokenAction<'a> {
+    Create { ttl: std::time::Duration, uses: u32 },
+    List,
+    Revoke(&'a str),
+}
+
+/// `keepd cluster token create|list|revoke`, as the superuser: the token
+/// made (create), and the tokens as they stand after the action.
+pub async fn join_tokens(
+    config: &Config,
+    action: TokenAction<'_>,
+) -> Result<
+    (
+        Option<crate::cluster::JoinToken>,
+        Vec<crate::cluster::by_token::TokenInfo>,
+    ),
+    AdminError,
+> {
+    use crate::cluster::by_token;
+    let (identity, credentials) = unseal(config)?;
+    let endpoint = superuser_endpoint(config, &identity, &credentials, "keepd-cluster")?;
+    let mut client = endpoint.connect().await.map_err(AdminError::Connect)?;
+    match action {
+        TokenAction::Create { ttl, uses } => {
+            let token = by_token::create_token(&mut client, &identity, ttl, uses).await?;
+            Ok((Some(token), Vec::new()))
+        }
+        TokenAction::List => Ok((None, by_token::tokens(&mut client).await?)),
+        TokenAction::Revoke(id) => {
+            by_token::revoke_token(&mut client, id).await?;
+            Ok((None, by_token::tokens(&mut client).await?))
+        }
+    }
+}
+
 /// `keepd cluster rotate-key`, as the superuser.
 pub async fn cluster_rotate_key(config: &Config) -> Result<crate::cluster::RotatedKey, AdminError> {
     let (identity, credentials) = unseal(config)?;

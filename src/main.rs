@@ -337,6 +337,41 @@ enum ClusterCommand {
     /// re-encrypted in the background. Run it after `cluster remove`.
     #[command(after_help = help!("keepd cluster rotate-key"))]
     RotateKey,
+    /// Join tokens: a new node configured with one
+    /// (cluster.join_token_file) is admitted by the members, without an
+    /// operator, within the token's lifetime and uses.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token and print it (once: the cluster keeps only a value
+    /// that checks it).
+    #[command(after_help = help!(
+        "keepd cluster token create --ttl 1h --uses 3 > /run/secrets/keepd-join-token"
+    ))]
+    Create {
+        /// How long it admits nodes (s, m, h, d).
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
+        ttl: keepd::config::HumanDuration,
+        /// How many nodes it admits.
+        #[arg(long, default_value_t = 1, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        uses: u32,
+    },
+    /// Every token: its id, when it was made and by which node, when it
+    /// expires, uses left, and whether it is valid.
+    #[command(after_help = help!("keepd cluster token list"))]
+    List,
+    /// Revoke a token: no node is admitted by it from now on.
+    #[command(after_help = help!("keepd cluster token revoke 5c0ffee0d15ea5e5"))]
+    Revoke {
+        #[arg(value_name = "TOKEN_ID")]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1023,6 +1058,42 @@ fn rotate_cluster_key(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn join_tokens(config: &Config, command: &TokenCommand) -> anyhow::Result<()> {
+    use keepd::admin::TokenAction;
+    let action = match command {
+        TokenCommand::Create { ttl, uses } => TokenAction::Create {
+            ttl: ttl.get(),
+            uses: *uses,
+        },
+        TokenCommand::List => TokenAction::List,
+        TokenCommand::Revoke { id } => TokenAction::Revoke(id),
+    };
+    let (token, listed) = runtime()?.block_on(keepd::admin::join_tokens(config, action))?;
+    if let Some(token) = token {
+        // The token alone on stdout, for a file or a secret store.
+        println!("{}", token.expose().as_str());
+        eprintln!(
+            "keepd: join token {} issued; give it to the new node as cluster.join_token_file \
+             (it is shown only now)",
+            token.id()
+        );
+        return Ok(());
+    }
+    if let TokenCommand::Revoke { id } = command {
+        println!("revoked {id}");
+    }
+    if listed.is_empty() {
+        println!("no join token");
+    }
+    for t in listed {
+        println!(
+            "{}  {:8}  uses left {:<4} expires {} UTC  made {} UTC by {}",
+            t.id, t.state, t.uses_left, t.expires_at, t.created_at, t.created_by
+        );
+    }
+    Ok(())
+}
+
 fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
     use keepd::admin::ClusterAction;
     let (action, only_pending) = match &command {
@@ -1031,6 +1102,7 @@ fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Admit { node_id } => (ClusterAction::Admit(node_id), false),
         ClusterCommand::Remove { node_id } => (ClusterAction::Remove(node_id), false),
         ClusterCommand::RotateKey => return rotate_cluster_key(config),
+        ClusterCommand::Token { command } => return join_tokens(config, command),
     };
     let members = runtime()?.block_on(keepd::admin::cluster(config, action))?;
     match &command {
@@ -1039,7 +1111,10 @@ fn cluster(config: &Config, command: ClusterCommand) -> anyhow::Result<()> {
             "removed {node_id}; it still knows the cluster key: run `keepd cluster rotate-key` \
              so that its tokens stop working and it can derive nothing new"
         ),
-        ClusterCommand::Status | ClusterCommand::Pending | ClusterCommand::RotateKey => {}
+        ClusterCommand::Status
+        | ClusterCommand::Pending
+        | ClusterCommand::RotateKey
+        | ClusterCommand::Token { .. } => {}
     }
     let shown: Vec<_> = members
         .iter()

@@ -139,6 +139,9 @@ pub enum AuditAction {
     /// Entries past `audit.retention` exported and pruned (the export's
     /// file name and the seq range in the metadata).
     AuditPrune,
+    /// A node admitted to the cluster by a join token (the node and the
+    /// token's id in the metadata).
+    ClusterJoin,
 }
 
 impl AuditAction {
@@ -173,6 +176,7 @@ impl AuditAction {
             AuditAction::FieldKeyRotation => "FIELD_KEY_ROTATION",
             AuditAction::FieldKeyRetire => "FIELD_KEY_RETIRE",
             AuditAction::AuditPrune => "AUDIT_PRUNE",
+            AuditAction::ClusterJoin => "CLUSTER_JOIN",
         }
     }
 
@@ -202,6 +206,7 @@ impl AuditAction {
             AuditAction::BackupCreate | AuditAction::BackupDelete => "keepd.backups",
             AuditAction::FieldKeyRotation | AuditAction::FieldKeyRetire => "keepd.field_keys",
             AuditAction::AuditPrune => "keepd_audit.audit_log",
+            AuditAction::ClusterJoin => "keepd.cluster_members",
         }
     }
 }

@@ -10,7 +10,9 @@
 //! No secret crosses in the clear: a node seals the key for another with
 //! that node's public key, which it reads from the row the node wrote.
 
+pub mod by_token;
 pub mod heartbeat;
+pub mod join_token;
 pub mod key;
 
 use ed25519_dalek::VerifyingKey;
@@ -21,6 +23,7 @@ use crate::identity::{NodeId, NodeIdentity, fingerprint};
 use crate::postgres::roles::{RoleAdmin, RoleError, login_role_name};
 use crate::postgres::{OWNER_ROLE, describe_error};
 use crate::secrets::seal::{self, SealError};
+pub use join_token::{JoinToken, TokenError};
 pub use key::{ClusterKey, KeyError, Purpose};
 
 /// Serialises every change to the membership ("keepd_cl").
@@ -34,6 +37,10 @@ pub enum ClusterError {
     Sql(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("no join token {0} exists (`keepd cluster token list` lists them)")]
+    UnknownToken(String),
     #[error("the cluster key sealed for this node does not open: {0}")]
     Seal(#[from] SealError),
     #[error(
@@ -129,11 +136,13 @@ async fn locked(client: &mut Client) -> Result<Transaction<'_>, ClusterError> {
 /// admitted member founds the cluster: a new key, inheriting this node's
 /// own keys when a keepd from before clusters used the database (so
 /// nothing of a single node is lost; field keys up to `field_versions`).
-/// A node the cluster does not know records itself as pending.
+/// A node the cluster does not know records itself as pending, with its
+/// claim to join by `token` if it holds one (`by_token`).
 pub async fn join(
     client: &mut Client,
     identity: &NodeIdentity,
     field_versions: u32,
+    token: Option<&JoinToken>,
 ) -> Result<Membership, ClusterError> {
     let node = identity.node_id().as_str();
     let public = identity.public_key();
@@ -150,6 +159,15 @@ pub async fn join(
             return Err(ClusterError::KeyMismatch(node.into()));
         }
         let sealed: Option<Vec<u8>> = row.get(1);
+        if let (None, Some(token)) = (&sealed, token) {
+            // A token given (or replaced) while the node waits.
+            tx.execute(
+                "UPDATE keepd.cluster_members SET join_token = $2, join_claim = $3 \
+                 WHERE node_id = $1 AND join_token IS DISTINCT FROM $2",
+                &[&node, &token.id(), &token.claim(node, &public)],
+            )
+            .await?;
+        }
         tx.commit().await?;
         return Ok(match sealed {
             Some(sealed) => Membership::Member(open(identity, &sealed)?),
@@ -165,8 +183,14 @@ pub async fn join(
         .get(0);
     if admitted > 0 {
         tx.execute(
-            "INSERT INTO keepd.cluster_members (node_id, public_key) VALUES ($1, $2)",
-            &[&node, &public.as_bytes().as_slice()],
+            "INSERT INTO keepd.cluster_members (node_id, public_key, join_token, join_claim) \
+             VALUES ($1, $2, $3, $4)",
+            &[
+                &node,
+                &public.as_bytes().as_slice(),
+                &token.map(JoinToken::id),
+                &token.map(|t| t.claim(node, &public)),
+            ],
         )
         .await?;
         tx.commit().await?;

@@ -75,6 +75,18 @@ pub struct Config {
     pub api: ApiConfig,
     pub backup: BackupConfig,
     pub audit: AuditConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Joining a cluster of nodes over one Postgres.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// A file holding a join token (`keepd cluster token create`): a node
+    /// the cluster does not know yet is admitted by its members without
+    /// an operator. Unset: an operator admits it (`keepd cluster admit`).
+    #[serde(deserialize_with = "optional_path")]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// The audit trail beyond the database.

@@ -99,6 +99,11 @@ pub enum DaemonError {
     Backup(#[from] BackupError),
     #[error("stopped while waiting to be admitted to the cluster")]
     NotAdmitted,
+    #[error(
+        "cluster.join_token_file {path}: {reason}; write the token `keepd cluster token create` \
+         printed into it, or unset the setting to be admitted by an operator"
+    )]
+    JoinToken { path: PathBuf, reason: String },
 }
 
 impl DaemonError {
@@ -106,9 +111,10 @@ impl DaemonError {
     /// run time.
     pub fn is_configuration(&self) -> bool {
         match self {
-            DaemonError::ApiTls(_) | DaemonError::Edge(_) | DaemonError::ServerVersion { .. } => {
-                true
-            }
+            DaemonError::ApiTls(_)
+            | DaemonError::Edge(_)
+            | DaemonError::ServerVersion { .. }
+            | DaemonError::JoinToken { .. } => true,
             DaemonError::Identity(e) => e.is_configuration(),
             DaemonError::Provider(crate::postgres::server::ProviderError::Native(e)) => {
                 e.is_configuration()

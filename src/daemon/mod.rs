@@ -33,6 +33,7 @@ mod root;
 pub mod rotator;
 mod signals;
 mod tasks;
+pub mod token_admission;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -270,13 +271,14 @@ impl Provisioned {
         let backups =
             backups::set_up(config, layout, credentials, node_id, &self.superuser).await?;
         let field_versions = config.encryption_at_rest.application.key_version;
-        let joined = cluster::join(&mut client, identity, field_versions).await?;
+        let token = admission::join_token(config)?;
+        let joined = cluster::join(&mut client, identity, field_versions, token.as_ref()).await?;
         drop(client);
         let api_socket = listeners::bind("api.listen", config.api.listen)?;
         let cluster = match joined {
             Membership::Member(key) => key,
             Membership::Pending => {
-                self.await_admission(&api_socket, field_versions, signals)
+                self.await_admission(&api_socket, field_versions, token.as_ref(), signals)
                     .await?
             }
         };

@@ -23,6 +23,7 @@ use super::{
     BroughtUp, DaemonError, Node, Provisioned, bring_up, control, notify, reload, renewal,
 };
 
+use super::token_admission::TokenAdmission;
 use crate::api::{self, Api, ApiSettings, WebPolicy};
 use crate::audit::AuditSealer;
 use crate::audit::retention::Retention;
@@ -98,6 +99,8 @@ pub(super) struct Tasks {
     janitor: JoinHandle<()>,
     /// Exports and prunes entries past `audit.retention`.
     audit_retention: Option<JoinHandle<()>>,
+    /// Admits nodes waiting with a valid join token.
+    token_admission: JoinHandle<()>,
     /// LISTENs for new entries and feeds the live-update streams.
     events: JoinHandle<()>,
     /// Marks this node live and counts the live nodes for rate budgets.
@@ -308,6 +311,15 @@ impl Tasks {
             ),
             audit_retention: Retention::new(config, w.identity.clone(), superuser.clone())
                 .map(|retention| tokio::spawn(retention.run(stop()))),
+            token_admission: tokio::spawn(
+                TokenAdmission {
+                    superuser: superuser.clone(),
+                    identity: w.identity.clone(),
+                    pool: w.pool.clone(),
+                    node_id: node_id.clone(),
+                }
+                .run(stop()),
+            ),
             renewal: w
                 .renewal
                 .map(|renewal| tokio::spawn(renewal.run(w.renew.clone(), stop()))),
@@ -353,6 +365,7 @@ impl Tasks {
             self.sealer,
             self.reencrypt,
             self.janitor,
+            self.token_admission,
             self.events,
             self.heartbeat,
             self.keys,

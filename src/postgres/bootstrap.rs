@@ -64,6 +64,19 @@ pub async fn apply(
             .map_err(BootstrapError::CreateDatabase)?;
     }
     let client = connect(keepd_db).await?;
+    // Advisory locks are per database: the lock above does not keep the
+    // scripts' grants from meeting another node's migrations and grants
+    // in keepd's database ("tuple concurrently updated"); theirs does.
+    client
+        .query_one(
+            "SELECT pg_advisory_lock($1)",
+            &[&super::migrate::MIGRATION_LOCK],
+        )
+        .await
+        .map_err(|source| BootstrapError::Script {
+            script: "pg_advisory_lock (keepd's migration lock)",
+            source,
+        })?;
     for script in &rendered.initdb {
         // One simple-query batch: the whole script commits or none of it.
         client

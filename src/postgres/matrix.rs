@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 21] = [
+pub const TABLES: [&str; 22] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -57,6 +57,8 @@ pub const TABLES: [&str; 21] = [
     // `cluster::remove`).
     "keepd.cluster_key_log",
     "keepd.cluster_removals",
+    // No group role: only the owner's sessions (`cluster::join_tokens`).
+    "keepd.cluster_join_tokens",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
     // Written by the superuser's retention task (`audit::retention`); the

@@ -134,10 +134,15 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "push_usage",
         sql: include_str!("../../migrations/0021_push_usage.sql"),
     },
+    Migration {
+        version: 22,
+        name: "join_tokens",
+        sql: include_str!("../../migrations/0022_join_tokens.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.
-const MIGRATION_LOCK: i64 = 0x6b65_6570_645f_6d69; // "keepd_mi"
+pub(crate) const MIGRATION_LOCK: i64 = 0x6b65_6570_645f_6d69; // "keepd_mi"
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {

@@ -851,7 +851,8 @@ async fn only_the_node_that_used_the_database_founds_its_cluster() {
     // Back to schema v9, as an older keepd left it.
     admin_rows(
         &a,
-        "DROP TABLE keepd.cluster_members; DELETE FROM keepd.schema_migrations WHERE version = 10",
+        "DROP TABLE keepd.cluster_members; DROP TABLE keepd.cluster_join_tokens; \
+         DELETE FROM keepd.schema_migrations WHERE version IN (10, 22)",
     );
     std::fs::remove_file(a.state_dir().join("cluster.fingerprint")).unwrap();
     let id_a = identity(&a).node_id().to_string();
@@ -1166,4 +1167,112 @@ fn an_external_server_of_another_major_is_refused_by_name() {
             && text.contains("database.postgres.external"),
         "{text}"
     );
+}
+
+/// Join tokens (`keepd cluster token`): a node given a valid token is
+/// admitted by the members without an operator and serves; nodes given a
+/// used-up, expired, revoked or forged token wait, each saying why; the
+/// admission is audited with the token's id, and no token reaches a log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_joins_by_token_and_bad_tokens_wait_saying_why() {
+    let server = start_external();
+    let founder = external_node(&server);
+    let _founder_daemon = founder.start_healthy();
+    let create = |args: &[&str]| {
+        let (code, out) = cluster(&founder, &[&["token", "create"], args].concat());
+        assert_eq!(code, 0, "{out}");
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let id_of = |token: &str| token.split('.').nth(1).unwrap().to_string();
+    let good = create(&["--uses", "1"]);
+    let expired = create(&["--ttl", "1s"]);
+    let revoked = create(&[]);
+    let (code, out) = cluster(&founder, &["token", "revoke", &id_of(&revoked)]);
+    assert_eq!(code, 0, "{out}");
+    // The id of a real token with a secret the cluster never issued.
+    let forged = format!("keepd-join-1.{}.{}", id_of(&good), "A".repeat(43));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let with_token = |token: &str| {
+        let node = external_node(&server);
+        let file = node.dir.path().join("join-token");
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        node.merge(json!({"cluster": {"join_token_file": file}}));
+        node
+    };
+    let joiner = with_token(&good);
+    let joined = joiner.start();
+    assert!(
+        joined.wait_health(200, Duration::from_secs(60)),
+        "admitted by its token without an operator:\n{}",
+        joined.log()
+    );
+
+    let waiting: Vec<(TestNode, &str)> = vec![
+        (with_token(&good), "used up"),
+        (with_token(&expired), "expired at"),
+        (with_token(&revoked), "revoked at"),
+        (with_token(&forged), "forged"),
+    ];
+    let daemons: Vec<common::Daemon> = std::thread::scope(|s| {
+        let started: Vec<_> = waiting.iter().map(|(n, _)| s.spawn(|| n.start())).collect();
+        started.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((_, why), daemon) in waiting.iter().zip(&daemons) {
+        let said = wait_until(Duration::from_secs(60), || {
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains("not admitted by join token") && l.contains(why))
+                .then_some(())
+        });
+        assert!(said.is_some(), "{why}:\n{}", daemon.log());
+        assert!(
+            matches!(health_status(daemon), Some((503, s)) if s == "pending"),
+            "{why}: still waiting"
+        );
+    }
+
+    let audited = admin_rows(
+        &founder,
+        "SELECT metadata->>'token' FROM keepd_audit.audit_log WHERE action = 'CLUSTER_JOIN'",
+    );
+    assert_eq!(audited, [id_of(&good)]);
+    let (code, listed) = cluster(&founder, &["token", "list"]);
+    assert_eq!(code, 0, "{listed}");
+    for (token, state) in [
+        (&good, "used up"),
+        (&expired, "expired"),
+        (&revoked, "revoked"),
+    ] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.starts_with(&id_of(token)) && l.contains(state)),
+            "{state}:\n{listed}"
+        );
+    }
+    // The secrets reach no log, nor the database.
+    let secrets: Vec<String> = [&good, &expired, &revoked, &forged]
+        .iter()
+        .map(|t| t.rsplit('.').next().unwrap().to_string())
+        .collect();
+    let logs: Vec<String> = daemons
+        .iter()
+        .chain([&joined, &_founder_daemon])
+        .map(|d| d.log())
+        .collect();
+    for secret in &secrets {
+        for log in &logs {
+            assert!(!log.contains(secret.as_str()), "a token in a log");
+        }
+    }
+    let dump = admin_rows(
+        &founder,
+        "SELECT encode(verifier, 'base64') || coalesce(id, '') FROM keepd.cluster_join_tokens",
+    )
+    .join("\n");
+    for secret in &secrets {
+        assert!(!dump.contains(secret.as_str()));
+    }
 }

@@ -50,6 +50,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.field_keys" => "retired_at",
         "keepd.cluster_key_log" => "members",
         "keepd.cluster_removals" => "removed_by",
+        "keepd.cluster_join_tokens" => "revoked_at",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         "keepd_audit.audit_base" => "signed_at",

@@ -732,7 +732,7 @@ impl TestNode {
         let identity =
             keepd::identity::NodeIdentity::load(&self.state_dir().join("identity.key")).unwrap();
         let mut client = self.superuser().await;
-        match keepd::cluster::join(&mut client, &identity, 1)
+        match keepd::cluster::join(&mut client, &identity, 1, None)
             .await
             .unwrap()
         {
