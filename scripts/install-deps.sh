@@ -67,7 +67,8 @@ if [[ $mode == run ]]; then
 fi
 # PyPI tools, each in a virtualenv of its own under /opt/keepd-test:
 # Patroni for the HA test, moto's S3 server for the S3 repository test,
-# schemathesis for the OpenAPI contract test.
+# schemathesis for the OpenAPI contract test, kubernetes-validate and
+# checkov for the Kubernetes manifests.
 install_venv() {
   local venv=/opt/keepd-test/$1 program=$2
   shift 2
@@ -80,6 +81,9 @@ install_python_tools() {
   install_venv patroni patroni "patroni[etcd3,psycopg3]==4.1.5" "psycopg[binary]"
   install_venv moto moto_server "moto[server]==5.2.5"
   install_venv schemathesis schemathesis "schemathesis==4.32.5"
+  # The Kubernetes manifests' checks: the API schemas and a security scanner.
+  install_venv kubernetes-validate kubernetes-validate "kubernetes-validate==1.37.0"
+  install_venv checkov checkov "checkov==3.3.30"
 }
 # cargo-deb, pinned, built once into ~/.cargo/bin (a few minutes).
 CARGO_DEB_VERSION=3.8.0

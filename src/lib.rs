@@ -18,6 +18,7 @@ pub mod field_keys;
 pub mod fsutil;
 pub mod identity;
 pub mod keys;
+pub mod kubernetes;
 pub mod logging;
 pub mod metrics;
 pub mod opaque;

@@ -60,12 +60,23 @@ enum Command {
     ))]
     Run,
     /// Write postgresql.conf, pg_hba.conf, pg_ident.conf and initdb/*.sql
-    /// exactly as `run` would install them; changes nothing else.
-    #[command(after_help = help!("keepd render --out /tmp/keepd-render"))]
+    /// exactly as `run` would install them, or (--target kubernetes)
+    /// manifests for keepd over a CloudNativePG cluster with a kustomization;
+    /// changes nothing else.
+    #[command(after_help = help!(
+        "keepd render --out /tmp/keepd-render",
+        "keepd render --target kubernetes --image registry.example/keepd:0.1.0 --out deploy/base"
+    ))]
     Render {
         /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// What to render.
+        #[arg(long, value_enum, default_value = "postgres")]
+        target: RenderTarget,
+        /// keepd's container image, for --target kubernetes.
+        #[arg(long, value_name = "IMAGE", default_value = concat!("keepd:", env!("CARGO_PKG_VERSION")))]
+        image: String,
     },
     /// Ask the running daemon to rotate its database credentials now: its
     /// login role, or with --superuser its own Postgres superuser's
@@ -308,6 +319,15 @@ enum BackupCommand {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RenderTarget {
+    /// Postgres's configuration files and initdb scripts.
+    Postgres,
+    /// Kubernetes manifests (StatefulSet, CloudNativePG Cluster,
+    /// NetworkPolicies, Services, ServiceMonitor) and a kustomization.
+    Kubernetes,
+}
+
 #[derive(Subcommand)]
 enum ClusterCommand {
     /// Every node: admitted or pending, its key's fingerprint, who
@@ -541,7 +561,20 @@ fn main() -> ExitCode {
     keepd::logging::init(&config.log);
     let result = match cli.command {
         Command::Run => run(&cli.config, config),
-        Command::Render { out } => write_rendered(&config, &out),
+        Command::Render {
+            out,
+            target: RenderTarget::Postgres,
+            ..
+        } => write_rendered(&config, &out),
+        Command::Render {
+            out,
+            target: RenderTarget::Kubernetes,
+            image,
+        } => write_files(
+            &keepd::kubernetes::render(&keepd::kubernetes::KubeInputs::of(&config, image)),
+            &out,
+        )
+        .map(|count| println!("wrote {count} manifests to {}", out.display())),
         Command::Rotate { superuser } => rotate(&config, superuser),
         Command::Report { json } => {
             match runtime().and_then(|rt| Ok(rt.block_on(keepd::admin::report(&config))?)) {
@@ -1272,8 +1305,23 @@ fn recovery(config: &Config, command: RecoveryCommand) -> anyhow::Result<()> {
 
 fn write_rendered(config: &Config, out: &Path) -> anyhow::Result<()> {
     let rendered = render::render(&keepd::postgres::locate::render_inputs(config))?;
-    let files = rendered.files();
-    for (name, text) in &files {
+    let files: Vec<(String, String)> = rendered
+        .files()
+        .into_iter()
+        .map(|(name, text)| (name, text.to_string()))
+        .collect();
+    let count = write_files(&files, out)?;
+    println!(
+        "wrote {count} files to {} (fingerprint {})",
+        out.display(),
+        rendered.fingerprint()
+    );
+    Ok(())
+}
+
+/// Writes each (relative name, text) under `out`, 0600; how many.
+fn write_files(files: &[(String, String)], out: &Path) -> anyhow::Result<usize> {
+    for (name, text) in files {
         let path = out.join(name);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -1289,13 +1337,7 @@ fn write_rendered(config: &Config, out: &Path) -> anyhow::Result<()> {
         file.write_all(text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    println!(
-        "wrote {} files to {} (fingerprint {})",
-        files.len(),
-        out.display(),
-        rendered.fingerprint()
-    );
-    Ok(())
+    Ok(files.len())
 }
 
 #[cfg(test)]

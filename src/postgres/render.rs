@@ -470,7 +470,7 @@ fn postgresql_conf(inputs: &RenderInputs) -> Result<String, RenderError> {
 /// The users pg_hba admits to keepd's database besides the superuser: the
 /// members of a group role, which every login role keepd creates is (and
 /// no other role: a role created behind keepd's back is refused).
-const LOGIN_ROLES: &str = "+keepd_sync";
+pub const LOGIN_ROLES: &str = "+keepd_sync";
 
 /// A container reached over TCP keeps a socket on its tmpfs for the
 /// pgBackRest that runs inside it (backups on).

@@ -629,3 +629,214 @@ async fn dashboard_and_alert_rules_query_real_metrics() {
     assert!(others.is_empty(), "alerts on healthy nodes: {others:#?}");
     drop(prometheus);
 }
+
+// Kubernetes: contrib/kubernetes is `keepd render --target kubernetes` of
+// the example configuration; it passes the Kubernetes API schemas
+// (kubernetes-validate), a manifest security scanner (checkov) with no
+// failed check and only the skips docs/operations.md explains, and its
+// CloudNativePG `Cluster` uses only fields of CloudNativePG 1.30.0's API.
+
+const KUBE_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/kubernetes");
+const KUBE_VALIDATE: &str = "/opt/keepd-test/kubernetes-validate/bin/kubernetes-validate";
+const CHECKOV: &str = "/opt/keepd-test/checkov/bin/checkov";
+const CNPG_FIELDS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/cnpg-1.30.0-cluster-fields.txt"
+);
+/// The checkov checks the manifests skip, each explained in
+/// docs/operations.md ("Running on Kubernetes").
+const CHECKOV_SKIPS: &[&str] = &["CKV_K8S_43"];
+
+fn rendered_manifests() -> (tempfile::TempDir, Vec<(String, String)>) {
+    // Not a hidden directory: checkov skips those.
+    let dir = tempfile::Builder::new().prefix("kube").tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keepd.example.yaml");
+    let out = Command::new(common::keepd_bin())
+        .args([
+            "--config",
+            example,
+            "render",
+            "--target",
+            "kubernetes",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    files.sort();
+    (dir, files)
+}
+
+#[test]
+fn the_kubernetes_base_is_what_the_renderer_writes() {
+    let (_dir, files) = rendered_manifests();
+    let mut shipped: Vec<String> = std::fs::read_dir(KUBE_BASE)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    shipped.sort();
+    let names: Vec<&String> = files.iter().map(|(n, _)| n).collect();
+    assert_eq!(shipped.iter().collect::<Vec<_>>(), names);
+    for (name, text) in &files {
+        let shipped = std::fs::read_to_string(format!("{KUBE_BASE}/{name}")).unwrap();
+        assert_eq!(
+            &shipped, text,
+            "contrib/kubernetes/{name} is stale: run `keepd --config config/keepd.example.yaml \
+             render --target kubernetes --out contrib/kubernetes`"
+        );
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_the_api_schemas_and_a_security_scanner() {
+    if !common::require_file(KUBE_VALIDATE, "kubernetes-validate (PyPI)")
+        || !common::require_file(CHECKOV, "checkov (PyPI)")
+    {
+        return;
+    }
+    let (dir, files) = rendered_manifests();
+    let core: Vec<String> = files
+        .iter()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            *name != "kustomization.yaml"
+                && !keepd::kubernetes::CUSTOM_RESOURCES.contains(&name.as_str())
+        })
+        .map(|name| dir.path().join(name).display().to_string())
+        .collect();
+    let mut args = vec!["--strict"];
+    args.extend(core.iter().map(String::as_str));
+    let (ok, out) = run_tool(KUBE_VALIDATE, &args);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.matches(" passed for resource ").count(),
+        core.len(),
+        "every manifest validated:\n{out}"
+    );
+
+    let path = dir.path().display().to_string();
+    let (_, out) = run_tool(
+        CHECKOV,
+        &["-d", &path, "--framework", "kubernetes", "-o", "json"],
+    );
+    // The report first; what checkov says after it on stderr is not JSON.
+    let report: Value = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no report from checkov: {out}"));
+    let summary = &report["summary"];
+    assert_eq!(summary["failed"], 0, "checkov failed checks:\n{out}");
+    assert!(summary["passed"].as_u64().unwrap() > 50, "{summary}");
+    let skipped: Vec<&str> = report["results"]["skipped_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check_id"].as_str().unwrap())
+        .collect();
+    for id in &skipped {
+        assert!(
+            CHECKOV_SKIPS.contains(id),
+            "{id} is skipped without a reason in the docs"
+        );
+    }
+    let docs = std::fs::read_to_string(OPERATIONS).unwrap();
+    for id in CHECKOV_SKIPS {
+        assert!(docs.contains(id), "docs/operations.md explains {id}");
+    }
+}
+
+/// Every field of the rendered CloudNativePG `Cluster` is one its API
+/// defines, with that type (the list: tests/data, from its CRD).
+#[test]
+fn the_cloudnativepg_cluster_uses_only_fields_of_its_api() {
+    let known: std::collections::HashMap<String, String> = std::fs::read_to_string(CNPG_FIELDS)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(path, kind)| (path.to_string(), kind.to_string()))
+        .collect();
+    let (_dir, files) = rendered_manifests();
+    let text = &files
+        .iter()
+        .find(|(n, _)| n == "postgres-cluster.yaml")
+        .unwrap()
+        .1;
+    let cluster: Value = serde_norway::from_str(text).unwrap();
+    assert_eq!(cluster["apiVersion"], "postgresql.cnpg.io/v1");
+    assert_eq!(cluster["kind"], "Cluster");
+    let mut fields = Vec::new();
+    fn walk(
+        value: &Value,
+        path: String,
+        known: &std::collections::HashMap<String, String>,
+        out: &mut Vec<(String, &'static str)>,
+    ) {
+        let kind = match value {
+            Value::Object(_) => "object",
+            Value::Array(_) => "array",
+            Value::String(_) => "string",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::Bool(_) => "boolean",
+            Value::Null => "null",
+        };
+        out.push((path.clone(), kind));
+        match value {
+            Value::Object(map) => {
+                for (key, sub) in map {
+                    // A map's values (parameters) are listed as `.*`.
+                    let named = format!("{path}.{key}");
+                    let next = if known.contains_key(&named) {
+                        named
+                    } else {
+                        format!("{path}.*")
+                    };
+                    walk(sub, next, known, out);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    walk(item, format!("{path}[]"), known, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(&cluster["spec"], "spec".into(), &known, &mut fields);
+    for (path, kind) in &fields {
+        let expected = known
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} is not a field of CloudNativePG 1.30.0's Cluster"));
+        let fits = expected == kind
+            || (expected == "int-or-string" && (*kind == "string" || *kind == "integer"));
+        assert!(
+            fits,
+            "{path} is a {kind}; CloudNativePG 1.30.0 wants {expected}"
+        );
+    }
+    // Every parameter is a string, even to a YAML 1.1 parser (`on`).
+    for (name, value) in cluster["spec"]["postgresql"]["parameters"]
+        .as_object()
+        .unwrap()
+    {
+        assert!(
+            !["on", "off", "yes", "no", "y", "n"].contains(&value.as_str().unwrap()),
+            "{name}: {value} is a boolean to Kubernetes's YAML parser"
+        );
+    }
+}
