@@ -1276,3 +1276,167 @@ async fn a_node_joins_by_token_and_bad_tokens_wait_saying_why() {
         assert!(!dump.contains(secret.as_str()));
     }
 }
+
+/// keepd's container as the rendered pod spec runs it (`keepd render
+/// --target kubernetes`): UID 10001, a read-only root, every capability
+/// dropped, no privilege escalation, state on a volume of its own, the
+/// runtime directory and /tmp on tmpfs; the external provider against a
+/// Postgres the test started; admitted by its join token, without an
+/// operator. (No Kubernetes API server runs here: Docker runs the pod's
+/// container with the same restrictions.)
+#[tokio::test(flavor = "multi_thread")]
+async fn keepd_runs_as_the_rendered_pod_and_admits_itself_by_token() {
+    if !common::require_docker() {
+        return;
+    }
+    let server = start_external();
+    let founder = external_node(&server);
+    let _founder = founder.start_healthy();
+    let (code, out) = cluster(&founder, &["token", "create"]);
+    assert_eq!(code, 0, "{out}");
+    let token = out.lines().next().unwrap().trim().to_string();
+
+    // What the pod spec mounts, readable by its user alone.
+    const UID: u32 = 10001;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (etc, state) = (dir.path().join("etc"), dir.path().join("state"));
+    for d in [&etc, &state] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::copy(&server.password_file, etc.join("password")).unwrap();
+    std::fs::copy(&server.ca_file, etc.join("ca.crt")).unwrap();
+    std::fs::write(etc.join("token"), format!("{token}\n")).unwrap();
+    let port = common::free_port();
+    std::fs::write(
+        etc.join("keepd.yaml"),
+        serde_norway::to_string(&json!({
+            "node": {"state_dir": "/var/lib/keepd", "runtime_dir": "/run/keepd"},
+            "log": {"format": "json"},
+            "api": {"listen": format!("127.0.0.1:{port}"), "metrics_listen": ""},
+            "database": {"postgres": {"provider": "external", "external": {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "admin_password_file": "/etc/keepd/password",
+                "ca_file": "/etc/keepd/ca.crt",
+            }}},
+            "cluster": {"join_token_file": "/etc/keepd/token"},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    for path in [&etc, &state]
+        .into_iter()
+        .cloned()
+        .chain(std::fs::read_dir(&etc).unwrap().map(|e| e.unwrap().path()))
+    {
+        nix::unistd::chown(&path, Some(UID.into()), Some(UID.into())).unwrap();
+    }
+    let name = format!("keepd-test-pod-{}", common::uuid());
+    let mount = |from: &std::path::Path, to: &str, mode: &str| {
+        format!("type=bind,source={},target={to}{mode}", from.display())
+    };
+    let run = Command::new("docker")
+        .args(["run", "-d", "--name", &name, "--network", "host"])
+        .args([
+            "--user",
+            &format!("{UID}:{UID}"),
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+        ])
+        .args(["--security-opt", "no-new-privileges"])
+        .args([
+            "--tmpfs",
+            "/run/keepd:mode=0700,uid=10001,gid=10001",
+            "--tmpfs",
+            "/tmp",
+        ])
+        .args(["--mount", &mount(&etc, "/etc/keepd", ",readonly")])
+        .args(["--mount", &mount(&state, "/var/lib/keepd", "")])
+        .args([
+            "--mount",
+            &mount(
+                std::path::Path::new(common::keepd_bin()),
+                "/usr/bin/keepd",
+                ",readonly",
+            ),
+        ])
+        .args([
+            "debian:bookworm-slim",
+            "keepd",
+            "--config",
+            "/etc/keepd/keepd.yaml",
+            "run",
+        ])
+        .output()
+        .unwrap();
+    struct Removed(String);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let _removed = Removed(name.clone());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let logs = || {
+        let out = Command::new("docker")
+            .args(["logs", &name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let healthy = wait_until(Duration::from_secs(90), || {
+        let (code, _) =
+            common::http_get_raw(format!("127.0.0.1:{port}").parse().unwrap(), "/health")?;
+        (code == 200).then_some(())
+    });
+    assert!(
+        healthy.is_some(),
+        "admitted by token and serving:\n{}",
+        logs()
+    );
+    assert!(logs().contains("cluster: admitted"), "{}", logs());
+    assert!(
+        !logs().contains(token.rsplit('.').next().unwrap()),
+        "the token in a log"
+    );
+    // As the pod spec says: its user, a read-only root, no capability.
+    let inspect = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}}",
+            &name,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "10001:10001 true [ALL]"
+    );
+    let status = Command::new("docker")
+        .args(["exec", &name, "cat", "/proc/1/status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains("10001")),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+        "{status}"
+    );
+    let audited = admin_rows(
+        &founder,
+        "SELECT metadata->>'token' FROM keepd_audit.audit_log WHERE action = 'CLUSTER_JOIN'",
+    );
+    assert_eq!(audited.len(), 1, "{audited:?}");
+}
