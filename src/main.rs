@@ -360,6 +360,10 @@ enum ClusterCommand {
     /// Join tokens: a new node configured with one
     /// (cluster.join_token_file) is admitted by the members, without an
     /// operator, within the token's lifetime and uses.
+    #[command(after_help = help!(
+        "keepd cluster token create --ttl 1h --uses 3",
+        "keepd cluster token list"
+    ))]
     Token {
         #[command(subcommand)]
         command: TokenCommand,

@@ -10,9 +10,8 @@ use tokio_postgres::Client;
 use tracing::info;
 
 use super::join_token::{JoinToken, claim_holds};
-use super::{ClusterError, key_of, locked, open, own_sealed_key};
+use super::{ClusterError, key_of, locked, open, own_sealed_key, seal_to};
 use crate::identity::NodeIdentity;
-use crate::secrets::seal;
 
 /// One row of `keepd cluster token list` (times in UTC, to the second).
 #[derive(Debug)]
@@ -160,18 +159,7 @@ pub async fn admit_by_tokens(
         if used == 0 {
             continue;
         }
-        let sealed = seal::seal_for(&public, &key.to_bytes())?;
-        tx.execute(
-            "DELETE FROM keepd.cluster_removals WHERE node_id = $1",
-            &[&node],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE keepd.cluster_members \
-             SET sealed_key = $2, admitted_at = now(), admitted_by = $3 WHERE node_id = $1",
-            &[&node, &sealed, &me],
-        )
-        .await?;
+        seal_to(&tx, &key, &node, &public, me).await?;
         info!(
             node_id = node,
             token,

@@ -341,6 +341,31 @@ fn key_of(bytes: &[u8], node_id: &str) -> Result<VerifyingKey, ClusterError> {
         .ok_or_else(|| ClusterError::Forged(node_id.into()))
 }
 
+/// The admission itself: `key` sealed to the pending node's `recipient`
+/// key, recorded as admitted by `me`; a node admitted again after a
+/// removal is a member, counted and trusted again.
+async fn seal_to(
+    tx: &Transaction<'_>,
+    key: &ClusterKey,
+    node_id: &str,
+    recipient: &VerifyingKey,
+    me: &str,
+) -> Result<(), ClusterError> {
+    let sealed = seal::seal_for(recipient, &key.to_bytes())?;
+    tx.execute(
+        "DELETE FROM keepd.cluster_removals WHERE node_id = $1",
+        &[&node_id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE keepd.cluster_members \
+         SET sealed_key = $2, admitted_at = now(), admitted_by = $3 WHERE node_id = $1",
+        &[&node_id, &sealed, &me],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Admits the pending node `node_id`: the cluster key, opened with this
 /// node's identity, sealed to the public key the pending node recorded
 /// (whose id must be `node_id`, so a row cannot borrow another's name).
@@ -362,19 +387,7 @@ pub async fn admit(
         .await?
         .ok_or_else(|| ClusterError::NotPending(node_id.into()))?;
     let recipient = key_of(theirs.get(0), node_id)?;
-    let sealed = seal::seal_for(&recipient, &key.to_bytes())?;
-    // Admitted again after a removal: a member, counted and trusted again.
-    tx.execute(
-        "DELETE FROM keepd.cluster_removals WHERE node_id = $1",
-        &[&node_id],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE keepd.cluster_members \
-         SET sealed_key = $2, admitted_at = now(), admitted_by = $3 WHERE node_id = $1",
-        &[&node_id, &sealed, &me],
-    )
-    .await?;
+    seal_to(&tx, &key, node_id, &recipient, me).await?;
     tx.commit().await?;
     info!(node_id, admitted_by = me, "cluster: node admitted");
     Ok(())

@@ -412,7 +412,7 @@ fn no_password_or_verifier_in_logs_argv_or_files() {
         }
     }
     assert!(
-        scanned.iter().any(|n| n.contains("/pgdata/log/")),
+        scanned.iter().any(|n| n.contains("/pglog/")),
         "the Postgres log was scanned: {scanned:?}"
     );
     assert!(hits.is_empty(), "secrets found in {hits:?}");
