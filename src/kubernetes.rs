@@ -86,7 +86,7 @@ pub fn render(inputs: &KubeInputs) -> Vec<(String, String)> {
         ("keepd-metrics-service.yaml", metrics_service(inputs)),
         ("keepd-servicemonitor.yaml", service_monitor()),
         ("postgres-cluster.yaml", postgres_cluster(inputs)),
-        ("networkpolicy-postgres.yaml", postgres_policy(inputs)),
+        ("networkpolicy-postgres.yaml", postgres_policy()),
         ("networkpolicy-keepd.yaml", keepd_policy(inputs)),
     ];
     let mut files: Vec<(String, String)> = objects
@@ -388,7 +388,7 @@ fn postgres_cluster(inputs: &KubeInputs) -> Value {
 /// Postgres: reachable by keepd's pods, the cluster's own instances
 /// (replication) and CloudNativePG's operator (its status port), nothing
 /// else.
-fn postgres_policy(_inputs: &KubeInputs) -> Value {
+fn postgres_policy() -> Value {
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -351,14 +351,14 @@ impl Checkpoint {
         let node_id = identity.node_id().to_string();
         let hash = hex::encode(hash);
         let signed_at = crate::clock::unix_now();
-        let signature = identity.sign(Self::message(&node_id, seq, &hash, signed_at).as_bytes());
+        let signature = sign(identity, &Self::message(&node_id, seq, &hash, signed_at));
         Checkpoint {
             format: CHECKPOINT_FORMAT.into(),
             node_id,
             seq,
             hash,
             signed_at,
-            signature: BASE64.encode(signature.to_bytes()),
+            signature,
         }
     }
 
@@ -377,20 +377,14 @@ impl Checkpoint {
         if cp.format != CHECKPOINT_FORMAT {
             return Err(bad(format!("unknown format {:?}", cp.format)));
         }
-        let signature: [u8; 64] = BASE64
-            .decode(&cp.signature)
-            .ok()
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| bad("the signature is malformed".into()))?;
-        use ed25519_dalek::Verifier;
-        identity
-            .public_key()
-            .verify(
-                Self::message(&cp.node_id, cp.seq, &cp.hash, cp.signed_at).as_bytes(),
-                &ed25519_dalek::Signature::from_bytes(&signature),
-            )
-            .map_err(|_| bad("the signature does not verify with this node's key".into()))?;
-        Ok(Some(cp))
+        let message = Self::message(&cp.node_id, cp.seq, &cp.hash, cp.signed_at);
+        match signed_by(identity, &message, &cp.signature) {
+            Some(true) => Ok(Some(cp)),
+            Some(false) => Err(bad(
+                "the signature does not verify with this node's key".into()
+            )),
+            None => Err(bad("the signature is malformed".into())),
+        }
     }
 
     fn save(&self, path: &Path) -> Result<(), AuditError> {
@@ -401,6 +395,28 @@ impl Checkpoint {
             source,
         })
     }
+}
+
+/// `message` signed with the node's identity, base64: the checkpoint's
+/// and retention's signatures.
+fn sign(identity: &NodeIdentity, message: &str) -> String {
+    BASE64.encode(identity.sign(message.as_bytes()).to_bytes())
+}
+
+/// Whether `signature` (base64) is the node's over `message`; None when it
+/// is not a signature at all.
+fn signed_by(identity: &NodeIdentity, message: &str, signature: &str) -> Option<bool> {
+    use ed25519_dalek::Verifier;
+    let bytes: [u8; 64] = BASE64.decode(signature).ok()?.try_into().ok()?;
+    Some(
+        identity
+            .public_key()
+            .verify(
+                message.as_bytes(),
+                &ed25519_dalek::Signature::from_bytes(&bytes),
+            )
+            .is_ok(),
+    )
 }
 
 /// Serialises sealing across every keepd sharing a cluster.

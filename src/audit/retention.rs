@@ -18,14 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::{
     AuditAction, AuditError, AuditKeys, ENTRY_COLUMNS, EntryFields, INSERT_ENTRY, SEAL_LOCK, link,
+    sign, signed_by,
 };
 use crate::config::{Config, Layout};
 use crate::fsutil;
@@ -71,30 +70,11 @@ impl Base {
             .map_err(|_| "its hash is not 32 bytes".to_string())?;
         let signed_at: i64 = row.get(2);
         let message = Base::message(identity.node_id().as_str(), seq, &hash, signed_at);
-        verify_signature(identity, &message, row.get(3))
-            .map_err(|()| "its signature does not verify with this node's key".to_string())?;
+        if signed_by(identity, &message, row.get(3)) != Some(true) {
+            return Err("its signature does not verify with this node's key".into());
+        }
         Ok(Base { seq, hash })
     }
-}
-
-fn verify_signature(identity: &NodeIdentity, message: &str, signature: &str) -> Result<(), ()> {
-    use ed25519_dalek::Verifier;
-    let bytes: [u8; 64] = BASE64
-        .decode(signature)
-        .ok()
-        .and_then(|s| s.try_into().ok())
-        .ok_or(())?;
-    identity
-        .public_key()
-        .verify(
-            message.as_bytes(),
-            &ed25519_dalek::Signature::from_bytes(&bytes),
-        )
-        .map_err(|_| ())
-}
-
-fn sign(identity: &NodeIdentity, message: &str) -> String {
-    BASE64.encode(identity.sign(message.as_bytes()).to_bytes())
 }
 
 /// An export file's first line: what it holds, signed.
@@ -237,8 +217,11 @@ pub fn verify_export(path: &Path, identity: &NodeIdentity) -> Result<ExportVerdi
             header.node
         )));
     }
-    verify_signature(identity, &header.message(), &header.signature)
-        .map_err(|()| bad("the signature does not verify with this node's key".into()))?;
+    if signed_by(identity, &header.message(), &header.signature) != Some(true) {
+        return Err(bad(
+            "the signature does not verify with this node's key".into()
+        ));
+    }
     if hex::encode(Sha256::digest(body.as_bytes())) != header.body_sha256 {
         return Err(bad("the entries were changed after signing".into()));
     }

@@ -21,7 +21,8 @@ pub struct TokenInfo {
     pub created_by: String,
     pub expires_at: String,
     pub uses_left: i32,
-    pub state: &'static str,
+    /// valid, expired, used up or revoked.
+    pub state: String,
 }
 
 /// Issues a token valid for `ttl` and `uses` admissions; only an
@@ -77,12 +78,7 @@ pub async fn tokens(client: &mut Client) -> Result<Vec<TokenInfo>, ClusterError>
             created_by: row.get(2),
             expires_at: row.get(3),
             uses_left: row.get(4),
-            state: match row.get::<_, &str>(5) {
-                "revoked" => "revoked",
-                "expired" => "expired",
-                "used up" => "used up",
-                _ => "valid",
-            },
+            state: row.get(5),
         })
         .collect())
 }

@@ -651,23 +651,20 @@ fn rendered_manifests() -> (tempfile::TempDir, Vec<(String, String)>) {
     // Not a hidden directory: checkov skips those.
     let dir = tempfile::Builder::new().prefix("kube").tempdir().unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keepd.example.yaml");
-    let out = Command::new(common::keepd_bin())
-        .args([
+    let out_dir = dir.path().display().to_string();
+    let (ok, out) = run_tool(
+        common::keepd_bin(),
+        &[
             "--config",
             example,
             "render",
             "--target",
             "kubernetes",
             "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            &out_dir,
+        ],
     );
+    assert!(ok, "{out}");
     let mut files: Vec<(String, String)> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| {
