@@ -217,7 +217,8 @@ impl From<super::store::StoreError> for ApiError {
         match e {
             StoreError::Pool(e) => e.into(),
             StoreError::Field(e) => e.into(),
-            other @ (StoreError::Random(_) | StoreError::Encode(_)) => {
+            other
+            @ (StoreError::Random(_) | StoreError::Encode(_) | StoreError::Interrupted(_)) => {
                 ApiError::internal("store", &other)
             }
         }

@@ -4,8 +4,9 @@
 //! `api.quotas.revoked_device_retention` ago (unless backups they signed
 //! are still stored: those name the device, and a client verifies them
 //! with its key), failed-login counts of emails no account has once their
-//! wait is over, OPAQUE logins never finished, and Postgres's log files older than
-//! `database.postgres.log_retention`. The rows are deleted as the
+//! wait is over, OPAQUE logins never finished, the byte reservations of
+//! pushes keepd stopped in the middle of (given back after an hour), and
+//! Postgres's log files older than `database.postgres.log_retention`. The rows are deleted as the
 //! superuser, because row-level security would otherwise show it one
 //! tenant at a time.
 
@@ -49,6 +50,19 @@ const PURGED_DEVICES: &str = "DELETE FROM keepd.devices d \
 const FORGOTTEN_ATTEMPTS: &str = "DELETE FROM keepd.login_throttle t \
      WHERE (t.last_failure IS NULL OR t.last_failure <= now() - make_interval(secs => $1)) \
        AND NOT EXISTS (SELECT 1 FROM keepd.users u WHERE u.email_hmac = t.account)";
+
+/// Reservations no push claimed or gave back within an hour (keepd stopped
+/// mid-push; migration 23): their bytes leave the usage, and a push that
+/// were somehow still running could no longer claim them, so it would
+/// store nothing.
+const ORPHANED_RESERVATIONS: &str = "WITH gone AS ( \
+       DELETE FROM keepd.push_reservations WHERE created_at <= now() - interval '1 hour' \
+       RETURNING user_id, bytes), \
+     given AS ( \
+       UPDATE keepd.account_usage u SET storage_bytes = u.storage_bytes - g.bytes \
+       FROM (SELECT user_id, sum(bytes) AS bytes FROM gone GROUP BY user_id) g \
+       WHERE u.user_id = g.user_id) \
+     SELECT count(*) FROM gone";
 
 /// OPAQUE logins never finished.
 const EXPIRED_LOGINS: &str = "DELETE FROM keepd.opaque_logins WHERE expires_at <= now()";
@@ -152,13 +166,19 @@ impl Janitor {
             .execute(FORGOTTEN_ATTEMPTS, &[&self.login_delay_max.as_secs_f64()])
             .await?;
         let logins = db.execute(EXPIRED_LOGINS, &[]).await?;
-        if pushes + sessions + devices + attempts + logins > 0 {
+        let reservations = db
+            .query_one(ORPHANED_RESERVATIONS, &[])
+            .await?
+            .get::<_, i64>(0)
+            .unsigned_abs();
+        if pushes + sessions + devices + attempts + logins + reservations > 0 {
             info!(
                 idempotency_records = pushes,
                 sessions,
                 revoked_devices = devices,
                 login_attempts = attempts,
                 unfinished_logins = logins,
+                reservations_given_back = reservations,
                 "janitor: deleted expired records"
             );
         }

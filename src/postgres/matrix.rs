@@ -33,7 +33,7 @@ impl Privilege {
 }
 
 /// Tables keepd owns, schema-qualified.
-pub const TABLES: [&str; 22] = [
+pub const TABLES: [&str; 23] = [
     "keepd.users",
     "keepd.sessions",
     "keepd.vaults",
@@ -59,6 +59,9 @@ pub const TABLES: [&str; 22] = [
     "keepd.cluster_removals",
     // No group role: only the owner's sessions (`cluster::join_tokens`).
     "keepd.cluster_join_tokens",
+    // No group role: only the usage functions (as the owner) and the
+    // janitor (the superuser).
+    "keepd.push_reservations",
     "keepd_audit.audit_log",
     "keepd_audit.audit_chain",
     // Written by the superuser's retention task (`audit::retention`); the
@@ -180,7 +183,15 @@ pub const AUDITED: &[(&str, &[Privilege])] = &[
 /// Functions a group role may call (EXECUTE); none other may be called by
 /// anyone but their owner (migrations revoke PUBLIC's EXECUTE).
 pub const FUNCTIONS: &[(GroupRole, &str)] = &[
-    // A push adds its bytes to its tenant's usage as it commits.
+    // A push reserves its bytes on its tenant's usage before its
+    // transaction, claims them in it, gives them back if it did not commit.
+    (
+        GroupRole::Sync,
+        "keepd.reserve_pushed_bytes(bigint, bigint)",
+    ),
+    (GroupRole::Sync, "keepd.claim_pushed_bytes(uuid)"),
+    (GroupRole::Sync, "keepd.give_back_pushed_bytes(uuid)"),
+    // Schema v21's, for nodes of that version during a rolling upgrade.
     (GroupRole::Sync, "keepd.add_pushed_bytes(bigint, bigint)"),
 ];
 

@@ -139,6 +139,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "join_tokens",
         sql: include_str!("../../migrations/0022_join_tokens.sql"),
     },
+    Migration {
+        version: 23,
+        name: "push_reservations",
+        sql: include_str!("../../migrations/0023_push_reservations.sql"),
+    },
+    Migration {
+        version: 24,
+        name: "log_integrity",
+        sql: include_str!("../../migrations/0024_log_integrity.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

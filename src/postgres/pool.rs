@@ -248,6 +248,78 @@ impl RoleAwarePool {
         self.open_scoped(ctx, Some(first), params).await
     }
 
+    /// Runs `sql` as `ctx` in a transaction of its own committed without
+    /// waiting for the disk (see [`ScopedTransaction::commit_unflushed`]):
+    /// for a write a later synchronous commit depends on, or whose loss is
+    /// harmless. Once `sql` is prepared on the connection, BEGIN, the
+    /// scope, `sql` and COMMIT go in one round trip, so a row `sql` locks is
+    /// held for no round trip to keepd. When `sql` fails, Postgres ends the
+    /// transaction with a rollback and its error is returned.
+    pub async fn run_unflushed(
+        &self,
+        ctx: &OperationContext,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, PoolError> {
+        let mut conn = self.connection().await?;
+        match Self::run_unflushed_on(&mut conn, ctx, sql, params).await {
+            // A connection the server closed while idle: a fresh one, once.
+            Err(e) if connection_lost(&e) || conn.client.is_closed() => {
+                let _ = managed::Object::take(conn);
+                let mut conn = self.connection().await?;
+                Ok(Self::run_unflushed_on(&mut conn, ctx, sql, params).await?)
+            }
+            outcome => Ok(outcome?),
+        }
+    }
+
+    async fn run_unflushed_on(
+        conn: &mut managed::Object<Manager>,
+        ctx: &OperationContext,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+        let scope = conn.statement(ctx.role, SET_SCOPE).await?;
+        let role = ctx.role.name();
+        let user = ctx.user_id.as_deref().unwrap_or("");
+        let email = ctx.email_hmac.as_deref().unwrap_or("");
+        let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
+        // Until COMMIT is answered, a connection dropped here is rolled
+        // back or closed by the pool's recycling check.
+        conn.in_transaction = true;
+        let rows = match conn.cached(ctx.role, sql) {
+            Some(prepared) => {
+                let (begun, scoped, rows, committed) = tokio::join!(
+                    conn.client.batch_execute(BEGIN),
+                    conn.client.query_one(&scope, &scope_params),
+                    conn.client.query(&prepared, params),
+                    conn.client.batch_execute("COMMIT"),
+                );
+                begun?;
+                scoped?;
+                committed?;
+                rows
+            }
+            None => {
+                // Prepared once per connection and role, inside the scope.
+                tokio::try_join!(
+                    conn.client.batch_execute(BEGIN),
+                    conn.client.query_one(&scope, &scope_params),
+                )?;
+                let rows = match conn.statement(ctx.role, sql).await {
+                    Ok(statement) => conn.client.query(&statement, params).await,
+                    Err(e) => Err(e),
+                };
+                conn.client.batch_execute("COMMIT").await?;
+                rows
+            }
+        };
+        // Committed, or rolled back by COMMIT after `sql` failed.
+        conn.in_transaction = false;
+        rows
+    }
+
     async fn open_scoped(
         &self,
         ctx: &OperationContext,

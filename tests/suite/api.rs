@@ -1434,6 +1434,34 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
         .unwrap_err();
     assert!(e.to_string().contains("api.quotas.backups"), "{e}");
 
+    // A push that does not commit (no such vault) gives back the bytes it
+    // reserved before its transaction (schema v23), at once.
+    let before = usage(&client.account().await.unwrap()).0;
+    let entry = LogEntry {
+        data: vec![1; 700],
+        haex_timestamp: "gone".into(),
+    };
+    let e = client
+        .push("missing", &key, &[entry], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let reservations = || async {
+        sql_rows(&node, "SELECT count(*) FROM keepd.push_reservations").await[0].get::<_, i64>(0)
+    };
+    let mut given_back = false;
+    for _ in 0..50 {
+        if reservations().await == 0 && usage(&client.account().await.unwrap()).0 == before {
+            given_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        given_back,
+        "the failed push's reservation was not given back"
+    );
+
     // Eight clients push 1 KiB-ish entries at once, over both vaults (so
     // no vault row orders them), until the storage quota refuses them:
     // usage never passes it and matches what is stored.
@@ -1475,6 +1503,11 @@ async fn quotas_count_exactly_refuse_with_413_and_give_back() {
     )
     .await;
     assert_eq!(bytes as i64, stored[0].get::<_, i64>(0), "usage is exact");
+    assert_eq!(
+        reservations().await,
+        0,
+        "every reservation claimed or given back"
+    );
     assert_eq!(accepted as i64, stored[0].get::<_, i64>(1));
     // An entry counts its decoded bytes: 700 of data, the nonce, the
     // timestamp.

@@ -51,6 +51,7 @@ fn some_column(table: &str) -> &'static str {
         "keepd.cluster_key_log" => "members",
         "keepd.cluster_removals" => "removed_by",
         "keepd.cluster_join_tokens" => "revoked_at",
+        "keepd.push_reservations" => "bytes",
         "keepd_audit.audit_log" => "action",
         "keepd_audit.audit_chain" => "sealed_at",
         "keepd_audit.audit_base" => "signed_at",
@@ -954,4 +955,100 @@ fn migrate_status_names_every_migration_and_a_changed_one() {
             .any(|l| l.contains("from_a_newer_keepd") && l.contains("unknown")),
         "{text}"
     );
+}
+
+/// Schema v24 checks a log entry's vault once per statement instead of
+/// per-row foreign keys: every entry must name a vault of its own account,
+/// and erasing a vault or an account (even as the superuser, with no
+/// tenant) removes the entries, as ON DELETE CASCADE did.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_entries_name_a_vault_of_their_account_and_leave_with_it() {
+    let (node, _daemon) = started();
+    let pool = node.pool(2);
+    let (alice, bob) = (uuid(), uuid());
+    populate(&pool, &alice).await;
+    populate(&pool, &bob).await;
+    let db = node.superuser().await;
+    let vault_of = |user: &str| format!("(SELECT id FROM keepd.vaults WHERE user_id = '{user}')");
+    let insert = |vault: &str, user: &str, sequence: i64| {
+        format!(
+            "INSERT INTO keepd.sync_logs (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
+             VALUES (gen_random_uuid(), {vault}, '{user}', {sequence}, 'd', 'n', 't', 100)"
+        )
+    };
+    let refused = |e: tokio_postgres::Error| {
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{e}"
+        );
+    };
+    // Another account's vault, a vault that does not exist, and a move of
+    // an entry to another account's vault: refused, even to the superuser.
+    refused(
+        db.batch_execute(&insert(&vault_of(&bob), &alice, 2))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        db.batch_execute(&insert(&format!("'{}'", uuid()), &alice, 2))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        db.batch_execute(&format!(
+            "UPDATE keepd.sync_logs SET vault = {}, sequence = 100 WHERE user_id = '{alice}'",
+            vault_of(&bob)
+        ))
+        .await
+        .unwrap_err(),
+    );
+    // Its own vault: stored.
+    db.batch_execute(&insert(&vault_of(&alice), &alice, 2))
+        .await
+        .unwrap();
+    let count = |user: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                &format!("SELECT count(*) FROM keepd.sync_logs WHERE user_id = '{user}'"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count(alice.clone()).await, 2);
+    let storage = || {
+        let (db, alice) = (&db, &alice);
+        async move {
+            db.query_one(
+                &format!("SELECT storage_bytes FROM keepd.account_usage WHERE user_id = '{alice}'"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let before = storage().await;
+    // Erasing the vault as the superuser (no tenant) takes its entries and
+    // gives their bytes back; erasing an account takes its vaults' entries.
+    db.batch_execute(&format!(
+        "DELETE FROM keepd.vaults WHERE user_id = '{alice}'"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(count(alice.clone()).await, 0);
+    assert_eq!(
+        storage().await,
+        before - 100,
+        "an erased vault's entries no longer count"
+    );
+    assert_eq!(count(bob.clone()).await, 1);
+    db.batch_execute(&format!("DELETE FROM keepd.users WHERE id = '{bob}'"))
+        .await
+        .unwrap();
+    assert_eq!(count(bob).await, 0);
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::field_crypto::{FieldCipher, column};
-use crate::postgres::pool::ScopedTransaction;
+use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool, ScopedTransaction};
 
 /// Reserves sequence numbers on the vault's counter and stores the whole
 /// batch under them, in one statement: entry k (1-based) of the arrays
@@ -133,18 +133,28 @@ pub struct Entry<'a> {
     pub created_at: SystemTime,
 }
 
-/// Tells every node's watchers, at commit, the vault's new last sequence
+/// Tells every node's watchers the vault's new last sequence
 /// (`api::events`).
 const ANNOUNCE: &str = "SELECT pg_notify($1, $2)";
 
-/// Announces `event` to the vault's watchers once `tx` commits (a rolled
-/// back push announces nothing).
+/// Announces `event`, which a push has committed, to the vault's watchers
+/// on every node, in a transaction of its own committed unflushed. Not in
+/// the push's transaction: Postgres queues notifications in commit order
+/// under one lock held until the commit is on disk, so notifying pushes
+/// could not share a WAL flush. A crash may lose the event, not the entries:
+/// a stream that reconnects starts from the vault's head.
 pub async fn announce(
-    tx: &ScopedTransaction,
+    pool: &RoleAwarePool,
+    user: Uuid,
     event: crate::api::events::VaultEvent,
 ) -> Result<(), StoreError> {
-    tx.query(ANNOUNCE, &[&crate::api::events::CHANNEL, &event.payload()])
-        .await?;
+    let ctx = OperationContext::user(GroupRole::Sync, user.to_string());
+    pool.run_unflushed(
+        &ctx,
+        ANNOUNCE,
+        &[&crate::api::events::CHANNEL, &event.payload()],
+    )
+    .await?;
     Ok(())
 }
 
@@ -152,9 +162,6 @@ pub async fn announce(
 pub struct Appended {
     pub vault: Uuid,
     pub entries: Vec<AppendedEntry>,
-    /// What the entries count against the storage quota, not yet added
-    /// to the account's usage (`usage::add_pushed_and_commit`).
-    pub bytes: i64,
 }
 
 /// Stores `entries` in the user's vault `vault_id` under new sequence
@@ -176,7 +183,9 @@ pub async fn append(
     // have Postgres send it back and open it again.
     let mut sent = Vec::with_capacity(count);
     for entry in entries {
-        let id = Uuid::new_v4();
+        // Time-ordered (version 7): each push appends to the right edge
+        // of the key's index instead of touching random pages of it.
+        let id = Uuid::now_v7();
         ids.push(id);
         sizes.push(entry.size_bytes());
         sent.push((id, entry.haex_timestamp.clone()));
@@ -221,11 +230,7 @@ pub async fn append(
             },
         )
         .collect();
-    Ok(Some(Appended {
-        vault,
-        entries,
-        bytes,
-    }))
+    Ok(Some(Appended { vault, entries }))
 }
 
 /// Entries after `after`: the rows as Postgres sent them, read by
@@ -387,26 +392,22 @@ pub enum PushOutcome<R> {
     NoVault,
     /// The vault's key check differs from the push's.
     WrongKey,
-    /// Stored (not yet committed), announced at commit, and the answer
-    /// recorded under the key; `bytes` is what the batch counts against
-    /// the storage quota, which the caller adds as it commits
-    /// (`usage::add_pushed_and_commit`), and `raced` says a concurrent
-    /// retry with the same key committed first (the caller rolls back and
-    /// answers from that record).
+    /// Stored (not yet committed) and the answer recorded under the key;
+    /// the caller commits (claiming the bytes it reserved,
+    /// `usage::Reservation`) and then announces the event. `raced` says a
+    /// concurrent retry with the same key committed first (the caller
+    /// rolls back and answers from that record).
     Stored {
-        vault: Uuid,
+        event: crate::api::events::VaultEvent,
         first: i64,
-        last: i64,
         response: R,
-        bytes: i64,
         raced: bool,
     },
 }
 
 /// A whole push in `tx`: the Idempotency-Key's record looked up, the key
 /// check compared, the batch appended, then the answer `respond` makes of
-/// the stored entries recorded under the key and the announcement queued,
-/// those two pipelined.
+/// the stored entries recorded under the key.
 pub async fn push<R: serde::Serialize>(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
@@ -435,39 +436,35 @@ pub async fn push<R: serde::Serialize>(
     let Some(appended) = append(tx, fields, user, vault_id, entries).await? else {
         return Ok(PushOutcome::NoVault);
     };
-    let (vault, bytes) = (appended.vault, appended.bytes);
+    let vault = appended.vault;
     // (A batch is never empty: the handler refuses one.)
     let (Some(first), Some(last)) = (appended.entries.first(), appended.entries.last()) else {
         return Ok(PushOutcome::NoVault);
     };
     let (first, last) = (first.sequence, last.sequence);
     let response = respond(appended);
-    let recorded = async {
-        let Some(idempotency) = &idempotency else {
-            return Ok(true);
-        };
-        let stored = serde_json::to_value(&response).map_err(StoreError::encode)?;
-        save_push(
-            tx,
-            user,
-            idempotency.key,
-            idempotency.fingerprint,
-            &stored,
-            idempotency.ttl,
-        )
-        .await
+    let won = match &idempotency {
+        None => true,
+        Some(idempotency) => {
+            let stored = serde_json::to_value(&response).map_err(StoreError::encode)?;
+            save_push(
+                tx,
+                user,
+                idempotency.key,
+                idempotency.fingerprint,
+                &stored,
+                idempotency.ttl,
+            )
+            .await?
+        }
     };
-    let event = crate::api::events::VaultEvent {
-        vault,
-        sequence: last,
-    };
-    let (won, ()) = tokio::try_join!(recorded, announce(tx, event))?;
     Ok(PushOutcome::Stored {
-        vault,
+        event: crate::api::events::VaultEvent {
+            vault,
+            sequence: last,
+        },
         first,
-        last,
         response,
-        bytes,
         raced: !won,
     })
 }

@@ -3,7 +3,9 @@
 //! never pairs a `$n` with a `row.get(i)`. Every function runs in the
 //! caller's `ScopedTransaction` (its group role and tenant already set, so
 //! row-level security limits it to the caller's rows; the explicit
-//! `user_id` conditions are for the indexes). Encrypted columns are sealed
+//! `user_id` conditions are for the indexes); the two writes a push makes
+//! outside its transaction (`usage::reserve`, `logs::announce`) open one of
+//! their own with the same role and tenant. Encrypted columns are sealed
 //! and opened here, through the typed columns of `field_crypto`.
 
 pub mod accounts;
@@ -30,6 +32,8 @@ pub enum StoreError {
     Random(String),
     #[error("cannot encode a record: {0}")]
     Encode(String),
+    #[error("a write that runs to its end was cut short: {0}")]
+    Interrupted(String),
 }
 
 impl StoreError {

@@ -1,20 +1,25 @@
 //! `keepd.account_usage`: what an account stores, kept by triggers on the
 //! tables it counts (migration 6), read here against `api.quotas`; a
-//! push adds its bytes itself as it commits (`add_pushed_and_commit`,
-//! migration 21).
+//! push reserves its bytes before its transaction and claims them in it
+//! (`reserve`, migration 23).
 
 use uuid::Uuid;
 
 use super::StoreError;
 use crate::config::QuotasConfig;
-use crate::postgres::pool::ScopedTransaction;
+use crate::postgres::pool::{
+    GroupRole, OperationContext, PoolError, RoleAwarePool, ScopedTransaction,
+};
 
 const USAGE: &str = "SELECT storage_bytes, vaults, devices, backups \
      FROM keepd.account_usage WHERE user_id = $1";
 
-/// A push's bytes added to its tenant's usage, refused past the quota `$2`
-/// (SQLSTATE KQ001, the bytes reached in DETAIL): migration 21.
-const ADD_PUSHED: &str = "SELECT keepd.add_pushed_bytes($1, $2)";
+/// A push's bytes reserved on its tenant's usage, refused past the quota
+/// `$2` (SQLSTATE KQ001, the bytes reached in DETAIL), claimed by the push,
+/// given back if it did not commit: migration 23.
+const RESERVE: &str = "SELECT keepd.reserve_pushed_bytes($1, $2)";
+const CLAIM: &str = "SELECT keepd.claim_pushed_bytes($1)";
+const GIVE_BACK: &str = "SELECT keepd.give_back_pushed_bytes($1)";
 const QUOTA_EXCEEDED: &str = "KQ001";
 
 /// An account's usage, or its quotas (0 = unlimited).
@@ -90,24 +95,60 @@ pub async fn of(tx: &ScopedTransaction, user: Uuid) -> Result<Usage, StoreError>
     })
 }
 
-/// Ends a push: its `bytes` (not counted when appended) added to the
-/// account's usage and the transaction committed, in one round trip. The
-/// usage row is locked only from here to the end of the commit, so one
-/// account's pushes do not queue on it for their whole transaction, and
-/// the count it is checked against includes every write of the account
-/// committed before. Past `quota` (0: none) nothing commits, and the
-/// quota is named with what the account would have reached.
-pub async fn add_pushed_and_commit(
-    tx: ScopedTransaction,
+/// A push's bytes counted on its account (and checked against the
+/// quota) before its transaction, in one of their own committed without
+/// waiting for the disk, so no lock one account's pushes share is held
+/// while a commit is flushed (migration 23). The push's transaction
+/// claims it ([`Reservation::claim_and_commit`]); dropped unclaimed (the
+/// push failed, was answered from its Idempotency-Key, or was cancelled)
+/// it is given back. Giving back a reservation the push claimed changes
+/// nothing, so a push whose commit keepd never saw answered is never
+/// counted twice nor uncounted.
+pub struct Reservation {
+    id: Uuid,
+    pool: RoleAwarePool,
+    ctx: OperationContext,
+    settled: bool,
+}
+
+/// The reservation of `bytes` for `user` (as the sync role), or the quota
+/// it would pass (`quota`, 0: none). It runs to its end even if the
+/// request is dropped meanwhile (a client that went away): the
+/// reservation is then dropped with the task's output, and so given back,
+/// rather than committed with no one to claim it.
+pub async fn reserve(
+    pool: &RoleAwarePool,
+    user: Uuid,
     bytes: i64,
     quota: u64,
-) -> Result<Result<(), Exceeded>, StoreError> {
+) -> Result<Result<Reservation, Exceeded>, StoreError> {
+    let pool = pool.clone();
+    tokio::spawn(async move { reserve_detached(pool, user, bytes, quota).await })
+        .await
+        .map_err(|e| StoreError::Interrupted(e.to_string()))?
+}
+
+async fn reserve_detached(
+    pool: RoleAwarePool,
+    user: Uuid,
+    bytes: i64,
+    quota: u64,
+) -> Result<Result<Reservation, Exceeded>, StoreError> {
+    let ctx = OperationContext::user(GroupRole::Sync, user.to_string());
     let limit = i64::try_from(quota).unwrap_or(i64::MAX);
-    match tx.query_and_commit(ADD_PUSHED, &[&bytes, &limit]).await {
-        Ok(_) => Ok(Ok(())),
-        Err(crate::postgres::pool::PoolError::Sql(e))
-            if e.code().map(|c| c.code()) == Some(QUOTA_EXCEEDED) =>
-        {
+    match pool.run_unflushed(&ctx, RESERVE, &[&bytes, &limit]).await {
+        Ok(rows) => {
+            let id = rows.first().map(|row| row.get(0)).ok_or_else(|| {
+                StoreError::Encode("a reservation came back without its id".into())
+            })?;
+            Ok(Ok(Reservation {
+                id,
+                pool,
+                ctx,
+                settled: false,
+            }))
+        }
+        Err(PoolError::Sql(e)) if e.code().map(|c| c.code()) == Some(QUOTA_EXCEEDED) => {
             let would_be = e
                 .as_db_error()
                 .and_then(|db| db.detail())
@@ -120,6 +161,39 @@ pub async fn add_pushed_and_commit(
             }))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+impl Reservation {
+    /// Ends the push: the reservation claimed and `tx` committed, in one
+    /// round trip. A reservation given back meanwhile (the janitor's, after
+    /// an hour) aborts the transaction: nothing is stored uncounted.
+    pub async fn claim_and_commit(mut self, tx: ScopedTransaction) -> Result<(), StoreError> {
+        let outcome = tx.query_and_commit(CLAIM, &[&self.id]).await;
+        // Committed: the claim used the reservation. Refused: the
+        // transaction rolled back and the reservation goes back on drop.
+        // Lost on the way: giving back is harmless either way.
+        self.settled = outcome.is_ok();
+        outcome?;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let (pool, ctx, id) = (self.pool.clone(), self.ctx.clone(), self.id);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Err(e) = pool.run_unflushed(&ctx, GIVE_BACK, &[&id]).await {
+                // Counted until the janitor gives it back (after an hour).
+                tracing::warn!(reservation = %id, error = %e, "could not give back a push's reserved bytes");
+            }
+        });
     }
 }
 

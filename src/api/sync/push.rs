@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::*;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, UserAuth};
+use crate::api::store::StoreError;
 use crate::api::store::logs::{self, Idempotency, NewEntry, PushBatch, PushOutcome, StoredPush};
 use crate::api::store::usage;
 use crate::api::{Api, iso8601};
@@ -159,6 +160,30 @@ pub(in crate::api) async fn push(
         });
     }
 
+    // The bytes are counted before the transaction (see `usage::reserve`);
+    // whatever does not commit below gives them back.
+    let bytes = entries.iter().map(NewEntry::size_bytes).sum();
+    let reservation = match usage::reserve(
+        &api.pool,
+        auth.user,
+        bytes,
+        api.settings.quotas.storage_bytes,
+    )
+    .await?
+    {
+        Ok(reservation) => reservation,
+        // A retry of a push that reached the quota is answered as before.
+        Err(exceeded) => match &idempotency {
+            Some(key) => {
+                let tx = auth.begin(&api, GroupRole::Sync).await?;
+                match logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl).await? {
+                    Some(first) => return Ok(Json(replayed(first, &fingerprint)?)),
+                    None => return Err(ApiError::quota_exceeded(exceeded)),
+                }
+            }
+            None => return Err(ApiError::quota_exceeded(exceeded)),
+        },
+    };
     let mut tx = auth.begin(&api, GroupRole::Sync).await?;
     let batch = PushBatch {
         user: auth.user,
@@ -186,18 +211,16 @@ pub(in crate::api) async fn push(
             .collect(),
     })
     .await?;
-    let (vault, first, last, response, bytes, raced) = match outcome {
+    let (event, first, response, raced) = match outcome {
         PushOutcome::Recorded(first) => return Ok(Json(replayed(first, &fingerprint)?)),
         PushOutcome::NoVault => return Err(vault_not_found()),
         PushOutcome::WrongKey => return Err(wrong_vault_key()),
         PushOutcome::Stored {
-            vault,
+            event,
             first,
-            last,
             response,
-            bytes,
             raced,
-        } => (vault, first, last, response, bytes, raced),
+        } => (event, first, response, raced),
     };
     if raced {
         // A concurrent retry with this key committed first: this attempt
@@ -212,9 +235,9 @@ pub(in crate::api) async fn push(
     }
     let metadata = json!({
         "user": api.user_ref(auth.user),
-        "vault": vault,
+        "vault": event.vault,
         "firstSequence": first,
-        "lastSequence": last,
+        "lastSequence": event.sequence,
     });
     api.audit(
         &mut tx,
@@ -224,10 +247,19 @@ pub(in crate::api) async fn push(
         metadata,
     )
     .await?;
-    // Past the storage quota nothing commits.
-    usage::add_pushed_and_commit(tx, bytes, api.settings.quotas.storage_bytes)
-        .await?
-        .map_err(ApiError::quota_exceeded)?;
+    // The commit and its event run to their end even if the client goes
+    // away meanwhile: a committed push is always announced.
+    let (pool, user) = (api.pool.clone(), auth.user);
+    tokio::spawn(async move {
+        reservation.claim_and_commit(tx).await?;
+        // Committed: a lost event costs a watcher a reconnect, never data.
+        if let Err(e) = logs::announce(&pool, user, event).await {
+            tracing::warn!(error = %e, "a push committed but its live event could not be sent");
+        }
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .map_err(|e| ApiError::internal("push commit", &e))??;
     Ok(Json(response))
 }
 
