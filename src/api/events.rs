@@ -1,6 +1,7 @@
-//! Live updates: `GET /sync/events` as Server-Sent Events. A push's
-//! transaction notifies Postgres's channel `keepd_events` with the vault
-//! and its new last sequence; every node LISTENs (`listen`) and fans the
+//! Live updates: `GET /sync/events` as Server-Sent Events. Once a push
+//! has committed, keepd notifies Postgres's channel `keepd_events` with the
+//! vault and its new last sequence (`store::logs::announce`, outside the
+//! push's transaction); every node LISTENs (`listen`) and fans the
 //! notification out to its streams, so a push on any node of a cluster
 //! reaches every watcher. A stream carries `{vaultId, sequence}` and never
 //! ciphertext: the client pulls what it has not seen.
@@ -13,10 +14,12 @@
 //! Bounds: streams per node, per account and per client
 //! (`api.events`), outside the connection slots requests need (the
 //! stream marks its connection, which then counts here only). The
-//! fan-out is one bounded broadcast buffer, and a stream that falls
-//! behind it (a consumer that does not read) is ended, never buffered
-//! for: it reconnects with `Last-Event-ID` and loses nothing, since the
-//! first event of a stream is the vault's head when it is past that id.
+//! fan-out is one `watch` channel per watched vault, holding the vault's
+//! last sequence and nothing else: a notification wakes the streams of
+//! its vault only (10 000 streams of other vaults cost it nothing), and
+//! a consumer that does not read is never buffered for; when it reads, it
+//! gets the latest sequence. A vault's channel goes when its last stream
+//! does.
 //!
 //! A stream lives as long as its session and no longer: it ends, with a
 //! final `end` event naming why, when the session's token expires, when
@@ -32,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::response::sse::Event;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -47,8 +50,6 @@ use crate::shutdown::Shutdown;
 pub const CHANNEL: &str = "keepd_events";
 /// Postgres's channel for ended sessions (`id:reason`).
 pub const SESSIONS_CHANNEL: &str = "keepd_sessions";
-/// Notifications a stream may fall behind by before it is ended.
-const BUFFER: usize = 1024;
 
 /// Why a stream ended, as its final `end` event says.
 const REASONS: &[&str] = &[
@@ -124,9 +125,32 @@ pub struct StreamCaps {
 
 /// The node's streams: the fan-out and the counts the caps hold.
 pub struct Events {
-    sender: broadcast::Sender<VaultEvent>,
+    /// Each watched vault's last sequence, by its row id.
+    vaults: Mutex<HashMap<Uuid, watch::Sender<i64>>>,
     open: Mutex<Open>,
     caps: StreamCaps,
+}
+
+/// A stream's view of its vault's last sequence; the vault's channel goes
+/// with its last follower.
+pub struct Following {
+    receiver: watch::Receiver<i64>,
+    events: Arc<Events>,
+    vault: Uuid,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut vaults = self.events.vaults();
+        // Under the lock no follower is added meanwhile; this one is the
+        // last if it is the only receiver left.
+        if vaults
+            .get(&self.vault)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            vaults.remove(&self.vault);
+        }
+    }
 }
 
 /// Who holds a stream: the caps it counts against and the session it
@@ -166,7 +190,7 @@ impl Drop for Slot {
 impl Events {
     pub fn new(caps: StreamCaps) -> Events {
         Events {
-            sender: broadcast::channel(BUFFER).0,
+            vaults: Mutex::new(HashMap::new()),
             open: Mutex::new(Open::default()),
             caps,
         }
@@ -174,6 +198,31 @@ impl Events {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vaults(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<i64>>> {
+        self.vaults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows `vault`'s last sequence from now on (follow before reading
+    /// the head, so that nothing in between is missed).
+    pub fn follow(self: &Arc<Self>, vault: Uuid) -> Following {
+        let receiver = self
+            .vaults()
+            .entry(vault)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        Following {
+            receiver,
+            events: self.clone(),
+            vault,
+        }
+    }
+
+    /// Vaults followed now (the tests read it).
+    #[cfg(test)]
+    fn followed(&self) -> usize {
+        self.vaults().len()
     }
 
     /// Streams open now (what the caps count; the tests read it).
@@ -184,8 +233,20 @@ impl Events {
 
     fn publish(&self, payload: &str) {
         match VaultEvent::parse(payload) {
-            // No stream open: nobody to tell.
-            Some(event) => drop(self.sender.send(event)),
+            // Only a vault someone follows has a channel; a sequence
+            // older than the one it holds (notifications of two commits
+            // crossing) changes nothing.
+            Some(event) => {
+                if let Some(sender) = self.vaults().get(&event.vault) {
+                    sender.send_if_modified(|last| {
+                        let newer = event.sequence > *last;
+                        if newer {
+                            *last = event.sequence;
+                        }
+                        newer
+                    });
+                }
+            }
             None => warn!(
                 payload,
                 "events: a notification keepd did not send; ignored"
@@ -215,12 +276,8 @@ impl Events {
         }
     }
 
-    /// A place for one more stream of `holder`, and its receiver (taken
-    /// before the vault's head is read, so nothing in between is missed).
-    pub fn subscribe(
-        self: &Arc<Self>,
-        holder: Holder,
-    ) -> Result<(broadcast::Receiver<VaultEvent>, Slot), ApiError> {
+    /// A place for one more stream of `holder`.
+    pub fn subscribe(self: &Arc<Self>, holder: Holder) -> Result<Slot, ApiError> {
         let caps = self.caps;
         let mut open = self.lock();
         let mine = open.accounts.get(&holder.user).copied().unwrap_or(0);
@@ -253,12 +310,11 @@ impl Events {
         *n += 1;
         let ended = told.subscribe();
         drop(open);
-        let slot = Slot {
+        Ok(Slot {
             events: self.clone(),
             holder,
             ended,
-        };
-        Ok((self.sender.subscribe(), slot))
+        })
     }
 }
 
@@ -270,10 +326,9 @@ fn too_many(message: String) -> ApiError {
     )
 }
 
-/// What a stream watches and from where it resumes.
+/// What a stream watches (the vault it follows, by the client's name for
+/// it) and from where it resumes.
 pub struct Watched {
-    /// The vault's row id, and the client's name for it.
-    pub vault: Uuid,
     pub vault_id: String,
     /// The vault's last sequence when the stream opened.
     pub head: i64,
@@ -283,19 +338,17 @@ pub struct Watched {
 
 /// A stream of one vault's events: its head first when past `seen`, then
 /// each new last sequence. It ends with an `end` event when its session
-/// ends or expires, when it has been idle for `api.events.max_idle`, or
-/// when it falls behind the fan-out.
+/// ends or expires, or when it has been idle for `api.events.max_idle`.
 pub fn watch(
-    receiver: broadcast::Receiver<VaultEvent>,
+    following: Following,
     slot: Slot,
     watched: Watched,
     mark: Option<StreamMark>,
 ) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static {
     struct Watch {
-        receiver: broadcast::Receiver<VaultEvent>,
+        following: Following,
         slot: Slot,
         _mark: Option<StreamMark>,
-        vault: Uuid,
         vault_id: String,
         sent: i64,
         first: Option<i64>,
@@ -312,9 +365,8 @@ pub fn watch(
         .unwrap_or(Duration::ZERO);
     let max_idle = slot.events.caps.max_idle;
     let state = Watch {
-        receiver,
+        following,
         _mark: mark,
-        vault: watched.vault,
         vault_id: watched.vault_id,
         sent: sent.max(watched.head),
         first: (watched.head > sent).then_some(watched.head),
@@ -344,16 +396,17 @@ pub fn watch(
                 }
                 _ = tokio::time::sleep_until(watch.expires) => break "session_expired",
                 _ = tokio::time::sleep_until(idle_until) => break "idle",
-                got = watch.receiver.recv() => match got {
-                    Ok(e) if e.vault == watch.vault && e.sequence > watch.sent => {
-                        watch.sent = e.sequence;
-                        watch.last_event = Instant::now();
-                        return Some((Ok(event(&watch.vault_id, e.sequence)), watch));
+                changed = watch.following.receiver.changed() => {
+                    if changed.is_err() {
+                        return None;
                     }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => break "lagged",
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
+                    let last = *watch.following.receiver.borrow_and_update();
+                    if last > watch.sent {
+                        watch.sent = last;
+                        watch.last_event = Instant::now();
+                        return Some((Ok(event(&watch.vault_id, last)), watch));
+                    }
+                }
             }
         };
         watch.done = true;
@@ -499,13 +552,10 @@ mod stream_tests {
 
     use super::*;
 
-    /// A consumer that does not read falls behind the bounded fan-out and
-    /// its stream ends, rather than anything being buffered for it.
     use super::tests::{caps, holder};
 
-    fn watched(vault: Uuid, head: i64, seen: Option<i64>) -> Watched {
+    fn watched(head: i64, seen: Option<i64>) -> Watched {
         Watched {
-            vault,
             vault_id: "v".into(),
             head,
             seen,
@@ -529,27 +579,35 @@ mod stream_tests {
         format!("{event:?}")
     }
 
-    /// A consumer that does not read falls behind the bounded fan-out and
-    /// its stream ends, rather than anything being buffered for it.
+    /// A consumer that does not read is buffered nothing: when it reads,
+    /// it gets the vault's latest sequence once; the vault's channel goes
+    /// with its last stream.
     #[tokio::test]
-    async fn a_stream_that_falls_behind_is_ended_not_buffered() {
+    async fn a_stream_that_does_not_read_gets_the_latest_and_nothing_piles_up() {
         let events = Arc::new(Events::new(caps(10, 10, 10)));
         let vault = Uuid::new_v4();
-        let (receiver, slot) = events
+        let slot = events
             .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
             .unwrap();
-        let stream = watch(receiver, slot, watched(vault, 0, None), None);
+        let stream = watch(events.follow(vault), slot, watched(0, None), None);
         let mut stream = Box::pin(stream);
         // The head comes first.
         assert!(stream.next().await.is_some());
-        for sequence in 1..=(BUFFER as i64 + 10) {
+        for sequence in 1..=10_000 {
             events.publish(&VaultEvent { vault, sequence }.payload());
         }
-        let last = stream.next().await.expect("a final event").unwrap();
-        assert!(text(last).contains("lagged"));
-        assert!(stream.next().await.is_none(), "lagged: ended");
+        let latest = next_within(&mut stream).await;
+        assert!(text(latest).contains("10000"));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), stream.next())
+                .await
+                .is_err(),
+            "one event for the ten thousand"
+        );
+        assert_eq!(events.followed(), 1);
         drop(stream);
         assert_eq!(events.open(), 0, "its place given back");
+        assert_eq!(events.followed(), 0, "the vault's channel gone with it");
     }
 
     #[tokio::test]
@@ -557,8 +615,8 @@ mod stream_tests {
         let events = Arc::new(Events::new(caps(10, 10, 10)));
         let vault = Uuid::new_v4();
         let who = holder(Uuid::new_v4(), "10.0.0.1");
-        let (receiver, slot) = events.subscribe(who).unwrap();
-        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        let slot = events.subscribe(who).unwrap();
+        let mut stream = Box::pin(watch(events.follow(vault), slot, watched(0, Some(0)), None));
         events.notified(
             SESSIONS_CHANNEL,
             &format!("{}:password_changed", Uuid::new_v4()),
@@ -575,17 +633,17 @@ mod stream_tests {
             max_idle: Duration::from_millis(100),
             ..caps(10, 10, 10)
         }));
-        let (receiver, slot) = events
+        let slot = events
             .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
             .unwrap();
-        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        let mut stream = Box::pin(watch(events.follow(vault), slot, watched(0, Some(0)), None));
         let last = next_within(&mut stream).await;
         assert!(text(last).contains("idle"));
         // Expiry: the token's end.
         let mut who = holder(Uuid::new_v4(), "10.0.0.1");
         who.expires = SystemTime::now() + Duration::from_millis(100);
-        let (receiver, slot) = events.subscribe(who).unwrap();
-        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 0, Some(0)), None));
+        let slot = events.subscribe(who).unwrap();
+        let mut stream = Box::pin(watch(events.follow(vault), slot, watched(0, Some(0)), None));
         let last = next_within(&mut stream).await;
         assert!(text(last).contains("session_expired"));
     }
@@ -594,11 +652,11 @@ mod stream_tests {
     async fn only_the_watched_vault_and_only_newer_sequences_are_sent() {
         let events = Arc::new(Events::new(caps(10, 10, 10)));
         let (vault, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let (receiver, slot) = events
+        let slot = events
             .subscribe(holder(Uuid::new_v4(), "10.0.0.1"))
             .unwrap();
         // Resumed at 5 with the head at 5: no head event.
-        let mut stream = Box::pin(watch(receiver, slot, watched(vault, 5, Some(5)), None));
+        let mut stream = Box::pin(watch(events.follow(vault), slot, watched(5, Some(5)), None));
         for (v, sequence) in [(other, 9), (vault, 4), (vault, 5), (vault, 7)] {
             events.publish(&VaultEvent { vault: v, sequence }.payload());
         }

@@ -278,7 +278,7 @@ impl EventStream {
 
     /// Why the server ended the stream, from its final `end` event:
     /// `logout`, `password_changed`, `account_disabled`, `account_deleted`
-    /// or `session_expired` (log in again), `idle` or `lagged` (reconnect).
+    /// or `session_expired` (log in again), `idle` (reconnect).
     pub fn end_reason(&self) -> Option<&str> {
         self.ended.as_deref()
     }

@@ -31,7 +31,7 @@ pub struct SyncEventFrame {
     /// JSON text: `{"vaultId": "...", "sequence": N}` (never ciphertext),
     /// or on `end` `{"reason": "..."}`: `logout`, `password_changed`,
     /// `account_disabled`, `account_deleted`, `session_expired` (log in
-    /// again), `idle` or `lagged` (reconnect with `Last-Event-ID`).
+    /// again) or `idle` (reconnect with `Last-Event-ID`).
     data: String,
 }
 
@@ -93,26 +93,30 @@ pub(in crate::api) async fn events(
             }
         },
     };
-    // Subscribed before the head is read: nothing in between is missed.
-    let (receiver, slot) = api.events.subscribe(Holder {
+    let slot = api.events.subscribe(Holder {
         user: auth.user,
         session: auth.session,
         client: api.settings.prefixes.client(client),
         expires: auth.expires,
     })?;
     let tx = auth.begin(&api, GroupRole::Query).await?;
-    let head = vaults::head(&tx, auth.user, &query.vault_id).await?;
+    let (vault, _) = vaults::head(&tx, auth.user, &query.vault_id)
+        .await?
+        .ok_or_else(vault_not_found)?;
+    // Followed before the head is read: nothing in between is missed.
+    let following = api.events.follow(vault);
+    let (_, head) = vaults::head(&tx, auth.user, &query.vault_id)
+        .await?
+        .ok_or_else(vault_not_found)?;
     tx.commit().await?;
-    let (vault, head) = head.ok_or_else(vault_not_found)?;
     let watched = Watched {
-        vault,
         vault_id: query.vault_id,
         head,
         seen,
     };
     // The connection leaves the request slots while it streams.
     let mark = connection.map(|c| c.connection.stream());
-    let stream = crate::api::events::watch(receiver, slot, watched, mark);
+    let stream = crate::api::events::watch(following, slot, watched, mark);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(api.settings.events.heartbeat.get()))
         .into_response())
