@@ -1,11 +1,14 @@
 //! Account passwords: Argon2id (the crate's defaults, OWASP's minimum:
-//! 19 MiB, 2 passes) on tokio's blocking pool, at most one hash per core at
-//! a time so a burst of logins cannot starve the runtime or the memory.
+//! 19 MiB, 2 passes) on threads of their own, half the cores (at least
+//! one) at a lowered priority (nice 10): a login flood takes at most that
+//! many cores, and on them only the time sync requests leave, so it cannot
+//! starve the runtime, the database or the memory (19 MiB per thread).
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use argon2::{Argon2, PasswordHasher as _, PasswordVerifier as _};
-use tokio::sync::Semaphore;
 
 use crate::secrets::values::SecretString;
 
@@ -15,12 +18,17 @@ pub enum PasswordError {
     Hash(String),
     #[error("the password hashing task was cancelled")]
     Cancelled,
+    #[error("cannot start a password hashing thread: {0}")]
+    Thread(std::io::Error),
 }
 
-/// Hashes and verifies account passwords with bounded concurrency.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Hashes and verifies account passwords on a bounded pool of
+/// low-priority threads; they end when the last clone is dropped.
 #[derive(Clone)]
 pub struct PasswordHasher {
-    permits: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
     /// A real hash of a random password: verifying an unknown account
     /// against it costs what a real verification costs.
     decoy: Arc<String>,
@@ -31,8 +39,27 @@ impl PasswordHasher {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let decoy = crate::secrets::values::generate_password(32)
             .map_err(|e| PasswordError::Hash(e.to_string()))?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..(cores / 2).max(1) {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name("keepd-hash".into())
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        // The lock is held while waiting, not while hashing.
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = next else { return };
+                        // A failed job drops its answer (the caller sees
+                        // Cancelled); the thread lives on.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })
+                .map_err(PasswordError::Thread)?;
+        }
         Ok(PasswordHasher {
-            permits: Arc::new(Semaphore::new(cores)),
+            jobs,
             decoy: Arc::new(hash_now(&decoy)?),
         })
     }
@@ -41,14 +68,13 @@ impl PasswordHasher {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PasswordError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = answer.send(work());
+            }))
             .map_err(|_| PasswordError::Cancelled)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|_| PasswordError::Cancelled)
+        answered.await.map_err(|_| PasswordError::Cancelled)
     }
 
     /// The PHC string of `password` under a fresh salt.
@@ -73,6 +99,23 @@ impl PasswordHasher {
             })
             .await?;
         Ok(known && matches)
+    }
+}
+
+/// Lowers the calling thread's priority to nice 10, so that a sync request
+/// on a normal thread wins the core over a hash (weight 1024 against 110).
+/// Linux only, where a thread's niceness is its own (elsewhere it would be
+/// the whole process's). Best effort: a hash at normal priority is slower
+/// for sync requests beside it, never wrong.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority reads no memory of ours; on Linux,
+        // PRIO_PROCESS with who = 0 names the calling thread.
+        let failed = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 10) } != 0;
+        if failed {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "password hashing runs at normal priority");
+        }
     }
 }
 
