@@ -19,32 +19,15 @@ per_account=5
 pushes=200
 
 cargo build --release --locked --bin keepd
-keepd=$root/target/release/keepd
-work=$(mktemp -d /tmp/keepd-bench-events.XXXXXX)
-chmod 755 "$work"
-port=18789
 streams=$((accounts * per_account))
-cat >"$work/keepd.yaml" <<YAML
-node:
-  state_dir: $work/state
-  runtime_dir: $work/run
-api:
-  listen: 127.0.0.1:$port
-  metrics_listen: ""
-  rate_limits:
-    auth_per_minute: 10000000
-    account_per_second: 10000000
-    account_burst: 10000000
-    address_per_second: 10000000
-    address_burst: 10000000
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_setup events 18789 <<YAML
   events:
     max_streams: $streams
-log:
-  level: warn
 YAML
-keepd_pid=""
 cleanup() {
-  [[ -n $keepd_pid ]] && kill "$keepd_pid" 2>/dev/null && wait "$keepd_pid" 2>/dev/null || true
+  bench_stop_keepd
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -56,13 +39,7 @@ if [[ $hard != unlimited && $hard -lt $((streams + 1024)) ]]; then
   exit 1
 fi
 ulimit -n "$hard"
-taskset -c 0 "$keepd" --config "$work/keepd.yaml" run >"$work/keepd.log" 2>&1 &
-keepd_pid=$!
-for _ in $(seq 120); do
-  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  sleep 0.5
-done
-curl -sf "http://127.0.0.1:$port/health" >/dev/null || { cat "$work/keepd.log"; exit 1; }
+bench_start_keepd
 
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$keepd_pid/status"; }
 coproc client { taskset -c 1 python3 "$root/scripts/bench_events.py" "$port" "$accounts" "$per_account" "$pushes"; }

@@ -25,42 +25,16 @@ clients=8
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 
 cargo build --release --locked --bin keepd --example loadgen
-keepd=$root/target/release/keepd
 loadgen=$root/target/release/examples/loadgen
-work=$(mktemp -d /tmp/keepd-bench-logins.XXXXXX)
-chmod 755 "$work"
-port=18788
-cat >"$work/keepd.yaml" <<YAML
-node:
-  state_dir: $work/state
-  runtime_dir: $work/run
-api:
-  listen: 127.0.0.1:$port
-  metrics_listen: ""
-  # One address logs in thousands of times: limits out of the way.
-  rate_limits:
-    auth_per_minute: 10000000
-    account_per_second: 10000000
-    account_burst: 10000000
-    address_per_second: 10000000
-    address_burst: 10000000
-log:
-  level: warn
-YAML
-keepd_pid=""
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_setup logins 18788 </dev/null
 cleanup() {
-  [[ -n $keepd_pid ]] && kill "$keepd_pid" 2>/dev/null && wait "$keepd_pid" 2>/dev/null || true
+  bench_stop_keepd
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-taskset -c 0 "$keepd" --config "$work/keepd.yaml" run >"$work/keepd.log" 2>&1 &
-keepd_pid=$!
-for _ in $(seq 120); do
-  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  sleep 0.5
-done
-curl -sf "http://127.0.0.1:$port/health" >/dev/null || { cat "$work/keepd.log"; exit 1; }
+bench_start_keepd
 
 ticks=$(getconf CLK_TCK)
 # CPU seconds of keepd and of its Postgres: the postmaster's own and its

@@ -26,38 +26,18 @@ conns=8
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 scripts/install-deps.sh
 cargo build --release --locked --bin keepd --example loadgen
-keepd=$root/target/release/keepd
 pgbin=$(dirname "$(compgen -G '/usr/lib/postgresql/*/bin/pgbench' | sort -V | tail -1)")
-
-work=$(mktemp -d /tmp/keepd-bench.XXXXXX)
-chmod 755 "$work"
-port=18787
-cat >"$work/keepd.yaml" <<EOF
-node:
-  state_dir: $work/state
-  runtime_dir: $work/run
-api:
-  listen: 127.0.0.1:$port
-  metrics_listen: ""
-  # The load comes from one account and one address: limits out of the way.
-  rate_limits:
-    auth_per_minute: 100000
-    account_per_second: 10000000
-    account_burst: 10000000
-    address_per_second: 10000000
-    address_burst: 10000000
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+bench_setup bench 18787 <<'YAML'
   # Quotas stay on (checked on every write), far from being reached.
   quotas:
     storage_bytes: 1099511627776
     vaults: 1000
-log:
-  level: warn
-EOF
-
-keepd_pid=""
+YAML
 pg_pid=""
 cleanup() {
-  [[ -n $keepd_pid ]] && kill "$keepd_pid" 2>/dev/null && wait "$keepd_pid" 2>/dev/null || true
+  bench_stop_keepd
   [[ -n $pg_pid ]] && kill -INT "$pg_pid" 2>/dev/null || true
   [[ -n $stock_pid ]] && runuser -u nobody -- "$pgbin/pg_ctl" -D "$stock/data" -m immediate stop >/dev/null 2>&1 || true
   sleep 1
@@ -144,13 +124,7 @@ stock_set_up
 read -r stock_pull_a stock_push_a < <(stock_ceiling)
 
 say "bench: starting keepd (release) on CPU 0"
-taskset -c 0 "$keepd" --config "$work/keepd.yaml" run >"$work/keepd.log" 2>&1 &
-keepd_pid=$!
-for _ in $(seq 120); do
-  curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-  sleep 0.5
-done
-curl -sf "http://127.0.0.1:$port/health" >/dev/null || { cat "$work/keepd.log"; exit 1; }
+bench_start_keepd
 
 email="bench-$RANDOM@example.org"
 api POST /auth/register "{\"email\":\"$email\",\"password\":\"benchmark password\"}" >/dev/null

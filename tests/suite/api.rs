@@ -1287,12 +1287,29 @@ async fn idempotency_keys_name_one_request_and_expire() {
     let (other, _) = user(&daemon).await;
     other.logout().await.unwrap();
     let count = |sql: &str| -> i64 { node.psql("superuser", sql).unwrap().trim().parse().unwrap() };
+    // A push keepd stopped in the middle of left its reservation (schema
+    // v23): past an hour the janitor gives its bytes back.
+    let usage_sql = "SELECT storage_bytes FROM keepd.account_usage \
+         WHERE user_id = (SELECT user_id FROM keepd.vaults WHERE vault_id = 'v')";
+    let before = count(usage_sql);
+    node.psql(
+        "superuser",
+        "WITH u AS (SELECT user_id FROM keepd.vaults WHERE vault_id = 'v'), \
+              r AS (INSERT INTO keepd.push_reservations (id, user_id, bytes, created_at) \
+                    SELECT gen_random_uuid(), user_id, 1000, now() - interval '61 minutes' FROM u) \
+         UPDATE keepd.account_usage SET storage_bytes = storage_bytes + 1000 \
+         WHERE user_id = (SELECT user_id FROM u)",
+    )
+    .unwrap();
+    assert_eq!(count(usage_sql), before + 1000);
     let swept = common::wait_until(Duration::from_secs(20), || {
         (count("SELECT count(*) FROM keepd.push_requests") == 0
-            && count("SELECT count(*) FROM keepd.sessions WHERE revoked_at IS NOT NULL") == 0)
+            && count("SELECT count(*) FROM keepd.sessions WHERE revoked_at IS NOT NULL") == 0
+            && count("SELECT count(*) FROM keepd.push_reservations") == 0)
             .then_some(())
     });
     assert!(swept.is_some(), "{}", daemon.log());
+    assert_eq!(count(usage_sql), before, "the orphan's bytes given back");
     let reused = send(body.replace("\"t\"", "\"t3\"")).await;
     assert_eq!(reused.status, 200, "{}", reused.text);
     assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
