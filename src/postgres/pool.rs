@@ -249,12 +249,15 @@ impl RoleAwarePool {
     }
 
     /// Runs `sql` as `ctx` in a transaction of its own committed without
-    /// waiting for the disk (see [`ScopedTransaction::commit_unflushed`]):
-    /// for a write a later synchronous commit depends on, or whose loss is
-    /// harmless. Once `sql` is prepared on the connection, BEGIN, the
-    /// scope, `sql` and COMMIT go in one round trip, so a row `sql` locks is
-    /// held for no round trip to keepd. When `sql` fails, Postgres ends the
-    /// transaction with a rollback and its error is returned.
+    /// waiting for the disk (`synchronous_commit` off for it alone): its
+    /// locks go at once, not after an fsync, and a crash may lose it with
+    /// nothing committed after it (the WAL is flushed in order, so a later
+    /// synchronous commit makes it durable first). For a write a later
+    /// synchronous commit depends on, or whose loss is harmless. Once `sql`
+    /// is prepared on the connection, BEGIN, the scope, `sql` and COMMIT go
+    /// in one round trip, so a row `sql` locks is held for no round trip to
+    /// keepd. When `sql` fails, Postgres ends the transaction with a
+    /// rollback and its error is returned.
     pub async fn run_unflushed(
         &self,
         ctx: &OperationContext,
@@ -262,62 +265,15 @@ impl RoleAwarePool {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PoolError> {
         let mut conn = self.connection().await?;
-        match Self::run_unflushed_on(&mut conn, ctx, sql, params).await {
-            // A connection the server closed while idle: a fresh one, once.
+        match conn.run_unflushed(ctx, sql, params).await {
+            // As in `open_scoped`: a connection closed while idle, replaced once.
             Err(e) if connection_lost(&e) || conn.client.is_closed() => {
                 let _ = managed::Object::take(conn);
                 let mut conn = self.connection().await?;
-                Ok(Self::run_unflushed_on(&mut conn, ctx, sql, params).await?)
+                Ok(conn.run_unflushed(ctx, sql, params).await?)
             }
             outcome => Ok(outcome?),
         }
-    }
-
-    async fn run_unflushed_on(
-        conn: &mut managed::Object<Manager>,
-        ctx: &OperationContext,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
-        let scope = conn.statement(ctx.role, SET_SCOPE).await?;
-        let role = ctx.role.name();
-        let user = ctx.user_id.as_deref().unwrap_or("");
-        let email = ctx.email_hmac.as_deref().unwrap_or("");
-        let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
-        // Until COMMIT is answered, a connection dropped here is rolled
-        // back or closed by the pool's recycling check.
-        conn.in_transaction = true;
-        let rows = match conn.cached(ctx.role, sql) {
-            Some(prepared) => {
-                let (begun, scoped, rows, committed) = tokio::join!(
-                    conn.client.batch_execute(BEGIN),
-                    conn.client.query_one(&scope, &scope_params),
-                    conn.client.query(&prepared, params),
-                    conn.client.batch_execute("COMMIT"),
-                );
-                begun?;
-                scoped?;
-                committed?;
-                rows
-            }
-            None => {
-                // Prepared once per connection and role, inside the scope.
-                tokio::try_join!(
-                    conn.client.batch_execute(BEGIN),
-                    conn.client.query_one(&scope, &scope_params),
-                )?;
-                let rows = match conn.statement(ctx.role, sql).await {
-                    Ok(statement) => conn.client.query(&statement, params).await,
-                    Err(e) => Err(e),
-                };
-                conn.client.batch_execute("COMMIT").await?;
-                rows
-            }
-        };
-        // Committed, or rolled back by COMMIT after `sql` failed.
-        conn.in_transaction = false;
-        rows
     }
 
     async fn open_scoped(
@@ -385,6 +341,18 @@ impl Connection {
         Ok(statement)
     }
 
+    /// The statement that scopes a transaction to `ctx` (role, tenant,
+    /// login lookup) and its parameters.
+    async fn scope<'c>(
+        &self,
+        ctx: &'c OperationContext,
+    ) -> Result<(Statement, [&'c str; 3]), tokio_postgres::Error> {
+        let scope = self.statement(ctx.role, SET_SCOPE).await?;
+        let user = ctx.user_id.as_deref().unwrap_or("");
+        let email = ctx.email_hmac.as_deref().unwrap_or("");
+        Ok((scope, [ctx.role.name(), user, email]))
+    }
+
     /// BEGIN, the scope of `ctx` and `first` (if any), pipelined.
     async fn open(
         &self,
@@ -392,10 +360,7 @@ impl Connection {
         first: Option<&str>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let user = ctx.user_id.as_deref().unwrap_or("");
-        let email = ctx.email_hmac.as_deref().unwrap_or("");
-        let scope = self.statement(ctx.role, SET_SCOPE).await?;
-        let role = ctx.role.name();
+        let (scope, [role, user, email]) = self.scope(ctx).await?;
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
         if let Some(prepared) = first.and_then(|sql| self.cached(ctx.role, sql)) {
             let (_, _, rows) = tokio::try_join!(
@@ -416,6 +381,52 @@ impl Connection {
         // login role alone may not even see the schema).
         let first = self.statement(ctx.role, first).await?;
         self.client.query(&first, params).await
+    }
+
+    /// `sql` in a transaction of its own, opened with the scope of `ctx`
+    /// and committed unflushed (`RoleAwarePool::run_unflushed`).
+    async fn run_unflushed(
+        &mut self,
+        ctx: &OperationContext,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+        let (scope, [role, user, email]) = self.scope(ctx).await?;
+        let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
+        // Until COMMIT is answered, a connection dropped here is rolled
+        // back by the pool's recycling check.
+        self.in_transaction = true;
+        let rows = match self.cached(ctx.role, sql) {
+            Some(prepared) => {
+                let (begun, scoped, rows, committed) = tokio::join!(
+                    self.client.batch_execute(BEGIN),
+                    self.client.query_one(&scope, &scope_params),
+                    self.client.query(&prepared, params),
+                    self.client.batch_execute("COMMIT"),
+                );
+                begun?;
+                scoped?;
+                committed?;
+                rows
+            }
+            None => {
+                // Prepared once per connection and role, inside the scope.
+                tokio::try_join!(
+                    self.client.batch_execute(BEGIN),
+                    self.client.query_one(&scope, &scope_params),
+                )?;
+                let rows = match self.statement(ctx.role, sql).await {
+                    Ok(statement) => self.client.query(&statement, params).await,
+                    Err(e) => Err(e),
+                };
+                self.client.batch_execute("COMMIT").await?;
+                rows
+            }
+        };
+        // Committed, or rolled back by COMMIT after `sql` failed.
+        self.in_transaction = false;
+        rows
     }
 }
 
