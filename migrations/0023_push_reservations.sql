@@ -36,30 +36,19 @@ ALTER TABLE keepd.push_reservations FORCE ROW LEVEL SECURITY;
 CREATE POLICY push_reservations_owner ON keepd.push_reservations TO keepd_owner
     USING (true) WITH CHECK (true);
 
--- Counts `bytes` on the transaction's tenant (never another account's: the
--- tenant comes from the transaction, not the caller) and returns the
--- reservation's id; past the storage quota (0: none) it refuses with
--- SQLSTATE KQ001, the bytes the account would reach in DETAIL.
+-- Counts `bytes` on the transaction's tenant and checks the quota as
+-- keepd.add_pushed_bytes (v21) does (the tenant from the transaction, never
+-- the caller; past the storage quota, 0 for none, SQLSTATE KQ001 with the
+-- bytes the account would reach in DETAIL), then records the reservation
+-- and returns its id.
 CREATE FUNCTION keepd.reserve_pushed_bytes(bytes bigint, quota bigint) RETURNS uuid
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    tenant uuid := nullif(current_setting('keepd.user_id', true), '')::uuid;
-    reached bigint;
     reservation uuid := gen_random_uuid();
 BEGIN
-    IF bytes < 0 THEN
-        RAISE EXCEPTION 'a push adds bytes, never removes them' USING ERRCODE = 'check_violation';
-    END IF;
-    UPDATE keepd.account_usage SET storage_bytes = storage_bytes + bytes
-     WHERE user_id = tenant
-    RETURNING storage_bytes INTO reached;
-    IF reached IS NULL THEN
-        RAISE EXCEPTION 'no account is the tenant of this transaction' USING ERRCODE = 'no_data_found';
-    END IF;
-    IF quota > 0 AND reached > quota THEN
-        RAISE EXCEPTION 'storage quota exceeded' USING ERRCODE = 'KQ001', DETAIL = reached::text;
-    END IF;
-    INSERT INTO keepd.push_reservations (id, user_id, bytes) VALUES (reservation, tenant, bytes);
+    PERFORM keepd.add_pushed_bytes(bytes, quota);
+    INSERT INTO keepd.push_reservations (id, user_id, bytes)
+    VALUES (reservation, nullif(current_setting('keepd.user_id', true), '')::uuid, bytes);
     RETURN reservation;
 END
 $$;
@@ -101,8 +90,6 @@ BEGIN
 END
 $$;
 
--- keepd.add_pushed_bytes (v21) stays for nodes of the previous version
--- during a rolling upgrade; keepd itself no longer calls it.
 -- Who may call them is the permission matrix's (`matrix::FUNCTIONS`).
 REVOKE ALL ON FUNCTION keepd.reserve_pushed_bytes(bigint, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION keepd.claim_pushed_bytes(uuid) FROM PUBLIC;

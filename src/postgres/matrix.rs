@@ -191,7 +191,8 @@ pub const FUNCTIONS: &[(GroupRole, &str)] = &[
     ),
     (GroupRole::Sync, "keepd.claim_pushed_bytes(uuid)"),
     (GroupRole::Sync, "keepd.give_back_pushed_bytes(uuid)"),
-    // Schema v21's, for nodes of that version during a rolling upgrade.
+    // Schema v21's count, which the reservation builds on; still granted
+    // for nodes of v22 during a rolling upgrade.
     (GroupRole::Sync, "keepd.add_pushed_bytes(bigint, bigint)"),
 ];
 
