@@ -149,6 +149,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "log_integrity",
         sql: include_str!("../../migrations/0024_log_integrity.sql"),
     },
+    Migration {
+        version: 25,
+        name: "lean_push",
+        sql: include_str!("../../migrations/0025_lean_push.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

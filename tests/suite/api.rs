@@ -1313,6 +1313,46 @@ async fn idempotency_keys_name_one_request_and_expire() {
     let reused = send(body.replace("\"t\"", "\"t3\"")).await;
     assert_eq!(reused.status, 200, "{}", reused.text);
     assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
+
+    // A record names its push's entries (schema v25): once their vault is
+    // deleted, the retry is told so and nothing is stored.
+    let to_w = body.replace("\"v\"", "\"w\"");
+    let push_w = || {
+        client.send(
+            Method::POST,
+            "/sync/push",
+            &[("idempotency-key", "k3")],
+            Some(to_w.clone().into_bytes()),
+        )
+    };
+    assert_eq!(push_w().await.unwrap().status, 200);
+    client.delete_vault("w").await.unwrap();
+    let gone = push_w().await.unwrap();
+    assert_eq!(gone.status, 404, "{}", gone.text);
+    assert_eq!(gone.body["error"]["code"], "vault_not_found");
+    // A record written before v25 holds its answer, and still gives it.
+    let old_answer = json!({"message": "1 logs pushed successfully", "count": 1, "logs": [{
+        "id": "018f0000-0000-7000-8000-000000000000", "sequence": 9,
+        "haexTimestamp": "t", "createdAt": "2026-01-01T00:00:00.000000Z"}]});
+    node.psql(
+        "superuser",
+        &format!(
+            "INSERT INTO keepd.push_requests (user_id, idempotency_key, response) \
+             SELECT user_id, 'k4', '{old_answer}' FROM keepd.vaults WHERE vault_id = 'v'"
+        ),
+    )
+    .unwrap();
+    let old = client
+        .send(
+            Method::POST,
+            "/sync/push",
+            &[("idempotency-key", "k4")],
+            Some(body.clone().into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_eq!((old.status, &old.body), (200, &old_answer), "{}", old.text);
+    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
 }
 
 /// A pull answers at most `api.max_pull_bytes` (fewer entries and

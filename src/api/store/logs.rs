@@ -70,19 +70,30 @@ const NEXT_SEQUENCE: &str = "SELECT min(l.sequence) FROM keepd.sync_logs l \
      WHERE v.user_id = $1 AND v.vault_id = $2 AND l.sequence > $3";
 
 /// A record older than `api.idempotency_ttl` (`$3`, seconds) has expired:
-/// the key may name a new request.
-const STORED_PUSH: &str = "SELECT response, request_hash FROM keepd.push_requests \
+/// the key may name a new request. Since schema v25 a record names its
+/// push's entries (`vault`, `first_sequence`, `entries`); one written
+/// before holds the answer itself (`response`).
+const STORED_PUSH: &str = "SELECT response, request_hash, vault, first_sequence, entries \
+     FROM keepd.push_requests \
      WHERE user_id = $1 AND idempotency_key = $2 \
        AND created_at > now() - make_interval(secs => $3)";
 
-/// Remembers a push's response; no row when a concurrent retry won. An
-/// expired record under the same key is replaced.
+/// The entries a record names, in sequence order.
+const RECORDED_ENTRIES: &str = "SELECT id, sequence, haex_timestamp, created_at \
+     FROM keepd.sync_logs \
+     WHERE vault = $1 AND sequence >= $2 AND sequence < $2 + $3::int8 \
+     ORDER BY sequence";
+
+/// Remembers where a push's entries are; no row when a concurrent retry
+/// won. An expired record under the same key is replaced.
 const SAVE_PUSH: &str = "INSERT INTO keepd.push_requests \
-     (user_id, idempotency_key, response, request_hash) VALUES ($1, $2, $3, $4) \
+     (user_id, idempotency_key, vault, first_sequence, entries, request_hash) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
      ON CONFLICT (user_id, idempotency_key) DO UPDATE \
-       SET response = excluded.response, request_hash = excluded.request_hash, \
-           created_at = now() \
-       WHERE keepd.push_requests.created_at <= now() - make_interval(secs => $5)";
+       SET response = NULL, vault = excluded.vault, \
+           first_sequence = excluded.first_sequence, entries = excluded.entries, \
+           request_hash = excluded.request_hash, created_at = now() \
+       WHERE keepd.push_requests.created_at <= now() - make_interval(secs => $7)";
 
 /// One entry as the client sent it.
 pub struct NewEntry {
@@ -324,41 +335,83 @@ pub async fn page(
 
 /// What a push answered under an Idempotency-Key, and the fingerprint of
 /// the request it answered (None for records from before schema v5).
-pub struct StoredPush {
-    pub response: serde_json::Value,
+pub struct StoredPush<R> {
+    /// None when the entries it stored are gone (their vault was deleted
+    /// since).
+    pub response: Option<R>,
     pub request_hash: Option<Vec<u8>>,
 }
 
-/// The live (unexpired) record of this Idempotency-Key, if any.
-pub async fn stored_push(
+/// The live (unexpired) record of this Idempotency-Key, if any, its
+/// answer made again by `respond` from the entries the push stored (a
+/// record from before schema v25 holds its answer).
+pub async fn stored_push<R: serde::de::DeserializeOwned>(
     tx: &ScopedTransaction,
+    fields: &FieldCipher,
     user: Uuid,
     key: &str,
     ttl: Duration,
-) -> Result<Option<StoredPush>, StoreError> {
+    respond: impl FnOnce(Appended) -> R,
+) -> Result<Option<StoredPush<R>>, StoreError> {
     let rows = tx
         .query(STORED_PUSH, &[&user, &key, &ttl.as_secs_f64()])
         .await?;
-    Ok(rows.first().map(|row| StoredPush {
-        response: row.get(0),
-        request_hash: row.get(1),
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let request_hash = row.get(1);
+    if let Some(response) = row.get::<_, Option<serde_json::Value>>(0) {
+        let response = serde_json::from_value(response).map_err(StoreError::decode)?;
+        return Ok(Some(StoredPush {
+            response: Some(response),
+            request_hash,
+        }));
+    }
+    let (vault, first, count): (Uuid, i64, i32) = (row.get(2), row.get(3), row.get(4));
+    let rows = tx
+        .query(RECORDED_ENTRIES, &[&vault, &first, &i64::from(count)])
+        .await?;
+    let entries = rows
+        .iter()
+        .map(|row| {
+            Ok(AppendedEntry {
+                id: row.get(0),
+                sequence: row.get(1),
+                haex_timestamp: fields.open_text(column::LOG_TIMESTAMP, row.get(2))?,
+                created_at: row.get(3),
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let whole = entries.len() == count as usize;
+    Ok(Some(StoredPush {
+        response: whole.then(|| respond(Appended { vault, entries })),
+        request_hash,
     }))
 }
 
-/// Remembers a push's response and request fingerprint; false when a
-/// concurrent retry with the same key committed first.
+/// Remembers where a push's entries are (`count` from `first` in
+/// `vault`) and its request's fingerprint; false when a concurrent retry
+/// with the same key committed first.
 pub async fn save_push(
     tx: &ScopedTransaction,
     user: Uuid,
-    key: &str,
-    request_hash: &[u8],
-    response: &serde_json::Value,
-    ttl: Duration,
+    idempotency: &Idempotency<'_>,
+    vault: Uuid,
+    first: i64,
+    count: i32,
 ) -> Result<bool, StoreError> {
     let saved = tx
         .execute(
             SAVE_PUSH,
-            &[&user, &key, response, &request_hash, &ttl.as_secs_f64()],
+            &[
+                &user,
+                &idempotency.key,
+                &vault,
+                &first,
+                &count,
+                &idempotency.fingerprint,
+                &idempotency.ttl.as_secs_f64(),
+            ],
         )
         .await?;
     Ok(saved > 0)
@@ -387,7 +440,7 @@ pub struct Idempotency<'a> {
 pub enum PushOutcome<R> {
     /// The key names a recorded push: its first answer (or, if the
     /// fingerprints differ, another request's); nothing was stored.
-    Recorded(StoredPush),
+    Recorded(StoredPush<R>),
     /// The user has no such vault.
     NoVault,
     /// The vault's key check differs from the push's.
@@ -406,13 +459,14 @@ pub enum PushOutcome<R> {
 }
 
 /// A whole push in `tx`: the Idempotency-Key's record looked up, the key
-/// check compared, the batch appended, then the answer `respond` makes of
-/// the stored entries recorded under the key.
-pub async fn push<R: serde::Serialize>(
+/// check compared, the batch appended and recorded under the key; the
+/// answer is what `respond` makes of the stored entries (of the recorded
+/// ones, for a retry).
+pub async fn push<R: serde::de::DeserializeOwned>(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     batch: PushBatch<'_>,
-    respond: impl FnOnce(Appended) -> R,
+    respond: impl Fn(Appended) -> R,
 ) -> Result<PushOutcome<R>, StoreError> {
     let PushBatch {
         user,
@@ -422,7 +476,8 @@ pub async fn push<R: serde::Serialize>(
         idempotency,
     } = batch;
     if let Some(idempotency) = &idempotency
-        && let Some(first) = stored_push(tx, user, idempotency.key, idempotency.ttl).await?
+        && let Some(first) =
+            stored_push(tx, fields, user, idempotency.key, idempotency.ttl, &respond).await?
     {
         return Ok(PushOutcome::Recorded(first));
     }
@@ -442,21 +497,11 @@ pub async fn push<R: serde::Serialize>(
         return Ok(PushOutcome::NoVault);
     };
     let (first, last) = (first.sequence, last.sequence);
+    let count = appended.entries.len() as i32;
     let response = respond(appended);
     let won = match &idempotency {
         None => true,
-        Some(idempotency) => {
-            let stored = serde_json::to_value(&response).map_err(StoreError::encode)?;
-            save_push(
-                tx,
-                user,
-                idempotency.key,
-                idempotency.fingerprint,
-                &stored,
-                idempotency.ttl,
-            )
-            .await?
-        }
+        Some(idempotency) => save_push(tx, user, idempotency, vault, first, count).await?,
     };
     Ok(PushOutcome::Stored {
         event: crate::api::events::VaultEvent {

@@ -37,7 +37,9 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn encode(e: serde_json::Error) -> StoreError {
-        StoreError::Encode(e.to_string())
+    /// A stored answer (an Idempotency-Key's record from before schema
+    /// v25) that does not read back as one.
+    fn decode(e: serde_json::Error) -> StoreError {
+        StoreError::Encode(format!("a stored answer does not read back: {e}"))
     }
 }

@@ -16,7 +16,9 @@ use super::*;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, UserAuth};
 use crate::api::store::StoreError;
-use crate::api::store::logs::{self, Idempotency, NewEntry, PushBatch, PushOutcome, StoredPush};
+use crate::api::store::logs::{
+    self, Appended, Idempotency, NewEntry, PushBatch, PushOutcome, StoredPush,
+};
 use crate::api::store::usage;
 use crate::api::{Api, iso8601};
 use crate::audit::AuditAction;
@@ -176,7 +178,8 @@ pub(in crate::api) async fn push(
         Err(exceeded) => match &idempotency {
             Some(key) => {
                 let tx = auth.begin(&api, GroupRole::Sync).await?;
-                match logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl).await? {
+                let ttl = api.settings.idempotency_ttl;
+                match logs::stored_push(&tx, &api.fields, auth.user, key, ttl, answer).await? {
                     Some(first) => return Ok(Json(replayed(first, &fingerprint)?)),
                     None => return Err(ApiError::quota_exceeded(exceeded)),
                 }
@@ -196,21 +199,7 @@ pub(in crate::api) async fn push(
             ttl: api.settings.idempotency_ttl,
         }),
     };
-    let outcome = logs::push(&tx, &api.fields, batch, |appended| PushResponse {
-        message: format!("{count} logs pushed successfully"),
-        count,
-        logs: appended
-            .entries
-            .into_iter()
-            .map(|entry| PushedEntry {
-                id: entry.id,
-                sequence: entry.sequence,
-                haex_timestamp: entry.haex_timestamp,
-                created_at: iso8601(entry.created_at),
-            })
-            .collect(),
-    })
-    .await?;
+    let outcome = logs::push(&tx, &api.fields, batch, answer).await?;
     let (event, first, response, raced) = match outcome {
         PushOutcome::Recorded(first) => return Ok(Json(replayed(first, &fingerprint)?)),
         PushOutcome::NoVault => return Err(vault_not_found()),
@@ -228,7 +217,8 @@ pub(in crate::api) async fn push(
         drop(tx);
         let tx = auth.begin(&api, GroupRole::Sync).await?;
         let key = idempotency.as_deref().unwrap_or_default();
-        let first = logs::stored_push(&tx, auth.user, key, api.settings.idempotency_ttl)
+        let ttl = api.settings.idempotency_ttl;
+        let first = logs::stored_push(&tx, &api.fields, auth.user, key, ttl, answer)
             .await?
             .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"))?;
         return Ok(Json(replayed(first, &fingerprint)?));
@@ -276,7 +266,7 @@ fn wrong_vault_key() -> ApiError {
 /// The first answer to this Idempotency-Key, if it names this same
 /// request; 422 if it named another (a client would otherwise believe
 /// data saved that was not).
-fn replayed(first: StoredPush, fingerprint: &[u8]) -> Result<PushResponse, ApiError> {
+fn replayed(first: StoredPush<PushResponse>, fingerprint: &[u8]) -> Result<PushResponse, ApiError> {
     if first
         .request_hash
         .is_some_and(|hash| hash.as_slice() != fingerprint)
@@ -288,8 +278,33 @@ fn replayed(first: StoredPush, fingerprint: &[u8]) -> Result<PushResponse, ApiEr
              use a new key for a new request",
         ));
     }
-    serde_json::from_value(first.response)
-        .map_err(|e| ApiError::internal("stored push response", &e))
+    first.response.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "vault_not_found",
+            "this Idempotency-Key's push was stored, but its vault has been deleted since",
+        )
+    })
+}
+
+/// The answer to a push that stored `appended` (made again from the
+/// stored entries for a retry under its Idempotency-Key).
+fn answer(appended: Appended) -> PushResponse {
+    let count = appended.entries.len();
+    PushResponse {
+        message: format!("{count} logs pushed successfully"),
+        count,
+        logs: appended
+            .entries
+            .into_iter()
+            .map(|entry| PushedEntry {
+                id: entry.id,
+                sequence: entry.sequence,
+                haex_timestamp: entry.haex_timestamp,
+                created_at: iso8601(entry.created_at),
+            })
+            .collect(),
+    }
 }
 
 /// SHA-256 over the route and every field of the push, each length-
