@@ -15,7 +15,7 @@
 #   scripts/bench.sh                      # 10 s per run
 #   BENCH_SECONDS=30 scripts/bench.sh
 #   BENCH_LARGE=0 scripts/bench.sh        # skip the 1-million-entry vault
-#   BENCH_PERF=/tmp/pull.data scripts/bench.sh  # perf profile of CPU 0 during the pull run
+#   BENCH_PERF=/tmp/keepd scripts/bench.sh  # perf profiles of CPU 0: /tmp/keepd-pull.data, -push.data
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -242,20 +242,26 @@ sql "VACUUM ANALYZE keepd.vaults"
 say "bench: keepd runs ($secs s each, $conns connections)"
 rss_before=$(rss_mib)
 echo 5 >"/proc/$keepd_pid/clear_refs"
+# With BENCH_PERF, CPU 0 is profiled during a run (perf record -g).
 perf_pid=""
-if [[ -n ${BENCH_PERF:-} ]]; then
-  perf record -q -g -C 0 -o "$BENCH_PERF" -- sleep "$secs" 2>/dev/null &
+perf_start() { # NAME
+  [[ -n ${BENCH_PERF:-} ]] || return 0
+  perf record -q -g -C 0 -o "$BENCH_PERF-$1.data" -- sleep "$secs" 2>/dev/null &
   perf_pid=$!
-fi
+}
+perf_wait() { [[ -z $perf_pid ]] || wait "$perf_pid"; perf_pid=""; }
+perf_start pull
 read -r pull_rps pull_p50 < <(wrk_run pull.lua $conns VAULT=pull-2k TOP=2000)
-[[ -n $perf_pid ]] && wait "$perf_pid"
+perf_wait
 rss_peak=$(hwm_mib)
 read -r pull10k_rps pull10k_p50 < <(wrk_run pull.lua $conns VAULT=pull-10k TOP=10000)
 if [[ $large == 1 ]]; then
   read -r pull1m_rps pull1m_p50 < <(wrk_run pull.lua $conns VAULT=pull-1m TOP=1000000)
 fi
 read -r pull1_rps pull1_p50 < <(wrk_run pull.lua 1 VAULT=pull-2k TOP=2000)
+perf_start push
 read -r push_rps push_p50 < <(wrk_run push.lua $conns VAULTS=100 PREFIX=spread DATA="$data")
+perf_wait
 read -r spread16_rps spread16_p50 < <(wrk_run push.lua 16 VAULTS=100 PREFIX=spread DATA="$data")
 read -r hot16_rps hot16_p50 < <(wrk_run push.lua 16 VAULTS=1 PREFIX=hot DATA="$data")
 sleep 2
@@ -345,10 +351,13 @@ COMMIT;"
 printf '\\set v random(1, 100)\n%s\nBEGIN;\n%s;\n%s\nCOMMIT;\n' "$reserve_sql" "$push_sql" "$claim_sql" >"$work/ceiling/push-quiet.sql"
 printf '\\set v random(1, 100)\n%s\nBEGIN;\n%s;\n%s\nCOMMIT;\n%s\n' "$reserve_sql" "$push_sql" "$claim_sql" "$notify_sql" >"$work/ceiling/push.sql"
 
+pgoptions="-c plan_cache_mode=force_generic_plan -c pgaudit.log=none"
 bench() { # SCRIPT CLIENTS: "tps latency_ms"
   local out
-  # As keepd's connections do: each statement planned once.
-  out=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" taskset -c 1 "$pgbin/pgbench" -n -M prepared -h "$work/ceiling" -U keepd_superuser \
+  # As keepd's connections do: each statement planned once, and not
+  # written to the log by pgAudit (the superuser's role setting logs
+  # every statement; keepd's login roles log only role and DDL ones).
+  out=$(PGOPTIONS="$pgoptions" taskset -c 1 "$pgbin/pgbench" -n -M prepared -h "$work/ceiling" -U keepd_superuser \
     -c "$2" -j 1 -T "$secs" -D uid="$uid" -D data="$data" -f "$work/ceiling/$1" keepd 2>&1)
   grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
   echo "$(awk '/^tps/ {print $3}' <<<"$out") $(awk '/latency average/ {print $4}' <<<"$out")"
@@ -362,7 +371,7 @@ read -r ceil_quiet_tps _ < <(bench push-quiet.sql $conns)
 # script's latency), so the machine's drift between runs cannot favour
 # either. Each script keeps its own prepared statement, planned once for
 # the role it runs as, as keepd's per-role statement cache does.
-out=$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" taskset -c 1 "$pgbin/pgbench" -n -M prepared \
+out=$(PGOPTIONS="$pgoptions" taskset -c 1 "$pgbin/pgbench" -n -M prepared \
   -h "$work/ceiling" -U keepd_superuser -c 1 -j 1 -T $((3 * secs)) -D uid="$uid" \
   -f "$work/ceiling/pull-scoped.sql@1" -f "$work/ceiling/pull-unscoped.sql@1" keepd 2>&1)
 grep -q 'number of failed transactions: 0' <<<"$out" || { say "$out"; exit 1; }
