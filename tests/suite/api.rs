@@ -1266,6 +1266,16 @@ async fn idempotency_keys_name_one_request_and_expire() {
         assert_eq!(answer.status, 422, "{}", answer.text);
         assert_eq!(answer.body["error"]["code"], "idempotency_key_reused");
     }
+    // Each stored push wrote its audit entry with its commit; a replay or
+    // a refusal wrote none.
+    let audited = node
+        .psql(
+            "superuser",
+            "SELECT count(*) FROM keepd_audit.audit_log \
+             WHERE action = 'SYNC_PUSH' AND role_used = 'keepd_sync'",
+        )
+        .unwrap();
+    assert_eq!(audited.trim(), "2");
     let pulled = client.pull("v", 0, 100).await.unwrap();
     assert_eq!(
         pulled.logs.len(),
