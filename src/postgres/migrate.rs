@@ -154,6 +154,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "lean_push",
         sql: include_str!("../../migrations/0025_lean_push.sql"),
     },
+    Migration {
+        version: 26,
+        name: "page_bound",
+        sql: include_str!("../../migrations/0026_page_bound.sql"),
+    },
 ];
 
 /// Serialises migrations across every keepd sharing a cluster.

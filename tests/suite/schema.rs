@@ -880,6 +880,14 @@ async fn upgrading_to_usage_counts_what_accounts_already_hold() {
         .unwrap()
         .get(0);
     assert_eq!(vault_bytes, 7 + 10 + 11);
+    // v26: the vault's largest entry as stored, which bounds its pages:
+    // the sealed one, 54 + 50 + 46 characters.
+    let largest: i64 = client
+        .query_one("SELECT largest_entry FROM keepd.vaults", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(largest, 54 + 50 + 46);
     let helpers: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_proc WHERE proname LIKE 'v14\\_%'",
@@ -1020,6 +1028,25 @@ async fn log_entries_name_a_vault_of_their_account_and_leave_with_it() {
         }
     };
     assert_eq!(count(alice.clone()).await, 2);
+    // Every write keeps the vault's largest entry, as stored (schema v26:
+    // it bounds a page), even by hand: raised, never lowered.
+    let largest = || {
+        let (db, alice) = (&db, &alice);
+        async move {
+            let sql = format!("SELECT largest_entry FROM keepd.vaults WHERE user_id = '{alice}'");
+            db.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+    assert_eq!(largest().await, 3, "'d', 'n', 't'");
+    for (data, expected) in [("dddddddddd", 12), ("d", 12)] {
+        db.batch_execute(&format!(
+            "UPDATE keepd.sync_logs SET encrypted_data = '{data}' \
+             WHERE user_id = '{alice}' AND sequence = 2"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(largest().await, expected, "after {data}");
+    }
     let storage = || {
         let (db, alice) = (&db, &alice);
         async move {

@@ -46,20 +46,34 @@ const APPEND: &str = "WITH deferred AS MATERIALIZED ( \
 /// any plan reads, with or without the table's statistics. (Without them,
 /// before the first ANALYZE of a freshly pushed table, Postgres chose a
 /// bitmap scan of every entry after `$3` and a sort, and a fresh vault
-/// pulled at half the speed of a settled one.) The window runs once over
-/// the rows in index order with a ROWS frame.
+/// pulled at half the speed of a settled one.) When `$4` entries the size
+/// of the vault's largest (`vaults.largest_entry`, schema v26) fit in
+/// `$5`, no page can pass the budget and the first branch reads the range
+/// as it is; otherwise the second adds up the sizes, a window run once
+/// over the rows in index order with a ROWS frame. Postgres checks each
+/// branch's condition on the vault once and skips the other branch.
 const PULL_LOGS: &str = "SELECT t.id, t.encrypted_data, t.nonce, t.haex_timestamp, t.sequence, \
        t.created_at, t.sequence < v.last_sequence AS more, v.last_sequence \
      FROM keepd.vaults v LEFT JOIN LATERAL ( \
-       SELECT p.*, row_number() OVER w AS n, \
-              sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
-                  + octet_length(p.haex_timestamp)) OVER w AS running \
-       FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
-             FROM keepd.sync_logs \
-             WHERE vault = v.id AND sequence > $3::int8 AND sequence <= $3::int8 + $4::int8 \
-             ORDER BY sequence LIMIT $4::int8) p \
-       WINDOW w AS (ORDER BY p.sequence ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) t \
-       ON t.n = 1 OR t.running <= $5::int8 \
+       (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+        FROM keepd.sync_logs \
+        WHERE vault = v.id AND sequence > $3::int8 AND sequence <= $3::int8 + $4::int8 \
+          AND v.largest_entry * $4::int8 <= $5::int8 \
+        ORDER BY sequence LIMIT $4::int8) \
+       UNION ALL \
+       (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+        FROM (SELECT p.*, row_number() OVER w AS n, \
+                     sum(octet_length(p.encrypted_data) + octet_length(p.nonce) \
+                         + octet_length(p.haex_timestamp)) OVER w AS running \
+              FROM (SELECT id, encrypted_data, nonce, haex_timestamp, sequence, created_at \
+                    FROM keepd.sync_logs \
+                    WHERE vault = v.id AND sequence > $3::int8 \
+                      AND sequence <= $3::int8 + $4::int8 \
+                    ORDER BY sequence LIMIT $4::int8) p \
+              WINDOW w AS (ORDER BY p.sequence \
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) s \
+        WHERE v.largest_entry * $4::int8 > $5::int8 AND (s.n = 1 OR s.running <= $5::int8))) t \
+       ON true \
      WHERE v.user_id = $1 AND v.vault_id = $2";
 
 /// The first sequence after `$3` in the user's vault: where a page
