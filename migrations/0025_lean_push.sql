@@ -21,20 +21,3 @@ ALTER TABLE keepd.push_requests
     ADD CONSTRAINT push_requests_answer CHECK (
         response IS NOT NULL
         OR (vault IS NOT NULL AND first_sequence > 0 AND entries > 0));
-
--- A log entry's vault is checked with one probe per distinct (vault,
--- account) of the statement, a push's one, instead of one per entry
--- (v24's check probed the vaults' key 50 times for a push of 50).
-CREATE OR REPLACE FUNCTION keepd.check_log_vaults() RETURNS trigger LANGUAGE plpgsql
-    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM (SELECT DISTINCT vault, user_id FROM written) w
-                 LEFT JOIN LATERAL (SELECT v.user_id FROM keepd.vaults v
-                                     WHERE v.id = w.vault FOR KEY SHARE) v ON true
-                WHERE v.user_id IS DISTINCT FROM w.user_id) THEN
-        RAISE EXCEPTION 'a log entry names a vault its account does not have'
-            USING ERRCODE = 'foreign_key_violation', TABLE = 'sync_logs';
-    END IF;
-    RETURN NULL;
-END
-$$;

@@ -24,9 +24,12 @@ UPDATE keepd.vaults v
 ALTER TABLE keepd.vaults FORCE ROW LEVEL SECURITY;
 ALTER TABLE keepd.sync_logs FORCE ROW LEVEL SECURITY;
 
--- v25's check, and the written vaults' largest entry raised where a
--- statement wrote a larger one (a push of entries no larger than before
--- updates nothing; never lowered, so the bound stays one).
+-- The entry check of v24, now with one probe per distinct (vault,
+-- account) of the statement, a push's one, instead of one per entry (v24
+-- probed the vaults' key 50 times for a push of 50); and the written
+-- vaults' largest entry raised where a statement wrote a larger one (a
+-- push of entries no larger than before updates nothing; never lowered,
+-- so the bound stays one).
 CREATE OR REPLACE FUNCTION keepd.check_log_vaults() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
