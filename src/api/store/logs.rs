@@ -351,7 +351,7 @@ pub async fn page(
 /// the request it answered (None for records from before schema v5).
 pub struct StoredPush<R> {
     /// None when the entries it stored are gone (their vault was deleted
-    /// since).
+    /// since, or some were removed by hand).
     pub response: Option<R>,
     pub request_hash: Option<Vec<u8>>,
 }

@@ -282,7 +282,8 @@ fn replayed(first: StoredPush<PushResponse>, fingerprint: &[u8]) -> Result<PushR
         ApiError::new(
             StatusCode::NOT_FOUND,
             "vault_not_found",
-            "this Idempotency-Key's push was stored, but its vault has been deleted since",
+            "this Idempotency-Key's push was stored, but its entries are gone since (its vault \
+             was deleted); nothing was stored again",
         )
     })
 }
