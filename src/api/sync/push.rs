@@ -176,14 +176,10 @@ pub(in crate::api) async fn push(
         Ok(reservation) => reservation,
         // A retry of a push that reached the quota is answered as before.
         Err(exceeded) => match &idempotency {
-            Some(key) => {
-                let tx = auth.begin(&api, GroupRole::Sync).await?;
-                let ttl = api.settings.idempotency_ttl;
-                match logs::stored_push(&tx, &api.fields, auth.user, key, ttl, answer).await? {
-                    Some(first) => return Ok(Json(replayed(first, &fingerprint)?)),
-                    None => return Err(ApiError::quota_exceeded(exceeded)),
-                }
-            }
+            Some(key) => match recorded(&api, &auth, key, &fingerprint).await? {
+                Some(first) => return Ok(Json(first)),
+                None => return Err(ApiError::quota_exceeded(exceeded)),
+            },
             None => return Err(ApiError::quota_exceeded(exceeded)),
         },
     };
@@ -215,13 +211,11 @@ pub(in crate::api) async fn push(
         // A concurrent retry with this key committed first: this attempt
         // is rolled back and the first result is the answer.
         drop(tx);
-        let tx = auth.begin(&api, GroupRole::Sync).await?;
         let key = idempotency.as_deref().unwrap_or_default();
-        let ttl = api.settings.idempotency_ttl;
-        let first = logs::stored_push(&tx, &api.fields, auth.user, key, ttl, answer)
+        let first = recorded(&api, &auth, key, &fingerprint)
             .await?
             .ok_or_else(|| ApiError::internal("idempotent push", &"stored result vanished"))?;
-        return Ok(Json(replayed(first, &fingerprint)?));
+        return Ok(Json(first));
     }
     let metadata = json!({
         "user": api.user_ref(auth.user),
@@ -261,6 +255,23 @@ fn wrong_vault_key() -> ApiError {
         "this push was encrypted under another key than the vault's (its keyCheck differs); \
          nothing was stored: fetch the vault's key with GET /sync/vault-key/{vaultId}",
     )
+}
+
+/// The answer recorded under `key`, read in a transaction of its own (for
+/// a retry this push's own transaction did not answer), as `replayed`
+/// gives it; None when no live record has the key.
+async fn recorded(
+    api: &Api,
+    auth: &UserAuth,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<Option<PushResponse>, ApiError> {
+    let tx = auth.begin(api, GroupRole::Sync).await?;
+    let ttl = api.settings.idempotency_ttl;
+    logs::stored_push(&tx, &api.fields, auth.user, key, ttl, answer)
+        .await?
+        .map(|first| replayed(first, fingerprint))
+        .transpose()
 }
 
 /// The first answer to this Idempotency-Key, if it names this same
