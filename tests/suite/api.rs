@@ -1240,20 +1240,21 @@ async fn idempotency_keys_name_one_request_and_expire() {
         "logs": [{"encryptedData": "AAAA", "nonce": "AAAA", "haexTimestamp": "t"}],
     }))
     .unwrap();
-    let send = |vault_body: String| {
+    let send_as = |key: &'static str, vault_body: String| {
         let client = &client;
         async move {
             client
                 .send(
                     Method::POST,
                     "/sync/push",
-                    &[("idempotency-key", "k2")],
+                    &[("idempotency-key", key)],
                     Some(vault_body.into_bytes()),
                 )
                 .await
                 .unwrap()
         }
     };
+    let send = |vault_body: String| send_as("k2", vault_body);
     let stored = send(body.clone()).await;
     assert_eq!(stored.status, 200, "{}", stored.text);
     let replay = send(body.clone()).await;
@@ -1327,17 +1328,9 @@ async fn idempotency_keys_name_one_request_and_expire() {
     // A record names its push's entries (schema v25): once their vault is
     // deleted, the retry is told so and nothing is stored.
     let to_w = body.replace("\"v\"", "\"w\"");
-    let push_w = || {
-        client.send(
-            Method::POST,
-            "/sync/push",
-            &[("idempotency-key", "k3")],
-            Some(to_w.clone().into_bytes()),
-        )
-    };
-    assert_eq!(push_w().await.unwrap().status, 200);
+    assert_eq!(send_as("k3", to_w.clone()).await.status, 200);
     client.delete_vault("w").await.unwrap();
-    let gone = push_w().await.unwrap();
+    let gone = send_as("k3", to_w).await;
     assert_eq!(gone.status, 404, "{}", gone.text);
     assert_eq!(gone.body["error"]["code"], "vault_not_found");
     // A record written before v25 holds its answer, and still gives it.
@@ -1352,15 +1345,7 @@ async fn idempotency_keys_name_one_request_and_expire() {
         ),
     )
     .unwrap();
-    let old = client
-        .send(
-            Method::POST,
-            "/sync/push",
-            &[("idempotency-key", "k4")],
-            Some(body.clone().into_bytes()),
-        )
-        .await
-        .unwrap();
+    let old = send_as("k4", body.clone()).await;
     assert_eq!((old.status, &old.body), (200, &old_answer), "{}", old.text);
     assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
 }
