@@ -467,6 +467,11 @@ pub fn openapi_document() -> String {
         .expect("the OpenAPI document serialises")
 }
 
+/// The routes whose answers are long-lived streams (`text/event-stream`):
+/// the edge answers them outside hyper when they open a connection, so
+/// each open stream costs little memory (`edge::streams`).
+pub const STREAM_PATHS: &[&str] = &["/sync/events"];
+
 /// The public router: every route of the OpenAPI document, behind the
 /// layers every answer passes.
 pub fn router(api: Arc<Api>, web: &WebPolicy) -> Router {
@@ -745,6 +750,25 @@ mod tests {
         );
         let far = UNIX_EPOCH + Duration::from_secs(300_000_000_000);
         assert_eq!(iso8601(far), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn the_stream_paths_are_the_routes_that_answer_event_streams() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_document()).unwrap();
+        let streaming: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, item)| {
+                item.as_object().unwrap().values().any(|operation| {
+                    operation["responses"]["200"]["content"]
+                        .get("text/event-stream")
+                        .is_some()
+                })
+            })
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert_eq!(streaming, STREAM_PATHS);
     }
 
     #[test]

@@ -235,7 +235,8 @@ impl Tasks {
         let (events, operator, limited) = (w.api.events.clone(), w.api.clone(), w.api.clone());
         let rooted = w.api.clone();
         let metrics_api = w.metrics_listener.map(|listener| (listener, w.api.clone()));
-        let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone());
+        let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone())
+            .with_streams(api::STREAM_PATHS);
         let app = api::router(w.api, &web);
         let superuser = &w.superuser;
         let node_id = w.node_id.clone();

@@ -23,6 +23,7 @@
 pub mod budget;
 pub mod proxies;
 pub mod slots;
+mod streams;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -70,6 +71,10 @@ pub struct EdgeSettings {
     pub max_response_bytes_per_connection: usize,
     pub trusted: TrustedProxies,
     pub tls: Option<Arc<ApiCertificate>>,
+    /// Paths whose answers are long-lived streams, answered outside hyper
+    /// when they open a connection (`streams`); none unless the router
+    /// names them (`with_streams`).
+    pub stream_paths: &'static [&'static str],
 }
 
 impl EdgeSettings {
@@ -90,6 +95,15 @@ impl EdgeSettings {
             max_response_bytes_per_connection: api.max_response_bytes_per_connection,
             trusted,
             tls,
+            stream_paths: &[],
+        }
+    }
+
+    /// The router's stream paths (`api::STREAM_PATHS`).
+    pub fn with_streams(self, stream_paths: &'static [&'static str]) -> EdgeSettings {
+        EdgeSettings {
+            stream_paths,
+            ..self
         }
     }
 }
@@ -421,10 +435,26 @@ impl Connection {
             abuse: &abuse,
             stop,
         };
-        let Some(acceptor) = acceptor else {
-            served.serve(watched, &builders.plain).await;
-            return;
-        };
+        match acceptor {
+            None => served.http(watched, &builders.plain).await,
+            // Boxed: the TLS state is the size of a plain connection's
+            // whole task, and plain streams should not carry it.
+            Some(acceptor) => {
+                Box::pin(served.tls(acceptor, watched, &builders)).await;
+            }
+        }
+    }
+}
+
+impl Served<'_> {
+    async fn tls(
+        self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        watched: Watched<TcpStream>,
+        builders: &Builders,
+    ) {
+        let (settings, abuse, peer) = (self.settings, self.abuse, self.peer);
+        let state = self.handle.connection.state.clone();
         // The handshake counts against header_timeout; an evicted
         // connection stops at once.
         let handshake = tokio::time::timeout(settings.header_timeout, acceptor.accept(watched));
@@ -434,7 +464,7 @@ impl Connection {
         };
         let mut tls = match tls {
             Ok(Ok(tls)) => {
-                served.handle.connection.handshake_done();
+                self.handle.connection.handshake_done();
                 tls
             }
             Ok(Err(e)) => {
@@ -448,7 +478,7 @@ impl Connection {
             }
         };
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            served.serve(tls, &builders.http1).await;
+            self.http(tls, &builders.http1).await;
             return;
         }
         // ALPN chose h2: the client must open with the HTTP/2 preface.
@@ -462,12 +492,8 @@ impl Connection {
         };
         match read {
             Ok(Ok(_)) if &preface == H2_PREFACE => {
-                let replayed = Prefixed {
-                    prefix: preface.to_vec(),
-                    at: 0,
-                    inner: tls,
-                };
-                served.serve(replayed, &builders.http2).await;
+                let replayed = Prefixed::new(preface.to_vec(), tls);
+                self.serve(replayed, &builders.http2).await;
             }
             Ok(Ok(_)) => {
                 abuse.note("invalid_preface");
@@ -475,6 +501,41 @@ impl Connection {
                 let _ = tls.shutdown().await;
             }
             _ => debug!(%peer, "api: no HTTP/2 preface within api.header_timeout"),
+        }
+    }
+
+    /// HTTP/1.1 (or, on plain HTTP, h2c): a stream opening the connection
+    /// is answered by `streams`, anything else by hyper.
+    async fn http<S>(mut self, mut io: S, builder: &auto::Builder<TokioExecutor>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let state = self.handle.connection.state.clone();
+        let first = if self.settings.stream_paths.is_empty() {
+            Ok(streams::First::Other(Vec::new()))
+        } else {
+            // Until the first request's head is in, the same bounds as
+            // hyper's: api.header_timeout from the accept, eviction, stop.
+            let header_deadline = state
+                .deadline(self.settings.header_timeout, self.settings.idle_timeout)
+                .unwrap_or_else(|| Instant::now() + self.settings.header_timeout);
+            tokio::select! {
+                first = streams::first_request(&mut io, self.settings.stream_paths) => first,
+                _ = tokio::time::sleep_until(header_deadline.into()) => return,
+                _ = state.evicted() => return,
+                _ = self.stop.requested() => return,
+            }
+        };
+        match first {
+            Ok(streams::First::Stream(request)) => streams::answer(io, *request, self).await,
+            // Boxed: hyper's connection is most of a connection's memory,
+            // and streams answered above should not carry its size.
+            Ok(streams::First::Other(read)) => {
+                Box::pin(self.serve(Prefixed::new(read, io), builder)).await
+            }
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "api: connection failed before a request")
+            }
         }
     }
 }
@@ -499,6 +560,16 @@ struct Prefixed<S> {
     inner: S,
 }
 
+impl<S> Prefixed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -510,6 +581,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let at = self.at;
             buf.put_slice(&self.prefix[at..at + n]);
             self.at += n;
+            if self.at == self.prefix.len() {
+                // Handed out: its buffer is not kept for the connection's life.
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

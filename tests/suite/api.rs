@@ -2608,6 +2608,137 @@ async fn events_follow_commits_resume_without_a_gap_and_are_capped() {
     assert_eq!(last, 9);
 }
 
+/// A stream that opens its connection is answered outside hyper (the
+/// edge's lean path, which keeps 10 000 streams in tens of MiB): on plain
+/// HTTP, as over TLS above, its answers are framed as HTTP/1.1 says, it
+/// closes the connection after (and when the client sends anything more),
+/// and a stream opened on a connection that served another request first,
+/// or over h2c, is still answered (by hyper).
+#[tokio::test(flavor = "multi_thread")]
+async fn event_streams_on_plain_http_are_framed_as_http_says_and_close_after() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::with(common::unlimited_rates());
+    let daemon = node.start_healthy();
+    let addr = daemon.addr();
+    let (client, _) = user(&daemon).await;
+    let key = client.create_vault("v", PASSWORD).await.unwrap();
+    let token = client.token().unwrap().to_string();
+    let events = |auth: &str| {
+        format!(
+            "GET /sync/events?vaultId=v HTTP/1.1\r\nHost: localhost\r\n{auth}Accept: text/event-stream\r\n\r\n"
+        )
+    };
+    async fn within<F: std::future::Future>(what: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(5), what)
+            .await
+            .expect("within 5 s")
+    }
+
+    // Refused: the whole answer, its length, then the connection's end.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(events("").as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    within(tcp.read_to_end(&mut answer)).await.unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(head.contains("\r\ndate: "), "{head}");
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+        "{head}"
+    );
+    let error: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(error["error"]["code"], "unauthorized", "{body}");
+
+    // Answered: chunked, one chunk an event, pushes stream through.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(events(&format!("Authorization: Bearer {token}\r\n")).as_bytes())
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(tcp);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert_ne!(
+            within(reader.read_line(&mut head)).await.unwrap(),
+            0,
+            "{head}"
+        );
+    }
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for line in [
+        "content-type: text/event-stream",
+        "transfer-encoding: chunked",
+        "connection: close",
+    ] {
+        assert!(head.contains(&format!("\r\n{line}\r\n")), "{line}: {head}");
+    }
+    assert!(!head.contains("content-length"), "{head}");
+    // The chunks until `id: N` (heartbeats are chunks of their own).
+    async fn until_id(reader: &mut (impl tokio::io::AsyncBufRead + Unpin), id: u64) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).await.unwrap();
+            let size = usize::from_str_radix(size.trim_end_matches("\r\n"), 16)
+                .unwrap_or_else(|_| panic!("a chunk size line: {size:?}"));
+            assert!(size > 0, "the stream ended");
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).await.unwrap();
+            assert!(chunk.ends_with(b"\r\n"), "a chunk ends with CRLF");
+            let text = String::from_utf8(chunk).unwrap();
+            if text.contains(&format!("\nid: {id}\n")) {
+                assert!(text.starts_with("event: sync\n"), "{text}");
+                return;
+            }
+        }
+    }
+    within(until_id(&mut reader, 0)).await;
+    client
+        .push("v", &key, &entries(2, "a"), None)
+        .await
+        .unwrap();
+    within(until_id(&mut reader, 2)).await;
+    // More bytes on a connection that said it closes: closed.
+    reader
+        .get_mut()
+        .write_all(b"GET /health HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = within(reader.read_to_end(&mut rest)).await;
+
+    // A stream after another request on the same connection, and h2c.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let both = format!(
+        "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n{}",
+        events(&format!("Authorization: Bearer {token}\r\n"))
+    );
+    tcp.write_all(both.as_bytes()).await.unwrap();
+    let mut reader = tokio::io::BufReader::new(tcp);
+    let mut seen = String::new();
+    while seen.matches("HTTP/1.1 200 OK").count() < 2 {
+        assert_ne!(
+            within(reader.read_line(&mut seen)).await.unwrap(),
+            0,
+            "{seen}"
+        );
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c with prior knowledge");
+    tokio::spawn(connection);
+    let request = hyper::Request::get(format!("http://{addr}/health"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = within(h2.send_request(request)).await.unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
 async fn next_event(stream: &mut keepd::client::EventStream) -> keepd::client::VaultEvent {
     tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
