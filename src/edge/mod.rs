@@ -645,6 +645,26 @@ impl RequestContext {
     }
 }
 
+/// A request through the router, however its connection is served: the
+/// peer's address and the connection's context as extensions, the request
+/// open on its connection until the router has made the answer's head.
+fn route(
+    router: &Router,
+    peer: SocketAddr,
+    handle: &RequestContext,
+    mut request: hyper::Request<axum::body::Body>,
+) -> impl Future<Output = axum::response::Response> + Send + use<> {
+    let open = OpenRequest::start(&handle.connection);
+    request.extensions_mut().insert(ConnectInfo(peer));
+    request.extensions_mut().insert(handle.clone());
+    let answer = router.clone().oneshot(request);
+    async move {
+        let Ok(response) = answer.await;
+        drop(open);
+        response
+    }
+}
+
 /// One connection being served.
 struct Served<'a> {
     peer: SocketAddr,
@@ -669,18 +689,9 @@ impl Served<'_> {
             mut stop,
         } = self;
         let state = handle.connection.state.clone();
-        let requests = handle.connection.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let open = OpenRequest::start(&requests);
-            let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(ConnectInfo(peer));
-            request.extensions_mut().insert(handle.clone());
-            let answer = router.clone().oneshot(request);
-            async move {
-                let response = answer.await;
-                drop(open);
-                response
-            }
+            let answer = route(&router, peer, &handle, request.map(axum::body::Body::new));
+            async move { Ok::<_, std::convert::Infallible>(answer.await) }
         });
         // No route upgrades a connection; serve_connection (unlike the
         // upgrading variant) keeps to the protocol the builder allows.

@@ -25,15 +25,13 @@ use std::pin::pin;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, HttpBody};
-use axum::extract::ConnectInfo;
 use http_body_util::BodyExt;
 use hyper::http::{
     self, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tower::ServiceExt;
 
-use super::{OpenRequest, Served};
+use super::Served;
 
 /// The largest request head served here; a longer one goes to hyper.
 pub(super) const HEAD_LIMIT: usize = 4096;
@@ -138,7 +136,7 @@ fn classify(head: &[u8], paths: &[&str]) -> Class {
 /// moved no byte for `api.idle_timeout` (a write included: a client that
 /// stops reading is let go), or the node stops (after the grace hyper's
 /// connections get).
-pub(super) async fn answer<S>(mut io: S, mut request: Request<Body>, served: Served<'_>)
+pub(super) async fn answer<S>(mut io: S, request: Request<Body>, served: Served<'_>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -151,11 +149,8 @@ where
         ..
     } = served;
     let state = handle.connection.state.clone();
-    let open = OpenRequest::start(&handle.connection);
-    request.extensions_mut().insert(ConnectInfo(peer));
-    request.extensions_mut().insert(handle);
-    let Ok(response) = router.oneshot(request).await;
-    drop(open);
+    let response = super::route(&router, peer, &handle, request).await;
+    drop(handle);
     let (parts, body) = response.into_parts();
     let framing = Framing::of(&parts, &body);
     let within = settings.idle_timeout;
