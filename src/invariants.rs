@@ -148,3 +148,22 @@ fn the_backup_module_sits_above_the_providers() {
     );
     assert!(backup.is_empty(), "{}", backup.join("\n"));
 }
+
+/// The edge knows neither routes nor the database (docs/ARCHITECTURE.md,
+/// `edge`): the paths it answers as streams are handed to it.
+#[test]
+fn the_edge_knows_no_route_and_no_database() {
+    let hits = offending(
+        |path| !path.starts_with("edge"),
+        |line| {
+            ["crate::api", "crate::postgres", "\"/sync", "\"/auth"]
+                .iter()
+                .any(|name| line.contains(name))
+        },
+    );
+    assert!(
+        hits.is_empty(),
+        "the edge is handed what it needs (EdgeSettings, the router):\n{}",
+        hits.join("\n")
+    );
+}
