@@ -99,6 +99,17 @@ impl EdgeSettings {
         }
     }
 
+    /// How long open answers get to finish once the node stops.
+    fn stop_grace(&self) -> Duration {
+        self.header_timeout.max(Duration::from_secs(5))
+    }
+
+    /// When the connection of `state` should close if nothing changes
+    /// (`ConnState::deadline` under these timeouts).
+    fn deadline(&self, state: &ConnState) -> Option<Instant> {
+        state.deadline(self.header_timeout, self.idle_timeout)
+    }
+
     /// The router's stream paths (`api::STREAM_PATHS`).
     pub fn with_streams(self, stream_paths: &'static [&'static str]) -> EdgeSettings {
         EdgeSettings {
@@ -303,7 +314,7 @@ pub async fn serve(
     drop(listener);
     abuse.flush();
     // Let open requests finish; connections close as they go idle.
-    let drain = settings.header_timeout.max(Duration::from_secs(5));
+    let drain = settings.stop_grace();
     let _ = tokio::time::timeout(drain, async {
         while slots.open().0 > 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -516,8 +527,9 @@ impl Served<'_> {
         } else {
             // Until the first request's head is in, the same bounds as
             // hyper's: api.header_timeout from the accept, eviction, stop.
-            let header_deadline = state
-                .deadline(self.settings.header_timeout, self.settings.idle_timeout)
+            let header_deadline = self
+                .settings
+                .deadline(&state)
                 .unwrap_or_else(|| Instant::now() + self.settings.header_timeout);
             tokio::select! {
                 first = streams::first_request(&mut io, self.settings.stream_paths) => first,
@@ -698,7 +710,7 @@ impl Served<'_> {
         let connection = builder.serve_connection(TokioIo::new(io), service);
         let mut connection = pin!(connection);
         let mut closing: Option<Instant> = None;
-        let deadline = || state.deadline(settings.header_timeout, settings.idle_timeout);
+        let deadline = || settings.deadline(&state);
         loop {
             // Past a deadline: ask the connection to finish (an idle HTTP/1
             // connection closes at once; HTTP/2 sends GOAWAY), then drop it.
@@ -729,7 +741,7 @@ impl Served<'_> {
                 _ = state.evicted() => return,
                 _ = stop.requested(), if closing.is_none() => {
                     connection.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(5)));
+                    closing = Some(Instant::now() + settings.stop_grace());
                 }
             }
         }

@@ -162,8 +162,8 @@ where
     let mut closing: Option<Instant> = None;
     let mut byte = [0u8; 1];
     loop {
-        let idle = state
-            .deadline(settings.header_timeout, settings.idle_timeout)
+        let idle = settings
+            .deadline(&state)
             .unwrap_or_else(|| Instant::now() + settings.idle_timeout);
         let wake = closing.map_or(idle, |grace_end| grace_end.min(idle));
         let bytes = tokio::select! {
@@ -188,7 +188,7 @@ where
             _ = io.read(&mut byte) => return,
             _ = tokio::time::sleep_until(wake.into()) => {
                 let now = Instant::now();
-                let idle = state.deadline(settings.header_timeout, settings.idle_timeout);
+                let idle = settings.deadline(&state);
                 if closing.is_some_and(|grace_end| grace_end <= now)
                     || idle.is_some_and(|deadline| deadline <= now)
                 {
@@ -198,7 +198,7 @@ where
             }
             _ = state.evicted() => return,
             _ = stop.requested(), if closing.is_none() => {
-                closing = Some(Instant::now() + settings.header_timeout.max(Duration::from_secs(5)));
+                closing = Some(Instant::now() + settings.stop_grace());
                 continue;
             }
         };
