@@ -13,11 +13,14 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::Api;
 use super::error::ApiError;
-use super::store::accounts;
+use super::store::Reader;
+use super::store::accounts::{self, LiveSession};
 use crate::postgres::pool::{GroupRole, OperationContext, ScopedTransaction};
 use crate::tokens::TokenError;
 
@@ -131,8 +134,8 @@ impl FromRequestParts<Arc<Api>> for ClientAddr {
 
 /// An authenticated caller: a valid token of this node, counted against
 /// the account's rate limit. Its session is checked in every transaction
-/// it begins, and `begin` is a handler's only way to the caller's data, so
-/// a revoked or expired session reaches nothing.
+/// it opens, and `begin` and `reader` are a handler's only ways to the
+/// caller's data, so a revoked or expired session reaches nothing.
 pub struct UserAuth {
     pub user: Uuid,
     pub session: Uuid,
@@ -149,25 +152,62 @@ impl UserAuth {
     /// 403 naming what to do otherwise.
     pub async fn begin(&self, api: &Api, role: GroupRole) -> Result<ScopedTransaction, ApiError> {
         let ctx = OperationContext::user(role, self.user.to_string());
-        let (tx, session) = accounts::begin_in_session(&api.pool, &ctx, self.session)
-            .await?
-            .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "the session has ended (logout or password change); log in again",
-                )
-            })?;
-        let synced_data = matches!(role, GroupRole::Sync | GroupRole::Query);
-        if synced_data && api.settings.auth.require_second_factor && !session.second_factor {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "second_factor_required",
-                "this server requires a second factor (api.auth.require_second_factor): enrol \
-                 with POST /auth/totp, confirm with POST /auth/totp/confirm, or log in with \
-                 your code",
-            ));
-        }
-        Ok(tx)
+        let opened = accounts::begin_in_session(&api.pool, &ctx, self.session).await?;
+        Ok(admit(api, role, opened)?.0)
     }
+
+    /// Reads as `role` for this caller, each statement in a transaction
+    /// of its own with the session checked as `begin` does, in one round
+    /// trip: for a handler whose whole work is a read.
+    pub fn reader<'a>(&'a self, api: &'a Api, role: GroupRole) -> SessionReader<'a> {
+        SessionReader {
+            auth: self,
+            api,
+            role,
+        }
+    }
+}
+
+/// `UserAuth::reader`.
+pub struct SessionReader<'a> {
+    auth: &'a UserAuth,
+    api: &'a Api,
+    role: GroupRole,
+}
+
+impl Reader for SessionReader<'_> {
+    type Error = ApiError;
+
+    async fn read(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, ApiError> {
+        let ctx = OperationContext::user(self.role, self.auth.user.to_string());
+        let read =
+            accounts::read_in_session(&self.api.pool, &ctx, self.auth.session, sql, params).await?;
+        Ok(admit(self.api, self.role, read)?.0)
+    }
+}
+
+/// What a transaction of `role` found of its session: 401 when it has
+/// ended; 403 when the synced data (the sync and query roles) needs a
+/// second factor the session has not proved (`api.auth.require_second_factor`).
+fn admit<T>(
+    api: &Api,
+    role: GroupRole,
+    found: Option<(T, LiveSession)>,
+) -> Result<(T, LiveSession), ApiError> {
+    let (found, session) = found.ok_or_else(|| {
+        ApiError::unauthorized("the session has ended (logout or password change); log in again")
+    })?;
+    let synced_data = matches!(role, GroupRole::Sync | GroupRole::Query);
+    if synced_data && api.settings.auth.require_second_factor && !session.second_factor {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "second_factor_required",
+            "this server requires a second factor (api.auth.require_second_factor): enrol \
+             with POST /auth/totp, confirm with POST /auth/totp/confirm, or log in with \
+             your code",
+        ));
+    }
+    Ok((found, session))
 }
 
 impl FromRequestParts<Arc<Api>> for UserAuth {

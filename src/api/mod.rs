@@ -10,6 +10,7 @@
 //! an audit entry in the same transaction; identifiers in audit entries
 //! are keyed HMACs.
 
+mod announcer;
 mod auth;
 mod devices;
 mod error;
@@ -144,6 +145,8 @@ pub struct Api {
     openapi: OnceLock<String>,
     /// Live-update streams and their fan-out (`events::listen` feeds it).
     pub events: Arc<events::Events>,
+    /// Where committed pushes leave their live events.
+    announcer: announcer::Announcer,
 }
 
 /// The keys a cluster root rotation replaces.
@@ -191,6 +194,7 @@ impl Api {
             })),
             settings,
             health: HealthProbe::new(postgres, pool.clone()),
+            announcer: announcer::Announcer::start(pool.clone()),
             pool,
             metrics,
             fields,

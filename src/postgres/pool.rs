@@ -253,24 +253,46 @@ impl RoleAwarePool {
     /// locks go at once, not after an fsync, and a crash may lose it with
     /// nothing committed after it (the WAL is flushed in order, so a later
     /// synchronous commit makes it durable first). For a write a later
-    /// synchronous commit depends on, or whose loss is harmless. Once `sql`
-    /// is prepared on the connection, BEGIN, the scope, `sql` and COMMIT go
-    /// in one round trip, so a row `sql` locks is held for no round trip to
-    /// keepd. When `sql` fails, Postgres ends the transaction with a
-    /// rollback and its error is returned.
+    /// synchronous commit depends on, or whose loss is harmless. One round
+    /// trip once `sql` is prepared on the connection (see `run`). When
+    /// `sql` fails, Postgres ends the transaction with a rollback and its
+    /// error is returned.
     pub async fn run_unflushed(
         &self,
         ctx: &OperationContext,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PoolError> {
+        let mut rows = self.run(ctx, Commit::Unflushed, &[(sql, params)]).await?;
+        Ok(rows.pop().unwrap_or_default())
+    }
+
+    /// Runs `statements` as `ctx`, in order, in a transaction of their own
+    /// (for reads: a statement's rows are only returned, so the first may
+    /// be a check the caller reads the rest by). One round trip once they
+    /// are prepared on the connection (see `run`). Each statement's rows;
+    /// the first error if one failed (those after it do not run).
+    pub async fn read(
+        &self,
+        ctx: &OperationContext,
+        statements: &[(&str, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Vec<Row>>, PoolError> {
+        self.run(ctx, Commit::Flushed, statements).await
+    }
+
+    async fn run(
+        &self,
+        ctx: &OperationContext,
+        commit: Commit,
+        statements: &[(&str, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Vec<Row>>, PoolError> {
         let mut conn = self.connection().await?;
-        match conn.run_unflushed(ctx, sql, params).await {
+        match conn.run(ctx, commit, statements).await {
             // As in `open_scoped`: a connection closed while idle, replaced once.
             Err(e) if connection_lost(&e) || conn.client.is_closed() => {
                 let _ = managed::Object::take(conn);
                 let mut conn = self.connection().await?;
-                Ok(conn.run_unflushed(ctx, sql, params).await?)
+                Ok(conn.run(ctx, commit, statements).await?)
             }
             outcome => Ok(outcome?),
         }
@@ -383,51 +405,90 @@ impl Connection {
         self.client.query(&first, params).await
     }
 
-    /// `sql` in a transaction of its own, opened with the scope of `ctx`
-    /// and committed unflushed (`RoleAwarePool::run_unflushed`).
-    async fn run_unflushed(
+    /// `statements` in a transaction of their own, opened with the scope
+    /// of `ctx` and committed as `commit` says. Once all are prepared on
+    /// the connection, BEGIN, the scope, the statements and COMMIT go in
+    /// one round trip, so a row they lock is held for no round trip to
+    /// keepd; a statement that fails aborts the transaction, those after
+    /// it are refused and COMMIT rolls back.
+    async fn run(
         &mut self,
         ctx: &OperationContext,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+        commit: Commit,
+        statements: &[(&str, &[&(dyn ToSql + Sync)])],
+    ) -> Result<Vec<Vec<Row>>, tokio_postgres::Error> {
+        let begin = match commit {
+            Commit::Flushed => "BEGIN",
+            Commit::Unflushed => "BEGIN; SET LOCAL synchronous_commit = off",
+        };
         let (scope, [role, user, email]) = self.scope(ctx).await?;
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
+        let prepared: Option<Vec<Statement>> = statements
+            .iter()
+            .map(|(sql, _)| self.cached(ctx.role, sql))
+            .collect();
         // Until COMMIT is answered, a connection dropped here is rolled
         // back by the pool's recycling check.
         self.in_transaction = true;
-        let rows = match self.cached(ctx.role, sql) {
+        let rows = match prepared {
             Some(prepared) => {
+                // Each request is sent when first polled, and both joins
+                // poll in order: one round trip, in this order.
+                let queries = futures_util::future::join_all(
+                    prepared
+                        .iter()
+                        .zip(statements)
+                        .map(|(statement, (_, params))| self.client.query(statement, params)),
+                );
                 let (begun, scoped, rows, committed) = tokio::join!(
-                    self.client.batch_execute(BEGIN),
+                    self.client.batch_execute(begin),
                     self.client.query_one(&scope, &scope_params),
-                    self.client.query(&prepared, params),
+                    queries,
                     self.client.batch_execute("COMMIT"),
                 );
                 begun?;
                 scoped?;
                 committed?;
-                rows
+                rows.into_iter().collect()
             }
             None => {
-                // Prepared once per connection and role, inside the scope.
                 tokio::try_join!(
-                    self.client.batch_execute(BEGIN),
+                    self.client.batch_execute(begin),
                     self.client.query_one(&scope, &scope_params),
                 )?;
-                let rows = match self.statement(ctx.role, sql).await {
-                    Ok(statement) => self.client.query(&statement, params).await,
-                    Err(e) => Err(e),
-                };
+                let mut rows = Vec::with_capacity(statements.len());
+                let mut failed = None;
+                for (sql, params) in statements {
+                    // Prepared once per connection and role, inside the scope.
+                    let outcome = match self.statement(ctx.role, sql).await {
+                        Ok(statement) => self.client.query(&statement, params).await,
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
+                        Ok(found) => rows.push(found),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
                 self.client.batch_execute("COMMIT").await?;
-                rows
+                failed.map_or(Ok(rows), Err)
             }
         };
-        // Committed, or rolled back by COMMIT after `sql` failed.
+        // Committed, or rolled back by COMMIT after a statement failed.
         self.in_transaction = false;
         rows
     }
+}
+
+/// How `Connection::run` commits.
+#[derive(Debug, Clone, Copy)]
+enum Commit {
+    /// As every transaction does (`synchronous_commit` as configured).
+    Flushed,
+    /// Without waiting for the disk (`RoleAwarePool::run_unflushed`).
+    Unflushed,
 }
 
 /// Whether `e` ended the session (terminated backend, server restart,

@@ -439,6 +439,63 @@ async fn role_and_tenant_never_leak_into_the_next_transaction() {
     assert_eq!(n, 0, "the abandoned insert was rolled back");
 }
 
+/// A read runs its statements in order in a transaction of its own, with
+/// the role and tenant of its context, the first time (statements
+/// prepared) and once they are prepared (everything in one round trip);
+/// a statement that fails stops those after it, and nothing is left open
+/// for the next transaction on the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_runs_in_order_in_its_scope_and_stops_at_a_failure() {
+    let (node, _daemon) = started();
+    let pool = node.pool(1); // one connection: every transaction reuses it
+    let who = "SELECT current_user::text, current_setting('keepd.user_id', true)";
+    // Session-wide once its transaction commits: seen by the next one.
+    let probe = "SELECT set_config('keepd.read_probe', $1, false)";
+    let fail = "SELECT 1 / (random() * 0)::int4";
+    let alice = uuid();
+    let ctx = OperationContext::user(GroupRole::Sync, alice.clone());
+    for attempt in ["first, preparing", "prepared, pipelined"] {
+        let rows = pool
+            .read(&ctx, &[(who, &[]), (probe, &[&"ran"])])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2, "{attempt}");
+        assert_eq!(rows[0][0].get::<_, String>(0), "keepd_sync", "{attempt}");
+        assert_eq!(rows[0][0].get::<_, String>(1), alice, "{attempt}");
+        assert_eq!(rows[1][0].get::<_, String>(0), "ran", "{attempt}");
+
+        let failed = pool
+            .read(&ctx, &[(fail, &[]), (probe, &[&"ran after a failure"])])
+            .await
+            .unwrap_err();
+        assert!(
+            failed.to_string().contains("division by zero"),
+            "{attempt}: {failed}"
+        );
+
+        let tx = pool
+            .begin(&OperationContext::system(GroupRole::Query))
+            .await
+            .unwrap();
+        let row = tx
+            .query_one(
+                "SELECT current_user::text, current_setting('keepd.user_id', true), \
+                 current_setting('keepd.read_probe', true)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "keepd_query", "{attempt}");
+        assert_eq!(row.get::<_, String>(1), "", "{attempt}");
+        assert_eq!(
+            row.get::<_, String>(2),
+            "ran",
+            "{attempt}: the statement after the failure did not run"
+        );
+        tx.commit().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_connection_is_replaced_not_reused() {
     let (node, _daemon) = started();

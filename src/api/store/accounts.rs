@@ -3,6 +3,8 @@
 
 use std::time::SystemTime;
 
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -243,6 +245,27 @@ pub async fn begin_in_session(
         let second_factor = row.get(0);
         (tx, LiveSession { second_factor })
     }))
+}
+
+/// Runs `sql` as `ctx` in a transaction of its own, after the session's
+/// liveness is checked in it, all in one round trip; its rows and the
+/// session, or None when the session is revoked or expired (the rows are
+/// then dropped unread). For reads only.
+pub async fn read_in_session(
+    pool: &RoleAwarePool,
+    ctx: &OperationContext,
+    session: Uuid,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<(Vec<Row>, LiveSession)>, StoreError> {
+    let mut found = pool
+        .read(ctx, &[(SESSION_IS_LIVE, &[&session]), (sql, params)])
+        .await?
+        .into_iter();
+    let (live, rows) = (found.next(), found.next());
+    Ok(live
+        .and_then(|live| live.first().map(|row| row.get(0)))
+        .map(|second_factor| (rows.unwrap_or_default(), LiveSession { second_factor })))
 }
 
 /// Ends one session; sessions ended (0 or 1).

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Reader, StoreError};
 use crate::field_crypto::{FieldCipher, column};
 use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool, ScopedTransaction};
 
@@ -158,28 +158,26 @@ pub struct Entry<'a> {
     pub created_at: SystemTime,
 }
 
-/// Tells every node's watchers the vault's new last sequence
-/// (`api::events`).
-const ANNOUNCE: &str = "SELECT pg_notify($1, $2)";
+/// Tells every node's watchers the vaults' new last sequences
+/// (`api::events`), one notification each.
+const ANNOUNCE: &str = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload";
 
-/// Announces `event`, which a push has committed, to the vault's watchers
-/// on every node, in a transaction of its own committed unflushed. Not in
-/// the push's transaction: Postgres queues notifications in commit order
-/// under one lock held until the commit is on disk, so notifying pushes
-/// could not share a WAL flush. A crash may lose the event, not the entries:
-/// a stream that reconnects starts from the vault's head.
+/// Announces `events`, which pushes have committed, to the vaults'
+/// watchers on every node, in one transaction of its own committed
+/// unflushed. Not in a push's transaction: Postgres queues notifications
+/// in commit order under one lock held until the commit is on disk, so
+/// notifying pushes could not share a WAL flush. A crash may lose the
+/// events, not the entries: a stream that reconnects starts from the
+/// vault's head. A notification touches no tenant's rows: the
+/// transaction has none.
 pub async fn announce(
     pool: &RoleAwarePool,
-    user: Uuid,
-    event: crate::api::events::VaultEvent,
+    events: &[crate::api::events::VaultEvent],
 ) -> Result<(), StoreError> {
-    let ctx = OperationContext::user(GroupRole::Sync, user.to_string());
-    pool.run_unflushed(
-        &ctx,
-        ANNOUNCE,
-        &[&crate::api::events::CHANNEL, &event.payload()],
-    )
-    .await?;
+    let ctx = OperationContext::system(GroupRole::Sync);
+    let payloads: Vec<String> = events.iter().map(|event| event.payload()).collect();
+    pool.run_unflushed(&ctx, ANNOUNCE, &[&crate::api::events::CHANNEL, &payloads])
+        .await?;
     Ok(())
 }
 
@@ -317,30 +315,33 @@ impl Page {
 
 /// Up to `limit` entries of the user's vault `vault_id` after `after`, in
 /// sequence order, no more than `budget` bytes of them (but always at
-/// least one); None when the user has no such vault. One statement.
-pub async fn page(
-    tx: &ScopedTransaction,
+/// least one); None when the user has no such vault. One statement, in
+/// a read of its own (for the API, one round trip with the session's
+/// check: `UserAuth::reader`).
+pub async fn page<R: Reader>(
+    reader: &R,
     user: Uuid,
     vault_id: &str,
     after: i64,
     limit: i64,
     budget: i64,
-) -> Result<Option<Page>, StoreError> {
-    let mut rows = tx
-        .query(PULL_LOGS, &[&user, &vault_id, &after, &limit, &budget])
+) -> Result<Option<Page>, R::Error> {
+    let mut rows = reader
+        .read(PULL_LOGS, &[&user, &vault_id, &after, &limit, &budget])
         .await?;
     let Some(first) = rows.first() else {
         return Ok(None);
     };
     let empty = first.get::<_, Option<i64>>(4).is_none();
     if empty && first.get::<_, i64>(7) > after {
-        let next: Option<i64> = tx
-            .query_one(NEXT_SEQUENCE, &[&user, &vault_id, &after])
+        let next: Option<i64> = reader
+            .read(NEXT_SEQUENCE, &[&user, &vault_id, &after])
             .await?
-            .get(0);
+            .first()
+            .and_then(|row| row.get(0));
         if let Some(next) = next {
-            rows = tx
-                .query(PULL_LOGS, &[&user, &vault_id, &(next - 1), &limit, &budget])
+            rows = reader
+                .read(PULL_LOGS, &[&user, &vault_id, &(next - 1), &limit, &budget])
                 .await?;
         }
     }

@@ -3,10 +3,14 @@
 //! never pairs a `$n` with a `row.get(i)`. Every function runs in the
 //! caller's `ScopedTransaction` (its group role and tenant already set, so
 //! row-level security limits it to the caller's rows; the explicit
-//! `user_id` conditions are for the indexes); the two writes a push makes
-//! outside its transaction (`usage::reserve`, `logs::announce`) open one of
-//! their own with the same role and tenant. Encrypted columns are sealed
-//! and opened here, through the typed columns of `field_crypto`.
+//! `user_id` conditions are for the indexes), or, for a read that is a
+//! request's whole work (`logs::page`), through the caller's `Reader`,
+//! which runs each statement in a transaction of its own with the same
+//! role, tenant and session check. The two writes a push makes outside
+//! its transaction open one of their own: `usage::reserve` with the same
+//! role and tenant, `logs::announce` (many pushes' events at once) with
+//! the role and no tenant. Encrypted columns are sealed and opened here,
+//! through the typed columns of `field_crypto`.
 
 pub mod accounts;
 pub mod backups;
@@ -18,6 +22,11 @@ pub mod second_factor;
 pub mod throttle;
 pub mod usage;
 pub mod vaults;
+
+use std::future::Future;
+
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use crate::field_crypto::FieldError;
 use crate::postgres::pool::PoolError;
@@ -42,4 +51,16 @@ impl StoreError {
     fn decode(e: serde_json::Error) -> StoreError {
         StoreError::Encode(format!("a stored answer does not read back: {e}"))
     }
+}
+
+/// Runs one read statement in a transaction of its own, scoped to the
+/// caller (role, tenant, and whatever the caller checks with it).
+pub trait Reader: Sync {
+    type Error: From<StoreError>;
+
+    fn read(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, Self::Error>> + Send;
 }

@@ -153,10 +153,9 @@ pub(in crate::api) async fn pull(
         }
         None => None,
     };
-    let tx = auth.begin(&api, GroupRole::Query).await?;
     let budget = api.settings.max_pull_bytes as i64;
     let page = logs::page(
-        &tx,
+        &auth.reader(&api, GroupRole::Query),
         auth.user,
         &body.vault_id,
         body.after_sequence,
@@ -165,7 +164,6 @@ pub(in crate::api) async fn pull(
     )
     .await?
     .ok_or_else(vault_not_found)?;
-    tx.commit().await?;
     let logs: Vec<_> = page
         .entries(&api.fields)?
         .into_iter()

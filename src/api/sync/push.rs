@@ -233,13 +233,10 @@ pub(in crate::api) async fn push(
     .await?;
     // The commit and its event run to their end even if the client goes
     // away meanwhile: a committed push is always announced.
-    let (pool, user) = (api.pool.clone(), auth.user);
+    let announced = api.clone();
     tokio::spawn(async move {
         reservation.claim_and_commit(tx).await?;
-        // Committed: a lost event costs a watcher a reconnect, never data.
-        if let Err(e) = logs::announce(&pool, user, event).await {
-            tracing::warn!(error = %e, "a push committed but its live event could not be sent");
-        }
+        announced.announcer.announce(event);
         Ok::<_, StoreError>(())
     })
     .await
