@@ -1292,6 +1292,20 @@ async fn idempotency_keys_name_one_request_and_expire() {
         "fresh nonces make another request"
     );
     assert_eq!(first.count, 3);
+    // Retries sent at once: one stores, the others (rolled back when they
+    // find its record) answer what it stored.
+    let racing = body.replace("\"t\"", "\"t-race\"");
+    let answers =
+        futures_util::future::join_all((0..6).map(|_| send_as("k-race", racing.clone()))).await;
+    for answer in &answers {
+        assert_eq!(
+            (answer.status, &answer.body),
+            (200, &answers[0].body),
+            "{}",
+            answer.text
+        );
+    }
+    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
 
     // After the TTL the janitor deletes the records and dead sessions, and
     // the key may name a new request.
@@ -1323,7 +1337,7 @@ async fn idempotency_keys_name_one_request_and_expire() {
     assert_eq!(count(usage_sql), before, "the orphan's bytes given back");
     let reused = send(body.replace("\"t\"", "\"t3\"")).await;
     assert_eq!(reused.status, 200, "{}", reused.text);
-    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
+    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 6);
 
     // A record names its push's entries (schema v25): once their vault is
     // deleted, the retry is told so and nothing is stored.
@@ -1347,7 +1361,7 @@ async fn idempotency_keys_name_one_request_and_expire() {
     .unwrap();
     let old = send_as("k4", body.clone()).await;
     assert_eq!((old.status, &old.body), (200, &old_answer), "{}", old.text);
-    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 5);
+    assert_eq!(client.pull("v", 0, 100).await.unwrap().logs.len(), 6);
 }
 
 /// A pull answers at most `api.max_pull_bytes` (fewer entries and

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use uuid::Uuid;
 
@@ -18,9 +19,9 @@ use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool, ScopedTr
 /// commit, so concurrent pushes to one vault commit in sequence order and
 /// a rolled-back push gives its numbers back. No row when the user has no
 /// such vault. The account's usage is not counted here (`keepd.usage` =
-/// 'deferred' for this transaction): the push adds it in the round trip
-/// that commits (`usage::add_pushed_and_commit`), so the account's usage
-/// row is not locked for the rest of the push.
+/// 'deferred' for this transaction): the push claims the bytes it reserved
+/// before (`usage::Reservation`), so the account's usage row is not locked
+/// for the rest of the push.
 const APPEND: &str = "WITH deferred AS MATERIALIZED ( \
        SELECT set_config('keepd.usage', 'deferred', true)), \
      reserved AS ( \
@@ -32,7 +33,44 @@ const APPEND: &str = "WITH deferred AS MATERIALIZED ( \
      SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
      FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
           WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
-     RETURNING vault, sequence, created_at";
+     RETURNING vault, sequence, created_at, true";
+
+/// `APPEND` under an Idempotency-Key (`$10`), in the same statement: no
+/// row, and nothing stored, when a live record has the key (one younger
+/// than `$12` seconds, `api.idempotency_ttl`); otherwise the record names
+/// the entries (where they start, how many) and the request's fingerprint
+/// (`$11`), replacing an expired one. The fourth column says whether the
+/// record was written: false when a concurrent retry with the key
+/// committed first (its row is then the record, and this push must roll
+/// back). One statement instead of a lookup, the append and the record:
+/// each is a round trip and a statement's overhead in Postgres.
+const APPEND_ONCE: &str = "WITH deferred AS MATERIALIZED ( \
+       SELECT set_config('keepd.usage', 'deferred', true)), \
+     recorded AS MATERIALIZED ( \
+       SELECT FROM keepd.push_requests \
+       WHERE user_id = $1 AND idempotency_key = $10 \
+         AND created_at > now() - make_interval(secs => $12)), \
+     reserved AS ( \
+       UPDATE keepd.vaults SET last_sequence = last_sequence + $3, bytes = bytes + $9 \
+       WHERE user_id = $1 AND vault_id = $2 AND EXISTS (SELECT FROM deferred) \
+         AND NOT EXISTS (SELECT FROM recorded) \
+       RETURNING id, last_sequence - $3 AS base), \
+     saved AS ( \
+       INSERT INTO keepd.push_requests \
+         (user_id, idempotency_key, vault, first_sequence, entries, request_hash) \
+       SELECT $1, $10, id, base + 1, $3::int8::int4, $11 FROM reserved \
+       ON CONFLICT (user_id, idempotency_key) DO UPDATE \
+         SET response = NULL, vault = excluded.vault, \
+             first_sequence = excluded.first_sequence, entries = excluded.entries, \
+             request_hash = excluded.request_hash, created_at = now() \
+         WHERE keepd.push_requests.created_at <= now() - make_interval(secs => $12) \
+       RETURNING true AS won) \
+     INSERT INTO keepd.sync_logs \
+       (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
+     SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
+     FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
+          WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
+     RETURNING vault, sequence, created_at, EXISTS (SELECT FROM saved)";
 
 /// The vault `$2` of user `$1` and up to `$4` of its entries after
 /// sequence `$3` whose sizes add up to at most `$5` bytes (the first
@@ -97,17 +135,6 @@ const RECORDED_ENTRIES: &str = "SELECT id, sequence, haex_timestamp, created_at 
      FROM keepd.sync_logs \
      WHERE vault = $1 AND sequence >= $2 AND sequence < $2 + $3::int8 \
      ORDER BY sequence";
-
-/// Remembers where a push's entries are; no row when a concurrent retry
-/// won. An expired record under the same key is replaced.
-const SAVE_PUSH: &str = "INSERT INTO keepd.push_requests \
-     (user_id, idempotency_key, vault, first_sequence, entries, request_hash) \
-     VALUES ($1, $2, $3, $4, $5, $6) \
-     ON CONFLICT (user_id, idempotency_key) DO UPDATE \
-       SET response = NULL, vault = excluded.vault, \
-           first_sequence = excluded.first_sequence, entries = excluded.entries, \
-           request_hash = excluded.request_hash, created_at = now() \
-       WHERE keepd.push_requests.created_at <= now() - make_interval(secs => $7)";
 
 /// One entry as the client sent it.
 pub struct NewEntry {
@@ -188,14 +215,18 @@ pub struct Appended {
 }
 
 /// Stores `entries` in the user's vault `vault_id` under new sequence
-/// numbers, in one statement; None when the user has no such vault.
-pub async fn append(
+/// numbers and, under an Idempotency-Key, records them, in one statement
+/// (`APPEND`, `APPEND_ONCE`); with whether the record was written (true
+/// without a key). None when the user has no such vault, or a live record
+/// has the key.
+async fn append(
     tx: &ScopedTransaction,
     fields: &FieldCipher,
     user: Uuid,
     vault_id: &str,
     entries: Vec<NewEntry>,
-) -> Result<Option<Appended>, StoreError> {
+    idempotency: Option<&Idempotency<'_>>,
+) -> Result<Option<(Appended, bool)>, StoreError> {
     let count = entries.len();
     let mut ids = Vec::with_capacity(count);
     let mut data = Vec::with_capacity(count);
@@ -217,26 +248,24 @@ pub async fn append(
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
     }
     let bytes = sizes.iter().sum::<i64>();
-    let rows = tx
-        .query(
-            APPEND,
-            &[
-                &user,
-                &vault_id,
-                &(count as i64),
-                &ids,
-                &data,
-                &nonces,
-                &stamps,
-                &sizes,
-                &bytes,
-            ],
-        )
-        .await?;
+    let count = count as i64;
+    let batch: [&(dyn ToSql + Sync); 9] = [
+        &user, &vault_id, &count, &ids, &data, &nonces, &stamps, &sizes, &bytes,
+    ];
+    let rows = match idempotency {
+        None => tx.query(APPEND, &batch).await?,
+        Some(idempotency) => {
+            let ttl = idempotency.ttl.as_secs_f64();
+            let record: [&(dyn ToSql + Sync); 3] =
+                [&idempotency.key, &idempotency.fingerprint, &ttl];
+            tx.query(APPEND_ONCE, &[&batch[..], &record[..]].concat())
+                .await?
+        }
+    };
     let Some(first) = rows.first() else {
         return Ok(None);
     };
-    let vault = first.get(0);
+    let (vault, recorded) = (first.get(0), first.get(3));
     let mut stored: Vec<(i64, SystemTime)> =
         rows.iter().map(|row| (row.get(1), row.get(2))).collect();
     // Entry k of the batch got the k-th of its consecutive sequences.
@@ -253,7 +282,7 @@ pub async fn append(
             },
         )
         .collect();
-    Ok(Some(Appended { vault, entries }))
+    Ok(Some((Appended { vault, entries }, recorded)))
 }
 
 /// Entries after `after`: the rows as Postgres sent them, read by
@@ -404,34 +433,6 @@ pub async fn stored_push<R: serde::de::DeserializeOwned>(
     }))
 }
 
-/// Remembers where a push's entries are (`count` from `first` in
-/// `vault`) and its request's fingerprint; false when a concurrent retry
-/// with the same key committed first.
-pub async fn save_push(
-    tx: &ScopedTransaction,
-    user: Uuid,
-    idempotency: &Idempotency<'_>,
-    vault: Uuid,
-    first: i64,
-    count: i32,
-) -> Result<bool, StoreError> {
-    let saved = tx
-        .execute(
-            SAVE_PUSH,
-            &[
-                &user,
-                &idempotency.key,
-                &vault,
-                &first,
-                &count,
-                &idempotency.fingerprint,
-                &idempotency.ttl.as_secs_f64(),
-            ],
-        )
-        .await?;
-    Ok(saved > 0)
-}
-
 /// A push as its handler checked it: the transaction's one store call
 /// (`push`) takes it whole.
 pub struct PushBatch<'a> {
@@ -473,8 +474,8 @@ pub enum PushOutcome<R> {
     },
 }
 
-/// A whole push in `tx`: the Idempotency-Key's record looked up, the key
-/// check compared, the batch appended and recorded under the key; the
+/// A whole push in `tx`: the key check compared, the batch appended and
+/// recorded under the Idempotency-Key (one statement, `APPEND_ONCE`); the
 /// answer is what `respond` makes of the stored entries (of the recorded
 /// ones, for a retry).
 pub async fn push<R: serde::de::DeserializeOwned>(
@@ -490,21 +491,34 @@ pub async fn push<R: serde::de::DeserializeOwned>(
         key_check,
         idempotency,
     } = batch;
-    if let Some(idempotency) = &idempotency
-        && let Some(first) =
-            stored_push(tx, fields, user, idempotency.key, idempotency.ttl, &respond).await?
-    {
-        return Ok(PushOutcome::Recorded(first));
-    }
+    // A retry is answered from its record before anything else is
+    // looked at; only a push that stored nothing looks for one.
+    let recorded = async |tx| match &idempotency {
+        Some(idempotency) => {
+            stored_push(tx, fields, user, idempotency.key, idempotency.ttl, &respond).await
+        }
+        None => Ok(None),
+    };
     if let Some(sent) = key_check {
-        match super::vaults::key_check(tx, user, vault_id).await? {
-            None => return Ok(PushOutcome::NoVault),
-            Some(Some(stored)) if stored != sent => return Ok(PushOutcome::WrongKey),
-            Some(_) => {}
+        let differs = match super::vaults::key_check(tx, user, vault_id).await? {
+            None => Some(PushOutcome::NoVault),
+            Some(Some(stored)) if stored != sent => Some(PushOutcome::WrongKey),
+            Some(_) => None,
+        };
+        if let Some(refused) = differs {
+            return Ok(match recorded(tx).await? {
+                Some(first) => PushOutcome::Recorded(first),
+                None => refused,
+            });
         }
     }
-    let Some(appended) = append(tx, fields, user, vault_id, entries).await? else {
-        return Ok(PushOutcome::NoVault);
+    let Some((appended, won)) =
+        append(tx, fields, user, vault_id, entries, idempotency.as_ref()).await?
+    else {
+        return Ok(match recorded(tx).await? {
+            Some(first) => PushOutcome::Recorded(first),
+            None => PushOutcome::NoVault,
+        });
     };
     let vault = appended.vault;
     // (A batch is never empty: the handler refuses one.)
@@ -512,12 +526,7 @@ pub async fn push<R: serde::de::DeserializeOwned>(
         return Ok(PushOutcome::NoVault);
     };
     let (first, last) = (first.sequence, last.sequence);
-    let count = appended.entries.len() as i32;
     let response = respond(appended);
-    let won = match &idempotency {
-        None => true,
-        Some(idempotency) => save_push(tx, user, idempotency, vault, first, count).await?,
-    };
     Ok(PushOutcome::Stored {
         event: crate::api::events::VaultEvent {
             vault,
