@@ -329,12 +329,13 @@ push_sql=$(statement $logs APPEND_ONCE '$1=:uid' "\$2='spread-' || :v" '$3=50' \
   "\$6::text[]=array_fill('bm9uY2Vub25jZQ=='::text, ARRAY[50])" \
   "\$7::text[]=ARRAY(SELECT lpad(g::text, 12, '0') FROM generate_series(1, 50) g)" \
   '$8::int8[]=array_fill(712::int8, ARRAY[50])' '$9=35600' \
-  "\$10='k-' || random()::text" "\$11=sha256('request'::bytea)" '$12=86400')
+  "\$10='k-' || :client_id || '-' || :key" "\$11=sha256('request'::bytea)" '$12=86400')
 audit_sql=$(statement src/audit/mod.rs INSERT_ENTRY "\$1='bench'" "\$2='keepd_sync'" \
   "\$3='SYNC_PUSH'" "\$4='sync_logs'" '$5=50' '$6=1500' "\$7='api'" \
   "\$8='{\"user\": \"0123456789abcdef0123456789abcdef\", \"vault\": \"0123456789abcdef\", \"firstSequence\": 1, \"lastSequence\": 50}'::jsonb")
-as() { # ROLE [TENANT]: the pool's scope statement
-  printf "SELECT set_config('role', '%s', true), set_config('keepd.user_id', %s, true), set_config('keepd.email_hmac', '', true);" "$1" "${2:-''}"
+as() { # ROLE [TENANT [unflushed]]: the pool's scope statement
+  printf "SELECT set_config('role', '%s', true), set_config('keepd.user_id', %s, true), set_config('keepd.email_hmac', '', true)%s;" \
+    "$1" "${2:-''}" "${3:+, set_config('synchronous_commit', 'off', true)}"
 }
 scope=$(as keepd_query :uid)
 # The same statements without switching role or tenant (as the superuser,
@@ -351,8 +352,7 @@ printf '\\set after random(0, 1900)\nBEGIN;\n%s\n%s;\nCOMMIT;\n' "$noscope" "$pu
 # pushes in flight (api::announcer): push-announced.sql adds one unflushed
 # notifying transaction per push, what a push costs when it is alone.
 reserve_sql="BEGIN;
-SET LOCAL synchronous_commit = off;
-$(as keepd_sync :uid)
+$(as keepd_sync :uid unflushed)
 SELECT keepd.reserve_pushed_bytes(35600, 0) AS reservation \\gset
 COMMIT;"
 push_tx="BEGIN;
@@ -365,12 +365,13 @@ $(as keepd_sync :uid)
 SELECT keepd.claim_pushed_bytes(:reservation);
 COMMIT;"
 notify_sql="BEGIN;
-SET LOCAL synchronous_commit = off;
-$(as keepd_sync)
+$(as keepd_sync "''" unflushed)
 SELECT pg_notify('keepd_events', :uid);
 COMMIT;"
-printf '\\set v random(1, 100)\n%s\n%s\n' "$reserve_sql" "$push_tx" >"$work/ceiling/push.sql"
-printf '\\set v random(1, 100)\n%s\n%s\n%s\n' "$reserve_sql" "$push_tx" "$notify_sql" >"$work/ceiling/push-announced.sql"
+# A fresh key per push (a volatile one would be no index condition).
+keyed=$'\\set v random(1, 100)\n\\set key random(1, 1000000000000)'
+printf '%s\n%s\n%s\n' "$keyed" "$reserve_sql" "$push_tx" >"$work/ceiling/push.sql"
+printf '%s\n%s\n%s\n%s\n' "$keyed" "$reserve_sql" "$push_tx" "$notify_sql" >"$work/ceiling/push-announced.sql"
 
 pgoptions="-c plan_cache_mode=force_generic_plan -c pgaudit.log=none"
 bench() { # SCRIPT CLIENTS: "tps latency_ms"

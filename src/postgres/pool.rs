@@ -331,6 +331,11 @@ impl RoleAwarePool {
 
 const SET_SCOPE: &str = "SELECT set_config('role', $1, true), \
      set_config('keepd.user_id', $2, true), set_config('keepd.email_hmac', $3, true)";
+/// `SET_SCOPE` for a transaction committed without waiting for the disk
+/// (`Commit::Unflushed`): one statement, not a `SET LOCAL` more.
+const SET_SCOPE_UNFLUSHED: &str = "SELECT set_config('role', $1, true), \
+     set_config('keepd.user_id', $2, true), set_config('keepd.email_hmac', $3, true), \
+     set_config('synchronous_commit', 'off', true)";
 const SET_ROLE: &str = "SELECT set_config('role', $1, true)";
 /// Ad-hoc SQL (tests, tools) must not grow the cache without bound.
 const MAX_CACHED_STATEMENTS: usize = 256;
@@ -368,8 +373,13 @@ impl Connection {
     async fn scope<'c>(
         &self,
         ctx: &'c OperationContext,
+        commit: Commit,
     ) -> Result<(Statement, [&'c str; 3]), tokio_postgres::Error> {
-        let scope = self.statement(ctx.role, SET_SCOPE).await?;
+        let sql = match commit {
+            Commit::Flushed => SET_SCOPE,
+            Commit::Unflushed => SET_SCOPE_UNFLUSHED,
+        };
+        let scope = self.statement(ctx.role, sql).await?;
         let user = ctx.user_id.as_deref().unwrap_or("");
         let email = ctx.email_hmac.as_deref().unwrap_or("");
         Ok((scope, [ctx.role.name(), user, email]))
@@ -382,7 +392,7 @@ impl Connection {
         first: Option<&str>,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let (scope, [role, user, email]) = self.scope(ctx).await?;
+        let (scope, [role, user, email]) = self.scope(ctx, Commit::Flushed).await?;
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
         if let Some(prepared) = first.and_then(|sql| self.cached(ctx.role, sql)) {
             let (_, _, rows) = tokio::try_join!(
@@ -417,11 +427,7 @@ impl Connection {
         commit: Commit,
         statements: &[(&str, &[&(dyn ToSql + Sync)])],
     ) -> Result<Vec<Vec<Row>>, tokio_postgres::Error> {
-        let begin = match commit {
-            Commit::Flushed => "BEGIN",
-            Commit::Unflushed => "BEGIN; SET LOCAL synchronous_commit = off",
-        };
-        let (scope, [role, user, email]) = self.scope(ctx).await?;
+        let (scope, [role, user, email]) = self.scope(ctx, commit).await?;
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
         let prepared: Option<Vec<Statement>> = statements
             .iter()
@@ -441,7 +447,7 @@ impl Connection {
                         .map(|(statement, (_, params))| self.client.query(statement, params)),
                 );
                 let (begun, scoped, rows, committed) = tokio::join!(
-                    self.client.batch_execute(begin),
+                    self.client.batch_execute("BEGIN"),
                     self.client.query_one(&scope, &scope_params),
                     queries,
                     self.client.batch_execute("COMMIT"),
@@ -453,7 +459,7 @@ impl Connection {
             }
             None => {
                 tokio::try_join!(
-                    self.client.batch_execute(begin),
+                    self.client.batch_execute("BEGIN"),
                     self.client.query_one(&scope, &scope_params),
                 )?;
                 let mut rows = Vec::with_capacity(statements.len());

@@ -443,7 +443,8 @@ async fn role_and_tenant_never_leak_into_the_next_transaction() {
 /// the role and tenant of its context, the first time (statements
 /// prepared) and once they are prepared (everything in one round trip);
 /// a statement that fails stops those after it, and nothing is left open
-/// for the next transaction on the connection.
+/// for the next transaction on the connection. An unflushed write's
+/// scope turns the commit's wait for the disk off, for it alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_runs_in_order_in_its_scope_and_stops_at_a_failure() {
     let (node, _daemon) = started();
@@ -493,6 +494,14 @@ async fn a_read_runs_in_order_in_its_scope_and_stops_at_a_failure() {
             "{attempt}: the statement after the failure did not run"
         );
         tx.commit().await.unwrap();
+
+        // An unflushed transaction does not wait for the disk; a read
+        // commits as configured (on).
+        let setting = "SELECT current_setting('synchronous_commit')";
+        let unflushed = pool.run_unflushed(&ctx, setting, &[]).await.unwrap();
+        assert_eq!(unflushed[0].get::<_, String>(0), "off", "{attempt}");
+        let read = pool.read(&ctx, &[(setting, &[])]).await.unwrap();
+        assert_eq!(read[0][0].get::<_, String>(0), "on", "{attempt}");
     }
 }
 
