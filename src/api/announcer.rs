@@ -15,18 +15,25 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::events::VaultEvent;
 use super::store::logs;
 use crate::postgres::pool::RoleAwarePool;
 
-/// Where pushes leave their events; dropped, it sends what is pending and
-/// its task ends.
+/// How long `close` waits for the last events to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Where pushes leave their events. `close` sends what is pending and
+/// waits for it (the daemon, before Postgres stops); dropped, it sends what
+/// is pending as long as the runtime runs.
 pub struct Announcer {
     shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -41,8 +48,30 @@ impl Announcer {
     /// Starts the task that sends the events (inside a Tokio runtime).
     pub fn start(pool: RoleAwarePool) -> Announcer {
         let shared = Arc::new(Shared::default());
-        tokio::spawn(send(pool, shared.clone()));
-        Announcer { shared }
+        let task = tokio::spawn(send(pool, shared.clone()));
+        Announcer {
+            shared,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Sends the events still pending and ends the task, waiting up to
+    /// `CLOSE_WAIT` for a database that does not answer; events queued
+    /// afterwards are not sent.
+    pub async fn close(&self) {
+        self.stop();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(CLOSE_WAIT, &mut task).await.is_err()
+        {
+            tracing::warn!("live events of committed pushes were not sent before stopping");
+            task.abort();
+        }
+    }
+
+    fn stop(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
     }
 
     /// Queues `event` of a committed push; never waits.
@@ -61,8 +90,7 @@ impl Announcer {
 
 impl Drop for Announcer {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.wake.notify_one();
+        self.stop();
     }
 }
 

@@ -133,6 +133,15 @@ impl ApiError {
         }
     }
 
+    /// Nothing was stored, and the same request sent again will be: 503
+    /// with `Retry-After`, as for a database that is briefly unavailable.
+    pub fn retry(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(Duration::from_secs(RETRY_AFTER_UNAVAILABLE)),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
     /// The database is unreachable or saturated: the client may retry.
     pub fn unavailable(reason: &str) -> ApiError {
         warn!(reason, "request refused: database unavailable");

@@ -213,6 +213,13 @@ impl Api {
         self.fields.rekey(cluster);
     }
 
+    /// Sends the live events of committed pushes still pending and stops
+    /// sending: for the daemon, once the API has stopped serving and
+    /// before Postgres stops.
+    pub async fn close_announcer(&self) {
+        self.announcer.close().await;
+    }
+
     /// Whether tokens are still issued under the previous root.
     pub fn issues_under_previous_root(&self) -> bool {
         self.root_keys().tokens.issues_under_previous()

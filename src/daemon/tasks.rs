@@ -91,6 +91,8 @@ pub(super) fn serve_metrics(
 pub(super) struct Tasks {
     watchdog: Option<JoinHandle<()>>,
     api: JoinHandle<std::io::Result<()>>,
+    /// The API's state, to send its pending live events at the end.
+    api_state: Arc<Api>,
     metrics: Option<JoinHandle<std::io::Result<()>>>,
     rotation: JoinHandle<()>,
     control: JoinHandle<()>,
@@ -237,6 +239,7 @@ impl Tasks {
         let metrics_api = w.metrics_listener.map(|listener| (listener, w.api.clone()));
         let edge = EdgeSettings::new(&config.api, w.trusted, w.api_cert.clone())
             .with_streams(api::STREAM_PATHS);
+        let api_state = w.api.clone();
         let app = api::router(w.api, &web);
         let superuser = &w.superuser;
         let node_id = w.node_id.clone();
@@ -255,6 +258,7 @@ impl Tasks {
             level: w.level,
         };
         Ok(Tasks {
+            api_state,
             watchdog: notify::Notifier::spawn_watchdog(stop()),
             api: tokio::spawn(edge::serve(
                 w.listener,
@@ -360,6 +364,8 @@ impl Tasks {
             Err(e) => error!(error = %e, "api server task failed"),
             Ok(Ok(())) => {}
         }
+        // No push is answered any more: what committed is announced.
+        self.api_state.close_announcer().await;
         let _ = tokio::join!(
             self.rotation,
             self.control,

@@ -271,7 +271,9 @@ impl RoleAwarePool {
     /// (for reads: a statement's rows are only returned, so the first may
     /// be a check the caller reads the rest by). One round trip once they
     /// are prepared on the connection (see `run`). Each statement's rows;
-    /// the first error if one failed (those after it do not run).
+    /// the first error if one failed (Postgres runs none after it; a
+    /// parameter of the wrong type, refused before it is sent, fails only
+    /// its own statement).
     pub async fn read(
         &self,
         ctx: &OperationContext,
@@ -286,12 +288,19 @@ impl RoleAwarePool {
         commit: Commit,
         statements: &[(&str, &[&(dyn ToSql + Sync)])],
     ) -> Result<Vec<Vec<Row>>, PoolError> {
-        let mut conn = self.connection().await?;
+        // Held as a transaction: dropped mid-way (a cancelled request), it
+        // is rolled back at once, as `ScopedTransaction`'s drop does.
+        let mut tx = ScopedTransaction {
+            conn: Some(self.connection().await?),
+            role: ctx.role,
+        };
+        let conn = tx.conn.as_mut().expect("present until drop");
         match conn.run(ctx, commit, statements).await {
             // As in `open_scoped`: a connection closed while idle, replaced once.
             Err(e) if connection_lost(&e) || conn.client.is_closed() => {
-                let _ = managed::Object::take(conn);
-                let mut conn = self.connection().await?;
+                let _ = managed::Object::take(tx.conn.take().expect("present until drop"));
+                tx.conn = Some(self.connection().await?);
+                let conn = tx.conn.as_mut().expect("present until drop");
                 Ok(conn.run(ctx, commit, statements).await?)
             }
             outcome => Ok(outcome?),
@@ -429,9 +438,15 @@ impl Connection {
     ) -> Result<Vec<Vec<Row>>, tokio_postgres::Error> {
         let (scope, [role, user, email]) = self.scope(ctx, commit).await?;
         let scope_params: [&(dyn ToSql + Sync); 3] = [&role, &user, &email];
+        // Pipelined only when every statement is prepared and given as many
+        // parameters as it takes: a statement tokio-postgres refuses before
+        // sending it would not abort the transaction for those after it.
         let prepared: Option<Vec<Statement>> = statements
             .iter()
-            .map(|(sql, _)| self.cached(ctx.role, sql))
+            .map(|(sql, params)| {
+                self.cached(ctx.role, sql)
+                    .filter(|statement| statement.params().len() == params.len())
+            })
             .collect();
         // Until COMMIT is answered, a connection dropped here is rolled
         // back by the pool's recycling check.

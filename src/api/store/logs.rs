@@ -461,6 +461,9 @@ pub enum PushOutcome<R> {
     NoVault,
     /// The vault's key check differs from the push's.
     WrongKey,
+    /// The key's record was live when the push looked, and expired before
+    /// it could be read: nothing was stored; sent again, the push stores.
+    Expired,
     /// Stored (not yet committed) and the answer recorded under the key;
     /// the caller commits (claiming the bytes it reserved,
     /// `usage::Reservation`) and then announces the event. `raced` says a
@@ -517,6 +520,15 @@ pub async fn push<R: serde::de::DeserializeOwned>(
     else {
         return Ok(match recorded(tx).await? {
             Some(first) => PushOutcome::Recorded(first),
+            // The vault is there, so a live record stopped the append and
+            // has expired since (the janitor's, at the key's TTL).
+            None if idempotency.is_some()
+                && super::vaults::key_check(tx, user, vault_id)
+                    .await?
+                    .is_some() =>
+            {
+                PushOutcome::Expired
+            }
             None => PushOutcome::NoVault,
         });
     };

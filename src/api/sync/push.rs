@@ -200,6 +200,13 @@ pub(in crate::api) async fn push(
         PushOutcome::Recorded(first) => return Ok(Json(replayed(first, &fingerprint)?)),
         PushOutcome::NoVault => return Err(vault_not_found()),
         PushOutcome::WrongKey => return Err(wrong_vault_key()),
+        PushOutcome::Expired => {
+            return Err(ApiError::retry(
+                "idempotency_key_expired",
+                "this Idempotency-Key's record expired while the push was checked against it; \
+                 nothing was stored: send the push again",
+            ));
+        }
         PushOutcome::Stored {
             event,
             first,
