@@ -42,10 +42,13 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Role changes of all nodes sharing a server happen one at a time: two
-/// GRANTs to the same group role at once fail with "tuple concurrently
-/// updated".
-const ROLE_DDL_LOCK: &str = "SELECT pg_advisory_xact_lock(7742310598245232495)";
+/// Role changes of all nodes sharing a server happen one at a time, and
+/// never while a node applies the initdb scripts or migrates: two GRANTs
+/// to the same group role at once, or a login role's GRANT CONNECT ON
+/// DATABASE beside the scripts' REVOKE ON DATABASE, fail with "tuple
+/// concurrently updated" (three nodes starting at once met the second).
+/// So the lock is the migrations' (bootstrap holds it around the scripts).
+const ROLE_DDL_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 
 /// Sent first in a transaction that carries a verifier: neither the
 /// statement nor an error about it reaches the server's log.
@@ -80,7 +83,7 @@ impl<'a> RoleAdmin<'a> {
             }
         };
         let tx = self.client.transaction().await.map_err(err("begin for"))?;
-        tx.query_one(ROLE_DDL_LOCK, &[])
+        tx.query_one(ROLE_DDL_LOCK, &[&super::migrate::MIGRATION_LOCK])
             .await
             .map_err(err("lock role changes for"))?;
         tx.batch_execute(SILENCED)
@@ -202,7 +205,9 @@ impl<'a> RoleAdmin<'a> {
             source,
         };
         let tx = self.client.transaction().await.map_err(err)?;
-        tx.query_one(ROLE_DDL_LOCK, &[]).await.map_err(err)?;
+        tx.query_one(ROLE_DDL_LOCK, &[&super::migrate::MIGRATION_LOCK])
+            .await
+            .map_err(err)?;
         let exists = tx
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
             .await
