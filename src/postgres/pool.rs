@@ -477,24 +477,19 @@ impl Connection {
                     self.client.batch_execute("BEGIN"),
                     self.client.query_one(&scope, &scope_params),
                 )?;
-                let mut rows = Vec::with_capacity(statements.len());
-                let mut failed = None;
-                for (sql, params) in statements {
-                    // Prepared once per connection and role, inside the scope.
-                    let outcome = match self.statement(ctx.role, sql).await {
-                        Ok(statement) => self.client.query(&statement, params).await,
-                        Err(e) => Err(e),
-                    };
-                    match outcome {
-                        Ok(found) => rows.push(found),
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
+                // Stops at the first failure; COMMIT then rolls back.
+                let rows = async {
+                    let mut rows = Vec::with_capacity(statements.len());
+                    for (sql, params) in statements {
+                        // Prepared once per connection and role, inside the scope.
+                        let statement = self.statement(ctx.role, sql).await?;
+                        rows.push(self.client.query(&statement, params).await?);
                     }
+                    Ok(rows)
                 }
+                .await;
                 self.client.batch_execute("COMMIT").await?;
-                failed.map_or(Ok(rows), Err)
+                rows
             }
         };
         // Committed, or rolled back by COMMIT after a statement failed.
