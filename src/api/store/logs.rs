@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
 
 use uuid::Uuid;
 
@@ -22,33 +21,22 @@ use crate::postgres::pool::{GroupRole, OperationContext, RoleAwarePool, ScopedTr
 /// 'deferred' for this transaction): the push claims the bytes it reserved
 /// before (`usage::Reservation`), so the account's usage row is not locked
 /// for the rest of the push.
-const APPEND: &str = "WITH deferred AS MATERIALIZED ( \
-       SELECT set_config('keepd.usage', 'deferred', true)), \
-     reserved AS ( \
-       UPDATE keepd.vaults SET last_sequence = last_sequence + $3, bytes = bytes + $9 \
-       WHERE user_id = $1 AND vault_id = $2 AND EXISTS (SELECT FROM deferred) \
-       RETURNING id, last_sequence - $3 AS base) \
-     INSERT INTO keepd.sync_logs \
-       (id, vault, user_id, sequence, encrypted_data, nonce, haex_timestamp, size_bytes) \
-     SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
-     FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
-          WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
-     RETURNING vault, sequence, created_at, true";
-
-/// `APPEND` under an Idempotency-Key (`$10`), in the same statement: no
-/// row, and nothing stored, when a live record has the key (one younger
-/// than `$12` seconds, `api.idempotency_ttl`); otherwise the record names
-/// the entries (where they start, how many) and the request's fingerprint
-/// (`$11`), replacing an expired one. The fourth column says whether the
-/// record was written: false when a concurrent retry with the key
-/// committed first (its row is then the record, and this push must roll
-/// back). One statement instead of a lookup, the append and the record:
-/// each is a round trip and a statement's overhead in Postgres.
+///
+/// Under an Idempotency-Key (`$10`, NULL for none), in the same statement:
+/// no row, and nothing stored, when a live record has the key (one
+/// younger than `$12` seconds, `api.idempotency_ttl`); otherwise the
+/// record names the entries (where they start, how many) and the
+/// request's fingerprint (`$11`), replacing an expired one. The fourth
+/// column says whether the record was written (true without a key): false
+/// when a concurrent retry with the key committed first (its row is then
+/// the record, and this push must roll back). One statement instead of a
+/// lookup, the append and the record: each is a round trip and a
+/// statement's overhead in Postgres.
 const APPEND_ONCE: &str = "WITH deferred AS MATERIALIZED ( \
        SELECT set_config('keepd.usage', 'deferred', true)), \
      recorded AS MATERIALIZED ( \
        SELECT FROM keepd.push_requests \
-       WHERE user_id = $1 AND idempotency_key = $10 \
+       WHERE user_id = $1 AND idempotency_key = $10::text \
          AND created_at > now() - make_interval(secs => $12)), \
      reserved AS ( \
        UPDATE keepd.vaults SET last_sequence = last_sequence + $3, bytes = bytes + $9 \
@@ -58,7 +46,7 @@ const APPEND_ONCE: &str = "WITH deferred AS MATERIALIZED ( \
      saved AS ( \
        INSERT INTO keepd.push_requests \
          (user_id, idempotency_key, vault, first_sequence, entries, request_hash) \
-       SELECT $1, $10, id, base + 1, $3::int8::int4, $11 FROM reserved \
+       SELECT $1, $10, id, base + 1, $3::int8::int4, $11 FROM reserved WHERE $10 IS NOT NULL \
        ON CONFLICT (user_id, idempotency_key) DO UPDATE \
          SET response = NULL, vault = excluded.vault, \
              first_sequence = excluded.first_sequence, entries = excluded.entries, \
@@ -70,7 +58,7 @@ const APPEND_ONCE: &str = "WITH deferred AS MATERIALIZED ( \
      SELECT e.id, r.id, $1, r.base + e.ord, e.data, e.nonce, e.ts, e.size \
      FROM reserved r, unnest($4::uuid[], $5::text[], $6::text[], $7::text[], $8::int8[]) \
           WITH ORDINALITY AS e(id, data, nonce, ts, size, ord) \
-     RETURNING vault, sequence, created_at, EXISTS (SELECT FROM saved)";
+     RETURNING vault, sequence, created_at, $10 IS NULL OR EXISTS (SELECT FROM saved)";
 
 /// The vault `$2` of user `$1` and up to `$4` of its entries after
 /// sequence `$3` whose sizes add up to at most `$5` bytes (the first
@@ -216,7 +204,7 @@ pub struct Appended {
 
 /// Stores `entries` in the user's vault `vault_id` under new sequence
 /// numbers and, under an Idempotency-Key, records them, in one statement
-/// (`APPEND`, `APPEND_ONCE`); with whether the record was written (true
+/// (`APPEND_ONCE`); with whether the record was written (true
 /// without a key). None when the user has no such vault, or a live record
 /// has the key.
 async fn append(
@@ -248,20 +236,30 @@ async fn append(
         stamps.push(fields.seal_text(column::LOG_TIMESTAMP, entry.haex_timestamp));
     }
     let bytes = sizes.iter().sum::<i64>();
-    let count = count as i64;
-    let batch: [&(dyn ToSql + Sync); 9] = [
-        &user, &vault_id, &count, &ids, &data, &nonces, &stamps, &sizes, &bytes,
-    ];
-    let rows = match idempotency {
-        None => tx.query(APPEND, &batch).await?,
-        Some(idempotency) => {
-            let ttl = idempotency.ttl.as_secs_f64();
-            let record: [&(dyn ToSql + Sync); 3] =
-                [&idempotency.key, &idempotency.fingerprint, &ttl];
-            tx.query(APPEND_ONCE, &[&batch[..], &record[..]].concat())
-                .await?
-        }
-    };
+    let (key, fingerprint, ttl) = (
+        idempotency.map(|i| i.key),
+        idempotency.map(|i| i.fingerprint),
+        idempotency.map(|i| i.ttl.as_secs_f64()),
+    );
+    let rows = tx
+        .query(
+            APPEND_ONCE,
+            &[
+                &user,
+                &vault_id,
+                &(count as i64),
+                &ids,
+                &data,
+                &nonces,
+                &stamps,
+                &sizes,
+                &bytes,
+                &key,
+                &fingerprint,
+                &ttl,
+            ],
+        )
+        .await?;
     let Some(first) = rows.first() else {
         return Ok(None);
     };
